@@ -1,0 +1,327 @@
+"""Configuration: one TOML file read into frozen dataclasses, checked before anything starts.
+
+Every problem is reported as one line naming the file, the key and the reason; unknown keys and
+wrong types are errors, not surprises at run time. Relative paths are resolved against the current
+working directory, like twistd's own --pidfile and --logfile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BACKLOG = 1024
+_LISTENER_TYPES = ("tcp", "tcp6", "unix")
+
+
+class ConfigError(Exception):
+    """A configuration problem: file, dotted key and a reason, rendered as one line."""
+
+    def __init__(self, path: str | Path, key: str, reason: str) -> None:
+        super().__init__(path, key, reason)
+        self.path = str(path)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"{self.path}: {self.key}: " if self.key else f"{self.path}: "
+        return where + self.reason
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """Identity of this mail system."""
+
+    hostname: str = "localhost"
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """Where state lives: the durable spool, the Maildirs and the user store."""
+
+    spool: Path = Path("var/spool")
+    maildirs: Path = Path("maildirs")
+    users: Path = Path("var/users")
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    """Certificate chain and key (PEM). With create_self_signed, missing files are generated."""
+
+    certificate: Path | None = None
+    key: Path | None = None
+    create_self_signed: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class SMTPSection:
+    """The MTA listener (port 25) and the limits every SMTP listener enforces."""
+
+    listen: tuple[str, ...] = ()
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    # RFC 5321 §4.5.3.1.4 sets 512 octets for a command line; extensions (SIZE, DSN's ORCPT and
+    # ENVID, AUTH=) lengthen MAIL and RCPT, so we allow more, as Postfix does.
+    max_command_length: int = 2048
+    # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+    max_line_length: int = 1000
+    # RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
+    idle_timeout: float = 300.0
+    max_bad_commands: int = 10
+    max_connections: int = 500
+    max_connections_per_client: int = 20
+    max_received_headers: int = 50
+    offer_auth: bool = False
+
+
+@dataclass(frozen=True)
+class SubmissionSection:
+    """Message submission: 587 with STARTTLS (RFC 6409) and 465 with implicit TLS (RFC 8314)."""
+
+    listen: tuple[str, ...] = ()
+    listen_tls: tuple[str, ...] = ()
+    hide_client_address: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingSection:
+    """Which domains are ours and how their addresses map to mailboxes."""
+
+    local_domains: tuple[str, ...] = ()
+    # alias domain -> local domain: user@alias.test delivers as user@example.test
+    domain_aliases: Mapping[str, str] = field(default_factory=dict)
+    # address -> one or more addresses, local or external
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # local domain -> address receiving mail for unknown users of that domain
+    catch_all: Mapping[str, str] = field(default_factory=dict)
+    subaddress_separator: str = "+"
+
+
+@dataclass(frozen=True)
+class DevSection:
+    """Development conveniences of the embedded default; absent in production."""
+
+    demo_user: str | None = None
+    demo_password: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, as loaded from ``path``."""
+
+    path: Path
+    server: ServerSection = field(default_factory=ServerSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    tls: TLSSection = field(default_factory=TLSSection)
+    smtp: SMTPSection = field(default_factory=SMTPSection)
+    submission: SubmissionSection = field(default_factory=SubmissionSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    dev: DevSection = field(default_factory=DevSection)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSection,
+    "storage": StorageSection,
+    "tls": TLSSection,
+    "smtp": SMTPSection,
+    "submission": SubmissionSection,
+    "routing": RoutingSection,
+    "dev": DevSection,
+}
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def load(path: str | Path, *, check_files: bool = True) -> Config:
+    """Read and check the TOML file at ``path``; raise ConfigError on the first problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"TOML syntax error: {exc}") from None
+    return from_mapping(data, path, check_files=check_files)
+
+
+def from_mapping(data: Mapping[str, Any], path: str | Path, *, check_files: bool = True) -> Config:
+    """Build a Config from already-parsed TOML data (used by load() and by tests)."""
+    path = Path(path)
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(path, name, f"unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(path, name, "must be a table")
+        sections[name] = _build(_SECTIONS[name], value, path, name)
+    config = Config(path=path, **sections)
+    _check(config, check_files=check_files)
+    return config
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], path: Path, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key not in names:
+            raise ConfigError(path, dotted, f"unknown key (known: {', '.join(sorted(names))})")
+        values[key] = _convert(hints[key], value, path, dotted)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, path: Path, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(path, key, f"must be a positive integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(path, key, f"must be a positive number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"must be a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(path, key, f"must be a non-empty path string, got {value!r}")
+        return Path(value)
+    if origin is tuple:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(path, key, f"must be a list, got {value!r}")
+        return tuple(_convert(args[0], item, path, key) for item in value)
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(path, key, "must be a table")
+        return {
+            str(k): _convert(args[1], v, path, f"{key}.{_quote(k)}") for k, v in value.items()
+        }
+    raise AssertionError(f"no converter for {hint!r}")  # pragma: no cover - schema bug
+
+
+def _quote(key: str) -> str:
+    return f'"{key}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", key) else key
+
+
+def normalize_listener(description: str, path: Path, key: str) -> str:
+    """Check one listener endpoint string; add ``backlog=`` when absent.
+
+    Twisted's default backlog of 50 drops connections under a burst, so we always set one.
+    Only plain stream endpoints are allowed: mailsys adds TLS itself, so that certificates can be
+    reloaded without a restart.
+    """
+    from twisted.internet import endpoints
+
+    try:
+        args, kwargs = endpoints._parse(description)  # the same parser serverFromString uses
+    except Exception as exc:  # pragma: no cover - _parse raises few things
+        raise ConfigError(path, key, f"bad endpoint string {description!r}: {exc}") from None
+    if not args:
+        raise ConfigError(path, key, f"bad endpoint string {description!r}: empty")
+    kind = str(args[0]).lower()
+    if kind not in _LISTENER_TYPES:
+        raise ConfigError(
+            path, key,
+            f"endpoint {description!r}: type must be one of {', '.join(_LISTENER_TYPES)} "
+            "(mailsys adds TLS itself)",
+        )
+    if kind in ("tcp", "tcp6"):
+        port = args[1] if len(args) > 1 else kwargs.get("port")
+        if port is None or not str(port).isdigit() or not 0 <= int(str(port)) <= 65535:
+            raise ConfigError(path, key, f"endpoint {description!r}: needs a port 0-65535")
+    elif len(args) < 2 and "address" not in kwargs:
+        raise ConfigError(path, key, f"endpoint {description!r}: needs a socket path")
+    allowed = {"tcp": {"port", "interface", "backlog"}, "tcp6": {"port", "interface", "backlog"},
+               "unix": {"address", "mode", "backlog", "lockfile"}}[kind]
+    for name in kwargs:
+        if name not in allowed:
+            raise ConfigError(path, key, f"endpoint {description!r}: unknown option {name!r}")
+    backlog = kwargs.get("backlog")
+    if backlog is None:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    if not str(backlog).isdigit() or int(str(backlog)) <= 0:
+        raise ConfigError(path, key, f"endpoint {description!r}: backlog must be a positive integer")
+    return description
+
+
+def _check(config: Config, *, check_files: bool) -> None:
+    path = config.path
+    if not _HOSTNAME.match(config.server.hostname):
+        raise ConfigError(path, "server.hostname", f"not a valid host name: {config.server.hostname!r}")
+    for section, attr in (("smtp", "listen"), ("submission", "listen"),
+                          ("submission", "listen_tls")):
+        listeners = getattr(getattr(config, section), attr)
+        fixed = tuple(normalize_listener(d, path, f"{section}.{attr}") for d in listeners)
+        object.__setattr__(getattr(config, section), attr, fixed)
+    tls = config.tls
+    if (tls.certificate is None) != (tls.key is None):
+        raise ConfigError(path, "tls", "certificate and key must be given together")
+    if config.submission.listen_tls and not tls.enabled:
+        raise ConfigError(path, "submission.listen_tls", "implicit TLS needs [tls] certificate and key")
+    if check_files and tls.enabled and not tls.create_self_signed:
+        for key in ("certificate", "key"):
+            file = getattr(tls, key)
+            if not file.is_file():
+                raise ConfigError(path, f"tls.{key}", f"file not found: {file}")
+            try:
+                file.open("rb").close()
+            except OSError as exc:
+                raise ConfigError(path, f"tls.{key}", f"cannot read {file}: {exc.strerror}") from None
+    routing = config.routing
+    local = {d.lower() for d in routing.local_domains}
+    for domain in routing.local_domains:
+        if not _HOSTNAME.match(domain):
+            raise ConfigError(path, "routing.local_domains", f"not a valid domain: {domain!r}")
+    for alias, target in routing.domain_aliases.items():
+        if target.lower() not in local:
+            raise ConfigError(path, f"routing.domain_aliases.{_quote(alias)}",
+                              f"target {target!r} is not in routing.local_domains")
+    for domain in routing.catch_all:
+        if domain.lower() not in local:
+            raise ConfigError(path, f"routing.catch_all.{_quote(domain)}",
+                              "not in routing.local_domains")
+    for address, targets in routing.aliases.items():
+        key = f"routing.aliases.{_quote(address)}"
+        if "@" not in address:
+            raise ConfigError(path, key, "alias must be a full address user@domain")
+        if not targets:
+            raise ConfigError(path, key, "needs at least one target address")
+        for target in targets:
+            if "@" not in target:
+                raise ConfigError(path, key, f"target {target!r} must be a full address")
+    if len(routing.subaddress_separator) > 1:
+        raise ConfigError(path, "routing.subaddress_separator", "must be one character or empty")
+    dev = config.dev
+    if (dev.demo_user is None) != (dev.demo_password is None):
+        raise ConfigError(path, "dev", "demo_user and demo_password must be given together")
+    if dev.demo_user is not None and "@" not in dev.demo_user:
+        raise ConfigError(path, "dev.demo_user", "must be a full address user@domain")

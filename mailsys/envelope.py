@@ -1,0 +1,153 @@
+"""Plain data for one queued message: the envelope, its recipients and their attempt history.
+
+An envelope is what SMTP agreed on (sender, recipients, parameters) plus, per recipient, where it
+goes and what happened so far. It serialises to JSON for the spool; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class RecipientStatus(enum.StrEnum):
+    """Where one recipient stands. SCHEDULED and DEFERRED are open; DELIVERED and FAILED final."""
+
+    SCHEDULED = "scheduled"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RecipientStatus.DELIVERED, RecipientStatus.FAILED)
+
+
+class TargetKind(enum.StrEnum):
+    """How a recipient is delivered: into a local Maildir, or relayed to another server."""
+
+    LOCAL = "local"
+    RELAY = "relay"
+
+
+@dataclass
+class Attempt:
+    """One delivery attempt for one recipient: when, where, with what outcome and reply."""
+
+    at: float
+    status: RecipientStatus
+    host: str
+    reply: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        return cls(
+            at=float(data["at"]),
+            status=RecipientStatus(data["status"]),
+            host=str(data["host"]),
+            reply=str(data["reply"]),
+        )
+
+
+@dataclass
+class Recipient:
+    """One delivery target of a message.
+
+    ``address`` is where it is delivered (after alias expansion); ``original`` is what the client
+    named in RCPT TO, which may expand to several recipients. For local targets ``mailbox`` is the
+    canonical mailbox name ``user@domain`` whose Maildir receives the copy.
+    """
+
+    address: str
+    original: str
+    kind: TargetKind
+    mailbox: str | None = None
+    orcpt: str | None = None
+    notify: tuple[str, ...] | None = None
+    status: RecipientStatus = RecipientStatus.SCHEDULED
+    attempts: list[Attempt] = field(default_factory=list)
+    next_attempt: float | None = None
+
+    def record(self, attempt: Attempt, next_attempt: float | None = None) -> None:
+        """Append an attempt and take its status as the recipient's."""
+        self.attempts.append(attempt)
+        self.status = attempt.status
+        self.next_attempt = next_attempt
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notify"] = list(self.notify) if self.notify is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipient:
+        notify = data.get("notify")
+        return cls(
+            address=str(data["address"]),
+            original=str(data["original"]),
+            kind=TargetKind(data["kind"]),
+            mailbox=data.get("mailbox"),
+            orcpt=data.get("orcpt"),
+            notify=tuple(notify) if notify is not None else None,
+            status=RecipientStatus(data["status"]),
+            attempts=[Attempt.from_dict(a) for a in data.get("attempts", [])],
+            next_attempt=data.get("next_attempt"),
+        )
+
+
+@dataclass
+class Envelope:
+    """The envelope of one queued message, as agreed in the SMTP session."""
+
+    queue_id: str
+    sender: str  # "" is the null reverse-path <>
+    recipients: list[Recipient]
+    received_at: float
+    size: int = 0
+    body: str | None = None  # MAIL BODY= parameter: "7BIT" or "8BITMIME" (RFC 6152)
+    smtputf8: bool = False  # RFC 6531
+    ret: str | None = None  # RFC 3461 §4.3: "FULL" or "HDRS"
+    envid: str | None = None  # RFC 3461 §4.4, xtext-decoded
+    client_address: str = ""
+    client_helo: str = ""
+    protocol: str = "ESMTP"
+    auth_user: str | None = None
+    held: bool = False
+
+    @property
+    def is_finished(self) -> bool:
+        """A message leaves the spool only when every recipient is final."""
+        return all(r.status.is_final for r in self.recipients)
+
+    def open_recipients(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.status.is_final]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["recipients"] = [r.to_dict() for r in self.recipients]
+        data["version"] = FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Envelope:
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported envelope version {data.get('version')!r}")
+        return cls(
+            queue_id=str(data["queue_id"]),
+            sender=str(data["sender"]),
+            recipients=[Recipient.from_dict(r) for r in data["recipients"]],
+            received_at=float(data["received_at"]),
+            size=int(data.get("size", 0)),
+            body=data.get("body"),
+            smtputf8=bool(data.get("smtputf8", False)),
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            client_address=str(data.get("client_address", "")),
+            client_helo=str(data.get("client_helo", "")),
+            protocol=str(data.get("protocol", "ESMTP")),
+            auth_user=data.get("auth_user"),
+            held=bool(data.get("held", False)),
+        )

@@ -1,0 +1,108 @@
+"""SMTP replies, named: a code, an enhanced status code (RFC 3463) and text safe to show a peer.
+
+No reply string is typed anywhere else; protocol code refers to these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: basic code, enhanced code and a plain, client-safe text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def with_text(self, text: str) -> Reply:
+        """The same codes with another text (e.g. naming the queue id)."""
+        return Reply(self.code, self.enhanced, text)
+
+    def lines(self) -> list[bytes]:
+        """The reply as wire lines, without CRLF; multi-line text uses the 'code-' form."""
+        parts = self.text.split("\n") or [""]
+        out = []
+        for index, part in enumerate(parts):
+            sep = " " if index == len(parts) - 1 else "-"
+            prefix = f"{self.code}{sep}"
+            if self.enhanced:
+                prefix += self.enhanced + " "
+            out.append((prefix + part).encode("utf-8", "replace"))
+        return out
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+# 2xx
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
+RESET_OK = Reply(250, "2.0.0", "Reset ok")
+QUEUED = Reply(250, "2.0.0", "Ok: queued")
+CHUNK_OK = Reply(250, "2.0.0", "Chunk accepted")
+VRFY_CANNOT = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+BYE = Reply(221, "2.0.0", "Bye")
+READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+START_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+
+# 4xx
+SERVICE_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing channel")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try again later")
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+
+# 5xx: syntax and sequence
+COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.0", "Line too long")
+SYNTAX_ERROR = Reply(501, "5.5.2", "Syntax error in parameters or arguments")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported or malformed parameter")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NEED_EHLO = Reply(503, "5.5.1", "Send EHLO or HELO first")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+BARE_LINE_ENDING = Reply(
+    550, "5.6.11", "Bare CR or LF not allowed; lines must end with CRLF (RFC 5321 2.3.8)"
+)
+DATA_LINE_TOO_LONG = Reply(
+    550, "5.6.0", "Message refused: a line exceeds the maximum length (RFC 5321 4.5.3.1.6)"
+)
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+EIGHTBIT_NOT_DECLARED = Reply(554, "5.6.1", "8-bit data sent in a 7BIT message")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+
+# 5xx: policy
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+MAILBOX_UNKNOWN = Reply(550, "5.1.1", "No such user here")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
