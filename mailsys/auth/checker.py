@@ -1,0 +1,71 @@
+"""The twisted.cred credentials checker that checks a user name and password against the UserStore.
+
+Password hashing is slow on purpose, so it runs in a thread handed in by the caller (the service's
+DiskPool.run or a deferToThread wrapper), never on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from mailsys.auth.users import InvalidMailboxError, UserStore, canonical_mailbox
+
+RunInThread = Callable[..., Deferred[Any]]
+
+
+@implementer(ICredentialsChecker)
+class UserStoreChecker:
+    """Checks IUsernamePassword credentials against a UserStore.
+
+    The avatar id is the canonical mailbox ``local@domain`` as UTF-8 bytes: twisted.cred types
+    avatar ids as bytes, and a realm decodes it with ``avatar_mailbox()``.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)  # noqa: N815 - twisted.cred's attribute name
+
+    def __init__(self, store: UserStore, run_in_thread: RunInThread) -> None:
+        self._store = store
+        self._run_in_thread = run_in_thread
+
+    def requestAvatarId(  # noqa: N802 - twisted.cred's method name
+        self, credentials: IUsernamePassword
+    ) -> Deferred[bytes | tuple[()]]:
+        """Fire with ``local@domain`` (UTF-8) if the password is right, else UnauthorizedLogin.
+
+        Unknown and malformed user names cost a full password check too (in the store), so the
+        time to answer does not reveal which users exist.
+        """
+        username = _text(credentials.username)
+        password = _text(credentials.password)
+        try:
+            mailbox = canonical_mailbox(username)
+        except InvalidMailboxError:
+            mailbox = None
+        d = self._run_in_thread(self._store.verify, mailbox or username, password)
+
+        def checked(ok: bool) -> bytes | tuple[()]:
+            if not ok or mailbox is None:
+                raise UnauthorizedLogin("invalid user name or password")
+            return mailbox.encode("utf-8")
+
+        return d.addCallback(checked)
+
+
+def avatar_mailbox(avatar_id: bytes) -> str:
+    """The canonical mailbox named by an avatar id that UserStoreChecker produced."""
+    return avatar_id.decode("utf-8")
+
+
+def _text(value: str | bytes) -> str:
+    # SASL (RFC 4616) sends UTF-8; surrogateescape keeps any other bytes distinct rather than
+    # failing here, and such a name is simply not found.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value

@@ -1,0 +1,326 @@
+"""The user store: who has a mailbox here and their password hash, in one passwd-file.
+
+The file is Dovecot passwd-file compatible, one ``local@domain:{SCHEME}hash[:extra...]`` line per
+user, so it can be shared with or imported from Dovecot. Extra colon fields, comments and blank
+lines are kept when the file is rewritten. Changes take an exclusive lock on a side file and
+replace the file atomically, so the ``mailsys`` command and a running server never corrupt it; a
+running server sees the change within a second, without a restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from mailsys.auth.passwords import UnusableHashError, dummy_hash, hash_password, verify_password
+from mailsys.diskio import replace_file_synced
+
+# How stale the in-memory copy may be: at most one stat() of the file per this many seconds.
+RELOAD_INTERVAL = 1.0
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
+                     r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Not in a local part we store: ":" separates passwd-file fields, "/" and "\" would let a
+# mailbox name escape the Maildir root, quotes and "@" need a quoted local part we do not keep.
+_LOCAL_FORBIDDEN = set(':/\\@"')
+
+
+class InvalidMailboxError(ValueError):
+    """A mailbox name that cannot be stored: it must be ``local@domain``."""
+
+
+class UserStoreError(Exception):
+    """A user store change that cannot be made as asked."""
+
+
+class UserExistsError(UserStoreError):
+    """``add`` of a mailbox that is already in the store."""
+
+
+class UnknownUserError(UserStoreError):
+    """A change to a mailbox that is not in the store."""
+
+
+def canonical_mailbox(name: str) -> str:
+    """The canonical form ``local@domain`` of ``name``, all lowercase; InvalidMailboxError if unfit.
+
+    Local parts are compared case-insensitively in mailsys (as nearly every mail system does in
+    practice, though RFC 5321 §2.4 allows otherwise), so the store keeps them lowercase too.
+    """
+    local, at, domain = name.rpartition("@")
+    if not at:
+        raise InvalidMailboxError(f"{name!r} is not a mailbox: expected local@domain")
+    if not local:
+        raise InvalidMailboxError(f"{name!r} has an empty local part")
+    if any(c.isspace() or not c.isprintable() for c in name):
+        raise InvalidMailboxError(f"{name!r} contains spaces or control characters")
+    bad = sorted(_LOCAL_FORBIDDEN.intersection(local))
+    if bad:
+        raise InvalidMailboxError(f"{name!r}: the local part may not contain {' '.join(bad)}")
+    if local.startswith("#"):
+        raise InvalidMailboxError(f"{name!r}: a local part starting with # reads as a comment")
+    if local in (".", ".."):
+        raise InvalidMailboxError(f"{name!r}: {local!r} is not a usable local part")
+    domain = domain.lower().removesuffix(".")
+    if not _DOMAIN.match(domain):
+        raise InvalidMailboxError(f"{name!r}: {domain!r} is not a valid domain name")
+    return f"{local.lower()}@{domain}"
+
+
+@dataclass
+class _Entry:
+    """One user line: the canonical mailbox, its hash, and the fields after it (kept verbatim)."""
+
+    mailbox: str
+    hash: str
+    extra: str | None  # the text after the second ":" — uid:gid:gecos:home:shell:extra_fields
+
+
+# A line of the file: an _Entry, or any other line (comment, blank, unreadable) kept as text.
+_Line = _Entry | str
+_Lines = list[_Line]  # named here because UserStore.list shadows the builtin in the class body
+
+
+def _parse(text: str) -> list[_Line]:
+    lines: list[_Line] = []
+    for raw in text.splitlines():
+        line = raw.rstrip("\r")
+        name, colon, rest = line.partition(":")
+        if not colon or line.lstrip().startswith("#"):
+            lines.append(line)
+            continue
+        try:
+            mailbox = canonical_mailbox(name)
+        except InvalidMailboxError:
+            lines.append(line)  # not ours to understand (e.g. a bare Dovecot user name): keep it
+            continue
+        hash_, colon, extra = rest.partition(":")
+        lines.append(_Entry(mailbox, hash_, extra if colon else None))
+    return lines
+
+
+def _render(lines: list[_Line]) -> bytes:
+    out = []
+    for line in lines:
+        if isinstance(line, str):
+            out.append(line)
+        elif line.extra is None:
+            out.append(f"{line.mailbox}:{line.hash}")
+        else:
+            out.append(f"{line.mailbox}:{line.hash}:{line.extra}")
+    text = "".join(f"{line}\n" for line in out)
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _index(lines: list[_Line]) -> dict[str, _Entry]:
+    index: dict[str, _Entry] = {}
+    for line in lines:
+        # The first line for a name wins, as a reader going top to bottom would expect.
+        if isinstance(line, _Entry) and line.mailbox not in index:
+            index[line.mailbox] = line
+    return index
+
+
+_Signature = tuple[int, int, int, int] | None  # (st_dev, st_ino, st_size, st_mtime_ns)
+
+
+class UserStore:
+    """The users of this mail system and their password hashes, backed by a passwd-file.
+
+    Lookups (``exists``, ``list``, ``get_hash``) are served from memory and are cheap enough for
+    the reactor thread; at most once per ``RELOAD_INTERVAL`` they stat the file and reload it if
+    another process changed it. ``verify`` and the changing methods hash passwords or write the
+    file: they block, so a server runs them in a thread.
+    """
+
+    _log = Logger()
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        # _state guards the in-memory copy only and is never held during file I/O, so a lookup
+        # on the reactor thread never waits for another thread's fsync. _writing serialises this
+        # process's writers; the flock on lock_path serialises processes.
+        self._state = threading.Lock()
+        self._writing = threading.Lock()
+        self._index: dict[str, _Entry] = {}
+        self._signature: _Signature = None
+        self._generation = 0  # bumped by every update of the in-memory copy
+        self._checked_at: float | None = None
+        self.reload()
+
+    @property
+    def lock_path(self) -> Path:
+        """The side file locked while the store is changed (the store file itself is replaced,
+        so a lock on it would be lost at the first rename)."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def exists(self, mailbox: str) -> bool:
+        """True if ``mailbox`` is a user here (case-insensitive); False for any unfit name."""
+        return self.get_hash(mailbox) is not None
+
+    def list(self) -> list[str]:
+        """All users' canonical mailbox names, sorted."""
+        self._maybe_reload()
+        with self._state:
+            return sorted(self._index)
+
+    def get_hash(self, mailbox: str) -> str | None:
+        """The stored ``{SCHEME}hash`` of ``mailbox``, or None if it is not a user here."""
+        try:
+            name = canonical_mailbox(mailbox)
+        except InvalidMailboxError:
+            return None
+        self._maybe_reload()
+        with self._state:
+            entry = self._index.get(name)
+            return entry.hash if entry is not None else None
+
+    def verify(self, mailbox: str, password: str) -> bool:
+        """True if ``password`` is ``mailbox``'s password (blocking: run it in a thread).
+
+        An unknown user is checked against a dummy hash, so that it costs as long as a wrong
+        password and the answer time does not reveal which users exist.
+        """
+        stored = self.get_hash(mailbox)
+        if stored is None:
+            verify_password(dummy_hash(), password)
+            return False
+        try:
+            return verify_password(stored, password)
+        except UnusableHashError as exc:
+            self._log.warn("user store {path}: cannot check the password of {mailbox}: {reason}",
+                           path=str(self.path), mailbox=mailbox, reason=str(exc))
+            return False
+
+    def reload(self) -> None:
+        """Read the file now (a missing file is an empty store)."""
+        with self._state:
+            self._checked_at = self._clock()
+            generation = self._generation
+        self._load(generation)
+
+    def _maybe_reload(self) -> None:
+        """Reload if the file changed, looking at most once per RELOAD_INTERVAL."""
+        with self._state:
+            now = self._clock()
+            if self._checked_at is not None and now - self._checked_at < RELOAD_INTERVAL:
+                return
+            self._checked_at = now
+            generation = self._generation
+            known = self._signature
+        if self._stat() != known:
+            self._load(generation)
+
+    def _load(self, generation: int) -> None:
+        # stat before read: if the file is replaced in between, the older signature stored with
+        # the newer content only causes one more reload later, never a missed change.
+        signature = self._stat()
+        lines = self._read()
+        self._install(lines, signature, generation)
+
+    def _install(self, lines: _Lines, signature: _Signature, generation: int | None) -> None:
+        """Make ``lines`` the in-memory copy, unless a newer one was installed meanwhile."""
+        with self._state:
+            if generation is not None and generation != self._generation:
+                return
+            self._index = _index(lines)
+            self._signature = signature
+            self._generation += 1
+
+    def _stat(self) -> _Signature:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read(self) -> _Lines:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return _parse(data.decode("utf-8", "surrogateescape"))
+
+    # -- changing (blocking) -------------------------------------------------------------------
+
+    def add(self, mailbox: str, password: str) -> str:
+        """Add a user with ``password``; return the canonical name. UserExistsError if present."""
+        name = canonical_mailbox(mailbox)
+        hashed = hash_password(_check_password(password))  # slow: done before taking the lock
+        with self._changing() as lines:
+            if any(isinstance(line, _Entry) and line.mailbox == name for line in lines):
+                raise UserExistsError(f"{name} already exists")
+            lines.append(_Entry(name, hashed, None))
+        return name
+
+    def set_password(self, mailbox: str, password: str) -> str:
+        """Replace the password of an existing user; return the canonical name."""
+        name = canonical_mailbox(mailbox)
+        hashed = hash_password(_check_password(password))
+        with self._changing() as lines:
+            entries = [line for line in lines if isinstance(line, _Entry) and line.mailbox == name]
+            if not entries:
+                raise UnknownUserError(f"no such user: {name}")
+            for entry in entries:
+                entry.hash = hashed
+        return name
+
+    def delete(self, mailbox: str) -> str:
+        """Remove a user (every line for it); return the canonical name.
+
+        UnknownUserError if absent.
+        """
+        name = canonical_mailbox(mailbox)
+        with self._changing() as lines:
+            kept = [line for line in lines
+                    if not (isinstance(line, _Entry) and line.mailbox == name)]
+            if len(kept) == len(lines):
+                raise UnknownUserError(f"no such user: {name}")
+            lines[:] = kept
+        return name
+
+    @contextmanager
+    def _changing(self) -> Iterator[_Lines]:
+        """Lock, read the file as it is now, let the caller edit the lines, write them back.
+
+        Reading under the lock (not using the in-memory copy) means a change made meanwhile by
+        another process is kept, never overwritten. If the caller raises, nothing is written.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._writing:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                lines = self._read()
+                yield lines
+                self._write(_render(lines))
+                self._install(lines, self._stat(), None)
+            finally:
+                os.close(fd)  # closing the descriptor releases the flock
+
+    def _write(self, data: bytes) -> None:
+        try:
+            replace_file_synced(self.path, data, mode=0o600)
+        except BaseException:
+            # replace_file_synced names its temporary file after our pid; do not leave it behind.
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _check_password(password: str) -> str:
+    if not password:
+        raise ValueError("the password is empty")
+    return password

@@ -1,0 +1,207 @@
+"""The ``mailsys`` command: manage users and check the configuration, without a running server.
+
+Every failure is one line on stderr, ``mailsys: <what went wrong>``, never a traceback. Exit
+status: 0 success, 1 the operation failed (unknown user, wrong domain, I/O error), 2 the command
+line or the configuration is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from mailsys.auth.users import UserStore, UserStoreError, canonical_mailbox
+from mailsys.config import Config, ConfigError, load
+
+DEFAULT_CONFIG = Path("etc/mailsys.toml")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class CommandError(Exception):
+    """A failure to report as one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the same one line as any other error (plus the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"mailsys: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``mailsys [--config PATH] COMMAND ...``; more commands (queue) go here."""
+    parser = _Parser(prog="mailsys", description="Manage a mailsys mail system.")
+    # --config is accepted before or after the command; SUPPRESS keeps a later default from
+    # overwriting an earlier explicit value.
+    config_option = _Parser(add_help=False)
+    config_option.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS,
+                               metavar="PATH",
+                               help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
+
+    user = commands.add_parser("user", help="add, change, delete and list users")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True,
+                                        parser_class=_Parser)
+    add = user_commands.add_parser("add", parents=[config_option], help="add a user")
+    add.add_argument("address", metavar="ADDRESS", help="the mailbox, user@domain")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    add.set_defaults(run=_user_add)
+    passwd = user_commands.add_parser("passwd", parents=[config_option],
+                                      help="change a user's password")
+    passwd.add_argument("address", metavar="ADDRESS")
+    passwd.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+    passwd.set_defaults(run=_user_passwd)
+    delete = user_commands.add_parser("del", parents=[config_option], help="delete a user")
+    delete.add_argument("address", metavar="ADDRESS")
+    delete.set_defaults(run=_user_del)
+    listing = user_commands.add_parser("list", parents=[config_option], help="list the users")
+    listing.set_defaults(run=_user_list)
+
+    check = commands.add_parser("check-config", parents=[config_option],
+                                help="check a configuration file and summarise it")
+    check.add_argument("path", metavar="PATH", nargs="?", type=Path,
+                       help="the file to check (default: --config, or etc/mailsys.toml)")
+    check.set_defaults(run=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mailsys`` command with ``argv`` (default: sys.argv[1:]); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except CommandError as exc:
+        return _fail(str(exc), exc.status)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (UserStoreError, ValueError) as exc:  # ValueError: InvalidMailboxError and the like
+        return _fail(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug: still one line, as promised, with enough to report it
+        return _fail(f"internal error: {type(exc).__name__}: {exc}", 70)  # EX_SOFTWARE
+
+
+def _fail(message: str, status: int = EXIT_FAILED) -> int:
+    print(f"mailsys: {message}", file=sys.stderr)
+    return status
+
+
+def _store(args: argparse.Namespace) -> tuple[Config, UserStore]:
+    # User management needs the routing and storage sections only: a TLS certificate that this
+    # user may not read (or that does not exist yet) is no reason to refuse.
+    config = load(args.config, check_files=False)
+    return config, UserStore(config.storage.users)
+
+
+def _check_local(config: Config, mailbox: str) -> None:
+    domain = mailbox.rpartition("@")[2]
+    local_domains = [d.lower().removesuffix(".") for d in config.routing.local_domains]
+    if domain in local_domains:
+        return
+    aliases = {k.lower().removesuffix("."): v for k, v in config.routing.domain_aliases.items()}
+    if domain in aliases:
+        raise CommandError(f"{domain} is an alias domain of {aliases[domain]}; "
+                           f"add the user in {aliases[domain]} instead")
+    known = ", ".join(local_domains) or "none"
+    raise CommandError(f"{domain} is not a local domain of {config.path} "
+                       f"(routing.local_domains: {known})")
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise CommandError("no password on standard input")
+        return password
+    try:
+        password = getpass.getpass("Password: ")
+        again = getpass.getpass("Password (again): ")
+    except EOFError:
+        raise CommandError("no password given") from None
+    if password != again:
+        raise CommandError("the passwords do not match")
+    if not password:
+        raise CommandError("the password is empty")
+    return password
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    config, store = _store(args)
+    mailbox = canonical_mailbox(args.address)
+    _check_local(config, mailbox)
+    if store.exists(mailbox):  # ask before the password prompt; add() checks again under lock
+        raise CommandError(f"{mailbox} already exists")
+    store.add(mailbox, _read_password(args.password_stdin))
+    print(f"added {mailbox}")
+    return EXIT_OK
+
+
+def _user_passwd(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    mailbox = canonical_mailbox(args.address)
+    if not store.exists(mailbox):
+        raise CommandError(f"no such user: {mailbox}")
+    store.set_password(mailbox, _read_password(args.password_stdin))
+    print(f"changed the password of {mailbox}")
+    return EXIT_OK
+
+
+def _user_del(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    mailbox = store.delete(args.address)
+    # The Maildir is left alone on purpose: deleting mail is a separate, deliberate act.
+    print(f"deleted {mailbox} (its Maildir is kept)")
+    return EXIT_OK
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    for mailbox in store.list():
+        print(mailbox)
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    path: Path = args.path if args.path is not None else args.config
+    config = load(path, check_files=True)
+    listeners = (len(config.smtp.listen) + len(config.submission.listen)
+                 + len(config.submission.listen_tls))
+    domains = len(config.routing.local_domains)
+    print(f"{path}: ok ({_plural(listeners, 'listener')}, {_plural(domains, 'local domain')})")
+    return EXIT_OK
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m mailsys.cli
+    sys.exit(main())

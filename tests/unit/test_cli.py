@@ -1,0 +1,244 @@
+"""The mailsys command: user management and check-config, one line per error, no tracebacks."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailsys import cli
+from mailsys.auth.users import UserStore
+
+CONFIG = """\
+[storage]
+users = "var/users"
+
+[routing]
+local_domains = ["example.test", "other.test"]
+
+[routing.domain_aliases]
+"alias.test" = "example.test"
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory with etc/mailsys.toml, made the current directory like a checkout."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "mailsys.toml").write_text(CONFIG)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str, stdin: str = "",
+        ) -> tuple[int, str, str]:
+    """Run the command in-process with ``stdin`` as standard input; (status, stdout, stderr)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stdin", io.StringIO(stdin))
+        status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n") and err.count("\n") == 1, repr(err)
+    assert err.startswith("mailsys: ")
+    return err
+
+
+def store(workdir: Path) -> UserStore:
+    return UserStore(workdir / "var" / "users")
+
+
+def test_user_add_with_password_on_stdin(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """user add --password-stdin reads one line and stores the canonical name, hashed."""
+    status, out, err = run(capsys, "user", "add", "Alice@Example.test", "--password-stdin",
+                           stdin="wonder land\nignored\n")
+    assert (status, out, err) == (0, "added alice@example.test\n", "")
+    assert store(workdir).verify("alice@example.test", "wonder land")
+
+
+def test_user_add_prompts_twice(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --password-stdin the password is asked twice with getpass."""
+    prompts: list[str] = []
+    answers = iter(["s3cret", "s3cret"])
+
+    def fake_getpass(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("mailsys.cli.getpass.getpass", fake_getpass)
+    status, out, _ = run(capsys, "user", "add", "bob@example.test")
+    assert (status, out) == (0, "added bob@example.test\n")
+    assert len(prompts) == 2
+    assert store(workdir).verify("bob@example.test", "s3cret")
+
+
+def test_user_add_refuses_mismatched_prompts(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two different answers to the prompts add nobody and say so in one line."""
+    answers = iter(["one", "two"])
+    monkeypatch.setattr("mailsys.cli.getpass.getpass", lambda prompt="": next(answers))
+    status, _, err = run(capsys, "user", "add", "bob@example.test")
+    assert status == 1
+    assert one_line(err) == "mailsys: the passwords do not match\n"
+    assert store(workdir).list() == []
+
+
+def test_user_add_refuses_empty_stdin(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty first line on stdin is refused, not stored as an empty password."""
+    status, _, err = run(capsys, "user", "add", "bob@example.test", "--password-stdin", stdin="\n")
+    assert status == 1
+    assert "no password" in one_line(err)
+
+
+def test_user_add_refuses_a_domain_that_is_not_local(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user outside routing.local_domains is refused, naming the local domains."""
+    status, _, err = run(capsys, "user", "add", "bob@example.org", "--password-stdin", stdin="x\n")
+    assert status == 1
+    assert one_line(err) == (
+        "mailsys: example.org is not a local domain of etc/mailsys.toml "
+        "(routing.local_domains: example.test, other.test)\n")
+    status, _, err = run(capsys, "user", "add", "bob@alias.test", "--password-stdin", stdin="x\n")
+    assert status == 1
+    assert "alias domain of example.test" in one_line(err)
+    assert store(workdir).list() == []
+
+
+def test_user_add_refuses_existing_and_invalid_names(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing user or a malformed name is one line and exit status 1."""
+    assert run(capsys, "user", "add", "a@example.test", "--password-stdin", stdin="x\n")[0] == 0
+    status, _, err = run(capsys, "user", "add", "A@example.test", "--password-stdin", stdin="y\n")
+    assert status == 1
+    assert one_line(err) == "mailsys: a@example.test already exists\n"
+    status, _, err = run(capsys, "user", "add", "a b@example.test", "--password-stdin",
+                         stdin="y\n")
+    assert status == 1
+    assert "spaces" in one_line(err)
+
+
+def test_user_passwd_list_and_del(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """passwd changes a password, list prints users sorted, del removes one."""
+    run(capsys, "user", "add", "zed@example.test", "--password-stdin", stdin="z\n")
+    run(capsys, "user", "add", "amy@other.test", "--password-stdin", stdin="a\n")
+    status, out, _ = run(capsys, "user", "passwd", "ZED@example.test", "--password-stdin",
+                         stdin="new\n")
+    assert (status, out) == (0, "changed the password of zed@example.test\n")
+    assert store(workdir).verify("zed@example.test", "new")
+    assert run(capsys, "user", "list") == (0, "amy@other.test\nzed@example.test\n", "")
+    status, out, _ = run(capsys, "user", "del", "amy@other.test")
+    assert status == 0
+    assert out.startswith("deleted amy@other.test")
+    assert run(capsys, "user", "list") == (0, "zed@example.test\n", "")
+
+
+def test_unknown_user_for_passwd_and_del(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """passwd and del of a missing user fail with one line and exit status 1."""
+    status, _, err = run(capsys, "user", "passwd", "nobody@example.test", "--password-stdin",
+                         stdin="x\n")
+    assert (status, one_line(err)) == (1, "mailsys: no such user: nobody@example.test\n")
+    status, _, err = run(capsys, "user", "del", "nobody@example.test")
+    assert (status, one_line(err)) == (1, "mailsys: no such user: nobody@example.test\n")
+
+
+def test_config_option_before_or_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--config works before the command and after it; the users file comes from the config."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "elsewhere.toml"
+    config.write_text(CONFIG.replace("var/users", str(tmp_path / "db" / "passwd")))
+    assert run(capsys, "--config", str(config), "user", "add", "a@example.test",
+               "--password-stdin", stdin="x\n")[0] == 0
+    assert run(capsys, "user", "list", "--config", str(config)) == (0, "a@example.test\n", "")
+    assert (tmp_path / "db" / "passwd").is_file()
+
+
+def test_broken_config_is_one_line_and_status_2(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user command with a broken or missing config says why in one line and exits 2."""
+    (workdir / "etc" / "mailsys.toml").write_text("[routing]\nlocal_domains = 3\n")
+    status, _, err = run(capsys, "user", "list")
+    assert status == 2
+    assert one_line(err) == (
+        "mailsys: etc/mailsys.toml: routing.local_domains: must be a list, got 3\n")
+    status, _, err = run(capsys, "--config", "missing.toml", "user", "list")
+    assert status == 2
+    assert one_line(err).startswith("mailsys: missing.toml: cannot read")
+
+
+def test_io_error_is_one_line_and_status_1(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unwritable users file is reported in one line, without a traceback."""
+    (workdir / "var").write_text("not a directory")
+    status, _, err = run(capsys, "user", "add", "a@example.test", "--password-stdin", stdin="x\n")
+    assert status == 1
+    assert "Traceback" not in one_line(err)
+
+
+def test_check_config_ok(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config summarises a good file in one line and exits 0."""
+    (workdir / "etc" / "mailsys.toml").write_text(
+        CONFIG + '[smtp]\nlisten = ["tcp:2525"]\n[submission]\nlisten = ["tcp:2587"]\n')
+    assert run(capsys, "check-config") == (
+        0, "etc/mailsys.toml: ok (2 listeners, 2 local domains)\n", "")
+    other = workdir / "one.toml"
+    other.write_text('[routing]\nlocal_domains = ["example.test"]\n')
+    assert run(capsys, "check-config", str(other)) == (
+        0, f"{other}: ok (0 listeners, 1 local domain)\n", "")
+
+
+def test_check_config_error(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config prints exactly one line `mailsys: <error>` to stderr and exits 2."""
+    bad = workdir / "bad.toml"
+    bad.write_text("[smtp]\nmax_recipients = 0\n")
+    status, out, err = run(capsys, "check-config", str(bad))
+    assert (status, out) == (2, "")
+    assert one_line(err) == (
+        f"mailsys: {bad}: smtp.max_recipients: must be a positive integer, got 0\n")
+    status, _, err = run(capsys, "check-config", str(workdir / "absent.toml"))
+    assert status == 2
+    one_line(err)
+
+
+def test_usage_errors_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing or unknown command is a usage error with exit status 2."""
+    for argv in ([], ["user"], ["frobnicate"], ["user", "add"]):
+        status, _, err = run(capsys, *argv)
+        assert status == 2, argv
+        assert err.splitlines()[-1].startswith("mailsys: ")
+
+
+def test_check_config_as_a_real_command(tmp_path: Path) -> None:
+    """The installed `mailsys` script reports a broken config in one stderr line, exit 2."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp\n")
+    script = Path(sys.executable).with_name("mailsys")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mailsys.cli"]
+    result = subprocess.run([*command, "check-config", str(bad)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"mailsys: {bad}: TOML syntax error")
