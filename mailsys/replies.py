@@ -106,3 +106,19 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 MAILBOX_UNKNOWN = Reply(550, "5.1.1", "No such user here")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+
+# Added for the ESMTP server engine (mailsys.smtp.server, mailsys.address).
+# The greeting and the HELO/EHLO replies carry no enhanced code (RFC 2034 §3); the server puts
+# its host name in front of GREETING's text.
+GREETING = Reply(220, "", "ESMTP mailsys")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error")
+INTERNAL_ERROR_CLOSING = Reply(421, "4.3.0", "Internal error, closing connection")
+BARE_LINE_ENDING_COMMAND = Reply(
+    500, "5.5.2", "Bare CR or LF not allowed in commands; end lines with CRLF (RFC 5321 2.3.8)"
+)
+BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Invalid parameter value")
+DUPLICATE_PARAMETER = Reply(555, "5.5.4", "Duplicate parameter")
+SENDER_TOO_LONG = Reply(501, "5.1.7", "Sender address too long")
+RECIPIENT_TOO_LONG = Reply(501, "5.1.3", "Recipient address too long")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+CHUNK_AFTER_FAILURE = Reply(503, "5.5.1", "A previous BDAT failed; send RSET or MAIL")

@@ -1,0 +1,180 @@
+"""What one SMTP listener accepts: the rules for senders and recipients on 25, 587 and 465.
+
+A policy answers two questions for the session, with Deferreds: may this sender start a
+transaction, and where does this recipient go (or why is it refused). ``InboundPolicy`` is the MTA
+on port 25 (RFC 5321: mail for our domains only, no relaying); ``SubmissionPolicy`` is message
+submission (RFC 6409 on 587, RFC 8314 on 465: TLS and authentication first, then any domain).
+The session itself (sequence, syntax, limits) is mailsys.smtp.server's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+from mailsys import replies
+from mailsys.address import Mailbox
+from mailsys.interfaces import IRouter
+from mailsys.replies import Reply
+from mailsys.routing import Destination, UnknownRecipient
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What a policy may know about the session asking: a snapshot, safe to keep."""
+
+    hostname: str  # our own host name
+    client_address: str  # the peer's IP address ("" when unknown, e.g. a UNIX socket)
+    helo: str | None = None
+    tls: bool = False
+    authenticated_user: str | None = None
+
+
+class RecipientRejected(Exception):  # noqa: N818 - the name the design uses
+    """A recipient the policy refuses; ``reply`` is what the client is told."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class Policy(Protocol):
+    """The policy a listener applies; the SMTP session asks it at MAIL and RCPT."""
+
+    @property
+    def requires_tls_before_mail(self) -> bool:
+        """MAIL before the session is secure gets 530 5.7.0 (RFC 3207 §4)."""
+
+    @property
+    def requires_auth(self) -> bool:
+        """MAIL before authentication gets 530 5.7.0 (RFC 4954 §6)."""
+
+    def check_sender(self, session: SessionInfo, sender: Mailbox | None) -> Deferred[Reply | None]:
+        """None if ``sender`` (None is the null path) may send, else the refusal to send."""
+
+    def check_recipient(
+        self, session: SessionInfo, recipient: Mailbox
+    ) -> Deferred[list[Destination]]:
+        """The destinations of ``recipient``; fails with RecipientRejected for a refusal.
+
+        Any other failure is a temporary problem (the session answers 451 4.3.0).
+        """
+
+
+class RouterPolicy:
+    """What both listener kinds share: recipients resolved by the router at RCPT time.
+
+    Subclasses decide who may relay (``may_relay``) and what MAIL needs first.
+    """
+
+    requires_tls_before_mail = False
+    requires_auth = False
+
+    def __init__(self, router: IRouter, *, postmaster_domain: str | None = None) -> None:
+        self._router = router
+        self._postmaster_domain = postmaster_domain
+
+    def postmaster(self, session: SessionInfo) -> str:
+        """Where a bare ``RCPT TO:<postmaster>`` goes (RFC 5321 §4.1.1.3 and §4.5.1).
+
+        With ``postmaster_domain`` it is ``postmaster@<that domain>``; without, the bare name is
+        given to the router, which maps it to its first local domain.
+        """
+        if self._postmaster_domain:
+            return f"postmaster@{self._postmaster_domain.lower()}"
+        return "postmaster"
+
+    def may_relay(self, session: SessionInfo) -> bool:
+        """True if this session may send to domains that are not ours."""
+        return False
+
+    def check_sender(self, session: SessionInfo, sender: Mailbox | None) -> Deferred[Reply | None]:
+        # RFC 5321 §4.5.5: the null reverse-path <> must be accepted (bounces use it).
+        return succeed(None)
+
+    def check_recipient(
+        self, session: SessionInfo, recipient: Mailbox
+    ) -> Deferred[list[Destination]]:
+        # The router may answer synchronously (the usual case) or with Deferreds; the
+        # synchronous path creates a single, already fired Deferred.
+        try:
+            if recipient.is_bare_postmaster:
+                # RFC 5321 §4.5.1: postmaster must be accepted, whatever the relay rules.
+                return self._resolve(True, session, self.postmaster(session))
+            address = str(recipient)
+            local = self._router.is_local_domain(recipient.domain)
+            if isinstance(local, Deferred):
+                return local.addCallback(self._resolve, session, address)
+            return self._resolve(local, session, address)
+        except Exception:
+            return fail()
+
+    def _resolve(
+        self, local: bool, session: SessionInfo, address: str
+    ) -> Deferred[list[Destination]]:
+        if not local and not self.may_relay(session):
+            return fail(RecipientRejected(replies.RELAY_DENIED))
+        try:
+            found = self._router.resolve(address)
+        except UnknownRecipient:
+            # RFC 5321 §3.3: an unknown local user is refused at RCPT time.
+            return fail(RecipientRejected(replies.MAILBOX_UNKNOWN))
+        except Exception:
+            return fail()
+        if isinstance(found, Deferred):
+            return found.addCallbacks(_destinations, _unknown)
+        try:
+            return succeed(_destinations(found))
+        except Exception:
+            return fail()
+
+
+def _unknown(failure: Failure) -> Failure:
+    if isinstance(failure.value, UnknownRecipient):
+        raise RecipientRejected(replies.MAILBOX_UNKNOWN)
+    return failure
+
+
+def _destinations(found: list[object]) -> list[Destination]:
+    result = []
+    for item in found:
+        if not isinstance(item, Destination):
+            raise TypeError(f"router returned {item!r}, not a Destination")
+        result.append(item)
+    if not result:
+        raise RecipientRejected(replies.MAILBOX_UNKNOWN)
+    return result
+
+
+class InboundPolicy(RouterPolicy):
+    """Port 25 (RFC 5321): anyone may send, but only to our own domains; no relaying."""
+
+
+class SubmissionPolicy(RouterPolicy):
+    """Ports 587 and 465 (RFC 6409, RFC 8314): TLS, then authentication, then any recipient.
+
+    AUTH is not implemented yet, so for now every MAIL is refused with 530 5.7.0. Once the
+    session can authenticate, ``may_relay`` lets an authenticated user send to any domain, and
+    ``check_sender`` is where "the sender is this user or one of their aliases" belongs.
+    """
+
+    requires_tls_before_mail = True
+    requires_auth = True
+
+    def may_relay(self, session: SessionInfo) -> bool:
+        return session.authenticated_user is not None
+
+    def check_sender(self, session: SessionInfo, sender: Mailbox | None) -> Deferred[Reply | None]:
+        if session.authenticated_user is None:
+            return succeed(replies.AUTH_REQUIRED)
+        return succeed(None)
+
+    def check_recipient(
+        self, session: SessionInfo, recipient: Mailbox
+    ) -> Deferred[list[Destination]]:
+        if session.authenticated_user is None:
+            return fail(RecipientRejected(replies.AUTH_REQUIRED))
+        return super().check_recipient(session, recipient)

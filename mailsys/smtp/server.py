@@ -1,0 +1,910 @@
+"""The ESMTP server engine: one ``SMTPSession`` per connection and the factory that counts them.
+
+This module owns the SMTP dialogue on 25, 587 and 465: our own line splitting (so bare CR and bare
+LF are seen precisely), the command state machine of RFC 5321 §4.1 with the extensions we
+advertise (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, DSN, STARTTLS),
+reply order under pipelining, every input limit, and the hand-over of an accepted message to the
+IMessageSink. What is accepted is the Policy's business (mailsys.smtp.policy); message content
+rules live in mailsys.smtp.message; address syntax in mailsys.address.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+from mailsys import replies
+from mailsys.address import AddressError, MailRequest, RcptRequest, parse_mail, parse_rcpt
+from mailsys.config import Config
+from mailsys.envelope import Envelope, Recipient
+from mailsys.interfaces import IMessageSink
+from mailsys.replies import Reply
+from mailsys.routing import Destination
+from mailsys.smtp.message import MessageBuffer
+from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
+
+log = Logger()
+
+# While a command waits for a Deferred, at most this much further input is buffered before the
+# transport is asked to stop reading (the client is pipelining far ahead of us).
+_MAX_BUFFER_WHILE_WAITING = 256 * 1024
+
+# Replies that count as client errors for max_bad_commands: unknown commands, syntax errors,
+# bad sequence, unsupported parameters (RFC 5321 §4.2.2).
+_ERROR_CODES = frozenset({500, 501, 502, 503, 555})
+
+
+class ListenerRole(enum.Enum):
+    """Which service a listener offers: MTA (25), submission with STARTTLS (587), implicit TLS
+    submission (465, RFC 8314)."""
+
+    MTA = "mta"
+    SUBMISSION = "submission"
+    SUBMISSIONS = "submissions"
+
+
+@dataclass(frozen=True)
+class SMTPSettings:
+    """Everything an SMTP listener needs to know besides its collaborators."""
+
+    hostname: str
+    role: ListenerRole
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_command_length: int = 2048
+    max_line_length: int = 1000
+    idle_timeout: float = 300.0
+    max_bad_commands: int = 10
+    max_connections: int = 500
+    max_connections_per_client: int = 20
+    max_received_headers: int = 50
+    # Leave the client's address out of the Received field (submission privacy).
+    hide_client_address: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config, role: ListenerRole) -> SMTPSettings:
+        """The settings of a listener with ``role``, from the [smtp] limits of ``config``."""
+        smtp = config.smtp
+        return cls(
+            hostname=config.server.hostname,
+            role=role,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_command_length=smtp.max_command_length,
+            max_line_length=smtp.max_line_length,
+            idle_timeout=smtp.idle_timeout,
+            max_bad_commands=smtp.max_bad_commands,
+            max_connections=smtp.max_connections,
+            max_connections_per_client=smtp.max_connections_per_client,
+            max_received_headers=smtp.max_received_headers,
+            hide_client_address=(
+                role is not ListenerRole.MTA and config.submission.hide_client_address
+            ),
+        )
+
+
+class TLSContextSource(TypingProtocol):
+    """Where STARTTLS gets its server TLS context (mailsys.tls implements it, with reloads)."""
+
+    def server_context(self) -> IOpenSSLServerConnectionCreator:
+        """The current server context; may raise if no usable certificate is loaded."""
+
+
+class _Mode(enum.Enum):
+    COMMAND = "command"
+    SWALLOW = "swallow"  # discarding an over-long command line up to its LF
+    DATA = "data"
+    BDAT = "bdat"
+
+
+@dataclass
+class _Transaction:
+    """One mail transaction: from MAIL to the end of DATA/BDAT LAST, RSET or a new EHLO."""
+
+    mail: MailRequest
+    recipients: list[tuple[RcptRequest, list[Destination]]] = field(default_factory=list)
+    message: MessageBuffer | None = None
+    chunking: bool = False  # BDAT has been used (RFC 3030: DATA is then out of sequence)
+    failed: bool = False  # a BDAT chunk was refused: more BDAT is refused until RSET or MAIL
+
+
+@functools.lru_cache(maxsize=512)
+def _wire(reply: Reply) -> bytes:
+    return b"\r\n".join(reply.lines()) + b"\r\n"
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date(when: float) -> str:
+    """``when`` as an RFC 5322 §3.3 date in UTC; formatted once per second at most."""
+    global _last_date
+    second = int(when)
+    if _last_date[0] != second:
+        _last_date = (second, formatdate(second, usegmt=True).replace(" GMT", " +0000"))
+    return _last_date[1]
+
+
+class SMTPSession(Protocol):
+    """One SMTP connection, from greeting to QUIT.
+
+    Input is kept in ``_buffer`` from ``_offset`` on and processed strictly one command at a
+    time. A command whose answer is a Deferred (policy, spool) pauses processing; later commands
+    stay buffered until it fires, so replies always leave in command order (RFC 2920 §3). Replies
+    are collected in ``_out`` and written once per processed batch.
+    """
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self._factory = factory
+        self._settings = factory.settings
+        self._policy = factory.policy
+        self._sink = factory.sink
+        self._clock = factory.clock
+        self._buffer = b""
+        self._offset = 0
+        self._mode = _Mode.COMMAND
+        self._out: list[bytes] = []
+        self._waiting = False  # a Deferred answer is outstanding
+        self._processing = False
+        self._reading_paused = False
+        self._closing = False
+        self._disconnected = False
+        self._admitted = False
+        self._timer: IDelayedCall | None = None
+        self._client_address = ""
+        self._client = "[unknown]"
+        self._secure = False
+        self._helo: str | None = None
+        self._esmtp = False
+        self._auth_user: str | None = None  # set by AUTH, a later issue
+        self._txn: _Transaction | None = None
+        self._errors = 0
+        self._messages = 0
+        self._chunk_remaining = 0
+        self._chunk_last = False
+        self._chunk_refusal: Reply | None = None
+        # When set, complete lines go here instead of to the command table: the way for a
+        # command with continuation lines (AUTH's SASL exchange, RFC 4954 §4) to read them,
+        # with the same CRLF, length and ordering rules as commands. It clears itself.
+        self._line_handler: Callable[[bytes], Reply | Deferred[Reply] | None] | None = None
+        self._commands: dict[bytes, Callable[[bytes], Reply | Deferred[Reply] | None]] = {
+            b"EHLO": self._do_ehlo,
+            b"HELO": self._do_helo,
+            b"MAIL": self._do_mail,
+            b"RCPT": self._do_rcpt,
+            b"DATA": self._do_data,
+            b"BDAT": self._do_bdat,
+            b"RSET": self._do_rset,
+            b"NOOP": self._do_noop,
+            b"QUIT": self._do_quit,
+            b"VRFY": self._do_vrfy,
+            b"EXPN": self._do_expn,
+            b"HELP": self._do_help,
+            b"STARTTLS": self._do_starttls,
+            b"AUTH": self._do_auth,
+        }
+
+    # --- connection events (Twisted) -----------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._transport: ITransport = transport
+        peer = transport.getPeer()
+        self._client_address = str(getattr(peer, "host", ""))
+        self._client = _client_label(self._client_address)
+        refusal = self._factory.admit(self._client_address)
+        if refusal is not None:
+            log.info("refused connection from {client}: {reply}", client=self._client,
+                     reply=str(refusal))
+            self._closing = True
+            self._transport.write(_wire(refusal))
+            self._transport.loseConnection()
+            return
+        self._admitted = True
+        # RFC 8314 §3.3: on 465 the session is TLS from the first byte.
+        self._secure = self._settings.role is ListenerRole.SUBMISSIONS or ISSLTransport.providedBy(
+            transport
+        )
+        self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+        log.info("connect from {client}", client=self._client)
+        self._transport.write(self._factory.greeting)
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disconnected = True
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._admitted:
+            self._admitted = False
+            self._factory.release(self._client_address)
+            log.info("disconnect from {client} messages={messages} errors={errors}",
+                     client=self._client, messages=self._messages, errors=self._errors)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._settings.idle_timeout)
+        if self._offset < len(self._buffer):
+            self._buffer = self._buffer[self._offset:] + data
+        else:
+            self._buffer = data
+        self._offset = 0
+        if not self._waiting:
+            self._process()
+        elif len(self._buffer) > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
+            self._reading_paused = True
+            _call(self._transport, "pauseProducing")
+
+    # --- the input loop ------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Work through buffered input until it runs out, a Deferred is awaited, or we close."""
+        if self._processing:
+            return  # a Deferred fired synchronously inside the loop: the loop carries on
+        self._processing = True
+        try:
+            while not self._waiting and not self._closing:
+                mode = self._mode
+                if mode is _Mode.COMMAND:
+                    progressed = self._command_step()
+                elif mode is _Mode.DATA:
+                    progressed = self._data_step()
+                elif mode is _Mode.BDAT:
+                    progressed = self._chunk_step()
+                else:
+                    progressed = self._swallow_step()
+                if not progressed:
+                    break
+        except Exception:
+            # Never a traceback to the peer: log it, say something safe and close, because the
+            # input position may be inconsistent now.
+            log.failure("internal error in SMTP session with {client}", client=self._client)
+            self._out.append(_wire(replies.INTERNAL_ERROR_CLOSING))
+            self._closing = True
+        finally:
+            self._processing = False
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._disconnected:
+            self._out.clear()
+            return
+        if self._out:
+            self._transport.write(b"".join(self._out))
+            self._out.clear()
+        if self._closing:
+            self._transport.loseConnection()
+
+    def _command_step(self) -> bool:
+        buf = self._buffer
+        start = self._offset
+        # Commands end with CRLF. We split at LF so a client ending lines with a bare LF gets an
+        # answer rather than silence, and refuse any line that does not end in exactly CRLF.
+        lf = buf.find(b"\n", start)
+        limit = self._settings.max_command_length
+        if lf < 0:
+            if len(buf) - start > limit:
+                # RFC 5321 §4.5.3.1.4: too long; drop it up to its end, then reply once.
+                self._mode = _Mode.SWALLOW
+                self._buffer = b""
+                self._offset = 0
+                return True
+            if start:
+                self._buffer = buf[start:]
+                self._offset = 0
+            return False
+        self._offset = lf + 1
+        if lf + 1 - start > limit:
+            self._reply(replies.LINE_TOO_LONG)
+            return True
+        line = buf[start:lf]
+        if line[-1:] != b"\r" or b"\r" in line[:-1]:
+            # RFC 5321 §2.3.8: bare CR or LF; never execute such a line.
+            self._reply(replies.BARE_LINE_ENDING_COMMAND)
+            return True
+        handler = self._line_handler
+        if handler is not None:
+            self._line_handler = None
+            self._answer(handler(line[:-1]))
+        else:
+            self._dispatch(line[:-1])
+        return True
+
+    def _swallow_step(self) -> bool:
+        lf = self._buffer.find(b"\n", self._offset)
+        if lf < 0:
+            self._buffer = b""
+            self._offset = 0
+            return False
+        self._offset = lf + 1
+        self._mode = _Mode.COMMAND
+        self._reply(replies.LINE_TOO_LONG)
+        return True
+
+    def _data_step(self) -> bool:
+        txn = self._txn
+        assert txn is not None and txn.message is not None
+        data = self._buffer[self._offset:] if self._offset else self._buffer
+        self._buffer = b""
+        self._offset = 0
+        if not data:
+            return False
+        rest = txn.message.feed_data(data)
+        if rest is None:
+            return False
+        self._buffer = rest
+        self._mode = _Mode.COMMAND
+        self._answer(self._message_complete(txn))
+        return True
+
+    def _chunk_step(self) -> bool:
+        start = self._offset
+        available = len(self._buffer) - start
+        if available <= 0 and self._chunk_remaining:
+            return False
+        take = min(available, self._chunk_remaining)
+        chunk = self._buffer[start : start + take]
+        self._offset = start + take
+        self._chunk_remaining -= take
+        txn = self._txn
+        if self._chunk_refusal is None and txn is not None and txn.message is not None:
+            txn.message.feed_chunk(chunk)
+        if self._chunk_remaining:
+            return False
+        self._mode = _Mode.COMMAND
+        self._answer(self._chunk_complete())
+        return True
+
+    def _dispatch(self, line: bytes) -> None:
+        space = line.find(b" ")
+        if space < 0:
+            verb, argument = line.upper(), b""
+        else:
+            verb, argument = line[:space].upper(), line[space + 1 :]
+        command = self._commands.get(verb)
+        if command is None:
+            self._reply(replies.COMMAND_UNRECOGNIZED)
+            return
+        try:
+            result = command(argument)
+        except Exception:
+            log.failure("internal error handling {verb} from {client}",
+                        verb=verb.decode("ascii", "replace"), client=self._client)
+            self._txn = None
+            result = replies.INTERNAL_ERROR
+        self._answer(result)
+
+    def _answer(self, result: Reply | Deferred[Reply] | None) -> None:
+        if result is None:
+            return
+        if isinstance(result, Reply):
+            self._reply(result)
+            return
+        self._waiting = True
+        result.addCallbacks(self._resume, self._unexpected)
+
+    def _unexpected(self, failure: Failure) -> None:
+        log.failure("internal error in SMTP session with {client}", failure, client=self._client)
+        self._txn = None
+        self._resume(replies.INTERNAL_ERROR)
+
+    def _resume(self, reply: Reply) -> None:
+        if self._disconnected:
+            return
+        self._waiting = False
+        self._reply(reply)
+        if self._reading_paused:
+            self._reading_paused = False
+            _call(self._transport, "resumeProducing")
+        self._process()
+
+    def _reply(self, reply: Reply) -> None:
+        self._out.append(_wire(reply))
+        if reply.code in _ERROR_CODES:
+            self._errors += 1
+            if self._errors >= self._settings.max_bad_commands:
+                log.info("too many errors from {client}", client=self._client)
+                self._out.append(_wire(replies.TOO_MANY_ERRORS))
+                self._closing = True
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        if self._disconnected or self._closing:
+            return
+        if self._waiting:
+            # We are the slow one (policy or spool): not the client's fault.
+            self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+            return
+        log.info("idle timeout for {client}", client=self._client)
+        self._out.append(_wire(replies.IDLE_TIMEOUT))
+        self._closing = True
+        self._flush()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _session_info(self) -> SessionInfo:
+        return SessionInfo(
+            hostname=self._settings.hostname,
+            client_address=self._client_address,
+            helo=self._helo,
+            tls=self._secure,
+            authenticated_user=self._auth_user,
+        )
+
+    def _can_starttls(self) -> bool:
+        return (
+            self._factory.tls is not None
+            and not self._secure
+            and self._settings.role is not ListenerRole.SUBMISSIONS
+        )
+
+    def _protocol_name(self, smtputf8: bool) -> str:
+        """The Received "with" value: RFC 3848 (ESMTPS/A/SA) and RFC 6531 §3.7.3 (UTF8SMTP...)."""
+        if not self._esmtp:
+            return "SMTP"
+        suffix = ("S" if self._secure else "") + ("A" if self._auth_user else "")
+        return ("UTF8SMTP" if smtputf8 else "ESMTP") + suffix
+
+    def _new_message(self) -> MessageBuffer:
+        settings = self._settings
+        return MessageBuffer(
+            max_size=settings.max_message_size,
+            max_line_length=settings.max_line_length,
+            max_received=settings.max_received_headers,
+        )
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def _do_ehlo(self, argument: bytes) -> Reply | None:
+        helo = _helo_name(argument)
+        if helo is None:
+            return replies.SYNTAX_ERROR
+        # RFC 5321 §4.1.4: EHLO in the middle of a session resets it like RSET.
+        self._txn = None
+        self._helo = helo
+        self._esmtp = True
+        self._out.append(self._factory.ehlo_reply(self._can_starttls()))
+        return None
+
+    def _do_helo(self, argument: bytes) -> Reply | None:
+        helo = _helo_name(argument)
+        if helo is None:
+            return replies.SYNTAX_ERROR
+        self._txn = None
+        self._helo = helo
+        self._esmtp = False
+        self._out.append(self._factory.helo_reply)
+        return None
+
+    def _do_mail(self, argument: bytes) -> Reply | Deferred[Reply]:
+        if self._helo is None:
+            return replies.NEED_EHLO
+        if self._txn is not None and not self._txn.failed:
+            return replies.NESTED_MAIL
+        policy = self._policy
+        if policy.requires_tls_before_mail and not self._secure:
+            return replies.TLS_REQUIRED  # RFC 3207 §4
+        if policy.requires_auth and self._auth_user is None:
+            return replies.AUTH_REQUIRED  # RFC 4954 §6
+        try:
+            request = parse_mail(argument.decode("utf-8"), extended=self._esmtp)
+        except UnicodeDecodeError:
+            return replies.SYNTAX_ERROR
+        except AddressError as error:
+            return error.reply
+        if request.size is not None and request.size > self._settings.max_message_size:
+            return replies.MESSAGE_TOO_BIG  # RFC 1870 §6.1
+        self._txn = None
+        d = policy.check_sender(self._session_info(), request.sender)
+        return d.addCallbacks(self._sender_checked, self._lookup_failed, callbackArgs=(request,))
+
+    def _sender_checked(self, refusal: Reply | None, request: MailRequest) -> Reply:
+        if refusal is not None:
+            log.info("reject MAIL from {client}: {reply}; from=<{sender}>", client=self._client,
+                     reply=str(refusal), sender=_path_text(request))
+            return refusal
+        self._txn = _Transaction(request)
+        return replies.SENDER_OK
+
+    def _lookup_failed(self, failure: Failure) -> Reply:
+        log.failure("policy lookup failed for {client}", failure, client=self._client)
+        return replies.LOOKUP_FAILED
+
+    def _do_rcpt(self, argument: bytes) -> Reply | Deferred[Reply]:
+        if self._helo is None:
+            return replies.NEED_EHLO
+        txn = self._txn
+        if txn is None or txn.failed:
+            return replies.NEED_MAIL
+        if txn.chunking:
+            return replies.BAD_SEQUENCE
+        if len(txn.recipients) >= self._settings.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10
+        try:
+            request = parse_rcpt(
+                argument.decode("utf-8"), smtputf8=txn.mail.smtputf8, extended=self._esmtp
+            )
+        except UnicodeDecodeError:
+            return replies.SYNTAX_ERROR
+        except AddressError as error:
+            return error.reply
+        d = self._policy.check_recipient(self._session_info(), request.recipient)
+        return d.addCallbacks(
+            self._recipient_accepted,
+            self._recipient_refused,
+            callbackArgs=(txn, request),
+            errbackArgs=(request,),
+        )
+
+    def _recipient_accepted(
+        self, destinations: list[Destination], txn: _Transaction, request: RcptRequest
+    ) -> Reply:
+        txn.recipients.append((request, destinations))
+        return replies.RECIPIENT_OK
+
+    def _recipient_refused(self, failure: Failure, request: RcptRequest) -> Reply:
+        if isinstance(failure.value, RecipientRejected):
+            reply = failure.value.reply
+            log.info("reject RCPT from {client}: {reply}; to=<{recipient}>", client=self._client,
+                     reply=str(reply), recipient=str(request.recipient))
+            return reply
+        return self._lookup_failed(failure)
+
+    def _do_data(self, argument: bytes) -> Reply:
+        if argument:
+            return replies.SYNTAX_ERROR
+        refusal = self._transaction_refusal()
+        if refusal is not None:
+            return refusal
+        txn = self._txn
+        assert txn is not None
+        if txn.chunking:
+            return replies.BAD_SEQUENCE  # RFC 3030 §2: no DATA once BDAT was used
+        txn.message = self._new_message()
+        self._mode = _Mode.DATA
+        return replies.START_INPUT
+
+    def _transaction_refusal(self) -> Reply | None:
+        """Why DATA or BDAT cannot start a message now, if it cannot."""
+        if self._helo is None:
+            return replies.NEED_EHLO
+        txn = self._txn
+        if txn is None:
+            return replies.NEED_MAIL
+        if txn.failed:
+            return replies.CHUNK_AFTER_FAILURE
+        if not txn.recipients:
+            return replies.NO_VALID_RECIPIENTS  # RFC 5321 §3.3, RFC 2920 §3.1
+        return None
+
+    def _do_bdat(self, argument: bytes) -> Reply | Deferred[Reply] | None:
+        # RFC 3030 §2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ] CR LF
+        parts = argument.split(b" ")
+        if (
+            not 1 <= len(parts) <= 2
+            or not parts[0].isdigit()
+            or len(parts[0]) > 20
+            or (len(parts) == 2 and parts[1].upper() != b"LAST")
+        ):
+            return replies.SYNTAX_ERROR
+        size = int(parts[0])
+        refusal = self._transaction_refusal()
+        if refusal is None:
+            txn = self._txn
+            assert txn is not None
+            txn.chunking = True
+            if txn.message is None:
+                txn.message = self._new_message()
+        # Whatever the answer, the chunk's octets follow and must be read (RFC 3030 §2).
+        self._chunk_refusal = refusal
+        self._chunk_last = len(parts) == 2
+        self._chunk_remaining = size
+        if size == 0:
+            return self._chunk_complete()
+        self._mode = _Mode.BDAT
+        return None
+
+    def _chunk_complete(self) -> Reply | Deferred[Reply]:
+        if self._chunk_refusal is not None:
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            return refusal
+        txn = self._txn
+        assert txn is not None and txn.message is not None
+        if self._chunk_last:
+            txn.message.finish_chunks()
+        if txn.message.error is not None:
+            error = txn.message.error
+            log.info("reject BDAT from {client}: {reply}", client=self._client, reply=str(error))
+            txn.message = None
+            txn.failed = True
+            return error
+        if not self._chunk_last:
+            return replies.CHUNK_OK
+        return self._message_complete(txn)
+
+    def _message_complete(self, txn: _Transaction) -> Reply | Deferred[Reply]:
+        """The data of ``txn`` is complete: refuse it or hand it to the sink."""
+        # RFC 5321 §4.1.1.4: whatever the outcome, the transaction is over.
+        self._txn = None
+        buffer = txn.message
+        assert buffer is not None
+        txn.message = None
+        if buffer.error is not None:
+            log.info("reject message from {client}: {reply}; from=<{sender}>",
+                     client=self._client, reply=str(buffer.error), sender=_path_text(txn.mail))
+            return buffer.error
+        try:
+            queue_id = self._sink.new_queue_id()
+            mail = txn.mail
+            protocol = self._protocol_name(mail.smtputf8)
+            message = self._received(queue_id, txn, protocol) + buffer.message()
+            envelope = Envelope(
+                queue_id=queue_id,
+                sender=str(mail.sender) if mail.sender is not None else "",
+                recipients=_recipients(txn),
+                received_at=self._clock.seconds(),
+                size=len(message),
+                body=mail.body,
+                smtputf8=mail.smtputf8,
+                ret=mail.ret,
+                envid=mail.envid,
+                client_address=self._client_address,
+                client_helo=self._helo or "",
+                protocol=protocol,
+                auth_user=self._auth_user,
+            )
+        except Exception:
+            log.failure("cannot prepare a message from {client}", client=self._client)
+            return replies.SPOOL_FAILED
+        d = maybeDeferred(self._sink.submit, envelope, message)
+        return d.addCallbacks(
+            self._queued, self._spool_failed, callbackArgs=(envelope,), errbackArgs=(envelope,)
+        )
+
+    def _queued(self, _: object, envelope: Envelope) -> Reply:
+        # One line per accepted message (the hot path), with what its journey starts from.
+        self._messages += 1
+        log.info(
+            "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
+            "proto={proto} queued",
+            queue_id=envelope.queue_id, sender=envelope.sender, size=envelope.size,
+            nrcpt=len(envelope.recipients), client=self._client, proto=envelope.protocol,
+        )
+        return replies.QUEUED.with_text(f"{replies.QUEUED.text} as {envelope.queue_id}")
+
+    def _spool_failed(self, failure: Failure, envelope: Envelope) -> Reply:
+        log.failure(
+            "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
+            "not accepted: spool failure",
+            failure, queue_id=envelope.queue_id, sender=envelope.sender, size=envelope.size,
+            nrcpt=len(envelope.recipients), client=self._client,
+        )
+        return replies.SPOOL_FAILED
+
+    def _received(self, queue_id: str, txn: _Transaction, protocol: str) -> bytes:
+        """The Received field this hop prepends (RFC 5321 §4.4, RFC 5322 §3.6.7)."""
+        utf8 = txn.mail.smtputf8  # RFC 6532: UTF-8 in header fields only with SMTPUTF8
+        helo = _printable(self._helo or "unknown", utf8)
+        source = f"from {helo} ({self._client})\r\n\t"
+        if self._settings.hide_client_address:
+            source = ""
+        recipient = ""
+        if len(txn.recipients) == 1:
+            recipient = f"\r\n\tfor <{_printable(str(txn.recipients[0][0].recipient), utf8)}>"
+        text = (
+            f"Received: {source}by {self._settings.hostname} (mailsys) with {protocol} "
+            f"id {queue_id}{recipient}; {_rfc5322_date(self._clock.seconds())}\r\n"
+        )
+        return text.encode("utf-8")
+
+    def _do_rset(self, argument: bytes) -> Reply:
+        if argument:
+            return replies.SYNTAX_ERROR
+        self._txn = None
+        return replies.RESET_OK
+
+    def _do_noop(self, argument: bytes) -> Reply:
+        return replies.OK  # RFC 5321 §4.1.1.9: an argument is allowed and ignored
+
+    def _do_quit(self, argument: bytes) -> Reply:
+        if argument:
+            return replies.SYNTAX_ERROR
+        self._closing = True
+        return replies.BYE
+
+    def _do_vrfy(self, argument: bytes) -> Reply:
+        if not argument.strip():
+            return replies.SYNTAX_ERROR
+        return replies.VRFY_CANNOT  # RFC 5321 §3.5.3: 252, not a directory service
+
+    def _do_expn(self, argument: bytes) -> Reply:
+        return replies.NOT_IMPLEMENTED
+
+    def _do_help(self, argument: bytes) -> Reply:
+        return replies.HELP
+
+    def _do_auth(self, argument: bytes) -> Reply:
+        # AUTH (RFC 4954) comes in a later issue; it will set self._auth_user.
+        return replies.NOT_IMPLEMENTED
+
+    def _do_starttls(self, argument: bytes) -> Reply | None:
+        if argument:
+            return replies.SYNTAX_ERROR
+        if self._secure:
+            return replies.TLS_ALREADY_ACTIVE
+        tls = self._factory.tls
+        if not self._can_starttls() or tls is None:
+            return replies.NOT_IMPLEMENTED
+        if self._helo is None:
+            return replies.NEED_EHLO
+        if not ITLSTransport.providedBy(self._transport):
+            return replies.TLS_UNAVAILABLE
+        try:
+            context = tls.server_context()
+        except Exception:
+            log.failure("no TLS context for STARTTLS from {client}", client=self._client)
+            return replies.TLS_UNAVAILABLE
+        self._reply(replies.READY_TLS)
+        self._flush()
+        # RFC 3207 §4.2 (CVE-2011-0411): anything the client sent after STARTTLS in plaintext
+        # must not be executed inside TLS. Drop it.
+        dropped = len(self._buffer) - self._offset
+        self._buffer = b""
+        self._offset = 0
+        if dropped:
+            log.info("discarded {dropped} plaintext bytes after STARTTLS from {client}",
+                     dropped=dropped, client=self._client)
+        ITLSTransport(self._transport).startTLS(context)
+        # RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
+        self._secure = True
+        self._helo = None
+        self._esmtp = False
+        self._txn = None
+        log.info("STARTTLS with {client}", client=self._client)
+        return None
+
+
+class SMTPServerFactory(ServerFactory):
+    """Builds SMTP sessions for one listener and counts them, in total and per client address."""
+
+    def __init__(
+        self,
+        settings: SMTPSettings,
+        policy: Policy,
+        sink: IMessageSink,
+        clock: IReactorTime,
+        tls: TLSContextSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.sink = sink
+        self.clock = clock
+        self.tls = tls
+        self.connections = 0
+        self.connections_by_client: dict[str, int] = {}
+        hostname = settings.hostname
+        self.greeting = _wire(
+            replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
+        )
+        self.helo_reply = _wire(Reply(250, "", hostname))  # RFC 2034 §3: no enhanced code
+        keywords = [
+            "PIPELINING",  # RFC 2920
+            f"SIZE {settings.max_message_size}",  # RFC 1870
+            "8BITMIME",  # RFC 6152
+            "SMTPUTF8",  # RFC 6531
+            "ENHANCEDSTATUSCODES",  # RFC 2034
+            "CHUNKING",  # RFC 3030
+            "DSN",  # RFC 3461
+        ]
+        self._ehlo = _wire(Reply(250, "", "\n".join([hostname, *keywords])))
+        self._ehlo_starttls = _wire(Reply(250, "", "\n".join([hostname, *keywords, "STARTTLS"])))
+
+    def ehlo_reply(self, offer_starttls: bool) -> bytes:
+        """The EHLO reply on the wire, with STARTTLS (RFC 3207) when it can be used."""
+        return self._ehlo_starttls if offer_starttls else self._ehlo
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
+        session = SMTPSession(self)
+        session.factory = self
+        return session
+
+    def admit(self, client_address: str) -> Reply | None:
+        """Count a new connection, or return the 421 it gets when over a limit."""
+        if self.connections >= self.settings.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        count = self.connections_by_client.get(client_address, 0)
+        if count >= self.settings.max_connections_per_client:
+            return replies.TOO_MANY_FROM_CLIENT
+        self.connections += 1
+        self.connections_by_client[client_address] = count + 1
+        return None
+
+    def release(self, client_address: str) -> None:
+        """Forget a connection counted by ``admit``."""
+        self.connections -= 1
+        count = self.connections_by_client.get(client_address, 0) - 1
+        if count > 0:
+            self.connections_by_client[client_address] = count
+        else:
+            self.connections_by_client.pop(client_address, None)
+
+
+def _recipients(txn: _Transaction) -> list[Recipient]:
+    """One Recipient per distinct destination, in RCPT order (duplicates delivered once)."""
+    seen: set[tuple[str, str]] = set()
+    result = []
+    for request, destinations in txn.recipients:
+        for destination in destinations:
+            key = (destination.address.lower(), destination.kind.value)
+            if key in seen:
+                continue
+            seen.add(key)
+            result.append(
+                Recipient(
+                    address=destination.address,
+                    original=str(request.recipient),
+                    kind=destination.kind,
+                    mailbox=destination.mailbox,
+                    orcpt=request.orcpt,
+                    notify=request.notify,
+                )
+            )
+    return result
+
+
+def _helo_name(argument: bytes) -> str | None:
+    text = argument.strip(b" ").decode("utf-8", "replace")
+    return text or None
+
+
+def _printable(text: str, utf8: bool) -> str:
+    """``text`` safe inside a header field: printable characters, ASCII unless ``utf8``."""
+    if text.isprintable() and (utf8 or text.isascii()):
+        return text
+    return "".join(c if c.isprintable() and (utf8 or c.isascii()) else "?" for c in text)
+
+
+def _client_label(host: str) -> str:
+    """The client as an address literal (RFC 5321 §4.1.3): [192.0.2.1] or [IPv6:2001:db8::1]."""
+    if not host:
+        return "[unknown]"
+    if ":" in host:
+        return f"[IPv6:{host}]"
+    return f"[{host}]"
+
+
+def _call(transport: object, method: str) -> None:
+    """Call an optional transport method (pauseProducing/resumeProducing) if it has one."""
+    function = getattr(transport, method, None)
+    if function is not None:
+        function()
+
+
+def _path_text(request: MailRequest) -> str:
+    return str(request.sender) if request.sender is not None else ""
