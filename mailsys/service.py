@@ -1,0 +1,168 @@
+"""Wiring: the whole mail system built from a Config as one twisted.application MultiService.
+
+All construction lives here, so every other module takes its collaborators (reactor, clock, pool,
+stores) as arguments and can be tested alone.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from typing_extensions import override
+
+from mailsys.auth.users import UserStore
+from mailsys.config import Config
+from mailsys.delivery.maildir import MaildirWriter
+from mailsys.diskio import DiskPool
+from mailsys.envelope import TargetKind
+from mailsys.queue.runner import QueueRunner
+from mailsys.queue.sink import QueueSink
+from mailsys.queue.spool import Spool
+from mailsys.routing import Router
+from mailsys.smtp.policy import InboundPolicy, SubmissionPolicy
+from mailsys.smtp.server import ListenerRole, SMTPServerFactory, SMTPSettings
+from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
+
+log = Logger()
+
+# How often certificate files are checked for renewal, in seconds.
+TLS_CHECK_INTERVAL = 60.0
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is one clear line for the administrator."""
+
+
+class MailService(MultiService):
+    """The running mail system: disk pool, spool recovery, queue runner and listeners."""
+
+    def __init__(self, pool: DiskPool, spool: Spool, runner: QueueRunner,
+                 tls: ServerTLS | None, reactor: Any) -> None:
+        super().__init__()
+        self.pool = pool
+        self.spool = spool
+        self.runner = runner
+        self.tls = tls
+        self._reactor = reactor
+        self._listeners: list[tuple[str, StreamServerEndpointService]] = []
+
+    def add_listener(self, name: str, description: str, factory: IProtocolFactory) -> None:
+        """Serve ``factory`` on the endpoint ``description``; ``name`` says which service it is."""
+        endpoint = serverFromString(self._reactor, description)
+        listener = StreamServerEndpointService(endpoint, factory)
+        # Fail start-up when a port cannot be bound, instead of twistd's default of logging it.
+        listener._raiseSynchronously = True
+        listener.setName(f"{name}:{description}")
+        listener.setServiceParent(self)
+        self._listeners.append((description, listener))
+
+    @override
+    def privilegedStartService(self) -> None:
+        for description, listener in self._listeners:
+            try:
+                listener.privilegedStartService()
+            except CannotListenError as exc:
+                raise StartupError(
+                    f"cannot listen on {description!r}: {exc.socketError}"
+                ) from None
+        for child in self:
+            if child not in (listener for _, listener in self._listeners):
+                child.privilegedStartService()
+
+    @override
+    def startService(self) -> None:
+        self.pool.start()
+        envelopes = self.spool.recover()
+        if envelopes:
+            log.info("spool recovery: {count} message(s) to deliver", count=len(envelopes))
+        self.runner.load(envelopes)
+        if self.tls is not None:
+            tls = self.tls
+            reactor = self._reactor
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
+        super().startService()
+        for description, _ in self._listeners:
+            log.info("listening on {description}", description=description)
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = maybeDeferred(super().stopService)
+
+        def stop_pool(result: object) -> object:
+            self.pool.stop()
+            return result
+
+        d.addBoth(stop_pool)
+        return d
+
+
+def _prepare_tls(config: Config) -> ServerTLS | None:
+    tls = config.tls
+    if tls.certificate is None or tls.key is None:
+        return None
+    if tls.create_self_signed and ensure_self_signed(tls.certificate, tls.key, config.server.hostname):
+        log.warn(
+            "created a self-signed development certificate {certificate} for {hostname}; "
+            "configure a real certificate for production",
+            certificate=str(tls.certificate), hostname=config.server.hostname,
+        )
+    return ServerTLS(tls.certificate, tls.key)
+
+
+def _ensure_demo_user(config: Config, users: UserStore) -> None:
+    dev = config.dev
+    if dev.demo_user is None or dev.demo_password is None or users.exists(dev.demo_user):
+        return
+    users.add(dev.demo_user, dev.demo_password)
+    log.warn(
+        "created the demo user {user} with password {password!r} (development default; "
+        "remove [dev] from the config for production)",
+        user=dev.demo_user, password=dev.demo_password,
+    )
+
+
+def _listeners(config: Config) -> Iterable[tuple[ListenerRole, str]]:
+    for description in config.smtp.listen:
+        yield ListenerRole.MTA, description
+    for description in config.submission.listen:
+        yield ListenerRole.SUBMISSION, description
+    for description in config.submission.listen_tls:
+        yield ListenerRole.SUBMISSIONS, description
+
+
+def build_service(config: Config, reactor: Any) -> MailService:
+    """Build the mail system for ``config``; nothing listens until the service starts."""
+    tls = _prepare_tls(config)
+    users = UserStore(config.storage.users)
+    _ensure_demo_user(config, users)
+    router = Router(config.routing, users)
+    pool = DiskPool(reactor)
+    spool = Spool(config.storage.spool, pool)
+    maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname)
+    runner = QueueRunner(spool, {TargetKind.LOCAL: maildir}, clock=reactor)
+    sink = QueueSink(spool, runner)
+    service = MailService(pool, spool, runner, tls, reactor)
+    runner.setServiceParent(service)
+
+    for role, description in _listeners(config):
+        policy = InboundPolicy(router) if role is ListenerRole.MTA else SubmissionPolicy(router)
+        settings = SMTPSettings.from_config(config, role)
+        factory: IProtocolFactory = SMTPServerFactory(settings, policy, sink, reactor, tls)
+        if role is ListenerRole.SUBMISSIONS:
+            assert tls is not None  # config.py refuses listen_tls without a certificate
+            factory = TLSMemoryBIOFactory(CurrentCertificateCreator(tls), False, factory)
+        service.add_listener(role.value, description, factory)
+
+    if tls is not None:
+        TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)
+    return service

@@ -1,0 +1,91 @@
+"""Configuration loading: good files load, every bad one is one line naming file, key and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailsys import config
+from mailsys.config import ConfigError
+
+
+def _load(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "mailsys.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path / "mailsys.toml") + ": ")
+    return message
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    """An empty file is a valid configuration with documented defaults."""
+    loaded = _load(tmp_path, "")
+    assert loaded.smtp.max_message_size == 25 * 1024 * 1024
+    assert loaded.smtp.max_recipients == 100
+    assert loaded.smtp.max_line_length == 1000
+    assert loaded.tls.enabled is False
+
+
+def test_backlog_is_added_to_listeners(tmp_path: Path) -> None:
+    """A listener without backlog= gets one, since Twisted's default of 50 drops bursts."""
+    loaded = _load(tmp_path, '[smtp]\nlisten = ["tcp:2525:interface=127.0.0.1"]\n')
+    assert loaded.smtp.listen == ("tcp:2525:interface=127.0.0.1:backlog=1024",)
+    loaded = _load(tmp_path, '[smtp]\nlisten = "tcp:2525:backlog=7"\n')
+    assert loaded.smtp.listen == ("tcp:2525:backlog=7",)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[nonsense]\n", "nonsense: unknown section"),
+        ("[smtp]\nmax_recipeints = 3\n", "smtp.max_recipeints: unknown key"),
+        ('[smtp]\nmax_recipients = "3"\n', "smtp.max_recipients: must be a positive integer"),
+        ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients: must be a positive integer"),
+        ("[smtp]\nmax_recipients = true\n", "smtp.max_recipients: must be a positive integer"),
+        ('[smtp]\nlisten = ["ssl:465"]\n', "smtp.listen: endpoint 'ssl:465': type must be"),
+        ('[smtp]\nlisten = ["tcp:http"]\n', "smtp.listen: endpoint 'tcp:http': needs a port"),
+        ('[smtp]\nlisten = ["tcp:25:colour=blue"]\n', "unknown option 'colour'"),
+        ('[smtp]\nlisten = ["tcp:25:backlog=x"]\n', "backlog must be a positive integer"),
+        ('[server]\nhostname = "bad host"\n', "server.hostname: not a valid host name"),
+        ('[submission]\nlisten_tls = ["tcp:465"]\n', "submission.listen_tls: implicit TLS needs"),
+        ('[tls]\ncertificate = "c.pem"\n', "tls: certificate and key must be given together"),
+        ('[tls]\ncertificate = "/nonexistent/c.pem"\nkey = "/nonexistent/k.pem"\n',
+         "tls.certificate: file not found: /nonexistent/c.pem"),
+        ('[routing]\nlocal_domains = ["a.test"]\ncatch_all = { "b.test" = "x@a.test" }\n',
+         'routing.catch_all."b.test": not in routing.local_domains'),
+        ('[routing.aliases]\n"team" = ["x@a.test"]\n', "alias must be a full address"),
+        ('[routing.aliases]\n"team@a.test" = ["x"]\n', "target 'x' must be a full address"),
+        ('[routing]\ndomain_aliases = { "old.test" = "new.test" }\n', "is not in routing.local_"),
+        ('[dev]\ndemo_user = "demo@x.test"\n', "dev: demo_user and demo_password"),
+        ("[smtp\n", "TOML syntax error"),
+        ("smtp = 3\n", "smtp: must be a table"),
+    ],
+)
+def test_bad_values_are_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    """Each kind of mistake names its key and says why."""
+    assert expected in _error(tmp_path, text)
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    """A config path that does not exist is reported with the path."""
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path / "absent.toml")
+    assert str(info.value).startswith(f"{tmp_path / 'absent.toml'}: cannot read")
+
+
+def test_self_signed_allows_missing_files(tmp_path: Path) -> None:
+    """With create_self_signed the certificate files may be absent: they are made on start."""
+    loaded = _load(
+        tmp_path,
+        f'[tls]\ncertificate = "{tmp_path}/c.pem"\nkey = "{tmp_path}/k.pem"\n'
+        "create_self_signed = true\n",
+    )
+    assert loaded.tls.enabled
