@@ -1,0 +1,357 @@
+"""Local delivery: one queued message becomes one file in a recipient's Maildir, exactly once.
+
+The Maildir root holds ``<domain>/<user>/`` per mailbox (Maildir++: that directory is the INBOX
+with cur/ new/ tmp/, folders are ``.Name`` subdirectories). Each copy is written to tmp/, fsync'd
+and renamed into new/, and new/ is fsync'd (group commit) before the attempt counts as delivered.
+
+The file name is derived from the queue id and the recipient, not drawn at random, so that a
+recovered message whose copy was written before a crash is recognised instead of written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsys.diskio import DiskPool, fsync_directory
+from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
+from mailsys.interfaces import IDeliveryAgent
+
+log = Logger(namespace="mailsys.delivery.maildir")
+
+HOST = "maildir"
+REPLY_DELIVERED = "250 2.0.0 delivered to maildir"
+REPLY_TEMPORARY = "451 4.3.0 Temporary local delivery failure, will retry"
+REPLY_NO_MAILBOX = "550 5.1.1 No such mailbox"
+
+_SUBDIRS = ("cur", "new", "tmp")
+_PATH_CACHE_SIZE = 10_000
+
+
+class InvalidMailboxError(ValueError):
+    """A mailbox name that cannot name a Maildir (missing, malformed, or escaping the root)."""
+
+
+def escape_hostname(hostname: str) -> str:
+    """The host part of a Maildir name: '/' and ':' cannot appear in it (cr.yp.to/proto/maildir).
+
+    The spec's escapes are \\057 and \\072; the backslash itself is escaped first (as \\134) so
+    that the mapping stays unambiguous.
+    """
+    return hostname.replace("\\", "\\134").replace("/", "\\057").replace(":", "\\072")
+
+
+def unique_part(queue_id: str, recipient: Recipient) -> str:
+    """The middle of the Maildir name: the queue id and a short hash of the recipient.
+
+    One message can have several recipients with the same mailbox (two aliases of one user): the
+    hash covers the address as well, so each gets its own, still deterministic, copy.
+    """
+    key = f"{recipient.address}\0{recipient.mailbox or ''}".encode()
+    digest = hashlib.blake2s(key, digest_size=5).hexdigest().upper()
+    return f"Q{queue_id}R{digest}"
+
+
+def maildir_name(envelope: Envelope, recipient: Recipient, hostname: str) -> str:
+    """The deterministic Maildir base name "time.unique.host" of this recipient's copy."""
+    return f"{int(envelope.received_at)}.{unique_part(envelope.queue_id, recipient)}.{hostname}"
+
+
+def delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
+    """The trace lines prepended at final delivery.
+
+    RFC 5321 §4.4: the delivering server adds Return-Path with the reverse-path ("<>" when it was
+    null). Delivered-To names the final recipient address (the Postfix convention, also used for
+    loop detection). CR and LF are dropped so that an address can never end the header early.
+    """
+    sender = _one_line(envelope.sender)
+    address = _one_line(recipient.address)
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode()
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "").replace("\n", "")
+
+
+@implementer(IDeliveryAgent)
+class MaildirWriter:
+    """Delivers LOCAL recipients into ``root/<domain>/<user>/`` Maildirs."""
+
+    def __init__(
+        self,
+        root: Path,
+        pool: DiskPool,
+        hostname: str,
+        clock: IReactorTime | None = None,
+        *,
+        on_delivered: Callable[[str], None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self._pool = pool
+        # Called with the mailbox after each delivery (the mailbox store wakes open sessions).
+        self._on_delivered = on_delivered
+        # Fall back to the machine's name: the host part only needs to be stable per machine.
+        self._host = escape_hostname(hostname or socket.gethostname())
+        self._clock = clock
+        # mailbox -> (Maildir, its new/ as a string): validated and joined once per mailbox,
+        # since path handling is a visible share of a delivery's time on the reactor thread.
+        self._paths: dict[str, tuple[Path, str]] = {}
+        self._recovered_copies = RecoveredCopies()
+
+    def maildir_path(self, mailbox: str) -> Path:
+        """The Maildir (INBOX) of canonical ``user@domain``.
+
+        Raises InvalidMailboxError for a name that is malformed or would leave the root.
+        """
+        user, sep, domain = mailbox.rpartition("@")
+        domain = domain.lower()
+        if not sep or not _is_safe_component(user) or not _is_safe_component(domain):
+            raise InvalidMailboxError(f"not a usable mailbox name: {mailbox!r}")
+        return self.root / domain / user
+
+    def _paths_of(self, mailbox: str) -> tuple[Path, str]:
+        paths = self._paths.get(mailbox)
+        if paths is None:
+            maildir = self.maildir_path(mailbox)
+            if len(self._paths) >= _PATH_CACHE_SIZE:
+                self._paths.clear()
+            paths = self._paths[mailbox] = (maildir, os.path.join(maildir, "new"))
+        return paths
+
+    def file_name(self, envelope: Envelope, recipient: Recipient) -> str:
+        """The base name this writer uses for ``recipient``'s copy of ``envelope``."""
+        return maildir_name(envelope, recipient, self._host)
+
+    # IDeliveryAgent types its arguments as object to stay free of imports; ours are precise.
+    def deliver(  # type: ignore[override]
+        self,
+        envelope: Envelope,
+        recipient: Recipient,
+        message_path: Path,
+        *,
+        recovered: bool = False,
+    ) -> Deferred[Attempt]:
+        """Write one copy and fire with the Attempt; never fails (problems become DEFERRED).
+
+        ``recovered`` says the message was in the spool at start-up, so a copy may already have
+        been written and even read by the user (moved to cur/ with flags): then both new/ and cur/
+        are searched. Otherwise only the exact name in new/ is checked.
+        """
+        queue_id = envelope.queue_id
+        try:
+            if recipient.mailbox is None:
+                raise InvalidMailboxError("recipient has no mailbox")
+            maildir, new_dir = self._paths_of(recipient.mailbox)
+        except InvalidMailboxError as e:
+            log.error(
+                "{queue_id}: to=<{to}> invalid local mailbox {mailbox!r}: {error}",
+                queue_id=queue_id,
+                to=recipient.address,
+                mailbox=recipient.mailbox,
+                error=e,
+            )
+            return succeed(self._attempt(RecipientStatus.FAILED, REPLY_NO_MAILBOX))
+
+        base = self.file_name(envelope, recipient)
+        header = delivery_headers(envelope, recipient)
+        d = self._pool.run(
+            write_copy,
+            maildir,
+            base,
+            header,
+            message_path,
+            self._recovered_copies if recovered else None,
+        )
+
+        def written(wrote: bool) -> Deferred[None]:
+            if not wrote:
+                log.info(
+                    "{queue_id}: to=<{to}> copy {name} already in {maildir}, not written again",
+                    queue_id=queue_id,
+                    to=recipient.address,
+                    name=base,
+                    maildir=str(maildir),
+                )
+            # Also when the copy was found: it may be there only in the page cache of a process
+            # that was killed before its directory fsync.
+            return self._pool.sync_directory(new_dir)
+
+        def delivered(_: None) -> Attempt:
+            if self._on_delivered is not None and recipient.mailbox is not None:
+                try:
+                    self._on_delivered(recipient.mailbox)
+                except Exception:  # a listener's bug must not turn a delivery into a retry
+                    log.failure("{queue_id}: delivery listener failed", queue_id=queue_id)
+            return self._attempt(RecipientStatus.DELIVERED, REPLY_DELIVERED)
+
+        def failed(failure: Failure) -> Attempt:
+            log.failure(
+                "{queue_id}: to=<{to}> maildir delivery to {maildir} failed, will retry",
+                failure,
+                queue_id=queue_id,
+                to=recipient.address,
+                maildir=str(maildir),
+            )
+            return self._attempt(RecipientStatus.DEFERRED, REPLY_TEMPORARY)
+
+        return d.addCallback(written).addCallbacks(delivered, failed)
+
+    def _attempt(self, status: RecipientStatus, reply: str) -> Attempt:
+        now = self._clock.seconds() if self._clock is not None else time.time()
+        return Attempt(at=now, status=status, host=HOST, reply=reply)
+
+
+def _is_safe_component(name: str) -> bool:
+    """One path component that stays inside its parent and is not a Maildir++ folder or hidden."""
+    return bool(name) and not name.startswith(".") and "/" not in name and "\0" not in name
+
+
+def write_copy(
+    maildir: Path,
+    base: str,
+    header: bytes,
+    message_path: str | Path,
+    recovered: RecoveredCopies | None = None,
+) -> bool:
+    """Disk thread: write ``header`` + the spool message as ``maildir/new/base``, fsync'd.
+
+    Returns False, writing nothing, if the copy is already there. All per-message file work is
+    in this one call: a stat, reading the spool file, write + fsync in tmp/, rename into new/.
+    The directory fsync of new/ is left to the caller so that concurrent deliveries share it.
+    """
+    root = os.fspath(maildir)
+    new = f"{root}/new/{base}"
+    if _exists(new) or (recovered is not None and recovered.contains(root, base)):
+        return False
+    with open(message_path, "rb") as f:
+        message = f.read()
+    tmp = f"{root}/tmp/{base}"
+    try:
+        # O_TRUNC, not O_EXCL: a leftover of this very name is an earlier try of this copy.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except FileNotFoundError:
+        create_maildir(maildir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            _write_all(fd, [header, message])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, new)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if recovered is not None:
+        recovered.add(root, base)
+    return True
+
+
+def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        written = os.writev(fd, views)
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _exists(path: str) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class RecoveredCopies:
+    """Which copies were in each Maildir's new/ and cur/ when a recovered message came for it.
+
+    A recovered message's copy may have been written by the process before the crash, and read
+    since (moved to cur/ with flags in its name). Each Maildir is listed once, on the first
+    recovered delivery to it, not once per message: after a crash with a long queue and a large
+    mailbox, a listing per message would hold the disk threads for minutes. Copies of earlier
+    lives predate this process, so a listing taken any time after start-up contains them.
+    Names are compared on "time.unique." only, so a copy is found even if the host name changed
+    between the crash and the restart. Used from disk threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_maildir: dict[str, set[str]] = {}
+
+    def contains(self, maildir: str, base: str) -> bool:
+        with self._lock:
+            known = self._by_maildir.get(maildir)
+        if known is None:
+            known = _listed_prefixes(maildir)
+            with self._lock:
+                known = self._by_maildir.setdefault(maildir, known)
+        return _name_prefix(base) in known
+
+    def add(self, maildir: str, base: str) -> None:
+        with self._lock:
+            known = self._by_maildir.get(maildir)
+            if known is not None:
+                known.add(_name_prefix(base))
+
+
+def _name_prefix(name: str) -> str:
+    """ "time.unique." of a Maildir name (whatever follows: host, ":2,flags", ",S=size")."""
+    time_part, _, rest = name.partition(".")
+    unique, _, _ = rest.partition(".")
+    return f"{time_part}.{unique}."
+
+
+def _listed_prefixes(maildir: str) -> set[str]:
+    prefixes: set[str] = set()
+    for sub in ("new", "cur"):
+        try:
+            with os.scandir(f"{maildir}/{sub}") as entries:
+                prefixes.update(_name_prefix(entry.name) for entry in entries)
+        except FileNotFoundError:
+            continue
+    return prefixes
+
+
+def create_maildir(maildir: Path) -> None:
+    """Disk thread: create the Maildir and its parents, durably (each new entry's parent fsync'd).
+
+    Without the parent fsyncs a crash could lose the whole new Maildir, and the first message in
+    it with it, even though new/ itself was fsync'd.
+    """
+    created: list[Path] = []
+    for directory in (maildir.parent.parent, maildir.parent, maildir):
+        try:
+            directory.mkdir(mode=0o700)
+            created.append(directory)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            created.append(directory)
+    for sub in _SUBDIRS:
+        try:
+            (maildir / sub).mkdir(mode=0o700)
+            created.append(maildir / sub)
+        except FileExistsError:
+            pass
+    for directory in {c.parent for c in created}:
+        fsync_directory(directory)

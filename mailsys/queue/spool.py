@@ -1,0 +1,469 @@
+"""The durable spool: a message and its envelope become safe on disk here, before any 250.
+
+Nothing in this module knows SMTP sessions or delivery; the server hands it bytes and an Envelope,
+the runner asks it to rewrite or drop envelopes. Layout under the spool directory:
+
+    tmp/      writes in progress; everything here is garbage after a crash
+    queue/    committed messages: <id>.msg (the bytes) and <id>.env (the envelope as JSON)
+    free/     files of removed messages, kept to be overwritten by the next commits
+    corrupt/  envelopes that could not be read at start-up, with their message, for a human
+    lock      held (flock) by the one process that owns the spool
+
+The rename of <id>.env into queue/ is the commit point; the fsync of queue/ makes it durable.
+
+Why free/: a spool turns over two files per message. Creating a file right after others were
+deleted is expensive (ext4 without a journal scans past every inode freed in the last seconds;
+with a journal, freeing and allocating still dirty bitmaps and inode tables), so remove() renames
+a finished message's files into free/ and commit() overwrites them in place. A removed message
+is therefore gone for good: nothing may read its files after remove() was called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import itertools
+import json
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsys.diskio import DiskPool, fsync_directory, write_file_synced
+from mailsys.envelope import FORMAT_VERSION, Envelope
+from mailsys.interfaces import ISpool
+
+log = Logger(namespace="mailsys.queue.spool")
+
+MESSAGE_SUFFIX = ".msg"
+ENVELOPE_SUFFIX = ".env"
+# At most this many files wait in free/; beyond it a removed message's files are unlinked.
+FREE_FILES_LIMIT = 1024
+
+
+class SpoolError(Exception):
+    """The spool cannot be used (for example another process owns it)."""
+
+
+class SpoolLockedError(SpoolError):
+    """Another live process holds the spool lock; two owners would delete each other's work."""
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    """The on-disk form of an envelope: compact JSON, UTF-8, the same document as to_dict().
+
+    Built without dataclasses.asdict, which deep-copies every value and converts recipients
+    twice: this runs on the reactor thread once per message and per attempt.
+    """
+    data = _plain(envelope)
+    data["version"] = FORMAT_VERSION
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass as nested dicts and lists (what asdict gives, minus the copies)."""
+    kind = type(value)
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        # Remember non-dataclasses too (as an empty tuple): most values are plain strings.
+        fields = dataclasses.fields(value) if dataclasses.is_dataclass(value) else ()
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields)
+    if names:
+        return {name: _plain(getattr(value, name)) for name in names}
+    if kind is list or kind is tuple:
+        return [_plain(item) for item in value]
+    return value
+
+
+def decode_envelope(data: bytes, queue_id: str | None = None) -> Envelope:
+    """Parse an envelope file; raises ValueError (or a subclass) if it is not a valid envelope.
+
+    With ``queue_id`` the envelope must name the id its file is named after, so a file copied or
+    renamed by hand cannot make the runner deliver another message's bytes.
+    """
+    try:
+        raw = json.loads(data.decode("utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("envelope is not a JSON object")
+        envelope = Envelope.from_dict(raw)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"malformed envelope: {e!r}") from e
+    if queue_id is not None and envelope.queue_id != queue_id:
+        raise ValueError(f"envelope names queue id {envelope.queue_id!r}")
+    return envelope
+
+
+@implementer(ISpool)
+class Spool:
+    """Durable store of queued messages; all file work runs in the DiskPool, never the reactor.
+
+    ``recover()`` must be called once, before anything else, by the process that owns the spool.
+    """
+
+    def __init__(self, directory: Path, pool: DiskPool) -> None:
+        self.directory = Path(directory)
+        self.tmp_dir = self.directory / "tmp"
+        self.queue_dir = self.directory / "queue"
+        self.corrupt_dir = self.directory / "corrupt"
+        self.free_dir = self.directory / "free"
+        # Plain string prefixes for the per-message paths: pathlib joins cost more than the
+        # rest of a commit's bookkeeping on the reactor thread.
+        self._tmp = os.path.join(self.tmp_dir, "")
+        self._queue = os.path.join(self.queue_dir, "")
+        self._free_prefix = os.path.join(self.free_dir, "")
+        self._pool = pool
+        # Names in free/ ready to be overwritten; touched on the reactor thread only, so a file
+        # is handed to at most one disk thread at a time.
+        self._free: list[str] = []
+        self._free_serial = itertools.count()
+        self._id_lock = threading.Lock()
+        self._last_micros = 0
+        self._random = random.Random(secrets.randbits(64))
+        self._update_serial = itertools.count()
+        self._lock_fd: int | None = None
+
+    # -- ids and paths -------------------------------------------------------------------------
+
+    def new_queue_id(self) -> str:
+        """13 hex digits of microseconds since the epoch, then 6 random hex digits, uppercase.
+
+        Fixed width, so ids sort by time as strings. The time part is kept strictly increasing
+        within the process, so two ids made in the same microsecond still differ; the random part
+        separates processes (13 digits last until the year 2112).
+        """
+        with self._id_lock:
+            micros = max(time.time_ns() // 1000, self._last_micros + 1)
+            self._last_micros = micros
+            # Not secrets.token_hex: a getrandom() call per id costs ~1 ms under a busy disk
+            # pool; uniqueness, not unpredictability, is what an id needs.
+            noise = self._random.getrandbits(24)
+        return f"{micros:013X}{noise:06X}"
+
+    def message_path(self, queue_id: str) -> Path:
+        """Where the committed bytes of ``queue_id`` live (read by delivery agents)."""
+        return self.queue_dir / (queue_id + MESSAGE_SUFFIX)
+
+    def envelope_path(self, queue_id: str) -> Path:
+        return self.queue_dir / (queue_id + ENVELOPE_SUFFIX)
+
+    # -- commit --------------------------------------------------------------------------------
+
+    # ISpool types its arguments as object to stay free of imports; ours are precise.
+    def commit(self, envelope: Envelope, message: bytes) -> Deferred[None]:  # type: ignore[override]
+        """Write, fsync and atomically commit ``message`` and ``envelope``.
+
+        Fires only after both files are fsync'd, renamed into queue/ and queue/ is fsync'd. On
+        failure nothing of the message remains and the Deferred fails.
+        """
+        queue_id = envelope.queue_id
+        # Serialise here, on the caller's thread: the envelope is not ours to read from a thread.
+        env_bytes = encode_envelope(envelope)
+        d = self._pool.run(
+            self._write_and_rename,
+            queue_id,
+            env_bytes,
+            message,
+            self._take_free(),
+            self._take_free(),
+        )
+
+        def renamed(_: None) -> Deferred[None]:
+            synced = self._pool.sync_directory(self.queue_dir)
+            # The files are in queue/ but not durable: the message is not acknowledged, so it
+            # must not be delivered either (the client will send it again).
+            synced.addErrback(self._unrename, queue_id)
+            return synced
+
+        def failed(failure: Failure) -> Failure:
+            log.failure("{queue_id}: commit failed", failure, queue_id=queue_id)
+            return failure
+
+        d.addCallback(renamed)
+        d.addErrback(failed)
+        return d
+
+    def _unrename(self, failure: Failure, queue_id: str) -> Deferred[None]:
+        cleanup = self._pool.run(self._unlink_pair, queue_id)
+        cleanup.addErrback(
+            lambda f: log.failure("{queue_id}: cleanup after failed commit", f, queue_id=queue_id)
+        )
+        cleanup.addCallback(lambda _: failure)
+        return cleanup
+
+    def _take_free(self) -> str | None:
+        return self._free_prefix + self._free.pop() if self._free else None
+
+    def _write_and_rename(
+        self,
+        queue_id: str,
+        env_bytes: bytes,
+        message: bytes,
+        free_msg: str | None,
+        free_env: str | None,
+    ) -> None:
+        """Disk thread: write and fsync both files (over free/ files handed to this call, or new
+        in tmp/), then rename them into queue/, message first and envelope last, so that a
+        committed envelope always has its message.
+
+        On failure, removes exactly what this call owns (never another writer's files).
+        """
+        owned: list[str] = []
+        committed_msg = self._queue + queue_id + MESSAGE_SUFFIX
+        committed_env = self._queue + queue_id + ENVELOPE_SUFFIX
+        try:
+            msg = _place(message, free_msg, self._tmp + queue_id + MESSAGE_SUFFIX, owned)
+            env = _place(env_bytes, free_env, self._tmp + queue_id + ENVELOPE_SUFFIX, owned)
+            os.rename(msg, committed_msg)
+            owned[0] = committed_msg
+            os.rename(env, committed_env)
+            owned[1] = committed_env
+        except BaseException:
+            for path in reversed(owned):
+                _unlink_quietly(path)
+            raise
+
+    # -- update and remove ---------------------------------------------------------------------
+
+    def update(self, envelope: Envelope) -> Deferred[None]:  # type: ignore[override]
+        """Atomically replace the committed envelope (temp file, fsync, rename, queue/ fsync).
+
+        The caller serialises updates of one message (the runner has one round per message).
+        """
+        queue_id = envelope.queue_id
+        env_bytes = encode_envelope(envelope)
+        # The temp file lives in tmp/ so that a crash between write and rename leaves garbage only
+        # where recover() clears it; the serial keeps two updates in flight from colliding.
+        tmp = self.tmp_dir / f"{queue_id}{ENVELOPE_SUFFIX}.u{next(self._update_serial)}"
+        d = self._pool.run(self._replace, tmp, self.envelope_path(queue_id), env_bytes)
+        d.addCallback(lambda _: self._pool.sync_directory(self.queue_dir))
+        return d
+
+    @staticmethod
+    def _replace(tmp: Path, target: Path, data: bytes) -> None:
+        """Disk thread: write ``data`` to ``tmp``, fsync, and rename it over ``target``."""
+        if not target.exists():
+            # Never resurrect an envelope whose message is gone (removed, or moved aside).
+            raise FileNotFoundError(errno.ENOENT, "no committed envelope", str(target))
+        try:
+            write_file_synced(tmp, data)
+            os.replace(tmp, target)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def remove(self, queue_id: str) -> Deferred[None]:
+        """Drop a finished message: the envelope first, then the bytes.
+
+        Both leave queue/ by a rename into free/ (or an unlink once free/ holds enough). Removal
+        itself needs no fsync: if a crash undoes it, the message is delivered again and the
+        Maildir writer recognises the copy it already wrote; a message left without its envelope
+        is deleted by recover(). But a file is reused only once queue/ has been fsync'd after its
+        rename (a group commit shared with the commits): otherwise a power loss could bring back
+        the old name over new bytes, and deliver one message's bytes as another's.
+        """
+        if len(self._free) + 2 > FREE_FILES_LIMIT:
+            return self._pool.run(self._unlink_pair, queue_id)
+        names = [f"{next(self._free_serial)}", f"{next(self._free_serial)}"]
+        d = self._pool.run(self._recycle_pair, queue_id, names)
+
+        def moved(recycled: list[str]) -> Deferred[None]:
+            synced = self._pool.sync_directory(self.queue_dir)
+            synced.addCallback(lambda _: self._free.extend(recycled))
+            # Not reusable then, but removed all the same: recover() clears free/ at start-up.
+            synced.addErrback(lambda f: log.failure("sync after remove", f))
+            return synced
+
+        return d.addCallback(moved)
+
+    def _unlink_pair(self, queue_id: str) -> None:
+        _unlink_quietly(self._queue + queue_id + ENVELOPE_SUFFIX)
+        _unlink_quietly(self._queue + queue_id + MESSAGE_SUFFIX)
+
+    def _recycle_pair(self, queue_id: str, names: list[str]) -> list[str]:
+        """Disk thread: move the envelope, then the message, into free/; the names moved."""
+        moved = []
+        for suffix, name in zip((ENVELOPE_SUFFIX, MESSAGE_SUFFIX), names, strict=True):
+            try:
+                os.rename(self._queue + queue_id + suffix, self._free_prefix + name)
+            except FileNotFoundError:
+                continue
+            moved.append(name)
+        return moved
+
+    # -- reading (CLI and start-up) ------------------------------------------------------------
+
+    def load(self, queue_id: str) -> Envelope:
+        """Blocking: read one committed envelope (for the queue CLI, or from a disk thread).
+
+        Raises FileNotFoundError if there is none, ValueError if it cannot be parsed.
+        """
+        return decode_envelope(self.envelope_path(queue_id).read_bytes(), queue_id)
+
+    def list_envelopes(self) -> list[Envelope]:
+        """Blocking and read-only: every readable committed envelope, oldest first.
+
+        Safe while a server runs (it changes nothing); unreadable envelopes are logged and skipped.
+        """
+        envelopes = []
+        for queue_id in self._committed_ids():
+            try:
+                envelopes.append(self.load(queue_id))
+            except FileNotFoundError:
+                continue  # removed while we were listing
+            except (OSError, ValueError) as e:
+                log.warn("{queue_id}: unreadable envelope: {error}", queue_id=queue_id, error=e)
+        return envelopes
+
+    def _committed_ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.queue_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(ENVELOPE_SUFFIX)] for n in names if n.endswith(ENVELOPE_SUFFIX))
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def recover(self) -> list[Envelope]:
+        """Blocking, once at start-up before serving: clean up after a crash and load the queue.
+
+        Creates the directories, deletes everything in tmp/, deletes half-committed pairs (a
+        message without envelope or an envelope without message), moves unreadable envelopes and
+        their message to corrupt/, and returns the committed envelopes, oldest first. Takes the
+        spool lock first: a second process clearing tmp/ would destroy messages being written.
+        """
+        for directory in (self.directory, self.tmp_dir, self.queue_dir, self.free_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._acquire_lock()
+
+        for entry in os.scandir(self.tmp_dir):
+            log.info("recover: deleting uncommitted {name}", name=entry.name)
+            _remove_entry(entry)
+        # Deleted, not reused: after a crash a name in free/ may share its file with a name in
+        # queue/ (a rename half done), and overwriting it would destroy a committed message.
+        self._free.clear()
+        for entry in os.scandir(self.free_dir):
+            _remove_entry(entry)
+
+        messages: set[str] = set()
+        envelopes: set[str] = set()
+        for entry in os.scandir(self.queue_dir):
+            name = entry.name
+            if name.endswith(MESSAGE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                messages.add(name[: -len(MESSAGE_SUFFIX)])
+            elif name.endswith(ENVELOPE_SUFFIX) and entry.is_file(follow_symlinks=False):
+                envelopes.add(name[: -len(ENVELOPE_SUFFIX)])
+            else:
+                log.warn("recover: leaving unexpected {name} in the queue", name=name)
+
+        for queue_id in sorted(messages - envelopes):
+            log.warn("{queue_id}: recover: deleting message without envelope", queue_id=queue_id)
+            _unlink_quietly(self.message_path(queue_id))
+        for queue_id in sorted(envelopes - messages):
+            log.warn("{queue_id}: recover: deleting envelope without message", queue_id=queue_id)
+            _unlink_quietly(self.envelope_path(queue_id))
+
+        loaded: list[Envelope] = []
+        moved = False
+        for queue_id in sorted(envelopes & messages):
+            try:
+                loaded.append(self.load(queue_id))
+            except (OSError, ValueError) as e:
+                log.error(
+                    "{queue_id}: recover: unreadable envelope moved to {corrupt}: {error}",
+                    queue_id=queue_id,
+                    corrupt=str(self.corrupt_dir),
+                    error=e,
+                )
+                self._move_aside(queue_id)
+                moved = True
+        if moved:
+            # A move is two directory changes; make both durable so a crash cannot bring the
+            # corrupt envelope back into the queue, nor lose it.
+            fsync_directory(self.corrupt_dir)
+            fsync_directory(self.queue_dir)
+        loaded.sort(key=lambda e: (e.received_at, e.queue_id))
+        log.info("recover: {count} message(s) in the queue", count=len(loaded))
+        return loaded
+
+    def _move_aside(self, queue_id: str) -> None:
+        self.corrupt_dir.mkdir(mode=0o700, exist_ok=True)
+        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+            target = self.corrupt_dir / path.name
+            if target.exists():
+                # Never overwrite an earlier casualty; keep both for the administrator.
+                target = self.corrupt_dir / f"{path.name}.{time.time_ns()}"
+            os.rename(path, target)
+
+    def _acquire_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLockedError(f"spool {self.directory} is in use by another process") from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the spool lock (process exit does it too); for tests and orderly shutdown."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _place(data: bytes, free: str | None, new: str, owned: list[str]) -> str:
+    """Disk thread: ``data`` written and fsync'd over the free file, or else in a new file.
+
+    The path written is appended to ``owned`` once it belongs to this commit.
+    """
+    if free is not None:
+        owned.append(free)
+        try:
+            _overwrite_synced(free, data)
+            return free
+        except FileNotFoundError:
+            owned.pop()  # gone (a queue tool?): fall back to a new file
+    write_file_synced(new, data)  # O_EXCL: a FileExistsError here means the file is not ours
+    owned.append(new)
+    return new
+
+
+def _overwrite_synced(path: str, data: bytes) -> None:
+    """Replace the contents of an existing file in place (no new inode) and fsync it."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _remove_entry(entry: os.DirEntry[str]) -> None:
+    """Remove a tmp/ leftover; a directory there is not ours, but tmp/ is ours to empty."""
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+    else:
+        os.unlink(entry.path)
