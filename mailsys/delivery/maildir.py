@@ -78,7 +78,7 @@ def delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
     """
     sender = _one_line(envelope.sender)
     address = _one_line(recipient.address)
-    return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode()
+    return f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode()
 
 
 def _one_line(text: str) -> str:
@@ -175,8 +175,8 @@ class MaildirWriter:
             self._recovered_copies if recovered else None,
         )
 
-        def written(wrote: bool) -> Deferred[None]:
-            if not wrote:
+        def written(name: str | None) -> Deferred[None]:
+            if name is None:
                 log.info(
                     "{queue_id}: to=<{to}> copy {name} already in {maildir}, not written again",
                     queue_id=queue_id,
@@ -218,26 +218,47 @@ def _is_safe_component(name: str) -> bool:
     return bool(name) and not name.startswith(".") and "/" not in name and "\0" not in name
 
 
+def stored_name(base: str, stored: bytes) -> str:
+    """The full Maildir name: ``base`` plus Dovecot's ",S=<file size>,W=<wire size>" fields.
+
+    Readers (POP3 LIST, IMAP RFC822.SIZE) then know both sizes without opening the file; the wire
+    size counts CRLF line ends, the file has LF.
+    """
+    wire_size = len(stored) + stored.count(b"\n")
+    return f"{base},S={len(stored)},W={wire_size}"
+
+
+def to_stored_form(header: bytes, message: bytes) -> bytes:
+    """The bytes of a Maildir file: LF line ends, as mail readers expect of a Maildir.
+
+    The SMTP server refuses bare CR and LF, so every line of a spooled message ends in CRLF and
+    the conversion is exact; readers turn LF back into CRLF on the wire.
+    """
+    return header + message.replace(b"\r\n", b"\n")
+
+
 def write_copy(
     maildir: Path,
     base: str,
     header: bytes,
     message_path: str | Path,
     recovered: RecoveredCopies | None = None,
-) -> bool:
-    """Disk thread: write ``header`` + the spool message as ``maildir/new/base``, fsync'd.
+) -> str | None:
+    """Disk thread: write ``header`` + the spool message into ``maildir/new/``, fsync'd.
 
-    Returns False, writing nothing, if the copy is already there. All per-message file work is
-    in this one call: a stat, reading the spool file, write + fsync in tmp/, rename into new/.
-    The directory fsync of new/ is left to the caller so that concurrent deliveries share it.
+    Returns the file name written, or None, writing nothing, if the copy is already there. All
+    per-message file work is in this one call: reading the spool file, a stat, write + fsync in
+    tmp/, rename into new/. The directory fsync of new/ is left to the caller so that concurrent
+    deliveries share it.
     """
     root = os.fspath(maildir)
-    new = f"{root}/new/{base}"
-    if _exists(new) or (recovered is not None and recovered.contains(root, base)):
-        return False
     with open(message_path, "rb") as f:
-        message = f.read()
-    tmp = f"{root}/tmp/{base}"
+        stored = to_stored_form(header, f.read())
+    name = stored_name(base, stored)
+    new = f"{root}/new/{name}"
+    if _exists(new) or (recovered is not None and recovered.contains(root, base)):
+        return None
+    tmp = f"{root}/tmp/{name}"
     try:
         # O_TRUNC, not O_EXCL: a leftover of this very name is an earlier try of this copy.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -246,7 +267,7 @@ def write_copy(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         try:
-            _write_all(fd, [header, message])
+            _write_all(fd, [stored])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -257,7 +278,7 @@ def write_copy(
         raise
     if recovered is not None:
         recovered.add(root, base)
-    return True
+    return name
 
 
 def _write_all(fd: int, chunks: Sequence[bytes]) -> None:

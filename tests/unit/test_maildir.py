@@ -18,7 +18,10 @@ from mailsys.delivery.maildir import (
     InvalidMailboxError,
     MaildirWriter,
     escape_hostname,
+    delivery_headers,
     maildir_name,
+    stored_name,
+    to_stored_form,
 )
 from mailsys.diskio import DiskPool
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
@@ -35,6 +38,7 @@ from tests.unit.test_spool import (
 )
 
 BODY = b"Subject: hello\r\nFrom: bob@sender.test\r\n\r\nHi.\r\n"
+BODY_LF = BODY.replace(b"\r\n", b"\n")
 HOST = "mx.example.test"
 
 
@@ -91,7 +95,7 @@ def test_delivers_into_new_with_trace_headers(
     assert maildir == writer.root / "example.test" / "alice"
     (name,) = files(maildir / "new")
     assert (maildir / "new" / name).read_bytes() == (
-        b"Return-Path: <bob@sender.test>\r\nDelivered-To: alice@example.test\r\n" + BODY
+        b"Return-Path: <bob@sender.test>\nDelivered-To: alice@example.test\n" + BODY_LF
     )
     assert files(maildir / "tmp") == [] and files(maildir / "cur") == []
     assert pool.synced == [maildir / "new"]
@@ -104,7 +108,7 @@ def test_null_sender_gets_an_empty_return_path(writer: MaildirWriter, message: P
     deliver(writer, envelope, message)
     maildir = writer.maildir_path("alice@example.test")
     (name,) = files(maildir / "new")
-    assert (maildir / "new" / name).read_bytes().startswith(b"Return-Path: <>\r\n")
+    assert (maildir / "new" / name).read_bytes().startswith(b"Return-Path: <>\n")
 
 
 def test_addresses_cannot_inject_header_lines(writer: MaildirWriter, message: Path) -> None:
@@ -114,7 +118,7 @@ def test_addresses_cannot_inject_header_lines(writer: MaildirWriter, message: Pa
     deliver(writer, envelope, message)
     maildir = writer.maildir_path("alice@example.test")
     (name,) = files(maildir / "new")
-    head = (maildir / "new" / name).read_bytes().split(b"\r\n")[0]
+    head = (maildir / "new" / name).read_bytes().split(b"\n")[0]
     assert head == b"Return-Path: <evil@xBcc: victim@y>"
 
 
@@ -227,7 +231,8 @@ def test_recovered_copy_written_now_is_found_after_it_is_read(
     envelope = make_envelope("Q201", local_recipient("alice@example.test"))
     deliver(writer, envelope, message, recovered=True)
     maildir = writer.maildir_path("alice@example.test")
-    name = writer.file_name(envelope, envelope.recipients[0])
+    base = writer.file_name(envelope, envelope.recipients[0])
+    (name,) = [n for n in files(maildir / "new") if n.startswith(base + ",")]
     os.rename(maildir / "new" / name, maildir / "cur" / f"{name}:2,S")
     deliver(writer, envelope, message, recovered=True)
     assert len(files(maildir / "new")) + len(files(maildir / "cur")) == 2
@@ -239,10 +244,12 @@ def test_leftover_temp_file_is_overwritten(writer: MaildirWriter, message: Path)
     maildir = writer.maildir_path("alice@example.test")
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True)
-    name = writer.file_name(envelope, envelope.recipients[0])
+    base = writer.file_name(envelope, envelope.recipients[0])
+    header = delivery_headers(envelope, envelope.recipients[0])
+    name = stored_name(base, to_stored_form(header, BODY))
     (maildir / "tmp" / name).write_bytes(b"x" * 10_000)
     deliver(writer, envelope, message)
-    assert (maildir / "new" / name).read_bytes().endswith(BODY)
+    assert (maildir / "new" / name).read_bytes().endswith(BODY_LF)
     assert len((maildir / "new" / name).read_bytes()) < 10_000
     assert files(maildir / "tmp") == []
 
@@ -259,7 +266,7 @@ def test_each_recipient_of_a_message_gets_its_own_copy(
     deliver(writer, envelope, message, index=0)
     deliver(writer, envelope, message, index=1)
     new = writer.maildir_path("alice@example.test") / "new"
-    heads = sorted((new / n).read_bytes().split(b"\r\n")[1] for n in files(new))
+    heads = sorted((new / n).read_bytes().split(b"\n")[1] for n in files(new))
     assert heads == [b"Delivered-To: alice@example.test", b"Delivered-To: postmaster@example.test"]
 
 
@@ -373,3 +380,14 @@ class RealDiskPoolTests(unittest.TestCase):
             assert len(files(writer.maildir_path("alice@example.test") / "new")) == 50
 
         return gatherResults(ds).addCallback(check)
+
+
+def test_copies_have_lf_line_ends_and_size_fields(writer: MaildirWriter, message: Path) -> None:
+    """A copy is stored with LF line ends, its name carrying ,S=<file size>,W=<CRLF size>."""
+    deliver(writer, alice(), message)
+    maildir = writer.maildir_path("alice@example.test")
+    (name,) = files(maildir / "new")
+    stored = (maildir / "new" / name).read_bytes()
+    assert b"\r" not in stored
+    wire = stored.replace(b"\n", b"\r\n")
+    assert name.endswith(f",S={len(stored)},W={len(wire)}")

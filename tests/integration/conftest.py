@@ -1,0 +1,210 @@
+"""Fixtures that run the real server: `twistd -n mailsys` as a subprocess on free loopback ports.
+
+Every server started here is stopped by its process id at teardown, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+MAILSYS = str(BIN / "mailsys")
+START_DEADLINE = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], deadline: float = 10.0, interval: float = 0.02,
+              message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline}s waiting for {message}")
+        time.sleep(interval)
+
+
+def read_greeting(port: int, timeout: float = 2.0) -> bytes:
+    """Connect to 127.0.0.1:port and read the first line, or b'' if nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+    except OSError:
+        return b""
+
+
+@dataclass
+class MailServer:
+    """A running `twistd -n mailsys` in its own directory, with its ports and paths."""
+
+    directory: Path
+    smtp_port: int
+    submission_port: int
+    submissions_port: int
+    smtp_extra: str = ""
+    extra_config: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.directory / "twistd.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "mailsys.toml"
+
+    @property
+    def maildirs(self) -> Path:
+        return self.directory / "maildirs"
+
+    @property
+    def spool(self) -> Path:
+        return self.directory / "var" / "spool"
+
+    def inbox(self, mailbox: str = "demo@example.test") -> Path:
+        user, domain = mailbox.split("@")
+        return self.maildirs / domain / user / "new"
+
+    def inbox_files(self, mailbox: str = "demo@example.test") -> list[Path]:
+        inbox = self.inbox(mailbox)
+        return sorted(inbox.iterdir()) if inbox.is_dir() else []
+
+    def write_config(self) -> None:
+        d = self.directory
+        self.config_path.write_text(f"""
+[server]
+hostname = "mail.example.test"
+
+[storage]
+spool = "{d}/var/spool"
+maildirs = "{d}/maildirs"
+users = "{d}/var/users"
+
+[tls]
+certificate = "{d}/var/tls/cert.pem"
+key = "{d}/var/tls/key.pem"
+create_self_signed = true
+
+[smtp]
+listen = ["tcp:{self.smtp_port}:interface=127.0.0.1:backlog=1024"]
+{self.smtp_extra}
+
+[submission]
+listen = ["tcp:{self.submission_port}:interface=127.0.0.1:backlog=1024"]
+listen_tls = ["tcp:{self.submissions_port}:interface=127.0.0.1:backlog=1024"]
+
+[routing]
+local_domains = ["example.test", "lab.test"]
+
+[routing.aliases]
+"team@example.test" = ["demo@example.test", "second@example.test"]
+
+[dev]
+demo_user = "demo@example.test"
+demo_password = "demo"
+{self.extra_config}
+""")
+
+    def start(self) -> None:
+        """Start the server and wait until every listener greets."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "mailsys", "--config", str(self.config_path)],
+            cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        for port in (self.smtp_port, self.submission_port, self.submissions_port):
+            self._wait_listening(port)
+
+    def _wait_listening(self, port: int) -> None:
+        end = time.monotonic() + START_DEADLINE
+        while time.monotonic() < end:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"port {port} not listening after {START_DEADLINE}s:\n{self.log()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the server by its process id and reap it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def add_user(self, mailbox: str, password: str) -> None:
+        """Add a user with the `mailsys` command, as an administrator would (also while running)."""
+        subprocess.run(
+            [MAILSYS, "--config", str(self.config_path), "user", "add", mailbox, "--password-stdin"],
+            input=f"{password}\n".encode(), check=True, capture_output=True, timeout=60,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def make_server(directory: Path, smtp_extra: str = "", extra_config: str = "") -> MailServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    server = MailServer(directory, free_port(), free_port(), free_port(), smtp_extra, extra_config)
+    server.write_config()
+    return server
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., MailServer]]:
+    """Make (not start) servers in tmp_path; all are stopped at teardown."""
+    made: list[MailServer] = []
+
+    def factory(name: str = "server", smtp_extra: str = "", extra_config: str = "") -> MailServer:
+        server = make_server(tmp_path / name, smtp_extra, extra_config)
+        made.append(server)
+        return server
+
+    yield factory
+    for server in made:
+        server.kill()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., MailServer]) -> MailServer:
+    """A started mail server on the test configuration."""
+    srv = server_factory()
+    srv.start()
+    return srv
