@@ -339,13 +339,12 @@ class QueueRunner(Service):
         queue_id = envelope.queue_id
         if envelope.is_finished:
             d = maybeDeferred(self._spool.remove, queue_id)
-            d.addCallbacks(
-                # Debug, not info: the delivery lines already say the message is done, and a
-                # second line per message is a measurable share of the reactor's time.
-                lambda _: log.debug("{queue_id}: removed from the queue", queue_id=queue_id),
+            # No line for the removal: the delivery lines already say the message is done, and
+            # even a filtered-out debug event costs a measurable share of the reactor's time.
+            d.addErrback(
                 lambda f: log.failure(
                     "{queue_id}: could not remove the finished message", f, queue_id=queue_id
-                ),
+                )
             )
             d.addBoth(lambda _: self._forget(entry))
             return
