@@ -172,7 +172,8 @@ demo_password = "demo"
     def add_user(self, mailbox: str, password: str) -> None:
         """Add a user with the `mailsys` command, as an administrator would (also while running)."""
         subprocess.run(
-            [MAILSYS, "--config", str(self.config_path), "user", "add", mailbox, "--password-stdin"],
+            [MAILSYS, "--config", str(self.config_path), "user", "add", mailbox,
+             "--password-stdin"],
             input=f"{password}\n".encode(), check=True, capture_output=True, timeout=60,
         )
 

@@ -53,7 +53,8 @@ def test_twistd_with_broken_config_prints_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"mailsys: {path}: smtp.max_recipients: must be a positive integer, got 'many'"]
+    reason = "smtp.max_recipients: must be a positive integer, got 'many'"
+    assert lines == [f"mailsys: {path}: {reason}"]
     assert "Traceback" not in result.stdout
 
 

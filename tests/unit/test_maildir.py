@@ -17,8 +17,8 @@ from zope.interface.verify import verifyObject
 from mailsys.delivery.maildir import (
     InvalidMailboxError,
     MaildirWriter,
-    escape_hostname,
     delivery_headers,
+    escape_hostname,
     maildir_name,
     stored_name,
     to_stored_form,
