@@ -18,7 +18,7 @@ class Options(usage.Options):
 
     synopsis = "[--config PATH]"
     longdesc = "Run the mailsys mail system (SMTP, submission, queue, delivery)."
-    optParameters = [  # noqa: RUF012, N815 - usage.Options' name
+    optParameters = [  # noqa: N815 - usage.Options' name
         ["config", "c", DEFAULT_CONFIG, "Path to the TOML configuration file."],
     ]
 
