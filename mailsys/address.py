@@ -55,6 +55,8 @@ _HEXCHAR_RE = re.compile("\\+([0-9A-Fa-f]{2})")
 _ADDR_TYPE_RE = re.compile(f"[{_ATEXT}]+")
 
 MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"})
+# RFC 4954 §5: AUTH=, accepted only where the AUTH extension is offered.
+MAIL_PARAMETERS_WITH_AUTH = MAIL_PARAMETERS | {"AUTH"}
 RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
 _NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
@@ -116,6 +118,7 @@ class MailRequest:
     smtputf8: bool = False  # RFC 6531
     ret: str | None = None  # RFC 3461 §4.3: "FULL" or "HDRS"
     envid: str | None = None  # RFC 3461 §4.4, xtext-decoded
+    auth: str | None = None  # RFC 4954 §5, xtext-decoded; "<>" when the submitter is unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +130,15 @@ class RcptRequest:
     orcpt: str | None = None  # "addr-type;address", the address xtext-decoded
 
 
-def parse_mail(argument: str, *, extended: bool = True) -> MailRequest:
+def parse_mail(argument: str, *, extended: bool = True, auth: bool = False) -> MailRequest:
     """Parse what follows ``MAIL `` (``FROM:<path> [params]``).
 
     ``extended`` is False after HELO: RFC 5321 §4.1.1.11 allows parameters only after EHLO.
+    ``auth`` is True where the AUTH extension is offered, which allows the AUTH= parameter.
     """
     path, match, params = _split(argument, "FROM:", replies.BAD_SENDER_SYNTAX, allow_null=True)
-    values = _parameters(params, MAIL_PARAMETERS if extended else frozenset())
+    allowed = MAIL_PARAMETERS_WITH_AUTH if auth else MAIL_PARAMETERS
+    values = _parameters(params, allowed if extended else frozenset())
     smtputf8 = False
     if "SMTPUTF8" in values:
         if values["SMTPUTF8"] is not None:
@@ -166,7 +171,15 @@ def parse_mail(argument: str, *, extended: bool = True) -> MailRequest:
         envid = _xtext_value(value, "ENVID")
         if len(envid) > MAX_ENVID:
             raise AddressError(replies.BAD_PARAMETER_VALUE, "ENVID too long")
-    return MailRequest(sender, size=size, body=body, smtputf8=smtputf8, ret=ret, envid=envid)
+    submitter = None
+    if (value := _valued(values, "AUTH")) is not None:
+        # RFC 4954 §5: AUTH=<mailbox> in xtext, or AUTH=<> (the original submitter is unknown).
+        # It is only recorded: trusting it is the policy's business, and we do not.
+        submitter = _xtext_value(value, "AUTH")
+        if len(submitter) > MAX_PATH:
+            raise AddressError(replies.BAD_PARAMETER_VALUE, "AUTH too long")
+    return MailRequest(sender, size=size, body=body, smtputf8=smtputf8, ret=ret, envid=envid,
+                       auth=submitter)
 
 
 def parse_rcpt(argument: str, *, smtputf8: bool = False, extended: bool = True) -> RcptRequest:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from mailsys.auth.users import UserStore, UserStoreError, canonical_mailbox
+from mailsys.auth.passwords import UnusableHashError, hash_scheme
+from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
 from mailsys.config import Config, ConfigError, load
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(run=_user_del)
     listing = user_commands.add_parser("list", parents=[config_option], help="list the users")
     listing.set_defaults(run=_user_list)
+    importing = user_commands.add_parser(
+        "import", parents=[config_option],
+        help="import users and password hashes from a Dovecot passwd-file",
+    )
+    importing.add_argument("file", metavar="FILE", type=Path,
+                           help="lines of user@domain:{SCHEME}hash[:extra fields]")
+    importing.add_argument("--replace", action="store_true",
+                           help="overwrite the password of users that already exist")
+    importing.set_defaults(run=_user_import)
 
     check = commands.add_parser("check-config", parents=[config_option],
                                 help="check a configuration file and summarise it")
@@ -121,17 +131,23 @@ def _store(args: argparse.Namespace) -> tuple[Config, UserStore]:
 
 
 def _check_local(config: Config, mailbox: str) -> None:
+    problem = _not_local(config, mailbox)
+    if problem is not None:
+        raise CommandError(problem)
+
+
+def _not_local(config: Config, mailbox: str) -> str | None:
+    """Why ``mailbox`` (canonical) cannot be a user here, or None if its domain is local."""
     domain = mailbox.rpartition("@")[2]
     local_domains = [d.lower().removesuffix(".") for d in config.routing.local_domains]
     if domain in local_domains:
-        return
+        return None
     aliases = {k.lower().removesuffix("."): v for k, v in config.routing.domain_aliases.items()}
     if domain in aliases:
-        raise CommandError(f"{domain} is an alias domain of {aliases[domain]}; "
-                           f"add the user in {aliases[domain]} instead")
+        return (f"{domain} is an alias domain of {aliases[domain]}; "
+                f"add the user in {aliases[domain]} instead")
     known = ", ".join(local_domains) or "none"
-    raise CommandError(f"{domain} is not a local domain of {config.path} "
-                       f"(routing.local_domains: {known})")
+    return f"{domain} is not a local domain of {config.path} (routing.local_domains: {known})"
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -187,6 +203,55 @@ def _user_list(args: argparse.Namespace) -> int:
     for mailbox in store.list():
         print(mailbox)
     return EXIT_OK
+
+
+def _user_import(args: argparse.Namespace) -> int:
+    """Import a Dovecot passwd-file: every usable line, refusing the others line by line."""
+    config, store = _store(args)
+    path: Path = args.file
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    users: list[tuple[str, str, str | None]] = []
+    seen: dict[str, int] = {}
+    refused = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entry = _import_line(config, line)
+            first = seen.setdefault(entry[0], number)
+            if first != number:
+                raise CommandError(f"{entry[0]} again (first on line {first})")
+        except (CommandError, InvalidMailboxError, UnusableHashError) as exc:
+            print(f"mailsys: {path} line {number}: {exc}; not imported", file=sys.stderr)
+            refused += 1
+            continue
+        users.append(entry)
+    result = store.import_hashed(users, replace=args.replace)
+    summary = (f"imported from {path}: {_plural(len(result.added), 'user')} added, "
+               f"{len(result.replaced)} replaced")
+    if result.skipped:
+        summary += f", {len(result.skipped)} already present and kept (--replace overwrites)"
+    if refused:
+        summary += f", {_plural(refused, 'line')} refused"
+    print(summary)
+    return EXIT_FAILED if refused else EXIT_OK
+
+
+def _import_line(config: Config, line: str) -> tuple[str, str, str | None]:
+    """(mailbox, {SCHEME}hash, extra fields) of one passwd-file line; raises why not usable."""
+    name, colon, rest = line.partition(":")
+    if not colon:
+        raise CommandError("expected user@domain:{SCHEME}hash")
+    mailbox = canonical_mailbox(name.strip())
+    problem = _not_local(config, mailbox)
+    if problem is not None:
+        raise CommandError(problem)
+    hashed, colon, extra = rest.partition(":")
+    if not hashed:
+        raise CommandError(f"{mailbox} has no password hash")
+    hash_scheme(hashed)  # refuses what the server could not check
+    return mailbox, hashed, extra if colon else None
 
 
 def _check_config(args: argparse.Namespace) -> int:

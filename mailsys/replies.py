@@ -56,7 +56,10 @@ RESET_OK = Reply(250, "2.0.0", "Reset ok")
 QUEUED = Reply(250, "2.0.0", "Ok: queued")
 CHUNK_OK = Reply(250, "2.0.0", "Chunk accepted")
 VRFY_CANNOT = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+HELP = Reply(
+    214, "2.0.0",
+    "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+)
 BYE = Reply(221, "2.0.0", "Bye")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 START_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -67,7 +70,9 @@ SERVICE_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing channe
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
-TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_FROM_CLIENT = Reply(
+    421, "4.7.0", "Too many connections from your address, try again later"
+)
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try again later")
 LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
@@ -122,3 +127,18 @@ SENDER_TOO_LONG = Reply(501, "5.1.7", "Sender address too long")
 RECIPIENT_TOO_LONG = Reply(501, "5.1.3", "Recipient address too long")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 CHUNK_AFTER_FAILURE = Reply(503, "5.5.1", "A previous BDAT failed; send RSET or MAIL")
+
+# Added for SMTP AUTH (RFC 4954) and submission (RFC 6409). A 334 carries no enhanced code, only
+# the base64 challenge (RFC 4954 §4); PLAIN's is empty, LOGIN's are "Username:" and "Password:".
+AUTH_CONTINUE = Reply(334, "", "")
+LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
+LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")  # RFC 4954 §4: "*"
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode the response: not base64")  # RFC 4954 §6
+AUTH_NO_MECHANISM = Reply(501, "5.5.4", "AUTH needs a mechanism: PLAIN or LOGIN")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")  # RFC 4954 §4
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 §6
+NULL_SENDER_REFUSED = Reply(553, "5.7.1", "The null sender is not allowed for submission")

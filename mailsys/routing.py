@@ -122,6 +122,34 @@ class Router:
             raise UnknownRecipient(address)
         return _deduplicate(found)
 
+    def may_send_as(self, mailbox: str, address: str) -> bool:
+        """True if the user ``mailbox`` may use ``address`` as a submission's envelope sender.
+
+        That is the user's own address (any case, in any alias domain of its domain), a
+        subaddress of it, or an alias whose expansion delivers to the mailbox (a subaddress of
+        such an alias too). A catch-all does not make a user the owner of every address of a
+        domain, and addresses in other domains belong to nobody here.
+        """
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not self.is_local_domain(domain):
+            return False
+        mailbox = mailbox.lower()
+        normalized = self._normalize(address)
+        local, _, domain = normalized.rpartition("@")
+        candidates = [normalized]
+        base = self._base_address(local, domain)
+        if base is not None:
+            candidates.append(base)
+        for candidate in candidates:
+            if candidate == mailbox:
+                return True
+            found: list[Destination] = []
+            if self._expand_alias(candidate, candidate, (), found) and any(
+                destination.mailbox == mailbox for destination in found
+            ):
+                return True
+        return False
+
     def _normalize(self, address: str) -> str:
         """Lowercase a local address and map an alias domain to its target domain.
 

@@ -1,3 +1,5 @@
 """Authentication: the user store (``users``), password hashes (``passwords``) and the
-twisted.cred checker over them (``checker``). Realm and login throttling come with AUTH.
+twisted.cred checker over them (``checker``); the portal and realm every protocol logs in
+through (``portal``), login-failure throttling per client address (``throttle``) and SASL PLAIN
+(``sasl``).
 """

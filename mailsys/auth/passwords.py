@@ -76,6 +76,36 @@ def verify_password(stored: str, password: str) -> bool:
     raise UnusableHashError(f"unsupported password scheme {{{scheme}}}")
 
 
+# What each checkable scheme's hash starts with (PLAIN and CLEAR hold the password itself).
+_SCHEME_PREFIXES = {
+    "ARGON2ID": ("$argon2id$",),
+    "ARGON2I": ("$argon2i$",),
+    "SHA512-CRYPT": ("$6$",),
+    "SHA256-CRYPT": ("$5$",),
+    "BLF-CRYPT": ("$2a$", "$2b$", "$2y$"),
+    "PLAIN": ("",),
+    "CLEAR": ("",),
+}
+
+
+def hash_scheme(stored: str) -> str:
+    """The scheme ``verify_password`` checks ``stored`` with ({CRYPT} named by its prefix).
+
+    Raises UnusableHashError for a scheme it cannot check or a hash not of its scheme's form.
+    Cheap (nothing is hashed): for checking hashes before they are imported.
+    """
+    scheme, value = split_scheme(stored)
+    if scheme == "CRYPT":
+        scheme = _crypt_scheme(value)
+    prefixes = _SCHEME_PREFIXES.get(scheme)
+    if prefixes is None:
+        raise UnusableHashError(f"unsupported password scheme {{{scheme}}}")
+    if not value or not value.startswith(prefixes):
+        raise UnusableHashError(f"{{{scheme}}} hash does not start with {' or '.join(prefixes)}"
+                                if prefixes[0] else f"{{{scheme}}} with an empty password")
+    return scheme
+
+
 def needs_rehash(stored: str) -> bool:
     """True if ``stored`` is not Argon2id with today's parameters (re-hash at the next login)."""
     try:

@@ -14,9 +14,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -291,6 +291,41 @@ class UserStore:
             lines[:] = kept
         return name
 
+    def import_hashed(
+        self, users: Iterable[tuple[str, str, str | None]], *, replace: bool = False
+    ) -> ImportResult:
+        """Add users whose passwords are already hashed, in one locked rewrite of the file.
+
+        ``users`` holds (mailbox, ``{SCHEME}hash``, extra fields or None), checked by the caller
+        (``passwords.hash_scheme``). An existing user is left alone unless ``replace``; then its
+        hash is replaced, and its extra fields too when the import has some.
+        """
+        result = ImportResult()
+        with self._changing() as lines:
+            existing: dict[str, list[_Entry]] = {}
+            for line in lines:
+                if isinstance(line, _Entry):
+                    existing.setdefault(line.mailbox, []).append(line)
+            for mailbox, hashed, extra in users:
+                name = canonical_mailbox(mailbox)
+                if _bad_field(hashed) or (extra is not None and _bad_field(extra, colons=True)):
+                    raise ValueError(f"{name}: a hash or field with a line break or colon")
+                entries = existing.get(name)
+                if entries is None:
+                    entry = _Entry(name, hashed, extra)
+                    lines.append(entry)
+                    existing[name] = [entry]
+                    result.added.append(name)
+                elif replace:
+                    for entry in entries:
+                        entry.hash = hashed
+                        if extra is not None:
+                            entry.extra = extra
+                    result.replaced.append(name)
+                else:
+                    result.skipped.append(name)
+        return result
+
     @contextmanager
     def _changing(self) -> Iterator[_Lines]:
         """Lock, read the file as it is now, let the caller edit the lines, write them back.
@@ -318,6 +353,20 @@ class UserStore:
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
             raise
+
+
+@dataclass
+class ImportResult:
+    """What ``UserStore.import_hashed`` did, by canonical mailbox name."""
+
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already there, and not replace
+
+
+def _bad_field(text: str, colons: bool = False) -> bool:
+    """True if ``text`` would break the passwd-file: a line break, or a colon inside a hash."""
+    return "\n" in text or "\r" in text or (not colons and ":" in text)
 
 
 def _check_password(password: str) -> str:

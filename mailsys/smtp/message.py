@@ -10,9 +10,14 @@ loop, then size), so it does not depend on how TCP happened to split the stream.
 
 The work is done with bytes methods on whole regions of complete lines (find, count, split,
 replace), never a Python loop per byte, because this is the hot path of every message.
+``header_section`` and ``has_field`` look at a finished message's header fields (submission adds
+the Date and Message-ID a client left out).
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 from mailsys import replies
 from mailsys.replies import Reply
@@ -185,3 +190,26 @@ class MessageBuffer:
         if current is None or _GRAVITY[reply] > _GRAVITY[current]:
             self.error = reply
         self._parts = []
+
+
+def header_section(message: bytes) -> bytes:
+    """The header section of ``message``: its lines up to the first empty one (RFC 5322 §2.1).
+
+    A message without an empty line is all header; one starting with an empty line has none.
+    """
+    if message.startswith(_CRLF):
+        return b""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+@functools.lru_cache(maxsize=16)
+def _field_pattern(name: bytes) -> re.Pattern[bytes]:
+    # RFC 5322 §2.2: a field name at the start of a line, then ":"; §4.5 (obsolete syntax) also
+    # allows white space before the colon. Folded continuation lines start with white space.
+    return re.compile(rb"(?:^|\r\n)" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE)
+
+
+def has_field(header: bytes, name: bytes) -> bool:
+    """True if the header section ``header`` has a field called ``name`` (case-insensitive)."""
+    return _field_pattern(name).search(header) is not None

@@ -64,18 +64,36 @@ class Policy(Protocol):
         """
 
 
-class RouterPolicy:
-    """What both listener kinds share: recipients resolved by the router at RCPT time.
+class SenderOwnership(Protocol):
+    """Who may use which envelope sender (mailsys.routing.Router implements it)."""
 
-    Subclasses decide who may relay (``may_relay``) and what MAIL needs first.
+    def may_send_as(self, mailbox: str, address: str) -> bool:
+        """True if the authenticated user ``mailbox`` may send as ``address``."""
+
+
+class RouterPolicy:
+    """What both listener kinds share: recipients resolved by the router at RCPT time, and the
+    rule for the sender of an authenticated session.
+
+    Subclasses decide who may relay (``may_relay``) and what MAIL needs first. The sender of an
+    authenticated session must be the user's (RFC 6409 §6.1): their own address or one of their
+    aliases, as ``senders`` decides; without ``senders`` only the user's own address (any case).
+    The null sender is refused there: a user does not send bounces.
     """
 
     requires_tls_before_mail = False
     requires_auth = False
 
-    def __init__(self, router: IRouter, *, postmaster_domain: str | None = None) -> None:
+    def __init__(
+        self,
+        router: IRouter,
+        *,
+        postmaster_domain: str | None = None,
+        senders: SenderOwnership | None = None,
+    ) -> None:
         self._router = router
         self._postmaster_domain = postmaster_domain
+        self._senders = senders
 
     def postmaster(self, session: SessionInfo) -> str:
         """Where a bare ``RCPT TO:<postmaster>`` goes (RFC 5321 §4.1.1.3 and §4.5.1).
@@ -92,8 +110,25 @@ class RouterPolicy:
         return False
 
     def check_sender(self, session: SessionInfo, sender: Mailbox | None) -> Deferred[Reply | None]:
+        if session.authenticated_user is not None:
+            return self.check_owned_sender(session.authenticated_user, sender)
         # RFC 5321 §4.5.5: the null reverse-path <> must be accepted (bounces use it).
         return succeed(None)
+
+    def check_owned_sender(self, user: str, sender: Mailbox | None) -> Deferred[Reply | None]:
+        """None if the authenticated ``user`` may send as ``sender``, else the refusal."""
+        if sender is None:
+            return succeed(replies.NULL_SENDER_REFUSED)
+        address = str(sender)
+        try:
+            if self._senders is not None:
+                owned = self._senders.may_send_as(user, address)
+            else:
+                owned = address.lower() == user.lower()
+        except Exception:
+            return fail()
+        # RFC 6409 §6.1: the sender must be one the authentication allows.
+        return succeed(None if owned else replies.SENDER_NOT_OWNED)
 
     def check_recipient(
         self, session: SessionInfo, recipient: Mailbox
@@ -150,15 +185,21 @@ def _destinations(found: list[object]) -> list[Destination]:
 
 
 class InboundPolicy(RouterPolicy):
-    """Port 25 (RFC 5321): anyone may send, but only to our own domains; no relaying."""
+    """Port 25 (RFC 5321): anyone may send, but only to our own domains; no relaying.
+
+    Only where the administrator turned AUTH on for port 25 (``smtp.offer_auth``) can a session
+    be authenticated; such a session submits like one on 587: its own senders, any recipient.
+    """
+
+    def may_relay(self, session: SessionInfo) -> bool:
+        return session.authenticated_user is not None
 
 
 class SubmissionPolicy(RouterPolicy):
     """Ports 587 and 465 (RFC 6409, RFC 8314): TLS, then authentication, then any recipient.
 
-    AUTH is not implemented yet, so for now every MAIL is refused with 530 5.7.0. Once the
-    session can authenticate, ``may_relay`` lets an authenticated user send to any domain, and
-    ``check_sender`` is where "the sender is this user or one of their aliases" belongs.
+    MAIL needs an authenticated user (RFC 6409 §4.3) and a sender that is theirs (see
+    RouterPolicy); an authenticated user may send to any domain.
     """
 
     requires_tls_before_mail = True
@@ -168,9 +209,10 @@ class SubmissionPolicy(RouterPolicy):
         return session.authenticated_user is not None
 
     def check_sender(self, session: SessionInfo, sender: Mailbox | None) -> Deferred[Reply | None]:
-        if session.authenticated_user is None:
+        user = session.authenticated_user
+        if user is None:
             return succeed(replies.AUTH_REQUIRED)
-        return succeed(None)
+        return self.check_owned_sender(user, sender)
 
     def check_recipient(
         self, session: SessionInfo, recipient: Mailbox

@@ -2,10 +2,12 @@
 
 This module owns the SMTP dialogue on 25, 587 and 465: our own line splitting (so bare CR and bare
 LF are seen precisely), the command state machine of RFC 5321 §4.1 with the extensions we
-advertise (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, DSN, STARTTLS),
-reply order under pipelining, every input limit, and the hand-over of an accepted message to the
-IMessageSink. What is accepted is the Policy's business (mailsys.smtp.policy); message content
-rules live in mailsys.smtp.message; address syntax in mailsys.address.
+advertise (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, DSN, STARTTLS,
+AUTH), reply order under pipelining, every input limit, and the hand-over of an accepted message to
+the IMessageSink. AUTH (RFC 4954: PLAIN and LOGIN, only over TLS) logs in through a twisted.cred
+portal, with failures throttled per client address. What is accepted is the Policy's business
+(mailsys.smtp.policy); message content rules live in mailsys.smtp.message; address syntax in
+mailsys.address.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Protocol as TypingProtocol
 
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
@@ -34,13 +38,17 @@ from typing_extensions import override
 
 from mailsys import replies
 from mailsys.address import AddressError, MailRequest, RcptRequest, parse_mail, parse_rcpt
+from mailsys.auth.portal import MailUser, login
+from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
+from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.envelope import Envelope, Recipient
 from mailsys.interfaces import IMessageSink
 from mailsys.replies import Reply
 from mailsys.routing import Destination
-from mailsys.smtp.message import MessageBuffer
+from mailsys.smtp.message import MessageBuffer, has_field, header_section
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
+from mailsys.tls import describe_tls
 
 log = Logger()
 
@@ -51,6 +59,10 @@ _MAX_BUFFER_WHILE_WAITING = 256 * 1024
 # Replies that count as client errors for max_bad_commands: unknown commands, syntax errors,
 # bad sequence, unsupported parameters (RFC 5321 §4.2.2).
 _ERROR_CODES = frozenset({500, 501, 502, 503, 555})
+
+# RFC 4954 §3: the SASL mechanisms listed after the AUTH keyword. Both send the password in the
+# clear, so AUTH is only ever offered inside TLS.
+_MECHANISMS = (b"PLAIN", b"LOGIN")
 
 
 class ListenerRole(enum.Enum):
@@ -79,6 +91,8 @@ class SMTPSettings:
     max_received_headers: int = 50
     # Leave the client's address out of the Received field (submission privacy).
     hide_client_address: bool = False
+    # Port 25 only: offer AUTH after STARTTLS (submission listeners always offer it over TLS).
+    offer_auth: bool = False
 
     @classmethod
     def from_config(cls, config: Config, role: ListenerRole) -> SMTPSettings:
@@ -99,6 +113,7 @@ class SMTPSettings:
             hide_client_address=(
                 role is not ListenerRole.MTA and config.submission.hide_client_address
             ),
+            offer_auth=role is ListenerRole.MTA and smtp.offer_auth,
         )
 
 
@@ -107,6 +122,22 @@ class TLSContextSource(TypingProtocol):
 
     def server_context(self) -> IOpenSSLServerConnectionCreator:
         """The current server context; may raise if no usable certificate is loaded."""
+
+
+class LoginLimiter(TypingProtocol):
+    """Throttles failed logins per client address (mailsys.auth.throttle.LoginThrottle)."""
+
+    def delay_for(self, address: str) -> float:
+        """Seconds to wait before answering a failed login from ``address``."""
+
+    def failed(self, address: str) -> None:
+        """Count a failed login from ``address``."""
+
+    def succeeded(self, address: str) -> None:
+        """Forget the failures of ``address`` after a successful login."""
+
+    def blocked(self, address: str) -> bool:
+        """True if logins from ``address`` are refused without being checked."""
 
 
 class _Mode(enum.Enum):
@@ -175,7 +206,8 @@ class SMTPSession(Protocol):
         self._secure = False
         self._helo: str | None = None
         self._esmtp = False
-        self._auth_user: str | None = None  # set by AUTH, a later issue
+        self._auth_user: str | None = None  # the canonical mailbox that AUTH logged in
+        self._auth_delay: IDelayedCall | None = None  # a throttled AUTH failure's pending answer
         self._txn: _Transaction | None = None
         self._errors = 0
         self._messages = 0
@@ -237,6 +269,9 @@ class SMTPSession(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._auth_delay is not None and self._auth_delay.active():
+            self._auth_delay.cancel()
+        self._auth_delay = None
         if self._admitted:
             self._admitted = False
             self._factory.release(self._client_address)
@@ -463,6 +498,16 @@ class SMTPSession(Protocol):
             and self._settings.role is not ListenerRole.SUBMISSIONS
         )
 
+    def _auth_listener(self) -> bool:
+        """True if this listener does AUTH at all: submission, or port 25 when configured."""
+        return self._factory.portal is not None and (
+            self._settings.role is not ListenerRole.MTA or self._settings.offer_auth
+        )
+
+    def _can_auth(self) -> bool:
+        """True if EHLO offers AUTH now: never before TLS (RFC 8314 §3, RFC 4954 §4)."""
+        return self._secure and self._auth_listener()
+
     def _protocol_name(self, smtputf8: bool) -> str:
         """The Received "with" value: RFC 3848 (ESMTPS/A/SA) and RFC 6531 §3.7.3 (UTF8SMTP...)."""
         if not self._esmtp:
@@ -488,7 +533,7 @@ class SMTPSession(Protocol):
         self._txn = None
         self._helo = helo
         self._esmtp = True
-        self._out.append(self._factory.ehlo_reply(self._can_starttls()))
+        self._out.append(self._factory.ehlo_reply(self._can_starttls(), self._can_auth()))
         return None
 
     def _do_helo(self, argument: bytes) -> Reply | None:
@@ -512,7 +557,9 @@ class SMTPSession(Protocol):
         if policy.requires_auth and self._auth_user is None:
             return replies.AUTH_REQUIRED  # RFC 4954 §6
         try:
-            request = parse_mail(argument.decode("utf-8"), extended=self._esmtp)
+            request = parse_mail(
+                argument.decode("utf-8"), extended=self._esmtp, auth=self._auth_listener()
+            )
         except UnicodeDecodeError:
             return replies.SYNTAX_ERROR
         except AddressError as error:
@@ -662,7 +709,9 @@ class SMTPSession(Protocol):
             queue_id = self._sink.new_queue_id()
             mail = txn.mail
             protocol = self._protocol_name(mail.smtputf8)
-            message = self._received(queue_id, txn, protocol) + buffer.message()
+            content = buffer.message()
+            added = b"" if self._auth_user is None else self._submission_fields(queue_id, content)
+            message = self._received(queue_id, txn, protocol) + added + content
             envelope = Envelope(
                 queue_id=queue_id,
                 sender=str(mail.sender) if mail.sender is not None else "",
@@ -707,20 +756,37 @@ class SMTPSession(Protocol):
         return replies.SPOOL_FAILED
 
     def _received(self, queue_id: str, txn: _Transaction, protocol: str) -> bytes:
-        """The Received field this hop prepends (RFC 5321 §4.4, RFC 5322 §3.6.7)."""
+        """The Received field this hop prepends (RFC 5321 §4.4, RFC 5322 §3.6.7).
+
+        Besides the client (unless hidden) it records, as comments in Postfix's style, the TLS
+        version and cipher and the authenticated user (RFC 3848 names the protocol).
+        """
         utf8 = txn.mail.smtputf8  # RFC 6532: UTF-8 in header fields only with SMTPUTF8
-        helo = _printable(self._helo or "unknown", utf8)
-        source = f"from {helo} ({self._client})\r\n\t"
-        if self._settings.hide_client_address:
-            source = ""
-        recipient = ""
+        parts = []
+        if not self._settings.hide_client_address:
+            parts.append(f"from {_printable(self._helo or 'unknown', utf8)} ({self._client})")
+        if self._secure:
+            tls = describe_tls(self._transport)
+            if tls is not None:
+                parts.append(f"({tls})")
+        if self._auth_user is not None:
+            parts.append(f"(Authenticated sender: {_printable(self._auth_user, utf8)})")
+        parts.append(f"by {self._settings.hostname} (mailsys) with {protocol} id {queue_id}")
         if len(txn.recipients) == 1:
-            recipient = f"\r\n\tfor <{_printable(str(txn.recipients[0][0].recipient), utf8)}>"
-        text = (
-            f"Received: {source}by {self._settings.hostname} (mailsys) with {protocol} "
-            f"id {queue_id}{recipient}; {_rfc5322_date(self._clock.seconds())}\r\n"
-        )
-        return text.encode("utf-8")
+            parts.append(f"for <{_printable(str(txn.recipients[0][0].recipient), utf8)}>")
+        text = "\r\n\t".join(parts)
+        return f"Received: {text}; {_rfc5322_date(self._clock.seconds())}\r\n".encode()
+
+    def _submission_fields(self, queue_id: str, content: bytes) -> bytes:
+        """The Date and Message-ID fields a submitted message lacks (RFC 6409 §8.2, §8.3)."""
+        header = header_section(content)
+        fields = b""
+        if not has_field(header, b"Date"):
+            fields += f"Date: {_rfc5322_date(self._clock.seconds())}\r\n".encode("ascii")
+        if not has_field(header, b"Message-ID"):
+            # RFC 5322 §3.6.4: unique; the queue id is, and the host name makes it global.
+            fields += f"Message-ID: <{queue_id}@{self._settings.hostname}>\r\n".encode("ascii")
+        return fields
 
     def _do_rset(self, argument: bytes) -> Reply:
         if argument:
@@ -748,9 +814,136 @@ class SMTPSession(Protocol):
     def _do_help(self, argument: bytes) -> Reply:
         return replies.HELP
 
-    def _do_auth(self, argument: bytes) -> Reply:
-        # AUTH (RFC 4954) comes in a later issue; it will set self._auth_user.
-        return replies.NOT_IMPLEMENTED
+    # --- AUTH (RFC 4954) --------------------------------------------------------------------
+    #
+    # The SASL exchange reads its continuation lines through _line_handler, so they obey the
+    # same CRLF, length and ordering rules as commands. The password is checked in a thread by
+    # the portal's checker; while that (and a throttled failure's delay) is pending the session
+    # waits, later input stays buffered, and the reactor serves everyone else.
+
+    def _do_auth(self, argument: bytes) -> Reply | Deferred[Reply] | None:
+        if not self._auth_listener():
+            return replies.NOT_IMPLEMENTED  # port 25 by default: no AUTH at all
+        if not self._esmtp:
+            return replies.AUTH_NEEDS_EHLO  # AUTH is an ESMTP extension (RFC 4954 §3)
+        if not self._secure:
+            # Never offered in plaintext (RFC 8314 §3); the client must STARTTLS first.
+            return replies.TLS_REQUIRED
+        if self._auth_user is not None:
+            return replies.ALREADY_AUTHENTICATED  # RFC 4954 §4
+        if self._txn is not None:
+            return replies.AUTH_IN_TRANSACTION  # RFC 4954 §4
+        # RFC 4954 §4: "AUTH" SP sasl-mech [SP initial-response]
+        parts = argument.split(b" ")
+        mechanism = parts[0].upper()
+        if not mechanism:
+            return replies.AUTH_NO_MECHANISM
+        if len(parts) > 2:
+            return replies.SYNTAX_ERROR
+        if mechanism not in _MECHANISMS:
+            return replies.AUTH_UNKNOWN_MECHANISM
+        if self._factory.login_blocked(self._client_address):
+            return self._auth_blocked()
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._line_handler = self._plain_response
+                return replies.AUTH_CONTINUE
+            return self._plain_response(initial, initial=True)
+        if initial is None:
+            self._line_handler = self._login_username
+            return replies.LOGIN_USERNAME
+        # Clients may send LOGIN's user name as an initial response.
+        return self._login_username(initial, initial=True)
+
+    def _sasl_decode(self, line: bytes, *, initial: bool) -> bytes | Reply:
+        """The decoded client response, or the reply that ends the exchange."""
+        if not initial and line == b"*":
+            log.info("AUTH cancelled by {client}", client=self._client)
+            return replies.AUTH_CANCELLED  # RFC 4954 §4
+        try:
+            # RFC 4954 §4: "=" is an empty initial response.
+            return decode_base64(line)
+        except SASLError:
+            log.info("AUTH from {client}: response not base64", client=self._client)
+            return replies.AUTH_BAD_BASE64
+
+    def _plain_response(self, line: bytes, *, initial: bool = False) -> Reply | Deferred[Reply]:
+        decoded = self._sasl_decode(line, initial=initial)
+        if isinstance(decoded, Reply):
+            return decoded
+        try:
+            plain = decode_plain(decoded)  # RFC 4616 §2
+        except SASLError as exc:
+            log.info("AUTH PLAIN from {client}: {reason}", client=self._client, reason=str(exc))
+            return self._login_failed("")
+        if plain.authzid and plain.authzid.lower() != plain.authcid.lower():
+            # Acting for another user (RFC 4616 §2 authorization identity) is not offered.
+            return self._login_failed(plain.authcid)
+        return self._authenticate(plain.authcid, plain.password)
+
+    def _login_username(self, line: bytes, *, initial: bool = False) -> Reply:
+        decoded = self._sasl_decode(line, initial=initial)
+        if isinstance(decoded, Reply):
+            return decoded
+        user = decoded.decode("utf-8", "surrogateescape")
+        self._line_handler = functools.partial(self._login_password, user)
+        return replies.LOGIN_PASSWORD
+
+    def _login_password(self, user: str, line: bytes) -> Reply | Deferred[Reply]:
+        decoded = self._sasl_decode(line, initial=False)
+        if isinstance(decoded, Reply):
+            return decoded
+        return self._authenticate(user, decoded.decode("utf-8", "surrogateescape"))
+
+    def _authenticate(self, user: str, password: str) -> Reply | Deferred[Reply]:
+        if not user or not password:
+            return self._login_failed(user)
+        if self._factory.login_blocked(self._client_address):
+            return self._auth_blocked()
+        portal = self._factory.portal
+        assert portal is not None  # _do_auth checked _auth_listener()
+        d = maybeDeferred(login, portal, user, password)
+        return d.addCallbacks(self._logged_in, self._login_error, errbackArgs=(user,))
+
+    def _logged_in(self, user: MailUser) -> Reply:
+        self._factory.login_succeeded(self._client_address)
+        self._auth_user = user.mailbox
+        log.info("AUTH {user} from {client}", user=user.mailbox, client=self._client)
+        return replies.AUTH_OK
+
+    def _login_error(self, failure: Failure, user: str) -> Reply | Deferred[Reply]:
+        if isinstance(failure.value, UnauthorizedLogin):
+            return self._login_failed(user)
+        log.failure("AUTH from {client}: cannot check the password", failure, client=self._client)
+        return replies.AUTH_TEMPORARY_FAILURE
+
+    def _login_failed(self, user: str) -> Deferred[Reply]:
+        """Count a failure and answer 535 after the throttle's delay, or 421 once blocked.
+
+        An unknown user, a wrong password and malformed credentials all end here, after the
+        same delay, so the answer does not tell them apart.
+        """
+        address = self._client_address
+        delay = self._factory.login_failed(address)
+        log.info("AUTH failed for {user!r} from {client}; answer in {delay}s",
+                 user=user, client=self._client, delay=delay)
+        d: Deferred[Reply] = Deferred()
+
+        def answer() -> None:
+            self._auth_delay = None
+            if self._factory.login_blocked(address):
+                d.callback(self._auth_blocked())
+            else:
+                d.callback(replies.AUTH_INVALID)  # RFC 4954 §6: 535 5.7.8
+
+        self._auth_delay = self._clock.callLater(delay, answer)
+        return d
+
+    def _auth_blocked(self) -> Reply:
+        log.info("AUTH from {client} refused: too many failures", client=self._client)
+        self._closing = True
+        return replies.TOO_MANY_AUTH_FAILURES
 
     def _do_starttls(self, argument: bytes) -> Reply | None:
         if argument:
@@ -785,6 +978,7 @@ class SMTPSession(Protocol):
         self._helo = None
         self._esmtp = False
         self._txn = None
+        self._auth_user = None
         log.info("STARTTLS with {client}", client=self._client)
         return None
 
@@ -799,12 +993,21 @@ class SMTPServerFactory(ServerFactory):
         sink: IMessageSink,
         clock: IReactorTime,
         tls: TLSContextSource | None = None,
+        *,
+        portal: Portal | None = None,
+        throttle: LoginLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
         self.sink = sink
         self.clock = clock
         self.tls = tls
+        # AUTH needs a portal (none: the listener offers no AUTH). One throttle is shared by
+        # every listener and protocol, so a guesser cannot switch ports to start afresh.
+        self.portal = portal
+        self.throttle: LoginLimiter | None = throttle
+        if portal is not None and throttle is None:
+            self.throttle = LoginThrottle(clock)
         self.connections = 0
         self.connections_by_client: dict[str, int] = {}
         hostname = settings.hostname
@@ -821,12 +1024,37 @@ class SMTPServerFactory(ServerFactory):
             "CHUNKING",  # RFC 3030
             "DSN",  # RFC 3461
         ]
-        self._ehlo = _wire(Reply(250, "", "\n".join([hostname, *keywords])))
-        self._ehlo_starttls = _wire(Reply(250, "", "\n".join([hostname, *keywords, "STARTTLS"])))
+        auth = "AUTH " + " ".join(m.decode("ascii") for m in _MECHANISMS)  # RFC 4954 §3
+        self._ehlo = {
+            (starttls, offer_auth): _wire(Reply(250, "", "\n".join(
+                [hostname, *keywords]
+                + (["STARTTLS"] if starttls else [])
+                + ([auth] if offer_auth else [])
+            )))
+            for starttls in (False, True)
+            for offer_auth in (False, True)
+        }
 
-    def ehlo_reply(self, offer_starttls: bool) -> bytes:
-        """The EHLO reply on the wire, with STARTTLS (RFC 3207) when it can be used."""
-        return self._ehlo_starttls if offer_starttls else self._ehlo
+    def ehlo_reply(self, offer_starttls: bool, offer_auth: bool = False) -> bytes:
+        """The EHLO reply on the wire, with STARTTLS (RFC 3207) and AUTH (RFC 4954) when they
+        can be used."""
+        return self._ehlo[offer_starttls, offer_auth]
+
+    def login_blocked(self, address: str) -> bool:
+        """True if ``address`` failed to log in too often to be let try again now."""
+        return self.throttle is not None and self.throttle.blocked(address)
+
+    def login_failed(self, address: str) -> float:
+        """Count a failed login from ``address``; the seconds to wait before saying so."""
+        if self.throttle is None:
+            return 0.0
+        self.throttle.failed(address)
+        return self.throttle.delay_for(address)
+
+    def login_succeeded(self, address: str) -> None:
+        """Forget the failed logins of ``address``."""
+        if self.throttle is not None:
+            self.throttle.succeeded(address)
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:

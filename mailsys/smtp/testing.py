@@ -3,14 +3,20 @@
 ``MemorySink`` is an IMessageSink that keeps messages in a list and can succeed, fail or hold
 its answer; ``StaticRouter`` is an IRouter over fixed domains and users (both are held to their
 interfaces with ``verifyObject`` in the tests). ``SessionDriver`` runs one SMTPSession over a
-StringTransport that records STARTTLS, so protocol tests need no reactor.
+StringTransport that records STARTTLS and then reports a fixed TLS 1.3 connection, so protocol
+tests need no reactor. ``memory_portal`` logs in against fixed passwords, answering at once or
+when the test says.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
+from typing import Any
 
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ITLSTransport
@@ -19,12 +25,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import classImplements, implementer
 
+from mailsys.auth.portal import MailRealm
 from mailsys.envelope import Envelope, TargetKind
 from mailsys.interfaces import IMessageSink, IRouter
 from mailsys.routing import Destination, UnknownRecipient
 from mailsys.smtp.policy import InboundPolicy, Policy
 from mailsys.smtp.server import (
     ListenerRole,
+    LoginLimiter,
     SMTPServerFactory,
     SMTPSession,
     SMTPSettings,
@@ -99,16 +107,40 @@ class StaticRouter:
         return [Destination(mailbox, TargetKind.LOCAL, mailbox)]
 
 
+class FakeTLSConnection:
+    """Answers what mailsys.tls.describe_tls asks of a pyOpenSSL Connection."""
+
+    version = "TLSv1.3"
+    cipher = "TLS_AES_256_GCM_SHA384"
+    bits = 256
+
+    def get_protocol_version_name(self) -> str:
+        return self.version
+
+    def get_cipher_name(self) -> str:
+        return self.cipher
+
+    def get_cipher_bits(self) -> int:
+        return self.bits
+
+
 class TLSRecordingTransport(StringTransport):
-    """A StringTransport whose startTLS only records the context it was given."""
+    """A StringTransport whose startTLS only records the context it was given; from then on
+    ``getHandle()`` is a FakeTLSConnection, as a real transport's is a pyOpenSSL Connection."""
 
     def __init__(self, peer: IPv4Address | IPv6Address) -> None:
         super().__init__(peerAddress=peer)  # type: ignore[no-untyped-call]
         self.tls_contexts: list[object] = []
+        self.tls_handle: FakeTLSConnection | None = None
 
     def startTLS(self, contextFactory: object, normal: bool = True) -> None:  # noqa: N802, N803
         """ITLSTransport.startTLS: record the context, negotiate nothing."""
         self.tls_contexts.append(contextFactory)
+        self.tls_handle = FakeTLSConnection()
+
+    def getHandle(self) -> object:  # noqa: N802 - ITCPTransport's name
+        """The fake TLS connection once TLS is on, else a stand-in for the socket."""
+        return self.tls_handle if self.tls_handle is not None else object()
 
 
 # Declared here rather than with @implementer (and the checker told to look away): StringTransport
@@ -127,6 +159,8 @@ class SessionDriver:
             peer = IPv4Address("TCP", client, 40000)
         self.factory = factory
         self.transport = TLSRecordingTransport(peer)
+        if factory.settings.role is ListenerRole.SUBMISSIONS:
+            self.transport.tls_handle = FakeTLSConnection()  # TLS from the first byte
         session = factory.buildProtocol(peer)
         self.session: SMTPSession = session
         session.makeConnection(self.transport)  # type: ignore[no-untyped-call]
@@ -169,6 +203,8 @@ def make_factory(
     sink: IMessageSink | None = None,
     clock: Clock | None = None,
     tls: TLSContextSource | None = None,
+    portal: Portal | None = None,
+    throttle: LoginLimiter | None = None,
     **limits: int | float | bool,
 ) -> SMTPServerFactory:
     """A factory for ``mx.example.test`` with a StaticRouter (alice, bob and postmaster of
@@ -180,4 +216,36 @@ def make_factory(
         sink if sink is not None else MemorySink(),
         clock if clock is not None else Clock(),
         tls,
+        portal=portal,
+        throttle=throttle,
     )
+
+
+class HeldChecks:
+    """Makes a portal's password checks wait until the test releases them (``release``)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+
+    def __call__(self, func: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        d.addCallback(lambda _: func(*args))
+        self.pending.append(d)
+        return d
+
+    def release(self) -> None:
+        """Run every check held so far."""
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(None)
+
+
+def memory_portal(passwords: dict[str, str]) -> Portal:
+    """A portal with mailsys's realm over fixed ``mailbox: password`` pairs, answering at once.
+
+    The avatar id is the user name as given (UTF-8), like UserStoreChecker's for a canonical name.
+    """
+    checker = InMemoryUsernamePasswordDatabaseDontUse()
+    for user, password in passwords.items():
+        checker.addUser(user.encode(), password.encode())
+    return Portal(MailRealm(), [checker])

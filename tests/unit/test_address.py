@@ -240,7 +240,7 @@ def test_body_7bit() -> None:
     [
         ("FROM:<a@b.test> FOO=1", replies.BAD_PARAMETER),
         ("FROM:<a@b.test> NOTIFY=NEVER", replies.BAD_PARAMETER),  # an RCPT parameter
-        ("FROM:<a@b.test> AUTH=<>", replies.BAD_PARAMETER),  # AUTH is not offered yet
+        ("FROM:<a@b.test> AUTH=<>", replies.BAD_PARAMETER),  # AUTH not offered: auth=False
         ("FROM:<a@b.test> SIZE=1 SIZE=2", replies.DUPLICATE_PARAMETER),
         ("FROM:<a@b.test> size=1 SIZE=1", replies.DUPLICATE_PARAMETER),
         ("FROM:<a@b.test> SIZE=abc", replies.BAD_PARAMETER_VALUE),
@@ -353,3 +353,14 @@ def test_parser_never_raises_anything_else(text: str) -> None:
             call()
         except AddressError as error:
             assert 500 <= error.reply.code < 600
+
+
+def test_auth_parameter_where_auth_is_offered() -> None:
+    """AUTH= (RFC 4954 §5) is accepted with auth=True: <> or an xtext mailbox, decoded."""
+    assert parse_mail("FROM:<a@b.test> AUTH=<>", auth=True).auth == "<>"
+    assert parse_mail("FROM:<a@b.test> AUTH=a+2Bb@b.test", auth=True).auth == "a+b@b.test"
+    assert parse_mail("FROM:<a@b.test>", auth=True).auth is None
+    for bad in ("AUTH", "AUTH=a+zz", "AUTH=" + "x" * 300):
+        with pytest.raises(AddressError) as caught:
+            parse_mail(f"FROM:<a@b.test> {bad}", auth=True)
+        assert caught.value.reply == replies.BAD_PARAMETER_VALUE

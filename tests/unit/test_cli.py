@@ -242,3 +242,74 @@ def test_check_config_as_a_real_command(tmp_path: Path) -> None:
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"mailsys: {bad}: TOML syntax error")
+
+
+# --- user import: a Dovecot passwd-file ----------------------------------------------------------
+
+SHA512 = ("$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4"
+          "OTLiBFdcbYEdFCoEOfaS35inz1")  # "Hello world!"
+BCRYPT = "$2b$04$3FNzQMmCzW9mkofcBsZicuzT5FLspk5Q8yn5b.kpIHc0V3pfPfa8G"  # "correct horse"
+
+
+def passwd_file(workdir: Path) -> Path:
+    path = workdir / "dovecot.passwd"
+    path.write_text(
+        "# exported from dovecot\n"
+        "\n"
+        f"carol@example.test:{{SHA512-CRYPT}}{SHA512}:1000:1000::/home/carol::\n"
+        f"Dave@Example.test:{{BLF-CRYPT}}{BCRYPT}\r\n"
+        "eve@example.test:{MD5}1a1dc91c907325c69271ddf0c944bc72\n"
+        f"frank@elsewhere.test:{{SHA512-CRYPT}}{SHA512}\n"
+        "no-colon-here\n"
+        "grace@example.test:\n"
+        f"carol@example.test:{{BLF-CRYPT}}{BCRYPT}\n"
+        f"heidi@alias.test:{{SHA512-CRYPT}}{SHA512}\n"
+    )
+    return path
+
+
+def test_user_import_imports_good_lines_and_names_bad_ones(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """user import adds every usable line and names each refused line with its number and why."""
+    path = passwd_file(workdir)
+    status, out, err = run(capsys, "user", "import", str(path))
+    assert status == 1
+    assert out == (f"imported from {path}: 2 users added, 0 replaced, 6 lines refused\n")
+    lines = err.splitlines()
+    assert lines[0] == (f"mailsys: {path} line 5: unsupported password scheme {{MD5}}; "
+                        "not imported")
+    assert lines[1].startswith(f"mailsys: {path} line 6: elsewhere.test is not a local domain")
+    assert lines[2].startswith(f"mailsys: {path} line 7: expected user@domain:{{SCHEME}}hash")
+    assert lines[3].startswith(f"mailsys: {path} line 8: grace@example.test has no password")
+    assert lines[4].startswith(f"mailsys: {path} line 9: carol@example.test again (first on "
+                               "line 3)")
+    assert lines[5].startswith(f"mailsys: {path} line 10: alias.test is an alias domain")
+    assert len(lines) == 6
+    users = store(workdir)
+    assert users.list() == ["carol@example.test", "dave@example.test"]
+    assert users.verify("carol@example.test", "Hello world!")
+    assert users.verify("dave@example.test", "correct horse")
+
+
+def test_user_import_keeps_existing_users_unless_replace(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Existing users are kept (and counted) unless --replace overwrites their hash."""
+    run(capsys, "user", "add", "carol@example.test", "--password-stdin", stdin="mine\n")
+    path = workdir / "one.passwd"
+    path.write_text(f"carol@example.test:{{SHA512-CRYPT}}{SHA512}\n")
+    status, out, _ = run(capsys, "user", "import", str(path))
+    assert status == 0
+    assert "0 users added, 0 replaced, 1 already present and kept (--replace overwrites)" in out
+    assert store(workdir).verify("carol@example.test", "mine")
+    status, out, _ = run(capsys, "user", "import", "--replace", str(path))
+    assert (status, out) == (0, f"imported from {path}: 0 users added, 1 replaced\n")
+    assert store(workdir).verify("carol@example.test", "Hello world!")
+
+
+def test_user_import_of_a_missing_file(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that cannot be read is one line and exit status 1."""
+    status, _, err = run(capsys, "user", "import", str(workdir / "absent"))
+    assert status == 1
+    assert "absent" in one_line(err)

@@ -13,6 +13,7 @@ from mailsys.auth.passwords import (
     UnusableHashError,
     dummy_hash,
     hash_password,
+    hash_scheme,
     needs_rehash,
     split_scheme,
     verify_password,
@@ -168,3 +169,28 @@ def test_dummy_hash_is_made_once_and_checks_nothing_guessable() -> None:
     assert dummy_hash() is dummy_hash()
     assert not needs_rehash(dummy_hash())
     assert not verify_password(dummy_hash(), "")
+
+
+@pytest.mark.parametrize(("stored", "scheme"), [
+    (f"{{SHA512-CRYPT}}{SHA512_VECTORS[0][1]}", "SHA512-CRYPT"),
+    (f"{{SHA256-CRYPT}}{SHA256_VECTORS[0][1]}", "SHA256-CRYPT"),
+    (f"{{BLF-CRYPT}}{BCRYPT}", "BLF-CRYPT"),
+    (f"{{ARGON2ID}}{ARGON2ID}", "ARGON2ID"),
+    (f"{{argon2i}}{ARGON2I}", "ARGON2I"),
+    (f"{{CRYPT}}{SHA512_VECTORS[0][1]}", "SHA512-CRYPT"),
+    (BCRYPT, "BLF-CRYPT"),
+    ("{PLAIN}secret", "PLAIN"),
+])
+def test_hash_scheme_names_what_verify_uses(stored: str, scheme: str) -> None:
+    """hash_scheme names the scheme that checks a hash, {CRYPT} by its prefix, hashing nothing."""
+    assert hash_scheme(stored) == scheme
+
+
+@pytest.mark.parametrize("stored", [
+    "{MD5}1a1dc91c907325c69271ddf0c944bc72", "{CRYPT}abJnggxhB/yWI", "{SHA512-CRYPT}$5$s$h",
+    "{ARGON2ID}$argon2i$x", "{SHA256.HEX}abcd", "no-scheme", "{PLAIN}",
+])
+def test_hash_scheme_refuses_what_verify_cannot_check(stored: str) -> None:
+    """Unknown schemes and hashes not of their scheme's form are refused before any import."""
+    with pytest.raises(UnusableHashError):
+        hash_scheme(stored)

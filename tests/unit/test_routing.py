@@ -284,3 +284,36 @@ def test_router_sees_users_added_to_a_real_store(tmp_path: Path) -> None:
     store.add("alice@example.test", "pw")
     assert r.resolve("Alice+x@Example.test") == [
         local("alice+x@example.test", "alice@example.test")]
+
+
+# --- who may send as which address (submission) -----------------------------------------------
+
+
+def _senders() -> Router:
+    return router(
+        "alice@example.test", "bob@example.test",
+        domain_aliases={"alias.test": "example.test"},
+        aliases={"team@example.test": ("alice@example.test", "bob@example.test"),
+                 "sales@example.test": ("bob@example.test",),
+                 "info@other.test": ("team@example.test",),
+                 "ext@example.test": ("alice@far.test",)},
+        catch_all={"example.test": "alice@example.test"},
+    )
+
+
+@pytest.mark.parametrize("address", [
+    "alice@example.test", "ALICE@Example.Test.", "alice+tag@example.test", "alice@alias.test",
+    "team@example.test", "Team+x@alias.test", "info@other.test",
+])
+def test_may_send_as_own_addresses_and_aliases(address: str) -> None:
+    """A user may send as itself, its subaddresses, in alias domains, and as aliases reaching it."""
+    assert _senders().may_send_as("alice@example.test", address)
+
+
+@pytest.mark.parametrize("address", [
+    "bob@example.test", "sales@example.test", "nobody@example.test", "ext@example.test",
+    "alice@far.test", "alice", "@example.test",
+])
+def test_may_not_send_as_others(address: str) -> None:
+    """Other users, aliases not reaching the user, catch-all and foreign addresses are not its."""
+    assert not _senders().may_send_as("alice@example.test", address)

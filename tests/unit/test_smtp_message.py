@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from mailsys import replies
 from mailsys.replies import Reply
-from mailsys.smtp.message import MessageBuffer
+from mailsys.smtp.message import MessageBuffer, has_field, header_section
 
 MAX_SIZE = 120
 MAX_LINE = 20
@@ -126,3 +126,20 @@ def test_graver_problem_wins() -> None:
     assert buffer.error == replies.MESSAGE_TOO_BIG
     buffer.feed_data(b"bare\nlf\r\n")
     assert buffer.error == replies.BARE_LINE_ENDING
+
+
+def test_header_section() -> None:
+    """The header section ends at the first empty line; none if the message starts with one."""
+    assert header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n") == b"A: 1\r\nB: 2\r\n"
+    assert header_section(b"A: 1\r\n") == b"A: 1\r\n"
+    assert header_section(b"\r\nbody\r\n") == b""
+
+
+def test_has_field() -> None:
+    """Field names match case-insensitively at a line start, with white space before the colon
+    allowed; folded lines and other fields' values do not count."""
+    header = b"Subject: the Date: is not here\r\n\tDate: folded\r\nmessage-ID : <a@b>\r\n"
+    assert has_field(header, b"Message-ID")
+    assert not has_field(header, b"Date")
+    assert has_field(b"DATE:x\r\n", b"Date")
+    assert not has_field(b"Dated: x\r\n", b"Date")

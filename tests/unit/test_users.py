@@ -301,3 +301,34 @@ def test_non_utf8_bytes_survive_a_rewrite(path: Path) -> None:
     path.write_bytes(b"# caf\xe9\n")
     UserStore(path).add("alice@example.test", "pw")
     assert path.read_bytes().startswith(b"# caf\xe9\n")
+
+
+def test_import_hashed_adds_skips_and_replaces(path: Path) -> None:
+    """import_hashed adds new users with their hash and extra fields; existing ones are kept
+    unless replace, which changes their hash (and extra fields when given)."""
+    store = UserStore(path)
+    store.add("old@example.test", "old password")
+    result = store.import_hashed([
+        ("New@Example.test", f"{{SHA512-CRYPT}}{SHA512}", "::::::userdb_quota_rule=*:storage=1G"),
+        ("old@example.test", f"{{SHA512-CRYPT}}{SHA512}", None),
+    ])
+    assert (result.added, result.replaced, result.skipped) == (
+        ["new@example.test"], [], ["old@example.test"])
+    assert store.verify("new@example.test", "Hello world!")
+    assert store.verify("old@example.test", "old password")
+    assert "new@example.test:{SHA512-CRYPT}$6$saltstring$" in path.read_text()
+    assert path.read_text().rstrip().endswith("::::::userdb_quota_rule=*:storage=1G")
+    result = store.import_hashed([("old@example.test", f"{{SHA512-CRYPT}}{SHA512}", None)],
+                                 replace=True)
+    assert result.replaced == ["old@example.test"]
+    assert store.verify("old@example.test", "Hello world!")
+
+
+def test_import_hashed_refuses_line_breaks(path: Path) -> None:
+    """A hash with a line break or colon would corrupt the file: refused, nothing written."""
+    store = UserStore(path)
+    with pytest.raises(ValueError):
+        store.import_hashed([("a@example.test", "{PLAIN}x\nb@example.test:{PLAIN}y", None)])
+    with pytest.raises(ValueError):
+        store.import_hashed([("a@example.test", "{PLAIN}x:y", None)])
+    assert store.list() == []
