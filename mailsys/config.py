@@ -8,6 +8,7 @@ working directory, like twistd's own --pidfile and --logfile.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 import types
@@ -16,6 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mailsys.auth import throttle as _throttle
+from mailsys.delivery.nexthop import NextHopError, check_transport_value, parse_next_hop
 
 DEFAULT_BACKLOG = 1024
 _LISTENER_TYPES = ("tcp", "tcp6", "unix")
@@ -109,6 +113,70 @@ class RoutingSection:
 
 
 @dataclass(frozen=True)
+class POP3Section:
+    """POP3 (RFC 1939): 110 with STLS (RFC 2595) and 995 with implicit TLS (RFC 8314)."""
+
+    listen: tuple[str, ...] = ()
+    listen_tls: tuple[str, ...] = ()
+    # USER/PASS and AUTH PLAIN before TLS; off by default (RFC 2595 §2.3, RFC 8314 §3).
+    allow_plaintext_auth: bool = False
+    # RFC 1939 §3: the autologout timer must be at least 10 minutes.
+    idle_timeout: float = 600.0
+    max_bad_commands: int = 10
+    # RFC 2449 §4 caps a command line at 255 octets; SASL response lines (RFC 5034) may be
+    # longer, so we allow more, as for SMTP.
+    max_command_length: int = 2048
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """Login-failure throttling per client address, shared by every protocol with logins."""
+
+    # Each failure answers later: base delay, doubling per failure, at most max delay (seconds).
+    throttle_base_delay: float = _throttle.BASE_DELAY
+    throttle_max_delay: float = _throttle.MAX_DELAY
+    # After this many failures, refused outright until the window passes after the last one.
+    throttle_max_failures: int = _throttle.MAX_FAILURES
+    throttle_window: float = _throttle.WINDOW
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    """Mail for other domains: DNS, TLS policy, next hops, retries and delivery status notices.
+
+    Next hops are written ``smtp:[host]:port``, ``smtp:domain`` (its MX hosts) or
+    ``smtps:[host]:465`` (mailsys.delivery.nexthop). Times are in seconds.
+    """
+
+    # false: relayed recipients wait in the queue and nothing leaves (a closed lab, tests).
+    enabled: bool = True
+    # "ip" or "ip:port" ("[ipv6]:port"); empty: the system's /etc/resolv.conf.
+    dns_servers: tuple[str, ...] = ()
+    ip_version: str = "any"  # "any", "ipv4" or "ipv6"
+    # The TCP port of MX hosts: 25, except in labs and tests on unprivileged ports.
+    port: int = 25
+    tls_policy: str = "opportunistic"  # "opportunistic", "verify" or "none"
+    tls_policy_per_domain: Mapping[str, str] = field(default_factory=dict)
+    # Trust anchors (PEM) for the "verify" policy; default: the system's store.
+    tls_ca_file: Path | None = None
+    smarthost: str | None = None
+    smarthost_username: str | None = None
+    smarthost_password: str | None = None
+    smarthost_password_file: Path | None = None
+    # domain, ".domain" (subdomains) or "*" -> "mx", "smarthost" or a next hop
+    transport: Mapping[str, str] = field(default_factory=dict)
+    # The wait after the 1st, 2nd, ... temporary failure; the last value repeats.
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+    # RFC 5321 §4.5.4.1: give up after 4-5 days.
+    max_lifetime: float = 5 * 86400.0
+    # RFC 3461 §4.1: a "delayed" notice once a recipient has waited this long.
+    delay_warning: float = 4 * 3600.0
+    connect_timeout: float = 30.0
+    per_destination_concurrency: int = 20
+    helo_name: str | None = None  # default: server.hostname
+
+
+@dataclass(frozen=True)
 class DevSection:
     """Development conveniences of the embedded default; absent in production."""
 
@@ -127,6 +195,9 @@ class Config:
     smtp: SMTPSection = field(default_factory=SMTPSection)
     submission: SubmissionSection = field(default_factory=SubmissionSection)
     routing: RoutingSection = field(default_factory=RoutingSection)
+    pop3: POP3Section = field(default_factory=POP3Section)
+    auth: AuthSection = field(default_factory=AuthSection)
+    relay: RelaySection = field(default_factory=RelaySection)
     dev: DevSection = field(default_factory=DevSection)
 
 
@@ -137,6 +208,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "smtp": SMTPSection,
     "submission": SubmissionSection,
     "routing": RoutingSection,
+    "pop3": POP3Section,
+    "auth": AuthSection,
+    "relay": RelaySection,
     "dev": DevSection,
 }
 
@@ -269,24 +343,33 @@ def normalize_listener(description: str, path: Path, key: str) -> str:
     if backlog is None:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
     if not str(backlog).isdigit() or int(str(backlog)) <= 0:
-        raise ConfigError(path, key, f"endpoint {description!r}: backlog must be a positive integer")
+        raise ConfigError(path, key,
+                          f"endpoint {description!r}: backlog must be a positive integer")
     return description
 
 
 def _check(config: Config, *, check_files: bool) -> None:
     path = config.path
     if not _HOSTNAME.match(config.server.hostname):
-        raise ConfigError(path, "server.hostname", f"not a valid host name: {config.server.hostname!r}")
+        raise ConfigError(path, "server.hostname",
+                          f"not a valid host name: {config.server.hostname!r}")
     for section, attr in (("smtp", "listen"), ("submission", "listen"),
-                          ("submission", "listen_tls")):
+                          ("submission", "listen_tls"), ("pop3", "listen"),
+                          ("pop3", "listen_tls")):
         listeners = getattr(getattr(config, section), attr)
         fixed = tuple(normalize_listener(d, path, f"{section}.{attr}") for d in listeners)
         object.__setattr__(getattr(config, section), attr, fixed)
     tls = config.tls
     if (tls.certificate is None) != (tls.key is None):
         raise ConfigError(path, "tls", "certificate and key must be given together")
+    if config.pop3.listen_tls and not tls.enabled:
+        raise ConfigError(path, "pop3.listen_tls", "implicit TLS needs [tls] certificate and key")
+    if config.pop3.idle_timeout < 600:
+        raise ConfigError(path, "pop3.idle_timeout",
+                          "must be at least 600 seconds (RFC 1939 §3: ten minutes)")
     if config.submission.listen_tls and not tls.enabled:
-        raise ConfigError(path, "submission.listen_tls", "implicit TLS needs [tls] certificate and key")
+        raise ConfigError(path, "submission.listen_tls",
+                          "implicit TLS needs [tls] certificate and key")
     if check_files and tls.enabled and not tls.create_self_signed:
         for key in ("certificate", "key"):
             file = getattr(tls, key)
@@ -295,7 +378,8 @@ def _check(config: Config, *, check_files: bool) -> None:
             try:
                 file.open("rb").close()
             except OSError as exc:
-                raise ConfigError(path, f"tls.{key}", f"cannot read {file}: {exc.strerror}") from None
+                raise ConfigError(path, f"tls.{key}",
+                                  f"cannot read {file}: {exc.strerror}") from None
     routing = config.routing
     local = {d.lower() for d in routing.local_domains}
     for domain in routing.local_domains:
@@ -325,3 +409,92 @@ def _check(config: Config, *, check_files: bool) -> None:
         raise ConfigError(path, "dev", "demo_user and demo_password must be given together")
     if dev.demo_user is not None and "@" not in dev.demo_user:
         raise ConfigError(path, "dev.demo_user", "must be a full address user@domain")
+    _check_relay(config, check_files=check_files)
+
+
+_TLS_POLICIES = ("opportunistic", "verify", "none")
+_IP_VERSIONS = ("any", "ipv4", "ipv6")
+
+
+def _check_relay(config: Config, *, check_files: bool) -> None:
+    path = config.path
+    relay = config.relay
+    for server in relay.dns_servers:
+        try:
+            parse_dns_server(server)
+        except ValueError as exc:
+            raise ConfigError(path, "relay.dns_servers", str(exc)) from None
+    if relay.ip_version not in _IP_VERSIONS:
+        raise ConfigError(path, "relay.ip_version",
+                          f"must be one of {', '.join(_IP_VERSIONS)}, got {relay.ip_version!r}")
+    if relay.port > 65535:
+        raise ConfigError(path, "relay.port", "must be 1-65535")
+    if relay.tls_policy not in _TLS_POLICIES:
+        raise ConfigError(path, "relay.tls_policy",
+                          f"must be one of {', '.join(_TLS_POLICIES)}, got {relay.tls_policy!r}")
+    for domain, policy in relay.tls_policy_per_domain.items():
+        key = f"relay.tls_policy_per_domain.{_quote(domain)}"
+        if not _HOSTNAME.match(domain.removeprefix(".")):
+            raise ConfigError(path, key, "not a valid domain")
+        if policy not in _TLS_POLICIES:
+            raise ConfigError(path, key,
+                              f"must be one of {', '.join(_TLS_POLICIES)}, got {policy!r}")
+    if relay.smarthost is not None:
+        try:
+            parse_next_hop(relay.smarthost)
+        except NextHopError as exc:
+            raise ConfigError(path, "relay.smarthost", str(exc)) from None
+    for domain, hop in relay.transport.items():
+        key = f"relay.transport.{_quote(domain)}"
+        if domain != "*" and not _HOSTNAME.match(domain.removeprefix(".")):
+            raise ConfigError(path, key, "not a valid domain (or \".domain\", or \"*\")")
+        try:
+            check_transport_value(hop, smarthost_configured=relay.smarthost is not None)
+        except NextHopError as exc:
+            raise ConfigError(path, key, str(exc)) from None
+    if relay.smarthost_username is not None:
+        if relay.smarthost is None:
+            raise ConfigError(path, "relay.smarthost_username", "needs relay.smarthost")
+        if (relay.smarthost_password is None) == (relay.smarthost_password_file is None):
+            raise ConfigError(path, "relay",
+                              "smarthost_username needs exactly one of smarthost_password "
+                              "and smarthost_password_file")
+    elif relay.smarthost_password is not None or relay.smarthost_password_file is not None:
+        raise ConfigError(path, "relay", "a smarthost password needs smarthost_username")
+    if not relay.retry_schedule:
+        raise ConfigError(path, "relay.retry_schedule", "needs at least one delay")
+    if relay.helo_name is not None and not _HOSTNAME.match(relay.helo_name):
+        raise ConfigError(path, "relay.helo_name", f"not a valid host name: {relay.helo_name!r}")
+    if check_files:
+        for name in ("tls_ca_file", "smarthost_password_file"):
+            file = getattr(relay, name)
+            if file is None:
+                continue
+            try:
+                file.open("rb").close()
+            except OSError as exc:
+                raise ConfigError(path, f"relay.{name}",
+                                  f"cannot read {file}: {exc.strerror}") from None
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """``"ip"``, ``"ip:port"`` or ``"[ipv6]:port"`` as (address, port); ValueError if not."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"{text!r}: expected [ipv6]:port")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        if not port_text.isdigit():
+            raise ValueError(f"{text!r}: the port must be a number")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address (a name cannot bootstrap DNS)") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: the port must be 1-65535")
+    return host, port

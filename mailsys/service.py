@@ -20,11 +20,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from typing_extensions import override
 
+from mailsys.auth.portal import build_portal
+from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import UserStore
 from mailsys.config import Config
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
+from mailsys.mailbox.store import MailboxStore
+from mailsys.pop3.wiring import pop3_factories
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
@@ -37,6 +41,8 @@ log = Logger()
 
 # How often certificate files are checked for renewal, in seconds.
 TLS_CHECK_INTERVAL = 60.0
+# How often watched mailbox folders are checked for changes made by other processes, in seconds.
+MAILBOX_POLL_INTERVAL = 2.0
 
 
 class StartupError(Exception):
@@ -110,7 +116,8 @@ def _prepare_tls(config: Config) -> ServerTLS | None:
     tls = config.tls
     if tls.certificate is None or tls.key is None:
         return None
-    if tls.create_self_signed and ensure_self_signed(tls.certificate, tls.key, config.server.hostname):
+    hostname = config.server.hostname
+    if tls.create_self_signed and ensure_self_signed(tls.certificate, tls.key, hostname):
         log.warn(
             "created a self-signed development certificate {certificate} for {hostname}; "
             "configure a real certificate for production",
@@ -148,20 +155,44 @@ def build_service(config: Config, reactor: Any) -> MailService:
     router = Router(config.routing, users)
     pool = DiskPool(reactor)
     spool = Spool(config.storage.spool, pool)
-    maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname)
+    # --- mailbox store (POP3, IMAP) ---
+    mailboxes = MailboxStore(config.storage.maildirs, pool)
+    maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
+                            on_delivered=mailboxes.notify_delivered)
     runner = QueueRunner(spool, {TargetKind.LOCAL: maildir}, clock=reactor)
     sink = QueueSink(spool, runner)
     service = MailService(pool, spool, runner, tls, reactor)
     runner.setServiceParent(service)
 
+    # --- logins: one portal and one throttle for SMTP AUTH and POP3, so a password guesser
+    # cannot start afresh by switching protocols ---
+    portal = build_portal(users, pool.run)
+    throttle = LoginThrottle(
+        reactor,
+        base_delay=config.auth.throttle_base_delay,
+        max_delay=config.auth.throttle_max_delay,
+        max_failures=config.auth.throttle_max_failures,
+        window=config.auth.throttle_window,
+    )
+
     for role, description in _listeners(config):
-        policy = InboundPolicy(router) if role is ListenerRole.MTA else SubmissionPolicy(router)
+        policy = (InboundPolicy(router, senders=router) if role is ListenerRole.MTA
+                  else SubmissionPolicy(router, senders=router))
         settings = SMTPSettings.from_config(config, role)
-        factory: IProtocolFactory = SMTPServerFactory(settings, policy, sink, reactor, tls)
+        factory: IProtocolFactory = SMTPServerFactory(
+            settings, policy, sink, reactor, tls, portal=portal, throttle=throttle
+        )
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
             factory = TLSMemoryBIOFactory(CurrentCertificateCreator(tls), False, factory)
         service.add_listener(role.value, description, factory)
+
+    # --- POP3 (mailsys.pop3) ---
+    for description, pop3_factory in pop3_factories(config, mailboxes, portal, throttle, tls,
+                                                    reactor):
+        service.add_listener("pop3", description, pop3_factory)
+    # Sessions hear of in-process deliveries at once; this catches other processes' changes.
+    TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)
 
     if tls is not None:
         TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)

@@ -1,1 +1,1 @@
-"""Delivery agents: the Maildir writer for local mailboxes (relay to other servers comes later)."""
+"""Delivery agents: the Maildir writer for local mailboxes and the relay to other servers."""

@@ -89,3 +89,12 @@ def test_self_signed_allows_missing_files(tmp_path: Path) -> None:
         "create_self_signed = true\n",
     )
     assert loaded.tls.enabled
+
+
+def test_auth_throttle_settings(tmp_path: Path) -> None:
+    """[auth] sets the login throttle; defaults are mailsys.auth.throttle's, bad values refused."""
+    assert _load(tmp_path, "").auth.throttle_max_failures == 10
+    loaded = _load(tmp_path, "[auth]\nthrottle_base_delay = 0.1\nthrottle_max_failures = 3\n")
+    assert (loaded.auth.throttle_base_delay, loaded.auth.throttle_max_failures) == (0.1, 3)
+    assert "auth.throttle_window: must be a positive number" in _error(
+        tmp_path, "[auth]\nthrottle_window = 0\n")

@@ -1,0 +1,480 @@
+"""One Maildir folder on disk: its messages, their UIDs, flags and sizes (blocking; disk threads).
+
+Everything here blocks and is called from DiskPool threads, never from the reactor. Every change
+of a folder's names or UID file happens under the folder's lock: a per-process thread lock plus
+an flock on ``mailsys-uidlist.lock`` for other processes, so two sessions (or two servers) on one
+mailbox never assign a UID twice or lose one.
+
+A message's identity in its folder is its key (the Maildir unique name without our fields).
+When a session first sees a message in new/, sync() gives it the next UID, records it in the UID
+file and moves it to ``cur/<key>,S=<size>,W=<wiresize>,U=<uid>:2,<flags>``, so that the size,
+the wire size and the UID can be read from the name alone, and a lost UID file is rebuilt from
+the names without changing any UID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from twisted.logger import Logger
+
+from mailsys.diskio import fsync_directory
+from mailsys.mailbox.names import MaildirName, format_base, parse_name, render_flags
+from mailsys.mailbox.uidlist import (
+    MAX_UID,
+    CorruptUidListError,
+    UidEntry,
+    UidList,
+    read_uidlist,
+    read_uidvalidity_floor,
+    write_state,
+)
+from mailsys.mailbox.wire import wire_size
+
+log = Logger(namespace="mailsys.mailbox")
+
+LOCK_NAME = "mailsys-uidlist.lock"
+# Maildir++: every folder below the INBOX holds an empty file of this name.
+FOLDER_MARKER = "maildirfolder"
+SUBDIRS = ("cur", "new", "tmp")
+_READ_CHUNK = 256 * 1024
+
+
+class MessageVanishedError(LookupError):
+    """The message's file is gone: another session deleted (expunged) it."""
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """What a session knows of one message at its last sync."""
+
+    uid: int
+    key: str  # identity in the folder: stable across flag changes, renames and rebuilds
+    name: str  # the file's name in cur/ when last seen (flag changes by others rename it)
+    size: int  # bytes on disk
+    wire_size: int  # octets with CRLF line ends: what POP3 LIST and IMAP RFC822.SIZE report
+    flags: frozenset[str]  # Maildir flag letters (mailsys.mailbox.names)
+    internal_date: float  # the file's mtime: when it was delivered (IMAP INTERNALDATE)
+    recent: bool = False  # this sync moved it out of new/ (IMAP \\Recent)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """The folder as one sync() saw it."""
+
+    uidvalidity: int
+    uidnext: int
+    messages: tuple[MessageInfo, ...]  # in UID order
+    rebuilt: str | None = None  # why the UID file had to be rebuilt, if it was
+    new_uidvalidity: bool = False  # UIDs could not be kept: a new UIDVALIDITY was chosen
+
+
+_process_locks: dict[str, threading.Lock] = {}
+_process_locks_guard = threading.Lock()
+
+
+def _process_lock(directory: Path) -> threading.Lock:
+    key = os.fspath(directory)
+    with _process_locks_guard:
+        lock = _process_locks.get(key)
+        if lock is None:
+            lock = _process_locks[key] = threading.Lock()
+        return lock
+
+
+def create_folder_dirs(directory: Path, *, subfolder: bool) -> None:
+    """Create a Maildir (cur/ new/ tmp/, and the Maildir++ marker for a subfolder), durably."""
+    created = False
+    try:
+        directory.mkdir(mode=0o700)
+        created = True
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        created = True
+    for sub in SUBDIRS:
+        try:
+            (directory / sub).mkdir(mode=0o700)
+            created = True
+        except FileExistsError:
+            pass
+    if subfolder:
+        marker = directory / FOLDER_MARKER
+        if not marker.exists():
+            marker.touch(mode=0o600)
+            created = True
+    if created:
+        fsync_directory(directory)
+        fsync_directory(directory.parent)
+
+
+def new_uidvalidity(previous: int | None, now: float) -> int:
+    """A UIDVALIDITY for a (re)numbered folder: the time, and always above ``previous``.
+
+    RFC 3501 §2.3.1.1: a new UIDVALIDITY must be greater than any earlier one of the folder.
+    """
+    value = max(1, int(now) & MAX_UID)
+    if previous is not None and value <= previous:
+        value = previous + 1 if previous < MAX_UID else 1
+    return value
+
+
+@dataclass
+class _Found:
+    """A message file found by a directory scan."""
+
+    sub: str  # "cur" or "new"
+    name: str
+    parsed: MaildirName
+    size: int
+    mtime: float
+
+
+class Folder:
+    """A Maildir folder at ``path``; all methods block (call them in a disk thread)."""
+
+    def __init__(self, path: Path, *, subfolder: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.subfolder = subfolder
+        self._clock = clock
+        self._unembedded = False  # the last sync left a name without ,U= (a rename failed)
+
+    # --- locking --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock: this process's threads, and other processes by flock."""
+        with _process_lock(self.path):
+            try:
+                fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:
+                create_folder_dirs(self.path, subfolder=self.subfolder)
+                fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    # --- sync -----------------------------------------------------------------------------------
+
+    def sync(self) -> SyncResult:
+        """Bring the UID file up to date with the directory and return every message.
+
+        New messages (in new/, or in cur/ without a UID yet) get the next UIDs in delivery order
+        and messages in new/ move to cur/. A missing or damaged UID file is rebuilt keeping
+        every UID that can still be known; only when the UIDVALIDITY itself is lost does the
+        folder get a new one.
+        """
+        with self.locked():
+            return self._sync_locked()
+
+    def _sync_locked(self) -> SyncResult:
+        try:
+            uids = read_uidlist(self.path)
+            damage = None if uids is None or not uids.damaged_lines else (
+                f"{uids.damaged_lines} damaged line(s) in the UID file")
+        except CorruptUidListError as exc:
+            uids, damage = None, f"unreadable UID file ({exc})"
+        found = self._scan()
+        if uids is not None and damage is None:
+            missing = [key for key in uids.entries if key not in found]
+            if missing:
+                # A concurrent rename by a client that does not take our lock can hide a file
+                # from one readdir (POSIX allows it); look again before calling it expunged.
+                again = self._scan()
+                for key in missing:
+                    if key in again:
+                        found[key] = again[key]
+        rebuilt: str | None = None
+        renumbered = False
+        if uids is None or damage is not None:
+            floor = read_uidvalidity_floor(self.path) if damage is None else None
+            if (damage is None and floor is None
+                    and not any(item.sub == "cur" for item in found.values())):
+                # Never numbered before (a new folder, or mail delivered before any session):
+                # sessions move every message they number into cur/.
+                uids = UidList(new_uidvalidity(None, self._clock()), 1)
+            elif damage is None and floor is not None and not found:
+                uids = UidList(floor[0], floor[1])  # emptied folder whose UID file was lost
+            else:
+                rebuilt = damage or "UID file missing"
+                uids, renumbered = self._rebuild(uids, found)
+                log.warn("{path}: rebuilt the UID file ({reason}); {outcome}",
+                         path=str(self.path), reason=rebuilt,
+                         outcome="new UIDVALIDITY" if renumbered else "all known UIDs kept")
+            changed = True
+        else:
+            changed = False
+        old_entries = uids.entries
+        entries: dict[str, UidEntry] = {}
+        unknown: list[_Found] = []
+        for key, item in found.items():
+            entry = old_entries.get(key)
+            if entry is None:
+                unknown.append(item)
+                continue
+            if entry.size != item.size:
+                # The file changed under its name (edited by hand): its wire size is stale.
+                entry = UidEntry(entry.uid, item.size, self._wire_size(item))
+                changed = True
+            entries[key] = entry
+        if len(entries) != len(old_entries):
+            changed = True  # some messages were expunged by someone else
+        unknown.sort(key=lambda item: (item.mtime, item.name))
+        uidnext = uids.uidnext
+        for item in unknown:
+            if uidnext > MAX_UID:  # pragma: no cover - 4 billion messages in one folder
+                raise OSError(errno.EOVERFLOW, "UIDs exhausted", os.fspath(self.path))
+            entries[item.parsed.key] = UidEntry(uidnext, item.size, self._wire_size(item))
+            uidnext += 1
+            changed = True
+        state = UidList(uids.uidvalidity, uidnext, entries)
+        # Renames first, then the UID file: should we crash in between, the keys still match
+        # the files, and no UID of this sync has been shown to anyone yet.
+        self._unembedded = False
+        messages = self._settle(state, found)
+        if changed:
+            self._write(state, messages)
+        return SyncResult(state.uidvalidity, state.uidnext, messages, rebuilt, renumbered)
+
+    def _rebuild(self, damaged: UidList | None, found: dict[str, _Found]) -> tuple[UidList, bool]:
+        """A UID list for ``found`` keeping every UID still known; True if renumbered.
+
+        Sources, most trusted first: the readable lines of a damaged UID file, the ``,U=`` field
+        of each name. UIDNEXT is the highest of the damaged file's, the side file's and every
+        known UID + 1, so a UID is never given to a second message.
+        """
+        floor = read_uidvalidity_floor(self.path)
+        uidvalidity: int | None = None
+        uidnext = 1
+        if damaged is not None:
+            uidvalidity, uidnext = damaged.uidvalidity, damaged.uidnext
+        if floor is not None:
+            if uidvalidity is None:
+                uidvalidity = floor[0]
+            if floor[0] == uidvalidity:
+                uidnext = max(uidnext, floor[1])
+        claims: dict[str, int] = {}
+        for key, item in found.items():
+            if damaged is not None and key in damaged.entries:
+                claims[key] = damaged.entries[key].uid
+            elif item.parsed.uid is not None:
+                claims[key] = item.parsed.uid
+        owners: dict[int, list[str]] = {}
+        for key, uid in claims.items():
+            owners.setdefault(uid, []).append(key)
+        entries: dict[str, UidEntry] = {}
+        for uid, keys in owners.items():
+            if len(keys) == 1 and 0 < uid <= MAX_UID:
+                item = found[keys[0]]
+                entries[keys[0]] = UidEntry(uid, item.size, self._wire_size(item))
+        renumbered = uidvalidity is None
+        if renumbered:
+            previous = floor[0] if floor is not None else None
+            uidvalidity = new_uidvalidity(previous, self._clock())
+        assert uidvalidity is not None
+        if entries:
+            uidnext = max(uidnext, max(entry.uid for entry in entries.values()) + 1)
+        return UidList(uidvalidity, uidnext, entries), renumbered
+
+    def _settle(self, state: UidList, found: dict[str, _Found]) -> tuple[MessageInfo, ...]:
+        """Move new/ messages into cur/ and give every name its ``,U=``; return the messages."""
+        messages = []
+        root = os.fspath(self.path)
+        cur = f"{root}/cur/"
+        for key, entry in state.entries.items():
+            item = found[key]
+            parsed = item.parsed
+            name = item.name
+            recent = item.sub == "new"
+            if recent or parsed.uid != entry.uid:
+                # In cur/ a missing or stale ,U= comes from another Maildir writer, a copied
+                # file or a renumbering; left alone it would mislead the next rebuild.
+                base = format_base(key, size=item.size, wire_size=entry.wire_size, uid=entry.uid)
+                target = f"{base}:2,{render_flags(parsed.flags)}"
+                try:
+                    os.rename(f"{root}/{item.sub}/{name}", cur + target)
+                    name = target
+                except FileNotFoundError:
+                    # Moved by another Maildir client meanwhile; the next sync finds it again.
+                    if recent:
+                        continue
+                    self._unembedded = True
+            messages.append(MessageInfo(
+                uid=entry.uid, key=key, name=name, size=item.size, wire_size=entry.wire_size,
+                flags=parsed.flags, internal_date=item.mtime, recent=recent,
+            ))
+        messages.sort(key=lambda info: info.uid)
+        return tuple(messages)
+
+    def _scan(self) -> dict[str, _Found]:
+        found: dict[str, _Found] = {}
+        root = os.fspath(self.path)
+        for sub in ("cur", "new"):
+            try:
+                entries = list(os.scandir(f"{root}/{sub}"))
+            except FileNotFoundError:
+                create_folder_dirs(self.path, subfolder=self.subfolder)
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or "\n" in name or "\r" in name:
+                    continue  # not a message (hidden files, names the UID file cannot hold)
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                if not entry.is_file():
+                    continue
+                parsed = parse_name(name)
+                key = parsed.key
+                if key in found:
+                    # Two files with one unique name break the Maildir rule; keep both
+                    # messages by giving this one a fresh name.
+                    key = f"{key}.D{secrets.token_hex(6)}"
+                    fresh = key + name[len(parsed.base):]
+                    try:
+                        os.rename(f"{root}/{sub}/{name}", f"{root}/{sub}/{fresh}")
+                    except FileNotFoundError:
+                        continue
+                    name, parsed = fresh, parse_name(fresh)
+                    parsed = replace(parsed, key=key, uid=None)
+                found[key] = _Found(sub, name, parsed, st.st_size, st.st_mtime)
+        return found
+
+    def _wire_size(self, item: _Found) -> int:
+        parsed = item.parsed
+        if parsed.wire_size is not None and parsed.size == item.size:
+            return parsed.wire_size
+        try:
+            with open(f"{self.path}/{item.sub}/{item.name}", "rb") as f:
+                return wire_size(f.read())
+        except FileNotFoundError:
+            return item.size
+
+    def _write(self, state: UidList, messages: tuple[MessageInfo, ...]) -> None:
+        """Write the UID file; also the side file when the names could not restore UIDNEXT."""
+        floor = read_uidvalidity_floor(self.path)
+        need_floor = floor is None or floor[0] != state.uidvalidity
+        if not need_floor and floor is not None and floor[1] < state.uidnext:
+            # A rebuild from the names alone sets UIDNEXT past the highest ,U= it finds. If no
+            # name carries the highest UID ever given (it was expunged), the floor must.
+            top = max((info.uid for info in messages), default=0)
+            need_floor = top + 1 < state.uidnext or self._unembedded
+        write_state(self.path, state, floor=need_floor)
+
+    # --- reading and changing messages ----------------------------------------------------------
+
+    def _find(self, key: str) -> str | None:
+        """The current path of the message with ``key``, by a directory scan (slow path)."""
+        root = os.fspath(self.path)
+        for sub in ("cur", "new"):
+            try:
+                names = os.listdir(f"{root}/{sub}")
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(key) and parse_name(name).key == key:
+                    return f"{root}/{sub}/{name}"
+        return None
+
+    def open_message(self, info: MessageInfo) -> BinaryIO:
+        """An open binary file of the message; MessageVanishedError if it was expunged.
+
+        A flag change by another session renames the file: it is then found by its key.
+        """
+        path: str | None = f"{self.path}/cur/{info.name}"
+        for _ in range(3):
+            if path is None:
+                break
+            try:
+                return open(path, "rb")
+            except FileNotFoundError:
+                path = self._find(info.key)  # renamed: look again
+        raise MessageVanishedError(info.key)
+
+    def read_message(self, info: MessageInfo) -> bytes:
+        """The message's bytes as stored."""
+        with self.open_message(info) as f:
+            return f.read()
+
+    def read_prefix(self, info: MessageInfo, accept: Callable[[bytes], bool]) -> bytes:
+        """Read the message in chunks until ``accept(data so far)`` or the end of the file."""
+        with self.open_message(info) as f:
+            data = b""
+            while True:
+                chunk = f.read(_READ_CHUNK)
+                data += chunk
+                if not chunk or accept(data):
+                    return data
+
+    def set_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]]) -> list[MessageInfo]:
+        """Give each message its new flag set (a rename in cur/); returns the updated infos.
+
+        Messages expunged meanwhile are left out of the result.
+        """
+        updated = []
+        cur = f"{self.path}/cur/"
+        with self.locked():
+            for info, flags in changes:
+                if flags == info.flags:
+                    updated.append(info)
+                    continue
+                path: str | None = cur + info.name
+                for _ in range(3):
+                    if path is None:
+                        break
+                    target = parse_name(os.path.basename(path)).with_flags(flags)
+                    try:
+                        os.rename(path, cur + target)
+                    except FileNotFoundError:
+                        path = self._find(info.key)  # renamed by another client: look again
+                        continue
+                    updated.append(replace(info, name=target, flags=flags))
+                    break
+        return updated
+
+    def delete(self, infos: Iterable[MessageInfo]) -> list[int]:
+        """Delete messages (their files and UID lines); returns the UIDs actually deleted."""
+        deleted: list[int] = []
+        cur = f"{self.path}/cur/"
+        with self.locked():
+            for info in infos:
+                path: str | None = cur + info.name
+                for _ in range(3):
+                    if path is None:
+                        break
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        path = self._find(info.key)
+                        continue
+                    deleted.append(info.uid)
+                    break
+            if deleted:
+                with contextlib.suppress(OSError):
+                    fsync_directory(self.path / "cur")
+                self._sync_locked()  # drops the lines of the deleted messages
+        return deleted
+
+    def stamp(self) -> tuple[int, int]:
+        """The mtimes of new/ and cur/ (ns): they change whenever a message comes or goes."""
+        try:
+            new = os.stat(self.path / "new").st_mtime_ns
+            cur = os.stat(self.path / "cur").st_mtime_ns
+        except FileNotFoundError:
+            return (0, 0)
+        return (new, cur)

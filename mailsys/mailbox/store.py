@@ -1,0 +1,435 @@
+"""The mailbox store: users' Maildir++ mailboxes as POP3 and IMAP sessions see them.
+
+This module owns the asynchronous side: where a user's mailbox and folders are, opening a folder
+for a session (``FolderView``), the POP3 maildrop lock (RFC 1939 §8), and telling open sessions
+that a folder changed (in-process deliveries at once, other processes' changes by polling). All
+disk work runs in the DiskPool through mailsys.mailbox.folder; Deferreds fire on the reactor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from mailsys.mailbox.folder import (
+    Folder,
+    MessageInfo,
+    SyncResult,
+    create_folder_dirs,
+)
+
+log = Logger(namespace="mailsys.mailbox")
+
+T = TypeVar("T")
+
+INBOX = "INBOX"
+# Created with every new mailbox (RFC 6154 SPECIAL-USE names that clients recognise).
+DEFAULT_FOLDERS = ("Sent", "Drafts", "Trash", "Junk")
+# A mailbox whose INBOX holds this file has had its default folders created.
+INITIALISED_MARKER = "mailsys-initialised"
+POP3_LOCK_NAME = "mailsys-pop3.lock"
+# Maildir++ separates hierarchy levels with "." in directory names.
+HIERARCHY_SEPARATOR = "."
+
+
+class DiskRunner(Protocol):
+    """Runs blocking work off the reactor thread (mailsys.diskio.DiskPool)."""
+
+    def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...
+
+
+class InvalidMailboxNameError(ValueError):
+    """A mailbox name that cannot name a Maildir under the root."""
+
+
+class InvalidFolderNameError(ValueError):
+    """A folder name that cannot be a Maildir++ folder."""
+
+
+class MailboxInUseError(Exception):
+    """Another POP3 session holds the mailbox (RFC 1939 §8, RFC 2449 [IN-USE])."""
+
+
+@dataclass(frozen=True)
+class FolderChanges:
+    """What a refresh found since the view's previous state."""
+
+    added: tuple[MessageInfo, ...] = ()  # new messages, in UID order
+    expunged: tuple[int, ...] = ()  # UIDs gone (deleted by another session)
+    flags_changed: tuple[MessageInfo, ...] = ()  # messages whose flags another session changed
+    uidvalidity_changed: bool = False  # everything the session knew is void (RFC 3501 §2.3.1.1)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.added or self.expunged or self.flags_changed or self.uidvalidity_changed)
+
+
+def mailbox_path(root: Path, mailbox: str) -> Path:
+    """``root/<domain>/<user>``: the INBOX Maildir of canonical ``user@domain``.
+
+    The same layout as mailsys.delivery.maildir.MaildirWriter.maildir_path.
+    """
+    user, at, domain = mailbox.rpartition("@")
+    domain = domain.lower()
+    for part in (user, domain):
+        if not at or not part or part.startswith(".") or "/" in part or "\0" in part:
+            raise InvalidMailboxNameError(f"not a usable mailbox name: {mailbox!r}")
+    return Path(root) / domain / user
+
+
+def folder_directory(name: str) -> str | None:
+    """The directory (under the INBOX) of folder ``name``, None for the INBOX itself.
+
+    Maildir++ names a folder ".Name", a subfolder ".Name.Sub" (so "." separates levels).
+    """
+    if name.upper() == INBOX:
+        return None
+    parts = name.split(HIERARCHY_SEPARATOR)
+    if (not name or any(not p for p in parts) or "/" in name or "\0" in name
+            or any(c in name for c in "\r\n") or parts[0].upper() == INBOX):
+        raise InvalidFolderNameError(f"not a usable folder name: {name!r}")
+    return "." + name
+
+
+class MailboxLock:
+    """An exclusive POP3 lock on one mailbox; ``release()`` when the session ends."""
+
+    def __init__(self, store: MailboxStore, mailbox: str, fd: int) -> None:
+        self._store = store
+        self.mailbox = mailbox
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.close(fd)  # releases the flock; a tiny syscall, fine on the reactor
+        self._store._pop3_locked.discard(self.mailbox)
+
+
+class MailboxStore:
+    """Every user's mailbox under ``root`` (``root/<domain>/<user>/`` Maildir++)."""
+
+    def __init__(self, root: Path, pool: DiskRunner, *,
+                 default_folders: Iterable[str] = DEFAULT_FOLDERS,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.pool = pool
+        self.default_folders = tuple(default_folders)
+        self._clock = clock
+        self._initialised: set[str] = set()
+        self._pop3_locked: set[str] = set()
+        self._subscribers: dict[tuple[str, str], list[Callable[[], None]]] = {}
+        self._stamps: dict[tuple[str, str], tuple[int, int]] = {}
+        self._polling = False
+
+    # --- paths ----------------------------------------------------------------------------------
+
+    def mailbox_path(self, mailbox: str) -> Path:
+        """The INBOX Maildir of ``mailbox``; InvalidMailboxNameError if unusable."""
+        return mailbox_path(self.root, mailbox)
+
+    def folder_path(self, mailbox: str, folder: str = INBOX) -> Path:
+        """The Maildir directory of ``folder`` in ``mailbox``."""
+        inbox = self.mailbox_path(mailbox)
+        directory = folder_directory(folder)
+        return inbox if directory is None else inbox / directory
+
+    def folder(self, mailbox: str, folder: str = INBOX) -> Folder:
+        """The blocking Folder object (for disk-thread work and tests)."""
+        directory = folder_directory(folder)
+        inbox = self.mailbox_path(mailbox)
+        return Folder(inbox if directory is None else inbox / directory,
+                      subfolder=directory is not None, clock=self._clock)
+
+    # --- opening --------------------------------------------------------------------------------
+
+    def open_folder(self, mailbox: str, folder: str = INBOX) -> Deferred[FolderView]:
+        """Open ``folder`` for a session: its messages with UIDs, sizes and flags.
+
+        Creates the mailbox and its default folders the first time. Fails with
+        FileNotFoundError for a folder that does not exist (the INBOX always does).
+        """
+        try:
+            target = self.folder(mailbox, folder)
+        except (InvalidMailboxNameError, InvalidFolderNameError) as exc:
+            return _failed(exc)
+        name = INBOX if folder.upper() == INBOX else folder
+
+        def work() -> SyncResult:
+            self._initialise(mailbox)
+            if target.subfolder and not target.path.is_dir():
+                raise FileNotFoundError(f"no folder {name!r}")
+            return target.sync()
+
+        def opened(result: SyncResult) -> FolderView:
+            self._initialised.add(mailbox)
+            return FolderView(self, mailbox, name, target, result)
+
+        return self.pool.run(work).addCallback(opened)
+
+    def _initialise(self, mailbox: str) -> None:
+        """Disk thread: create the INBOX and, once per new mailbox, the default folders."""
+        if mailbox in self._initialised:
+            return
+        inbox = self.mailbox_path(mailbox)
+        if (inbox / INITIALISED_MARKER).exists():
+            return
+        create_folder_dirs(inbox, subfolder=False)
+        for name in self.default_folders:
+            create_folder_dirs(inbox / ("." + name), subfolder=True)
+        (inbox / INITIALISED_MARKER).touch(mode=0o600)
+        log.info("created mailbox {mailbox} with folders {folders}", mailbox=mailbox,
+                 folders=", ".join(self.default_folders))
+
+    def list_folders(self, mailbox: str) -> Deferred[list[str]]:
+        """The names of every folder of ``mailbox``, INBOX first, then sorted."""
+        try:
+            inbox = self.mailbox_path(mailbox)
+        except InvalidMailboxNameError as exc:
+            return _failed(exc)
+
+        def work() -> list[str]:
+            self._initialise(mailbox)
+            names = []
+            for entry in os.scandir(inbox):
+                if entry.name.startswith(".") and entry.name not in (".", "..") and entry.is_dir():
+                    names.append(entry.name[1:])
+            return [INBOX, *sorted(names)]
+
+        return self.pool.run(work)
+
+    def create_folder(self, mailbox: str, name: str) -> Deferred[None]:
+        """Create folder ``name`` (and, Maildir++ style, nothing for its parents)."""
+        try:
+            directory = folder_directory(name)
+            inbox = self.mailbox_path(mailbox)
+        except (InvalidMailboxNameError, InvalidFolderNameError) as exc:
+            return _failed(exc)
+        if directory is None:
+            return _failed(FileExistsError("INBOX always exists"))
+
+        def work() -> None:
+            self._initialise(mailbox)
+            if (inbox / directory).exists():
+                raise FileExistsError(f"folder {name!r} exists")
+            create_folder_dirs(inbox / directory, subfolder=True)
+
+        return self.pool.run(work)
+
+    # --- the POP3 maildrop lock -----------------------------------------------------------------
+
+    def lock_mailbox(self, mailbox: str) -> Deferred[MailboxLock]:
+        """Lock ``mailbox`` for one POP3 session; fails with MailboxInUseError if held.
+
+        RFC 1939 §8: a POP3 server must lock the maildrop. The lock is an flock on a file in the
+        INBOX, so a second server process on the same Maildirs respects it too; the kernel drops
+        it if the process dies.
+        """
+        if mailbox in self._pop3_locked:
+            return _failed(MailboxInUseError(mailbox))
+        try:
+            inbox = self.mailbox_path(mailbox)
+        except InvalidMailboxNameError as exc:
+            return _failed(exc)
+        self._pop3_locked.add(mailbox)
+
+        def work() -> int:
+            self._initialise(mailbox)
+            fd = os.open(inbox / POP3_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise MailboxInUseError(mailbox) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        def locked(fd: int) -> MailboxLock:
+            return MailboxLock(self, mailbox, fd)
+
+        def failed(failure: Any) -> Any:
+            self._pop3_locked.discard(mailbox)
+            return failure
+
+        return self.pool.run(work).addCallbacks(locked, failed)
+
+    # --- change notification --------------------------------------------------------------------
+
+    def subscribe(self, mailbox: str, folder: str, callback: Callable[[], None]
+                  ) -> Callable[[], None]:
+        """Call ``callback`` (on the reactor) when ``folder`` of ``mailbox`` may have changed.
+
+        Returns the function that unsubscribes. The callback only says "look again": the
+        session calls FolderView.refresh() to learn what changed.
+        """
+        key = (mailbox, INBOX if folder.upper() == INBOX else folder)
+        self._subscribers.setdefault(key, []).append(callback)
+
+        def unsubscribe() -> None:
+            callbacks = self._subscribers.get(key)
+            if callbacks is not None and callback in callbacks:
+                callbacks.remove(callback)
+                if not callbacks:
+                    del self._subscribers[key]
+                    self._stamps.pop(key, None)
+
+        return unsubscribe
+
+    def notify_changed(self, mailbox: str, folder: str = INBOX) -> None:
+        """Tell the sessions watching ``folder`` that it changed (in-process writers call this)."""
+        key = (mailbox, INBOX if folder.upper() == INBOX else folder)
+        self._stamps.pop(key, None)
+        for callback in list(self._subscribers.get(key, ())):
+            try:
+                callback()
+            except Exception:
+                log.failure("change callback for {mailbox}/{folder} failed",
+                            mailbox=mailbox, folder=key[1])
+
+    def notify_delivered(self, mailbox: str) -> None:
+        """The delivery hook: a message was just delivered to ``mailbox``'s INBOX."""
+        self.notify_changed(mailbox, INBOX)
+
+    def poll(self) -> Deferred[None]:
+        """Look for changes made by other processes in every watched folder (a timer calls it).
+
+        A folder's new/ or cur/ directory changes its mtime whenever a message is added, removed
+        or renamed (flags); the first poll of a folder only records it.
+        """
+        if self._polling or not self._subscribers:
+            return succeed(None)
+        keys = list(self._subscribers)
+        folders: list[Folder | None] = []
+        for key in keys:
+            try:
+                folders.append(self.folder(*key))
+            except (InvalidMailboxNameError, InvalidFolderNameError):
+                folders.append(None)
+
+        def work() -> list[tuple[int, int] | None]:
+            return [folder.stamp() if folder is not None else None for folder in folders]
+
+        def compare(stamps: list[tuple[int, int] | None]) -> None:
+            self._polling = False
+            for key, stamp in zip(keys, stamps, strict=True):
+                if stamp is None or key not in self._subscribers:
+                    continue
+                previous = self._stamps.get(key)
+                self._stamps[key] = stamp
+                if previous is not None and previous != stamp:
+                    self.notify_changed(*key)
+                    self._stamps[key] = stamp
+
+        def failed(failure: Any) -> None:
+            self._polling = False
+            log.failure("polling mailboxes failed", failure)
+
+        self._polling = True
+        return self.pool.run(work).addCallbacks(compare, failed)
+
+
+class FolderView:
+    """One session's view of one folder: the messages as of its last refresh.
+
+    Sessions only ever see their own view change when they call ``refresh()`` (IMAP reports the
+    difference; POP3 never refreshes, RFC 1939 §8). All methods return Deferreds.
+    """
+
+    def __init__(self, store: MailboxStore, mailbox: str, name: str, folder: Folder,
+                 result: SyncResult) -> None:
+        self.store = store
+        self.mailbox = mailbox
+        self.name = name
+        self.folder = folder
+        self.uidvalidity = result.uidvalidity
+        self.uidnext = result.uidnext
+        self.messages: list[MessageInfo] = list(result.messages)
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    def by_uid(self, uid: int) -> MessageInfo | None:
+        """The message with ``uid`` in this view, or None."""
+        for info in self.messages:  # small lists; IMAP may index this later
+            if info.uid == uid:
+                return info
+        return None
+
+    def refresh(self) -> Deferred[FolderChanges]:
+        """Sync with the disk and update this view; fires with what changed."""
+
+        def synced(result: SyncResult) -> FolderChanges:
+            if result.uidvalidity != self.uidvalidity:
+                self.uidvalidity = result.uidvalidity
+                self.uidnext = result.uidnext
+                self.messages = list(result.messages)
+                return FolderChanges(added=result.messages, uidvalidity_changed=True)
+            before = {info.uid: info for info in self.messages}
+            now = {info.uid: info for info in result.messages}
+            added = tuple(info for info in result.messages if info.uid not in before)
+            expunged = tuple(uid for uid in before if uid not in now)
+            changed = tuple(info for uid, info in now.items()
+                            if uid in before and before[uid].flags != info.flags)
+            self.uidnext = result.uidnext
+            self.messages = list(result.messages)
+            return FolderChanges(added, expunged, changed)
+
+        return self.store.pool.run(self.folder.sync).addCallback(synced)
+
+    def read(self, info: MessageInfo) -> Deferred[bytes]:
+        """The message's bytes as stored (fails with MessageVanishedError if expunged)."""
+        return self.store.pool.run(self.folder.read_message, info)
+
+    def read_prefix(self, info: MessageInfo, accept: Callable[[bytes], bool]) -> Deferred[bytes]:
+        """Read in chunks until ``accept(data)`` is true (called in the disk thread) or EOF."""
+        return self.store.pool.run(self.folder.read_prefix, info, accept)
+
+    def open_message(self, info: MessageInfo) -> Deferred[BinaryIO]:
+        """An open file of the message, for streaming large ones; read it in the DiskPool."""
+        return self.store.pool.run(self.folder.open_message, info)
+
+    def set_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]]
+                  ) -> Deferred[list[MessageInfo]]:
+        """Set each message's flags; the view is updated with the new names and flags."""
+        changes = list(changes)
+
+        def done(updated: list[MessageInfo]) -> list[MessageInfo]:
+            by_uid = {info.uid: info for info in updated}
+            self.messages = [by_uid.get(info.uid, info) for info in self.messages]
+            return updated
+
+        return self.store.pool.run(self.folder.set_flags, changes).addCallback(done)
+
+    def delete(self, infos: Iterable[MessageInfo]) -> Deferred[list[int]]:
+        """Delete messages for good (POP3 UPDATE, IMAP EXPUNGE); fires with the UIDs deleted."""
+        infos = list(infos)
+
+        def done(deleted: list[int]) -> list[int]:
+            gone = set(deleted)
+            self.messages = [info for info in self.messages if info.uid not in gone]
+            if deleted:
+                self.store.notify_changed(self.mailbox, self.name)
+            return deleted
+
+        return self.store.pool.run(self.folder.delete, infos).addCallback(done)
+
+
+def _failed(exc: BaseException) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(exc)
+    return d

@@ -1,0 +1,70 @@
+"""Helpers for the mailbox store and POP3 tests: a synchronous disk pool and Maildir fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+E = TypeVar("E", bound=BaseException)
+
+
+class ImmediatePool:
+    """A DiskRunner that runs the work at once on the calling thread (no reactor needed)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.calls += 1
+        try:
+            return succeed(func(*args, **kwargs))
+        except BaseException:
+            return fail()
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired; re-raises its failure."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def failure_of(d: Deferred[Any], kind: type[E]) -> E:
+    """The exception of a Deferred that has failed with ``kind``."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results and isinstance(results[0], Failure), f"expected a failure, got {results}"
+    assert isinstance(results[0].value, kind), results[0].value
+    return results[0].value
+
+
+_counter = 0
+
+
+def deliver(maildir: Path, data: bytes, *, name: str | None = None,
+            mtime: float | None = None) -> str:
+    """Put a message into ``maildir``/new as a delivery agent would; returns its file name."""
+    global _counter
+    _counter += 1
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    name = name or f"{1700000000 + _counter}.M{_counter}P{os.getpid()}.test.host"
+    path = maildir / "new" / name
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return name
+
+
+def message(number: int, body: bytes = b"Hello.\r\n") -> bytes:
+    """A small CRLF message."""
+    return (f"From: sender@example.test\r\nTo: demo@example.test\r\nSubject: message {number}"
+            f"\r\n\r\n").encode() + body

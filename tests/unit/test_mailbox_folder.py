@@ -1,0 +1,304 @@
+"""The blocking Maildir folder: UIDs, the UID file and its rebuild, new/ → cur/, flags, deletion."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from mailsys.mailbox.folder import (
+    Folder,
+    MessageVanishedError,
+    create_folder_dirs,
+    new_uidvalidity,
+)
+from mailsys.mailbox.names import SEEN, parse_name
+from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist
+from tests.unit.mailbox_support import deliver, message
+
+
+class Clock:
+    """A settable wall clock for UIDVALIDITY values."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def folder(tmp_path: Path, clock: Clock) -> Folder:
+    create_folder_dirs(tmp_path / "inbox", subfolder=False)
+    return Folder(tmp_path / "inbox", clock=clock)
+
+
+def uids_and_keys(folder: Folder) -> list[tuple[int, str]]:
+    return [(info.uid, info.key) for info in folder.sync().messages]
+
+
+def test_new_messages_get_ascending_uids_and_move_to_cur(folder: Folder) -> None:
+    """New messages get UIDs 1.. in delivery order and are moved to cur/ with U=, S=, W=."""
+    names = [deliver(folder.path, message(i), mtime=1_700_000_000 + i) for i in range(3)]
+    result = folder.sync()
+    assert [info.uid for info in result.messages] == [1, 2, 3]
+    assert [info.key for info in result.messages] == names
+    assert all(info.recent for info in result.messages)
+    assert os.listdir(folder.path / "new") == []
+    for info in result.messages:
+        parsed = parse_name(info.name)
+        assert (parsed.uid, parsed.size, parsed.wire_size) == (info.uid, info.size, info.wire_size)
+        assert (folder.path / "cur" / info.name).is_file()
+    assert result.uidnext == 4
+    assert result.rebuilt is None
+
+
+def test_second_sync_is_stable_and_not_recent(folder: Folder) -> None:
+    """A second sync keeps UIDs and UIDVALIDITY and reports nothing as recent."""
+    deliver(folder.path, message(1))
+    first = folder.sync()
+    second = folder.sync()
+    assert second.uidvalidity == first.uidvalidity
+    assert [(m.uid, m.key) for m in second.messages] == [(m.uid, m.key) for m in first.messages]
+    assert not any(m.recent for m in second.messages)
+
+
+def test_later_delivery_gets_next_uid(folder: Folder) -> None:
+    """A message delivered after a sync gets the next UID; earlier ones keep theirs."""
+    deliver(folder.path, message(1))
+    folder.sync()
+    key = deliver(folder.path, message(2))
+    result = folder.sync()
+    assert [(m.uid, m.recent) for m in result.messages] == [(1, False), (2, True)]
+    assert result.messages[1].key == key
+
+
+def test_wire_size_of_lf_file(folder: Folder) -> None:
+    """A message stored with bare LF reports its size with CRLF line ends."""
+    deliver(folder.path, b"Subject: x\n\nline\n")
+    (info,) = folder.sync().messages
+    assert info.size == 17
+    assert info.wire_size == 20
+
+
+def test_uid_file_written_atomically_with_entries(folder: Folder) -> None:
+    """The UID file lists every message with its UID, size and wire size."""
+    key = deliver(folder.path, message(1))
+    result = folder.sync()
+    uids = parse_uidlist((folder.path / UIDLIST_NAME).read_text())
+    assert uids.uidvalidity == result.uidvalidity and uids.uidnext == 2
+    assert uids.entries[key].uid == 1
+    assert not [p for p in os.listdir(folder.path) if p.endswith(".tmp")]
+
+
+def test_lost_uid_file_keeps_uids_and_uidvalidity(folder: Folder) -> None:
+    """Without its UID file the folder is rebuilt from the names: same UIDs, same UIDVALIDITY."""
+    for i in range(4):
+        deliver(folder.path, message(i))
+    before = folder.sync()
+    (folder.path / UIDLIST_NAME).unlink()
+    after = folder.sync()
+    assert after.rebuilt is not None and not after.new_uidvalidity
+    assert after.uidvalidity == before.uidvalidity
+    assert [(m.uid, m.key) for m in after.messages] == [(m.uid, m.key) for m in before.messages]
+    assert after.uidnext == before.uidnext
+
+
+def test_corrupt_uid_file_keeps_uids(folder: Folder) -> None:
+    """A UID file with an unreadable header is rebuilt without changing any UID."""
+    for i in range(3):
+        deliver(folder.path, message(i))
+    before = folder.sync()
+    (folder.path / UIDLIST_NAME).write_bytes(b"\x00garbage\nmore garbage")
+    after = folder.sync()
+    assert after.rebuilt is not None
+    assert after.uidvalidity == before.uidvalidity
+    assert [(m.uid, m.key) for m in after.messages] == [(m.uid, m.key) for m in before.messages]
+
+
+def test_damaged_lines_are_dropped_and_uids_kept(folder: Folder) -> None:
+    """Damaged lines in a readable UID file are dropped; every UID is still kept."""
+    for i in range(3):
+        deliver(folder.path, message(i))
+    before = folder.sync()
+    path = folder.path / UIDLIST_NAME
+    lines = path.read_text().split("\n")
+    lines[2] = "not a line"
+    path.write_text("\n".join(lines))
+    after = folder.sync()
+    assert after.rebuilt is not None and "damaged" in after.rebuilt
+    assert [(m.uid, m.key) for m in after.messages] == [(m.uid, m.key) for m in before.messages]
+
+
+def test_expunged_top_uid_never_reused_after_loss(folder: Folder) -> None:
+    """After the highest message is deleted and the UID file lost, its UID is not given again."""
+    for i in range(3):
+        deliver(folder.path, message(i))
+    messages = folder.sync().messages
+    assert folder.delete([messages[2]]) == [3]
+    assert (folder.path / UIDVALIDITY_NAME).read_text().split() == [
+        str(folder.sync().uidvalidity), "4"]
+    (folder.path / UIDLIST_NAME).unlink()
+    deliver(folder.path, message(9))
+    after = folder.sync()
+    assert [m.uid for m in after.messages] == [1, 2, 4]
+
+
+def test_lost_everything_gives_new_higher_uidvalidity(folder: Folder, clock: Clock) -> None:
+    """With the UID file, the side file and every U= gone, the folder gets a new UIDVALIDITY."""
+    for i in range(2):
+        deliver(folder.path, message(i))
+    before = folder.sync()
+    for name in os.listdir(folder.path / "cur"):
+        os.rename(folder.path / "cur" / name, folder.path / "cur" / parse_name(name).key)
+    (folder.path / UIDLIST_NAME).unlink()
+    (folder.path / UIDVALIDITY_NAME).unlink()
+    clock.now += 10
+    after = folder.sync()
+    assert after.new_uidvalidity and after.rebuilt is not None
+    assert after.uidvalidity > before.uidvalidity
+    assert sorted(m.uid for m in after.messages) == [1, 2]
+    assert all(parse_name(m.name).uid == m.uid for m in after.messages)
+
+
+def test_side_file_alone_with_lost_list_keeps_uidvalidity(folder: Folder) -> None:
+    """Messages whose names lost U= get new UIDs above UIDNEXT; UIDVALIDITY stays."""
+    deliver(folder.path, message(1))
+    before = folder.sync()
+    (info,) = before.messages
+    os.rename(folder.path / "cur" / info.name, folder.path / "cur" / info.key)
+    (folder.path / UIDLIST_NAME).unlink()
+    after = folder.sync()
+    assert after.uidvalidity == before.uidvalidity
+    assert [m.uid for m in after.messages] == [2]
+
+
+def test_foreign_file_in_cur_gets_uid_and_name_fields(folder: Folder) -> None:
+    """A message another program put in cur/ gets a UID and our fields in its name."""
+    deliver(folder.path, message(1))
+    folder.sync()
+    (folder.path / "cur" / "999.foreign.host:2,S").write_bytes(b"Subject: f\n\nx\n")
+    result = folder.sync()
+    foreign = next(m for m in result.messages if m.key == "999.foreign.host")
+    assert foreign.uid == 2 and foreign.flags == frozenset("S")
+    assert parse_name(foreign.name).uid == 2
+
+
+def test_copied_file_with_stale_uid_gets_a_new_one(folder: Folder) -> None:
+    """A file copied in with a U= that belongs to another message gets its own UID."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    (folder.path / "cur" / f"copy.host,U={info.uid}:2,").write_bytes(b"x\r\n")
+    result = folder.sync()
+    assert sorted((m.key, m.uid) for m in result.messages) == sorted(
+        [(info.key, 1), ("copy.host", 2)])
+
+
+def test_two_files_with_one_key_are_both_kept(folder: Folder) -> None:
+    """Two files sharing a unique name (a broken Maildir) are kept as two messages."""
+    deliver(folder.path, message(1), name="same.key")
+    (folder.path / "cur" / "same.key:2,S").write_bytes(b"other\r\n")
+    result = folder.sync()
+    assert len(result.messages) == 2
+    assert len({m.key for m in result.messages}) == 2
+
+
+def test_set_flags_renames_and_survives_resync(folder: Folder) -> None:
+    """Flags are kept in the name's info; UIDs do not change with them."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    (updated,) = folder.set_flags([(info, frozenset({SEEN, "F"}))])
+    assert updated.name.endswith(":2,FS")
+    (again,) = folder.sync().messages
+    assert again.flags == frozenset("FS") and again.uid == info.uid
+
+
+def test_read_after_rename_by_another_session(folder: Folder) -> None:
+    """A message renamed by another session (flags) is still read through its key."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    other = Folder(folder.path)
+    other.set_flags([(info, frozenset({SEEN}))])
+    assert folder.read_message(info) == message(1)
+
+
+def test_read_deleted_message_raises(folder: Folder) -> None:
+    """Reading a message another session deleted raises MessageVanishedError."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    Folder(folder.path).delete([info])
+    with pytest.raises(MessageVanishedError):
+        folder.read_message(info)
+
+
+def test_delete_removes_files_and_lines(folder: Folder) -> None:
+    """Deleted messages leave the directory and the UID file; others keep their UIDs."""
+    for i in range(3):
+        deliver(folder.path, message(i))
+    messages = folder.sync().messages
+    assert folder.delete([messages[0]]) == [1]
+    result = folder.sync()
+    assert [m.uid for m in result.messages] == [2, 3]
+    assert len(parse_uidlist((folder.path / UIDLIST_NAME).read_text()).entries) == 2
+
+
+def test_edited_file_gets_wire_size_recomputed(folder: Folder) -> None:
+    """A file whose size changed under its name gets a fresh wire size."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    (folder.path / "cur" / info.name).write_bytes(b"a\nb\n")
+    (again,) = folder.sync().messages
+    assert again.uid == info.uid and again.wire_size == 6
+
+
+def test_read_prefix_stops_early(folder: Folder) -> None:
+    """read_prefix returns once the predicate accepts what was read."""
+    deliver(folder.path, b"A: 1\r\n\r\n" + b"x" * 600_000)
+    (info,) = folder.sync().messages
+    data = folder.read_prefix(info, lambda prefix: b"\r\n\r\n" in prefix)
+    assert len(data) < 600_000
+
+
+def test_concurrent_sessions_never_share_a_uid(tmp_path: Path) -> None:
+    """Two sessions syncing one folder at the same time while mail arrives agree on every UID."""
+    path = tmp_path / "inbox"
+    create_folder_dirs(path, subfolder=False)
+    seen: list[dict[str, int]] = []
+    errors: list[BaseException] = []
+
+    def session() -> None:
+        folder = Folder(path)
+        try:
+            for _ in range(20):
+                seen.append({m.key: m.uid for m in folder.sync().messages})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def delivery() -> None:
+        for i in range(40):
+            deliver(path, message(i))
+
+    threads = [threading.Thread(target=f) for f in (session, session, delivery)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    final = {m.key: m.uid for m in Folder(path).sync().messages}
+    assert len(final) == 40 and sorted(final.values()) == list(range(1, 41))
+    for snapshot in seen:
+        for key, uid in snapshot.items():
+            assert final[key] == uid
+
+
+def test_new_uidvalidity_always_grows() -> None:
+    """A new UIDVALIDITY is above the previous one even if the clock went back."""
+    assert new_uidvalidity(None, 1_800_000_000.5) == 1_800_000_000
+    assert new_uidvalidity(1_900_000_000, 1_800_000_000.0) == 1_900_000_001
