@@ -53,9 +53,10 @@ class MailService(MultiService):
     """The running mail system: disk pool, spool recovery, queue runner and listeners."""
 
     def __init__(self, pool: DiskPool, spool: Spool, runner: QueueRunner,
-                 tls: ServerTLS | None, reactor: Any) -> None:
+                 tls: ServerTLS | None, reactor: Any, auth_pool: DiskPool | None = None) -> None:
         super().__init__()
         self.pool = pool
+        self._pools = [pool] if auth_pool is None else [pool, auth_pool]
         self.spool = spool
         self.runner = runner
         self.tls = tls
@@ -87,7 +88,8 @@ class MailService(MultiService):
 
     @override
     def startService(self) -> None:
-        self.pool.start()
+        for pool in self._pools:
+            pool.start()
         envelopes = self.spool.recover()
         if envelopes:
             log.info("spool recovery: {count} message(s) to deliver", count=len(envelopes))
@@ -105,7 +107,8 @@ class MailService(MultiService):
         d: Deferred[None] = maybeDeferred(super().stopService)
 
         def stop_pool(result: object) -> object:
-            self.pool.stop()
+            for pool in self._pools:
+                pool.stop()
             return result
 
         d.addBoth(stop_pool)
@@ -161,12 +164,15 @@ def build_service(config: Config, reactor: Any) -> MailService:
                             on_delivered=mailboxes.notify_delivered)
     runner = QueueRunner(spool, {TargetKind.LOCAL: maildir}, clock=reactor)
     sink = QueueSink(spool, runner)
-    service = MailService(pool, spool, runner, tls, reactor)
+    # Password hashing (argon2id, ~50 ms of CPU each) gets threads of its own: a burst of logins
+    # must not hold up the fsyncs that every 250 waits for.
+    auth_pool = DiskPool(reactor, max_threads=2, name="auth")
+    service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
     runner.setServiceParent(service)
 
     # --- logins: one portal and one throttle for SMTP AUTH and POP3, so a password guesser
     # cannot start afresh by switching protocols ---
-    portal = build_portal(users, pool.run)
+    portal = build_portal(users, auth_pool.run)
     throttle = LoginThrottle(
         reactor,
         base_delay=config.auth.throttle_base_delay,

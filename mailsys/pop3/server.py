@@ -985,6 +985,8 @@ class POP3Session(Protocol):
 class POP3ServerFactory(ServerFactory):
     """Builds POP3 sessions for one listener."""
 
+    noisy = False  # no 'Starting factory' lines: the service logs its listeners
+
     def __init__(
         self,
         settings: POP3Settings,

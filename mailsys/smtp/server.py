@@ -986,6 +986,8 @@ class SMTPSession(Protocol):
 class SMTPServerFactory(ServerFactory):
     """Builds SMTP sessions for one listener and counts them, in total and per client address."""
 
+    noisy = False  # no 'Starting factory' lines: the service logs its listeners
+
     def __init__(
         self,
         settings: SMTPSettings,
