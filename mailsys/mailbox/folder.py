@@ -21,6 +21,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from mailsys.diskio import fsync_directory
 from mailsys.mailbox.names import MaildirName, format_base, parse_name, render_flags
 from mailsys.mailbox.uidlist import (
     MAX_UID,
+    UIDLIST_NAME,
     CorruptUidListError,
     UidEntry,
     UidList,
@@ -81,6 +83,28 @@ class SyncResult:
 
 _process_locks: dict[str, threading.Lock] = {}
 _process_locks_guard = threading.Lock()
+
+# A folder whose new/, cur/ and UID file are unchanged since a sync that found nothing to do is
+# not scanned again (SELECT, STATUS and refreshes of a large folder then cost a few stat calls).
+# Directory mtimes come from a coarse kernel clock, so a stamp is trusted only when it was
+# already SETTLE_SECONDS old as the scan began: a change after the scan then always moves it
+# (Dovecot trusts maildir mtimes by the same rule).
+SETTLE_SECONDS = 2.0
+SYNC_CACHE_FOLDERS = 256
+_sync_cache: OrderedDict[str, tuple[tuple[int, ...], SyncResult]] = OrderedDict()
+_sync_cache_guard = threading.Lock()
+
+
+def _folder_stamp(path: str) -> tuple[int, ...] | None:
+    """The state sync() depends on: new/ and cur/ (mtime, inode) and the UID file's stat."""
+    try:
+        new = os.stat(f"{path}/new")
+        cur = os.stat(f"{path}/cur")
+        uids = os.stat(f"{path}/{UIDLIST_NAME}")
+    except FileNotFoundError:
+        return None
+    return (new.st_mtime_ns, cur.st_mtime_ns, uids.st_mtime_ns, new.st_ino, cur.st_ino,
+            uids.st_ino, uids.st_size)
 
 
 def _process_lock(directory: Path) -> threading.Lock:
@@ -178,8 +202,29 @@ class Folder:
         every UID that can still be known; only when the UIDVALIDITY itself is lost does the
         folder get a new one.
         """
+        key = os.fspath(self.path)
         with self.locked():
-            return self._sync_locked()
+            before = _folder_stamp(key)
+            if before is not None:
+                with _sync_cache_guard:
+                    cached = _sync_cache.get(key)
+                    if cached is not None and cached[0] == before:
+                        _sync_cache.move_to_end(key)
+                        return cached[1]
+            started_ns = time.time_ns()
+            result = self._sync_locked()
+            after = _folder_stamp(key)
+            settled = before is not None and max(before[:3]) < started_ns - int(
+                SETTLE_SECONDS * 1e9)
+            with _sync_cache_guard:
+                if after is not None and after == before and settled:
+                    _sync_cache[key] = (after, result)
+                    _sync_cache.move_to_end(key)
+                    while len(_sync_cache) > SYNC_CACHE_FOLDERS:
+                        _sync_cache.popitem(last=False)
+                else:
+                    _sync_cache.pop(key, None)
+            return result
 
     def _sync_locked(self) -> SyncResult:
         try:

@@ -389,7 +389,15 @@ class FolderView:
             self.messages = list(result.messages)
             return FolderChanges(added, expunged, changed)
 
-        return self.store.pool.run(self.folder.sync).addCallback(synced)
+        folder = self.folder
+
+        def work() -> SyncResult:
+            # A folder deleted or renamed meanwhile must not be recreated by syncing it.
+            if folder.subfolder and not folder.path.is_dir():
+                raise FileNotFoundError(f"folder {self.name!r} is gone")
+            return folder.sync()
+
+        return self.store.pool.run(work).addCallback(synced)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
         """The message's bytes as stored (fails with MessageVanishedError if expunged)."""

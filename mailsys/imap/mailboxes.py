@@ -1,0 +1,324 @@
+"""IMAP commands on the mailbox tree: CREATE, DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST
+(RFC 3501 §6.3.8 with RFC 5258 LIST-EXTENDED, RFC 6154 SPECIAL-USE, RFC 5819 LIST-STATUS),
+LSUB and STATUS.
+
+``MailboxCommands`` is mixed into IMAPSession (mailsys.imap.session), which provides the
+connection, the selected mailbox and the helpers declared below.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.python.failure import Failure
+
+from mailsys.imap.names import (
+    SEPARATOR,
+    MailboxNameError,
+    decode_mutf7,
+    encode_mutf7,
+    pattern_regex,
+    special_use,
+)
+from mailsys.imap.parser import ParseError, Reader
+from mailsys.imap.responses import string, tagged, untagged
+from mailsys.mailbox import hierarchy
+from mailsys.mailbox.folder import MessageInfo
+from mailsys.mailbox.names import SEEN, TRASHED
+from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError, MailboxStore
+
+if TYPE_CHECKING:
+    from mailsys.imap.session import Selected
+
+OK, NO = b"OK", b"NO"
+STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE")
+
+
+class MailboxCommands:
+    """The mailbox-tree commands of an IMAP session."""
+
+    # Provided by IMAPSession.
+    _store: MailboxStore
+    _mailbox: str | None
+    _selected: Selected | None
+    run: Callable[..., Deferred[Any]]
+    write: Callable[[bytes], None]
+    _deselect: Callable[[], None]
+    _notify: Callable[[str], None]
+    _mailbox_name: Callable[[Reader], str]
+
+    def _inbox(self) -> Path:
+        assert self._mailbox is not None
+        return self._store.mailbox_path(self._mailbox)
+
+    def _do_create(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.end()
+        if name == INBOX:
+            return tagged(tag, NO, "INBOX always exists", "ALREADYEXISTS")
+        assert self._mailbox is not None
+        inbox = self._inbox()
+
+        def created(_: object) -> bytes:
+            return tagged(tag, OK, "CREATE completed")
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileExistsError):
+                return tagged(tag, NO, "Mailbox already exists", "ALREADYEXISTS")
+            if failure.check(InvalidFolderNameError):
+                return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
+            return failure
+
+        return self._store.list_folders(self._mailbox).addCallback(
+            lambda _: self.run(hierarchy.create_folder_tree, inbox, name)).addCallbacks(
+            created, failed)
+
+    def _do_delete(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.end()
+        if name == INBOX:
+            return tagged(tag, NO, "The INBOX cannot be deleted", "CANNOT")
+        if self._selected is not None and self._selected.view.name == name:
+            self._deselect()
+
+        def deleted(_: object) -> bytes:
+            self._notify(name)
+            return tagged(tag, OK, "DELETE completed")
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError, InvalidFolderNameError):
+                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            if failure.check(hierarchy.FolderHasChildrenError):
+                return tagged(tag, NO, "Mailbox has children; delete them first", "INUSE")
+            return failure
+
+        return self.run(hierarchy.delete_folder, self._inbox(), name).addCallbacks(
+            deleted, failed)
+
+    def _do_rename(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        reader.space()
+        old = self._mailbox_name(reader)
+        reader.space()
+        new = self._mailbox_name(reader)
+        reader.end()
+        selected = self._selected
+        if selected is not None and (selected.view.name == old or
+                                     selected.view.name.startswith(old + SEPARATOR)):
+            self._deselect()
+
+        def renamed(_: object) -> bytes:
+            self._notify(old)
+            return tagged(tag, OK, "RENAME completed")
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileExistsError):
+                return tagged(tag, NO, "Target mailbox exists", "ALREADYEXISTS")
+            if failure.check(FileNotFoundError):
+                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            if failure.check(InvalidFolderNameError):
+                return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
+            return failure
+
+        return self.run(hierarchy.rename_folder, self._inbox(), old, new).addCallbacks(
+            renamed, failed)
+
+    def _do_subscribe(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        return self._subscription(tag, reader, True)
+
+    def _do_unsubscribe(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        return self._subscription(tag, reader, False)
+
+    def _subscription(self, tag: bytes, reader: Reader, subscribe: bool) -> Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.end()
+        verb = "SUBSCRIBE" if subscribe else "UNSUBSCRIBE"
+        return self.run(hierarchy.set_subscribed, self._inbox(), name, subscribe).addCallback(
+            lambda _: tagged(tag, OK, f"{verb} completed"))
+
+    def _do_list(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        # RFC 3501 §6.3.8, with RFC 5258 LIST-EXTENDED, RFC 6154 and RFC 5819 LIST-STATUS.
+        reader.space()
+        selection: list[bytes] = []
+        if reader.peek_is(b"("):
+            selection = [s.upper() for s in reader.paren_list(reader.atom)]
+            reader.space()
+        reference = self._pattern(reader.astring())
+        reader.space()
+        if reader.peek_is(b"("):
+            patterns = [self._pattern(p) for p in reader.paren_list(reader.list_mailbox,
+                                                                     allow_empty=False)]
+        else:
+            patterns = [self._pattern(reader.list_mailbox())]
+        returns: set[bytes] = set()
+        status_items: list[str] = []
+        if reader.accept(b" "):
+            if reader.atom().upper() != b"RETURN":
+                raise ParseError("Expected RETURN")
+            reader.space()
+            reader.expect(b"(")
+            while not reader.accept(b")"):
+                option = reader.atom().upper()
+                returns.add(option)
+                if option == b"STATUS":
+                    reader.space()
+                    status_items = self._status_items(reader)
+                reader.accept(b" ")
+        reader.end()
+        if patterns == [""] and not selection:
+            # RFC 3501 §6.3.8: the hierarchy delimiter and root.
+            self.write(untagged(f'LIST (\\Noselect) "{SEPARATOR}" ""'))
+            return tagged(tag, OK, "LIST completed")
+        subscribed_only = b"SUBSCRIBED" in selection
+        want_subscribed = subscribed_only or b"SUBSCRIBED" in returns
+        special_only = b"SPECIAL-USE" in selection
+        regexes = [pattern_regex(reference, pattern) for pattern in patterns]
+        return self._listing(tag, "LIST", regexes, want_subscribed, subscribed_only,
+                             special_only, status_items)
+
+    def _do_lsub(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        reader.space()
+        reference = self._pattern(reader.astring())
+        reader.space()
+        pattern = self._pattern(reader.list_mailbox())
+        reader.end()
+        return self._listing(tag, "LSUB", [pattern_regex(reference, pattern)], True, True,
+                             False, [])
+
+    def _pattern(self, raw: bytes) -> str:
+        try:
+            return decode_mutf7(raw.decode("ascii"))
+        except (UnicodeDecodeError, MailboxNameError):
+            raise ParseError("Invalid mailbox name") from None
+
+    def _listing(self, tag: bytes, verb: str, regexes: list[re.Pattern[str]],
+                 want_subscribed: bool, subscribed_only: bool, special_only: bool,
+                 status_items: list[str]) -> Deferred[bytes]:
+        assert self._mailbox is not None
+        inbox = self._inbox()
+
+        def listed(names: list[str]) -> Deferred[bytes]:
+            if want_subscribed:
+                return self.run(hierarchy.read_subscriptions, inbox).addCallback(
+                    lambda subs: answer(names, set(names) if subs is None else set(subs)))
+            return answer(names, set())
+
+        def answer(names: list[str], subscribed: set[str]) -> Deferred[bytes]:
+            existing = set(names)
+            everything = set(existing)
+            for name in names:
+                levels = name.split(SEPARATOR)
+                for depth in range(1, len(levels)):
+                    everything.add(SEPARATOR.join(levels[:depth]))
+            if subscribed_only:
+                everything |= subscribed
+            ordered = sorted(everything, key=lambda n: (n != INBOX, n))
+            lines: list[bytes] = []
+            statuses: list[str] = []
+            for name in ordered:
+                if not any(regex.match(name) for regex in regexes):
+                    continue
+                if subscribed_only and name not in subscribed:
+                    continue
+                use = special_use(name)
+                if special_only and use is None:
+                    continue
+                attributes = []
+                if name not in existing:
+                    attributes.append("\\NonExistent" if subscribed_only else "\\Noselect")
+                if verb == "LIST":
+                    prefix = name + SEPARATOR
+                    children = any(other.startswith(prefix) for other in everything)
+                    attributes.append("\\HasChildren" if children else "\\HasNoChildren")
+                    if use is not None:
+                        attributes.append(use)
+                    if want_subscribed and name in subscribed:
+                        attributes.append("\\Subscribed")
+                lines.append(b"* " + verb.encode() + b" (" + " ".join(attributes).encode()
+                             + b') "' + SEPARATOR.encode() + b'" '
+                             + string(encode_mutf7(name).encode("ascii")) + b"\r\n")
+                if status_items and name in existing:
+                    statuses.append(name)
+                    lines.append(b"")  # where its STATUS goes
+            if not status_items:
+                self.write(b"".join(lines))
+                return succeed(tagged(tag, OK, f"{verb} completed"))
+            return self._list_statuses(lines, statuses, status_items).addCallback(
+                lambda _: tagged(tag, OK, f"{verb} completed"))
+
+        return self._store.list_folders(self._mailbox).addCallback(listed)
+
+    def _list_statuses(self, lines: list[bytes], names: list[str], items: list[str]
+                       ) -> Deferred[None]:
+        """Write the LIST lines, each followed by its STATUS (RFC 5819), in order."""
+        slots = [i for i, line in enumerate(lines) if line == b""]
+        queries = [self._status_line(name, items).addErrback(lambda _: b"")
+                   for name in names]
+        d: Deferred[list[bytes]] = gatherResults(queries)
+
+        def done(results: list[bytes]) -> None:
+            for slot, line in zip(slots, results, strict=True):
+                lines[slot] = line
+            self.write(b"".join(lines))
+
+        return d.addCallback(done)
+
+    def _status_items(self, reader: Reader) -> list[str]:
+        items = [item.upper().decode("ascii", "replace")
+                 for item in reader.paren_list(reader.atom, allow_empty=False)]
+        for item in items:
+            if item not in STATUS_ITEMS:
+                raise ParseError(f"Unknown STATUS item {item[:20]}")
+        return items
+
+    def _do_status(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.space()
+        items = self._status_items(reader)
+        reader.end()
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError, InvalidFolderNameError):
+                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            return failure
+
+        def answer(line: bytes) -> bytes:
+            self.write(line)
+            return tagged(tag, OK, "STATUS completed")
+
+        return self._status_line(name, items).addCallbacks(answer, failed)
+
+    def _status_line(self, name: str, items: list[str]) -> Deferred[bytes]:
+        assert self._mailbox is not None
+
+        def render(messages: list[MessageInfo], uidnext: int, uidvalidity: int,
+                   recent: int) -> bytes:
+            values = {
+                "MESSAGES": len(messages), "RECENT": recent, "UIDNEXT": uidnext,
+                "UIDVALIDITY": uidvalidity,
+                "UNSEEN": sum(1 for info in messages if SEEN not in info.flags),
+                "DELETED": sum(1 for info in messages if TRASHED in info.flags),
+                "SIZE": sum(info.wire_size for info in messages),
+            }
+            body = " ".join(f"{item} {values[item]}" for item in items)
+            return (b"* STATUS " + string(encode_mutf7(name).encode("ascii")) + b" ("
+                    + body.encode() + b")\r\n")
+
+        selected = self._selected
+        if selected is not None and selected.view.name == name:
+            view = selected.view
+            return succeed(render(view.messages, view.uidnext, view.uidvalidity,
+                                  len(selected.recent)))
+
+        def opened(view: FolderView) -> bytes:
+            return render(view.messages, view.uidnext, view.uidvalidity,
+                          sum(1 for info in view.messages if info.recent))
+
+        return self._store.open_folder(self._mailbox, name).addCallback(opened)

@@ -1,0 +1,1330 @@
+"""The IMAP server engine: one ``IMAPSession`` per connection, from greeting to LOGOUT.
+
+This module owns the dialogue (RFC 3501 IMAP4rev1 and the extensions listed in CAPABILITY): the
+states (not authenticated, authenticated, selected, logout), login (LOGIN, AUTHENTICATE PLAIN
+with SASL-IR, STARTTLS), the mailbox commands, and telling a session what other sessions and
+deliveries changed (EXISTS, EXPUNGE and FETCH FLAGS, RFC 3501 §7). Commands are handled strictly
+one at a time, in order; one waiting for the disk holds those pipelined behind it.
+
+IMAP sessions never take the POP3 maildrop lock (RFC 1939 §8): RFC 3501 lets several sessions
+share a mailbox, and the store's per-folder locks keep UIDs and flags consistent while a POP3
+session holds its lock. A POP3 session's deletions then reach IMAP sessions as EXPUNGEs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import calendar
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ISSLTransport,
+    ITLSTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+from mailsys.auth.portal import MailUser, login
+from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
+from mailsys.auth.throttle import LoginThrottle
+from mailsys.config import Config
+from mailsys.imap import fetch as fetching
+from mailsys.imap import search as searching
+from mailsys.imap.fetchrun import FetchRun
+from mailsys.imap.flags import RECENT, FlagError, letters_of, names_of, split_flags
+from mailsys.imap.mailboxes import MailboxCommands
+from mailsys.imap.names import (
+    SEPARATOR,
+    MailboxNameError,
+    canonical,
+    decode_mutf7,
+)
+from mailsys.imap.parser import (
+    Command,
+    ContinueLiteral,
+    Framer,
+    ParseError,
+    Reader,
+    Rejected,
+    Rejection,
+    SequenceSet,
+    tag_of,
+)
+from mailsys.imap.responses import (
+    MONTHS,
+    number_set,
+    tagged,
+    untagged,
+)
+from mailsys.mailbox.folder import Folder, MessageInfo
+from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
+from mailsys.mailbox.names import SEEN, TRASHED
+from mailsys.mailbox.store import (
+    FolderView,
+    InvalidFolderNameError,
+    MailboxStore,
+)
+from mailsys.mailbox.transfer import Added, append_message, copy_messages
+
+log = Logger(namespace="mailsys.imap")
+
+# Before login a connection gets this long between commands (RFC 3501 §5.4 sets the 30-minute
+# minimum for authenticated sessions only).
+PREAUTH_TIMEOUT = 180.0
+SEARCH_BATCH = 1000
+_MAX_BUFFER_WHILE_WAITING = 256 * 1024
+_DATE_TIME = re.compile(
+    r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
+
+OK, NO, BAD = b"OK", b"NO", b"BAD"
+
+
+class TLSContextSource(TypingProtocol):
+    """Where STARTTLS gets its server TLS context (mailsys.tls.ServerTLS, with reloads)."""
+
+    def server_context(self) -> IOpenSSLServerConnectionCreator:
+        """The current server context; may raise if no usable certificate is loaded."""
+
+
+@dataclass(frozen=True)
+class IMAPSettings:
+    """Everything an IMAP listener needs to know besides its collaborators."""
+
+    hostname: str
+    allow_plaintext_auth: bool = False
+    idle_timeout: float = 1800.0
+    max_literal_size: int = 50 * 1024 * 1024
+    max_command_length: int = 64 * 1024
+    max_bad_commands: int = 20
+    implicit_tls: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config, *, implicit_tls: bool = False) -> IMAPSettings:
+        """The settings of an [imap] listener (993-style when ``implicit_tls``)."""
+        imap = config.imap
+        return cls(
+            hostname=config.server.hostname,
+            allow_plaintext_auth=imap.allow_plaintext_auth,
+            idle_timeout=imap.idle_timeout,
+            max_literal_size=imap.max_literal_size,
+            max_command_length=imap.max_command_length,
+            max_bad_commands=imap.max_bad_commands,
+            implicit_tls=implicit_tls,
+        )
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+_ANY = frozenset(State) - {State.LOGOUT}
+_AUTHED = frozenset({State.AUTHENTICATED, State.SELECTED})
+_SELECTED = frozenset({State.SELECTED})
+_NOT_AUTHED = frozenset({State.NOT_AUTHENTICATED})
+
+
+@dataclass
+class Selected:
+    """The selected mailbox: the session's view, and what it has told the client."""
+
+    view: FolderView
+    readonly: bool
+    keywords: list[str]
+    recent: set[int]
+    unsubscribe: Callable[[], None]
+    exists: int = 0  # the message count the client was last told
+    dirty: bool = False  # the folder may have changed since the last refresh
+    _uids: list[int] = field(default_factory=list)
+    _uids_of: list[MessageInfo] | None = None
+    flag_cache: dict[tuple[frozenset[str], bool], bytes] = field(default_factory=dict)
+
+    def uids(self) -> list[int]:
+        """The UIDs in sequence order (rebuilt when the view's list changed)."""
+        if self._uids_of is not self.view.messages:
+            self._uids = [info.uid for info in self.view.messages]
+            self._uids_of = self.view.messages
+        return self._uids
+
+    def position(self, uid: int) -> int | None:
+        """The 0-based position of ``uid`` in the view, or None."""
+        uids = self.uids()
+        index = bisect.bisect_left(uids, uid)
+        return index if index < len(uids) and uids[index] == uid else None
+
+    def flags(self, info: MessageInfo) -> bytes:
+        """The message's flag list (without parentheses), \\Recent included."""
+        recent = info.uid in self.recent
+        key = (info.flags, recent)
+        cached = self.flag_cache.get(key)
+        if cached is None:
+            names = names_of(info.flags, self.keywords)
+            if recent:
+                names.append(RECENT)
+            cached = self.flag_cache[key] = " ".join(names).encode("utf-8", "replace")
+        return cached
+
+    def flag_names(self) -> bytes:
+        names = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", "$Forwarded"]
+        names += [k for k in self.keywords if k]
+        return " ".join(names).encode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    handler: Callable[[bytes, Reader, bool], bytes | Deferred[bytes] | None]
+    states: frozenset[State]
+    # RFC 3501 §7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (their UID forms
+    # may): changes are reported at the end of every other command.
+    updates: bool = True
+    updates_with_uid: bool = True
+
+
+class IMAPSession(MailboxCommands, Protocol):
+    """One IMAP connection."""
+
+    def __init__(self, factory: IMAPServerFactory) -> None:
+        self._factory = factory
+        self._settings = factory.settings
+        self._store = factory.store
+        self._clock = factory.clock
+        self._framer = Framer(self._settings.max_command_length, self._settings.max_literal_size)
+        self._state = State.NOT_AUTHENTICATED
+        self._secure = False
+        self._client_address = ""
+        self._mailbox: str | None = None
+        self._selected: Selected | None = None
+        self._waiting = False
+        self._processing = False
+        self._reading_paused = False
+        self._closing = False
+        self._disconnected = False
+        self._close_after_reply = False
+        self._timer: IDelayedCall | None = None
+        self._errors = 0
+        self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
+        self._idle_tag: bytes | None = None  # IDLE in progress
+        self._notifying = False  # our own change notification: not news to us
+        self._commands: dict[bytes, _Spec] = {
+            b"CAPABILITY": _Spec(self._do_capability, _ANY),
+            b"NOOP": _Spec(self._do_noop, _ANY),
+            b"LOGOUT": _Spec(self._do_logout, _ANY, updates=False),
+            b"ID": _Spec(self._do_id, _ANY),
+            b"STARTTLS": _Spec(self._do_starttls, _NOT_AUTHED, updates=False),
+            b"LOGIN": _Spec(self._do_login, _NOT_AUTHED, updates=False),
+            b"AUTHENTICATE": _Spec(self._do_authenticate, _NOT_AUTHED, updates=False),
+            b"ENABLE": _Spec(self._do_enable, _AUTHED),
+            b"NAMESPACE": _Spec(self._do_namespace, _AUTHED),
+            b"SELECT": _Spec(self._do_select, _AUTHED, updates=False),
+            b"EXAMINE": _Spec(self._do_examine, _AUTHED, updates=False),
+            b"CREATE": _Spec(self._do_create, _AUTHED),
+            b"DELETE": _Spec(self._do_delete, _AUTHED),
+            b"RENAME": _Spec(self._do_rename, _AUTHED),
+            b"SUBSCRIBE": _Spec(self._do_subscribe, _AUTHED),
+            b"UNSUBSCRIBE": _Spec(self._do_unsubscribe, _AUTHED),
+            b"LIST": _Spec(self._do_list, _AUTHED),
+            b"LSUB": _Spec(self._do_lsub, _AUTHED),
+            b"STATUS": _Spec(self._do_status, _AUTHED),
+            b"APPEND": _Spec(self._do_append, _AUTHED),
+            b"IDLE": _Spec(self._do_idle, _AUTHED, updates=False),
+            b"CHECK": _Spec(self._do_check, _SELECTED),
+            b"CLOSE": _Spec(self._do_close, _SELECTED, updates=False),
+            b"UNSELECT": _Spec(self._do_unselect, _SELECTED, updates=False),
+            b"EXPUNGE": _Spec(self._do_expunge, _SELECTED),
+            b"SEARCH": _Spec(self._do_search, _SELECTED, updates=False),
+            b"FETCH": _Spec(self._do_fetch, _SELECTED, updates=False),
+            b"STORE": _Spec(self._do_store, _SELECTED, updates=False),
+            b"COPY": _Spec(self._do_copy, _SELECTED),
+            b"MOVE": _Spec(self._do_move, _SELECTED),
+        }
+        self._uid_commands = {b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE"}
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    @property
+    def transport_(self) -> ITransport:
+        return self._transport
+
+    @property
+    def consumer(self) -> IConsumer:
+        return cast(IConsumer, self._transport)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def run(self, func: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Blocking work in the store's disk pool."""
+        return self._store.pool.run(func, *args)
+
+    def write(self, data: bytes) -> None:
+        if not self._disconnected and data:
+            self._transport.write(data)
+
+    # --- connection events (Twisted) -----------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._transport: ITransport = transport
+        peer = transport.getPeer()
+        self._client_address = str(getattr(peer, "host", ""))
+        # RFC 8314 §3.3: on 993 the session is TLS from the first byte.
+        self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
+        self._timer = self._clock.callLater(self._timeout(), self._idle_timeout)
+        log.info("imap connect from [{client}] tls={tls}", client=self._client_address,
+                 tls=self._secure)
+        self.write(untagged(f"OK [CAPABILITY {self._capabilities()}] "
+                            f"{self._settings.hostname} IMAP4rev1 server ready"))
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._disconnected:
+            return
+        self._disconnected = True
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._deselect()
+        log.info("imap disconnect from [{client}] user={user}", client=self._client_address,
+                 user=self._mailbox)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._timeout())
+        self._framer.feed(data)
+        if not self._waiting:
+            self._process()
+        elif self._framer.pending > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
+            self._reading_paused = True
+            _call(self._transport, "pauseProducing")
+
+    def _timeout(self) -> float:
+        if self._state is State.NOT_AUTHENTICATED:
+            return min(PREAUTH_TIMEOUT, self._settings.idle_timeout)
+        return self._settings.idle_timeout
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        if self._disconnected or self._closing:
+            return
+        if self._waiting and self._idle_tag is None:
+            # We are the slow one (disk, password check, a big FETCH): not the client's fault.
+            self._timer = self._clock.callLater(self._timeout(), self._idle_timeout)
+            return
+        # RFC 3501 §5.4: an inactivity autologout, announced by an untagged BYE.
+        log.info("imap idle timeout for [{client}] user={user}", client=self._client_address,
+                 user=self._mailbox)
+        self.write(untagged("BYE Autologout; idle for too long"))
+        self._close()
+
+    # --- the input loop ------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle buffered input until it runs out, an answer is awaited, or we close."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._waiting and not self._closing and self._step():
+                pass
+        except Exception:
+            # Never a traceback to the peer: log it, say something safe, close.
+            log.failure("internal error in IMAP session with [{client}]",
+                        client=self._client_address)
+            self.write(untagged("BYE Internal server error"))
+            self._close()
+        finally:
+            self._processing = False
+
+    def _step(self) -> bool:
+        if self._idle_tag is not None or self._sasl_tag is not None:
+            line = self._framer.next_line()
+            if line is None:
+                return False
+            if isinstance(line, Rejected):
+                line = b""
+            if self._idle_tag is not None:
+                self._idle_line(line)
+            else:
+                self._sasl_line(line)
+            return True
+        event = self._framer.next_event()
+        if event is None:
+            return False
+        if isinstance(event, ContinueLiteral):
+            # RFC 3501 §7.5: the command continuation request for a synchronizing literal.
+            self.write(b"+ Ready for literal data\r\n")
+        elif isinstance(event, Rejected):
+            tag = event.tag or b"*"
+            if event.reason is Rejection.LITERAL_TOO_BIG:
+                # RFC 4469 §7 / RFC 7889: TOOBIG; the literal was not read (or was dropped).
+                self._answer(tagged(tag, NO, "Literal too large", "TOOBIG"))
+            else:
+                self._answer(tagged(tag, BAD, event.reason.value))
+        elif isinstance(event, Command):
+            self._dispatch(event.data)
+        return True
+
+    def _dispatch(self, data: bytes) -> None:
+        reader = Reader(data)
+        try:
+            tag = reader.tag()
+            reader.space()
+            name = reader.atom().upper()
+        except ParseError:
+            tag = tag_of(data)
+            self._answer(tagged(tag, BAD, "Missing command") if tag else
+                         untagged("BAD Missing or invalid tag"))
+            return
+        uid = False
+        if name == b"UID":
+            try:
+                reader.space()
+                name = reader.atom().upper()
+            except ParseError:
+                self._answer(tagged(tag, BAD, "UID needs a command"))
+                return
+            if name not in self._uid_commands:
+                self._answer(tagged(tag, BAD, "Unknown UID command"))
+                return
+            uid = True
+        spec = self._commands.get(name)
+        if spec is None:
+            self._answer(tagged(tag, BAD, "Unknown command"))
+            return
+        if self._state not in spec.states:
+            self._answer(tagged(tag, BAD, f"{name.decode()} not allowed "
+                                          f"in the {self._state.value} state"))
+            return
+        try:
+            result = spec.handler(tag, reader, uid)
+        except searching.BadCharsetError:
+            result = tagged(tag, NO, "Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        except ParseError as exc:
+            result = tagged(tag, BAD, str(exc) or "Syntax error")
+        except Exception:
+            log.failure("imap {command} failed for [{client}]", command=name.decode(),
+                        client=self._client_address)
+            result = tagged(tag, NO, "Internal server error", "SERVERBUG")
+        self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
+
+    def _deliver(self, tag: bytes, result: bytes | Deferred[bytes] | None,
+                 updates: bool) -> None:
+        """Send a command's tagged answer, with the mailbox's news before it when allowed."""
+        if result is None:
+            return
+        if isinstance(result, bytes):
+            if not (updates and self._selected is not None and self._selected.dirty):
+                self._answer(result)
+                return
+            result = succeed(result)
+        self._waiting = True
+
+        def with_updates(line: bytes) -> bytes | Deferred[bytes]:
+            if updates and self._selected is not None and self._selected.dirty:
+                return self._report_changes().addCallback(lambda _: line)
+            return line
+
+        def unexpected(failure: Failure) -> bytes:
+            log.failure("imap command failed for [{client}]", failure,
+                        client=self._client_address)
+            return tagged(tag, NO, "Internal server error", "SERVERBUG")
+
+        chain: Deferred[Any] = result.addCallback(with_updates)
+        chain.addErrback(unexpected)
+        chain.addCallback(self._resume)
+
+    def _resume(self, line: bytes) -> None:
+        if self._disconnected:
+            return
+        self._waiting = False
+        self._answer(line)
+        if self._reading_paused:
+            self._reading_paused = False
+            _call(self._transport, "resumeProducing")
+        if not self._closing:
+            self._process()
+
+    def _answer(self, line: bytes) -> None:
+        """Write a command's final answer; count BADs; close when the session is over."""
+        if self._disconnected:
+            return
+        self.write(line)
+        if line.split(b" ", 2)[1:2] == [BAD]:
+            self._errors += 1
+            if self._errors >= self._settings.max_bad_commands and not self._closing:
+                log.info("imap too many bad commands from [{client}]",
+                         client=self._client_address)
+                self.write(untagged("BYE Too many invalid commands"))
+                self._close()
+                return
+        if self._close_after_reply and not self._closing:
+            self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if not self._disconnected:
+            self._transport.loseConnection()
+
+    # --- capabilities and state ----------------------------------------------------------------
+
+    def _plaintext_ok(self) -> bool:
+        return self._secure or self._settings.allow_plaintext_auth
+
+    def _can_starttls(self) -> bool:
+        return (self._factory.tls is not None and not self._secure
+                and ITLSTransport.providedBy(self._transport))
+
+    def _capabilities(self) -> str:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        if self._state is State.NOT_AUTHENTICATED:
+            if self._can_starttls():
+                caps.append("STARTTLS")
+            # RFC 3501 §6.2.3 / RFC 8314: no passwords in the clear unless allowed.
+            caps.append("AUTH=PLAIN" if self._plaintext_ok() else "LOGINDISABLED")
+        else:
+            caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
+                     "LIST-EXTENDED", "LIST-STATUS",
+                     f"APPENDLIMIT={self._settings.max_literal_size}"]
+        return " ".join(caps)
+
+    def _mailbox_name(self, reader: Reader) -> str:
+        """A mailbox argument as the store names it (modified UTF-7 decoded)."""
+        raw = reader.astring()
+        try:
+            return canonical(decode_mutf7(raw.decode("ascii")))
+        except (UnicodeDecodeError, MailboxNameError):
+            raise ParseError("Invalid mailbox name") from None
+
+    # --- any state -----------------------------------------------------------------------------
+
+    def _do_capability(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        reader.end()
+        self.write(untagged(f"CAPABILITY {self._capabilities()}"))
+        return tagged(tag, OK, "CAPABILITY completed")
+
+    def _do_noop(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        reader.end()
+        if self._selected is not None:
+            self._selected.dirty = True  # NOOP is how clients poll (RFC 3501 §6.1.2)
+        return tagged(tag, OK, "NOOP completed")
+
+    def _do_check(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        reader.end()
+        assert self._selected is not None
+        self._selected.dirty = True
+        return tagged(tag, OK, "CHECK completed")
+
+    def _do_logout(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        reader.end()
+        self._state = State.LOGOUT
+        self._close_after_reply = True
+        self.write(untagged("BYE Logging out"))
+        return tagged(tag, OK, "LOGOUT completed")
+
+    def _do_id(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        # RFC 2971: the client's identification (NIL or a list of pairs), then ours.
+        reader.space()
+        if not reader.accept(b"NIL") and not reader.accept(b"nil"):
+            items = reader.paren_list(reader.nstring)
+            if len(items) % 2 or len(items) > 60:
+                raise ParseError("ID needs field/value pairs")
+            fields = {(k or b"").decode("utf-8", "replace")[:30]:
+                      (v or b"").decode("utf-8", "replace")[:60]
+                      for k, v in zip(items[::2], items[1::2], strict=True)}
+            log.info("imap client [{client}] id {fields}", client=self._client_address,
+                     fields=fields)
+        reader.end()
+        self.write(untagged('ID ("name" "mailsys" "vendor" "mailsys")'))
+        return tagged(tag, OK, "ID completed")
+
+    def _do_enable(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        # RFC 5161: nothing we offer needs enabling yet; ENABLED lists none of them.
+        reader.space()
+        reader.atom()
+        while reader.accept(b" "):
+            reader.atom()
+        reader.end()
+        self.write(untagged("ENABLED"))
+        return tagged(tag, OK, "ENABLE completed")
+
+    def _do_namespace(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        reader.end()
+        # RFC 2342: one personal namespace, no prefix, "." between levels.
+        self.write(untagged(f'NAMESPACE (("" "{SEPARATOR}")) NIL NIL'))
+        return tagged(tag, OK, "NAMESPACE completed")
+
+    # --- not authenticated ---------------------------------------------------------------------
+
+    def _do_starttls(self, tag: bytes, reader: Reader, uid: bool) -> bytes | None:
+        reader.end()
+        if self._secure:
+            return tagged(tag, BAD, "TLS is already active")
+        tls = self._factory.tls
+        if tls is None or not self._can_starttls():
+            return tagged(tag, NO, "TLS is not available")
+        try:
+            context = tls.server_context()
+        except Exception:
+            log.failure("imap no TLS context for STARTTLS from [{client}]",
+                        client=self._client_address)
+            return tagged(tag, NO, "TLS is not available")
+        self.write(tagged(tag, OK, "Begin TLS negotiation now"))
+        # RFC 3501 §6.2.1 / CVE-2011-0411: plaintext pipelined after STARTTLS is not run
+        # inside TLS; it is dropped.
+        dropped = self._framer.clear()
+        if dropped:
+            log.info("imap discarded {dropped} plaintext bytes after STARTTLS from [{client}]",
+                     dropped=dropped, client=self._client_address)
+        ITLSTransport(self._transport).startTLS(context)
+        self._secure = True
+        log.info("imap STARTTLS with [{client}]", client=self._client_address)
+        return None
+
+    def _do_login(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        user = reader.astring()
+        reader.space()
+        password = reader.astring()
+        reader.end()
+        if not self._plaintext_ok():
+            return tagged(tag, NO, "Plaintext authentication disallowed without TLS",
+                          "PRIVACYREQUIRED")
+        return self._authenticate(tag, user.decode("utf-8", "surrogateescape"),
+                                  password.decode("utf-8", "surrogateescape"))
+
+    def _do_authenticate(self, tag: bytes, reader: Reader, uid: bool
+                         ) -> bytes | Deferred[bytes] | None:
+        reader.space()
+        mechanism = reader.atom().upper()
+        initial: bytes | None = None
+        if reader.accept(b" "):
+            initial = reader.data[reader.position:]  # RFC 4959 SASL-IR
+            reader.position = len(reader.data)
+        if mechanism != b"PLAIN":
+            return tagged(tag, NO, "Unsupported authentication mechanism", "CANNOT")
+        if not self._plaintext_ok():
+            return tagged(tag, NO, "Plaintext authentication disallowed without TLS",
+                          "PRIVACYREQUIRED")
+        if initial is None:
+            self._sasl_tag = tag
+            self.write(b"+ \r\n")  # RFC 4616: PLAIN starts with an empty challenge
+            return None
+        return self._sasl_response(tag, initial)
+
+    def _sasl_line(self, line: bytes) -> None:
+        tag, self._sasl_tag = self._sasl_tag, None
+        assert tag is not None
+        self._deliver(tag, self._sasl_response(tag, line), updates=False)
+
+    def _sasl_response(self, tag: bytes, line: bytes) -> bytes | Deferred[bytes]:
+        if line.strip() == b"*":
+            # RFC 3501 §6.2.2: a cancelled exchange is answered BAD.
+            return tagged(tag, BAD, "Authentication cancelled")
+        try:
+            plain = decode_plain(decode_base64(line))
+        except SASLError as exc:
+            log.info("imap bad AUTHENTICATE PLAIN from [{client}]: {reason}",
+                     client=self._client_address, reason=str(exc))
+            return tagged(tag, BAD, "Malformed authentication response")
+        if plain.authzid and plain.authzid != plain.authcid:
+            return self._login_failed(tag, plain.authcid)
+        return self._authenticate(tag, plain.authcid, plain.password)
+
+    def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes] | bytes:
+        throttle = self._factory.throttle
+        address = self._client_address
+        if throttle.blocked(address):
+            log.info("imap login refused for [{client}]: throttled", client=address)
+            self._close_after_reply = True
+            self.write(untagged("BYE Too many failed logins; try again later"))
+            return tagged(tag, NO, "Too many failed logins", "UNAVAILABLE")
+        d = maybeDeferred(login, self._factory.portal, user, password)
+
+        def failed(failure: Failure) -> Failure | Deferred[bytes]:
+            if not isinstance(failure.value, UnauthorizedLogin):
+                return failure
+            return self._login_failed(tag, user)
+
+        return d.addCallbacks(lambda avatar: self._logged_in(tag, avatar), failed)
+
+    def _login_failed(self, tag: bytes, user: str) -> Deferred[bytes]:
+        throttle = self._factory.throttle
+        address = self._client_address
+        throttle.failed(address)
+        delay = throttle.delay_for(address)
+        log.info("imap login failed for {user} from [{client}]", user=user, client=address)
+        d: Deferred[bytes] = Deferred()
+
+        def answer() -> None:
+            if throttle.blocked(address):
+                # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
+                self.write(untagged("BYE Too many failed logins; try again later"))
+                self._close_after_reply = True
+            d.callback(tagged(tag, NO, "Authentication failed", "AUTHENTICATIONFAILED"))
+
+        self._clock.callLater(delay, answer)
+        return d
+
+    def _logged_in(self, tag: bytes, user: MailUser) -> bytes:
+        self._factory.throttle.succeeded(self._client_address)
+        self._mailbox = user.mailbox
+        self._state = State.AUTHENTICATED
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout())
+        log.info("imap login {user} from [{client}]", user=user.mailbox,
+                 client=self._client_address)
+        return tagged(tag, OK, "Logged in", f"CAPABILITY {self._capabilities()}")
+
+    # --- selecting ------------------------------------------------------------------------------
+
+    def _deselect(self) -> None:
+        selected, self._selected = self._selected, None
+        if selected is not None:
+            selected.unsubscribe()
+        if self._state is State.SELECTED:
+            self._state = State.AUTHENTICATED
+
+    def _do_select(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        return self._open(tag, reader, readonly=False)
+
+    def _do_examine(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
+        return self._open(tag, reader, readonly=True)
+
+    def _open(self, tag: bytes, reader: Reader, readonly: bool) -> Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        if reader.accept(b" "):
+            reader.paren_list(reader.atom)  # select parameters (RFC 4466): none we act on
+        reader.end()
+        # RFC 3501 §6.3.1: SELECT first deselects; a failed SELECT leaves none selected.
+        self._deselect()
+        mailbox = self._mailbox
+        assert mailbox is not None
+        verb = "EXAMINE" if readonly else "SELECT"
+
+        def opened(view: FolderView) -> Deferred[bytes]:
+            return self.run(read_keywords, view.path).addCallback(
+                lambda keywords: answer(view, keywords))
+
+        def answer(view: FolderView, keywords: list[str]) -> bytes:
+            if self._disconnected:
+                return b""
+            unsubscribe = self._store.subscribe(mailbox, view.name, self._changed)
+            recent = {info.uid for info in view.messages if info.recent}
+            selected = Selected(view, readonly, keywords, recent, unsubscribe,
+                                exists=len(view.messages))
+            self._selected = selected
+            self._state = State.SELECTED
+            flags = selected.flag_names()
+            out = [untagged(b"FLAGS (" + flags + b")"),
+                   untagged(b"OK [PERMANENTFLAGS (" + (b"" if readonly else flags + b" \\*")
+                            + b")] Flags permitted"),
+                   untagged(b"%d EXISTS" % len(view.messages)),
+                   untagged(b"%d RECENT" % len(recent))]
+            unseen = next((n for n, info in enumerate(view.messages, 1)
+                           if SEEN not in info.flags), None)
+            if unseen is not None:
+                out.append(untagged(b"OK [UNSEEN %d] First unseen" % unseen))
+            out.append(untagged(b"OK [UIDVALIDITY %d] UIDs valid" % view.uidvalidity))
+            out.append(untagged(b"OK [UIDNEXT %d] Predicted next UID" % view.uidnext))
+            self.write(b"".join(out))
+            log.info("imap {verb} {user} {folder} messages={count}", verb=verb,
+                     user=mailbox, folder=view.name, count=len(view.messages))
+            return tagged(tag, OK, f"{verb} completed",
+                          "READ-ONLY" if readonly else "READ-WRITE")
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError, InvalidFolderNameError):
+                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            return failure
+
+        return self._store.open_folder(mailbox, name).addCallbacks(opened, failed)
+
+    def _do_close(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        self._deselect()
+        if selected.readonly:
+            return tagged(tag, OK, "CLOSE completed")
+        # RFC 3501 §6.4.2: CLOSE expunges silently.
+        doomed = [info for info in selected.view.messages if TRASHED in info.flags]
+        if not doomed:
+            return tagged(tag, OK, "CLOSE completed")
+        return self._delete_quietly(selected.view, doomed).addCallback(
+            lambda _: tagged(tag, OK, "CLOSE completed"))
+
+    def _do_unselect(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
+        reader.end()
+        self._deselect()  # RFC 3691: like CLOSE, without the expunge
+        return tagged(tag, OK, "UNSELECT completed")
+
+    def _delete_quietly(self, view: FolderView, infos: list[MessageInfo]) -> Deferred[list[int]]:
+        self._notifying = True
+        try:
+            return view.delete(infos)
+        finally:
+            self._notifying = False
+
+    # --- change reports (RFC 3501 §7.3.1, §7.4.1) --------------------------------------------
+
+    def _changed(self) -> None:
+        """The store says our folder may have changed (a delivery, another session)."""
+        if self._notifying or self._selected is None:
+            return
+        self._selected.dirty = True
+        if self._idle_tag is not None and not self._waiting:
+            # RFC 2177: while idling, news goes out at once.
+            self._waiting = True
+
+            def done(_: object) -> None:
+                self._waiting = False
+                if not self._closing:
+                    self._process()
+
+            self._report_changes().addBoth(done)
+
+    def _report_changes(self) -> Deferred[None]:
+        """Refresh the view and tell the client what changed: EXPUNGE, EXISTS, RECENT, FLAGS."""
+        selected = self._selected
+        if selected is None:
+            return succeed(None)
+        selected.dirty = False
+        before = selected.view.messages
+
+        def refreshed(changes: Any) -> Deferred[None] | None:
+            if self._selected is not selected or self._disconnected:
+                return None
+            view = selected.view
+            if changes.uidvalidity_changed:
+                self.write(untagged("BYE The mailbox's UIDs were reset; please reconnect"))
+                self._close()
+                return None
+            out: list[bytes] = []
+            if changes.expunged:
+                positions = {info.uid: n for n, info in enumerate(before, 1)}
+                for seq in sorted((positions[u] for u in changes.expunged if u in positions),
+                                  reverse=True):
+                    out.append(b"* %d EXPUNGE\r\n" % seq)
+                    selected.exists -= 1  # the client counts each EXPUNGE itself
+                selected.recent.difference_update(changes.expunged)
+            for info in changes.added:
+                if info.recent:
+                    selected.recent.add(info.uid)
+            if len(view.messages) != selected.exists or changes.added:
+                selected.exists = len(view.messages)
+                out.append(b"* %d EXISTS\r\n" % selected.exists)
+                out.append(b"* %d RECENT\r\n" % len(selected.recent))
+            unknown = any(letter.islower() and not _has_keyword(selected.keywords, letter)
+                          for info in (*changes.added, *changes.flags_changed)
+                          for letter in info.flags)
+            self.write(b"".join(out))
+
+            def report_flags(_: object = None) -> None:
+                lines = []
+                for info in changes.flags_changed:
+                    position = selected.position(info.uid)
+                    if position is not None:
+                        lines.append(b"* %d FETCH (UID %d FLAGS (%s))\r\n" % (
+                            position + 1, info.uid, selected.flags(info)))
+                self.write(b"".join(lines))
+
+            if not unknown:
+                report_flags()
+                return None
+
+            def reload(keywords: list[str]) -> None:
+                selected.keywords = keywords
+                selected.flag_cache.clear()
+                self.write(untagged(b"FLAGS (" + selected.flag_names() + b")"))
+                report_flags()
+
+            return cast(Deferred[None], self.run(read_keywords, view.path).addCallback(reload))
+
+        def failed(failure: Failure) -> None:
+            if self._selected is not selected:
+                return
+            if failure.check(FileNotFoundError):
+                self.write(untagged("BYE The selected mailbox was deleted or renamed"))
+            else:
+                log.failure("imap refresh failed for {user}", failure, user=self._mailbox)
+                self.write(untagged("BYE Internal server error"))
+            self._deselect()
+            self._close()
+
+        return selected.view.refresh().addCallback(refreshed).addErrback(failed)
+
+    # --- IDLE (RFC 2177) ------------------------------------------------------------------------
+
+    def _do_idle(self, tag: bytes, reader: Reader, uid: bool) -> None:
+        reader.end()
+        self._idle_tag = tag
+        self.write(b"+ idling\r\n")
+        if self._selected is not None and self._selected.dirty:
+            self._changed()
+        return None
+
+    def _idle_line(self, line: bytes) -> None:
+        tag, self._idle_tag = self._idle_tag, None
+        assert tag is not None
+        if line.strip().upper() == b"DONE":
+            self._answer(tagged(tag, OK, "IDLE terminated"))
+        else:
+            self._answer(tagged(tag, BAD, "Expected DONE"))
+
+    # --- mailboxes ------------------------------------------------------------------------------
+
+    def _notify(self, folder: str) -> None:
+        """Tell the other sessions on ``folder`` that it changed. If it is our own selected
+        folder and the change was not made through our view (APPEND, COPY into it), we refresh
+        too."""
+        assert self._mailbox is not None
+        self._notifying = True
+        try:
+            self._store.notify_changed(self._mailbox, folder)
+        finally:
+            self._notifying = False
+
+    def _added_to(self, folder: str) -> None:
+        self._notify(folder)
+        if self._selected is not None and self._selected.view.name == folder:
+            self._selected.dirty = True
+
+    # --- APPEND ---------------------------------------------------------------------------------
+
+    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.space()
+        flags: list[str] = []
+        if reader.peek_is(b"("):
+            flags = [f.decode("utf-8", "replace") for f in reader.flag_list()]
+            reader.space()
+        date: float | None = None
+        if reader.peek_is(b'"'):
+            date = parse_date_time(reader.quoted())
+            reader.space()
+        data = reader.literal()
+        reader.end()
+        if not data:
+            return tagged(tag, NO, "Cannot store an empty message")
+        try:
+            letters, keywords = split_flags(flags)
+        except FlagError:
+            raise ParseError("Invalid flag in APPEND") from None
+        assert self._mailbox is not None
+        try:
+            folder = self._store.folder(self._mailbox, name)
+        except InvalidFolderNameError:
+            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+        mailbox = self._mailbox
+
+        def appended(added: Added) -> bytes:
+            self._added_to(canonical(name))
+            log.info("imap APPEND {user} {folder} uid={uid}", user=mailbox, folder=name,
+                     uid=added.uids[0][1] if added.uids else None)
+            if not added.uids:
+                return tagged(tag, OK, "APPEND completed")
+            # RFC 4315 §3: APPENDUID uidvalidity uid.
+            return tagged(tag, OK, "APPEND completed",
+                          f"APPENDUID {added.uidvalidity} {added.uids[0][1]}")
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError):
+                # RFC 3501 §6.3.11: TRYCREATE tells the client to CREATE and retry.
+                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+            if failure.check(TooManyKeywordsError):
+                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
+            return failure
+
+        return self._store.list_folders(mailbox).addCallback(
+            lambda _: self.run(_append, folder, data, frozenset(letters), keywords, date)
+        ).addCallbacks(appended, failed)
+
+    # --- messages of the selected mailbox --------------------------------------------------
+
+    def _targets(self, numbers: SequenceSet, uid: bool) -> list[tuple[int, MessageInfo]]:
+        """(sequence number, message) for a sequence set or UID set, in mailbox order."""
+        selected = self._selected
+        assert selected is not None
+        messages = selected.view.messages
+        if not messages:
+            return []
+        if uid:
+            uids = selected.uids()
+            ranges = numbers.resolve(uids[-1])
+            if len(ranges) == 1:  # the common "1:*" or "n:m": one slice, in order
+                start = bisect.bisect_left(uids, ranges[0][0])
+                end = bisect.bisect_right(uids, ranges[0][1])
+                return list(zip(range(start + 1, end + 1), messages[start:end], strict=True))
+            positions: set[int] = set()
+            for low, high in ranges:
+                start = bisect.bisect_left(uids, low)
+                end = bisect.bisect_right(uids, high)
+                positions.update(range(start, end))
+            return [(p + 1, messages[p]) for p in sorted(positions)]
+        largest = len(messages)
+        ranges = numbers.resolve(largest)
+        if any(high > largest for _, high in ranges):
+            raise ParseError("Invalid message sequence number")
+        if len(ranges) == 1:
+            low, high = ranges[0]
+            return list(zip(range(low, high + 1), messages[low - 1:high], strict=True))
+        positions = set()
+        for low, high in ranges:
+            positions.update(range(low - 1, high))
+        return [(p + 1, messages[p]) for p in sorted(positions)]
+
+    def _do_fetch(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        numbers = reader.sequence_set()
+        reader.space()
+        items = fetching.parse_fetch_items(reader)
+        if reader.accept(b" "):
+            reader.paren_list(reader.atom)  # fetch modifiers (RFC 4466): none we act on
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        targets = self._targets(numbers, uid)
+        verb = "UID FETCH" if uid else "FETCH"
+        if not targets:
+            return tagged(tag, OK, f"{verb} completed")
+        run = FetchRun(self, selected, targets, items, with_uid=uid)
+
+        def done(complete: bool) -> bytes:
+            if complete:
+                return tagged(tag, OK, f"{verb} completed")
+            # RFC 5530: some of the messages were expunged by another session.
+            return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
+
+        return run.start().addCallback(done)
+
+    def _do_store(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        numbers = reader.sequence_set()
+        reader.space()
+        if reader.peek_is(b"("):
+            reader.paren_list(reader.atom)  # store modifiers (RFC 4466): none we act on
+            reader.space()
+        action = reader.atom().upper()
+        mode = action.lstrip(b"+-")
+        if mode not in (b"FLAGS", b"FLAGS.SILENT") or action[:1] == action[1:2] == b"+":
+            raise ParseError("Expected FLAGS, +FLAGS or -FLAGS")
+        operation = action[:1] if action[:1] in (b"+", b"-") else b""
+        silent = mode.endswith(b".SILENT")
+        reader.space()
+        if reader.peek_is(b"("):
+            raw = reader.flag_list()
+        else:
+            raw = [reader.flag()]
+            while reader.accept(b" "):
+                raw.append(reader.flag())
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        verb = "UID STORE" if uid else "STORE"
+        if selected.readonly:
+            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+        try:
+            letters, keywords = split_flags(f.decode("utf-8", "replace") for f in raw)
+        except FlagError:
+            raise ParseError("Invalid flag") from None
+        targets = self._targets(numbers, uid)
+        if not targets:
+            return tagged(tag, OK, f"{verb} completed")
+        view = selected.view
+
+        def apply(keyword_slots: list[str]) -> Deferred[bytes]:
+            if keyword_slots != selected.keywords:
+                selected.keywords = keyword_slots
+                selected.flag_cache.clear()
+                names = selected.flag_names()
+                self.write(untagged(b"FLAGS (" + names + b")")
+                           + untagged(b"OK [PERMANENTFLAGS (" + names + b" \\*)] Flags"))
+            wanted = frozenset(letters) | letters_of(keywords, selected.keywords)
+            changes = []
+            for _, info in targets:
+                if operation == b"+":
+                    flags = info.flags | wanted
+                elif operation == b"-":
+                    flags = info.flags - wanted
+                else:
+                    # Letters nobody maps (another client's) are kept: we cannot show them.
+                    unknown = frozenset(letter for letter in info.flags if letter.islower()
+                                        and not _has_keyword(selected.keywords, letter))
+                    flags = wanted | unknown
+                changes.append((info, flags))
+
+            def stored(updated: list[MessageInfo]) -> bytes:
+                if any(new.flags != old.flags for (old, _), new in
+                       zip(changes, updated, strict=False)):
+                    self._notify(view.name)
+                present = {info.uid: info for info in updated}
+                lines = []
+                for _, info in targets:
+                    now = present.get(info.uid)
+                    if now is None:
+                        continue
+                    position = selected.position(info.uid)
+                    if not silent and position is not None:
+                        uid_part = b"UID %d " % now.uid if uid else b""
+                        lines.append(b"* %d FETCH (%sFLAGS (%s))\r\n" % (
+                            position + 1, uid_part, selected.flags(now)))
+                self.write(b"".join(lines))
+                if len(present) < len(targets):
+                    return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
+                return tagged(tag, OK, f"{verb} completed")
+
+            return view.set_flags(changes).addCallback(stored)
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(TooManyKeywordsError):
+                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
+            return failure
+
+        if keywords and any(_letter(selected.keywords, k) is None for k in keywords):
+            d: Deferred[list[str]] = self.run(define_keywords, view.folder, keywords)
+        else:
+            d = succeed(selected.keywords)
+        applied: Deferred[Any] = d.addCallback(apply)
+        return cast(Deferred[bytes], applied.addErrback(failed))
+
+    def _do_search(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        if reader.data[reader.position:reader.position + 7].upper() == b"RETURN ":
+            raise ParseError("SEARCH RETURN (ESEARCH) is not supported")
+        key = searching.parse_search(reader, uid=uid)
+        selected = self._selected
+        assert selected is not None
+        messages = selected.view.messages
+        recent = selected.recent
+        need = key.need
+        folder = selected.view.folder if need is not fetching.Need.NOTHING else None
+        candidates = [searching.Candidate(seq, info, info.uid in recent, folder)
+                      for seq, info in enumerate(messages, 1)]
+        context = searching.Context(len(messages), messages[-1].uid if messages else 0,
+                                    list(selected.keywords))
+
+        def answer(found: list[searching.Candidate]) -> bytes:
+            numbers = [c.info.uid if uid else c.seq for c in found]
+            self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+            return tagged(tag, OK, "UID SEARCH completed" if uid else "SEARCH completed")
+
+        if need is fetching.Need.NOTHING:
+            return answer(searching.run(key, candidates, context))
+        # Header searches mostly hit the header cache: one disk-thread call. Body searches read
+        # every file: several calls, so that the disk threads work in parallel.
+        batch = SEARCH_BATCH if need is fetching.Need.WHOLE else 50 * SEARCH_BATCH
+        chunks = [candidates[i:i + batch] for i in range(0, len(candidates), batch)]
+        d: Deferred[list[list[searching.Candidate]]] = gatherResults(
+            [self.run(searching.run, key, chunk, context) for chunk in chunks])
+        return d.addCallback(lambda parts: answer([c for part in parts for c in part]))
+
+    def _do_expunge(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        numbers = None
+        if uid:
+            reader.space()
+            numbers = reader.sequence_set()  # RFC 4315 §2.1 UID EXPUNGE
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        if selected.readonly:
+            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+        largest = selected.view.messages[-1].uid if selected.view.messages else 0
+        doomed = [info for info in selected.view.messages if TRASHED in info.flags
+                  and (numbers is None or numbers.contains(info.uid, largest))]
+        return self._expunge(doomed).addCallback(
+            lambda _: tagged(tag, OK, "EXPUNGE completed"))
+
+    def _expunge(self, doomed: list[MessageInfo]) -> Deferred[None]:
+        """Delete messages of the selected mailbox and send their EXPUNGE responses."""
+        selected = self._selected
+        assert selected is not None
+        if not doomed:
+            return succeed(None)
+        before = selected.view.messages
+        positions = {info.uid: n for n, info in enumerate(before, 1)}
+
+        def deleted(uids: list[int]) -> None:
+            seqs = sorted((positions[u] for u in uids if u in positions), reverse=True)
+            self.write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
+            selected.recent.difference_update(uids)
+            selected.exists -= len(seqs)
+
+        return self._delete_quietly(selected.view, doomed).addCallback(deleted)
+
+    def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        return self._transfer(tag, reader, uid, move=False)
+
+    def _do_move(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        return self._transfer(tag, reader, uid, move=True)
+
+    def _transfer(self, tag: bytes, reader: Reader, uid: bool, *, move: bool
+                  ) -> bytes | Deferred[bytes]:
+        reader.space()
+        numbers = reader.sequence_set()
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.end()
+        selected = self._selected
+        assert selected is not None and self._mailbox is not None
+        verb = ("UID " if uid else "") + ("MOVE" if move else "COPY")
+        if move and selected.readonly:
+            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+        try:
+            target = self._store.folder(self._mailbox, name)
+        except InvalidFolderNameError:
+            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+        if move and target.path == selected.view.path:
+            return tagged(tag, NO, "Cannot move a message into its own mailbox", "CANNOT")
+        targets = self._targets(numbers, uid)
+        if not targets:
+            return tagged(tag, OK, f"{verb} completed")
+        infos = [info for _, info in targets]
+        source = selected.view.folder
+
+        def copied(added: Added) -> bytes | Deferred[bytes]:
+            self._added_to(canonical(name))
+            code = None
+            if added.uids:
+                # RFC 4315 §3: COPYUID uidvalidity source-uids target-uids, in pairs.
+                code = (f"COPYUID {added.uidvalidity} "
+                        f"{number_set([s for s, _ in added.uids]).decode()} "
+                        f"{number_set([t for _, t in added.uids]).decode()}")
+            if not move:
+                return tagged(tag, OK, f"{verb} completed", code)
+            if code is not None:
+                # RFC 6851 §4.3: COPYUID comes in an untagged OK before the EXPUNGEs.
+                self.write(untagged(f"OK [{code}] Moved"))
+            moved = {s for s, _ in added.uids}
+            return self._expunge([info for info in infos if info.uid in moved]).addCallback(
+                lambda _: tagged(tag, OK, f"{verb} completed"))
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError):
+                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+            if failure.check(TooManyKeywordsError):
+                return tagged(tag, NO, "Too many keywords in the target mailbox", "LIMIT")
+            return failure
+
+        return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
+            copied, failed)
+
+
+def _has_keyword(keywords: list[str], letter: str) -> bool:
+    index = ord(letter) - ord("a")
+    return 0 <= index < len(keywords) and bool(keywords[index])
+
+
+def _letter(keywords: list[str], name: str) -> str | None:
+    from mailsys.mailbox.keywords import letter_of
+
+    return letter_of(keywords, name)
+
+
+def parse_date_time(value: bytes) -> float:
+    """An APPEND date-time ("dd-Mon-yyyy hh:mm:ss +zzzz", RFC 3501 §9) as seconds."""
+    match = _DATE_TIME.match(value.decode("ascii", "replace"))
+    if match is None:
+        raise ParseError("Invalid date-time")
+    day, month_name, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
+    months = [m.upper() for m in MONTHS]
+    if month_name.upper() not in months:
+        raise ParseError("Invalid date-time")
+    try:
+        stamp = calendar.timegm((int(year), months.index(month_name.upper()) + 1, int(day),
+                                 int(hour), int(minute), int(second)))
+    except (ValueError, OverflowError):
+        raise ParseError("Invalid date-time") from None
+    offset = (int(zone_h) * 60 + int(zone_m)) * 60
+    return float(stamp - offset if sign == "+" else stamp + offset)
+
+
+def _append(folder: Folder, data: bytes, letters: frozenset[str], keywords: list[str],
+            date: float | None) -> Added:
+    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters."""
+    if folder.subfolder and not folder.path.is_dir():
+        raise FileNotFoundError(folder.path.name)
+    if keywords:
+        slots = define_keywords(folder, keywords)
+        letters = letters | letters_of(keywords, slots)
+    return append_message(folder, data, letters, date)
+
+
+def _copy(source: Folder, infos: list[MessageInfo], target: Folder,
+          source_keywords: list[str]) -> Added:
+    """Disk thread: COPY, carrying keywords over to the target's own letters."""
+    if target.subfolder and not target.path.is_dir():
+        raise FileNotFoundError(target.path.name)
+    used = sorted({letter for info in infos for letter in info.flags if letter.islower()})
+    names = [n for n in (source_keywords[ord(c) - 97] if ord(c) - 97 < len(source_keywords)
+                         else "" for c in used) if n]
+    slots = define_keywords(target, names) if names else read_keywords(target.path)
+
+    def flags_of(info: MessageInfo) -> frozenset[str]:
+        kept = {letter for letter in info.flags if not letter.islower()}
+        flags = names_of(info.flags, source_keywords)
+        return frozenset(kept) | letters_of([f for f in flags if not f.startswith("\\")
+                                             and f != "$Forwarded"], slots)
+
+    return copy_messages(source, infos, target, flags_of)
+
+
+class IMAPServerFactory(ServerFactory):
+    """Builds IMAP sessions for one listener."""
+
+    def __init__(
+        self,
+        settings: IMAPSettings,
+        store: MailboxStore,
+        portal: Portal,
+        throttle: LoginThrottle,
+        clock: IReactorTime,
+        tls: TLSContextSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.portal = portal
+        self.throttle = throttle
+        self.clock = clock
+        self.tls = tls
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> IMAPSession:
+        session = IMAPSession(self)
+        session.factory = self
+        return session
+
+
+def _call(transport: object, method: str) -> None:
+    """Call an optional transport method (pauseProducing/resumeProducing) if it has one."""
+    function = getattr(transport, method, None)
+    if function is not None:
+        function()
+
+
