@@ -1,4 +1,5 @@
-"""The ``mailsys`` command: manage users and check the configuration, without a running server.
+"""The ``mailsys`` command: manage users and check the configuration, without a running server;
+manage the queue (``mailsys queue``, mailsys.queue.commands) with or without one.
 
 Every failure is one line on stderr, ``mailsys: <what went wrong>``, never a traceback. Exit
 status: 0 success, 1 the operation failed (unknown user, wrong domain, I/O error), 2 the command
@@ -17,6 +18,7 @@ from typing import NoReturn
 from mailsys.auth.passwords import UnusableHashError, hash_scheme
 from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
 from mailsys.config import Config, ConfigError, load
+from mailsys.queue.commands import add_queue_commands
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
 
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     importing.add_argument("--replace", action="store_true",
                            help="overwrite the password of users that already exist")
     importing.set_defaults(run=_user_import)
+
+    add_queue_commands(commands, config_option, _Parser)
 
     check = commands.add_parser("check-config", parents=[config_option],
                                 help="check a configuration file and summarise it")

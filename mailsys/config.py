@@ -129,6 +129,23 @@ class POP3Section:
 
 
 @dataclass(frozen=True)
+class IMAPSection:
+    """IMAP (RFC 3501): 143 with STARTTLS and 993 with implicit TLS (RFC 8314)."""
+
+    listen: tuple[str, ...] = ()
+    listen_tls: tuple[str, ...] = ()
+    # LOGIN and AUTHENTICATE PLAIN before TLS; off by default (LOGINDISABLED, RFC 3501 §6.2.3).
+    allow_plaintext_auth: bool = False
+    # RFC 3501 §5.4: the autologout timer must be at least 30 minutes.
+    idle_timeout: float = 1800.0
+    # The largest literal (an APPEND's message) a command may carry: larger ones get NO [TOOBIG].
+    max_literal_size: int = 50 * 1024 * 1024
+    # A command's text outside its literals (RFC 7162 §4 recommends accepting at least 8192).
+    max_command_length: int = 65536
+    max_bad_commands: int = 20
+
+
+@dataclass(frozen=True)
 class AuthSection:
     """Login-failure throttling per client address, shared by every protocol with logins."""
 
@@ -196,6 +213,7 @@ class Config:
     submission: SubmissionSection = field(default_factory=SubmissionSection)
     routing: RoutingSection = field(default_factory=RoutingSection)
     pop3: POP3Section = field(default_factory=POP3Section)
+    imap: IMAPSection = field(default_factory=IMAPSection)
     auth: AuthSection = field(default_factory=AuthSection)
     relay: RelaySection = field(default_factory=RelaySection)
     dev: DevSection = field(default_factory=DevSection)
@@ -209,6 +227,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "submission": SubmissionSection,
     "routing": RoutingSection,
     "pop3": POP3Section,
+    "imap": IMAPSection,
     "auth": AuthSection,
     "relay": RelaySection,
     "dev": DevSection,
@@ -355,7 +374,7 @@ def _check(config: Config, *, check_files: bool) -> None:
                           f"not a valid host name: {config.server.hostname!r}")
     for section, attr in (("smtp", "listen"), ("submission", "listen"),
                           ("submission", "listen_tls"), ("pop3", "listen"),
-                          ("pop3", "listen_tls")):
+                          ("pop3", "listen_tls"), ("imap", "listen"), ("imap", "listen_tls")):
         listeners = getattr(getattr(config, section), attr)
         fixed = tuple(normalize_listener(d, path, f"{section}.{attr}") for d in listeners)
         object.__setattr__(getattr(config, section), attr, fixed)
@@ -364,6 +383,11 @@ def _check(config: Config, *, check_files: bool) -> None:
         raise ConfigError(path, "tls", "certificate and key must be given together")
     if config.pop3.listen_tls and not tls.enabled:
         raise ConfigError(path, "pop3.listen_tls", "implicit TLS needs [tls] certificate and key")
+    if config.imap.listen_tls and not tls.enabled:
+        raise ConfigError(path, "imap.listen_tls", "implicit TLS needs [tls] certificate and key")
+    if config.imap.idle_timeout < 1800:
+        raise ConfigError(path, "imap.idle_timeout",
+                          "must be at least 1800 seconds (RFC 3501 §5.4: thirty minutes)")
     if config.pop3.idle_timeout < 600:
         raise ConfigError(path, "pop3.idle_timeout",
                           "must be at least 600 seconds (RFC 1939 §3: ten minutes)")

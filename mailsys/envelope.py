@@ -41,6 +41,11 @@ class Attempt:
     status: RecipientStatus
     host: str
     reply: str
+    # The remote MTA whose reply ``reply`` is (None: we decided it ourselves), for the DSN's
+    # Remote-MTA and Diagnostic-Code (RFC 3464 §2.3.5, §2.3.6).
+    mta: str | None = None
+    # What TLS the connection used (mailsys.tls.describe_tls), None for plaintext or no connection.
+    tls: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Attempt:
@@ -49,6 +54,8 @@ class Attempt:
             status=RecipientStatus(data["status"]),
             host=str(data["host"]),
             reply=str(data["reply"]),
+            mta=data.get("mta"),
+            tls=data.get("tls"),
         )
 
 
@@ -70,6 +77,9 @@ class Recipient:
     status: RecipientStatus = RecipientStatus.SCHEDULED
     attempts: list[Attempt] = field(default_factory=list)
     next_attempt: float | None = None
+    # Delivery status notifications already sent about this recipient (RFC 3461 §4.1 names:
+    # "DELAY", "FAILURE", "SUCCESS"), so a restart never sends one twice nor loses one.
+    notices: tuple[str, ...] = ()
 
     def record(self, attempt: Attempt, next_attempt: float | None = None) -> None:
         """Append an attempt and take its status as the recipient's."""
@@ -80,6 +90,7 @@ class Recipient:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["notify"] = list(self.notify) if self.notify is not None else None
+        data["notices"] = list(self.notices)
         return data
 
     @classmethod
@@ -95,6 +106,7 @@ class Recipient:
             status=RecipientStatus(data["status"]),
             attempts=[Attempt.from_dict(a) for a in data.get("attempts", [])],
             next_attempt=data.get("next_attempt"),
+            notices=tuple(data.get("notices", ())),
         )
 
 

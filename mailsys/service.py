@@ -25,10 +25,14 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import UserStore
 from mailsys.config import Config
 from mailsys.delivery.maildir import MaildirWriter
+from mailsys.delivery.wiring import build_relay
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
+from mailsys.imap.wiring import imap_factories
 from mailsys.mailbox.store import MailboxStore
 from mailsys.pop3.wiring import pop3_factories
+from mailsys.queue.control import ControlWatcher
+from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
@@ -43,6 +47,8 @@ log = Logger()
 TLS_CHECK_INTERVAL = 60.0
 # How often watched mailbox folders are checked for changes made by other processes, in seconds.
 MAILBOX_POLL_INTERVAL = 2.0
+# How often the spool's control/ directory is checked for queue tool commands, in seconds.
+QUEUE_CONTROL_INTERVAL = 1.0
 
 
 class StartupError(Exception):
@@ -162,13 +168,30 @@ def build_service(config: Config, reactor: Any) -> MailService:
     mailboxes = MailboxStore(config.storage.maildirs, pool)
     maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
                             on_delivered=mailboxes.notify_delivered)
-    runner = QueueRunner(spool, {TargetKind.LOCAL: maildir}, clock=reactor)
+    # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
+    relay = build_relay(config, pool, reactor)
+    agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
+    if relay is not None:
+        agents[TargetKind.RELAY] = relay
+    runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
+                         max_lifetime=config.relay.max_lifetime)
     sink = QueueSink(spool, runner)
+    # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
+    runner.notifier = DSNNotifier(
+        sink, router, pool, config.server.hostname, reactor,
+        delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
+        max_returned_size=config.smtp.max_message_size,
+    )
     # Password hashing (argon2id, ~50 ms of CPU each) gets threads of its own: a burst of logins
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
     runner.setServiceParent(service)
+    if relay is not None:
+        relay.setServiceParent(service)
+    # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
+    control = ControlWatcher(config.storage.spool, runner, pool)
+    TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
 
     # --- logins: one portal and one throttle for SMTP AUTH and POP3, so a password guesser
     # cannot start afresh by switching protocols ---
@@ -197,6 +220,10 @@ def build_service(config: Config, reactor: Any) -> MailService:
     for description, pop3_factory in pop3_factories(config, mailboxes, portal, throttle, tls,
                                                     reactor):
         service.add_listener("pop3", description, pop3_factory)
+    # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
+    for description, imap_factory in imap_factories(config, mailboxes, portal, throttle, tls,
+                                                    reactor):
+        service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)
 

@@ -155,6 +155,11 @@ class NextHops:
             else:
                 self._exact[name] = value
 
+    @property
+    def port(self) -> int:
+        """The port of MX hosts (and of address literals)."""
+        return self._port
+
     def route(self, domain: str) -> Route:
         """The route for ``domain`` (lower case, no trailing dot)."""
         domain = domain.lower().removesuffix(".")

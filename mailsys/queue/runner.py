@@ -13,7 +13,9 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -25,6 +27,7 @@ from typing_extensions import override
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.queue.spool import Spool
+from mailsys.replies import Reply
 
 log = Logger(namespace="mailsys.queue.runner")
 
@@ -32,6 +35,21 @@ log = Logger(namespace="mailsys.queue.runner")
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
 
 REPLY_AGENT_ERROR = "451 4.3.0 Temporary local problem, will retry"
+# RFC 5321 §4.5.4.1: give up after the maximum lifetime; RFC 3463 X.4.7 delivery time expired.
+EXPIRED = Reply(554, "5.4.7", "Delivery time expired")
+# After a notice (a bounce) could not be queued, the finished message waits this long to retry.
+NOTICE_RETRY = 60.0
+
+
+class Notifier(TypingProtocol):
+    """Sends delivery status notifications at the end of each round (mailsys.queue.dsn)."""
+
+    def notify(self, envelope: Envelope, message_path: Path) -> Deferred[bool]:
+        """Queue the notices now due (bounces, delay and success notices), marking each
+        recipient's ``notices``; fire True if the envelope changed. Never fails."""
+
+    def owes(self, envelope: Envelope) -> bool:
+        """True if a notice is due that could not be queued yet (retry before removal)."""
 
 
 @dataclass(eq=False)
@@ -47,6 +65,9 @@ class _Entry:
     attempted: int = 0  # deliveries of the current round that produced an Attempt
     due: float | None = None  # the heap entry of this time is the live one; others are stale
     waiting_logged: set[TargetKind] = field(default_factory=set)
+    dirty: bool = False  # changed by a queue tool during the round: write it at the end
+    delete_requested: bool = False  # a queue tool deleted it during the round
+    notice_retry_at: float | None = None  # finished, but a notice could not be queued yet
 
 
 class QueueRunner(Service):
@@ -63,6 +84,7 @@ class QueueRunner(Service):
         clock: IReactorTime,
         max_concurrent: int = 32,
         retry_schedule: Sequence[float] = DEFAULT_RETRY_SCHEDULE,
+        max_lifetime: float | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -72,6 +94,9 @@ class QueueRunner(Service):
         self._clock = clock
         self._max_concurrent = max_concurrent
         self._retry_schedule = tuple(float(s) for s in retry_schedule)
+        self._max_lifetime = max_lifetime
+        # Set after construction (the notifier submits through the sink, which needs us).
+        self.notifier: Notifier | None = None
         self._agents: dict[TargetKind, Callable[..., object]] = {
             kind: agent.deliver for kind, agent in agents.items()
         }
@@ -162,7 +187,8 @@ class QueueRunner(Service):
         if envelope.held:
             return None
         if envelope.is_finished:
-            return self._clock.seconds()  # due for removal
+            # Due for removal, or for another try at a notice that could not be queued.
+            return entry.notice_retry_at or self._clock.seconds()
         due: float | None = None
         for recipient in envelope.recipients:
             if recipient.status.is_final or recipient.kind not in self._agents:
@@ -305,7 +331,19 @@ class QueueRunner(Service):
                 if attempt.status is not RecipientStatus.DEFERRED:
                     # An agent answering "scheduled" has not tried: for us that is a deferral.
                     attempt.status = RecipientStatus.DEFERRED
-                next_attempt = self._clock.seconds() + self._retry_delay(recipient)
+                now = self._clock.seconds()
+                next_attempt = now + self._retry_delay(recipient)
+                if self._max_lifetime is not None:
+                    expires = entry.envelope.received_at + self._max_lifetime
+                    if now >= expires:
+                        # RFC 5321 §4.5.4.1: the message has been tried long enough.
+                        recipient.record(attempt)
+                        attempt = Attempt(at=now, status=RecipientStatus.FAILED,
+                                          host=attempt.host, reply=str(EXPIRED))
+                        next_attempt = None
+                    else:
+                        # The last try is at the expiry time, not a whole delay after it.
+                        next_attempt = min(next_attempt, expires)
             recipient.record(attempt, next_attempt)
             entry.attempted += 1
             self._log_attempt(entry.envelope, recipient, attempt)
@@ -333,11 +371,37 @@ class QueueRunner(Service):
             self._finish_round(entry)
 
     def _finish_round(self, entry: _Entry) -> None:
-        """Every delivery of the round answered: drop the message if it is finished, else
-        rewrite its envelope and schedule its next due recipient."""
+        """Every delivery of the round answered: send the notices due, then drop the message if
+        it is finished, else rewrite its envelope and schedule its next due recipient.
+
+        Notices come first: a bounce quotes the message, whose files are recycled on removal,
+        and it must be queued (fsync'd) before the envelope says it was sent.
+        """
         envelope = entry.envelope
         queue_id = envelope.queue_id
-        if envelope.is_finished:
+        if entry.delete_requested:
+            self._remove(entry)
+            return
+        notifier = self.notifier
+        if notifier is None:
+            self._after_notices(False, entry)
+            return
+        d = maybeDeferred(notifier.notify, envelope, self._spool.message_path(queue_id))
+        d.addErrback(self._notices_failed, queue_id)
+        d.addCallback(self._after_notices, entry)
+
+    def _notices_failed(self, failure: Failure, queue_id: str) -> bool:
+        log.failure("{queue_id}: notices failed", failure, queue_id=queue_id)
+        return False
+
+    def _after_notices(self, changed: object, entry: _Entry) -> None:
+        envelope = entry.envelope
+        queue_id = envelope.queue_id
+        if changed:
+            entry.dirty = True
+        owed = self.notifier is not None and self.notifier.owes(envelope)
+        entry.notice_retry_at = self._clock.seconds() + NOTICE_RETRY if owed else None
+        if envelope.is_finished and not owed:
             d = maybeDeferred(self._spool.remove, queue_id)
             # No line for the removal: the delivery lines already say the message is done, and
             # even a filtered-out debug event costs a measurable share of the reactor's time.
@@ -348,12 +412,85 @@ class QueueRunner(Service):
             )
             d.addBoth(lambda _: self._forget(entry))
             return
-        if entry.attempted == 0:
+        if entry.attempted == 0 and not entry.dirty:
             # Nothing happened (the service stopped before any delivery): nothing to write.
             self._round_done(entry)
             return
+        entry.dirty = False
         d = maybeDeferred(self._spool.update, envelope)
         d.addCallbacks(lambda _: self._round_done(entry), lambda f: self._update_failed(f, entry))
+
+    def _remove(self, entry: _Entry) -> None:
+        """A queue tool's delete, done at the end of the round it waited for."""
+        queue_id = entry.envelope.queue_id
+        log.info("{queue_id}: deleted by a queue tool", queue_id=queue_id)
+        d = maybeDeferred(self._spool.remove, queue_id)
+        d.addErrback(lambda f: log.failure("{queue_id}: could not delete", f, queue_id=queue_id))
+        d.addBoth(lambda _: self._forget(entry))
+
+    # -- queue tools (mailsys.queue.control) ---------------------------------------------------
+
+    def hold(self, queue_id: str) -> Deferred[bool]:
+        """Deliver nothing of the message until released; False if it is not queued."""
+        return self._set_held(queue_id, True)
+
+    def release(self, queue_id: str) -> Deferred[bool]:
+        """Undo hold: the message is tried again on its schedule; False if it is not queued."""
+        return self._set_held(queue_id, False)
+
+    def _set_held(self, queue_id: str, held: bool) -> Deferred[bool]:
+        entry = self._entries.get(queue_id)
+        if entry is None or entry.delete_requested:
+            return succeed(False)
+        entry.envelope.held = held
+        if entry.busy:
+            entry.dirty = True  # the end of the round writes it, and schedules
+            return succeed(True)
+        d = maybeDeferred(self._spool.update, entry.envelope)
+
+        def written(_: object) -> bool:
+            self._schedule(entry)
+            return True
+
+        return d.addCallback(written)
+
+    def flush(self, queue_id: str | None = None) -> int:
+        """Make the open recipients of one message (or all) due now; how many messages."""
+        if queue_id is not None:
+            entry = self._entries.get(queue_id)
+            entries = [entry] if entry is not None else []
+        else:
+            entries = list(self._entries.values())
+        count = 0
+        for entry in entries:
+            if entry.envelope.held or entry.delete_requested:
+                continue
+            for recipient in entry.envelope.open_recipients():
+                recipient.next_attempt = None
+            entry.notice_retry_at = None
+            count += 1
+            if not entry.busy:
+                self._schedule(entry)
+        return count
+
+    def delete(self, queue_id: str) -> Deferred[bool]:
+        """Remove a message without delivering or bouncing it; False if it is not queued."""
+        entry = self._entries.get(queue_id)
+        if entry is None or entry.delete_requested:
+            return succeed(False)
+        entry.delete_requested = True
+        entry.due = None
+        if entry.busy:
+            return succeed(True)  # removed when the deliveries in flight have answered
+        self._entries.pop(queue_id, None)
+        d = maybeDeferred(self._spool.remove, queue_id)
+        log.info("{queue_id}: deleted by a queue tool", queue_id=queue_id)
+        return d.addCallback(lambda _: True)
+
+    def envelopes(self) -> list[Envelope]:
+        """Every queued envelope (a snapshot list of the live objects), oldest first."""
+        return sorted((e.envelope for e in self._entries.values()),
+                      key=lambda e: (e.received_at, e.queue_id))
 
     def _update_failed(self, failure: Failure, entry: _Entry) -> None:
         queue_id = entry.envelope.queue_id
@@ -393,8 +530,10 @@ class QueueRunner(Service):
             "delay": round(attempt.at - envelope.received_at, 3),
             "kind": recipient.kind,
             "mailbox": recipient.mailbox,
+            "tls": attempt.tls or "none",
         }
-        where = "mailbox={mailbox}" if recipient.kind is TargetKind.LOCAL else "host={host}"
+        where = ("mailbox={mailbox}" if recipient.kind is TargetKind.LOCAL
+                 else "host={host} tls={tls}")
         text = "{queue_id}: to=<{to}> status={status} " + where + " delay={delay}s reply={reply}"
         if attempt.status is RecipientStatus.DEFERRED:
             fields["retry_at"] = recipient.next_attempt

@@ -5,6 +5,7 @@ Every server started here is stopped by its process id at teardown, whatever the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,12 @@ BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 MAILSYS = str(BIN / "mailsys")
 START_DEADLINE = 30.0
+# Servers under test never ask the system's resolver: relay stays off unless a test configures
+# it with a lab DNS on loopback (tests/integration/test_relay.py).
+RELAY_DISABLED = """
+[relay]
+enabled = false
+"""
 
 
 def free_port() -> int:
@@ -44,10 +52,10 @@ def wait_for(predicate: Callable[[], object], deadline: float = 10.0, interval: 
         time.sleep(interval)
 
 
-def read_greeting(port: int, timeout: float = 2.0) -> bytes:
-    """Connect to 127.0.0.1:port and read the first line, or b'' if nothing answers."""
+def read_greeting(port: int, timeout: float = 2.0, host: str = "127.0.0.1") -> bytes:
+    """Connect to host:port and read the first line, or b'' if nothing answers."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
             data = b""
             while not data.endswith(b"\r\n"):
                 chunk = sock.recv(1024)
@@ -69,6 +77,11 @@ class MailServer:
     submissions_port: int
     smtp_extra: str = ""
     extra_config: str = ""
+    # The loopback address every listener binds (127.0.0.2, 127.0.0.3 ... for a second host).
+    interface: str = "127.0.0.1"
+    local_domains: tuple[str, ...] = ("example.test", "lab.test")
+    aliases: str = ""  # more lines for [routing.aliases]
+    relay_config: str = RELAY_DISABLED  # the whole [relay] section
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -112,18 +125,20 @@ key = "{d}/var/tls/key.pem"
 create_self_signed = true
 
 [smtp]
-listen = ["tcp:{self.smtp_port}:interface=127.0.0.1:backlog=1024"]
+listen = ["tcp:{self.smtp_port}:interface={self.interface}:backlog=1024"]
 {self.smtp_extra}
 
 [submission]
-listen = ["tcp:{self.submission_port}:interface=127.0.0.1:backlog=1024"]
-listen_tls = ["tcp:{self.submissions_port}:interface=127.0.0.1:backlog=1024"]
+listen = ["tcp:{self.submission_port}:interface={self.interface}:backlog=1024"]
+listen_tls = ["tcp:{self.submissions_port}:interface={self.interface}:backlog=1024"]
 
 [routing]
-local_domains = ["example.test", "lab.test"]
+local_domains = {json.dumps(list(self.local_domains))}
 
 [routing.aliases]
 "team@example.test" = ["demo@example.test", "second@example.test"]
+{self.aliases}
+{self.relay_config}
 
 [dev]
 demo_user = "demo@example.test"
@@ -149,7 +164,7 @@ demo_password = "demo"
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                with socket.create_connection((self.interface, port), timeout=1):
                     return
             except OSError:
                 time.sleep(0.05)
@@ -181,9 +196,12 @@ demo_password = "demo"
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def make_server(directory: Path, smtp_extra: str = "", extra_config: str = "") -> MailServer:
+def make_server(directory: Path, smtp_extra: str = "", extra_config: str = "",
+                **fields: Any) -> MailServer:
+    """A configured, not started server; ``fields`` set MailServer fields (interface, ...)."""
     directory.mkdir(parents=True, exist_ok=True)
-    server = MailServer(directory, free_port(), free_port(), free_port(), smtp_extra, extra_config)
+    server = MailServer(directory, free_port(), free_port(), free_port(), smtp_extra, extra_config,
+                        **fields)
     server.write_config()
     return server
 
@@ -193,8 +211,9 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., MailServer]]:
     """Make (not start) servers in tmp_path; all are stopped at teardown."""
     made: list[MailServer] = []
 
-    def factory(name: str = "server", smtp_extra: str = "", extra_config: str = "") -> MailServer:
-        server = make_server(tmp_path / name, smtp_extra, extra_config)
+    def factory(name: str = "server", smtp_extra: str = "", extra_config: str = "",
+                **fields: Any) -> MailServer:
+        server = make_server(tmp_path / name, smtp_extra, extra_config, **fields)
         made.append(server)
         return server
 

@@ -1,0 +1,643 @@
+"""Relay: recipients in other domains delivered over SMTP to their next hop.
+
+This module owns the outbound side of the queue: the recipients the runner hands over are
+grouped into one transaction per message and destination, the destination's hosts are found
+(mailsys.delivery.mx, or the transport map and smarthost of mailsys.delivery.nexthop), tried in
+order until one takes the connection, with STARTTLS as the TLS policy says and AUTH at a
+smarthost; connections are kept a few seconds for the next message to the same destination, and
+at most ``per_destination_concurrency`` are open per destination. Every recipient gets its own
+Attempt: 2xx delivered, 4xx or no connection deferred, 5xx failed. Retries, expiry and bounces
+are the runner's and mailsys.queue.dsn's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+from zope.interface import implementer
+
+from mailsys.delivery.mx import MailHost, MXLookupError, MXResolver
+from mailsys.delivery.nexthop import NextHop, NextHops, Route, RouteKind
+from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies, TLSPolicy
+from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
+from mailsys.interfaces import IDeliveryAgent
+from mailsys.replies import Reply
+from mailsys.smtp.client import (
+    ClientTimeouts,
+    LocalRefusalError,
+    OutboundRecipient,
+    ServerReply,
+    SMTPClient,
+    SMTPClientError,
+    TLSFailedError,
+    Transaction,
+)
+
+log = Logger(namespace="mailsys.delivery.relay")
+
+# RFC 3463: X.4.1 no answer from host, X.4.2 bad connection, X.7.4 security features not
+# supported, X.7.5 cryptographic failure, X.7.0 other security status, X.3.2 system not accepting
+# network messages, X.5.3 too many recipients.
+NO_CONNECTION = Reply(451, "4.4.1", "No connection to the mail server")
+CONNECTION_FAILED = Reply(451, "4.4.2", "Connection failed")
+TLS_NOT_OFFERED = Reply(451, "4.7.4", "TLS is required but the server does not offer STARTTLS")
+TLS_REFUSED = Reply(451, "4.7.4", "TLS is required but the server refused STARTTLS")
+TLS_FAILED = Reply(451, "4.7.5", "TLS failed")
+AUTH_WITHOUT_TLS = Reply(451, "4.7.0", "Not sending the smarthost password without TLS")
+AUTH_FAILED = Reply(451, "4.7.0", "Authentication at the smarthost failed")
+SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery interrupted: mail system shutting down")
+INTERNAL = Reply(451, "4.3.0", "Temporary local problem in the relay")
+
+# RFC 5321 §4.5.3.1.8: a server must take at least 100 recipients per transaction.
+MAX_RECIPIENTS_PER_TRANSACTION = 100
+# Beyond this many destinations known, the unused ones are forgotten.
+DESTINATIONS_KEPT = 256
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """What the relay needs to know besides its collaborators."""
+
+    helo_name: str
+    per_destination_concurrency: int = 20
+    connect_timeout: float = 30.0
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    smarthost_username: str | None = None
+    smarthost_password: str | None = None
+    # An idle connection is kept this long for the next message to its destination (Postfix:
+    # smtp_connection_cache_time_limit, 2 s); then QUIT.
+    idle_time: float = 5.0
+    max_messages_per_connection: int = 100
+
+
+class Dialer(Protocol):
+    """Opens a TCP connection (with TLS from the first byte when ``creator`` is given) and
+    returns the connected SMTPClient, before its greeting."""
+
+    def connect(
+        self, address: str, port: int, creator: IOpenSSLClientConnectionCreator | None
+    ) -> Deferred[SMTPClient]: ...
+
+
+class DiskRunner(Protocol):
+    """Runs blocking file work off the reactor thread (mailsys.diskio.DiskPool)."""
+
+    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class TCPDialer:
+    """Connects with twisted endpoints, with the connect timeout of the configuration."""
+
+    def __init__(self, reactor: Any, timeouts: ClientTimeouts, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeouts = timeouts
+        self._connect_timeout = connect_timeout
+
+    def connect(
+        self, address: str, port: int, creator: IOpenSSLClientConnectionCreator | None
+    ) -> Deferred[SMTPClient]:
+        kind = TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else (
+            TCP4ClientEndpoint
+        )
+        endpoint: Any = kind(self._reactor, address, port, timeout=self._connect_timeout)
+        if creator is not None:
+            endpoint = wrapClientTLS(creator, endpoint)
+        timeouts = self._timeouts
+        implicit = creator is not None
+        factory = Factory.forProtocol(
+            lambda: SMTPClient(self._reactor, timeouts, implicit_tls=implicit)
+        )
+        d: Deferred[SMTPClient] = endpoint.connect(factory)
+        return d
+
+
+class SpoolFileSource:
+    """A queued message read in chunks by disk threads, so a large message never blocks the
+    reactor. Reads are sequential (the client awaits each), so one file object is safe."""
+
+    def __init__(self, path: Path, disk: DiskRunner) -> None:
+        self._path = path
+        self._disk = disk
+        self._file: IO[bytes] | None = None
+        self._closed = False
+
+    def read(self, size: int) -> Deferred[bytes]:
+        d: Deferred[bytes] = self._disk.run(self._read, size)
+        return d
+
+    def _read(self, size: int) -> bytes:
+        if self._closed:
+            raise ValueError("source closed")
+        if self._file is None:
+            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+        return self._file.read(size)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._file is not None:
+            file, self._file = self._file, None
+            self._disk.run(file.close)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One message to one destination: the recipients of one transaction."""
+
+    envelope: Envelope
+    recipients: list[Recipient]
+    results: list[Deferred[Attempt]]
+    path: Path
+    route: Route
+    retried: bool = False  # already sent again after a reused connection had gone stale
+
+    def finish(self, attempts: list[Attempt]) -> None:
+        for d, attempt in zip(self.results, attempts, strict=True):
+            if not d.called:
+                d.callback(attempt)
+
+    def finish_all(self, attempt: Attempt) -> None:
+        self.finish([replace(attempt) for _ in self.results])
+
+
+@dataclass(eq=False)
+class _Session:
+    """A connection ready for mail transactions."""
+
+    client: SMTPClient
+    host: MailHost
+    address: str
+    port: int
+    idle_timer: IDelayedCall | None = None
+
+    @property
+    def label(self) -> str:
+        """The host as logs and attempts name it: ``mx.example.org[192.0.2.1]:25``."""
+        address = f"IPv6:{self.address}" if ":" in self.address else self.address
+        return f"{self.host.name}[{address}]:{self.port}"
+
+
+class _HostFailedError(Exception):
+    """This address could not be used; try the next. ``mta`` is set when the server said so."""
+
+    def __init__(self, reply: Reply | ServerReply, mta: str | None = None) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.mta = mta
+
+
+class _Destination:
+    """The connections to one destination: open, idle and the jobs waiting for one."""
+
+    def __init__(self, agent: RelayAgent, route: Route) -> None:
+        self.agent = agent
+        self.route = route
+        self.waiting: deque[_Job] = deque()
+        self.connections = 0  # open or being opened
+        self.idle: list[_Session] = []
+        self.sessions: set[_Session] = set()
+
+    def add(self, job: _Job) -> None:
+        """Queue a job; the caller pumps once it has added all of this turn's jobs."""
+        self.waiting.append(job)
+
+    def pump(self) -> None:
+        limit = self.agent.settings.per_destination_concurrency
+        while self.waiting and self.agent.running:
+            if self.idle:
+                session = self.idle.pop()
+                _cancel(session.idle_timer)
+                session.idle_timer = None
+                self._run(session, self.waiting.popleft())
+            elif self.connections < limit:
+                self.connections += 1
+                self._open(self.waiting.popleft())
+            else:
+                return
+
+    def _open(self, job: _Job) -> None:
+        d = Deferred.fromCoroutine(self.agent.open_session(self.route, job))
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(job,), errbackArgs=(job,))
+
+    def _opened(self, session: _Session, job: _Job) -> None:
+        self.sessions.add(session)
+        self._run(session, job)
+
+    def _open_failed(self, failure: Failure, job: _Job) -> None:
+        self.connections -= 1
+        attempt = self.agent.attempt_for_failure(failure, job)
+        job.finish_all(attempt)
+        if self.connections == 0:
+            # The destination cannot be reached now: the jobs waiting for it would only repeat
+            # the same lookups and timeouts. They are deferred with the same reason.
+            waiting, self.waiting = self.waiting, deque()
+            for other in waiting:
+                other.finish_all(replace(attempt))
+        self.pump()
+
+    def _run(self, session: _Session, job: _Job) -> None:
+        d = Deferred.fromCoroutine(self.agent.run_job(session, job))
+        d.addErrback(self._run_error, session, job)
+        d.addCallback(lambda _: self._done(session))
+
+    def _run_error(self, failure: Failure, session: _Session, job: _Job) -> None:
+        log.failure("{queue_id}: relay to {host} failed", failure,
+                    queue_id=job.envelope.queue_id, host=session.label)
+        job.finish_all(self.agent.attempt(RecipientStatus.DEFERRED, INTERNAL, session))
+        if session.client.transport is not None:
+            session.client.transport.loseConnection()
+
+    def _done(self, session: _Session) -> None:
+        client = session.client
+        reusable = (
+            client.connected
+            and self.agent.running
+            and client.messages < self.agent.settings.max_messages_per_connection
+        )
+        if not reusable:
+            self.close(session)
+        elif self.waiting:
+            self._run(session, self.waiting.popleft())
+            return
+        else:
+            session.idle_timer = self.agent.clock.callLater(
+                self.agent.settings.idle_time, self._expire, session
+            )
+            self.idle.append(session)
+        self.pump()
+
+    def _expire(self, session: _Session) -> None:
+        session.idle_timer = None
+        if session in self.idle:
+            self.idle.remove(session)
+            self.close(session)
+
+    def close(self, session: _Session) -> Deferred[None]:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.connections -= 1
+        _cancel(session.idle_timer)
+        session.idle_timer = None
+        return session.client.quit()
+
+    def stop(self) -> None:
+        """Quit idle connections, drop busy ones (their jobs are deferred), forget waiters."""
+        for session in list(self.idle):
+            self.idle.remove(session)
+            self.close(session)
+        for session in list(self.sessions):
+            if session.client.connected and session.client.transport is not None:
+                session.client.transport.abortConnection()  # type: ignore[attr-defined]
+        waiting, self.waiting = self.waiting, deque()
+        for job in waiting:
+            job.finish_all(self.agent.attempt(RecipientStatus.DEFERRED, SHUTTING_DOWN, None))
+
+
+@implementer(IDeliveryAgent)
+class RelayAgent(Service):
+    """The delivery agent for RELAY recipients (a child service: stopping it ends connections).
+
+    Recipients handed over in the same reactor turn (the runner dispatches a round's recipients
+    together) for the same message and destination share one SMTP transaction.
+    """
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        next_hops: NextHops,
+        tls_policies: TLSPolicies,
+        client_tls: ClientTLS,
+        mx: MXResolver,
+        dialer: Dialer,
+        disk: DiskRunner,
+        clock: IReactorTime,
+    ) -> None:
+        self.settings = settings
+        self._next_hops = next_hops
+        self._tls_policies = tls_policies
+        self._client_tls = client_tls
+        self._mx = mx
+        self._dialer = dialer
+        self._disk = disk
+        self.clock = clock
+        self._destinations: dict[str, _Destination] = {}
+        self._forming: dict[tuple[str, str], _Job] = {}
+        self._flush_call: IDelayedCall | None = None
+        # Every client connected and not yet closed, so that stopping can end them all.
+        self._clients: weakref.WeakSet[SMTPClient] = weakref.WeakSet()
+
+    # -- service ---------------------------------------------------------------------------------
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        forming, self._forming = self._forming, {}
+        for job in forming.values():
+            job.finish_all(self.attempt(RecipientStatus.DEFERRED, SHUTTING_DOWN, None))
+        for destination in self._destinations.values():
+            destination.stop()
+        for client in list(self._clients):
+            if client.connected and client.transport is not None:
+                client.transport.abortConnection()  # type: ignore[attr-defined]
+        return succeed(None)
+
+    # -- IDeliveryAgent --------------------------------------------------------------------------
+
+    def deliver(  # type: ignore[override]
+        self, envelope: Envelope, recipient: Recipient, message_path: Path
+    ) -> Deferred[Attempt]:
+        """Deliver one recipient; fires with its Attempt, never fails."""
+        d: Deferred[Attempt] = Deferred()
+        if not self.running:
+            d.callback(self.attempt(RecipientStatus.DEFERRED, SHUTTING_DOWN, None))
+            return d
+        route = self.route_for(recipient.address)
+        key = (envelope.queue_id, route.key)
+        job = self._forming.get(key)
+        if job is None or len(job.recipients) >= MAX_RECIPIENTS_PER_TRANSACTION:
+            job = self._forming[key] = _Job(envelope, [], [], Path(message_path), route)
+        job.recipients.append(recipient)
+        job.results.append(d)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+        return d
+
+    def route_for(self, address: str) -> Route:
+        """The route of a recipient address: address literals go to that address."""
+        domain = address.rpartition("@")[2].lower()
+        if domain.startswith("[") and domain.endswith("]"):
+            literal = domain[1:-1].removeprefix("ipv6:")
+            return Route(NextHop(RouteKind.HOST, literal, self._next_hops.port))
+        return self._next_hops.route(domain)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        forming, self._forming = self._forming, {}
+        if len(self._destinations) > DESTINATIONS_KEPT:
+            # Forget destinations with nothing open or waiting: one per domain ever mailed
+            # would otherwise accumulate for the life of the process.
+            self._destinations = {key: d for key, d in self._destinations.items()
+                                  if d.connections or d.waiting}
+        touched: dict[str, _Destination] = {}
+        for job in forming.values():
+            destination = self._destinations.get(job.route.key)
+            if destination is None:
+                destination = self._destinations[job.route.key] = _Destination(self, job.route)
+            destination.add(job)
+            touched[job.route.key] = destination
+        # Pumped after all are queued, so that a destination found unreachable defers every
+        # job of this turn at once (see _Destination._open_failed).
+        for destination in touched.values():
+            destination.pump()
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def tls_policy(self, route: Route) -> TLSPolicy:
+        """By the recipient domain for MX routes, by the next hop's host name otherwise."""
+        return self._tls_policies.for_domain(route.hop.name)
+
+    async def open_session(self, route: Route, job: _Job) -> _Session:
+        """A session with the first host of ``route`` that takes us; raises _HostFailedError
+        (the last host's reason) or MXLookupError."""
+        hosts = await self._mx.hosts(route.hop)
+        last: _HostFailedError | None = None
+        lookup_failures: list[MXLookupError] = []
+        for host in hosts:
+            try:
+                addresses = await self._mx.addresses(host)
+            except MXLookupError as exc:
+                lookup_failures.append(exc)
+                continue
+            for address in addresses:
+                try:
+                    return await self._connect(route, host, address, job, tls=True)
+                except TLSFailedError as exc:
+                    if self.tls_policy(route) is not TLSPolicy.OPPORTUNISTIC:
+                        last = _HostFailedError(TLS_FAILED.with_text(
+                            f"{TLS_FAILED.text} with {host.name}[{address}]: {exc.reason}"
+                        ))
+                        continue
+                    # RFC 7435 §3: opportunistic TLS falls back to plaintext when TLS fails.
+                    try:
+                        return await self._connect(route, host, address, job, tls=False)
+                    except _HostFailedError as again:
+                        last = again
+                except _HostFailedError as exc:
+                    last = exc
+        if last is not None:
+            raise last
+        if lookup_failures:
+            temporary = [f for f in lookup_failures if not f.permanent]
+            raise (temporary or lookup_failures)[0]
+        raise _HostFailedError(NO_CONNECTION)  # pragma: no cover - hosts() is never empty
+
+    async def _connect(
+        self, route: Route, host: MailHost, address: str, job: _Job, *, tls: bool
+    ) -> _Session:
+        hop = route.hop
+        policy = self.tls_policy(route)
+        creator = None
+        if hop.implicit_tls:
+            creator = self._creator(policy, host.name)
+        where = f"{host.name}[{address}]:{hop.port}"
+        queue_id = job.envelope.queue_id
+        if not self.running:
+            raise _HostFailedError(SHUTTING_DOWN)
+        try:
+            client = await self._dialer.connect(address, hop.port, creator)
+        except Exception as exc:
+            log.info("{queue_id}: connect to {where}: {reason}", queue_id=queue_id, where=where,
+                     reason=_connect_reason(exc))
+            raise _HostFailedError(NO_CONNECTION.with_text(
+                f"{NO_CONNECTION.text}: connect to {where}: {_connect_reason(exc)}"
+            )) from None
+        self._clients.add(client)
+        session = _Session(client, host, address, hop.port)
+        try:
+            await self._prepare(session, route, policy, tls=tls)
+        except _HostFailedError:
+            client.quit()
+            raise
+        except SMTPClientError as exc:
+            if isinstance(exc, TLSFailedError):
+                raise
+            client.quit()
+            raise _HostFailedError(CONNECTION_FAILED.with_text(
+                f"{CONNECTION_FAILED.text}: {where}: {exc.reason}"
+            )) from None
+        log.info("{queue_id}: connected to {host} tls={tls}", queue_id=queue_id,
+                 host=session.label, tls=client.tls or "none")
+        return session
+
+    def _creator(self, policy: TLSPolicy, hostname: str) -> IOpenSSLClientConnectionCreator:
+        if policy is TLSPolicy.VERIFY:
+            return self._client_tls.verifying(hostname)
+        return self._client_tls.opportunistic(hostname)
+
+    async def _prepare(
+        self, session: _Session, route: Route, policy: TLSPolicy, *, tls: bool
+    ) -> None:
+        """Greeting, EHLO, STARTTLS and AUTH, as the route and policy require."""
+        client = session.client
+        name = session.host.name
+        greeting = await client.greeting
+        if greeting.code != 220:
+            # RFC 5321 §3.1: a 554 (or 421) greeting: this host takes no mail from us now.
+            raise _HostFailedError(greeting, mta=name)
+        helo = self.settings.helo_name
+        capabilities = await client.ehlo(helo)
+        if not route.hop.implicit_tls:
+            if not tls or policy is TLSPolicy.NONE:
+                if policy is TLSPolicy.VERIFY:
+                    raise _HostFailedError(TLS_FAILED.with_text(
+                        f"{TLS_FAILED.text} with {session.label}"))
+            elif "STARTTLS" in capabilities:
+                reply = await client.starttls(self._creator(policy, name), helo)
+                if reply.code != 220 and policy is TLSPolicy.VERIFY:
+                    raise _HostFailedError(TLS_REFUSED.with_text(
+                        f"{TLS_REFUSED.text}: {session.label} answered {reply}"), mta=name)
+            elif policy is TLSPolicy.VERIFY:
+                raise _HostFailedError(TLS_NOT_OFFERED.with_text(
+                    f"{TLS_NOT_OFFERED.text}: {session.label}"))
+        settings = self.settings
+        if route.smarthost and settings.smarthost_username is not None:
+            if client.tls is None:
+                raise _HostFailedError(AUTH_WITHOUT_TLS.with_text(
+                    f"{AUTH_WITHOUT_TLS.text}: {session.label} offers no TLS"))
+            reply = await client.authenticate(
+                settings.smarthost_username, settings.smarthost_password or ""
+            )
+            if not reply.is_success:
+                raise _HostFailedError(AUTH_FAILED.with_text(
+                    f"{AUTH_FAILED.text}: {session.label} answered {reply}"))
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    async def run_job(self, session: _Session, job: _Job) -> None:
+        """Send one message over ``session`` and finish the job's recipients."""
+        client = session.client
+        envelope = job.envelope
+        txn = Transaction(
+            sender=envelope.sender,
+            recipients=tuple(
+                OutboundRecipient(r.address, r.notify, _orcpt(r)) for r in job.recipients
+            ),
+            size=envelope.size,
+            body=envelope.body,
+            smtputf8=envelope.smtputf8,
+            ret=envelope.ret,
+            envid=envelope.envid,
+        )
+        reused = client.messages > 0 or client.in_transaction
+        try:
+            if client.in_transaction:
+                await client.reset()
+            result = await client.send(txn, SpoolFileSource(job.path, self._disk))
+        except LocalRefusalError as exc:
+            job.finish_all(self.attempt(RecipientStatus.FAILED, exc.reply, session))
+            return
+        except SMTPClientError as exc:
+            if reused and not job.retried and self.running:
+                # A cached connection the server had dropped: send again on a new one.
+                job.retried = True
+                log.info("{queue_id}: {host} dropped the cached connection, reconnecting",
+                         queue_id=envelope.queue_id, host=session.label)
+                destination = self._destinations[job.route.key]
+                destination.waiting.appendleft(job)
+                return
+            failed = CONNECTION_FAILED.with_text(
+                f"{CONNECTION_FAILED.text}: {session.label}: {exc.reason}"
+            )
+            job.finish_all(self.attempt(RecipientStatus.DEFERRED, failed, session))
+            return
+        attempts = []
+        for index in range(len(job.recipients)):
+            reply = result.reply_for(index)
+            status = (
+                RecipientStatus.DELIVERED if reply.is_success
+                else RecipientStatus.FAILED if reply.is_permanent
+                else RecipientStatus.DEFERRED
+            )
+            attempts.append(Attempt(
+                at=self.clock.seconds(), status=status, host=session.label, reply=str(reply),
+                mta=session.host.name, tls=client.tls,
+            ))
+        job.finish(attempts)
+
+    # -- attempts --------------------------------------------------------------------------------
+
+    def attempt(
+        self, status: RecipientStatus, reply: Reply | ServerReply, session: _Session | None,
+        mta: str | None = None,
+    ) -> Attempt:
+        return Attempt(
+            at=self.clock.seconds(),
+            status=status,
+            host=session.label if session is not None else "",
+            reply=str(reply),
+            mta=mta,
+            tls=session.client.tls if session is not None else None,
+        )
+
+    def attempt_for_failure(self, failure: Failure, job: _Job) -> Attempt:
+        """The Attempt of every recipient of a job whose destination could not be reached."""
+        value = failure.value
+        queue_id = job.envelope.queue_id
+        if isinstance(value, MXLookupError):
+            status = RecipientStatus.FAILED if value.permanent else RecipientStatus.DEFERRED
+            return self.attempt(status, value.reply, None)
+        if isinstance(value, _HostFailedError):
+            reply = value.reply
+            # A refusal from a server (a 554 greeting) is still only this host's: other hosts
+            # or a later try may do better, so it defers; only MAIL/RCPT/DATA replies fail.
+            return self.attempt(RecipientStatus.DEFERRED, reply, None, mta=value.mta)
+        log.failure("{queue_id}: relay failed", failure, queue_id=queue_id)
+        return self.attempt(RecipientStatus.DEFERRED, INTERNAL, None)
+
+
+def _orcpt(recipient: Recipient) -> str | None:
+    """RFC 3461 §4.2: pass ORCPT on; add it from the original RCPT address when missing."""
+    if recipient.orcpt is not None:
+        return recipient.orcpt
+    if recipient.original and recipient.original.isascii():
+        return f"rfc822;{recipient.original}"
+    return None
+
+
+def _connect_reason(exc: BaseException) -> str:
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, net_error.TimeoutError | TimeoutError):
+        return "connection timed out"
+    if isinstance(exc, net_error.NoRouteError):
+        return "no route to host"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _cancel(timer: IDelayedCall | None) -> None:
+    if timer is not None and timer.active():
+        with contextlib.suppress(Exception):
+            timer.cancel()

@@ -1,0 +1,52 @@
+"""The relay built from the [relay] section: resolver, next hops, TLS policy and the agent.
+
+service.py calls ``build_relay``; everything the relay is made of is constructed here, so the
+relay's own modules take their collaborators as arguments and are tested alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailsys.config import Config, parse_dns_server
+from mailsys.delivery.mx import MXResolver, make_resolver
+from mailsys.delivery.nexthop import NextHops
+from mailsys.delivery.relay import RelayAgent, RelaySettings, TCPDialer
+from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
+from mailsys.diskio import DiskPool
+
+
+def smarthost_password(config: Config) -> str | None:
+    """The smarthost password from the config or its file (first line, without the newline)."""
+    relay = config.relay
+    if relay.smarthost_password is not None:
+        return relay.smarthost_password
+    if relay.smarthost_password_file is not None:
+        text = relay.smarthost_password_file.read_text(encoding="utf-8")
+        return text.splitlines()[0] if text else ""
+    return None
+
+
+def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | None:
+    """The relay agent for ``config``, or None when ``relay.enabled`` is false."""
+    relay = config.relay
+    if not relay.enabled:
+        return None
+    servers = [parse_dns_server(server) for server in relay.dns_servers]
+    settings = RelaySettings(
+        helo_name=relay.helo_name or config.server.hostname,
+        per_destination_concurrency=relay.per_destination_concurrency,
+        connect_timeout=relay.connect_timeout,
+        smarthost_username=relay.smarthost_username,
+        smarthost_password=smarthost_password(config),
+    )
+    return RelayAgent(
+        settings,
+        NextHops(relay.transport, relay.smarthost, relay.port),
+        TLSPolicies(relay.tls_policy, relay.tls_policy_per_domain),
+        ClientTLS(relay.tls_ca_file),
+        MXResolver(make_resolver(servers, reactor), relay.ip_version),
+        TCPDialer(reactor, settings.timeouts, relay.connect_timeout),
+        pool,
+        reactor,
+    )

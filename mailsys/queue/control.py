@@ -1,0 +1,356 @@
+"""Queue tools: list, show, flush, hold, release and delete queued messages, whether a server
+runs or not, without ever corrupting the spool.
+
+Two paths, chosen by the spool lock (mailsys.queue.spool holds it while a server runs):
+
+- **A server runs** (the lock is taken): the tool writes a command file into ``control/`` under
+  the spool directory (written aside, then renamed: the server never reads half a command). The
+  server's ``ControlWatcher`` looks there once a second (one listing of a nearly always empty
+  directory, in a disk thread), applies the command through the QueueRunner, which owns every
+  envelope it holds, and answers with a reply file next to it. Only the runner writes envelopes.
+- **No server runs**: the tool takes the spool lock itself (so a server cannot start meanwhile)
+  and edits the envelope files the way the spool does: a new file in tmp/, fsync, rename over
+  the old one, fsync of queue/.
+
+Listing and showing only read committed envelopes, which are always complete files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsys.diskio import fsync_directory, write_file_synced
+from mailsys.envelope import Envelope
+from mailsys.queue.spool import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, decode_envelope, encode_envelope
+
+log = Logger(namespace="mailsys.queue.control")
+
+CONTROL_DIR = "control"
+COMMAND_SUFFIX = ".cmd"
+REPLY_SUFFIX = ".reply"
+ACTIONS = ("flush", "hold", "release", "delete")
+# How long a tool waits for a running server's answer (it looks once a second).
+REPLY_DEADLINE = 15.0
+# Replies nobody collected (the tool was interrupted) are removed after this long.
+STALE_AFTER = 3600.0
+
+
+class QueueToolError(ValueError):
+    """A queue tool failure, one line for the administrator."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command did: success and a one-line message."""
+
+    ok: bool
+    message: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({"ok": self.ok, "message": self.message}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Outcome:
+        raw = json.loads(data)
+        return cls(bool(raw["ok"]), str(raw["message"]))
+
+
+# -- the spool lock ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def spool_lock(spool: Path) -> Iterator[bool]:
+    """Yield True holding the spool's lock (no server runs), or False if a server holds it."""
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# -- reading (safe at any time) ------------------------------------------------------------------
+
+
+def queued_ids(spool: Path) -> list[str]:
+    try:
+        names = os.listdir(spool / "queue")
+    except FileNotFoundError:
+        return []
+    return sorted(n[: -len(ENVELOPE_SUFFIX)] for n in names if n.endswith(ENVELOPE_SUFFIX))
+
+
+def load_envelope(spool: Path, queue_id: str) -> Envelope:
+    """One committed envelope; QueueToolError if there is none."""
+    _check_id(queue_id)
+    try:
+        data = (spool / "queue" / (queue_id + ENVELOPE_SUFFIX)).read_bytes()
+    except FileNotFoundError:
+        raise QueueToolError(f"no message {queue_id} in the queue") from None
+    return decode_envelope(data, queue_id)
+
+
+def list_envelopes(spool: Path) -> list[Envelope]:
+    """Every readable committed envelope, oldest first (gone or unreadable ones skipped)."""
+    found = []
+    for queue_id in queued_ids(spool):
+        try:
+            found.append(load_envelope(spool, queue_id))
+        except (QueueToolError, OSError, ValueError):
+            continue
+    found.sort(key=lambda e: (e.received_at, e.queue_id))
+    return found
+
+
+def _check_id(queue_id: str) -> None:
+    if not queue_id or not queue_id.isalnum():
+        raise QueueToolError(f"not a queue id: {queue_id!r}")
+
+
+# -- changing: the tool's side -------------------------------------------------------------------
+
+
+def run_command(spool: Path, action: str, queue_id: str | None,
+                deadline: float = REPLY_DEADLINE) -> Outcome:
+    """Apply ``action`` (flush, hold, release, delete) to one message (or, for flush, all):
+    through the running server, or directly when none runs."""
+    if action not in ACTIONS:
+        raise QueueToolError(f"unknown action {action!r}")
+    if queue_id is not None:
+        _check_id(queue_id)
+    elif action != "flush":
+        raise QueueToolError(f"{action} needs a queue id")
+    with spool_lock(spool) as locked:
+        if locked:
+            return apply_offline(spool, action, queue_id)
+    return _ask_server(spool, action, queue_id, deadline)
+
+
+def _ask_server(spool: Path, action: str, queue_id: str | None, deadline: float) -> Outcome:
+    control = spool / CONTROL_DIR
+    control.mkdir(mode=0o700, exist_ok=True)
+    name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+    command = json.dumps({"action": action, "queue_id": queue_id}).encode()
+    tmp = control / f".{name}.tmp"
+    write_file_synced(tmp, command)
+    os.rename(tmp, control / (name + COMMAND_SUFFIX))
+    reply = control / (name + REPLY_SUFFIX)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            data = reply.read_bytes()
+        except FileNotFoundError:
+            time.sleep(0.05)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            reply.unlink()
+        return Outcome.from_json(data)
+    # Withdraw the command if the server has not taken it; if it has, it will still act.
+    try:
+        (control / (name + COMMAND_SUFFIX)).unlink()
+    except FileNotFoundError:
+        raise QueueToolError(
+            f"the server took the {action} command but did not answer within {deadline:g}s"
+        ) from None
+    raise QueueToolError(f"the server did not take the {action} command within {deadline:g}s "
+                         "(is it running?); nothing was changed")
+
+
+# -- changing: no server runs --------------------------------------------------------------------
+
+
+def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
+    """Edit the spool directly; the caller holds the spool lock."""
+    queue = spool / "queue"
+    if action == "delete":
+        assert queue_id is not None
+        load_envelope(spool, queue_id)
+        # The envelope first: a message without envelope is cleaned up at start-up.
+        for suffix in (ENVELOPE_SUFFIX, MESSAGE_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(queue / (queue_id + suffix))
+        fsync_directory(queue)
+        return Outcome(True, f"{queue_id}: deleted")
+    targets = [queue_id] if queue_id is not None else queued_ids(spool)
+    changed = 0
+    for one in targets:
+        envelope = load_envelope(spool, one)
+        if action == "hold":
+            envelope.held = True
+        elif action == "release":
+            envelope.held = False
+        else:  # flush: due now, for the next start
+            if envelope.held:
+                continue
+            for recipient in envelope.open_recipients():
+                recipient.next_attempt = None
+        _rewrite(spool, envelope)
+        changed += 1
+    if changed:
+        fsync_directory(queue)
+    what = queue_id or f"{changed} message(s)"
+    done = {"hold": "held", "release": "released",
+            "flush": "due now; delivered when the server starts"}[action]
+    return Outcome(True, f"{what}: {done}")
+
+
+def _rewrite(spool: Path, envelope: Envelope) -> None:
+    """Replace one envelope as the spool does: tmp/, fsync, rename (queue/ synced by caller)."""
+    tmp = spool / "tmp" / f"{envelope.queue_id}{ENVELOPE_SUFFIX}.tool{os.getpid()}"
+    (spool / "tmp").mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    write_file_synced(tmp, encode_envelope(envelope))
+    target = spool / "queue" / (envelope.queue_id + ENVELOPE_SUFFIX)
+    if not target.exists():
+        tmp.unlink()
+        raise QueueToolError(f"no message {envelope.queue_id} in the queue")
+    os.replace(tmp, target)
+
+
+# -- the server's side ---------------------------------------------------------------------------
+
+
+class QueueControl(Protocol):
+    """What the watcher asks of the runner (mailsys.queue.runner.QueueRunner)."""
+
+    def flush(self, queue_id: str | None = None) -> int: ...
+
+    def hold(self, queue_id: str) -> Deferred[bool]: ...
+
+    def release(self, queue_id: str) -> Deferred[bool]: ...
+
+    def delete(self, queue_id: str) -> Deferred[bool]: ...
+
+
+class DiskRunner(Protocol):
+    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class ControlWatcher:
+    """Applies the queue tools' command files to the running queue (``poll`` on a timer)."""
+
+    def __init__(self, spool: Path, runner: QueueControl, disk: DiskRunner) -> None:
+        self._control = spool / CONTROL_DIR
+        self._runner = runner
+        self._disk = disk
+        self._busy = False
+
+    def poll(self) -> Deferred[None]:
+        """Look for commands once; overlapping calls are skipped."""
+        if self._busy:
+            return succeed(None)
+        self._busy = True
+        d: Deferred[list[tuple[str, bytes | None]]] = self._disk.run(_take_commands, self._control)
+        d.addCallback(self._apply_all)
+        d.addErrback(lambda f: log.failure("queue control failed", f))
+
+        def idle(_: object) -> None:
+            self._busy = False
+
+        return d.addBoth(idle)
+
+    def _apply_all(self, commands: list[tuple[str, bytes | None]]) -> Deferred[None] | None:
+        if not commands:
+            return None
+        return Deferred.fromCoroutine(self._run_all(commands))
+
+    async def _run_all(self, commands: list[tuple[str, bytes | None]]) -> None:
+        for name, data in commands:
+            outcome = await self._apply(data)
+            log.info("queue control {name}: {message}", name=name, message=outcome.message)
+            await self._disk.run(_answer, self._control, name, outcome)
+
+    def _apply(self, data: bytes | None) -> Deferred[Outcome]:
+        try:
+            if data is None:
+                raise ValueError("unreadable command")
+            raw = json.loads(data)
+            action, queue_id = raw["action"], raw.get("queue_id")
+            if action not in ACTIONS or (queue_id is None and action != "flush"):
+                raise ValueError(f"bad command {raw!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            return succeed(Outcome(False, f"refused: {exc}"))
+        if action == "flush":
+            count = self._runner.flush(queue_id)
+            if queue_id is not None and count == 0:
+                return succeed(Outcome(False, f"no message {queue_id} to flush (held or gone)"))
+            return succeed(Outcome(True, f"{queue_id or f'{count} message(s)'}: due now"))
+        operation = {"hold": self._runner.hold, "release": self._runner.release,
+                     "delete": self._runner.delete}[action]
+        done = {"hold": "held", "release": "released", "delete": "deleted"}[action]
+        d: Deferred[bool] = maybeDeferred(operation, queue_id)
+
+        def answered(found: bool) -> Outcome:
+            if not found:
+                return Outcome(False, f"no message {queue_id} in the queue")
+            return Outcome(True, f"{queue_id}: {done}")
+
+        def failed(failure: Failure) -> Outcome:
+            log.failure("queue control {action} {queue_id}", failure, action=action,
+                        queue_id=queue_id)
+            return Outcome(False, f"{queue_id}: {action} failed (see the server log)")
+
+        return d.addCallbacks(answered, failed)
+
+
+def _take_commands(control: Path) -> list[tuple[str, bytes | None]]:
+    """Disk thread: read and remove the pending command files, oldest first; drop stale
+    replies. Creates control/ on first use."""
+    try:
+        entries = sorted(os.listdir(control))
+    except FileNotFoundError:
+        control.mkdir(mode=0o700, exist_ok=True)
+        return []
+    now = time.time()
+    commands: list[tuple[str, bytes | None]] = []
+    for entry in entries:
+        path = control / entry
+        if entry.endswith(COMMAND_SUFFIX):
+            try:
+                data: bytes | None = path.read_bytes()
+            except OSError:
+                data = None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            commands.append((entry[: -len(COMMAND_SUFFIX)], data))
+        elif entry.endswith((REPLY_SUFFIX, ".tmp")):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STALE_AFTER:
+                    path.unlink()
+    return commands
+
+
+def _answer(control: Path, name: str, outcome: Outcome) -> None:
+    """Disk thread: write the reply aside, then rename it into place (read whole or not at all)."""
+    tmp = control / f".{name}.reply.tmp"
+    try:
+        write_file_synced(tmp, outcome.to_json())
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        tmp.unlink()
+        write_file_synced(tmp, outcome.to_json())
+    os.rename(tmp, control / (name + REPLY_SUFFIX))
