@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsys.diskio import DiskPool, fsync_directory, write_file_synced
+from mailsys.diskio import DirectorySyncError, DiskPool, fsync_directory, write_file_synced
 from mailsys.envelope import FORMAT_VERSION, Envelope
 from mailsys.interfaces import ISpool
 
@@ -126,9 +126,17 @@ class Spool:
         self._queue = os.path.join(self.queue_dir, "")
         self._free_prefix = os.path.join(self.free_dir, "")
         self._pool = pool
-        # Names in free/ ready to be overwritten; touched on the reactor thread only, so a file
-        # is handed to at most one disk thread at a time.
-        self._free: list[str] = []
+        # Names in free/ ready to be overwritten, each with an upper bound of its size (-1 if
+        # unknown); touched on the reactor thread only, so a file is handed to at most one disk
+        # thread at a time.
+        self._free: list[tuple[str, int]] = []
+        # Moved to free/ by remove() but not reusable before an fsync of queue/ begun after the
+        # move: the next commit's makes them so.
+        self._removed: list[tuple[str, int]] = []
+        # Upper bounds of the sizes of the message and envelope files of each message this
+        # process committed: when new bytes are at least as long as a reused file, the commit
+        # need not truncate it (an ftruncate costs as much as the write).
+        self._sizes: dict[str, tuple[int, int]] = {}
         self._free_serial = itertools.count()
         self._id_lock = threading.Lock()
         self._last_micros = 0
@@ -172,28 +180,35 @@ class Spool:
         queue_id = envelope.queue_id
         # Serialise here, on the caller's thread: the envelope is not ours to read from a thread.
         env_bytes = encode_envelope(envelope)
-        d = self._pool.run(
+        self._sizes[queue_id] = (len(message), len(env_bytes))
+        # Files whose move out of queue/ is done: this commit's fsync of queue/ makes it durable.
+        removed, self._removed = self._removed, []
+        d = self._pool.run_and_sync(
+            self.queue_dir,
             self._write_and_rename,
             queue_id,
             env_bytes,
             message,
             self._take_free(),
             self._take_free(),
+            urgent=True,
         )
 
-        def renamed(_: None) -> Deferred[None]:
-            synced = self._pool.sync_directory(self.queue_dir)
-            # The files are in queue/ but not durable: the message is not acknowledged, so it
-            # must not be delivered either (the client will send it again).
-            synced.addErrback(self._unrename, queue_id)
-            return synced
+        def committed(_: None) -> None:
+            self._free.extend(removed)
 
-        def failed(failure: Failure) -> Failure:
+        def failed(failure: Failure) -> Failure | Deferred[None]:
             log.failure("{queue_id}: commit failed", failure, queue_id=queue_id)
-            return failure
+            self._sizes.pop(queue_id, None)
+            if not failure.check(DirectorySyncError):
+                self._removed.extend(removed)  # nothing was synced: the next commit will
+                return failure
+            # The files are in queue/ but not durable: the message is not acknowledged, so it
+            # must not be delivered either (the client will send it again). The removed files
+            # stay unused: their moves may not be durable either (recover() clears free/).
+            return self._unrename(failure, queue_id)
 
-        d.addCallback(renamed)
-        d.addErrback(failed)
+        d.addCallbacks(committed, failed)
         return d
 
     def _unrename(self, failure: Failure, queue_id: str) -> Deferred[None]:
@@ -204,20 +219,23 @@ class Spool:
         cleanup.addCallback(lambda _: failure)
         return cleanup
 
-    def _take_free(self) -> str | None:
-        return self._free_prefix + self._free.pop() if self._free else None
+    def _take_free(self) -> tuple[str, int] | None:
+        if not self._free:
+            return None
+        name, size = self._free.pop()
+        return self._free_prefix + name, size
 
     def _write_and_rename(
         self,
         queue_id: str,
         env_bytes: bytes,
         message: bytes,
-        free_msg: str | None,
-        free_env: str | None,
+        free_msg: tuple[str, int] | None,
+        free_env: tuple[str, int] | None,
     ) -> None:
-        """Disk thread: write and fsync both files (over free/ files handed to this call, or new
-        in tmp/), then rename them into queue/, message first and envelope last, so that a
-        committed envelope always has its message.
+        """Disk thread: write both files durably (over free/ files handed to this call, each with
+        an upper bound of its size, or new in tmp/), then rename them into queue/, message first
+        and envelope last, so that a committed envelope always has its message.
 
         On failure, removes exactly what this call owns (never another writer's files).
         """
@@ -245,12 +263,16 @@ class Spool:
         """
         queue_id = envelope.queue_id
         env_bytes = encode_envelope(envelope)
+        sizes = self._sizes.get(queue_id)
+        if sizes is not None:
+            # The larger of the two: the rename may or may not happen.
+            self._sizes[queue_id] = (sizes[0], max(sizes[1], len(env_bytes)))
         # The temp file lives in tmp/ so that a crash between write and rename leaves garbage only
         # where recover() clears it; the serial keeps two updates in flight from colliding.
         tmp = self.tmp_dir / f"{queue_id}{ENVELOPE_SUFFIX}.u{next(self._update_serial)}"
-        d = self._pool.run(self._replace, tmp, self.envelope_path(queue_id), env_bytes)
-        d.addCallback(lambda _: self._pool.sync_directory(self.queue_dir))
-        return d
+        return self._pool.run_and_sync(
+            self.queue_dir, self._replace, tmp, self.envelope_path(queue_id), env_bytes
+        )
 
     @staticmethod
     def _replace(tmp: Path, target: Path, data: bytes) -> None:
@@ -272,20 +294,18 @@ class Spool:
         itself needs no fsync: if a crash undoes it, the message is delivered again and the
         Maildir writer recognises the copy it already wrote; a message left without its envelope
         is deleted by recover(). But a file is reused only once queue/ has been fsync'd after its
-        rename (a group commit shared with the commits): otherwise a power loss could bring back
-        the old name over new bytes, and deliver one message's bytes as another's.
+        rename, otherwise a power loss could bring back the old name over new bytes, and deliver
+        one message's bytes as another's: the next commit's fsync of queue/ does it.
         """
-        if len(self._free) + 2 > FREE_FILES_LIMIT:
-            return self._pool.run(self._unlink_pair, queue_id)
-        names = [f"{next(self._free_serial)}", f"{next(self._free_serial)}"]
-        d = self._pool.run(self._recycle_pair, queue_id, names)
+        msg_size, env_size = self._sizes.pop(queue_id, (-1, -1))
+        if len(self._free) + len(self._removed) + 2 > FREE_FILES_LIMIT:
+            return self._pool.run_batched(self._unlink_pair, queue_id)
+        env_name, msg_name = f"{next(self._free_serial)}", f"{next(self._free_serial)}"
+        sizes = {env_name: env_size, msg_name: msg_size}
+        d = self._pool.run_batched(self._recycle_pair, queue_id, [env_name, msg_name])
 
-        def moved(recycled: list[str]) -> Deferred[None]:
-            synced = self._pool.sync_directory(self.queue_dir)
-            synced.addCallback(lambda _: self._free.extend(recycled))
-            # Not reusable then, but removed all the same: recover() clears free/ at start-up.
-            synced.addErrback(lambda f: log.failure("sync after remove", f))
-            return synced
+        def moved(names: list[str]) -> None:
+            self._removed.extend((name, sizes[name]) for name in names)
 
         return d.addCallback(moved)
 
@@ -355,6 +375,8 @@ class Spool:
         # Deleted, not reused: after a crash a name in free/ may share its file with a name in
         # queue/ (a rename half done), and overwriting it would destroy a committed message.
         self._free.clear()
+        self._removed.clear()
+        self._sizes.clear()
         for entry in os.scandir(self.free_dir):
             _remove_entry(entry)
 
@@ -426,16 +448,17 @@ class Spool:
             self._lock_fd = None
 
 
-def _place(data: bytes, free: str | None, new: str, owned: list[str]) -> str:
-    """Disk thread: ``data`` written and fsync'd over the free file, or else in a new file.
+def _place(data: bytes, free: tuple[str, int] | None, new: str, owned: list[str]) -> str:
+    """Disk thread: ``data`` written durably over the free file, or else in a new file.
 
     The path written is appended to ``owned`` once it belongs to this commit.
     """
     if free is not None:
-        owned.append(free)
+        path, size = free
+        owned.append(path)
         try:
-            _overwrite_synced(free, data)
-            return free
+            _overwrite_synced(path, data, size)
+            return path
         except FileNotFoundError:
             owned.pop()  # gone (a queue tool?): fall back to a new file
     write_file_synced(new, data)  # O_EXCL: a FileExistsError here means the file is not ours
@@ -443,15 +466,22 @@ def _place(data: bytes, free: str | None, new: str, owned: list[str]) -> str:
     return new
 
 
-def _overwrite_synced(path: str, data: bytes) -> None:
-    """Replace the contents of an existing file in place (no new inode) and fsync it."""
-    fd = os.open(path, os.O_WRONLY)
+def _overwrite_synced(path: str, data: bytes, size: int) -> None:
+    """Replace the contents of an existing file in place (no new inode), durably.
+
+    ``size`` is an upper bound of the file's length (-1 if unknown): when ``data`` is at least
+    that long, writing it sets the length and no truncation is needed. O_SYNC makes the write
+    return only once data and inode are on disk, as write + fsync would, in one system call
+    fewer: each gives up the GIL and must win it back from the reactor. A truncation comes
+    first, so that the synced write carries the new length too.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_SYNC)
     try:
+        if not 0 <= size <= len(data):
+            os.ftruncate(fd, len(data))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -391,3 +391,24 @@ def test_copies_have_lf_line_ends_and_size_fields(writer: MaildirWriter, message
     assert b"\r" not in stored
     wire = stored.replace(b"\n", b"\r\n")
     assert name.endswith(f",S={len(stored)},W={len(wire)}")
+
+
+def test_large_and_empty_messages_are_copied_whole(writer: MaildirWriter, tmp_path: Path) -> None:
+    """The spooled bytes are read whole, however large, and an empty message gives headers only."""
+    large = tmp_path / "large.msg"
+    body = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    large.write_bytes(body * 3000)
+    empty = tmp_path / "empty.msg"
+    empty.write_bytes(b"")
+    envelope = make_envelope(
+        "0189ABCDEF012A1B2C4",
+        local_recipient("alice@example.test"),
+        local_recipient("bob@example.test"),
+    )
+    deliver(writer, envelope, large, index=0)
+    deliver(writer, envelope, empty, index=1)
+    for recipient, spooled in zip(envelope.recipients, (body * 3000, b""), strict=True):
+        new = writer.maildir_path(recipient.address) / "new"
+        (name,) = files(new)
+        stored = (new / name).read_bytes()
+        assert stored == to_stored_form(delivery_headers(envelope, recipient), spooled)

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailsys import diskio
-from mailsys.diskio import DiskPool
+from mailsys.diskio import DirectorySyncError, DiskPool
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.interfaces import ISpool
 from mailsys.queue import spool as spool_module
@@ -30,12 +30,14 @@ class ImmediateDiskPool:
 
     Directory syncs are recorded; with ``hold_syncs`` they wait until ``release_syncs()``, so a
     test can see what happens before and after the group commit. ``fail_syncs`` makes them fail.
+    ``run_and_sync`` is work then sync, as in the real pool; ``urgent`` records its flag.
     """
 
     def __init__(self) -> None:
         self.synced: list[Path] = []
         self.hold_syncs = False
         self.fail_syncs: Exception | None = None
+        self.urgent: list[bool] = []
         self._held: list[Deferred[None]] = []
 
     def start(self) -> None:
@@ -49,6 +51,30 @@ class ImmediateDiskPool:
             return succeed(func(*args, **kwargs))
         except BaseException:
             return fail(Failure())
+
+    def run_batched(self, func: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return self.run(func, *args)
+
+    def run_and_sync(
+        self, directory: str | Path, func: Callable[..., Any], *args: Any, urgent: bool = False
+    ) -> Deferred[Any]:
+        """The work at once, then the directory sync as sync_directory() does it."""
+        self.urgent.append(urgent)
+        d = self.run(func, *args)
+
+        def sync(result: Any) -> Deferred[Any]:
+            synced = self.sync_directory(directory)
+
+            def failed(failure: Failure) -> Failure:
+                cause = failure.value
+                assert isinstance(cause, OSError)
+                error = DirectorySyncError(cause.errno, cause.strerror, directory)
+                error.result = result
+                return Failure(error)
+
+            return synced.addCallbacks(lambda _: result, failed)
+
+        return d.addCallback(sync)
 
     def sync_directory(self, directory: str | Path) -> Deferred[None]:
         self.synced.append(Path(directory))
@@ -222,6 +248,31 @@ def test_failed_directory_sync_removes_the_committed_files(
     assert files(spool.tmp_dir) == [] and files(spool.queue_dir) == []
 
 
+def test_only_the_commit_is_urgent(spool: Spool, pool: ImmediateDiskPool) -> None:
+    """A commit goes before queued disk work (a client waits for its 250); an update does not,
+    and a removal syncs nothing."""
+    envelope = make_envelope("C5")
+    result_of(spool.commit(envelope, b"data"))
+    result_of(spool.update(envelope))
+    result_of(spool.remove("C5"))
+    assert pool.urgent == [True, False]
+    assert pool.synced == [spool.queue_dir, spool.queue_dir]
+
+
+def test_failed_write_is_not_mistaken_for_a_failed_sync(
+    spool: Spool, pool: ImmediateDiskPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit whose write fails is not synced, and fails with the write's own error."""
+
+    def failing(path: Path, data: Any, mode: int = 0o600) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "write_file_synced", failing)
+    f = failure_of(spool.commit(make_envelope("C6"), b"data"))
+    assert isinstance(f.value, OSError) and f.value.errno == 28
+    assert pool.synced == [] and files(spool.queue_dir) == []
+
+
 def test_commit_never_touches_another_writers_temp_file(spool: Spool) -> None:
     """A colliding temp file (same id) makes commit fail without deleting the other file."""
     (spool.tmp_dir / "C4.msg").write_bytes(b"someone else's")
@@ -293,12 +344,15 @@ def test_remove_takes_the_envelope_before_the_message(
     result_of(spool.remove("E1"))  # removing twice is harmless
 
 
-def test_removed_files_are_overwritten_by_the_next_commit(spool: Spool) -> None:
-    """A removed message's files are reused in place (no new inodes), with the new bytes only."""
+def test_removed_files_are_overwritten_by_a_later_commit(spool: Spool) -> None:
+    """A removed message's files are reused in place (no new inodes), with the new bytes only,
+    once the next commit's fsync of queue/ has made their removal durable."""
     result_of(spool.commit(make_envelope("E2"), b"a much longer first message" * 100))
     inodes = {spool.message_path("E2").stat().st_ino, spool.envelope_path("E2").stat().st_ino}
     result_of(spool.remove("E2"))
     assert len(files(spool.free_dir)) == 2
+    result_of(spool.commit(make_envelope("E1"), b"x"))
+    assert len(files(spool.free_dir)) == 2  # the commit that synced their move used new files
     envelope = make_envelope("E3")
     result_of(spool.commit(envelope, b"short"))
     assert files(spool.free_dir) == [] and files(spool.tmp_dir) == []
@@ -309,21 +363,108 @@ def test_removed_files_are_overwritten_by_the_next_commit(spool: Spool) -> None:
     )
 
 
+def test_reused_files_are_truncated_only_when_shrinking(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes at least as long as a reused file's need no ftruncate; shorter ones get one."""
+    truncated: list[int] = []
+    real = os.ftruncate
+
+    def spy(fd: int, length: int) -> None:
+        truncated.append(length)
+        real(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", spy)
+    result_of(spool.commit(make_envelope("E4"), b"x" * 100))
+    result_of(spool.remove("E4"))
+    result_of(spool.commit(make_envelope("E1"), b"s" * 100))  # its sync frees E4's files
+    result_of(spool.commit(make_envelope("E5"), b"y" * 200))
+    assert truncated == []
+    assert spool.message_path("E5").read_bytes() == b"y" * 200
+    result_of(spool.remove("E5"))
+    result_of(spool.commit(make_envelope("E2"), b"s" * 300))
+    result_of(spool.commit(make_envelope("E6"), b"z" * 50))
+    assert truncated == [50]
+    assert spool.message_path("E6").read_bytes() == b"z" * 50
+
+
+def test_reused_envelope_file_is_cut_to_an_update_that_may_have_grown_it(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an update made the envelope longer, a shorter envelope over that file is cut."""
+    envelope = make_envelope("E7")
+    result_of(spool.commit(envelope, b"m"))
+    envelope.recipients[0].record(
+        Attempt(at=1.0, status=RecipientStatus.DEFERRED, host="h", reply="451 " + "x" * 300),
+        61.0,
+    )
+    result_of(spool.update(envelope))
+    result_of(spool.remove("E7"))
+    result_of(spool.commit(make_envelope("E1"), b"m"))  # its sync frees E7's files
+    fresh = make_envelope("E8")
+    result_of(spool.commit(fresh, b"m"))
+    assert spool.load("E8") == fresh
+    assert spool.envelope_path("E8").stat().st_size == len(encode_envelope(fresh))
+
+
 def test_removed_files_are_reused_only_after_queue_is_synced(
     spool: Spool, pool: ImmediateDiskPool
 ) -> None:
-    """A removed message's files are not overwritten before their move out of queue/ is durable."""
+    """A removed message's files are not overwritten before an fsync of queue/ begun after
+    their move: the removal fires at once, the first commit after it syncs the move."""
     result_of(spool.commit(make_envelope("E12"), b"old bytes"))
     old = spool.message_path("E12").stat().st_ino
+    pool.synced.clear()
+    assert result_of(spool.remove("E12")) is None
+    assert pool.synced == []
     pool.hold_syncs = True
-    removed: list[object] = []
-    spool.remove("E12").addCallback(removed.append)
-    assert removed == [] and pool.synced[-1] == spool.queue_dir
-    spool.commit(make_envelope("E13"), b"new bytes")
-    assert spool.message_path("E13").stat().st_ino != old  # a new file, not the removed one
-    assert len(files(spool.free_dir)) == 2
+    syncing: list[object] = []
+    spool.commit(make_envelope("E13"), b"new bytes").addCallback(syncing.append)
+    spool.commit(make_envelope("E14"), b"new bytes")
+    for queue_id in ("E13", "E14"):  # new files while the sync is not done
+        assert spool.message_path(queue_id).stat().st_ino != old
     pool.release_syncs()
-    assert removed == [None]
+    assert syncing == [None]
+    pool.hold_syncs = False
+    result_of(spool.commit(make_envelope("E15"), b"new bytes"))
+    assert spool.message_path("E15").stat().st_ino == old
+
+
+def test_removed_files_are_not_reused_when_the_sync_fails(
+    spool: Spool, pool: ImmediateDiskPool
+) -> None:
+    """If queue/ cannot be fsync'd after a removal, the message is gone but its files are not
+    reused: a crash could bring their old names back over new bytes."""
+    result_of(spool.commit(make_envelope("E14"), b"old bytes"))
+    old = spool.message_path("E14").stat().st_ino
+    assert result_of(spool.remove("E14")) is None
+    pool.fail_syncs = OSError(5, "Input/output error")
+    failure_of(spool.commit(make_envelope("E15"), b"new bytes"))
+    pool.fail_syncs = None
+    for queue_id in ("E16", "E17"):
+        result_of(spool.commit(make_envelope(queue_id), b"new bytes"))
+        assert spool.message_path(queue_id).stat().st_ino != old
+    assert files(spool.queue_dir) == ["E16.env", "E16.msg", "E17.env", "E17.msg"]
+
+
+def test_a_commit_failing_before_its_sync_leaves_removed_files_to_the_next(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails before syncing anything hands the files it was to free to the next
+    commit, whose sync frees them."""
+    result_of(spool.commit(make_envelope("E18"), b"old bytes"))
+    old = spool.message_path("E18").stat().st_ino
+    result_of(spool.remove("E18"))
+
+    def failing(path: Path, data: Any, mode: int = 0o600) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(spool_module, "write_file_synced", failing)
+        failure_of(spool.commit(make_envelope("E19"), b"x"))
+    result_of(spool.commit(make_envelope("E20"), b"x"))
+    result_of(spool.commit(make_envelope("E21"), b"x"))
+    assert spool.message_path("E21").stat().st_ino == old
 
 
 def test_free_files_are_bounded(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,6 +481,7 @@ def test_vanished_free_file_falls_back_to_a_new_file(spool: Spool) -> None:
     """If a free file disappeared, commit writes a new file instead of failing."""
     result_of(spool.commit(make_envelope("E6"), b"x"))
     result_of(spool.remove("E6"))
+    result_of(spool.commit(make_envelope("E5"), b"x"))  # its sync frees E6's files
     for name in files(spool.free_dir):
         os.unlink(spool.free_dir / name)
     result_of(spool.commit(make_envelope("E7"), b"y"))
@@ -352,6 +494,7 @@ def test_failed_commit_over_free_files_leaves_nothing(
     """A commit that fails after taking free files removes them with the rest."""
     result_of(spool.commit(make_envelope("E8"), b"x"))
     result_of(spool.remove("E8"))
+    result_of(spool.commit(make_envelope("E7"), b"x"))  # its sync frees E8's files
     real = os.rename
 
     def failing(src: Any, dst: Any) -> None:
@@ -361,7 +504,7 @@ def test_failed_commit_over_free_files_leaves_nothing(
 
     monkeypatch.setattr(os, "rename", failing)
     failure_of(spool.commit(make_envelope("E9"), b"y"))
-    assert files(spool.queue_dir) == [] and files(spool.free_dir) == []
+    assert files(spool.queue_dir) == ["E7.env", "E7.msg"] and files(spool.free_dir) == []
 
 
 def test_recover_empties_free(spool: Spool) -> None:
