@@ -9,6 +9,7 @@ from twisted.python import usage
 from typing_extensions import override
 
 from mailsys import config as config_module
+from mailsys import logwriter
 
 DEFAULT_CONFIG = "etc/mailsys.toml"
 
@@ -23,6 +24,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:  # noqa: N802 - usage.Options hook
+        parent = getattr(self, "parent", None)  # twistd's ServerOptions, when run by twistd
+        if parent is not None:
+            logwriter.use_for_twistd(parent)
         try:
             self["loaded"] = config_module.load(self["config"])
         except config_module.ConfigError as exc:

@@ -1,0 +1,172 @@
+"""The batched log writer: twistd's line format, one write per reactor iteration."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.logger import formatEventAsClassicLogText, formatTime, timeFormatRFC3339
+from twisted.python import threadable
+from twisted.scripts.twistd import ServerOptions
+
+from mailsys import logwriter
+from mailsys.logwriter import MAX_BATCH_CHARS, BatchedLogWriter
+
+
+@pytest.fixture(autouse=True)
+def io_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's thread plays the reactor thread, as a running reactor registers its own."""
+    monkeypatch.setattr(threadable, "ioThread", threadable.getThreadID())
+
+
+class FakeReactor:
+    """Just what the writer uses of a reactor: running, callLater(0), callFromThread."""
+
+    def __init__(self, running: bool = True) -> None:
+        self.running = running
+        self.later: list[Callable[[], Any]] = []
+        self.from_thread: list[Callable[[], Any]] = []
+
+    def callLater(self, delay: float, f: Callable[[], Any]) -> None:  # noqa: N802
+        assert delay == 0
+        self.later.append(f)
+
+    def callFromThread(self, f: Callable[[], Any]) -> None:  # noqa: N802
+        self.from_thread.append(f)
+
+    def iterate(self) -> None:
+        calls, self.later = self.later, []
+        for f in calls:
+            f()
+
+
+class CountingFile(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def event(text: str, when: float | None = None) -> dict[str, Any]:
+    return {
+        "log_format": text,
+        "log_time": time.time() if when is None else when,
+        "log_namespace": "mailsys.test",
+        "log_level": None,
+    }
+
+
+def test_lines_of_one_iteration_are_written_together() -> None:
+    """Lines logged in one reactor iteration reach the file in one write, after it."""
+    out, reactor = CountingFile(), FakeReactor()
+    writer = BatchedLogWriter(out, reactor)
+    for n in range(3):
+        writer(event(f"line {n}"))
+    assert out.getvalue() == ""
+    assert len(reactor.later) == 1  # one flush scheduled, not one per line
+    reactor.iterate()
+    assert out.writes == 1
+    assert [line.split(" ", 2)[2] for line in out.getvalue().splitlines()] == [
+        "line 0", "line 1", "line 2"]
+
+
+def test_same_text_as_twistd() -> None:
+    """A line reads exactly as twistd's own observer writes it (time stamp, system, text)."""
+    out, reactor = io.StringIO(), FakeReactor(running=False)
+    when = 1_700_000_000.75
+    e = event("hello {who}", when) | {"who": "world"}
+    BatchedLogWriter(out, reactor)(e)
+    expected = formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t, timeFormatRFC3339))
+    assert out.getvalue() == expected
+
+
+def test_written_at_once_while_no_reactor_runs() -> None:
+    """Before the reactor runs and after it stopped, each line is written at once."""
+    out, reactor = io.StringIO(), FakeReactor(running=False)
+    BatchedLogWriter(out, reactor)(event("starting"))
+    assert out.getvalue().endswith("starting\n")
+    assert reactor.later == []
+
+
+def test_a_large_batch_is_written_without_waiting() -> None:
+    """Past MAX_BATCH_CHARS the batch is written at once, so a flood holds little memory."""
+    out, reactor = CountingFile(), FakeReactor()
+    writer = BatchedLogWriter(out, reactor)
+    big = "x" * 1000
+    for _ in range(MAX_BATCH_CHARS // 1000 + 1):
+        writer(event(big))
+    assert out.writes == 1
+    assert len(out.getvalue()) >= MAX_BATCH_CHARS
+
+
+def test_events_from_other_threads_schedule_through_call_from_thread() -> None:
+    """An event logged in a disk thread asks the reactor thread to write, never callLater."""
+    out, reactor = io.StringIO(), FakeReactor()
+    writer = BatchedLogWriter(out, reactor)
+    thread = threading.Thread(target=writer, args=(event("from a thread"),))
+    thread.start()
+    thread.join()
+    assert reactor.later == [] and len(reactor.from_thread) == 1
+    reactor.from_thread[0]()
+    assert out.getvalue().endswith("from a thread\n")
+
+
+def test_binary_log_file_gets_utf8() -> None:
+    """twistd's LogFile takes bytes: the writer encodes, as twistd's observer does."""
+    out, reactor = io.BytesIO(), FakeReactor(running=False)
+    BatchedLogWriter(out, reactor)(event("grüße"))
+    assert out.getvalue().decode("utf-8").endswith("grüße\n")
+
+
+def test_a_failing_file_does_not_stop_the_server() -> None:
+    """A write error (a full disk) is swallowed: logging never breaks mail handling."""
+
+    class Full(io.StringIO):
+        def write(self, s: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    writer = BatchedLogWriter(Full(), FakeReactor(running=False))
+    writer(event("lost"))
+    writer.flush()
+
+
+def parse_twistd(argv: list[str], tmp_path: Path) -> ServerOptions:
+    config = tmp_path / "mailsys.toml"
+    config.write_text(Path("etc/mailsys.toml").read_text())
+    options = ServerOptions()
+    options.parseOptions([*argv, "mailsys", "--config", str(config)])
+    return options
+
+
+@pytest.mark.parametrize(
+    ("argv", "path"),
+    [(["-n"], None), (["-n", "--logfile", "-"], None), (["-n", "--logfile", "mail.log"],
+                                                        "mail.log"), ([], "twistd.log")],
+)
+def test_twistd_mailsys_uses_the_writer(argv: list[str], path: str | None,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`twistd [opts] mailsys` gets the batched writer, aimed where twistd's options say."""
+    monkeypatch.setattr(logwriter, "_destination", None)
+    options = parse_twistd(argv, tmp_path)
+    assert options["logger"] is logwriter.twistd_observer
+    assert logwriter._destination == logwriter.Destination(path)
+
+
+@pytest.mark.parametrize("argv", [["-n", "--syslog"],
+                                  ["-n", "--logger", "twisted.logger.textFileLogObserver"],
+                                  ["--logfile", "-"]])
+def test_an_explicit_choice_wins(argv: list[str], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--syslog, --logger, and a daemon told to log to stdout are left to twistd."""
+    monkeypatch.setattr(logwriter, "_destination", None)
+    options = parse_twistd(argv, tmp_path)
+    assert options["logger"] is not logwriter.twistd_observer
+    assert logwriter._destination is None
