@@ -126,6 +126,10 @@ class POP3Section:
     # RFC 2449 §4 caps a command line at 255 octets; SASL response lines (RFC 5034) may be
     # longer, so we allow more, as for SMTP.
     max_command_length: int = 2048
+    # Shared by the STLS and implicit-TLS listeners. A POP3 client holds one connection at a
+    # time, but an office behind one NAT address has many clients.
+    max_connections: int = 500
+    max_connections_per_client: int = 50
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,10 @@ class IMAPSection:
     # A command's text outside its literals (RFC 7162 §4 recommends accepting at least 8192).
     max_command_length: int = 65536
     max_bad_commands: int = 20
+    # Shared by the STARTTLS and implicit-TLS listeners. Desktop clients keep up to five
+    # connections per account open (Thunderbird's default), and an office shares one address.
+    max_connections: int = 1000
+    max_connections_per_client: int = 100
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
+from mailsys.connlimit import ConnectionCounter
 from mailsys.imap import fetch as fetching
 from mailsys.imap import search as searching
 from mailsys.imap.fetchrun import FetchRun
@@ -112,6 +113,8 @@ class IMAPSettings:
     max_literal_size: int = 50 * 1024 * 1024
     max_command_length: int = 64 * 1024
     max_bad_commands: int = 20
+    max_connections: int = 1000
+    max_connections_per_client: int = 100
     implicit_tls: bool = False
 
     @classmethod
@@ -125,6 +128,8 @@ class IMAPSettings:
             max_literal_size=imap.max_literal_size,
             max_command_length=imap.max_command_length,
             max_bad_commands=imap.max_bad_commands,
+            max_connections=imap.max_connections,
+            max_connections_per_client=imap.max_connections_per_client,
             implicit_tls=implicit_tls,
         )
 
@@ -210,6 +215,7 @@ class IMAPSession(MailboxCommands, Protocol):
         self._state = State.NOT_AUTHENTICATED
         self._secure = False
         self._client_address = ""
+        self._admitted = False
         self._mailbox: str | None = None
         self._selected: Selected | None = None
         self._waiting = False
@@ -288,6 +294,17 @@ class IMAPSession(MailboxCommands, Protocol):
         self._transport: ITransport = transport
         peer = transport.getPeer()
         self._client_address = str(getattr(peer, "host", ""))
+        crowding = self._factory.connections.admit(self._client_address)
+        if crowding is not None:
+            log.info("imap refused connection from [{client}]: {why}",
+                     client=self._client_address, why=crowding.value)
+            self._closing = True
+            # RFC 3501 §7.1.5: BYE as the greeting refuses the connection; RFC 5530 §3.
+            self._transport.write(untagged("BYE [UNAVAILABLE] Too many connections, "
+                                           "try again later"))
+            self._transport.loseConnection()
+            return
+        self._admitted = True
         # RFC 8314 §3.3: on 993 the session is TLS from the first byte.
         self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
         self._timer = self._clock.callLater(self._timeout(), self._idle_timeout)
@@ -302,6 +319,9 @@ class IMAPSession(MailboxCommands, Protocol):
             return
         self._disconnected = True
         self._closing = True
+        if not self._admitted:
+            return  # refused at the greeting: nothing was counted, opened or logged in
+        self._factory.connections.release(self._client_address)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -1306,6 +1326,7 @@ class IMAPServerFactory(ServerFactory):
         throttle: LoginThrottle,
         clock: IReactorTime,
         tls: TLSContextSource | None = None,
+        connections: ConnectionCounter | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -1313,6 +1334,12 @@ class IMAPServerFactory(ServerFactory):
         self.throttle = throttle
         self.clock = clock
         self.tls = tls
+        # One counter for the STARTTLS and implicit-TLS listeners: the limits are the protocol's.
+        if connections is None:
+            connections = ConnectionCounter(
+                settings.max_connections, settings.max_connections_per_client
+            )
+        self.connections = connections
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> IMAPSession:

@@ -44,6 +44,7 @@ from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
+from mailsys.connlimit import ConnectionCounter
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock, MailboxStore
@@ -90,6 +91,8 @@ ERR_DELETED = _err("Message is deleted")
 ERR_LINE_TOO_LONG = _err("Command line too long")
 ERR_TOO_MANY_ERRORS = _err("Too many errors, closing connection")
 ERR_INTERNAL = _err("Internal error", "SYS/TEMP")
+# RFC 3206 §4: SYS/TEMP, a problem the client may expect to go away.
+ERR_TOO_MANY_CONNECTIONS = _err("Too many connections, try again later", "SYS/TEMP")
 ERR_NEED_USER = _err("Send USER first")
 ERR_AUTH_FAILED = _err("Authentication failed", "AUTH")
 # RFC 2595 §2.3 / RFC 8314 §3: no passwords in the clear unless the administrator allows it.
@@ -125,6 +128,8 @@ class POP3Settings:
     idle_timeout: float = 600.0
     max_bad_commands: int = 10
     max_command_length: int = 2048
+    max_connections: int = 500
+    max_connections_per_client: int = 50
     implicit_tls: bool = False
 
     @classmethod
@@ -137,6 +142,8 @@ class POP3Settings:
             idle_timeout=pop3.idle_timeout,
             max_bad_commands=pop3.max_bad_commands,
             max_command_length=pop3.max_command_length,
+            max_connections=pop3.max_connections,
+            max_connections_per_client=pop3.max_connections_per_client,
             implicit_tls=implicit_tls,
         )
 
@@ -362,6 +369,7 @@ class POP3Session(Protocol):
         self._reading_paused = False
         self._swallowing = False
         self._closing = False
+        self._admitted = False
         self._disconnected = False
         self._timer: IDelayedCall | None = None
         self._client_address = ""
@@ -419,6 +427,15 @@ class POP3Session(Protocol):
         self._transport: ITransport = transport
         peer = transport.getPeer()
         self._client_address = str(getattr(peer, "host", ""))
+        crowding = self._factory.connections.admit(self._client_address)
+        if crowding is not None:
+            log.info("pop3 refused connection from [{client}]: {why}",
+                     client=self._client_address, why=crowding.value)
+            self._closing = True
+            self._transport.write(ERR_TOO_MANY_CONNECTIONS)
+            self._transport.loseConnection()
+            return
+        self._admitted = True
         # RFC 8314 §3.3: on 995 the session is TLS from the first byte.
         self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
         self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
@@ -432,6 +449,9 @@ class POP3Session(Protocol):
             return
         self._disconnected = True
         self._closing = True
+        if not self._admitted:
+            return  # refused at the greeting: nothing was counted, opened or logged in
+        self._factory.connections.release(self._client_address)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -995,6 +1015,7 @@ class POP3ServerFactory(ServerFactory):
         throttle: LoginThrottle,
         clock: IReactorTime,
         tls: TLSContextSource | None = None,
+        connections: ConnectionCounter | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -1002,6 +1023,12 @@ class POP3ServerFactory(ServerFactory):
         self.throttle = throttle
         self.clock = clock
         self.tls = tls
+        # One counter for the STLS and implicit-TLS listeners: the limits are the protocol's.
+        if connections is None:
+            connections = ConnectionCounter(
+                settings.max_connections, settings.max_connections_per_client
+            )
+        self.connections = connections
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> POP3Session:

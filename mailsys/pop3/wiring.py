@@ -12,6 +12,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
+from mailsys.connlimit import ConnectionCounter
 from mailsys.mailbox.store import MailboxStore
 from mailsys.pop3.server import POP3ServerFactory, POP3Settings
 from mailsys.tls import CurrentCertificateCreator, ServerTLS
@@ -27,15 +28,17 @@ def pop3_factories(
 ) -> list[tuple[str, IProtocolFactory]]:
     """One (description, factory) per [pop3] listener, in config order."""
     listeners: list[tuple[str, IProtocolFactory]] = []
+    connections = ConnectionCounter(config.pop3.max_connections,
+                                    config.pop3.max_connections_per_client)
     if config.pop3.listen:
         settings = POP3Settings.from_config(config, implicit_tls=False)
-        plain = POP3ServerFactory(settings, store, portal, throttle, clock, tls)
+        plain = POP3ServerFactory(settings, store, portal, throttle, clock, tls, connections)
         listeners.extend((description, plain) for description in config.pop3.listen)
     if config.pop3.listen_tls:
         if tls is None:  # config.py refuses listen_tls without a certificate
             raise ValueError("[pop3] listen_tls needs [tls] certificate and key")
         settings = POP3Settings.from_config(config, implicit_tls=True)
-        inner = POP3ServerFactory(settings, store, portal, throttle, clock, tls)
+        inner = POP3ServerFactory(settings, store, portal, throttle, clock, tls, connections)
         creator = CurrentCertificateCreator(tls)
         wrapped: IProtocolFactory = TLSMemoryBIOFactory(creator, False, inner)
         listeners.extend((description, wrapped) for description in config.pop3.listen_tls)

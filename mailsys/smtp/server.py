@@ -42,6 +42,7 @@ from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
+from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.envelope import Envelope, Recipient
 from mailsys.interfaces import IMessageSink
 from mailsys.replies import Reply
@@ -1016,8 +1017,9 @@ class SMTPServerFactory(ServerFactory):
         self.throttle: LoginLimiter | None = throttle
         if portal is not None and throttle is None:
             self.throttle = LoginThrottle(clock)
-        self.connections = 0
-        self.connections_by_client: dict[str, int] = {}
+        self.connections = ConnectionCounter(
+            settings.max_connections, settings.max_connections_per_client
+        )
         hostname = settings.hostname
         self.greeting = _wire(
             replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
@@ -1072,23 +1074,16 @@ class SMTPServerFactory(ServerFactory):
 
     def admit(self, client_address: str) -> Reply | None:
         """Count a new connection, or return the 421 it gets when over a limit."""
-        if self.connections >= self.settings.max_connections:
+        crowding = self.connections.admit(client_address)
+        if crowding is None:
+            return None
+        if crowding is Crowding.TOTAL:
             return replies.TOO_MANY_CONNECTIONS
-        count = self.connections_by_client.get(client_address, 0)
-        if count >= self.settings.max_connections_per_client:
-            return replies.TOO_MANY_FROM_CLIENT
-        self.connections += 1
-        self.connections_by_client[client_address] = count + 1
-        return None
+        return replies.TOO_MANY_FROM_CLIENT
 
     def release(self, client_address: str) -> None:
         """Forget a connection counted by ``admit``."""
-        self.connections -= 1
-        count = self.connections_by_client.get(client_address, 0) - 1
-        if count > 0:
-            self.connections_by_client[client_address] = count
-        else:
-            self.connections_by_client.pop(client_address, None)
+        self.connections.release(client_address)
 
 
 def _recipients(txn: _Transaction) -> list[Recipient]:

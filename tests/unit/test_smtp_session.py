@@ -545,10 +545,10 @@ def test_connection_limits() -> None:
     fourth = SessionDriver(factory, "192.0.2.3")
     assert fourth.lines() == [str(replies.TOO_MANY_CONNECTIONS)]
     first.lose()
-    assert factory.connections == 2
+    assert factory.connections.total == 2
     again = SessionDriver(factory, "192.0.2.1")
     assert again.lines()[0].startswith("220 ")
-    assert factory.connections_by_client == {"192.0.2.1": 2, "192.0.2.2": 1}
+    assert factory.connections.by_client == {"192.0.2.1": 2, "192.0.2.2": 1}
 
 
 def test_refused_connection_ignores_input() -> None:
