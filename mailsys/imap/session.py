@@ -1,10 +1,14 @@
-"""The IMAP server engine: one ``IMAPSession`` per connection, from greeting to LOGOUT.
+r"""The IMAP server engine: one ``IMAPSession`` per connection, from greeting to LOGOUT.
 
 This module owns the dialogue (RFC 3501 IMAP4rev1 and the extensions listed in CAPABILITY): the
 states (not authenticated, authenticated, selected, logout), login (LOGIN, AUTHENTICATE PLAIN
 with SASL-IR, STARTTLS), the mailbox commands, and telling a session what other sessions and
 deliveries changed (EXISTS, EXPUNGE and FETCH FLAGS, RFC 3501 §7). Commands are handled strictly
 one at a time, in order; one waiting for the disk holds those pipelined behind it.
+
+A client that sends ENABLE IMAP4rev2 gets RFC 9051 behaviour from then on: no RECENT and no
+\Recent, SELECT with a LIST response and OK [CLOSED], ESEARCH answers, UTF-8 mailbox names
+(also after ENABLE UTF8=ACCEPT, RFC 6855). Everything else is the same engine for both.
 
 IMAP sessions never take the POP3 maildrop lock (RFC 1939 §8): RFC 3501 lets several sessions
 share a mailbox, and the store's per-folder locks keep UIDs and flags consistent while a POP3
@@ -1172,15 +1176,17 @@ class IMAPSession(MailboxCommands, Protocol):
     def _do_search(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         selected = self._selected
         assert selected is not None
-        saving = b"SAVE" in reader.data.upper()
+        # RFC 5182 §2.1: a SEARCH that asked to SAVE and failed leaves "$" empty.
+        saving = b"SAVE" in reader.data[:reader.data.find(b")") + 1].upper()
         try:
             reader.space()
             returns = esearch.parse_return(reader)
+            saving = returns is not None and "SAVE" in returns
             key = searching.parse_search(reader, uid=uid,
                                          allow_charset="UTF8=ACCEPT" not in self._enabled)
         except ParseError:
             if saving:
-                selected.saved = frozenset()  # RFC 5182 §2.1: a failed SAVE empties "$"
+                selected.saved = frozenset()
             raise
         if returns is None and self.rev2:
             returns = esearch.DEFAULT  # RFC 9051 §6.4.4: the answer is always ESEARCH
