@@ -514,7 +514,8 @@ class IMAPSession(MailboxCommands, Protocol):
                 and ITLSTransport.providedBy(self._transport))
 
     def _capabilities(self) -> str:
-        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE",
+                "MULTIAPPEND"]
         if self._state is State.NOT_AUTHENTICATED:
             if self._can_starttls():
                 caps.append("STARTTLS")
@@ -961,10 +962,8 @@ class IMAPSession(MailboxCommands, Protocol):
 
     # --- APPEND ---------------------------------------------------------------------------------
 
-    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        reader.space()
-        name = self._mailbox_name(reader)
-        reader.space()
+    def _append_item(self, reader: Reader) -> _Appended:
+        """One message of APPEND: [flag-list SP] [date-time SP] data."""
         flags: list[str] = []
         if reader.peek_is(b"("):
             flags = [f.decode("utf-8", "replace") for f in reader.flag_list()]
@@ -982,13 +981,22 @@ class IMAPSession(MailboxCommands, Protocol):
             reader.expect(b")")
         else:
             data = reader.literal()  # a literal, or a literal8 (RFC 3516 §4.4)
-        reader.end()
-        if not data:
-            return tagged(tag, NO, "Cannot store an empty message")
         try:
             letters, keywords = split_flags(flags)
         except FlagError:
             raise ParseError("Invalid flag in APPEND") from None
+        return _Appended(data, frozenset(letters), keywords, date)
+
+    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.space()
+        messages = [self._append_item(reader)]
+        while reader.accept(b" "):
+            messages.append(self._append_item(reader))  # RFC 3502 MULTIAPPEND
+        reader.end()
+        if any(not message.data for message in messages):
+            return tagged(tag, NO, "Cannot store an empty message")
         assert self._mailbox is not None
         try:
             folder = self._store.folder(self._mailbox, name)
@@ -998,13 +1006,14 @@ class IMAPSession(MailboxCommands, Protocol):
 
         def appended(added: Added) -> bytes:
             self._added_to(canonical(name))
-            log.info("imap APPEND {user} {folder} uid={uid}", user=mailbox, folder=name,
-                     uid=added.uids[0][1] if added.uids else None)
-            if not added.uids:
+            uids = [new for _, new in added.uids]
+            log.info("imap APPEND {user} {folder} uids={uids}", user=mailbox, folder=name,
+                     uids=number_set(uids).decode())
+            if len(uids) != len(messages):
                 return tagged(tag, OK, "APPEND completed")
-            # RFC 4315 §3: APPENDUID uidvalidity uid.
+            # RFC 4315 §3: APPENDUID uidvalidity uid-set (a set for MULTIAPPEND).
             return tagged(tag, OK, "APPEND completed",
-                          f"APPENDUID {added.uidvalidity} {added.uids[0][1]}")
+                          f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileNotFoundError):
@@ -1015,7 +1024,7 @@ class IMAPSession(MailboxCommands, Protocol):
             return failure
 
         return self._store.list_folders(mailbox).addCallback(
-            lambda _: self.run(_append, folder, data, frozenset(letters), keywords, date)
+            lambda _: self.run(_append, folder, messages)
         ).addCallbacks(appended, failed)
 
     # --- messages of the selected mailbox --------------------------------------------------
@@ -1340,15 +1349,41 @@ def parse_date_time(value: bytes) -> float:
     return float(stamp - offset if sign == "+" else stamp + offset)
 
 
-def _append(folder: Folder, data: bytes, letters: frozenset[str], keywords: list[str],
-            date: float | None) -> Added:
-    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters."""
+@dataclass(frozen=True)
+class _Appended:
+    """One message of an APPEND command, parsed."""
+
+    data: bytes
+    letters: frozenset[str]
+    keywords: list[str]
+    date: float | None
+
+
+def _append(folder: Folder, messages: list[_Appended]) -> Added:
+    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters.
+
+    RFC 3502 §6.3.11: the messages of a MULTIAPPEND go in all or none. Keywords get their
+    letters before any message is stored; should a later message fail, those already stored
+    are deleted again.
+    """
     if folder.subfolder and not folder.path.is_dir():
         raise FileNotFoundError(folder.path.name)
-    if keywords:
-        slots = define_keywords(folder, keywords)
-        letters = letters | letters_of(keywords, slots)
-    return append_message(folder, data, letters, date)
+    keywords = [k for message in messages for k in message.keywords]
+    slots = define_keywords(folder, keywords) if keywords else []
+    uids: list[tuple[int, int]] = []
+    uidvalidity = 0
+    try:
+        for message in messages:
+            letters = message.letters | letters_of(message.keywords, slots)
+            added = append_message(folder, message.data, letters, message.date)
+            uidvalidity = added.uidvalidity
+            uids.extend(added.uids)
+    except BaseException:
+        if uids:
+            stored = {new for _, new in uids}
+            folder.delete([info for info in folder.sync().messages if info.uid in stored])
+        raise
+    return Added(uidvalidity, tuple(uids))
 
 
 def _copy(source: Folder, infos: list[MessageInfo], target: Folder,

@@ -31,6 +31,7 @@ TEMPLATES = [
     b"APPEND INBOX ~{3+}\r\na\x00c", b"APPEND INBOX UTF8 (~{3+}\r\nabc)",
     b'LIST "" "*" RETURN (SUBSCRIBED CHILDREN)', b"STATUS INBOX (SIZE DELETED RECENT)",
     b'CREATE "Entw\xc3\xbcrfe"', b"SEARCH CHARSET UTF-8 RETURN (ALL) ALL",
+    b"APPEND INBOX {1+}\r\na (\\Seen) {1+}\r\nb",
 ]
 PRINTABLE = st.binary(min_size=0, max_size=8).map(
     lambda b: bytes(c for c in b if c not in (10, 13, 123)))

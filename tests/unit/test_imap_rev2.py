@@ -261,3 +261,50 @@ def test_status_size_and_deleted(server: Server) -> None:
     client.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
     out = client.ok("STATUS INBOX (DELETED SIZE)")
     assert "* STATUS \"INBOX\" (DELETED 1 SIZE 160)" in out
+
+
+# --- MULTIAPPEND ------------------------------------------------------------------------------
+
+
+def test_multiappend_stores_all_and_answers_a_uid_set(server: Server) -> None:
+    """One APPEND with two messages stores both and answers APPENDUID with a UID set."""
+    client = server.connect()
+    client.login()
+    one, two = b"Subject: one\r\n\r\n1\r\n", b"Subject: two\r\n\r\n2\r\n"
+    out = client.send(b"a APPEND INBOX (\\Seen Work) {%d+}\r\n%s (\\Flagged) {%d+}\r\n%s\r\n"
+                      % (len(one), one, len(two), two))
+    assert re.search(rb"a OK \[APPENDUID \d+ 1:2\]", out), out
+    client.select()
+    out = client.cmd("FETCH 1:* FLAGS").encode()
+    assert b"* 1 FETCH (FLAGS (\\Seen Work))" in out and b"* 2 FETCH (FLAGS (\\Flagged))" in out
+
+
+def test_multiappend_with_an_empty_message_stores_nothing(server: Server) -> None:
+    """If one message of a MULTIAPPEND is refused, none is stored."""
+    client = server.connect()
+    client.login()
+    out = client.send(b"a APPEND INBOX {3+}\r\nabc {0+}\r\n\r\n")
+    assert out.startswith(b"a NO")
+    assert "* 0 EXISTS" in client.select()
+
+
+def test_multiappend_failure_rolls_back_stored_messages(server: Server,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk failure at the second message deletes the first again (RFC 3502: all or none)."""
+    import mailsys.imap.session as session_module
+
+    real = session_module.append_message
+    calls: list[int] = []
+
+    def failing(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module, "append_message", failing)
+    client = server.connect()
+    client.login()
+    out = client.send(b"a APPEND INBOX {3+}\r\nabc {3+}\r\ndef\r\n")
+    assert b"a NO [SERVERBUG]" in out and b"disk full" not in out
+    assert "* 0 EXISTS" in client.select()
