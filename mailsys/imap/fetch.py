@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailsys.imap import binary
+from mailsys.imap.binary import UnknownCTEError as UnknownCTEError  # for fetchrun
 from mailsys.imap.bodystructure import (
     Part,
     Section,
@@ -55,7 +57,8 @@ _SECTION_TEXT = re.compile(rb"(?i)HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT
 
 @dataclass(frozen=True)
 class FetchItem:
-    """One requested attribute; ``section`` is set for BODY[...] / BODY.PEEK[...]."""
+    """One requested attribute; ``section`` is set for BODY[...] / BODY.PEEK[...] and for
+    BINARY[...], BINARY.PEEK[...], BINARY.SIZE[...] (RFC 3516; names "BINARY", "BINARY.SIZE")."""
 
     name: str
     section: Section | None = None
@@ -79,7 +82,7 @@ class FetchItem:
         """The attribute's name in the response (``BODY[1.TEXT]<0>``)."""
         if self.section is None:
             return self.name.encode()
-        return b"BODY[" + section_label(self.section) + b"]" + (
+        return self.name.encode() + b"[" + section_label(self.section) + b"]" + (
             b"<%d>" % self.partial[0] if self.partial else b"")
 
 
@@ -113,19 +116,28 @@ def _item(reader: Reader) -> FetchItem:
         raise ParseError("Expected a FETCH attribute")
     reader.position = match.end()
     name = match.group().upper().decode()
+    if name in ("BINARY", "BINARY.PEEK", "BINARY.SIZE"):
+        # RFC 3516 §4.1; BINARY.SIZE never sets \Seen, so it counts as a peek.
+        section = binary.parse_section(reader)
+        partial = _partial(reader) if name != "BINARY.SIZE" else None
+        return FetchItem("BINARY.SIZE" if name == "BINARY.SIZE" else "BINARY", section,
+                         name != "BINARY", partial)
     if name in ("BODY", "BODY.PEEK") and reader.peek_is(b"["):
         section = _section(reader)
-        partial = None
-        if reader.accept(b"<"):
-            origin = reader.number()
-            reader.expect(b".")
-            count = reader.nz_number()
-            reader.expect(b">")
-            partial = (origin, count)
-        return FetchItem("BODY", section, name == "BODY.PEEK", partial)
+        return FetchItem("BODY", section, name == "BODY.PEEK", _partial(reader))
     if name not in _SIMPLE:
         raise ParseError(f"Unknown FETCH attribute {name[:40]}")
     return FetchItem(name)
+
+
+def _partial(reader: Reader) -> tuple[int, int] | None:
+    if not reader.accept(b"<"):
+        return None
+    origin = reader.number()
+    reader.expect(b".")
+    count = reader.nz_number()
+    reader.expect(b">")
+    return (origin, count)
 
 
 def _section(reader: Reader) -> Section:
@@ -181,7 +193,9 @@ def load(folder: Folder, infos: list[MessageInfo], need: Need) -> list[bytes | N
 
 def render(seq: int, info: MessageInfo, items: list[FetchItem], flags: Callable[[], bytes],
            data: bytes | None, *, with_uid: bool) -> bytes:
-    """One ``* seq FETCH (...)`` line; ``data`` is the wire form if any item needs it."""
+    """One ``* seq FETCH (...)`` line; ``data`` is the wire form if any item needs it.
+
+    UnknownCTEError if a BINARY item meets an encoding we cannot undo."""
     out: list[bytes] = []
     if with_uid and not any(item.name == "UID" and item.section is None for item in items):
         out.append(b"UID %d" % info.uid)
@@ -217,6 +231,17 @@ def render(seq: int, info: MessageInfo, items: list[FetchItem], flags: Callable[
         assert data is not None
         section = item.section
         value: bytes | None
+        if name in ("BINARY", "BINARY.SIZE"):
+            if root is None:
+                root = parse_message(data)
+            value = binary.content(root, section)  # may raise UnknownCTEError
+            if name == "BINARY.SIZE":
+                out.append(item.label() + b" %d" % (len(value) if value is not None else 0))
+                continue
+            if value is not None and item.partial is not None:
+                value = value[item.partial[0]:item.partial[0] + item.partial[1]]
+            out.append(item.label() + b" " + (NIL if value is None else binary.literal8(value)))
+            continue
         if not section.parts and not section.text:
             value = data
         else:

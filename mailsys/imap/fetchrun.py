@@ -53,6 +53,7 @@ class FetchRun:
         self._finished = False
         self._complete = True
         self._seen_changed = False
+        self.unknown_cte = False  # a BINARY item met an encoding we cannot undo (RFC 3516)
         self._done: Deferred[bool] = Deferred()
 
     def _split(self, targets: list[tuple[int, MessageInfo]]
@@ -153,8 +154,12 @@ class FetchRun:
             items = self._items
             if info.uid in newly_seen and not any(i.name == "FLAGS" for i in items):
                 items = self._with_flags  # RFC 3501 §6.4.5: the \Seen change is reported
-            out.append(fetching.render(seq, info, items, functools.partial(selected.flags, info),
-                                       body, with_uid=self._with_uid))
+            try:
+                out.append(fetching.render(seq, info, items,
+                                           functools.partial(selected.flags, info), body,
+                                           with_uid=self._with_uid))
+            except fetching.UnknownCTEError:
+                self.unknown_cte = True  # the session answers NO [UNKNOWN-CTE]
         self._session.write(b"".join(out))
 
     def _emit_fast(self, batch: list[tuple[int, MessageInfo]]) -> None:

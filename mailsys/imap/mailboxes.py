@@ -19,13 +19,13 @@ from twisted.python.failure import Failure
 from mailsys.imap.names import (
     SEPARATOR,
     MailboxNameError,
-    decode_mutf7,
-    encode_mutf7,
+    decode_name,
+    encode_name,
     pattern_regex,
     special_use,
 )
 from mailsys.imap.parser import ParseError, Reader
-from mailsys.imap.responses import string, tagged, untagged
+from mailsys.imap.responses import tagged, untagged
 from mailsys.mailbox import hierarchy
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.names import SEEN, TRASHED
@@ -50,6 +50,16 @@ class MailboxCommands:
     _deselect: Callable[[], None]
     _notify: Callable[[str], None]
     _mailbox_name: Callable[[Reader], str]
+
+    @property
+    def rev2(self) -> bool:
+        """RFC 9051 behaviour is enabled (IMAPSession)."""
+        raise NotImplementedError
+
+    @property
+    def utf8(self) -> bool:
+        """Mailbox names travel in UTF-8, not modified UTF-7 (IMAPSession)."""
+        raise NotImplementedError
 
     def _inbox(self) -> Path:
         assert self._mailbox is not None
@@ -193,8 +203,8 @@ class MailboxCommands:
 
     def _pattern(self, raw: bytes) -> str:
         try:
-            return decode_mutf7(raw.decode("ascii"))
-        except (UnicodeDecodeError, MailboxNameError):
+            return decode_name(raw, utf8=self.utf8)
+        except MailboxNameError:
             raise ParseError("Invalid mailbox name") from None
 
     def _listing(self, tag: bytes, verb: str, regexes: list[re.Pattern[str]],
@@ -231,7 +241,10 @@ class MailboxCommands:
                     continue
                 attributes = []
                 if name not in existing:
-                    attributes.append("\\NonExistent" if subscribed_only else "\\Noselect")
+                    # RFC 9051 §7.3.1 (RFC 5258 §3): a name with no mailbox is \NonExistent;
+                    # rev1 clients know an unselectable parent as \Noselect.
+                    attributes.append("\\NonExistent" if subscribed_only or self.rev2
+                                      else "\\Noselect")
                 if verb == "LIST":
                     prefix = name + SEPARATOR
                     children = any(other.startswith(prefix) for other in everything)
@@ -242,7 +255,7 @@ class MailboxCommands:
                         attributes.append("\\Subscribed")
                 lines.append(b"* " + verb.encode() + b" (" + " ".join(attributes).encode()
                              + b') "' + SEPARATOR.encode() + b'" '
-                             + string(encode_mutf7(name).encode("ascii")) + b"\r\n")
+                             + encode_name(name, utf8=self.utf8) + b"\r\n")
                 if status_items and name in existing:
                     statuses.append(name)
                     lines.append(b"")  # where its STATUS goes
@@ -308,7 +321,7 @@ class MailboxCommands:
                 "SIZE": sum(info.wire_size for info in messages),
             }
             body = " ".join(f"{item} {values[item]}" for item in items)
-            return (b"* STATUS " + string(encode_mutf7(name).encode("ascii")) + b" ("
+            return (b"* STATUS " + encode_name(name, utf8=self.utf8) + b" ("
                     + body.encode() + b")\r\n")
 
         selected = self._selected

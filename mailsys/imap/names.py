@@ -1,8 +1,10 @@
-"""Mailbox names as IMAP shows them: modified UTF-7 (RFC 3501 §5.1.3), LIST patterns, SPECIAL-USE.
+"""Mailbox names as IMAP shows them: modified UTF-7 (RFC 3501 §5.1.3) or UTF-8 (RFC 9051 §5.1,
+RFC 6855 §3), LIST patterns, SPECIAL-USE.
 
 The mailbox store names folders in Unicode with "." between levels (Maildir++); clients see
-those names in modified UTF-7, match them with LIST's ``*`` and ``%`` wildcards (RFC 3501
-§6.3.8) and learn the role of Sent, Drafts, Trash and Junk from RFC 6154 attributes.
+those names in modified UTF-7, or in UTF-8 once they enable IMAP4rev2 or UTF8=ACCEPT, match
+them with LIST's ``*`` and ``%`` wildcards (RFC 3501 §6.3.8)
+and learn the role of Sent, Drafts, Trash and Junk from RFC 6154 attributes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import re
 
+from mailsys.imap.responses import literal, quoted
 from mailsys.mailbox.store import HIERARCHY_SEPARATOR, INBOX
 
 SEPARATOR = HIERARCHY_SEPARATOR
@@ -72,6 +75,33 @@ def decode_mutf7(text: str) -> str:
             except (ValueError, UnicodeDecodeError):
                 raise MailboxNameError("bad modified BASE64 in a mailbox name") from None
         position = match.end()
+
+
+_QUOTABLE_UTF8 = re.compile(r"[^\x00-\x1f\x7f]*\Z")
+
+
+def decode_name(raw: bytes, *, utf8: bool) -> str:
+    """A client's mailbox name (or LIST pattern) as Unicode; MailboxNameError if malformed.
+
+    In UTF-8 mode "&" is an ordinary character: RFC 9051 §5.1 and RFC 6855 §3 leave modified
+    UTF-7 behind.
+    """
+    try:
+        if utf8:
+            return raw.decode("utf-8")
+        return decode_mutf7(raw.decode("ascii"))
+    except UnicodeDecodeError:
+        raise MailboxNameError("mailbox name is not valid text") from None
+
+
+def encode_name(name: str, *, utf8: bool) -> bytes:
+    """A mailbox name as a response carries it: a quoted string (UTF-8 allowed in quoted
+    strings once UTF-8 is enabled, RFC 9051 §9 QUOTED-CHAR), else a literal."""
+    if not utf8:
+        return quoted(encode_mutf7(name).encode("ascii"))
+    if _QUOTABLE_UTF8.match(name) and len(name) < 1024:
+        return quoted(name.encode("utf-8", "surrogateescape"))
+    return literal(name.encode("utf-8", "surrogateescape"))
 
 
 def canonical(name: str) -> str:

@@ -227,6 +227,9 @@ class SequenceSet:
     """A sequence set (RFC 3501 §9 sequence-set): ranges whose ends may be STAR."""
 
     ranges: tuple[tuple[int, int], ...]
+    # RFC 5182 §2.2: "$" stands for the UIDs the last SEARCH RETURN (SAVE) kept; the session
+    # resolves it, ``ranges`` is then empty.
+    saved: bool = False
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
         """The ranges with "*" replaced by ``largest`` and each written low to high."""
@@ -387,6 +390,9 @@ class Reader:
         return self._match(_LIST_ATOM, "a mailbox pattern")
 
     def sequence_set(self) -> SequenceSet:
+        """A sequence set, or "$" (RFC 5182 SEARCHRES) as ``SequenceSet((), saved=True)``."""
+        if self.accept(b"$"):
+            return SequenceSet((), saved=True)
         return parse_sequence_set(self._match(_SEQUENCE, "a sequence set"))
 
     def paren_list(self, item: Callable[[], T], *, allow_empty: bool = True) -> list[T]:

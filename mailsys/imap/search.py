@@ -95,6 +95,7 @@ class Context:
     largest_seq: int
     largest_uid: int
     keywords: list[str] = field(default_factory=list)
+    saved: frozenset[int] = frozenset()  # the UIDs "$" stands for (RFC 5182)
 
 
 class Key:
@@ -146,6 +147,8 @@ class Sequence(Key):
     uid: bool
 
     def match(self, message: Candidate, context: Context) -> bool:
+        if self.numbers.saved:
+            return message.info.uid in context.saved  # RFC 5182 §2.1: "$" holds UIDs
         if self.uid:
             return self.numbers.contains(message.info.uid, context.largest_uid)
         return self.numbers.contains(message.seq, context.largest_seq)
@@ -325,10 +328,13 @@ def text_of(part: Part) -> Iterator[str]:
 # --- parsing ---------------------------------------------------------------------------------
 
 
-def parse_search(reader: Reader, *, uid: bool) -> Key:
-    """Everything after SEARCH: [CHARSET x] keys (all must match)."""
+def parse_search(reader: Reader, *, uid: bool, allow_charset: bool = True) -> Key:
+    """Everything after SEARCH [RETURN (...)]: [CHARSET x] keys (all must match)."""
     keys: list[Key] = []
     if reader.data[reader.position:reader.position + 8].upper() == b"CHARSET ":
+        if not allow_charset:
+            # RFC 6855 §3: after ENABLE UTF8=ACCEPT a client must not name a charset.
+            raise ParseError("CHARSET is not allowed once UTF-8 is enabled")
         reader.position += 8
         charset = reader.astring().decode("ascii", "replace").upper()
         if charset not in CHARSETS:
@@ -377,7 +383,7 @@ def _key(reader: Reader, uid: bool) -> Key:
             keys.append(_key(reader, uid))
         return All(keys)
     char = reader.peek()
-    if char is not None and (0x30 <= char <= 0x39 or char == 0x2A):
+    if char is not None and (0x30 <= char <= 0x39 or char in (0x2A, 0x24)):
         return Sequence(reader.sequence_set(), uid=False)
     name = reader.atom().upper().decode("ascii", "replace")
     if name == "ALL":

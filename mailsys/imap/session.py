@@ -1,10 +1,14 @@
-"""The IMAP server engine: one ``IMAPSession`` per connection, from greeting to LOGOUT.
+r"""The IMAP server engine: one ``IMAPSession`` per connection, from greeting to LOGOUT.
 
 This module owns the dialogue (RFC 3501 IMAP4rev1 and the extensions listed in CAPABILITY): the
 states (not authenticated, authenticated, selected, logout), login (LOGIN, AUTHENTICATE PLAIN
 with SASL-IR, STARTTLS), the mailbox commands, and telling a session what other sessions and
 deliveries changed (EXISTS, EXPUNGE and FETCH FLAGS, RFC 3501 §7). Commands are handled strictly
 one at a time, in order; one waiting for the disk holds those pipelined behind it.
+
+A client that sends ENABLE IMAP4rev2 gets RFC 9051 behaviour from then on: no RECENT and no
+\Recent, SELECT with a LIST response and OK [CLOSED], ESEARCH answers, UTF-8 mailbox names
+(also after ENABLE UTF8=ACCEPT, RFC 6855). Everything else is the same engine for both.
 
 IMAP sessions never take the POP3 maildrop lock (RFC 1939 §8): RFC 3501 lets several sessions
 share a mailbox, and the store's per-folder locks keep UIDs and flags consistent while a POP3
@@ -45,6 +49,7 @@ from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter
+from mailsys.imap import esearch
 from mailsys.imap import fetch as fetching
 from mailsys.imap import search as searching
 from mailsys.imap.fetchrun import FetchRun
@@ -54,7 +59,8 @@ from mailsys.imap.names import (
     SEPARATOR,
     MailboxNameError,
     canonical,
-    decode_mutf7,
+    decode_name,
+    encode_name,
 )
 from mailsys.imap.parser import (
     Command,
@@ -94,6 +100,8 @@ _DATE_TIME = re.compile(
     r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 
 OK, NO, BAD = b"OK", b"NO", b"BAD"
+# What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
+_ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT"}
 
 
 class TLSContextSource(TypingProtocol):
@@ -161,6 +169,10 @@ class Selected:
     _uids: list[int] = field(default_factory=list)
     _uids_of: list[MessageInfo] | None = None
     flag_cache: dict[tuple[frozenset[str], bool], bytes] = field(default_factory=dict)
+    # RFC 9051 §2.3.2: IMAP4rev2 has no \Recent flag; fixed for the selection's life because
+    # ENABLE is refused while a mailbox is selected.
+    show_recent: bool = True
+    saved: frozenset[int] = frozenset()  # the UIDs of "$" (RFC 5182 §2.1), empty at SELECT
 
     def uids(self) -> list[int]:
         """The UIDs in sequence order (rebuilt when the view's list changed)."""
@@ -177,7 +189,7 @@ class Selected:
 
     def flags(self, info: MessageInfo) -> bytes:
         """The message's flag list (without parentheses), \\Recent included."""
-        recent = info.uid in self.recent
+        recent = self.show_recent and info.uid in self.recent
         key = (info.flags, recent)
         cached = self.flag_cache.get(key)
         if cached is None:
@@ -229,6 +241,7 @@ class IMAPSession(MailboxCommands, Protocol):
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
         self._notifying = False  # our own change notification: not news to us
+        self._enabled: set[str] = set()  # ENABLEd extensions (RFC 5161), upper case
         self._commands: dict[bytes, _Spec] = {
             b"CAPABILITY": _Spec(self._do_capability, _ANY),
             b"NOOP": _Spec(self._do_noop, _ANY),
@@ -237,7 +250,8 @@ class IMAPSession(MailboxCommands, Protocol):
             b"STARTTLS": _Spec(self._do_starttls, _NOT_AUTHED, updates=False),
             b"LOGIN": _Spec(self._do_login, _NOT_AUTHED, updates=False),
             b"AUTHENTICATE": _Spec(self._do_authenticate, _NOT_AUTHED, updates=False),
-            b"ENABLE": _Spec(self._do_enable, _AUTHED),
+            # RFC 5161 §3.1 / RFC 9051 §6.3.1: ENABLE is valid in the authenticated state only.
+            b"ENABLE": _Spec(self._do_enable, frozenset({State.AUTHENTICATED})),
             b"NAMESPACE": _Spec(self._do_namespace, _AUTHED),
             b"SELECT": _Spec(self._do_select, _AUTHED, updates=False),
             b"EXAMINE": _Spec(self._do_examine, _AUTHED, updates=False),
@@ -520,7 +534,8 @@ class IMAPSession(MailboxCommands, Protocol):
                 and ITLSTransport.providedBy(self._transport))
 
     def _capabilities(self) -> str:
-        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE",
+                "MULTIAPPEND"]
         if self._state is State.NOT_AUTHENTICATED:
             if self._can_starttls():
                 caps.append("STARTTLS")
@@ -528,16 +543,28 @@ class IMAPSession(MailboxCommands, Protocol):
             caps.append("AUTH=PLAIN" if self._plaintext_ok() else "LOGINDISABLED")
         else:
             caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
-                     "LIST-EXTENDED", "LIST-STATUS",
+                     "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
+                     "UTF8=ACCEPT", "STATUS=SIZE",
                      f"APPENDLIMIT={self._settings.max_literal_size}"]
         return " ".join(caps)
 
+    @property
+    @override
+    def rev2(self) -> bool:
+        """The client sent ENABLE IMAP4rev2: RFC 9051 behaviour."""
+        return "IMAP4REV2" in self._enabled
+
+    @property
+    @override
+    def utf8(self) -> bool:
+        """Mailbox names travel in UTF-8 (RFC 9051 §5.1, RFC 6855 §3), not modified UTF-7."""
+        return self.rev2 or "UTF8=ACCEPT" in self._enabled
+
     def _mailbox_name(self, reader: Reader) -> str:
-        """A mailbox argument as the store names it (modified UTF-7 decoded)."""
-        raw = reader.astring()
+        """A mailbox argument as the store names it (modified UTF-7 or UTF-8 decoded)."""
         try:
-            return canonical(decode_mutf7(raw.decode("ascii")))
-        except (UnicodeDecodeError, MailboxNameError):
+            return canonical(decode_name(reader.astring(), utf8=self.utf8))
+        except MailboxNameError:
             raise ParseError("Invalid mailbox name") from None
 
     # --- any state -----------------------------------------------------------------------------
@@ -583,13 +610,20 @@ class IMAPSession(MailboxCommands, Protocol):
         return tagged(tag, OK, "ID completed")
 
     def _do_enable(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
-        # RFC 5161: nothing we offer needs enabling yet; ENABLED lists none of them.
+        # RFC 5161 §3.1: ENABLED lists what this command newly enabled; unknown names are
+        # ignored. IMAP4rev2 (RFC 9051 §6.3.1) and UTF8=ACCEPT (RFC 6855 §3) change behaviour.
         reader.space()
-        reader.atom()
+        names = [reader.atom()]
         while reader.accept(b" "):
-            reader.atom()
+            names.append(reader.atom())
         reader.end()
-        self.write(untagged("ENABLED"))
+        enabled = []
+        for raw in names:
+            name = raw.upper().decode("ascii", "replace")
+            if name in _ENABLEABLE and name not in self._enabled:
+                self._enabled.add(name)
+                enabled.append(_ENABLEABLE[name])
+        self.write(untagged(" ".join(["ENABLED", *enabled])))
         return tagged(tag, OK, "ENABLE completed")
 
     def _do_namespace(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
@@ -742,6 +776,9 @@ class IMAPSession(MailboxCommands, Protocol):
             reader.paren_list(reader.atom)  # select parameters (RFC 4466): none we act on
         reader.end()
         # RFC 3501 §6.3.1: SELECT first deselects; a failed SELECT leaves none selected.
+        if self._selected is not None and self.rev2:
+            # RFC 9051 §7.1: the previous mailbox's updates end here.
+            self.write(untagged("OK [CLOSED] Previous mailbox closed"))
         self._deselect()
         mailbox = self._mailbox
         assert mailbox is not None
@@ -756,20 +793,27 @@ class IMAPSession(MailboxCommands, Protocol):
                 return b""
             unsubscribe = self._store.subscribe(mailbox, view.name, self._changed)
             recent = {info.uid for info in view.messages if info.recent}
+            rev2 = self.rev2
             selected = Selected(view, readonly, keywords, recent, unsubscribe,
-                                exists=len(view.messages))
+                                exists=len(view.messages), show_recent=not rev2)
             self._selected = selected
             self._state = State.SELECTED
             flags = selected.flag_names()
             out = [untagged(b"FLAGS (" + flags + b")"),
                    untagged(b"OK [PERMANENTFLAGS (" + (b"" if readonly else flags + b" \\*")
                             + b")] Flags permitted"),
-                   untagged(b"%d EXISTS" % len(view.messages)),
-                   untagged(b"%d RECENT" % len(recent))]
-            unseen = next((n for n, info in enumerate(view.messages, 1)
-                           if SEEN not in info.flags), None)
-            if unseen is not None:
-                out.append(untagged(b"OK [UNSEEN %d] First unseen" % unseen))
+                   untagged(b"%d EXISTS" % len(view.messages))]
+            if rev2:
+                # RFC 9051 §6.3.2: a LIST response with the mailbox's name; no RECENT and
+                # no UNSEEN code (the client asks SEARCH for it).
+                out.append(b'* LIST () "' + SEPARATOR.encode() + b'" '
+                           + encode_name(view.name, utf8=True) + b"\r\n")
+            else:
+                out.append(untagged(b"%d RECENT" % len(recent)))
+                unseen = next((n for n, info in enumerate(view.messages, 1)
+                               if SEEN not in info.flags), None)
+                if unseen is not None:
+                    out.append(untagged(b"OK [UNSEEN %d] First unseen" % unseen))
             out.append(untagged(b"OK [UIDVALIDITY %d] UIDs valid" % view.uidvalidity))
             out.append(untagged(b"OK [UIDNEXT %d] Predicted next UID" % view.uidnext))
             self.write(b"".join(out))
@@ -859,7 +903,8 @@ class IMAPSession(MailboxCommands, Protocol):
             if len(view.messages) != selected.exists or changes.added:
                 selected.exists = len(view.messages)
                 out.append(b"* %d EXISTS\r\n" % selected.exists)
-                out.append(b"* %d RECENT\r\n" % len(selected.recent))
+                if selected.show_recent:  # RFC 9051 §7.4: no RECENT in IMAP4rev2
+                    out.append(b"* %d RECENT\r\n" % len(selected.recent))
             unknown = any(letter.islower() and not _has_keyword(selected.keywords, letter)
                           for info in (*changes.added, *changes.flags_changed)
                           for letter in info.flags)
@@ -937,10 +982,8 @@ class IMAPSession(MailboxCommands, Protocol):
 
     # --- APPEND ---------------------------------------------------------------------------------
 
-    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        reader.space()
-        name = self._mailbox_name(reader)
-        reader.space()
+    def _append_item(self, reader: Reader) -> _Appended:
+        """One message of APPEND: [flag-list SP] [date-time SP] data."""
         flags: list[str] = []
         if reader.peek_is(b"("):
             flags = [f.decode("utf-8", "replace") for f in reader.flag_list()]
@@ -949,14 +992,31 @@ class IMAPSession(MailboxCommands, Protocol):
         if reader.peek_is(b'"'):
             date = parse_date_time(reader.quoted())
             reader.space()
-        data = reader.literal()
-        reader.end()
-        if not data:
-            return tagged(tag, NO, "Cannot store an empty message")
+        if reader.data[reader.position:reader.position + 6].upper() == b"UTF8 (":
+            # RFC 6855 §4: UTF8 (literal8), a message with UTF-8 header fields.
+            reader.position += 6
+            if not reader.peek_is(b"~"):
+                raise ParseError("UTF8 APPEND data must be a literal8")
+            data = reader.literal()
+            reader.expect(b")")
+        else:
+            data = reader.literal()  # a literal, or a literal8 (RFC 3516 §4.4)
         try:
             letters, keywords = split_flags(flags)
         except FlagError:
             raise ParseError("Invalid flag in APPEND") from None
+        return _Appended(data, frozenset(letters), keywords, date)
+
+    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.space()
+        messages = [self._append_item(reader)]
+        while reader.accept(b" "):
+            messages.append(self._append_item(reader))  # RFC 3502 MULTIAPPEND
+        reader.end()
+        if any(not message.data for message in messages):
+            return tagged(tag, NO, "Cannot store an empty message")
         assert self._mailbox is not None
         try:
             folder = self._store.folder(self._mailbox, name)
@@ -966,13 +1026,14 @@ class IMAPSession(MailboxCommands, Protocol):
 
         def appended(added: Added) -> bytes:
             self._added_to(canonical(name))
-            log.info("imap APPEND {user} {folder} uid={uid}", user=mailbox, folder=name,
-                     uid=added.uids[0][1] if added.uids else None)
-            if not added.uids:
+            uids = [new for _, new in added.uids]
+            log.info("imap APPEND {user} {folder} uids={uids}", user=mailbox, folder=name,
+                     uids=number_set(uids).decode())
+            if len(uids) != len(messages):
                 return tagged(tag, OK, "APPEND completed")
-            # RFC 4315 §3: APPENDUID uidvalidity uid.
+            # RFC 4315 §3: APPENDUID uidvalidity uid-set (a set for MULTIAPPEND).
             return tagged(tag, OK, "APPEND completed",
-                          f"APPENDUID {added.uidvalidity} {added.uids[0][1]}")
+                          f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileNotFoundError):
@@ -983,7 +1044,7 @@ class IMAPSession(MailboxCommands, Protocol):
             return failure
 
         return self._store.list_folders(mailbox).addCallback(
-            lambda _: self.run(_append, folder, data, frozenset(letters), keywords, date)
+            lambda _: self.run(_append, folder, messages)
         ).addCallbacks(appended, failed)
 
     # --- messages of the selected mailbox --------------------------------------------------
@@ -995,6 +1056,10 @@ class IMAPSession(MailboxCommands, Protocol):
         messages = selected.view.messages
         if not messages:
             return []
+        if numbers.saved:
+            # RFC 5182 §2.1: "$" is the saved UIDs, for UID and sequence-number commands alike.
+            saved = selected.saved
+            return [(n, info) for n, info in enumerate(messages, 1) if info.uid in saved]
         if uid:
             uids = selected.uids()
             ranges = numbers.resolve(uids[-1])
@@ -1037,6 +1102,9 @@ class IMAPSession(MailboxCommands, Protocol):
         run = FetchRun(self, selected, targets, items, with_uid=uid)
 
         def done(complete: bool) -> bytes:
+            if run.unknown_cte:
+                # RFC 3516 §5 / RFC 9051 §7.1: the part's encoding is one we cannot undo.
+                return tagged(tag, NO, "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
             if complete:
                 return tagged(tag, OK, f"{verb} completed")
             # RFC 5530: some of the messages were expunged by another session.
@@ -1135,12 +1203,22 @@ class IMAPSession(MailboxCommands, Protocol):
         return cast(Deferred[bytes], applied.addErrback(failed))
 
     def _do_search(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        reader.space()
-        if reader.data[reader.position:reader.position + 7].upper() == b"RETURN ":
-            raise ParseError("SEARCH RETURN (ESEARCH) is not supported")
-        key = searching.parse_search(reader, uid=uid)
         selected = self._selected
         assert selected is not None
+        # RFC 5182 §2.1: a SEARCH that asked to SAVE and failed leaves "$" empty.
+        saving = b"SAVE" in reader.data[:reader.data.find(b")") + 1].upper()
+        try:
+            reader.space()
+            returns = esearch.parse_return(reader)
+            saving = returns is not None and "SAVE" in returns
+            key = searching.parse_search(reader, uid=uid,
+                                         allow_charset="UTF8=ACCEPT" not in self._enabled)
+        except ParseError:
+            if saving:
+                selected.saved = frozenset()
+            raise
+        if returns is None and self.rev2:
+            returns = esearch.DEFAULT  # RFC 9051 §6.4.4: the answer is always ESEARCH
         messages = selected.view.messages
         recent = selected.recent
         need = key.need
@@ -1148,11 +1226,17 @@ class IMAPSession(MailboxCommands, Protocol):
         candidates = [searching.Candidate(seq, info, info.uid in recent, folder)
                       for seq, info in enumerate(messages, 1)]
         context = searching.Context(len(messages), messages[-1].uid if messages else 0,
-                                    list(selected.keywords))
+                                    list(selected.keywords), selected.saved)
 
         def answer(found: list[searching.Candidate]) -> bytes:
             numbers = [c.info.uid if uid else c.seq for c in found]
-            self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+            if returns is None:
+                self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+            else:
+                if "SAVE" in returns:
+                    selected.saved = esearch.saved(returns, [c.info.uid for c in found])
+                if esearch.wants_response(returns):
+                    self.write(esearch.response(tag, returns, numbers, uid=uid))
             return tagged(tag, OK, "UID SEARCH completed" if uid else "SEARCH completed")
 
         if need is fetching.Need.NOTHING:
@@ -1175,9 +1259,9 @@ class IMAPSession(MailboxCommands, Protocol):
         assert selected is not None
         if selected.readonly:
             return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
-        largest = selected.view.messages[-1].uid if selected.view.messages else 0
-        doomed = [info for info in selected.view.messages if TRASHED in info.flags
-                  and (numbers is None or numbers.contains(info.uid, largest))]
+        candidates = (selected.view.messages if numbers is None else
+                      [info for _, info in self._targets(numbers, uid=True)])
+        doomed = [info for info in candidates if TRASHED in info.flags]
         return self._expunge(doomed).addCallback(
             lambda _: tagged(tag, OK, "EXPUNGE completed"))
 
@@ -1285,15 +1369,41 @@ def parse_date_time(value: bytes) -> float:
     return float(stamp - offset if sign == "+" else stamp + offset)
 
 
-def _append(folder: Folder, data: bytes, letters: frozenset[str], keywords: list[str],
-            date: float | None) -> Added:
-    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters."""
+@dataclass(frozen=True)
+class _Appended:
+    """One message of an APPEND command, parsed."""
+
+    data: bytes
+    letters: frozenset[str]
+    keywords: list[str]
+    date: float | None
+
+
+def _append(folder: Folder, messages: list[_Appended]) -> Added:
+    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters.
+
+    RFC 3502 §6.3.11: the messages of a MULTIAPPEND go in all or none. Keywords get their
+    letters before any message is stored; should a later message fail, those already stored
+    are deleted again.
+    """
     if folder.subfolder and not folder.path.is_dir():
         raise FileNotFoundError(folder.path.name)
-    if keywords:
-        slots = define_keywords(folder, keywords)
-        letters = letters | letters_of(keywords, slots)
-    return append_message(folder, data, letters, date)
+    keywords = [k for message in messages for k in message.keywords]
+    slots = define_keywords(folder, keywords) if keywords else []
+    uids: list[tuple[int, int]] = []
+    uidvalidity = 0
+    try:
+        for message in messages:
+            letters = message.letters | letters_of(message.keywords, slots)
+            added = append_message(folder, message.data, letters, message.date)
+            uidvalidity = added.uidvalidity
+            uids.extend(added.uids)
+    except BaseException:
+        if uids:
+            stored = {new for _, new in uids}
+            folder.delete([info for info in folder.sync().messages if info.uid in stored])
+        raise
+    return Added(uidvalidity, tuple(uids))
 
 
 def _copy(source: Folder, infos: list[MessageInfo], target: Folder,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import re
 import smtplib
@@ -147,4 +148,31 @@ def test_idle_hears_smtp_delivery(imap: IMAPServer) -> None:
     assert line.startswith(f"{tag} OK".encode())
     _, fetched = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
     assert fetched[0][1] == b"Subject: while idle\r\n\r\n"  # type: ignore[index]
+    client.logout()
+
+
+def test_imap4rev2_esearch_searchres_and_binary(imap: IMAPServer) -> None:
+    """imaplib enables IMAP4rev2, searches with ESEARCH and "$", fetches BINARY parts."""
+    client = imap.implicit()
+    assert "IMAP4REV2" in client.capabilities
+    _ok(client.enable("IMAP4rev2"))
+    assert client.untagged_responses.pop("ENABLED") == [b"IMAP4rev2"]
+    payload = b"\x00\x01\x02 binary \xff"
+    message = (b"From: sender@example.net\r\nSubject: attachment\r\n"
+               b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+               b"Content-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
+               b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+               b"\r\n" + base64.b64encode(payload) + b"\r\n--b--\r\n")
+    _ok(client.append("INBOX", None, None, message))
+    _ok(client.append("INBOX", "(\\Seen)", None, b"Subject: second\r\n\r\nhi\r\n"))
+    assert _ok(client.select("INBOX")) == [b"2"]
+    assert "RECENT" not in client.untagged_responses
+    typ, data = client._simple_command("SEARCH", "RETURN", "(MIN MAX COUNT)", "ALL")
+    assert typ == "OK"
+    _, lines = client._untagged_response(typ, data, "ESEARCH")
+    assert re.fullmatch(rb'\(TAG "\w+"\) MIN 1 MAX 2 COUNT 2', lines[-1]), lines
+    _ok(client._simple_command("UID", "SEARCH", "RETURN", "(SAVE)", "UNSEEN"))
+    _, fetched = client.fetch("$", "(UID BINARY.PEEK[2] BINARY.SIZE[2])")
+    assert fetched[0][1] == payload, fetched  # type: ignore[index]
+    assert b"UID 1 " in fetched[0][0] and b"BINARY.SIZE[2] 12" in fetched[1], fetched
     client.logout()

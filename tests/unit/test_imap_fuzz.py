@@ -24,6 +24,14 @@ TEMPLATES = [
     b"RENAME A Z", b"SUBSCRIBE Z", b"UNSUBSCRIBE Z", b"NAMESPACE", b"ID NIL",
     b"ENABLE CONDSTORE", b"CHECK", b"IDLE", b"AUTHENTICATE PLAIN", b"STARTTLS",
     b'APPEND INBOX (\\Seen) " 1-Jan-2024 00:00:00 +0000" {3+}\r\nabc',
+    b"ENABLE IMAP4rev2", b"ENABLE UTF8=ACCEPT IMAP4rev2", b"SEARCH RETURN (MIN MAX COUNT) ALL",
+    b"UID SEARCH RETURN (SAVE ALL) UNSEEN", b"SEARCH RETURN () $", b"FETCH $ (UID FLAGS)",
+    b"UID STORE $ +FLAGS (\\Flagged)", b"UID EXPUNGE $", b"MOVE $ Trash",
+    b"FETCH 1:* (BINARY.PEEK[1] BINARY.SIZE[1] BINARY[]<0.5>)", b"UID FETCH 1 BINARY[2.1]",
+    b"APPEND INBOX ~{3+}\r\na\x00c", b"APPEND INBOX UTF8 (~{3+}\r\nabc)",
+    b'LIST "" "*" RETURN (SUBSCRIBED CHILDREN)', b"STATUS INBOX (SIZE DELETED RECENT)",
+    b'CREATE "Entw\xc3\xbcrfe"', b"SEARCH CHARSET UTF-8 RETURN (ALL) ALL",
+    b"APPEND INBOX {1+}\r\na (\\Seen) {1+}\r\nb",
 ]
 PRINTABLE = st.binary(min_size=0, max_size=8).map(
     lambda b: bytes(c for c in b if c not in (10, 13, 123)))

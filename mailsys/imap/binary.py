@@ -1,0 +1,67 @@
+"""BINARY (RFC 3516, RFC 9051 §6.4.5): a body part with its Content-Transfer-Encoding undone.
+
+This module owns the ``BINARY[part]`` section syntax, the decoding of a part's content, and
+how decoded bytes travel: as a literal8 (``~{n}``) only when they hold a NUL (RFC 3516 §4.2).
+"""
+
+from __future__ import annotations
+
+import binascii
+import quopri
+
+from mailsys.imap.bodystructure import Part, Section, find_part
+from mailsys.imap.parser import Reader
+from mailsys.imap.responses import literal
+
+# RFC 2045 §6.1: the identity encodings need no decoding.
+_IDENTITY = frozenset({b"", b"7bit", b"8bit", b"binary"})
+
+
+class UnknownCTEError(ValueError):
+    """A part whose transfer encoding we cannot undo (RFC 3516 §5: NO [UNKNOWN-CTE])."""
+
+
+def parse_section(reader: Reader) -> Section:
+    """``[`` [part numbers joined by "."] ``]``: RFC 9051 §9 section-binary."""
+    reader.expect(b"[")
+    parts: list[int] = []
+    if not reader.accept(b"]"):
+        parts.append(reader.nz_number())
+        while reader.accept(b"."):
+            parts.append(reader.nz_number())
+        reader.expect(b"]")
+    return Section(tuple(parts))
+
+
+def content(root: Part, section: Section) -> bytes | None:
+    """The decoded content of ``section``; None if the part does not exist.
+
+    BINARY[] is the whole message; a multipart or message/rfc822 part has no encoding of its
+    own (RFC 2045 §6.4) and comes as it is.
+    """
+    if not section.parts:
+        return root.data[root.start:root.end]
+    part = find_part(root, section.parts)
+    if part is None:
+        return None
+    body = part.body
+    if part.multipart or part.message is not None:
+        return body
+    encoding = (part.field(b"content-transfer-encoding") or b"").strip().lower()
+    if encoding in _IDENTITY:
+        return body
+    if encoding == b"base64":
+        try:
+            return binascii.a2b_base64(body)
+        except binascii.Error:
+            raise UnknownCTEError("damaged base64") from None
+    if encoding == b"quoted-printable":
+        return quopri.decodestring(body)
+    raise UnknownCTEError(encoding.decode("ascii", "replace"))
+
+
+def literal8(value: bytes) -> bytes:
+    """A literal, or a literal8 when the bytes hold a NUL (RFC 3516 §4.2)."""
+    if b"\0" in value:
+        return b"~{%d}\r\n" % len(value) + value
+    return literal(value)
