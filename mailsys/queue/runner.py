@@ -384,11 +384,12 @@ class QueueRunner(Service):
             return
         notifier = self.notifier
         if notifier is None:
-            self._after_notices(False, entry)
-            return
-        d = maybeDeferred(notifier.notify, envelope, self._spool.message_path(queue_id))
-        d.addErrback(self._notices_failed, queue_id)
-        d.addCallback(self._after_notices, entry)
+            d: Deferred[Any] = maybeDeferred(self._after_notices, False, entry)
+        else:
+            d = maybeDeferred(notifier.notify, envelope, self._spool.message_path(queue_id))
+            d.addErrback(self._notices_failed, queue_id)
+            d.addCallback(self._after_notices, entry)
+        d.addErrback(self._round_failed, entry)
 
     def _notices_failed(self, failure: Failure, queue_id: str) -> bool:
         log.failure("{queue_id}: notices failed", failure, queue_id=queue_id)
@@ -419,6 +420,7 @@ class QueueRunner(Service):
         entry.dirty = False
         d = maybeDeferred(self._spool.update, envelope)
         d.addCallbacks(lambda _: self._round_done(entry), lambda f: self._update_failed(f, entry))
+        d.addErrback(self._round_failed, entry)
 
     def _remove(self, entry: _Entry) -> None:
         """A queue tool's delete, done at the end of the round it waited for."""
@@ -510,8 +512,28 @@ class QueueRunner(Service):
 
     def _round_done(self, entry: _Entry) -> None:
         entry.busy = False
-        self._schedule(entry)
-        self._round_ended()
+        try:
+            self._schedule(entry)
+        finally:
+            self._round_ended()
+
+    def _round_failed(self, failure: Failure, entry: _Entry) -> None:
+        """A bug between the deliveries and the end of a round: end the round all the same, so
+        that the message is tried again and stopService still fires, instead of staying busy
+        until a restart."""
+        log.failure("{queue_id}: internal error at the end of a delivery round",
+                    failure, queue_id=entry.envelope.queue_id)
+        if not entry.busy:
+            return  # _round_done or _forget ended the round before the error
+        entry.busy = False
+        entry.dirty = True  # the attempts may be in memory only: the next round writes them
+        try:
+            self._schedule(entry)
+        except Exception:
+            log.failure("{queue_id}: could not schedule the next round",
+                        queue_id=entry.envelope.queue_id)
+        finally:
+            self._round_ended()
 
     def _round_ended(self) -> None:
         self._active_rounds -= 1

@@ -495,3 +495,39 @@ def test_stop_fires_even_when_the_envelope_write_fails(spool: Spool, clock: Cloc
     spool.update = lambda envelope: fail(OSError(5, "EIO"))  # type: ignore[method-assign]
     agent.answer(agent.calls[0], DEFERRED)
     assert result_of(stopped) is None
+
+
+class BrokenNotifier:
+    """A notifier whose ``owes`` raises: a bug after the deliveries of a round."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    def notify(self, envelope: Envelope, message_path: Path) -> Deferred[bool]:
+        return succeed(False)
+
+    def owes(self, envelope: Envelope) -> bool:
+        if self.broken:
+            raise RuntimeError("bug")
+        return False
+
+
+def test_a_bug_at_the_end_of_a_round_does_not_leave_the_message_stuck(
+    spool: Spool, clock: Clock
+) -> None:
+    """An exception after the deliveries ends the round all the same: stopService fires, the
+    message is tried again on its schedule and its attempts reach the envelope."""
+    agent = FakeAgent(clock)
+    agent.script = {"a@example.test": [DEFERRED, DELIVERED]}
+    runner = make_runner(spool, clock, (TargetKind.LOCAL, agent))
+    notifier = BrokenNotifier()
+    runner.notifier = notifier  # type: ignore[assignment]
+    envelope = commit(spool, local_recipient("a@example.test"))
+    with capturedLogs() as events:
+        runner.enqueue(envelope)
+    assert any("internal error at the end of a delivery round" in str(e.get("log_format"))
+               for e in events)
+    notifier.broken = False
+    clock.advance(DEFAULT_RETRY_SCHEDULE[0])
+    assert len(agent.calls) == 2 and on_disk(spool, envelope.queue_id) is None
+    assert runner.stopService().called
