@@ -4,13 +4,17 @@ Each failed login from an address makes the next failure answer later (a growing
 too many failures within the window the address is blocked until the window has passed since
 its last failure. An unknown user counts exactly like a wrong password: callers report both as
 ``failed``. IPv6 clients are counted per /64, since one host commonly holds a whole /64.
+
+A successful login forgives only the failures made for that same user (a typo before the right
+password): were it to clear the address, one valid account would let a guesser try other
+users' passwords forever, alternating a good login with each guess.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -21,12 +25,20 @@ MAX_DELAY = 15.0
 MAX_FAILURES = 10
 WINDOW = 15 * 60.0
 MAX_TRACKED = 100_000
+# Users remembered per address for forgiveness; failures for further users are never forgiven.
+MAX_USERS_PER_ADDRESS = 32
 
 
 @dataclass
 class _Record:
     failures: int
     last: float
+    by_user: dict[str, int] = field(default_factory=dict)
+
+
+def user_key(user: str) -> str:
+    """How a login name is compared for forgiveness: as typed, case-folded."""
+    return user.strip().casefold()
 
 
 def address_key(address: str) -> str:
@@ -71,8 +83,9 @@ class LoginThrottle:
             return 0.0
         return float(min(self.base_delay * 2 ** (record.failures - 1), self.max_delay))
 
-    def failed(self, address: str) -> None:
-        """Count a failed login (wrong password, unknown user, malformed credentials)."""
+    def failed(self, address: str, user: str = "") -> None:
+        """Count a failed login (wrong password, unknown user, malformed credentials) for the
+        login name ``user`` ("" when there was none)."""
         key = address_key(address)
         record = self._current(address)
         now = self._clock.seconds()
@@ -80,13 +93,21 @@ class LoginThrottle:
             record = self._records[key] = _Record(0, now)
         record.failures += 1
         record.last = now
+        name = user_key(user)
+        if name and (name in record.by_user or len(record.by_user) < MAX_USERS_PER_ADDRESS):
+            record.by_user[name] = record.by_user.get(name, 0) + 1
         self._records.move_to_end(key)
         while len(self._records) > self.max_tracked:
             self._records.popitem(last=False)  # forget the address that failed longest ago
 
-    def succeeded(self, address: str) -> None:
-        """A login from ``address`` succeeded: forget its failures."""
-        self._records.pop(address_key(address), None)
+    def succeeded(self, address: str, user: str) -> None:
+        """``user`` logged in from ``address``: forget the failures made for that user only."""
+        record = self._current(address)
+        if record is None:
+            return
+        record.failures -= record.by_user.pop(user_key(user), 0)
+        if record.failures <= 0:
+            del self._records[address_key(address)]
 
     def blocked(self, address: str) -> bool:
         """True if ``address`` has failed too often: refuse logins without checking them."""

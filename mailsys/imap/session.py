@@ -724,12 +724,12 @@ class IMAPSession(MailboxCommands, Protocol):
                 return failure
             return self._login_failed(tag, user)
 
-        return d.addCallbacks(lambda avatar: self._logged_in(tag, avatar), failed)
+        return d.addCallbacks(lambda avatar: self._logged_in(tag, avatar, user), failed)
 
     def _login_failed(self, tag: bytes, user: str) -> Deferred[bytes]:
         throttle = self._factory.throttle
         address = self._client_address
-        throttle.failed(address)
+        throttle.failed(address, user)
         delay = throttle.delay_for(address)
         log.info("imap login failed for {user} from [{client}]", user=user, client=address)
         d: Deferred[bytes] = Deferred()
@@ -744,8 +744,8 @@ class IMAPSession(MailboxCommands, Protocol):
         self._clock.callLater(delay, answer)
         return d
 
-    def _logged_in(self, tag: bytes, user: MailUser) -> bytes:
-        self._factory.throttle.succeeded(self._client_address)
+    def _logged_in(self, tag: bytes, user: MailUser, login_name: str) -> bytes:
+        self._factory.throttle.succeeded(self._client_address, login_name)
         self._mailbox = user.mailbox
         self._state = State.AUTHENTICATED
         if self._timer is not None and self._timer.active():

@@ -718,12 +718,12 @@ class POP3Session(Protocol):
                 return failure
             return self._login_failed(user)
 
-        return d.addCallbacks(self._logged_in, failed)
+        return d.addCallbacks(self._logged_in, failed, callbackArgs=(user,))
 
     def _login_failed(self, user: str) -> Deferred[bytes]:
         throttle = self._factory.throttle
         address = self._client_address
-        throttle.failed(address)
+        throttle.failed(address, user)
         delay = throttle.delay_for(address)
         log.info("pop3 login failed for {user} from [{client}]", user=user, client=address)
         d: Deferred[bytes] = Deferred()
@@ -738,8 +738,8 @@ class POP3Session(Protocol):
         self._clock.callLater(delay, answer)
         return d
 
-    def _logged_in(self, user: MailUser) -> Deferred[bytes]:
-        self._factory.throttle.succeeded(self._client_address)
+    def _logged_in(self, user: MailUser, login_name: str) -> Deferred[bytes]:
+        self._factory.throttle.succeeded(self._client_address, login_name)
         mailbox = user.mailbox
         d = self._store.lock_mailbox(mailbox)
 

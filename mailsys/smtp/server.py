@@ -131,11 +131,11 @@ class LoginLimiter(TypingProtocol):
     def delay_for(self, address: str) -> float:
         """Seconds to wait before answering a failed login from ``address``."""
 
-    def failed(self, address: str) -> None:
-        """Count a failed login from ``address``."""
+    def failed(self, address: str, user: str = "") -> None:
+        """Count a failed login from ``address`` for the login name ``user``."""
 
-    def succeeded(self, address: str) -> None:
-        """Forget the failures of ``address`` after a successful login."""
+    def succeeded(self, address: str, user: str) -> None:
+        """``user`` logged in from ``address``: forget the failures made for that user."""
 
     def blocked(self, address: str) -> bool:
         """True if logins from ``address`` are refused without being checked."""
@@ -911,10 +911,11 @@ class SMTPSession(Protocol):
         portal = self._factory.portal
         assert portal is not None  # _do_auth checked _auth_listener()
         d = maybeDeferred(login, portal, user, password)
-        return d.addCallbacks(self._logged_in, self._login_error, errbackArgs=(user,))
+        return d.addCallbacks(self._logged_in, self._login_error, callbackArgs=(user,),
+                              errbackArgs=(user,))
 
-    def _logged_in(self, user: MailUser) -> Reply:
-        self._factory.login_succeeded(self._client_address)
+    def _logged_in(self, user: MailUser, login_name: str) -> Reply:
+        self._factory.login_succeeded(self._client_address, login_name)
         self._auth_user = user.mailbox
         log.info("AUTH {user} from {client}", user=user.mailbox, client=self._client)
         return replies.AUTH_OK
@@ -932,7 +933,7 @@ class SMTPSession(Protocol):
         same delay, so the answer does not tell them apart.
         """
         address = self._client_address
-        delay = self._factory.login_failed(address)
+        delay = self._factory.login_failed(address, user)
         log.info("AUTH failed for {user!r} from {client}; answer in {delay}s",
                  user=user, client=self._client, delay=delay)
         d: Deferred[Reply] = Deferred()
@@ -1054,17 +1055,17 @@ class SMTPServerFactory(ServerFactory):
         """True if ``address`` failed to log in too often to be let try again now."""
         return self.throttle is not None and self.throttle.blocked(address)
 
-    def login_failed(self, address: str) -> float:
+    def login_failed(self, address: str, user: str = "") -> float:
         """Count a failed login from ``address``; the seconds to wait before saying so."""
         if self.throttle is None:
             return 0.0
-        self.throttle.failed(address)
+        self.throttle.failed(address, user)
         return self.throttle.delay_for(address)
 
-    def login_succeeded(self, address: str) -> None:
-        """Forget the failed logins of ``address``."""
+    def login_succeeded(self, address: str, user: str) -> None:
+        """Forget the failed logins of ``address`` for ``user``."""
         if self.throttle is not None:
-            self.throttle.succeeded(address)
+            self.throttle.succeeded(address, user)
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:

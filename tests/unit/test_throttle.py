@@ -43,13 +43,25 @@ def test_blocked_after_max_failures_until_window_passes() -> None:
     assert throttle.delay_for("192.0.2.1") == 0.0
 
 
-def test_success_forgets_failures() -> None:
-    """A successful login clears the address's failures."""
+def test_success_forgets_that_users_failures() -> None:
+    """A successful login clears the failures made for the same login name (any case)."""
     throttle, _ = make()
-    throttle.failed("192.0.2.1")
-    throttle.succeeded("192.0.2.1")
+    throttle.failed("192.0.2.1", "Alice@Example.test")
+    throttle.succeeded("192.0.2.1", "alice@example.test")
     assert throttle.delay_for("192.0.2.1") == 0.0
     assert len(throttle) == 0
+
+
+def test_one_valid_account_does_not_reset_guesses_at_others() -> None:
+    """A guesser alternating a good login with guesses at other users is still blocked."""
+    throttle, _ = make(max_failures=3)
+    for victim in ("bob@example.test", "carol@example.test", "bob@example.test"):
+        throttle.failed("192.0.2.1", victim)
+        throttle.succeeded("192.0.2.1", "mallory@example.test")
+    assert throttle.blocked("192.0.2.1")
+    throttle.failed("192.0.2.2", "")  # malformed credentials: no name, never forgiven
+    throttle.succeeded("192.0.2.2", "dave@example.test")
+    assert throttle.delay_for("192.0.2.2") == 1.0
 
 
 def test_ipv6_counted_per_64() -> None:
