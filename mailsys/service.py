@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
-from mailsys.auth.users import UserStore
+from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.config import Config
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.wiring import build_relay
@@ -49,6 +49,8 @@ TLS_CHECK_INTERVAL = 60.0
 MAILBOX_POLL_INTERVAL = 2.0
 # How often the spool's control/ directory is checked for queue tool commands, in seconds.
 QUEUE_CONTROL_INTERVAL = 1.0
+# How often a running server looks whether the user file changed.
+USERS_RELOAD_INTERVAL = RELOAD_INTERVAL
 
 
 class StartupError(Exception):
@@ -156,10 +158,19 @@ def _listeners(config: Config) -> Iterable[tuple[ListenerRole, str]]:
         yield ListenerRole.SUBMISSIONS, description
 
 
+def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
+    """One look at the user file, in a disk thread; an error is logged and tried again next
+    time (TimerService stops for good on a failed Deferred)."""
+    d = pool.run(users.reload_if_changed)
+    d.addErrback(lambda failure: log.failure("user store {path}: reload failed", failure,
+                                             path=str(users.path)))
+    return d
+
+
 def build_service(config: Config, reactor: Any) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts."""
     tls = _prepare_tls(config)
-    users = UserStore(config.storage.users)
+    users = UserStore(config.storage.users, reload_on_lookup=False)
     _ensure_demo_user(config, users)
     router = Router(config.routing, users)
     pool = DiskPool(reactor)
@@ -192,6 +203,9 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
     control = ControlWatcher(config.storage.spool, runner, pool)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
+    # `mailsys user add|passwd|del` while serving: the file is looked at in a disk thread, so
+    # that RCPT TO lookups on the reactor only ever read memory.
+    TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
 
     # --- logins: one portal and one throttle for SMTP AUTH and POP3, so a password guesser
     # cannot start afresh by switching protocols ---

@@ -144,9 +144,13 @@ class UserStore:
 
     _log = Logger()
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic, *,
+                 reload_on_lookup: bool = True) -> None:
         self.path = Path(path)
         self._clock = clock
+        # A server looks users up on the reactor thread (RCPT TO), where the stat and the read
+        # of a reload must not run: it passes False and calls reload_if_changed from a thread.
+        self._reload_on_lookup = reload_on_lookup
         # _state guards the in-memory copy only and is never held during file I/O, so a lookup
         # on the reactor thread never waits for another thread's fsync. _writing serialises this
         # process's writers; the flock on lock_path serialises processes.
@@ -211,8 +215,19 @@ class UserStore:
             generation = self._generation
         self._load(generation)
 
+    def reload_if_changed(self) -> None:
+        """Reload if the file changed since it was read (blocking: run it in a thread)."""
+        with self._state:
+            self._checked_at = self._clock()
+            generation = self._generation
+            known = self._signature
+        if self._stat() != known:
+            self._load(generation)
+
     def _maybe_reload(self) -> None:
         """Reload if the file changed, looking at most once per RELOAD_INTERVAL."""
+        if not self._reload_on_lookup:
+            return
         with self._state:
             now = self._clock()
             if self._checked_at is not None and now - self._checked_at < RELOAD_INTERVAL:

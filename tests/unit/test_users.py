@@ -332,3 +332,26 @@ def test_import_hashed_refuses_line_breaks(path: Path) -> None:
     with pytest.raises(ValueError):
         store.import_hashed([("a@example.test", "{PLAIN}x:y", None)])
     assert store.list() == []
+
+
+def test_server_store_never_touches_the_file_on_lookup(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With reload_on_lookup=False lookups read memory only; reload_if_changed sees changes."""
+    clock = FakeClock()
+    server = UserStore(path, clock=clock, reload_on_lookup=False)
+    UserStore(path).add("alice@example.test", "pw")
+    clock.now += 5.0
+    touched: list[object] = []
+    real_stat = os.stat
+
+    def counting_stat(*args: object, **kwargs: object) -> os.stat_result:
+        touched.append(args)
+        return real_stat(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert not server.exists("alice@example.test")
+    assert touched == []
+    monkeypatch.undo()
+    server.reload_if_changed()
+    assert server.exists("alice@example.test")
