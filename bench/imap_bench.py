@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import pstats
 import re
 import shutil
 import socket
@@ -52,7 +51,7 @@ from bench.dovecot_instance import (  # noqa: E402
     dovecot_version,
 )
 from bench.loopback import LOOPBACK, BenchError, free_port, require_loopback  # noqa: E402
-from bench.mailsys_instance import MailsysInstance, mailsys_revision, twistd_path  # noqa: E402
+from bench.mailsys_instance import MailsysInstance, mailsys_revision, print_profile  # noqa: E402
 from bench.pop3_fetch import make_maildir  # noqa: E402
 from bench.processes import install_exit_handlers, register_stop  # noqa: E402
 from mailsys.auth.passwords import hash_password  # noqa: E402
@@ -147,9 +146,8 @@ class MailsysIMAP(MailsysInstance):
 
     def __init__(self, root: Path, smtp_port: int, imap_port: int,
                  profile: Path | None = None) -> None:
-        super().__init__(root, smtp_port)
+        super().__init__(root, smtp_port, profile=profile)
         self.imap_port = imap_port
-        self.profile = profile
 
     def write_config(self) -> None:
         super().write_config()
@@ -164,18 +162,7 @@ class MailsysIMAP(MailsysInstance):
         shutil.copytree(source, target)
 
     def start(self, timeout: float = 60.0) -> None:
-        if self.profile is None:
-            super().start(timeout)
-        else:
-            self.write_config()
-            argv = [str(twistd_path()), "-n", "--pidfile=", f"--profile={self.profile}",
-                    "--profiler=cprofile", "--savestats", "mailsys", "--config",
-                    str(self.config_path)]
-            self._log = self.log_path.open("wb")
-            self._stop_token = register_stop(self.stop)
-            self._process = subprocess.Popen(argv, cwd=self.root, stdin=subprocess.DEVNULL,
-                                             stdout=self._log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+        super().start(timeout)
         deadline = time.monotonic() + timeout
         while not imap_greeting(self.host, self.imap_port).startswith("* OK"):
             if time.monotonic() > deadline:
@@ -391,10 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_server(kind, source, expected, args, workdir))
         print_table(results, args)
         failed = any(r.error for r in results)
-        if args.profile and (workdir / "mailsys.prof").exists():
-            print("\n== where mailsys's time went (cProfile, cumulative, top 25) ==")
-            stats = pstats.Stats(str(workdir / "mailsys.prof"))
-            stats.sort_stats("tottime").print_stats(25)
+        if args.profile:
+            print_profile(workdir / "mailsys.prof")
         save(results, args, kinds)
     finally:
         if args.keep or failed:

@@ -7,6 +7,7 @@ message, envelope and commit directory before 250; the Maildir writer fsyncs the
 
 from __future__ import annotations
 
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +89,11 @@ class MailsysInstance:
 
     name = "mailsys"
 
-    def __init__(self, root: Path, port: int, host: str = LOOPBACK) -> None:
+    def __init__(self, root: Path, port: int, host: str = LOOPBACK,
+                 profile: Path | None = None) -> None:
         self.root = root
+        # With a path, twistd runs mailsys under cProfile and saves its stats there at exit.
+        self.profile = profile
         self.host = require_loopback(host)
         self.port = port
         self.config_path = root / "mailsys.toml"
@@ -115,14 +119,10 @@ class MailsysInstance:
     def start(self, timeout: float = 60.0) -> None:
         """Write the config, start twistd in the foreground, wait for the 220 greeting."""
         self.write_config()
-        argv = [
-            str(twistd_path()),
-            "-n",
-            "--pidfile=",
-            "mailsys",
-            "--config",
-            str(self.config_path),
-        ]
+        argv = [str(twistd_path()), "-n", "--pidfile="]
+        if self.profile is not None:
+            argv += [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
+        argv += ["mailsys", "--config", str(self.config_path)]
         self._log = self.log_path.open("wb")
         self._stop_token = register_stop(self.stop)
         self._process = subprocess.Popen(
@@ -190,3 +190,12 @@ class MailsysInstance:
             "Maildir writer fsyncs the file, renames it into new/ and fsyncs new/ (defaults)",
             "processes": "twistd and any children it starts",
         }
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    """Print the functions of a ``--profile`` run that took the most time of their own."""
+    if not path.exists():
+        print(f"(no profile at {path}: twistd saves it only when it stops cleanly)")
+        return
+    print(f"\n== where mailsys's time went (cProfile, own time, top {top}) ==")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(top)

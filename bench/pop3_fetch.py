@@ -9,7 +9,7 @@ new/); the following ones meet it again (warm). Every fetched message is checked
 was written. Servers are stopped by process id.
 
     .venv/bin/python bench/pop3_fetch.py [--messages 5000] [--size 4096] [--repeat 3]
-                                         [--only mailsys|dovecot] [--keep]
+                                         [--only mailsys|dovecot] [--profile] [--keep]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from bench.dovecot_instance import (  # noqa: E402
     require_dovecot,
 )
 from bench.loopback import LOOPBACK, BenchError, free_port  # noqa: E402
-from bench.mailsys_instance import MailsysInstance, mailsys_revision  # noqa: E402
+from bench.mailsys_instance import MailsysInstance, mailsys_revision, print_profile  # noqa: E402
 from bench.processes import install_exit_handlers  # noqa: E402
 
 USER = "demo@example.test"
@@ -62,8 +62,9 @@ class Server(Protocol):
 class MailsysPOP3(MailsysInstance):
     """bench's private mailsys with a plaintext POP3 listener (like Dovecot's here: no TLS)."""
 
-    def __init__(self, root: Path, smtp_port: int, pop3_port: int) -> None:
-        super().__init__(root, smtp_port)
+    def __init__(self, root: Path, smtp_port: int, pop3_port: int,
+                 profile: Path | None = None) -> None:
+        super().__init__(root, smtp_port, profile=profile)
         self.pop3_port = pop3_port
 
     def write_config(self) -> None:
@@ -182,7 +183,8 @@ def run_server(kind: str, source: Path, expected: dict[str, int], args: argparse
     root.mkdir()
     server: MailsysPOP3 | DovecotInstance
     if kind == "mailsys":
-        server = MailsysPOP3(root, free_port(), free_port())
+        profile = workdir / "mailsys.prof" if args.profile else None
+        server = MailsysPOP3(root, free_port(), free_port(), profile)
         port = server.pop3_port
     else:
         server = DovecotInstance(root, free_port())
@@ -231,6 +233,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="warm fetches after the cold one")
     parser.add_argument("--only", choices=SERVERS)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and logs")
+    parser.add_argument("--profile", action="store_true",
+                        help="run mailsys under cProfile and print where its time went")
     parser.add_argument("--tmpdir", type=Path, default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_server(kind, source, expected, args, workdir))
         print_table(results, args)
         failed = any(r.error for r in results)
+        if args.profile:
+            print_profile(workdir / "mailsys.prof")
         save(results, args, kinds)
     finally:
         if args.keep or failed:
