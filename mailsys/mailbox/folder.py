@@ -95,6 +95,48 @@ _sync_cache: OrderedDict[str, tuple[tuple[int, ...], SyncResult]] = OrderedDict(
 _sync_cache_guard = threading.Lock()
 
 
+# Each folder's UID file as last parsed or written, with the file's stat then: a sync that finds
+# the file unchanged does not parse it again. A rewrite is a rename, so it always moves the stat.
+# The UidList objects kept here are only ever read.
+_uidlist_cache: OrderedDict[str, tuple[tuple[int, ...], UidList]] = OrderedDict()
+
+
+def _uidlist_signature(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(f"{path}/{UIDLIST_NAME}")
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remember_uidlist(path: str, uids: UidList) -> None:
+    signature = _uidlist_signature(path)
+    with _sync_cache_guard:
+        if signature is None:
+            _uidlist_cache.pop(path, None)
+            return
+        _uidlist_cache[path] = (signature, uids)
+        _uidlist_cache.move_to_end(path)
+        while len(_uidlist_cache) > SYNC_CACHE_FOLDERS:
+            _uidlist_cache.popitem(last=False)
+
+
+def _load_uidlist(directory: Path) -> UidList | None:
+    """The folder's UID file (read_uidlist), parsed again only when the file changed."""
+    path = os.fspath(directory)
+    signature = _uidlist_signature(path)
+    if signature is None:
+        return None
+    with _sync_cache_guard:
+        cached = _uidlist_cache.get(path)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    uids = read_uidlist(directory)
+    if uids is not None and not uids.damaged_lines:
+        _remember_uidlist(path, uids)
+    return uids
+
+
 def _folder_stamp(path: str) -> tuple[int, ...] | None:
     """The state sync() depends on: new/ and cur/ (mtime, inode) and the UID file's stat."""
     try:
@@ -228,7 +270,7 @@ class Folder:
 
     def _sync_locked(self) -> SyncResult:
         try:
-            uids = read_uidlist(self.path)
+            uids = _load_uidlist(self.path)
             damage = None if uids is None or not uids.damaged_lines else (
                 f"{uids.damaged_lines} damaged line(s) in the UID file")
         except CorruptUidListError as exc:
@@ -420,6 +462,7 @@ class Folder:
             top = max((info.uid for info in messages), default=0)
             need_floor = top + 1 < state.uidnext or self._unembedded
         write_state(self.path, state, floor=need_floor)
+        _remember_uidlist(os.fspath(self.path), state)
 
     # --- reading and changing messages ----------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsys.mailbox import folder as folder_module
 from mailsys.mailbox.folder import (
     Folder,
     MessageVanishedError,
@@ -15,7 +16,7 @@ from mailsys.mailbox.folder import (
     new_uidvalidity,
 )
 from mailsys.mailbox.names import SEEN, parse_name
-from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist
+from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist, write_state
 from tests.unit.mailbox_support import deliver, message
 
 
@@ -96,6 +97,34 @@ def test_uid_file_written_atomically_with_entries(folder: Folder) -> None:
     assert uids.uidvalidity == result.uidvalidity and uids.uidnext == 2
     assert uids.entries[key].uid == 1
     assert not [p for p in os.listdir(folder.path) if p.endswith(".tmp")]
+
+
+def test_uid_file_rewritten_by_another_process_is_read_again(folder: Folder) -> None:
+    """A UID file replaced behind this process's back is parsed anew, not taken as remembered."""
+    deliver(folder.path, message(1))
+    first = folder.sync()
+    uids = parse_uidlist((folder.path / UIDLIST_NAME).read_text())
+    uids.uidnext = 40  # another server numbered (and expunged) messages meanwhile
+    write_state(folder.path, uids, floor=False)
+    deliver(folder.path, message(2))
+    second = folder.sync()
+    assert second.uidvalidity == first.uidvalidity
+    assert [m.uid for m in second.messages] == [1, 40]
+
+
+def test_unchanged_uid_file_is_not_parsed_again(folder: Folder,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync that finds the UID file as this process last wrote it does not read it again."""
+    deliver(folder.path, message(1))
+    folder.sync()
+    reads: list[Path] = []
+    original = folder_module.read_uidlist
+    monkeypatch.setattr(folder_module, "read_uidlist",
+                        lambda path: reads.append(path) or original(path))
+    deliver(folder.path, message(2))
+    assert [m.uid for m in folder.sync().messages] == [1, 2]
+    assert [m.uid for m in folder.sync().messages] == [1, 2]
+    assert reads == []
 
 
 def test_lost_uid_file_keeps_uids_and_uidvalidity(folder: Folder) -> None:
