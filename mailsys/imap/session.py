@@ -88,6 +88,7 @@ from mailsys.mailbox.store import (
     MailboxStore,
 )
 from mailsys.mailbox.transfer import Added, append_message, copy_messages
+from mailsys.transports import call_optional, send_now
 
 log = Logger(namespace="mailsys.imap")
 
@@ -232,6 +233,7 @@ class IMAPSession(MailboxCommands, Protocol):
         self._selected: Selected | None = None
         self._waiting = False
         self._processing = False
+        self._unsent = False  # output written since the input loop last sent it
         self._reading_paused = False
         self._closing = False
         self._disconnected = False
@@ -298,6 +300,7 @@ class IMAPSession(MailboxCommands, Protocol):
     def write(self, data: bytes) -> None:
         if not self._disconnected and data:
             self._transport.write(data)
+            self._unsent = True
 
     # --- connection events (Twisted) -----------------------------------------------------------
 
@@ -354,7 +357,7 @@ class IMAPSession(MailboxCommands, Protocol):
             self._process()
         elif self._framer.pending > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
             self._reading_paused = True
-            _call(self._transport, "pauseProducing")
+            call_optional(self._transport, "pauseProducing")
 
     def _timeout(self) -> float:
         if self._state is State.NOT_AUTHENTICATED:
@@ -393,6 +396,9 @@ class IMAPSession(MailboxCommands, Protocol):
             self._close()
         finally:
             self._processing = False
+        if self._unsent:
+            self._unsent = False
+            send_now(self._transport)  # the answers to this batch of commands, now
 
     def _step(self) -> bool:
         if self._idle_tag is not None or self._sasl_tag is not None:
@@ -499,7 +505,7 @@ class IMAPSession(MailboxCommands, Protocol):
         self._answer(line)
         if self._reading_paused:
             self._reading_paused = False
-            _call(self._transport, "resumeProducing")
+            call_optional(self._transport, "resumeProducing")
         if not self._closing:
             self._process()
 
@@ -1457,11 +1463,5 @@ class IMAPServerFactory(ServerFactory):
         session.factory = self
         return session
 
-
-def _call(transport: object, method: str) -> None:
-    """Call an optional transport method (pauseProducing/resumeProducing) if it has one."""
-    function = getattr(transport, method, None)
-    if function is not None:
-        function()
 
 

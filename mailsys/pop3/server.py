@@ -49,6 +49,7 @@ from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock, MailboxStore
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
+from mailsys.transports import call_optional, send_now
 
 log = Logger(namespace="mailsys.pop3")
 
@@ -366,6 +367,7 @@ class POP3Session(Protocol):
         self._state = _State.AUTHORIZATION
         self._waiting = False
         self._processing = False
+        self._unsent = False  # answers written since the input loop last sent them
         self._reading_paused = False
         self._swallowing = False
         self._closing = False
@@ -478,7 +480,7 @@ class POP3Session(Protocol):
             self._process()
         elif len(self._buffer) > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
             self._reading_paused = True
-            _call(self._transport, "pauseProducing")
+            call_optional(self._transport, "pauseProducing")
 
     # --- the input loop ------------------------------------------------------------------------
 
@@ -497,6 +499,9 @@ class POP3Session(Protocol):
             self._internal_error()
         finally:
             self._processing = False
+        if self._unsent:
+            self._unsent = False
+            send_now(self._transport)  # the answers to this batch of commands, now
 
     def _line_step(self) -> bool:
         buf = self._buffer
@@ -567,7 +572,7 @@ class POP3Session(Protocol):
         self._reply(answer)
         if self._reading_paused:
             self._reading_paused = False
-            _call(self._transport, "resumeProducing")
+            call_optional(self._transport, "resumeProducing")
         if self._closing:
             return
         self._process()
@@ -577,6 +582,7 @@ class POP3Session(Protocol):
             return
         if data:
             self._transport.write(data)
+            self._unsent = True
         if error:
             self._errors += 1
             if self._errors >= self._settings.max_bad_commands and not self._closing:
@@ -1036,9 +1042,3 @@ class POP3ServerFactory(ServerFactory):
         session.factory = self
         return session
 
-
-def _call(transport: object, method: str) -> None:
-    """Call an optional transport method (pauseProducing/resumeProducing) if it has one."""
-    function = getattr(transport, method, None)
-    if function is not None:
-        function()

@@ -50,6 +50,7 @@ from mailsys.routing import Destination
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
 from mailsys.tls import describe_tls
+from mailsys.transports import call_optional, send_now
 
 log = Logger()
 
@@ -300,7 +301,7 @@ class SMTPSession(Protocol):
             self._process()
         elif len(self._buffer) > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
             self._reading_paused = True
-            _call(self._transport, "pauseProducing")
+            call_optional(self._transport, "pauseProducing")
 
     # --- the input loop ------------------------------------------------------------------------
 
@@ -339,6 +340,7 @@ class SMTPSession(Protocol):
         if self._out:
             self._transport.write(b"".join(self._out))
             self._out.clear()
+            send_now(self._transport)
         if self._closing:
             self._transport.loseConnection()
 
@@ -462,7 +464,7 @@ class SMTPSession(Protocol):
         self._reply(reply)
         if self._reading_paused:
             self._reading_paused = False
-            _call(self._transport, "resumeProducing")
+            call_optional(self._transport, "resumeProducing")
         self._process()
 
     def _reply(self, reply: Reply) -> None:
@@ -1130,12 +1132,6 @@ def _client_label(host: str) -> str:
         return f"[IPv6:{host}]"
     return f"[{host}]"
 
-
-def _call(transport: object, method: str) -> None:
-    """Call an optional transport method (pauseProducing/resumeProducing) if it has one."""
-    function = getattr(transport, method, None)
-    if function is not None:
-        function()
 
 
 def _path_text(request: MailRequest) -> str:
