@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -152,6 +153,17 @@ def load_server_options(certificate: Path, key: Path) -> CertificateOptions:
             f"{key}: does not match the certificate {certificate}"
         ) from None
     return options
+
+
+class TLSContextSource(TypingProtocol):
+    """Where STARTTLS, STLS and implicit TLS get the server context (ServerTLS, with reloads).
+
+    The protocol servers depend on this rather than on ServerTLS so that tests can hand them
+    a fixed context.
+    """
+
+    def server_context(self) -> IOpenSSLServerConnectionCreator:
+        """The current server context; may raise if no usable certificate is loaded."""
 
 
 class ServerTLS:

@@ -24,31 +24,25 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
-from typing import Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IDelayedCall,
-    IOpenSSLServerConnectionCreator,
-    IReactorTime,
     ISSLTransport,
     ITLSTransport,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
-from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
-from mailsys.connlimit import ConnectionCounter
 from mailsys.imap import esearch
 from mailsys.imap import fetch as fetching
 from mailsys.imap import search as searching
@@ -85,9 +79,9 @@ from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import (
     FolderView,
     InvalidFolderNameError,
-    MailboxStore,
 )
 from mailsys.mailbox.transfer import Added, append_message, copy_messages
+from mailsys.retrieval import MailboxServerFactory
 from mailsys.transports import call_optional, send_now
 
 log = Logger(namespace="mailsys.imap")
@@ -104,12 +98,6 @@ OK, NO, BAD = b"OK", b"NO", b"BAD"
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT"}
 
-
-class TLSContextSource(TypingProtocol):
-    """Where STARTTLS gets its server TLS context (mailsys.tls.ServerTLS, with reloads)."""
-
-    def server_context(self) -> IOpenSSLServerConnectionCreator:
-        """The current server context; may raise if no usable certificate is loaded."""
 
 
 @dataclass(frozen=True)
@@ -1431,31 +1419,8 @@ def _copy(source: Folder, infos: list[MessageInfo], target: Folder,
     return copy_messages(source, infos, target, flags_of)
 
 
-class IMAPServerFactory(ServerFactory):
+class IMAPServerFactory(MailboxServerFactory[IMAPSettings]):
     """Builds IMAP sessions for one listener."""
-
-    def __init__(
-        self,
-        settings: IMAPSettings,
-        store: MailboxStore,
-        portal: Portal,
-        throttle: LoginThrottle,
-        clock: IReactorTime,
-        tls: TLSContextSource | None = None,
-        connections: ConnectionCounter | None = None,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.portal = portal
-        self.throttle = throttle
-        self.clock = clock
-        self.tls = tls
-        # One counter for the STARTTLS and implicit-TLS listeners: the limits are the protocol's.
-        if connections is None:
-            connections = ConnectionCounter(
-                settings.max_connections, settings.max_connections_per_client
-            )
-        self.connections = connections
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> IMAPSession:

@@ -18,23 +18,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
-from typing import Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IDelayedCall,
-    IOpenSSLServerConnectionCreator,
     IPushProducer,
-    IReactorTime,
     ISSLTransport,
     ITLSTransport,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -42,13 +38,12 @@ from zope.interface import implementer
 
 from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
-from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
-from mailsys.connlimit import ConnectionCounter
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
 from mailsys.mailbox.names import SEEN
-from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock, MailboxStore
+from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
+from mailsys.retrieval import MailboxServerFactory
 from mailsys.transports import call_optional, send_now
 
 log = Logger(namespace="mailsys.pop3")
@@ -112,12 +107,6 @@ ERR_UPDATE_FAILED = _err("Some deleted messages were not removed", "SYS/TEMP")
 STLS_READY = _ok("Begin TLS negotiation")
 SASL_CONTINUE = b"+ \r\n"  # RFC 5034 §4: an empty server challenge
 
-
-class TLSContextSource(TypingProtocol):
-    """Where STLS gets its server TLS context (mailsys.tls.ServerTLS, with reloads)."""
-
-    def server_context(self) -> IOpenSSLServerConnectionCreator:
-        """The current server context; may raise if no usable certificate is loaded."""
 
 
 @dataclass(frozen=True)
@@ -1008,33 +997,8 @@ class POP3Session(Protocol):
         return d.addCallbacks(done, failed)
 
 
-class POP3ServerFactory(ServerFactory):
+class POP3ServerFactory(MailboxServerFactory[POP3Settings]):
     """Builds POP3 sessions for one listener."""
-
-    noisy = False  # no 'Starting factory' lines: the service logs its listeners
-
-    def __init__(
-        self,
-        settings: POP3Settings,
-        store: MailboxStore,
-        portal: Portal,
-        throttle: LoginThrottle,
-        clock: IReactorTime,
-        tls: TLSContextSource | None = None,
-        connections: ConnectionCounter | None = None,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.portal = portal
-        self.throttle = throttle
-        self.clock = clock
-        self.tls = tls
-        # One counter for the STLS and implicit-TLS listeners: the limits are the protocol's.
-        if connections is None:
-            connections = ConnectionCounter(
-                settings.max_connections, settings.max_connections_per_client
-            )
-        self.connections = connections
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> POP3Session:

@@ -25,7 +25,6 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
-    IOpenSSLServerConnectionCreator,
     IReactorTime,
     ISSLTransport,
     ITLSTransport,
@@ -49,7 +48,7 @@ from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
-from mailsys.tls import describe_tls
+from mailsys.tls import TLSContextSource, describe_tls
 from mailsys.transports import call_optional, send_now
 
 log = Logger()
@@ -118,12 +117,6 @@ class SMTPSettings:
             offer_auth=role is ListenerRole.MTA and smtp.offer_auth,
         )
 
-
-class TLSContextSource(TypingProtocol):
-    """Where STARTTLS gets its server TLS context (mailsys.tls implements it, with reloads)."""
-
-    def server_context(self) -> IOpenSSLServerConnectionCreator:
-        """The current server context; may raise if no usable certificate is loaded."""
 
 
 class LoginLimiter(TypingProtocol):

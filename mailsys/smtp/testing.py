@@ -36,8 +36,8 @@ from mailsys.smtp.server import (
     SMTPServerFactory,
     SMTPSession,
     SMTPSettings,
-    TLSContextSource,
 )
+from mailsys.tls import TLSContextSource
 
 HOSTNAME = "mx.example.test"
 LOCAL_DOMAIN = "example.test"
