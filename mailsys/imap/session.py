@@ -30,12 +30,11 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succe
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
-    IDelayedCall,
     ISSLTransport,
     ITLSTransport,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -73,6 +72,7 @@ from mailsys.imap.responses import (
     tagged,
     untagged,
 )
+from mailsys.inputloop import InputLoopSession
 from mailsys.mailbox.folder import Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
@@ -82,7 +82,6 @@ from mailsys.mailbox.store import (
 )
 from mailsys.mailbox.transfer import Added, append_message, copy_messages
 from mailsys.retrieval import MailboxServerFactory
-from mailsys.transports import call_optional, send_now
 
 log = Logger(namespace="mailsys.imap")
 
@@ -90,7 +89,6 @@ log = Logger(namespace="mailsys.imap")
 # minimum for authenticated sessions only).
 PREAUTH_TIMEOUT = 180.0
 SEARCH_BATCH = 1000
-_MAX_BUFFER_WHILE_WAITING = 256 * 1024
 _DATE_TIME = re.compile(
     r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 
@@ -204,10 +202,15 @@ class _Spec:
     updates_with_uid: bool = True
 
 
-class IMAPSession(MailboxCommands, Protocol):
-    """One IMAP connection."""
+class IMAPSession(MailboxCommands, InputLoopSession):
+    """One IMAP connection. Input is framed into lines and literals by a Framer and handled in
+    order (mailsys.inputloop)."""
+
+    # A literal or a pipelined batch of commands may be large: buffer more before pausing.
+    max_buffer_while_waiting = 256 * 1024
 
     def __init__(self, factory: IMAPServerFactory) -> None:
+        super().__init__()
         self._factory = factory
         self._settings = factory.settings
         self._store = factory.store
@@ -219,14 +222,7 @@ class IMAPSession(MailboxCommands, Protocol):
         self._admitted = False
         self._mailbox: str | None = None
         self._selected: Selected | None = None
-        self._waiting = False
-        self._processing = False
-        self._unsent = False  # output written since the input loop last sent it
-        self._reading_paused = False
-        self._closing = False
-        self._disconnected = False
         self._close_after_reply = False
-        self._timer: IDelayedCall | None = None
         self._errors = 0
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
@@ -286,9 +282,8 @@ class IMAPSession(MailboxCommands, Protocol):
         return self._store.pool.run(func, *args)
 
     def write(self, data: bytes) -> None:
-        if not self._disconnected and data:
-            self._transport.write(data)
-            self._unsent = True
+        """Output to the client (FETCH runs and the mailbox commands write through this)."""
+        self._write(data)
 
     # --- connection events (Twisted) -----------------------------------------------------------
 
@@ -334,19 +329,6 @@ class IMAPSession(MailboxCommands, Protocol):
         log.info("imap disconnect from [{client}] user={user}", client=self._client_address,
                  user=self._mailbox)
 
-    @override
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._timer is not None:
-            self._timer.reset(self._timeout())
-        self._framer.feed(data)
-        if not self._waiting:
-            self._process()
-        elif self._framer.pending > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
-            self._reading_paused = True
-            call_optional(self._transport, "pauseProducing")
-
     def _timeout(self) -> float:
         if self._state is State.NOT_AUTHENTICATED:
             return min(PREAUTH_TIMEOUT, self._settings.idle_timeout)
@@ -366,28 +348,27 @@ class IMAPSession(MailboxCommands, Protocol):
         self.write(untagged("BYE Autologout; idle for too long"))
         self._close()
 
-    # --- the input loop ------------------------------------------------------------------------
+    # --- the input loop (mailsys.inputloop) ------------------------------------------------------
 
-    def _process(self) -> None:
-        """Handle buffered input until it runs out, an answer is awaited, or we close."""
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while not self._waiting and not self._closing and self._step():
-                pass
-        except Exception:
-            # Never a traceback to the peer: log it, say something safe, close.
-            log.failure("internal error in IMAP session with [{client}]",
-                        client=self._client_address)
-            self.write(untagged("BYE Internal server error"))
-            self._close()
-        finally:
-            self._processing = False
-        if self._unsent:
-            self._unsent = False
-            send_now(self._transport)  # the answers to this batch of commands, now
+    @override
+    def _feed(self, data: bytes) -> None:
+        self._framer.feed(data)
 
+    @override
+    def _buffered(self) -> int:
+        return self._framer.pending
+
+    @override
+    def _idle_seconds(self) -> float:
+        return self._timeout()
+
+    @override
+    def _step_failed(self) -> None:
+        log.failure("internal error in IMAP session with [{client}]", client=self._client_address)
+        self.write(untagged("BYE Internal server error"))
+        self._close()
+
+    @override
     def _step(self) -> bool:
         if self._idle_tag is not None or self._sasl_tag is not None:
             line = self._framer.next_line()
@@ -489,13 +470,8 @@ class IMAPSession(MailboxCommands, Protocol):
     def _resume(self, line: bytes) -> None:
         if self._disconnected:
             return
-        self._waiting = False
         self._answer(line)
-        if self._reading_paused:
-            self._reading_paused = False
-            call_optional(self._transport, "resumeProducing")
-        if not self._closing:
-            self._process()
+        self._continue()
 
     def _answer(self, line: bytes) -> None:
         """Write a command's final answer; count BADs; close when the session is over."""
@@ -861,9 +837,7 @@ class IMAPSession(MailboxCommands, Protocol):
             self._waiting = True
 
             def done(_: object) -> None:
-                self._waiting = False
-                if not self._closing:
-                    self._process()
+                self._continue()
 
             self._report_changes().addBoth(done)
 

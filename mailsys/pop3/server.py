@@ -24,13 +24,12 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
-    IDelayedCall,
     IPushProducer,
     ISSLTransport,
     ITLSTransport,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -39,12 +38,12 @@ from zope.interface import implementer
 from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.config import Config
+from mailsys.inputloop import InputLoopSession
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
 from mailsys.retrieval import MailboxServerFactory
-from mailsys.transports import call_optional, send_now
 
 log = Logger(namespace="mailsys.pop3")
 
@@ -54,8 +53,6 @@ SMALL_MESSAGE = 256 * 1024
 STREAM_CHUNK = 64 * 1024
 # How much of the messages after the one being retrieved is read ahead (per session).
 READ_AHEAD_BYTES = 1024 * 1024
-# While a command waits, at most this much pipelined input is buffered before reading pauses.
-_MAX_BUFFER_WHILE_WAITING = 64 * 1024
 # RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
 _UIDL_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
 
@@ -337,7 +334,7 @@ class _MessageStream:
             self._session.run(self._file.close)
 
 
-class POP3Session(Protocol):
+class POP3Session(InputLoopSession):
     """One POP3 connection, from the greeting to QUIT (or a dropped connection).
 
     Input is buffered and handled one command at a time; a command whose answer needs the disk
@@ -347,22 +344,14 @@ class POP3Session(Protocol):
     """
 
     def __init__(self, factory: POP3ServerFactory) -> None:
+        super().__init__()
         self._factory = factory
         self._settings = factory.settings
         self._clock = factory.clock
         self._store = factory.store
-        self._buffer = b""
-        self._offset = 0
         self._state = _State.AUTHORIZATION
-        self._waiting = False
-        self._processing = False
-        self._unsent = False  # answers written since the input loop last sent them
-        self._reading_paused = False
         self._swallowing = False
-        self._closing = False
         self._admitted = False
-        self._disconnected = False
-        self._timer: IDelayedCall | None = None
         self._client_address = ""
         self._secure = False
         self._user: str | None = None  # from USER, waiting for PASS
@@ -454,43 +443,20 @@ class POP3Session(Protocol):
                  "deleted={deleted}", client=self._client_address, user=self._mailbox,
                  retrieved=len(self._retrieved), deleted=len(self._deleted))
 
+    # --- the input loop (mailsys.inputloop) ------------------------------------------------------
+
     @override
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._timer is not None:
-            self._timer.reset(self._settings.idle_timeout)
-        if self._offset < len(self._buffer):
-            self._buffer = self._buffer[self._offset:] + data
-        else:
-            self._buffer = data
-        self._offset = 0
-        if not self._waiting:
-            self._process()
-        elif len(self._buffer) > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
-            self._reading_paused = True
-            call_optional(self._transport, "pauseProducing")
+    def _idle_seconds(self) -> float:
+        return self._settings.idle_timeout
 
-    # --- the input loop ------------------------------------------------------------------------
+    @override
+    def _step(self) -> bool:
+        return self._line_step()
 
-    def _process(self) -> None:
-        """Handle buffered lines until input runs out, an answer is awaited, or we close."""
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while not self._waiting and not self._closing and self._line_step():
-                pass
-        except Exception:
-            # Never a traceback to the peer: log, say something safe, close cleanly.
-            log.failure("internal error in POP3 session with [{client}]",
-                        client=self._client_address)
-            self._internal_error()
-        finally:
-            self._processing = False
-        if self._unsent:
-            self._unsent = False
-            send_now(self._transport)  # the answers to this batch of commands, now
+    @override
+    def _step_failed(self) -> None:
+        log.failure("internal error in POP3 session with [{client}]", client=self._client_address)
+        self._internal_error()
 
     def _line_step(self) -> bool:
         buf = self._buffer
@@ -557,21 +523,13 @@ class POP3Session(Protocol):
     def _resume(self, answer: bytes) -> None:
         if self._disconnected:
             return
-        self._waiting = False
         self._reply(answer)
-        if self._reading_paused:
-            self._reading_paused = False
-            call_optional(self._transport, "resumeProducing")
-        if self._closing:
-            return
-        self._process()
+        self._continue()
 
     def _answer(self, data: bytes, *, error: bool = False) -> None:
         if self._disconnected:
             return
-        if data:
-            self._transport.write(data)
-            self._unsent = True
+        self._write(data)
         if error:
             self._errors += 1
             if self._errors >= self._settings.max_bad_commands and not self._closing:

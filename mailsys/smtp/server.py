@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
     ITLSTransport,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -43,19 +43,16 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.envelope import Envelope, Recipient
+from mailsys.inputloop import InputLoopSession
 from mailsys.interfaces import IMessageSink
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
 from mailsys.tls import TLSContextSource, describe_tls
-from mailsys.transports import call_optional, send_now
+from mailsys.transports import send_now
 
 log = Logger()
-
-# While a command waits for a Deferred, at most this much further input is buffered before the
-# transport is asked to stop reading (the client is pipelining far ahead of us).
-_MAX_BUFFER_WHILE_WAITING = 256 * 1024
 
 # Replies that count as client errors for max_bad_commands: unknown commands, syntax errors,
 # bad sequence, unsupported parameters (RFC 5321 §4.2.2).
@@ -170,32 +167,29 @@ def _rfc5322_date(when: float) -> str:
     return _last_date[1]
 
 
-class SMTPSession(Protocol):
+class SMTPSession(InputLoopSession):
     """One SMTP connection, from greeting to QUIT.
 
     Input is kept in ``_buffer`` from ``_offset`` on and processed strictly one command at a
-    time. A command whose answer is a Deferred (policy, spool) pauses processing; later commands
-    stay buffered until it fires, so replies always leave in command order (RFC 2920 §3). Replies
-    are collected in ``_out`` and written once per processed batch.
+    time (mailsys.inputloop). A command whose answer is a Deferred (policy, spool) pauses
+    processing; later commands stay buffered until it fires, so replies always leave in command
+    order (RFC 2920 §3). Replies are collected in ``_out`` and written once per processed batch.
     """
 
+    # While a command waits for a Deferred, at most this much further input is buffered before
+    # the transport is asked to stop reading (a client pipelining a message far ahead of us).
+    max_buffer_while_waiting = 256 * 1024
+
     def __init__(self, factory: SMTPServerFactory) -> None:
+        super().__init__()
         self._factory = factory
         self._settings = factory.settings
         self._policy = factory.policy
         self._sink = factory.sink
         self._clock = factory.clock
-        self._buffer = b""
-        self._offset = 0
         self._mode = _Mode.COMMAND
         self._out: list[bytes] = []
-        self._waiting = False  # a Deferred answer is outstanding
-        self._processing = False
-        self._reading_paused = False
-        self._closing = False
-        self._disconnected = False
         self._admitted = False
-        self._timer: IDelayedCall | None = None
         self._client_address = ""
         self._client = "[unknown]"
         self._connected_at = 0.0
@@ -279,51 +273,31 @@ class SMTPSession(Protocol):
                      messages=self._messages, errors=self._errors,
                      duration=round(self._clock.seconds() - self._connected_at, 3))
 
+    # --- the input loop (mailsys.inputloop) ------------------------------------------------------
+
     @override
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._timer is not None:
-            self._timer.reset(self._settings.idle_timeout)
-        if self._offset < len(self._buffer):
-            self._buffer = self._buffer[self._offset:] + data
-        else:
-            self._buffer = data
-        self._offset = 0
-        if not self._waiting:
-            self._process()
-        elif len(self._buffer) > _MAX_BUFFER_WHILE_WAITING and not self._reading_paused:
-            self._reading_paused = True
-            call_optional(self._transport, "pauseProducing")
+    def _idle_seconds(self) -> float:
+        return self._settings.idle_timeout
 
-    # --- the input loop ------------------------------------------------------------------------
+    @override
+    def _step(self) -> bool:
+        mode = self._mode
+        if mode is _Mode.COMMAND:
+            return self._command_step()
+        if mode is _Mode.DATA:
+            return self._data_step()
+        if mode is _Mode.BDAT:
+            return self._chunk_step()
+        return self._swallow_step()
 
-    def _process(self) -> None:
-        """Work through buffered input until it runs out, a Deferred is awaited, or we close."""
-        if self._processing:
-            return  # a Deferred fired synchronously inside the loop: the loop carries on
-        self._processing = True
-        try:
-            while not self._waiting and not self._closing:
-                mode = self._mode
-                if mode is _Mode.COMMAND:
-                    progressed = self._command_step()
-                elif mode is _Mode.DATA:
-                    progressed = self._data_step()
-                elif mode is _Mode.BDAT:
-                    progressed = self._chunk_step()
-                else:
-                    progressed = self._swallow_step()
-                if not progressed:
-                    break
-        except Exception:
-            # Never a traceback to the peer: log it, say something safe and close, because the
-            # input position may be inconsistent now.
-            log.failure("internal error in SMTP session with {client}", client=self._client)
-            self._out.append(_wire(replies.INTERNAL_ERROR_CLOSING))
-            self._closing = True
-        finally:
-            self._processing = False
+    @override
+    def _step_failed(self) -> None:
+        log.failure("internal error in SMTP session with {client}", client=self._client)
+        self._out.append(_wire(replies.INTERNAL_ERROR_CLOSING))
+        self._closing = True
+
+    @override
+    def _batch_done(self) -> None:
         self._flush()
 
     def _flush(self) -> None:
@@ -453,12 +427,8 @@ class SMTPSession(Protocol):
     def _resume(self, reply: Reply) -> None:
         if self._disconnected:
             return
-        self._waiting = False
         self._reply(reply)
-        if self._reading_paused:
-            self._reading_paused = False
-            call_optional(self._transport, "resumeProducing")
-        self._process()
+        self._continue()
 
     def _reply(self, reply: Reply) -> None:
         self._out.append(_wire(reply))
