@@ -424,16 +424,16 @@ class FolderView:
                     unchanged_since: int | None = None) -> Deferred[FlagResult]:
         """Set each message's flags, conditionally with ``unchanged_since`` (RFC 7162 §3.1.3).
 
-        The view takes the updated messages (names, flags, mod-sequences); messages that failed
-        the condition are left as the view knew them, so that a refresh reports their change.
+        The view takes every message's state as found (names, flags, mod-sequences): the
+        updated ones' and those that failed the condition, which the caller reports.
         """
         changes = list(changes)
 
         def done(result: FlagResult) -> FlagResult:
-            by_uid = {info.uid: info for info in result.updated}
+            by_uid = {info.uid: info for info in (*result.updated, *result.modified)}
             self.messages = [by_uid.get(info.uid, info) for info in self.messages]
-            self.highest_modseq = max([self.highest_modseq,
-                                       *(info.modseq for info in result.updated)])
+            self.highest_modseq = max([self.highest_modseq, *(
+                info.modseq for info in (*result.updated, *result.modified))])
             return result
 
         return self.store.pool.run(self.folder.store_flags, changes,
