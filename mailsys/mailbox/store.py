@@ -447,6 +447,9 @@ class FolderView:
             gone = set(deleted)
             self.messages = [info for info in self.messages if info.uid not in gone]
             if deleted:
+                # RFC 7162 §3.1.2.1: the expunge raised HIGHESTMODSEQ by at least one; the
+                # view claims no more than that until its next refresh.
+                self.highest_modseq += 1
                 self.store.notify_changed(self.mailbox, self.name)
             return deleted
 

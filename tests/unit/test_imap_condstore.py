@@ -91,6 +91,17 @@ def test_status_highestmodseq_grows_on_expunge(server: Server) -> None:
     assert highest(other.select()) > before
 
 
+def test_own_expunge_raises_highestmodseq_of_the_selected_mailbox(server: Server) -> None:
+    """STATUS of the selected mailbox reports a higher HIGHESTMODSEQ after its own EXPUNGE."""
+    client = filled(server, 2)
+    client.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
+    before = int(re.findall(r"HIGHESTMODSEQ (\d+)", client.ok("STATUS INBOX (HIGHESTMODSEQ)"))[0])
+    client.ok("EXPUNGE")
+    after = int(re.findall(r"HIGHESTMODSEQ (\d+)", client.ok("STATUS INBOX (HIGHESTMODSEQ)"))[0])
+    assert after > before
+    assert after <= highest(session(server).select())
+
+
 def test_fetch_modseq_item(server: Server) -> None:
     """FETCH MODSEQ gives each message's mod-sequence, none above HIGHESTMODSEQ."""
     client = filled(server, 3)
