@@ -49,9 +49,11 @@ def wants_response(options: frozenset[str]) -> bool:
     return options != {"SAVE"}
 
 
-def response(tag: bytes, options: frozenset[str], numbers: list[int], *, uid: bool) -> bytes:
-    """``* ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set`` (RFC 4731 §3.1: MIN, MAX and
-    ALL are left out when nothing matched; COUNT is then 0)."""
+def response(tag: bytes, options: frozenset[str], numbers: list[int], *, uid: bool,
+             modseq: int | None = None) -> bytes:
+    """``* ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set [MODSEQ m]`` (RFC 4731 §3.1: MIN,
+    MAX and ALL are left out when nothing matched; COUNT is then 0). ``modseq`` is given for a
+    search with a MODSEQ key that matched something (RFC 7162 §3.1.5, see ``reported``)."""
     out = [b"* ESEARCH (TAG " + quoted(tag) + b")"]
     if uid:
         out.append(b"UID")
@@ -64,4 +66,19 @@ def response(tag: bytes, options: frozenset[str], numbers: list[int], *, uid: bo
         out.append(b"ALL " + number_set(ordered))
     if "COUNT" in options:
         out.append(b"COUNT %d" % len(ordered))
+    if modseq is not None and ordered:
+        out.append(b"MODSEQ %d" % modseq)
     return b" ".join(out) + b"\r\n"
+
+
+def reported(options: frozenset[str], numbers: list[int]) -> list[int]:
+    """The matches whose highest mod-sequence an ESEARCH answer reports (RFC 7162 §3.1.5 with
+    RFC 4731): all of them with ALL or COUNT, else only the MIN and/or MAX message."""
+    if not numbers or options & {"ALL", "COUNT"} or not options & {"MIN", "MAX"}:
+        return numbers
+    kept = []
+    if "MIN" in options:
+        kept.append(min(numbers))
+    if "MAX" in options:
+        kept.append(max(numbers))
+    return kept

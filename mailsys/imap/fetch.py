@@ -2,9 +2,10 @@
 the FETCH response of one message (§7.4.2).
 
 Attributes are sorted by what they need: nothing but the UID list (UID, FLAGS, INTERNALDATE,
-RFC822.SIZE — answered from file names and stat, no message is opened), the header (ENVELOPE,
-HEADER sections: only the start of the file is read) or the whole message. Bodies are sent in
-wire form (CRLF), always as literals, so every size is exact whatever bytes a message holds.
+RFC822.SIZE, MODSEQ — answered from file names, stat and the UID file, no message is opened),
+the header (ENVELOPE, HEADER sections: only the start of the file is read) or the whole message.
+Bodies are sent in wire form (CRLF), always as literals, so every size is exact whatever bytes a
+message holds.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ _SIMPLE = {
     "UID": Need.NOTHING, "FLAGS": Need.NOTHING, "INTERNALDATE": Need.NOTHING,
     "RFC822.SIZE": Need.NOTHING, "ENVELOPE": Need.HEADER, "RFC822.HEADER": Need.HEADER,
     "BODYSTRUCTURE": Need.WHOLE, "BODY": Need.WHOLE, "RFC822": Need.WHOLE,
-    "RFC822.TEXT": Need.WHOLE,
+    "RFC822.TEXT": Need.WHOLE, "MODSEQ": Need.NOTHING,
 }
 # RFC 3501 §6.4.5 macros.
 _MACROS = {
@@ -211,6 +212,8 @@ def render(seq: int, info: MessageInfo, items: list[FetchItem], flags: Callable[
                 out.append(b"INTERNALDATE " + internal_date(info.internal_date))
             elif name == "RFC822.SIZE":
                 out.append(b"RFC822.SIZE %d" % info.wire_size)
+            elif name == "MODSEQ":
+                out.append(b"MODSEQ (%d)" % info.modseq)  # RFC 7162 §3.1.4.2
             elif name == "RFC822" and data is not None:
                 out.append(b"RFC822 " + literal(data))
             else:
@@ -261,6 +264,7 @@ _META: dict[str, tuple[bytes, Callable[[MessageInfo, bytes], int | bytes]]] = {
     "FLAGS": (b"FLAGS (%s)", lambda info, flags: flags),
     "INTERNALDATE": (b"INTERNALDATE %s", lambda info, flags: internal_date(info.internal_date)),
     "RFC822.SIZE": (b"RFC822.SIZE %d", lambda info, flags: info.wire_size),
+    "MODSEQ": (b"MODSEQ (%d)", lambda info, flags: info.modseq),
 }
 
 

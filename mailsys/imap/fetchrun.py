@@ -34,14 +34,19 @@ class FetchRun:
 
     def __init__(self, session: IMAPSession, selected: Selected,
                  targets: list[tuple[int, MessageInfo]], items: list[fetching.FetchItem],
-                 *, with_uid: bool) -> None:
+                 *, with_uid: bool, report_modseq: bool = False) -> None:
         self._session = session
         self._selected = selected
         self._items = items
         self._with_uid = with_uid
         self._need = fetching.need_of(items)
         self._set_seen = not selected.readonly and any(item.sets_seen for item in items)
-        self._with_flags = [*items, fetching.FetchItem("FLAGS")]
+        # RFC 3501 §6.4.5: a \Seen change is reported with FLAGS; RFC 7162 §3.1: with
+        # CONDSTORE on, with UID and MODSEQ too.
+        reported = ["UID", "FLAGS", "MODSEQ"] if report_modseq else ["FLAGS"]
+        present = {item.name for item in items if item.section is None}
+        self._with_flags = [*items, *(fetching.FetchItem(name) for name in reported
+                                      if name not in present)]
         self._fast = fetching.metadata_renderer(items, with_uid=with_uid)
         self._batches = self._split(targets)
         self._loaded: dict[int, list[bytes | None]] = {}
@@ -152,8 +157,8 @@ class FetchRun:
         out = []
         for seq, info, body in present:
             items = self._items
-            if info.uid in newly_seen and not any(i.name == "FLAGS" for i in items):
-                items = self._with_flags  # RFC 3501 §6.4.5: the \Seen change is reported
+            if info.uid in newly_seen:
+                items = self._with_flags  # the \Seen change is reported
             try:
                 out.append(fetching.render(seq, info, items,
                                            functools.partial(selected.flags, info), body,

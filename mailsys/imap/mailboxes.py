@@ -27,7 +27,6 @@ from mailsys.imap.names import (
 from mailsys.imap.parser import ParseError, Reader
 from mailsys.imap.responses import tagged, untagged
 from mailsys.mailbox import hierarchy
-from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError, MailboxStore
 
@@ -35,7 +34,9 @@ if TYPE_CHECKING:
     from mailsys.imap.session import Selected
 
 OK, NO = b"OK", b"NO"
-STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE")
+# RFC 3501 §6.3.10, RFC 9051 (DELETED, SIZE), RFC 7162 §3.1.7 (HIGHESTMODSEQ).
+STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE",
+                "HIGHESTMODSEQ")
 
 
 class MailboxCommands:
@@ -50,6 +51,10 @@ class MailboxCommands:
     _deselect: Callable[[], None]
     _notify: Callable[[str], None]
     _mailbox_name: Callable[[Reader], str]
+
+    def _condstore_used(self) -> None:
+        """A CONDSTORE-enabling command was seen (IMAPSession)."""
+        raise NotImplementedError
 
     @property
     def rev2(self) -> bool:
@@ -288,6 +293,8 @@ class MailboxCommands:
         for item in items:
             if item not in STATUS_ITEMS:
                 raise ParseError(f"Unknown STATUS item {item[:20]}")
+        if "HIGHESTMODSEQ" in items:
+            self._condstore_used()  # RFC 7162 §3.1: a CONDSTORE-enabling command
         return items
 
     def _do_status(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
@@ -311,14 +318,15 @@ class MailboxCommands:
     def _status_line(self, name: str, items: list[str]) -> Deferred[bytes]:
         assert self._mailbox is not None
 
-        def render(messages: list[MessageInfo], uidnext: int, uidvalidity: int,
-                   recent: int) -> bytes:
+        def render(view: FolderView, recent: int) -> bytes:
+            messages = view.messages
             values = {
-                "MESSAGES": len(messages), "RECENT": recent, "UIDNEXT": uidnext,
-                "UIDVALIDITY": uidvalidity,
+                "MESSAGES": len(messages), "RECENT": recent, "UIDNEXT": view.uidnext,
+                "UIDVALIDITY": view.uidvalidity,
                 "UNSEEN": sum(1 for info in messages if SEEN not in info.flags),
                 "DELETED": sum(1 for info in messages if TRASHED in info.flags),
                 "SIZE": sum(info.wire_size for info in messages),
+                "HIGHESTMODSEQ": view.highest_modseq,
             }
             body = " ".join(f"{item} {values[item]}" for item in items)
             return (b"* STATUS " + encode_name(name, utf8=self.utf8) + b" ("
@@ -326,12 +334,9 @@ class MailboxCommands:
 
         selected = self._selected
         if selected is not None and selected.view.name == name:
-            view = selected.view
-            return succeed(render(view.messages, view.uidnext, view.uidvalidity,
-                                  len(selected.recent)))
+            return succeed(render(selected.view, len(selected.recent)))
 
         def opened(view: FolderView) -> bytes:
-            return render(view.messages, view.uidnext, view.uidvalidity,
-                          sum(1 for info in view.messages if info.recent))
+            return render(view, sum(1 for info in view.messages if info.recent))
 
         return self._store.open_folder(self._mailbox, name).addCallback(opened)

@@ -178,6 +178,30 @@ class Recent(Key):
 
 
 @dataclass
+class ModSeq(Key):
+    """RFC 7162 §3.1.5: the message's mod-sequence is at least ``value``. Every metadata item
+    of a message shares its mod-sequence, so the entry name and type are read and ignored."""
+
+    value: int
+
+    def match(self, message: Candidate, context: Context) -> bool:
+        return message.info.modseq >= self.value
+
+
+def uses_modseq(key: Key) -> bool:
+    """True if the program has a MODSEQ key (RFC 7162 §3.1.5: the answer then reports one)."""
+    if isinstance(key, ModSeq):
+        return True
+    if isinstance(key, All):
+        return any(uses_modseq(k) for k in key.keys)
+    if isinstance(key, Or):
+        return uses_modseq(key.left) or uses_modseq(key.right)
+    if isinstance(key, Not):
+        return uses_modseq(key.key)
+    return False
+
+
+@dataclass
 class Everything(Key):
     def match(self, message: Candidate, context: Context) -> bool:
         return True
@@ -419,6 +443,16 @@ def _key(reader: Reader, uid: bool) -> Key:
     if name == "UID":
         reader.space()
         return Sequence(reader.sequence_set(), uid=True)
+    if name == "MODSEQ":
+        # RFC 7162 §3.1.5: MODSEQ [entry-name SP entry-type-req SP] mod-sequence-valzer
+        reader.space()
+        if reader.peek_is(b'"'):
+            reader.quoted()
+            reader.space()
+            if reader.atom().lower() not in (b"priv", b"shared", b"all"):
+                raise ParseError("Expected priv, shared or all")
+            reader.space()
+        return ModSeq(reader.number())
     if name == "NOT":
         reader.space()
         return Not(_key(reader, uid))

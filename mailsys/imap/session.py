@@ -10,6 +10,11 @@ A client that sends ENABLE IMAP4rev2 gets RFC 9051 behaviour from then on: no RE
 \Recent, SELECT with a LIST response and OK [CLOSED], ESEARCH answers, UTF-8 mailbox names
 (also after ENABLE UTF8=ACCEPT, RFC 6855). Everything else is the same engine for both.
 
+CONDSTORE (RFC 7162 §3.1) is turned on by ENABLE CONDSTORE or the first command that uses it
+(SELECT/EXAMINE (CONDSTORE), STATUS HIGHESTMODSEQ, FETCH MODSEQ or CHANGEDSINCE, STORE
+UNCHANGEDSINCE, SEARCH MODSEQ): from then on SELECT reports HIGHESTMODSEQ and every FETCH
+response about a flag change carries UID and MODSEQ. The mod-sequences are the store's.
+
 IMAP sessions never take the POP3 maildrop lock (RFC 1939 §8): RFC 3501 lets several sessions
 share a mailbox, and the store's per-folder locks keep UIDs and flags consistent while a POP3
 session holds its lock. A POP3 session's deletions then reach IMAP sessions as EXPUNGEs.
@@ -73,7 +78,7 @@ from mailsys.imap.responses import (
     untagged,
 )
 from mailsys.inputloop import InputLoopSession
-from mailsys.mailbox.folder import Folder, MessageInfo
+from mailsys.mailbox.folder import FlagResult, Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import (
@@ -94,7 +99,7 @@ _DATE_TIME = re.compile(
 
 OK, NO, BAD = b"OK", b"NO", b"BAD"
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
-_ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT"}
+_ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
 
 
 
@@ -514,7 +519,7 @@ class IMAPSession(MailboxCommands, InputLoopSession):
         else:
             caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
                      "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
-                     "UTF8=ACCEPT", "STATUS=SIZE",
+                     "UTF8=ACCEPT", "STATUS=SIZE", "CONDSTORE",
                      f"APPENDLIMIT={self._settings.max_literal_size}"]
         return " ".join(caps)
 
@@ -529,6 +534,25 @@ class IMAPSession(MailboxCommands, InputLoopSession):
     def utf8(self) -> bool:
         """Mailbox names travel in UTF-8 (RFC 9051 §5.1, RFC 6855 §3), not modified UTF-7."""
         return self.rev2 or "UTF8=ACCEPT" in self._enabled
+
+    @property
+    def condstore(self) -> bool:
+        """A CONDSTORE-enabling command was seen (RFC 7162 §3.1)."""
+        return "CONDSTORE" in self._enabled
+
+    @override
+    def _condstore_used(self) -> None:
+        """A CONDSTORE-enabling command: turn CONDSTORE on for the rest of the connection.
+
+        RFC 7162 §3.1: when that happens with a mailbox selected, the client is told the
+        mailbox's HIGHESTMODSEQ at once (a SELECT (CONDSTORE) reports it itself).
+        """
+        if self.condstore:
+            return
+        self._enabled.add("CONDSTORE")
+        if self._selected is not None:
+            self.write(untagged(b"OK [HIGHESTMODSEQ %d] Highest"
+                                % self._selected.view.highest_modseq))
 
     def _mailbox_name(self, reader: Reader) -> str:
         """A mailbox argument as the store names it (modified UTF-7 or UTF-8 decoded)."""
@@ -742,9 +766,16 @@ class IMAPSession(MailboxCommands, InputLoopSession):
     def _open(self, tag: bytes, reader: Reader, readonly: bool) -> Deferred[bytes]:
         reader.space()
         name = self._mailbox_name(reader)
+        condstore = False
         if reader.accept(b" "):
-            reader.paren_list(reader.atom)  # select parameters (RFC 4466): none we act on
+            # RFC 4466 select parameters; RFC 7162 §3.1.8: CONDSTORE is the one we know.
+            for parameter in reader.paren_list(reader.atom):
+                if parameter.upper() != b"CONDSTORE":
+                    raise ParseError("Unknown SELECT parameter")
+                condstore = True
         reader.end()
+        if condstore:
+            self._enabled.add("CONDSTORE")
         # RFC 3501 §6.3.1: SELECT first deselects; a failed SELECT leaves none selected.
         if self._selected is not None and self.rev2:
             # RFC 9051 §7.1: the previous mailbox's updates end here.
@@ -786,6 +817,9 @@ class IMAPSession(MailboxCommands, InputLoopSession):
                     out.append(untagged(b"OK [UNSEEN %d] First unseen" % unseen))
             out.append(untagged(b"OK [UIDVALIDITY %d] UIDs valid" % view.uidvalidity))
             out.append(untagged(b"OK [UIDNEXT %d] Predicted next UID" % view.uidnext))
+            if self.condstore:
+                # RFC 7162 §3.1.2.1.
+                out.append(untagged(b"OK [HIGHESTMODSEQ %d] Highest" % view.highest_modseq))
             self.write(b"".join(out))
             log.info("imap {verb} {user} {folder} messages={count}", verb=verb,
                      user=mailbox, folder=view.name, count=len(view.messages))
@@ -883,8 +917,7 @@ class IMAPSession(MailboxCommands, InputLoopSession):
                 for info in changes.flags_changed:
                     position = selected.position(info.uid)
                     if position is not None:
-                        lines.append(b"* %d FETCH (UID %d FLAGS (%s))\r\n" % (
-                            position + 1, info.uid, selected.flags(info)))
+                        lines.append(self._flags_response(position + 1, info, uid=True))
                 self.write(b"".join(lines))
 
             if not unknown:
@@ -911,6 +944,17 @@ class IMAPSession(MailboxCommands, InputLoopSession):
             self._close()
 
         return selected.view.refresh().addCallback(refreshed).addErrback(failed)
+
+    def _flags_response(self, seq: int, info: MessageInfo, *, uid: bool) -> bytes:
+        """``* seq FETCH ([UID u] FLAGS (...) [MODSEQ (m)])`` for a flag change; RFC 7162 §3.1:
+        with CONDSTORE on, UID and MODSEQ are always in it."""
+        selected = self._selected
+        assert selected is not None
+        if not self.condstore:
+            uid_part = b"UID %d " % info.uid if uid else b""
+            return b"* %d FETCH (%sFLAGS (%s))\r\n" % (seq, uid_part, selected.flags(info))
+        return b"* %d FETCH (UID %d FLAGS (%s) MODSEQ (%d))\r\n" % (
+            seq, info.uid, selected.flags(info), info.modseq)
 
     # --- IDLE (RFC 2177) ------------------------------------------------------------------------
 
@@ -1058,16 +1102,25 @@ class IMAPSession(MailboxCommands, InputLoopSession):
         numbers = reader.sequence_set()
         reader.space()
         items = fetching.parse_fetch_items(reader)
+        changed_since = None
         if reader.accept(b" "):
-            reader.paren_list(reader.atom)  # fetch modifiers (RFC 4466): none we act on
+            changed_since = _modifier(reader, b"CHANGEDSINCE")  # RFC 7162 §3.1.4.1
         reader.end()
         selected = self._selected
         assert selected is not None
+        modseq = fetching.FetchItem("MODSEQ")
+        if changed_since is not None and modseq not in items:
+            items = [*items, modseq]  # RFC 7162 §3.1.4.1: MODSEQ is implied
+        if modseq in items:
+            self._condstore_used()
         targets = self._targets(numbers, uid)
+        if changed_since is not None:
+            targets = [(n, info) for n, info in targets if info.modseq > changed_since]
         verb = "UID FETCH" if uid else "FETCH"
         if not targets:
             return tagged(tag, OK, f"{verb} completed")
-        run = FetchRun(self, selected, targets, items, with_uid=uid)
+        run = FetchRun(self, selected, targets, items, with_uid=uid,
+                       report_modseq=self.condstore)
 
         def done(complete: bool) -> bytes:
             if run.unknown_cte:
@@ -1084,8 +1137,9 @@ class IMAPSession(MailboxCommands, InputLoopSession):
         reader.space()
         numbers = reader.sequence_set()
         reader.space()
+        unchanged_since = None
         if reader.peek_is(b"("):
-            reader.paren_list(reader.atom)  # store modifiers (RFC 4466): none we act on
+            unchanged_since = _modifier(reader, b"UNCHANGEDSINCE")  # RFC 7162 §3.1.3
             reader.space()
         action = reader.atom().upper()
         mode = action.lstrip(b"+-")
@@ -1110,6 +1164,8 @@ class IMAPSession(MailboxCommands, InputLoopSession):
             letters, keywords = split_flags(f.decode("utf-8", "replace") for f in raw)
         except FlagError:
             raise ParseError("Invalid flag") from None
+        if unchanged_since is not None:
+            self._condstore_used()
         targets = self._targets(numbers, uid)
         if not targets:
             return tagged(tag, OK, f"{verb} completed")
@@ -1136,27 +1192,46 @@ class IMAPSession(MailboxCommands, InputLoopSession):
                     flags = wanted | unknown
                 changes.append((info, flags))
 
-            def stored(updated: list[MessageInfo]) -> bytes:
-                if any(new.flags != old.flags for (old, _), new in
-                       zip(changes, updated, strict=False)):
+            def stored(result: FlagResult) -> bytes:
+                before = {info.uid: info for _, info in targets}
+                if any(new.modseq != before[new.uid].modseq for new in result.updated):
                     self._notify(view.name)
-                present = {info.uid: info for info in updated}
+                present = {info.uid: info for info in result.updated}
+                refused = {info.uid: info for info in result.modified}
                 lines = []
                 for _, info in targets:
                     now = present.get(info.uid)
-                    if now is None:
-                        continue
                     position = selected.position(info.uid)
-                    if not silent and position is not None:
-                        uid_part = b"UID %d " % now.uid if uid else b""
-                        lines.append(b"* %d FETCH (%sFLAGS (%s))\r\n" % (
-                            position + 1, uid_part, selected.flags(now)))
+                    if position is None:
+                        continue
+                    if now is None:
+                        current = refused.get(info.uid)
+                        if current is not None and (current.modseq != info.modseq
+                                                    or current.flags != info.flags):
+                            # Changed since the session last said: the view now has the
+                            # current state, so the client hears of it here.
+                            lines.append(self._flags_response(position + 1, current, uid=True))
+                        continue
+                    if not silent:
+                        lines.append(self._flags_response(position + 1, now, uid=uid))
+                    elif self.condstore and now.modseq != info.modseq:
+                        # RFC 7162 §3.1.3: even .SILENT tells the new mod-sequence.
+                        lines.append(b"* %d FETCH (UID %d MODSEQ (%d))\r\n" % (
+                            position + 1, now.uid, now.modseq))
                 self.write(b"".join(lines))
+                if refused:
+                    # RFC 7162 §3.1.3: the messages that failed UNCHANGEDSINCE, as UIDs for
+                    # UID STORE and as sequence numbers for STORE.
+                    numbers = sorted(info.uid if uid else n for n, info in targets
+                                     if info.uid in refused)
+                    return tagged(tag, OK, "Conditional STORE failed",
+                                  f"MODIFIED {number_set(numbers).decode()}")
                 if len(present) < len(targets):
                     return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
                 return tagged(tag, OK, f"{verb} completed")
 
-            return view.set_flags(changes).addCallback(stored)
+            return view.store_flags(changes, unchanged_since=unchanged_since).addCallback(
+                stored)
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(TooManyKeywordsError):
@@ -1187,6 +1262,9 @@ class IMAPSession(MailboxCommands, InputLoopSession):
             raise
         if returns is None and self.rev2:
             returns = esearch.DEFAULT  # RFC 9051 §6.4.4: the answer is always ESEARCH
+        with_modseq = searching.uses_modseq(key)
+        if with_modseq:
+            self._condstore_used()
         messages = selected.view.messages
         recent = selected.recent
         need = key.need
@@ -1198,13 +1276,19 @@ class IMAPSession(MailboxCommands, InputLoopSession):
 
         def answer(found: list[searching.Candidate]) -> bytes:
             numbers = [c.info.uid if uid else c.seq for c in found]
+            modseqs = {n: c.info.modseq for n, c in zip(numbers, found, strict=True)}
             if returns is None:
-                self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+                # RFC 7162 §3.1.6: with a MODSEQ key, the highest mod-sequence of the matches.
+                tail = (b" (MODSEQ %d)" % max(modseqs.values())
+                        if with_modseq and numbers else b"")
+                self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + tail + b"\r\n")
             else:
                 if "SAVE" in returns:
                     selected.saved = esearch.saved(returns, [c.info.uid for c in found])
                 if esearch.wants_response(returns):
-                    self.write(esearch.response(tag, returns, numbers, uid=uid))
+                    highest = (max(modseqs[n] for n in esearch.reported(returns, numbers))
+                               if with_modseq and numbers else None)
+                    self.write(esearch.response(tag, returns, numbers, uid=uid, modseq=highest))
             return tagged(tag, OK, "UID SEARCH completed" if uid else "SEARCH completed")
 
         if need is fetching.Need.NOTHING:
@@ -1306,6 +1390,18 @@ class IMAPSession(MailboxCommands, InputLoopSession):
 
         return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
             copied, failed)
+
+
+def _modifier(reader: Reader, name: bytes) -> int:
+    """A one-modifier list ``(NAME n)`` (RFC 4466 fetch/store modifiers; RFC 7162 §3.1.3 and
+    §3.1.4.1 define UNCHANGEDSINCE and CHANGEDSINCE, whose value may be 0)."""
+    reader.expect(b"(")
+    if reader.atom().upper() != name:
+        raise ParseError(f"Expected {name.decode()}")
+    reader.space()
+    value = reader.number()
+    reader.expect(b")")
+    return value
 
 
 def _has_keyword(keywords: list[str], letter: str) -> bool:

@@ -10,6 +10,11 @@ When a session first sees a message in new/, sync() gives it the next UID, recor
 file and moves it to ``cur/<key>,S=<size>,W=<wiresize>,U=<uid>:2,<flags>``, so that the size,
 the wire size and the UID can be read from the name alone, and a lost UID file is rebuilt from
 the names without changing any UID.
+
+Every message also has a mod-sequence (RFC 7162 §3.1), kept in the UID file with the flags it was
+given for: a flag change through set_flags/store_flags, a flag change by another program (noticed
+by the next sync as a name whose flags differ from the recorded ones), a new message and an
+expunge each take the next value of the folder's HIGHESTMODSEQ, so it only ever grows.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from twisted.logger import Logger
 from mailsys.diskio import fsync_directory
 from mailsys.mailbox.names import MaildirName, format_base, parse_name, render_flags
 from mailsys.mailbox.uidlist import (
+    MAX_MODSEQ,
     MAX_UID,
+    MODSEQ_RESERVE,
     UIDLIST_NAME,
     CorruptUidListError,
+    Floor,
     UidEntry,
     UidList,
     read_uidlist,
@@ -68,6 +76,7 @@ class MessageInfo:
     flags: frozenset[str]  # Maildir flag letters (mailsys.mailbox.names)
     internal_date: float  # the file's mtime: when it was delivered (IMAP INTERNALDATE)
     recent: bool = False  # this sync moved it out of new/ (IMAP \\Recent)
+    modseq: int = 0  # RFC 7162 §3.1: given at its last flag change (or arrival)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,16 @@ class SyncResult:
     messages: tuple[MessageInfo, ...]  # in UID order
     rebuilt: str | None = None  # why the UID file had to be rebuilt, if it was
     new_uidvalidity: bool = False  # UIDs could not be kept: a new UIDVALIDITY was chosen
+    highest_modseq: int = 1  # RFC 7162 §3.1.2.1 HIGHESTMODSEQ
+
+
+@dataclass(frozen=True)
+class FlagResult:
+    """What store_flags did."""
+
+    updated: tuple[MessageInfo, ...]  # now carrying the requested flags (with their modseq)
+    modified: tuple[MessageInfo, ...]  # failed UNCHANGEDSINCE: left as they are (RFC 7162 §3.1.3)
+    highest_modseq: int
 
 
 _process_locks: dict[str, threading.Lock] = {}
@@ -295,7 +314,9 @@ class Folder:
                 # sessions move every message they number into cur/.
                 uids = UidList(new_uidvalidity(None, self._clock()), 1)
             elif damage is None and floor is not None and not found:
-                uids = UidList(floor[0], floor[1])  # emptied folder whose UID file was lost
+                # An emptied folder whose UID file was lost.
+                uids = UidList(floor[0], floor[1],
+                               highest_modseq=self._modseq_start(floor, None))
             else:
                 rebuilt = damage or "UID file missing"
                 uids, renumbered = self._rebuild(uids, found)
@@ -308,6 +329,9 @@ class Folder:
         old_entries = uids.entries
         entries: dict[str, UidEntry] = {}
         unknown: list[_Found] = []
+        highest = uids.highest_modseq
+        if highest < 1:
+            highest, changed = 1, True  # a version 1 file: mod-sequences start here
         for key, item in found.items():
             entry = old_entries.get(key)
             if entry is None:
@@ -315,27 +339,55 @@ class Folder:
                 continue
             if entry.size != item.size:
                 # The file changed under its name (edited by hand): its wire size is stale.
-                entry = UidEntry(entry.uid, item.size, self._wire_size(item))
+                entry = replace(entry, size=item.size, wire_size=self._wire_size(item))
+                changed = True
+            if entry.flags != item.parsed.flags:
+                # RFC 7162 §3.1: another program renamed the file (a flag change we did not
+                # make), or its flags were never recorded: it gets a new mod-sequence.
+                highest += 1
+                entry = replace(entry, modseq=highest, flags=item.parsed.flags)
                 changed = True
             entries[key] = entry
         if len(entries) != len(old_entries):
             changed = True  # some messages were expunged by someone else
+            highest += 1  # RFC 7162 §3.1.2.1: HIGHESTMODSEQ grows on expunge too
         unknown.sort(key=lambda item: (item.mtime, item.name))
         uidnext = uids.uidnext
         for item in unknown:
             if uidnext > MAX_UID:  # pragma: no cover - 4 billion messages in one folder
                 raise OSError(errno.EOVERFLOW, "UIDs exhausted", os.fspath(self.path))
-            entries[item.parsed.key] = UidEntry(uidnext, item.size, self._wire_size(item))
+            highest += 1
+            entries[item.parsed.key] = UidEntry(uidnext, item.size, self._wire_size(item),
+                                                highest, item.parsed.flags)
             uidnext += 1
             changed = True
-        state = UidList(uids.uidvalidity, uidnext, entries)
+        if highest > MAX_MODSEQ:  # pragma: no cover - 2**63 changes
+            raise OSError(errno.EOVERFLOW, "mod-sequences exhausted", os.fspath(self.path))
+        state = UidList(uids.uidvalidity, uidnext, entries, highest_modseq=highest)
         # Renames first, then the UID file: should we crash in between, the keys still match
         # the files, and no UID of this sync has been shown to anyone yet.
         self._unembedded = False
         messages = self._settle(state, found)
         if changed:
             self._write(state, messages)
-        return SyncResult(state.uidvalidity, state.uidnext, messages, rebuilt, renumbered)
+        return SyncResult(state.uidvalidity, state.uidnext, messages, rebuilt, renumbered,
+                          state.highest_modseq)
+
+    def _modseq_start(self, floor: Floor | None, damaged: UidList | None) -> int:
+        """Where the mod-sequences of a rebuilt UID file resume: above any a client saw.
+
+        A readable header's HIGHESTMODSEQ is the last one written; the side file's ceiling is
+        above every value ever given. With neither, the clock in microseconds is (counters
+        start at 1 and grow by one per change, far slower).
+        """
+        known = [1]
+        if damaged is not None:
+            known.append(damaged.highest_modseq)
+        if floor is not None and floor.modseq_ceiling is not None:
+            known.append(floor.modseq_ceiling)
+        elif damaged is None:
+            known.append(int(self._clock() * 1_000_000))
+        return min(max(known), MAX_MODSEQ)
 
     def _rebuild(self, damaged: UidList | None, found: dict[str, _Found]) -> tuple[UidList, bool]:
         """A UID list for ``found`` keeping every UID still known; True if renumbered.
@@ -367,7 +419,12 @@ class Folder:
         for uid, keys in owners.items():
             if len(keys) == 1 and 0 < uid <= MAX_UID:
                 item = found[keys[0]]
-                entries[keys[0]] = UidEntry(uid, item.size, self._wire_size(item))
+                old = damaged.entries.get(keys[0]) if damaged is not None else None
+                # A readable line keeps its mod-sequence and recorded flags; a UID known only
+                # from a name gets a new mod-sequence in sync (flags None).
+                entries[keys[0]] = UidEntry(
+                    uid, item.size, self._wire_size(item),
+                    old.modseq if old is not None else 0, old.flags if old is not None else None)
         renumbered = uidvalidity is None
         if renumbered:
             previous = floor[0] if floor is not None else None
@@ -375,7 +432,8 @@ class Folder:
         assert uidvalidity is not None
         if entries:
             uidnext = max(uidnext, max(entry.uid for entry in entries.values()) + 1)
-        return UidList(uidvalidity, uidnext, entries), renumbered
+        return UidList(uidvalidity, uidnext, entries,
+                       highest_modseq=self._modseq_start(floor, damaged)), renumbered
 
     def _settle(self, state: UidList, found: dict[str, _Found]) -> tuple[MessageInfo, ...]:
         """Move new/ messages into cur/ and give every name its ``,U=``; return the messages."""
@@ -402,7 +460,7 @@ class Folder:
                     self._unembedded = True
             messages.append(MessageInfo(
                 uid=entry.uid, key=key, name=name, size=item.size, wire_size=entry.wire_size,
-                flags=parsed.flags, internal_date=item.mtime, recent=recent,
+                flags=parsed.flags, internal_date=item.mtime, recent=recent, modseq=entry.modseq,
             ))
         messages.sort(key=lambda info: info.uid)
         return tuple(messages)
@@ -452,16 +510,23 @@ class Folder:
         except FileNotFoundError:
             return item.size
 
-    def _write(self, state: UidList, messages: tuple[MessageInfo, ...]) -> None:
-        """Write the UID file; also the side file when the names could not restore UIDNEXT."""
+    def _write(self, state: UidList, messages: tuple[MessageInfo, ...] | None) -> None:
+        """Write the UID file; also the side file when the names could not restore UIDNEXT
+        (``messages``: the sync's; None when the UIDs did not change) or HIGHESTMODSEQ has
+        reached the side file's mod-sequence ceiling."""
         floor = read_uidvalidity_floor(self.path)
         need_floor = floor is None or floor[0] != state.uidvalidity
-        if not need_floor and floor is not None and floor[1] < state.uidnext:
+        if (messages is not None and not need_floor and floor is not None
+                and floor[1] < state.uidnext):
             # A rebuild from the names alone sets UIDNEXT past the highest ,U= it finds. If no
             # name carries the highest UID ever given (it was expunged), the floor must.
             top = max((info.uid for info in messages), default=0)
             need_floor = top + 1 < state.uidnext or self._unembedded
-        write_state(self.path, state, floor=need_floor)
+        ceiling = floor.modseq_ceiling if floor is not None else None
+        if ceiling is None or state.highest_modseq >= ceiling:
+            ceiling = min(state.highest_modseq + MODSEQ_RESERVE, MAX_MODSEQ)
+            need_floor = True
+        write_state(self.path, state, floor=need_floor, modseq_ceiling=ceiling)
         _remember_uidlist(os.fspath(self.path), state)
 
     # --- reading and changing messages ----------------------------------------------------------
@@ -514,26 +579,83 @@ class Folder:
 
         Messages expunged meanwhile are left out of the result.
         """
-        updated = []
+        return list(self.store_flags(changes).updated)
+
+    def store_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]], *,
+                    unchanged_since: int | None = None) -> FlagResult:
+        """Give each message its new flag set (a rename in cur/) and a new mod-sequence.
+
+        With ``unchanged_since`` (RFC 7162 §3.1.3 UNCHANGEDSINCE) a message whose mod-sequence
+        is higher is left alone and listed as modified. The check and the change happen under
+        the folder's lock, against the UID file and the file's current name, so a change by
+        another session or program since this session's last sync counts. A message whose
+        flags already are the requested ones keeps its mod-sequence. Messages expunged
+        meanwhile are in neither list.
+        """
+        changes = list(changes)
+        updated: list[MessageInfo] = []
+        modified: list[MessageInfo] = []
         cur = f"{self.path}/cur/"
         with self.locked():
+            state = self._recorded_state([info.key for info, _ in changes])
+            entries = state.entries
+            highest = state.highest_modseq
             for info, flags in changes:
-                if flags == info.flags:
-                    updated.append(info)
-                    continue
-                path: str | None = cur + info.name
+                entry = entries.get(info.key)
+                if entry is None:
+                    continue  # expunged by another session or program
+                path = self._current_path(info)
                 for _ in range(3):
                     if path is None:
                         break
-                    target = parse_name(os.path.basename(path)).with_flags(flags)
+                    name = os.path.basename(path)
+                    parsed = parse_name(name)
+                    if parsed.flags != entry.flags:
+                        # Renamed by another program since the last sync: that change gets
+                        # its mod-sequence first, and counts against UNCHANGEDSINCE.
+                        highest += 1
+                        entry = entries[info.key] = replace(entry, modseq=highest,
+                                                            flags=parsed.flags)
+                    current = replace(info, name=name, flags=parsed.flags, modseq=entry.modseq)
+                    if unchanged_since is not None and entry.modseq > unchanged_since:
+                        modified.append(current)
+                        break
+                    if flags == parsed.flags:
+                        updated.append(current)
+                        break
+                    target = parsed.with_flags(flags)
                     try:
                         os.rename(path, cur + target)
                     except FileNotFoundError:
                         path = self._find(info.key)  # renamed by another client: look again
                         continue
-                    updated.append(replace(info, name=target, flags=flags))
+                    highest += 1
+                    entry = entries[info.key] = replace(entry, modseq=highest, flags=flags)
+                    updated.append(replace(info, name=target, flags=flags, modseq=highest))
                     break
-        return updated
+            if highest != state.highest_modseq:
+                state.highest_modseq = highest
+                self._write(state, None)
+        return FlagResult(tuple(updated), tuple(modified), highest)
+
+    def _recorded_state(self, keys: list[str]) -> UidList:
+        """The UID file as written (under the lock), synced first if it is missing, damaged,
+        of version 1 or lacks one of ``keys`` (which are then expunged)."""
+        try:
+            uids = read_uidlist(self.path)
+        except CorruptUidListError:
+            uids = None
+        if (uids is None or uids.damaged_lines or uids.highest_modseq < 1
+                or any(key not in uids.entries for key in keys)):
+            self._sync_locked()
+            uids = read_uidlist(self.path)
+            assert uids is not None
+        return uids
+
+    def _current_path(self, info: MessageInfo) -> str | None:
+        """The message's path now: its last known name, or found again by key; None if gone."""
+        path = f"{self.path}/cur/{info.name}"
+        return path if os.path.exists(path) else self._find(info.key)
 
     def delete(self, infos: Iterable[MessageInfo]) -> list[int]:
         """Delete messages (their files and UID lines); returns the UIDs actually deleted."""

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailsys.mailbox.folder import (
+    FlagResult,
     Folder,
     MessageInfo,
     SyncResult,
@@ -65,7 +66,8 @@ class FolderChanges:
 
     added: tuple[MessageInfo, ...] = ()  # new messages, in UID order
     expunged: tuple[int, ...] = ()  # UIDs gone (deleted by another session)
-    flags_changed: tuple[MessageInfo, ...] = ()  # messages whose flags another session changed
+    # Messages whose flags (or mod-sequence, RFC 7162 §3.1) another session or program changed.
+    flags_changed: tuple[MessageInfo, ...] = ()
     uidvalidity_changed: bool = False  # everything the session knew is void (RFC 3501 §2.3.1.1)
 
     @property
@@ -357,6 +359,7 @@ class FolderView:
         self.folder = folder
         self.uidvalidity = result.uidvalidity
         self.uidnext = result.uidnext
+        self.highest_modseq = result.highest_modseq  # RFC 7162 §3.1.2.1, as of this view
         self.messages: list[MessageInfo] = list(result.messages)
 
     @property
@@ -374,6 +377,7 @@ class FolderView:
         """Sync with the disk and update this view; fires with what changed."""
 
         def synced(result: SyncResult) -> FolderChanges:
+            self.highest_modseq = result.highest_modseq
             if result.uidvalidity != self.uidvalidity:
                 self.uidvalidity = result.uidvalidity
                 self.uidnext = result.uidnext
@@ -383,8 +387,8 @@ class FolderView:
             now = {info.uid: info for info in result.messages}
             added = tuple(info for info in result.messages if info.uid not in before)
             expunged = tuple(uid for uid in before if uid not in now)
-            changed = tuple(info for uid, info in now.items()
-                            if uid in before and before[uid].flags != info.flags)
+            changed = tuple(info for uid, info in now.items() if uid in before and (
+                before[uid].flags != info.flags or before[uid].modseq != info.modseq))
             self.uidnext = result.uidnext
             self.messages = list(result.messages)
             return FolderChanges(added, expunged, changed)
@@ -414,14 +418,26 @@ class FolderView:
     def set_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]]
                   ) -> Deferred[list[MessageInfo]]:
         """Set each message's flags; the view is updated with the new names and flags."""
+        return self.store_flags(changes).addCallback(lambda result: list(result.updated))
+
+    def store_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]], *,
+                    unchanged_since: int | None = None) -> Deferred[FlagResult]:
+        """Set each message's flags, conditionally with ``unchanged_since`` (RFC 7162 §3.1.3).
+
+        The view takes every message's state as found (names, flags, mod-sequences): the
+        updated ones' and those that failed the condition, which the caller reports.
+        """
         changes = list(changes)
 
-        def done(updated: list[MessageInfo]) -> list[MessageInfo]:
-            by_uid = {info.uid: info for info in updated}
+        def done(result: FlagResult) -> FlagResult:
+            by_uid = {info.uid: info for info in (*result.updated, *result.modified)}
             self.messages = [by_uid.get(info.uid, info) for info in self.messages]
-            return updated
+            self.highest_modseq = max([self.highest_modseq, *(
+                info.modseq for info in (*result.updated, *result.modified))])
+            return result
 
-        return self.store.pool.run(self.folder.set_flags, changes).addCallback(done)
+        return self.store.pool.run(self.folder.store_flags, changes,
+                                   unchanged_since=unchanged_since).addCallback(done)
 
     def delete(self, infos: Iterable[MessageInfo]) -> Deferred[list[int]]:
         """Delete messages for good (POP3 UPDATE, IMAP EXPUNGE); fires with the UIDs deleted."""
@@ -431,6 +447,9 @@ class FolderView:
             gone = set(deleted)
             self.messages = [info for info in self.messages if info.uid not in gone]
             if deleted:
+                # RFC 7162 §3.1.2.1: the expunge raised HIGHESTMODSEQ by at least one; the
+                # view claims no more than that until its next refresh.
+                self.highest_modseq += 1
                 self.store.notify_changed(self.mailbox, self.name)
             return deleted
 

@@ -1,18 +1,28 @@
-"""The per-folder UID file: UIDVALIDITY, UIDNEXT and each message's UID and wire size.
+"""The per-folder UID file: UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and each message's UID, wire
+size, mod-sequence and last recorded flags.
 
-``mailsys-uidlist`` in the folder's directory reads::
+``mailsys-uidlist`` in the folder's directory reads (version 2)::
 
-    mailsys-uidlist 1 <uidvalidity> <uidnext>
-    <uid> <size> <wire size> <key>
+    mailsys-uidlist 2 <uidvalidity> <uidnext> <highestmodseq>
+    <uid> <size> <wire size> <modseq> <flags> <key>
 
-one line per message, in UID order. It is replaced atomically (temporary file, fsync, rename,
+one line per message, in UID order; ``<flags>`` is the message's Maildir flag letters as last
+recorded ("-" for none), so that a sync notices a flag change made by another program (a rename)
+and gives the message a new mod-sequence (RFC 7162 §3.1). Version 1 files (``mailsys-uidlist 1
+<uidvalidity> <uidnext>`` and ``<uid> <size> <wire size> <key>`` lines) are still read: their
+messages have no mod-sequence and no recorded flags yet (``modseq`` 0, ``flags`` None), and the
+next sync gives them both. The file is replaced atomically (temporary file, fsync, rename,
 directory fsync) and only ever changed under the folder's lock. Reading is tolerant: a damaged
 line is dropped and reported, so that the folder can keep every UID still known (RFC 3501
 §2.3.1.1: UIDs should not change between sessions, and must not without a new UIDVALIDITY).
 
-``mailsys-uidvalidity`` beside it keeps ``<uidvalidity> <uidnext>`` as a floor for rebuilding the
-UID file if it is lost: written when the folder's numbering starts and whenever UIDNEXT could no
-longer be worked out from the ``,U=`` fields of the file names (see Folder.sync).
+``mailsys-uidvalidity`` beside it keeps ``<uidvalidity> <uidnext> <modseq ceiling>`` as a floor
+for rebuilding the UID file if it is lost: written when the folder's numbering starts, whenever
+UIDNEXT could no longer be worked out from the ``,U=`` fields of the file names (see Folder.sync),
+and whenever HIGHESTMODSEQ reaches the ceiling, which is then raised by MODSEQ_RESERVE. Every
+mod-sequence ever given out is below the ceiling, so a rebuilt folder starts above anything a
+client has seen (RFC 7162 §3.1.2.1: HIGHESTMODSEQ never goes backwards) at the price of one
+side-file write per MODSEQ_RESERVE changes. Older side files have no ceiling (None).
 """
 
 from __future__ import annotations
@@ -21,28 +31,39 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from mailsys.diskio import fsync_directory
 
 UIDLIST_NAME = "mailsys-uidlist"
 UIDVALIDITY_NAME = "mailsys-uidvalidity"
 _MAGIC = "mailsys-uidlist"
-_VERSION = "1"
+_VERSION = "2"
+_VERSION_1 = "1"
 # RFC 3501 §9 (nz-number): UIDs and UIDVALIDITY are non-zero 32-bit unsigned integers.
 MAX_UID = 2**32 - 1
+# RFC 7162 §7 (mod-sequence-value): a positive unsigned 63-bit integer.
+MAX_MODSEQ = 2**63 - 1
+# How far the side file's mod-sequence ceiling runs ahead of HIGHESTMODSEQ.
+MODSEQ_RESERVE = 1 << 20
+_NO_FLAGS = "-"
 
 
 class CorruptUidListError(ValueError):
     """The UID file's header cannot be read: nothing in it can be trusted."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class UidEntry:
-    """One message's line: its UID, and the file size its wire size was computed for."""
+    """One message's line: its UID, the file size its wire size was computed for, its
+    mod-sequence and the flag letters it had when that mod-sequence was given (None: unknown,
+    a version 1 line or a UID recovered from a file name)."""
 
     uid: int
     size: int
     wire_size: int
+    modseq: int = 0
+    flags: frozenset[str] | None = None
 
 
 @dataclass
@@ -53,22 +74,37 @@ class UidList:
     uidnext: int
     entries: dict[str, UidEntry] = field(default_factory=dict)  # key -> entry
     damaged_lines: int = 0  # lines dropped while reading (corrupt, duplicate, out of range)
+    # RFC 7162 §3.1.2.1: at least every message's mod-sequence; grows on every change,
+    # expunges included. 0 only for a version 1 file (no mod-sequence given yet).
+    highest_modseq: int = 1
+
+
+class Floor(NamedTuple):
+    """The side file: floors for UIDVALIDITY/UIDNEXT and the mod-sequence ceiling."""
+
+    uidvalidity: int
+    uidnext: int
+    modseq_ceiling: int | None = None  # None: a side file from before mod-sequences
 
 
 def parse_uidlist(text: str) -> UidList:
     """Parse the UID file; CorruptUidListError if the header is unusable."""
     lines = text.split("\n")
     header = lines[0].split(" ")
-    if len(header) != 4 or header[0] != _MAGIC or header[1] != _VERSION:
+    version_1 = len(header) == 4 and header[1] == _VERSION_1
+    if header[0] != _MAGIC or not (version_1 or (len(header) == 5 and header[1] == _VERSION)):
         raise CorruptUidListError("bad header")
     try:
         uidvalidity = int(header[2])
         uidnext = int(header[3])
+        highest = 0 if version_1 else int(header[4])
     except ValueError:
         raise CorruptUidListError("bad header numbers") from None
-    if not 0 < uidvalidity <= MAX_UID or not 0 < uidnext <= MAX_UID + 1:
+    if (not 0 < uidvalidity <= MAX_UID or not 0 < uidnext <= MAX_UID + 1
+            or not (version_1 or 0 < highest <= MAX_MODSEQ)):
         raise CorruptUidListError("header numbers out of range")
-    result = UidList(uidvalidity, uidnext)
+    result = UidList(uidvalidity, uidnext, highest_modseq=highest)
+    fields = 4 if version_1 else 6
     seen_uids: set[int] = set()
     body = lines[1:]
     if body and body[-1] == "":
@@ -79,26 +115,39 @@ def parse_uidlist(text: str) -> UidList:
             body.pop()
             result.damaged_lines += 1
     for line in body:
-        parts = line.split(" ", 3)
+        parts = line.split(" ", fields - 1)
         try:
-            if len(parts) != 4 or not parts[3] or "\r" in parts[3] or parts[3] in result.entries:
+            key = parts[-1]
+            if len(parts) != fields or not key or "\r" in key or key in result.entries:
                 raise ValueError
             uid, size, wire = int(parts[0]), int(parts[1]), int(parts[2])
             if not 0 < uid < uidnext or uid in seen_uids or size < 0 or wire < 0:
                 raise ValueError
+            if version_1:
+                entry = UidEntry(uid, size, wire)
+            else:
+                modseq, letters = int(parts[3]), parts[4]
+                if not 0 < modseq <= highest or not (letters == _NO_FLAGS
+                                                     or (letters.isascii() and letters.isalpha())):
+                    raise ValueError
+                entry = UidEntry(uid, size, wire, modseq,
+                                 frozenset() if letters == _NO_FLAGS else frozenset(letters))
         except ValueError:
             result.damaged_lines += 1
             continue
         seen_uids.add(uid)
-        result.entries[parts[3]] = UidEntry(uid, size, wire)
+        result.entries[key] = entry
     return result
 
 
 def render_uidlist(uids: UidList) -> bytes:
-    """The file's bytes, entries in UID order."""
-    out = [f"{_MAGIC} {_VERSION} {uids.uidvalidity} {uids.uidnext}\n"]
+    """The file's bytes (version 2), entries in UID order; every entry must have its
+    mod-sequence and flags."""
+    out = [f"{_MAGIC} {_VERSION} {uids.uidvalidity} {uids.uidnext} {uids.highest_modseq}\n"]
     for key, entry in sorted(uids.entries.items(), key=lambda item: item[1].uid):
-        out.append(f"{entry.uid} {entry.size} {entry.wire_size} {key}\n")
+        assert entry.flags is not None and 0 < entry.modseq <= uids.highest_modseq
+        letters = "".join(sorted(entry.flags)) or _NO_FLAGS
+        out.append(f"{entry.uid} {entry.size} {entry.wire_size} {entry.modseq} {letters} {key}\n")
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
@@ -111,8 +160,9 @@ def read_uidlist(directory: Path) -> UidList | None:
     return parse_uidlist(data.decode("utf-8", "surrogateescape"))
 
 
-def read_uidvalidity_floor(directory: Path) -> tuple[int, int] | None:
-    """(uidvalidity, uidnext) from the side file, or None if missing or unreadable."""
+def read_uidvalidity_floor(directory: Path) -> Floor | None:
+    """The side file's floors, or None if missing or unreadable (an unreadable ceiling alone
+    reads as None: the rebuild then falls back to the clock)."""
     try:
         parts = (directory / UIDVALIDITY_NAME).read_text("ascii").split()
         uidvalidity, uidnext = int(parts[0]), int(parts[1])
@@ -120,14 +170,21 @@ def read_uidvalidity_floor(directory: Path) -> tuple[int, int] | None:
         return None
     if not 0 < uidvalidity <= MAX_UID or not 0 < uidnext <= MAX_UID + 1:
         return None
-    return uidvalidity, uidnext
+    ceiling: int | None = None
+    if len(parts) > 2 and parts[2].isdigit() and 0 < int(parts[2]) <= MAX_MODSEQ:
+        ceiling = int(parts[2])
+    return Floor(uidvalidity, uidnext, ceiling)
 
 
-def write_state(directory: Path, uids: UidList, *, floor: bool) -> None:
-    """Replace the UID file (and with ``floor`` the side file) atomically and durably."""
+def write_state(directory: Path, uids: UidList, *, floor: bool,
+                modseq_ceiling: int | None = None) -> None:
+    """Replace the UID file (and with ``floor`` the side file, with ``modseq_ceiling``)
+    atomically and durably."""
     files = [(UIDLIST_NAME, render_uidlist(uids))]
     if floor:
-        files.append((UIDVALIDITY_NAME, f"{uids.uidvalidity} {uids.uidnext}\n".encode()))
+        ceiling = f" {modseq_ceiling}" if modseq_ceiling is not None else ""
+        files.append((UIDVALIDITY_NAME,
+                      f"{uids.uidvalidity} {uids.uidnext}{ceiling}\n".encode()))
     temporaries = []
     try:
         for name, data in files:

@@ -32,6 +32,11 @@ TEMPLATES = [
     b'LIST "" "*" RETURN (SUBSCRIBED CHILDREN)', b"STATUS INBOX (SIZE DELETED RECENT)",
     b'CREATE "Entw\xc3\xbcrfe"', b"SEARCH CHARSET UTF-8 RETURN (ALL) ALL",
     b"APPEND INBOX {1+}\r\na (\\Seen) {1+}\r\nb",
+    b"SELECT INBOX (CONDSTORE)", b"STATUS INBOX (HIGHESTMODSEQ MESSAGES)",
+    b"FETCH 1:* (FLAGS MODSEQ) (CHANGEDSINCE 1)", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE 0)",
+    b"STORE 1:2 (UNCHANGEDSINCE 5) +FLAGS (\\Seen)",
+    b"UID STORE 1:* (UNCHANGEDSINCE 0) FLAGS.SILENT (\\Flagged)",
+    b'SEARCH MODSEQ "/flags/\\\\draft" all 3', b"SEARCH RETURN (MIN MAX) MODSEQ 1",
 ]
 PRINTABLE = st.binary(min_size=0, max_size=8).map(
     lambda b: bytes(c for c in b if c not in (10, 13, 123)))

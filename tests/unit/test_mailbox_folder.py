@@ -172,7 +172,7 @@ def test_expunged_top_uid_never_reused_after_loss(folder: Folder) -> None:
         deliver(folder.path, message(i))
     messages = folder.sync().messages
     assert folder.delete([messages[2]]) == [3]
-    assert (folder.path / UIDVALIDITY_NAME).read_text().split() == [
+    assert (folder.path / UIDVALIDITY_NAME).read_text().split()[:2] == [
         str(folder.sync().uidvalidity), "4"]
     (folder.path / UIDLIST_NAME).unlink()
     deliver(folder.path, message(9))
