@@ -17,8 +17,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys.imap import fetch as fetching
-from mailsys.mailbox.folder import MessageInfo
+from mailsys.mailbox.folder import MessageInfo, adding
 from mailsys.mailbox.names import SEEN
+
+_ADD_SEEN = adding({SEEN})  # RFC 3501 §6.4.5: BODY[] sets \Seen, keeping the other flags
 
 if TYPE_CHECKING:
     from mailsys.imap.session import IMAPSession, Selected
@@ -133,8 +135,7 @@ class FetchRun:
             self._emit(present, set())
             self._pump()
             return
-        changes = [(info, info.flags | {SEEN}) for _, info, _ in present
-                   if SEEN not in info.flags]
+        changes = [(info, _ADD_SEEN) for _, info, _ in present if SEEN not in info.flags]
         if not changes:
             self._emit(present, set())
             self._pump()

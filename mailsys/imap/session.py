@@ -78,7 +78,7 @@ from mailsys.imap.responses import (
     untagged,
 )
 from mailsys.inputloop import InputLoopSession
-from mailsys.mailbox.folder import FlagResult, Folder, MessageInfo
+from mailsys.mailbox.folder import FlagChange, FlagResult, Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import (
@@ -1179,18 +1179,22 @@ class IMAPSession(MailboxCommands, InputLoopSession):
                 self.write(untagged(b"FLAGS (" + names + b")")
                            + untagged(b"OK [PERMANENTFLAGS (" + names + b" \\*)] Flags"))
             wanted = frozenset(letters) | letters_of(keywords, selected.keywords)
-            changes = []
-            for _, info in targets:
+            slots = list(selected.keywords)
+
+            # Worked out against the flags each file has when it is renamed (under the
+            # folder's lock), not the session's possibly older view: another session's
+            # change made meanwhile is kept (RFC 3501 §6.4.6).
+            def change(current: frozenset[str]) -> frozenset[str]:
                 if operation == b"+":
-                    flags = info.flags | wanted
-                elif operation == b"-":
-                    flags = info.flags - wanted
-                else:
-                    # Letters nobody maps (another client's) are kept: we cannot show them.
-                    unknown = frozenset(letter for letter in info.flags if letter.islower()
-                                        and not _has_keyword(selected.keywords, letter))
-                    flags = wanted | unknown
-                changes.append((info, flags))
+                    return current | wanted
+                if operation == b"-":
+                    return current - wanted
+                # Letters nobody maps (another client's) are kept: we cannot show them.
+                return wanted | frozenset(letter for letter in current if letter.islower()
+                                          and not _has_keyword(slots, letter))
+
+            changes: list[tuple[MessageInfo, FlagChange]] = [(info, change)
+                                                             for _, info in targets]
 
             def stored(result: FlagResult) -> bytes:
                 before = {info.uid: info for _, info in targets}

@@ -91,6 +91,18 @@ class SyncResult:
     highest_modseq: int = 1  # RFC 7162 §3.1.2.1 HIGHESTMODSEQ
 
 
+# A message's new flags: a fixed set, or worked out from the flags its file has at the moment
+# of the change (under the folder's lock), so that "+FLAGS \\Seen" keeps a flag another session
+# set since this one last looked (RFC 3501 §6.4.6 adds to the flags the message has).
+FlagChange = frozenset[str] | Callable[[frozenset[str]], frozenset[str]]
+
+
+def adding(flags: frozenset[str] | set[str]) -> Callable[[frozenset[str]], frozenset[str]]:
+    """The flag change that adds ``flags`` to whatever flags the message has then."""
+    added = frozenset(flags)
+    return lambda current: current | added
+
+
 @dataclass(frozen=True)
 class FlagResult:
     """What store_flags did."""
@@ -574,14 +586,14 @@ class Folder:
                 if not chunk or accept(data):
                     return data
 
-    def set_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]]) -> list[MessageInfo]:
+    def set_flags(self, changes: Iterable[tuple[MessageInfo, FlagChange]]) -> list[MessageInfo]:
         """Give each message its new flag set (a rename in cur/); returns the updated infos.
 
         Messages expunged meanwhile are left out of the result.
         """
         return list(self.store_flags(changes).updated)
 
-    def store_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]], *,
+    def store_flags(self, changes: Iterable[tuple[MessageInfo, FlagChange]], *,
                     unchanged_since: int | None = None) -> FlagResult:
         """Give each message its new flag set (a rename in cur/) and a new mod-sequence.
 
@@ -600,7 +612,7 @@ class Folder:
             state = self._recorded_state([info.key for info, _ in changes])
             entries = state.entries
             highest = state.highest_modseq
-            for info, flags in changes:
+            for info, change in changes:
                 entry = entries.get(info.key)
                 if entry is None:
                     continue  # expunged by another session or program
@@ -620,6 +632,7 @@ class Folder:
                     if unchanged_since is not None and entry.modseq > unchanged_since:
                         modified.append(current)
                         break
+                    flags = change(parsed.flags) if callable(change) else change
                     if flags == parsed.flags:
                         updated.append(current)
                         break

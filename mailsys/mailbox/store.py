@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailsys.mailbox.folder import (
+    FlagChange,
     FlagResult,
     Folder,
     MessageInfo,
@@ -415,12 +416,12 @@ class FolderView:
         """An open file of the message, for streaming large ones; read it in the DiskPool."""
         return self.store.pool.run(self.folder.open_message, info)
 
-    def set_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]]
+    def set_flags(self, changes: Iterable[tuple[MessageInfo, FlagChange]]
                   ) -> Deferred[list[MessageInfo]]:
         """Set each message's flags; the view is updated with the new names and flags."""
         return self.store_flags(changes).addCallback(lambda result: list(result.updated))
 
-    def store_flags(self, changes: Iterable[tuple[MessageInfo, frozenset[str]]], *,
+    def store_flags(self, changes: Iterable[tuple[MessageInfo, FlagChange]], *,
                     unchanged_since: int | None = None) -> Deferred[FlagResult]:
         """Set each message's flags, conditionally with ``unchanged_since`` (RFC 7162 §3.1.3).
 

@@ -39,7 +39,7 @@ from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.config import Config
 from mailsys.inputloop import InputLoopSession
-from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
+from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError, adding
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
@@ -931,7 +931,7 @@ class POP3Session(InputLoopSession):
         view = self._view
         assert view is not None
         doomed = [view.messages[number - 1] for number in sorted(self._deleted)]
-        seen = [(info, info.flags | {SEEN}) for number, info in enumerate(view.messages, 1)
+        seen = [(info, adding({SEEN})) for number, info in enumerate(view.messages, 1)
                 if number in self._retrieved and number not in self._deleted
                 and SEEN not in info.flags]
         mailbox = self._mailbox

@@ -405,6 +405,31 @@ def test_other_sessions_changes_reported_at_noop_not_during_fetch(server: Server
     assert "* 2 FETCH (UID 3 FLAGS (\\Flagged \\Recent))" in out
 
 
+def test_store_keeps_a_flag_another_session_set_meanwhile(server: Server) -> None:
+    """+FLAGS adds to the flags the message has now, not to this session's older view of them."""
+    first = filled(server, 1)
+    second = server.connect()
+    second.login()
+    second.select()
+    second.ok("STORE 1 +FLAGS.SILENT (\\Flagged)")
+    out = first.ok("STORE 1 +FLAGS (\\Seen)")
+    assert "* 1 FETCH (FLAGS (\\Flagged \\Seen \\Recent))" in out
+    out = second.ok("NOOP")
+    assert "FLAGS (\\Flagged \\Seen)" in out
+
+
+def test_store_minus_keeps_a_flag_another_session_set_meanwhile(server: Server) -> None:
+    """-FLAGS removes only what it names from the flags the message has now."""
+    first = filled(server, 1)
+    first.ok("STORE 1 +FLAGS.SILENT (\\Seen)")
+    second = server.connect()
+    second.login()
+    second.select()
+    second.ok("STORE 1 +FLAGS.SILENT (\\Answered)")
+    out = first.ok("STORE 1 -FLAGS (\\Seen)")
+    assert "* 1 FETCH (FLAGS (\\Answered \\Recent))" in out
+
+
 def test_delivery_reported_to_idle_session(server: Server) -> None:
     """While idling, a delivery is announced at once with EXISTS; DONE ends IDLE with OK."""
     client = filled(server, 1)

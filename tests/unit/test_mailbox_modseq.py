@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailsys.mailbox import folder as folder_module
-from mailsys.mailbox.folder import Folder, MessageInfo, create_folder_dirs
+from mailsys.mailbox.folder import Folder, MessageInfo, adding, create_folder_dirs
 from mailsys.mailbox.names import FLAGGED, SEEN, parse_name
 from mailsys.mailbox.uidlist import (
     UIDLIST_NAME,
@@ -136,6 +136,16 @@ def test_rename_by_another_program_gets_a_new_modseq(folder: Folder) -> None:
     assert changed.flags == frozenset({SEEN})
     assert changed.modseq > before.highest_modseq == after.highest_modseq - 1
     assert same.modseq == before.messages[1].modseq
+
+
+def test_flag_change_by_function_sees_the_current_flags(folder: Folder) -> None:
+    """A change given as a function is applied to the flags the file has at that moment."""
+    deliver(folder.path, message(1))
+    (stale,) = folder.sync().messages
+    folder.set_flags([(stale, frozenset({FLAGGED}))])  # another session's change
+    (updated,) = folder.set_flags([(stale, adding({SEEN}))])
+    assert updated.flags == frozenset({FLAGGED, SEEN})
+    assert folder.sync().messages[0].flags == frozenset({FLAGGED, SEEN})
 
 
 def test_unchangedsince_refuses_a_message_changed_since(folder: Folder) -> None:
