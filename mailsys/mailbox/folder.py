@@ -655,15 +655,16 @@ class Folder:
         """The UID file as written (under the lock), synced first if it is missing, damaged,
         of version 1 or lacks one of ``keys`` (which are then expunged)."""
         try:
-            uids = read_uidlist(self.path)
+            uids = _load_uidlist(self.path)
         except CorruptUidListError:
             uids = None
         if (uids is None or uids.damaged_lines or uids.highest_modseq < 1
                 or any(key not in uids.entries for key in keys)):
             self._sync_locked()
-            uids = read_uidlist(self.path)
+            uids = _load_uidlist(self.path)
             assert uids is not None
-        return uids
+        # A copy the caller may change: the remembered parse is shared and only ever read.
+        return replace(uids, entries=dict(uids.entries))
 
     def _current_path(self, info: MessageInfo) -> str | None:
         """The message's path now: its last known name, or found again by key; None if gone."""
