@@ -36,7 +36,7 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from bench.loopback import BenchError, free_port  # noqa: E402
-from bench.mailsys_instance import MailsysInstance  # noqa: E402
+from bench.mailsys_instance import MailsysInstance, print_profile  # noqa: E402
 from bench.postfix_instance import (  # noqa: E402
     RECIPIENT,
     SMTP_SOURCE,
@@ -120,10 +120,10 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
 
 
-def make_server(kind: str, root: Path, port: int) -> Server:
+def make_server(kind: str, root: Path, port: int, profile: bool = False) -> Server:
     if kind == "postfix":
         return PostfixInstance(root, port)
-    return MailsysInstance(root, port)
+    return MailsysInstance(root, port, profile=root / "mailsys.prof" if profile else None)
 
 
 def count_files(directory: Path) -> int:
@@ -324,7 +324,7 @@ def drive(server: Server, sessions: int, args: argparse.Namespace, workdir: Path
 def run_once(kind: str, sessions: int, args: argparse.Namespace) -> RunResult:
     """A fresh server in a fresh temp dir, one load run, the server stopped by pid."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-s{sessions}-", dir=args.tmpdir))
-    server = make_server(kind, root, free_port())
+    server = make_server(kind, root, free_port(), profile=args.profile)
     ok = False
     try:
         try:
@@ -336,6 +336,8 @@ def run_once(kind: str, sessions: int, args: argparse.Namespace) -> RunResult:
         return result
     finally:
         server.stop()
+        if args.profile and kind == "mailsys":
+            print_profile(root / "mailsys.prof")
         if ok and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         else:
@@ -512,6 +514,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "use a real disk, not tmpfs, or fsync costs nothing",
     )
     parser.add_argument("--keep", action="store_true", help="keep temp dirs after the run")
+    parser.add_argument("--profile", action="store_true",
+                        help="run mailsys under cProfile (reactor thread only; slower) and "
+                        "print where its time went after each run")
     parser.add_argument(
         "--results-dir",
         type=Path,

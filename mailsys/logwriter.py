@@ -92,7 +92,7 @@ class BatchedLogWriter:
     def __call__(self, event: LogEvent) -> None:
         with self._lock:
             # Formatted under the lock: the time stamp cache is shared.
-            text = formatEventAsClassicLogText(event, formatTime=self._stamps)
+            text = self._line(event)
             if not text:
                 return
             self._lines.append(text)
@@ -107,6 +107,30 @@ class BatchedLogWriter:
                 self._reactor.callLater(0, self.flush)
             else:
                 self._reactor.callFromThread(self.flush)
+
+    def _line(self, event: LogEvent) -> str | None:
+        """The event's classic log line, as formatEventAsClassicLogText writes it.
+
+        Twisted formats with string.Formatter in Python (~14 us a line, for its "{f()}" call
+        syntax); an event of ours with a plain format and no traceback gets the same line from
+        str.format_map (~1.3 us). Anything else, or any error, takes Twisted's way.
+        """
+        fmt = event.get("log_format")
+        if (type(fmt) is not str or "()" in fmt or "log_failure" in event
+                or "log_flattened" in event):
+            return formatEventAsClassicLogText(event, formatTime=self._stamps)
+        try:
+            text = fmt.format_map(event)
+        except Exception:
+            return formatEventAsClassicLogText(event, formatTime=self._stamps)
+        if not text:
+            return None
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+        stamp = self._stamps(event.get("log_time"))
+        return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
     def flush(self) -> None:
         """Write every line collected so far, in one write."""

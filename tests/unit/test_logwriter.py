@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import formatEventAsClassicLogText, formatTime, timeFormatRFC3339
+from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime, timeFormatRFC3339
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
 from mailsys import logwriter
@@ -86,6 +87,46 @@ def test_same_text_as_twistd() -> None:
     BatchedLogWriter(out, reactor)(e)
     expected = formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t, timeFormatRFC3339))
     assert out.getvalue() == expected
+
+
+def _failure() -> Failure:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        return Failure()
+
+
+class _Thing:
+    name = "thing"
+
+    def __repr__(self) -> str:
+        return "<thing>"
+
+    def call(self) -> str:
+        return "called"
+
+
+@pytest.mark.parametrize("fields", [
+    {"log_format": "plain text"},
+    {"log_format": "{a} and {b!r} and {c:>5} and {d.name}", "a": 1, "b": "x", "c": 2.5,
+     "d": _Thing()},
+    {"log_format": "two\nlines {x}", "x": "y\nz"},
+    {"log_format": "from {client}", "client": "[192.0.2.1]", "log_system": "smtp,1,::1"},
+    {"log_format": "level", "log_level": LogLevel.warn},
+    {"log_format": "missing {nothing}"},
+    {"log_format": "call {d.call()}", "d": _Thing()},
+    {"log_format": "failed {why}", "why": "x", "log_failure": _failure()},
+    {"log_format": ""},
+    {"log_format": "{a}", "a": ""},
+    {"log_format": None},
+])
+def test_fast_lines_read_as_twisted_formats_them(fields: dict[str, Any]) -> None:
+    """Every kind of event gives the same line (or none) as Twisted's classic formatter."""
+    out, reactor = io.StringIO(), FakeReactor(running=False)
+    e = event("", 1_700_000_000.25) | fields
+    BatchedLogWriter(out, reactor)(e)
+    expected = formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t, timeFormatRFC3339))
+    assert out.getvalue() == (expected or "")
 
 
 def test_written_at_once_while_no_reactor_runs() -> None:
