@@ -70,3 +70,10 @@ def letters_of(flags: Iterable[str], keywords: list[str]) -> frozenset[str]:
         if letter is not None:
             letters.add(letter)
     return frozenset(letters)
+
+
+def has_keyword(keywords: list[str], letter: str) -> bool:
+    """True if the folder's keyword file maps ``letter`` (a lower-case Maildir letter) to a
+    keyword; letters nobody mapped are another program's, which we cannot name."""
+    index = ord(letter) - ord("a")
+    return 0 <= index < len(keywords) and bool(keywords[index])

@@ -12,6 +12,8 @@ import re
 import time
 
 CRLF = b"\r\n"
+# RFC 3501 §7.1: the status responses a tagged answer carries.
+OK, NO, BAD = b"OK", b"NO", b"BAD"
 NIL = b"NIL"
 _SAFE_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\\]]+\Z")
 _QUOTABLE = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x7f]*\Z")

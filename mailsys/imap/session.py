@@ -23,15 +23,13 @@ session holds its lock. A POP3 session's deletions then reach IMAP sessions as E
 from __future__ import annotations
 
 import bisect
-import calendar
 import enum
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -47,19 +45,11 @@ from typing_extensions import override
 from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.config import Config
-from mailsys.imap import esearch
-from mailsys.imap import fetch as fetching
 from mailsys.imap import search as searching
-from mailsys.imap.fetchrun import FetchRun
-from mailsys.imap.flags import RECENT, FlagError, letters_of, names_of, split_flags
+from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
-from mailsys.imap.names import (
-    SEPARATOR,
-    MailboxNameError,
-    canonical,
-    decode_name,
-    encode_name,
-)
+from mailsys.imap.messages import MessageCommands
+from mailsys.imap.names import SEPARATOR, MailboxNameError, canonical, decode_name, encode_name
 from mailsys.imap.parser import (
     Command,
     ContinueLiteral,
@@ -68,24 +58,15 @@ from mailsys.imap.parser import (
     Reader,
     Rejected,
     Rejection,
-    SequenceSet,
     tag_of,
 )
-from mailsys.imap.responses import (
-    MONTHS,
-    number_set,
-    tagged,
-    untagged,
-)
+from mailsys.imap.responses import BAD, NO, OK, tagged, untagged
+from mailsys.imap.transfers import TransferCommands
 from mailsys.inputloop import InputLoopSession
-from mailsys.mailbox.folder import FlagChange, FlagResult, Folder, MessageInfo
-from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
+from mailsys.mailbox.folder import MessageInfo
+from mailsys.mailbox.keywords import read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
-from mailsys.mailbox.store import (
-    FolderView,
-    InvalidFolderNameError,
-)
-from mailsys.mailbox.transfer import Added, append_message, copy_messages
+from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
 
 log = Logger(namespace="mailsys.imap")
@@ -93,11 +74,7 @@ log = Logger(namespace="mailsys.imap")
 # Before login a connection gets this long between commands (RFC 3501 §5.4 sets the 30-minute
 # minimum for authenticated sessions only).
 PREAUTH_TIMEOUT = 180.0
-SEARCH_BATCH = 1000
-_DATE_TIME = re.compile(
-    r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 
-OK, NO, BAD = b"OK", b"NO", b"BAD"
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
 
@@ -207,7 +184,7 @@ class _Spec:
     updates_with_uid: bool = True
 
 
-class IMAPSession(MailboxCommands, InputLoopSession):
+class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopSession):
     """One IMAP connection. Input is framed into lines and literals by a Framer and handled in
     order (mailsys.inputloop)."""
 
@@ -907,7 +884,7 @@ class IMAPSession(MailboxCommands, InputLoopSession):
                 out.append(b"* %d EXISTS\r\n" % selected.exists)
                 if selected.show_recent:  # RFC 9051 §7.4: no RECENT in IMAP4rev2
                     out.append(b"* %d RECENT\r\n" % len(selected.recent))
-            unknown = any(letter.islower() and not _has_keyword(selected.keywords, letter)
+            unknown = any(letter.islower() and not has_keyword(selected.keywords, letter)
                           for info in (*changes.added, *changes.flags_changed)
                           for letter in info.flags)
             self.write(b"".join(out))
@@ -992,505 +969,6 @@ class IMAPSession(MailboxCommands, InputLoopSession):
         if self._selected is not None and self._selected.view.name == folder:
             self._selected.dirty = True
 
-    # --- APPEND ---------------------------------------------------------------------------------
-
-    def _append_item(self, reader: Reader) -> _Appended:
-        """One message of APPEND: [flag-list SP] [date-time SP] data."""
-        flags: list[str] = []
-        if reader.peek_is(b"("):
-            flags = [f.decode("utf-8", "replace") for f in reader.flag_list()]
-            reader.space()
-        date: float | None = None
-        if reader.peek_is(b'"'):
-            date = parse_date_time(reader.quoted())
-            reader.space()
-        if reader.data[reader.position:reader.position + 6].upper() == b"UTF8 (":
-            # RFC 6855 §4: UTF8 (literal8), a message with UTF-8 header fields.
-            reader.position += 6
-            if not reader.peek_is(b"~"):
-                raise ParseError("UTF8 APPEND data must be a literal8")
-            data = reader.literal()
-            reader.expect(b")")
-        else:
-            data = reader.literal()  # a literal, or a literal8 (RFC 3516 §4.4)
-        try:
-            letters, keywords = split_flags(flags)
-        except FlagError:
-            raise ParseError("Invalid flag in APPEND") from None
-        return _Appended(data, frozenset(letters), keywords, date)
-
-    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        reader.space()
-        name = self._mailbox_name(reader)
-        reader.space()
-        messages = [self._append_item(reader)]
-        while reader.accept(b" "):
-            messages.append(self._append_item(reader))  # RFC 3502 MULTIAPPEND
-        reader.end()
-        if any(not message.data for message in messages):
-            return tagged(tag, NO, "Cannot store an empty message")
-        assert self._mailbox is not None
-        try:
-            folder = self._store.folder(self._mailbox, name)
-        except InvalidFolderNameError:
-            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-        mailbox = self._mailbox
-
-        def appended(added: Added) -> bytes:
-            self._added_to(canonical(name))
-            uids = [new for _, new in added.uids]
-            log.info("imap APPEND {user} {folder} uids={uids}", user=mailbox, folder=name,
-                     uids=number_set(uids).decode())
-            if len(uids) != len(messages):
-                return tagged(tag, OK, "APPEND completed")
-            # RFC 4315 §3: APPENDUID uidvalidity uid-set (a set for MULTIAPPEND).
-            return tagged(tag, OK, "APPEND completed",
-                          f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
-
-        def failed(failure: Failure) -> bytes | Failure:
-            if failure.check(FileNotFoundError):
-                # RFC 3501 §6.3.11: TRYCREATE tells the client to CREATE and retry.
-                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-            if failure.check(TooManyKeywordsError):
-                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
-            return failure
-
-        return self._store.list_folders(mailbox).addCallback(
-            lambda _: self.run(_append, folder, messages)
-        ).addCallbacks(appended, failed)
-
-    # --- messages of the selected mailbox --------------------------------------------------
-
-    def _targets(self, numbers: SequenceSet, uid: bool) -> list[tuple[int, MessageInfo]]:
-        """(sequence number, message) for a sequence set or UID set, in mailbox order."""
-        selected = self._selected
-        assert selected is not None
-        messages = selected.view.messages
-        if not messages:
-            return []
-        if numbers.saved:
-            # RFC 5182 §2.1: "$" is the saved UIDs, for UID and sequence-number commands alike.
-            saved = selected.saved
-            return [(n, info) for n, info in enumerate(messages, 1) if info.uid in saved]
-        if uid:
-            uids = selected.uids()
-            ranges = numbers.resolve(uids[-1])
-            if len(ranges) == 1:  # the common "1:*" or "n:m": one slice, in order
-                start = bisect.bisect_left(uids, ranges[0][0])
-                end = bisect.bisect_right(uids, ranges[0][1])
-                return list(zip(range(start + 1, end + 1), messages[start:end], strict=True))
-            positions: set[int] = set()
-            for low, high in ranges:
-                start = bisect.bisect_left(uids, low)
-                end = bisect.bisect_right(uids, high)
-                positions.update(range(start, end))
-            return [(p + 1, messages[p]) for p in sorted(positions)]
-        largest = len(messages)
-        ranges = numbers.resolve(largest)
-        if any(high > largest for _, high in ranges):
-            raise ParseError("Invalid message sequence number")
-        if len(ranges) == 1:
-            low, high = ranges[0]
-            return list(zip(range(low, high + 1), messages[low - 1:high], strict=True))
-        positions = set()
-        for low, high in ranges:
-            positions.update(range(low - 1, high))
-        return [(p + 1, messages[p]) for p in sorted(positions)]
-
-    def _do_fetch(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        reader.space()
-        numbers = reader.sequence_set()
-        reader.space()
-        items = fetching.parse_fetch_items(reader)
-        changed_since = None
-        if reader.accept(b" "):
-            changed_since = _modifier(reader, b"CHANGEDSINCE")  # RFC 7162 §3.1.4.1
-        reader.end()
-        selected = self._selected
-        assert selected is not None
-        modseq = fetching.FetchItem("MODSEQ")
-        if changed_since is not None and modseq not in items:
-            items = [*items, modseq]  # RFC 7162 §3.1.4.1: MODSEQ is implied
-        if modseq in items:
-            self._condstore_used()
-        targets = self._targets(numbers, uid)
-        if changed_since is not None:
-            targets = [(n, info) for n, info in targets if info.modseq > changed_since]
-        verb = "UID FETCH" if uid else "FETCH"
-        if not targets:
-            return tagged(tag, OK, f"{verb} completed")
-        run = FetchRun(self, selected, targets, items, with_uid=uid,
-                       report_modseq=self.condstore)
-
-        def done(complete: bool) -> bytes:
-            if run.unknown_cte:
-                # RFC 3516 §5 / RFC 9051 §7.1: the part's encoding is one we cannot undo.
-                return tagged(tag, NO, "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
-            if complete:
-                return tagged(tag, OK, f"{verb} completed")
-            # RFC 5530: some of the messages were expunged by another session.
-            return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
-
-        return run.start().addCallback(done)
-
-    def _do_store(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        reader.space()
-        numbers = reader.sequence_set()
-        reader.space()
-        unchanged_since = None
-        if reader.peek_is(b"("):
-            unchanged_since = _modifier(reader, b"UNCHANGEDSINCE")  # RFC 7162 §3.1.3
-            reader.space()
-        action = reader.atom().upper()
-        mode = action.lstrip(b"+-")
-        if mode not in (b"FLAGS", b"FLAGS.SILENT") or action[:1] == action[1:2] == b"+":
-            raise ParseError("Expected FLAGS, +FLAGS or -FLAGS")
-        operation = action[:1] if action[:1] in (b"+", b"-") else b""
-        silent = mode.endswith(b".SILENT")
-        reader.space()
-        if reader.peek_is(b"("):
-            raw = reader.flag_list()
-        else:
-            raw = [reader.flag()]
-            while reader.accept(b" "):
-                raw.append(reader.flag())
-        reader.end()
-        selected = self._selected
-        assert selected is not None
-        verb = "UID STORE" if uid else "STORE"
-        if selected.readonly:
-            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
-        try:
-            letters, keywords = split_flags(f.decode("utf-8", "replace") for f in raw)
-        except FlagError:
-            raise ParseError("Invalid flag") from None
-        if unchanged_since is not None:
-            self._condstore_used()
-        targets = self._targets(numbers, uid)
-        if not targets:
-            return tagged(tag, OK, f"{verb} completed")
-        view = selected.view
-
-        def apply(keyword_slots: list[str]) -> Deferred[bytes]:
-            if keyword_slots != selected.keywords:
-                selected.keywords = keyword_slots
-                selected.flag_cache.clear()
-                names = selected.flag_names()
-                self.write(untagged(b"FLAGS (" + names + b")")
-                           + untagged(b"OK [PERMANENTFLAGS (" + names + b" \\*)] Flags"))
-            wanted = frozenset(letters) | letters_of(keywords, selected.keywords)
-            slots = list(selected.keywords)
-
-            # Worked out against the flags each file has when it is renamed (under the
-            # folder's lock), not the session's possibly older view: another session's
-            # change made meanwhile is kept (RFC 3501 §6.4.6).
-            def change(current: frozenset[str]) -> frozenset[str]:
-                if operation == b"+":
-                    return current | wanted
-                if operation == b"-":
-                    return current - wanted
-                # Letters nobody maps (another client's) are kept: we cannot show them.
-                return wanted | frozenset(letter for letter in current if letter.islower()
-                                          and not _has_keyword(slots, letter))
-
-            changes: list[tuple[MessageInfo, FlagChange]] = [(info, change)
-                                                             for _, info in targets]
-
-            def stored(result: FlagResult) -> bytes:
-                before = {info.uid: info for _, info in targets}
-                if any(new.modseq != before[new.uid].modseq for new in result.updated):
-                    self._notify(view.name)
-                present = {info.uid: info for info in result.updated}
-                refused = {info.uid: info for info in result.modified}
-                lines = []
-                for _, info in targets:
-                    now = present.get(info.uid)
-                    position = selected.position(info.uid)
-                    if position is None:
-                        continue
-                    if now is None:
-                        current = refused.get(info.uid)
-                        if current is not None and (current.modseq != info.modseq
-                                                    or current.flags != info.flags):
-                            # Changed since the session last said: the view now has the
-                            # current state, so the client hears of it here.
-                            lines.append(self._flags_response(position + 1, current, uid=True))
-                        continue
-                    if not silent:
-                        lines.append(self._flags_response(position + 1, now, uid=uid))
-                    elif self.condstore and now.modseq != info.modseq:
-                        # RFC 7162 §3.1.3: even .SILENT tells the new mod-sequence.
-                        lines.append(b"* %d FETCH (UID %d MODSEQ (%d))\r\n" % (
-                            position + 1, now.uid, now.modseq))
-                self.write(b"".join(lines))
-                if refused:
-                    # RFC 7162 §3.1.3: the messages that failed UNCHANGEDSINCE, as UIDs for
-                    # UID STORE and as sequence numbers for STORE.
-                    numbers = sorted(info.uid if uid else n for n, info in targets
-                                     if info.uid in refused)
-                    return tagged(tag, OK, "Conditional STORE failed",
-                                  f"MODIFIED {number_set(numbers).decode()}")
-                if len(present) < len(targets):
-                    return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
-                return tagged(tag, OK, f"{verb} completed")
-
-            return view.store_flags(changes, unchanged_since=unchanged_since).addCallback(
-                stored)
-
-        def failed(failure: Failure) -> bytes | Failure:
-            if failure.check(TooManyKeywordsError):
-                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
-            return failure
-
-        if keywords and any(_letter(selected.keywords, k) is None for k in keywords):
-            d: Deferred[list[str]] = self.run(define_keywords, view.folder, keywords)
-        else:
-            d = succeed(selected.keywords)
-        applied: Deferred[Any] = d.addCallback(apply)
-        return cast(Deferred[bytes], applied.addErrback(failed))
-
-    def _do_search(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        selected = self._selected
-        assert selected is not None
-        # RFC 5182 §2.1: a SEARCH that asked to SAVE and failed leaves "$" empty.
-        saving = b"SAVE" in reader.data[:reader.data.find(b")") + 1].upper()
-        try:
-            reader.space()
-            returns = esearch.parse_return(reader)
-            saving = returns is not None and "SAVE" in returns
-            key = searching.parse_search(reader, uid=uid,
-                                         allow_charset="UTF8=ACCEPT" not in self._enabled)
-        except ParseError:
-            if saving:
-                selected.saved = frozenset()
-            raise
-        if returns is None and self.rev2:
-            returns = esearch.DEFAULT  # RFC 9051 §6.4.4: the answer is always ESEARCH
-        with_modseq = searching.uses_modseq(key)
-        if with_modseq:
-            self._condstore_used()
-        messages = selected.view.messages
-        recent = selected.recent
-        need = key.need
-        folder = selected.view.folder if need is not fetching.Need.NOTHING else None
-        candidates = [searching.Candidate(seq, info, info.uid in recent, folder)
-                      for seq, info in enumerate(messages, 1)]
-        context = searching.Context(len(messages), messages[-1].uid if messages else 0,
-                                    list(selected.keywords), selected.saved)
-
-        def answer(found: list[searching.Candidate]) -> bytes:
-            numbers = [c.info.uid if uid else c.seq for c in found]
-            modseqs = {n: c.info.modseq for n, c in zip(numbers, found, strict=True)}
-            if returns is None:
-                # RFC 7162 §3.1.6: with a MODSEQ key, the highest mod-sequence of the matches.
-                tail = (b" (MODSEQ %d)" % max(modseqs.values())
-                        if with_modseq and numbers else b"")
-                self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + tail + b"\r\n")
-            else:
-                if "SAVE" in returns:
-                    selected.saved = esearch.saved(returns, [c.info.uid for c in found])
-                if esearch.wants_response(returns):
-                    highest = (max(modseqs[n] for n in esearch.reported(returns, numbers))
-                               if with_modseq and numbers else None)
-                    self.write(esearch.response(tag, returns, numbers, uid=uid, modseq=highest))
-            return tagged(tag, OK, "UID SEARCH completed" if uid else "SEARCH completed")
-
-        if need is fetching.Need.NOTHING:
-            return answer(searching.run(key, candidates, context))
-        # Header searches mostly hit the header cache: one disk-thread call. Body searches read
-        # every file: several calls, so that the disk threads work in parallel.
-        batch = SEARCH_BATCH if need is fetching.Need.WHOLE else 50 * SEARCH_BATCH
-        chunks = [candidates[i:i + batch] for i in range(0, len(candidates), batch)]
-        d: Deferred[list[list[searching.Candidate]]] = gatherResults(
-            [self.run(searching.run, key, chunk, context) for chunk in chunks])
-        return d.addCallback(lambda parts: answer([c for part in parts for c in part]))
-
-    def _do_expunge(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        numbers = None
-        if uid:
-            reader.space()
-            numbers = reader.sequence_set()  # RFC 4315 §2.1 UID EXPUNGE
-        reader.end()
-        selected = self._selected
-        assert selected is not None
-        if selected.readonly:
-            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
-        candidates = (selected.view.messages if numbers is None else
-                      [info for _, info in self._targets(numbers, uid=True)])
-        doomed = [info for info in candidates if TRASHED in info.flags]
-        return self._expunge(doomed).addCallback(
-            lambda _: tagged(tag, OK, "EXPUNGE completed"))
-
-    def _expunge(self, doomed: list[MessageInfo]) -> Deferred[None]:
-        """Delete messages of the selected mailbox and send their EXPUNGE responses."""
-        selected = self._selected
-        assert selected is not None
-        if not doomed:
-            return succeed(None)
-        before = selected.view.messages
-        positions = {info.uid: n for n, info in enumerate(before, 1)}
-
-        def deleted(uids: list[int]) -> None:
-            seqs = sorted((positions[u] for u in uids if u in positions), reverse=True)
-            self.write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
-            selected.recent.difference_update(uids)
-            selected.exists -= len(seqs)
-
-        return self._delete_quietly(selected.view, doomed).addCallback(deleted)
-
-    def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        return self._transfer(tag, reader, uid, move=False)
-
-    def _do_move(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        return self._transfer(tag, reader, uid, move=True)
-
-    def _transfer(self, tag: bytes, reader: Reader, uid: bool, *, move: bool
-                  ) -> bytes | Deferred[bytes]:
-        reader.space()
-        numbers = reader.sequence_set()
-        reader.space()
-        name = self._mailbox_name(reader)
-        reader.end()
-        selected = self._selected
-        assert selected is not None and self._mailbox is not None
-        verb = ("UID " if uid else "") + ("MOVE" if move else "COPY")
-        if move and selected.readonly:
-            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
-        try:
-            target = self._store.folder(self._mailbox, name)
-        except InvalidFolderNameError:
-            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-        if move and target.path == selected.view.path:
-            return tagged(tag, NO, "Cannot move a message into its own mailbox", "CANNOT")
-        targets = self._targets(numbers, uid)
-        if not targets:
-            return tagged(tag, OK, f"{verb} completed")
-        infos = [info for _, info in targets]
-        source = selected.view.folder
-
-        def copied(added: Added) -> bytes | Deferred[bytes]:
-            self._added_to(canonical(name))
-            code = None
-            if added.uids:
-                # RFC 4315 §3: COPYUID uidvalidity source-uids target-uids, in pairs.
-                code = (f"COPYUID {added.uidvalidity} "
-                        f"{number_set([s for s, _ in added.uids]).decode()} "
-                        f"{number_set([t for _, t in added.uids]).decode()}")
-            if not move:
-                return tagged(tag, OK, f"{verb} completed", code)
-            if code is not None:
-                # RFC 6851 §4.3: COPYUID comes in an untagged OK before the EXPUNGEs.
-                self.write(untagged(f"OK [{code}] Moved"))
-            moved = {s for s, _ in added.uids}
-            return self._expunge([info for info in infos if info.uid in moved]).addCallback(
-                lambda _: tagged(tag, OK, f"{verb} completed"))
-
-        def failed(failure: Failure) -> bytes | Failure:
-            if failure.check(FileNotFoundError):
-                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-            if failure.check(TooManyKeywordsError):
-                return tagged(tag, NO, "Too many keywords in the target mailbox", "LIMIT")
-            return failure
-
-        return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
-            copied, failed)
-
-
-def _modifier(reader: Reader, name: bytes) -> int:
-    """A one-modifier list ``(NAME n)`` (RFC 4466 fetch/store modifiers; RFC 7162 §3.1.3 and
-    §3.1.4.1 define UNCHANGEDSINCE and CHANGEDSINCE, whose value may be 0)."""
-    reader.expect(b"(")
-    if reader.atom().upper() != name:
-        raise ParseError(f"Expected {name.decode()}")
-    reader.space()
-    value = reader.number()
-    reader.expect(b")")
-    return value
-
-
-def _has_keyword(keywords: list[str], letter: str) -> bool:
-    index = ord(letter) - ord("a")
-    return 0 <= index < len(keywords) and bool(keywords[index])
-
-
-def _letter(keywords: list[str], name: str) -> str | None:
-    from mailsys.mailbox.keywords import letter_of
-
-    return letter_of(keywords, name)
-
-
-def parse_date_time(value: bytes) -> float:
-    """An APPEND date-time ("dd-Mon-yyyy hh:mm:ss +zzzz", RFC 3501 §9) as seconds."""
-    match = _DATE_TIME.match(value.decode("ascii", "replace"))
-    if match is None:
-        raise ParseError("Invalid date-time")
-    day, month_name, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
-    months = [m.upper() for m in MONTHS]
-    if month_name.upper() not in months:
-        raise ParseError("Invalid date-time")
-    try:
-        stamp = calendar.timegm((int(year), months.index(month_name.upper()) + 1, int(day),
-                                 int(hour), int(minute), int(second)))
-    except (ValueError, OverflowError):
-        raise ParseError("Invalid date-time") from None
-    offset = (int(zone_h) * 60 + int(zone_m)) * 60
-    return float(stamp - offset if sign == "+" else stamp + offset)
-
-
-@dataclass(frozen=True)
-class _Appended:
-    """One message of an APPEND command, parsed."""
-
-    data: bytes
-    letters: frozenset[str]
-    keywords: list[str]
-    date: float | None
-
-
-def _append(folder: Folder, messages: list[_Appended]) -> Added:
-    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters.
-
-    RFC 3502 §6.3.11: the messages of a MULTIAPPEND go in all or none. Keywords get their
-    letters before any message is stored; should a later message fail, those already stored
-    are deleted again.
-    """
-    if folder.subfolder and not folder.path.is_dir():
-        raise FileNotFoundError(folder.path.name)
-    keywords = [k for message in messages for k in message.keywords]
-    slots = define_keywords(folder, keywords) if keywords else []
-    uids: list[tuple[int, int]] = []
-    uidvalidity = 0
-    try:
-        for message in messages:
-            letters = message.letters | letters_of(message.keywords, slots)
-            added = append_message(folder, message.data, letters, message.date)
-            uidvalidity = added.uidvalidity
-            uids.extend(added.uids)
-    except BaseException:
-        if uids:
-            stored = {new for _, new in uids}
-            folder.delete([info for info in folder.sync().messages if info.uid in stored])
-        raise
-    return Added(uidvalidity, tuple(uids))
-
-
-def _copy(source: Folder, infos: list[MessageInfo], target: Folder,
-          source_keywords: list[str]) -> Added:
-    """Disk thread: COPY, carrying keywords over to the target's own letters."""
-    if target.subfolder and not target.path.is_dir():
-        raise FileNotFoundError(target.path.name)
-    used = sorted({letter for info in infos for letter in info.flags if letter.islower()})
-    names = [n for n in (source_keywords[ord(c) - 97] if ord(c) - 97 < len(source_keywords)
-                         else "" for c in used) if n]
-    slots = define_keywords(target, names) if names else read_keywords(target.path)
-
-    def flags_of(info: MessageInfo) -> frozenset[str]:
-        kept = {letter for letter in info.flags if not letter.islower()}
-        flags = names_of(info.flags, source_keywords)
-        return frozenset(kept) | letters_of([f for f in flags if not f.startswith("\\")
-                                             and f != "$Forwarded"], slots)
-
-    return copy_messages(source, infos, target, flags_of)
 
 
 class IMAPServerFactory(MailboxServerFactory[IMAPSettings]):

@@ -291,9 +291,9 @@ def test_multiappend_with_an_empty_message_stores_nothing(server: Server) -> Non
 def test_multiappend_failure_rolls_back_stored_messages(server: Server,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A disk failure at the second message deletes the first again (RFC 3502: all or none)."""
-    import mailsys.imap.session as session_module
+    import mailsys.imap.transfers as transfers_module
 
-    real = session_module.append_message
+    real = transfers_module.append_message
     calls: list[int] = []
 
     def failing(*args: object) -> object:
@@ -302,7 +302,7 @@ def test_multiappend_failure_rolls_back_stored_messages(server: Server,
             raise OSError("disk full")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(session_module, "append_message", failing)
+    monkeypatch.setattr(transfers_module, "append_message", failing)
     client = server.connect()
     client.login()
     out = client.send(b"a APPEND INBOX {3+}\r\nabc {3+}\r\ndef\r\n")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsys.imap.session import State, parse_date_time
+from mailsys.imap.session import State
+from mailsys.imap.transfers import parse_date_time
 from mailsys.mailbox.keywords import KEYWORDS_NAME
 from mailsys.mailbox.names import SEEN, parse_name
 from tests.unit.imap_support import PASSWORD, USER, Client, FakeTLS, Server

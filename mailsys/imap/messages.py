@@ -1,0 +1,359 @@
+"""FETCH, STORE, SEARCH and EXPUNGE (and their UID forms): the commands on the messages of the
+selected mailbox, as a mixin of IMAPSession.
+
+FETCH runs through mailsys.imap.fetchrun, SEARCH through mailsys.imap.search; STORE changes
+flags against each file's current name under the folder's lock, conditionally with
+UNCHANGEDSINCE (RFC 7162 §3.1.3).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.python.failure import Failure
+
+from mailsys.imap import esearch
+from mailsys.imap import fetch as fetching
+from mailsys.imap import search as searching
+from mailsys.imap.fetchrun import FetchRun
+from mailsys.imap.flags import FlagError, has_keyword, letters_of, split_flags
+from mailsys.imap.parser import ParseError, Reader, SequenceSet
+from mailsys.imap.responses import NO, OK, number_set, tagged, untagged
+from mailsys.mailbox.folder import FlagChange, FlagResult, MessageInfo
+from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords
+from mailsys.mailbox.names import TRASHED
+from mailsys.mailbox.store import FolderView
+
+if TYPE_CHECKING:
+    from mailsys.imap.session import IMAPSession, Selected
+
+# SEARCH hands the disk threads this many messages at a time when it reads whole messages, and
+# fifty times as many when headers (cached after the first search) are enough.
+SEARCH_BATCH = 1000
+
+
+class MessageCommands:
+    """The commands on the selected mailbox's messages."""
+
+    # Provided by IMAPSession.
+    _selected: Selected | None
+    _enabled: set[str]
+    run: Callable[..., Deferred[Any]]
+    write: Callable[[bytes], None]
+    _notify: Callable[[str], None]
+    _condstore_used: Callable[[], None]
+    _flags_response: Callable[..., bytes]
+    _delete_quietly: Callable[[FolderView, list[MessageInfo]], Deferred[list[int]]]
+
+    @property
+    def condstore(self) -> bool:
+        """CONDSTORE is on for this session (IMAPSession)."""
+        raise NotImplementedError
+
+    @property
+    def rev2(self) -> bool:
+        """RFC 9051 behaviour is enabled (IMAPSession)."""
+        raise NotImplementedError
+
+    # --- messages of the selected mailbox --------------------------------------------------
+
+    def _targets(self, numbers: SequenceSet, uid: bool) -> list[tuple[int, MessageInfo]]:
+        """(sequence number, message) for a sequence set or UID set, in mailbox order."""
+        selected = self._selected
+        assert selected is not None
+        messages = selected.view.messages
+        if not messages:
+            return []
+        if numbers.saved:
+            # RFC 5182 §2.1: "$" is the saved UIDs, for UID and sequence-number commands alike.
+            saved = selected.saved
+            return [(n, info) for n, info in enumerate(messages, 1) if info.uid in saved]
+        if uid:
+            uids = selected.uids()
+            ranges = numbers.resolve(uids[-1])
+            if len(ranges) == 1:  # the common "1:*" or "n:m": one slice, in order
+                start = bisect.bisect_left(uids, ranges[0][0])
+                end = bisect.bisect_right(uids, ranges[0][1])
+                return list(zip(range(start + 1, end + 1), messages[start:end], strict=True))
+            positions: set[int] = set()
+            for low, high in ranges:
+                start = bisect.bisect_left(uids, low)
+                end = bisect.bisect_right(uids, high)
+                positions.update(range(start, end))
+            return [(p + 1, messages[p]) for p in sorted(positions)]
+        largest = len(messages)
+        ranges = numbers.resolve(largest)
+        if any(high > largest for _, high in ranges):
+            raise ParseError("Invalid message sequence number")
+        if len(ranges) == 1:
+            low, high = ranges[0]
+            return list(zip(range(low, high + 1), messages[low - 1:high], strict=True))
+        positions = set()
+        for low, high in ranges:
+            positions.update(range(low - 1, high))
+        return [(p + 1, messages[p]) for p in sorted(positions)]
+
+    def _do_fetch(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        numbers = reader.sequence_set()
+        reader.space()
+        items = fetching.parse_fetch_items(reader)
+        changed_since = None
+        if reader.accept(b" "):
+            changed_since = _modifier(reader, b"CHANGEDSINCE")  # RFC 7162 §3.1.4.1
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        modseq = fetching.FetchItem("MODSEQ")
+        if changed_since is not None and modseq not in items:
+            items = [*items, modseq]  # RFC 7162 §3.1.4.1: MODSEQ is implied
+        if modseq in items:
+            self._condstore_used()
+        targets = self._targets(numbers, uid)
+        if changed_since is not None:
+            targets = [(n, info) for n, info in targets if info.modseq > changed_since]
+        verb = "UID FETCH" if uid else "FETCH"
+        if not targets:
+            return tagged(tag, OK, f"{verb} completed")
+        run = FetchRun(cast("IMAPSession", self), selected, targets, items, with_uid=uid,
+                       report_modseq=self.condstore)
+
+        def done(complete: bool) -> bytes:
+            if run.unknown_cte:
+                # RFC 3516 §5 / RFC 9051 §7.1: the part's encoding is one we cannot undo.
+                return tagged(tag, NO, "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
+            if complete:
+                return tagged(tag, OK, f"{verb} completed")
+            # RFC 5530: some of the messages were expunged by another session.
+            return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
+
+        return run.start().addCallback(done)
+
+    def _do_store(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        numbers = reader.sequence_set()
+        reader.space()
+        unchanged_since = None
+        if reader.peek_is(b"("):
+            unchanged_since = _modifier(reader, b"UNCHANGEDSINCE")  # RFC 7162 §3.1.3
+            reader.space()
+        action = reader.atom().upper()
+        mode = action.lstrip(b"+-")
+        if mode not in (b"FLAGS", b"FLAGS.SILENT") or action[:1] == action[1:2] == b"+":
+            raise ParseError("Expected FLAGS, +FLAGS or -FLAGS")
+        operation = action[:1] if action[:1] in (b"+", b"-") else b""
+        silent = mode.endswith(b".SILENT")
+        reader.space()
+        if reader.peek_is(b"("):
+            raw = reader.flag_list()
+        else:
+            raw = [reader.flag()]
+            while reader.accept(b" "):
+                raw.append(reader.flag())
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        verb = "UID STORE" if uid else "STORE"
+        if selected.readonly:
+            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+        try:
+            letters, keywords = split_flags(f.decode("utf-8", "replace") for f in raw)
+        except FlagError:
+            raise ParseError("Invalid flag") from None
+        if unchanged_since is not None:
+            self._condstore_used()
+        targets = self._targets(numbers, uid)
+        if not targets:
+            return tagged(tag, OK, f"{verb} completed")
+        view = selected.view
+
+        def apply(keyword_slots: list[str]) -> Deferred[bytes]:
+            if keyword_slots != selected.keywords:
+                selected.keywords = keyword_slots
+                selected.flag_cache.clear()
+                names = selected.flag_names()
+                self.write(untagged(b"FLAGS (" + names + b")")
+                           + untagged(b"OK [PERMANENTFLAGS (" + names + b" \\*)] Flags"))
+            wanted = frozenset(letters) | letters_of(keywords, selected.keywords)
+            slots = list(selected.keywords)
+
+            # Worked out against the flags each file has when it is renamed (under the
+            # folder's lock), not the session's possibly older view: another session's
+            # change made meanwhile is kept (RFC 3501 §6.4.6).
+            def change(current: frozenset[str]) -> frozenset[str]:
+                if operation == b"+":
+                    return current | wanted
+                if operation == b"-":
+                    return current - wanted
+                # Letters nobody maps (another client's) are kept: we cannot show them.
+                return wanted | frozenset(letter for letter in current if letter.islower()
+                                          and not has_keyword(slots, letter))
+
+            changes: list[tuple[MessageInfo, FlagChange]] = [(info, change)
+                                                             for _, info in targets]
+
+            def stored(result: FlagResult) -> bytes:
+                before = {info.uid: info for _, info in targets}
+                if any(new.modseq != before[new.uid].modseq for new in result.updated):
+                    self._notify(view.name)
+                present = {info.uid: info for info in result.updated}
+                refused = {info.uid: info for info in result.modified}
+                lines = []
+                for _, info in targets:
+                    now = present.get(info.uid)
+                    position = selected.position(info.uid)
+                    if position is None:
+                        continue
+                    if now is None:
+                        current = refused.get(info.uid)
+                        if current is not None and (current.modseq != info.modseq
+                                                    or current.flags != info.flags):
+                            # Changed since the session last said: the view now has the
+                            # current state, so the client hears of it here.
+                            lines.append(self._flags_response(position + 1, current, uid=True))
+                        continue
+                    if not silent:
+                        lines.append(self._flags_response(position + 1, now, uid=uid))
+                    elif self.condstore and now.modseq != info.modseq:
+                        # RFC 7162 §3.1.3: even .SILENT tells the new mod-sequence.
+                        lines.append(b"* %d FETCH (UID %d MODSEQ (%d))\r\n" % (
+                            position + 1, now.uid, now.modseq))
+                self.write(b"".join(lines))
+                if refused:
+                    # RFC 7162 §3.1.3: the messages that failed UNCHANGEDSINCE, as UIDs for
+                    # UID STORE and as sequence numbers for STORE.
+                    numbers = sorted(info.uid if uid else n for n, info in targets
+                                     if info.uid in refused)
+                    return tagged(tag, OK, "Conditional STORE failed",
+                                  f"MODIFIED {number_set(numbers).decode()}")
+                if len(present) < len(targets):
+                    return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
+                return tagged(tag, OK, f"{verb} completed")
+
+            return view.store_flags(changes, unchanged_since=unchanged_since).addCallback(
+                stored)
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(TooManyKeywordsError):
+                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
+            return failure
+
+        if keywords and any(_letter(selected.keywords, k) is None for k in keywords):
+            d: Deferred[list[str]] = self.run(define_keywords, view.folder, keywords)
+        else:
+            d = succeed(selected.keywords)
+        applied: Deferred[Any] = d.addCallback(apply)
+        return cast(Deferred[bytes], applied.addErrback(failed))
+
+    def _do_search(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        selected = self._selected
+        assert selected is not None
+        # RFC 5182 §2.1: a SEARCH that asked to SAVE and failed leaves "$" empty.
+        saving = b"SAVE" in reader.data[:reader.data.find(b")") + 1].upper()
+        try:
+            reader.space()
+            returns = esearch.parse_return(reader)
+            saving = returns is not None and "SAVE" in returns
+            key = searching.parse_search(reader, uid=uid,
+                                         allow_charset="UTF8=ACCEPT" not in self._enabled)
+        except ParseError:
+            if saving:
+                selected.saved = frozenset()
+            raise
+        if returns is None and self.rev2:
+            returns = esearch.DEFAULT  # RFC 9051 §6.4.4: the answer is always ESEARCH
+        with_modseq = searching.uses_modseq(key)
+        if with_modseq:
+            self._condstore_used()
+        messages = selected.view.messages
+        recent = selected.recent
+        need = key.need
+        folder = selected.view.folder if need is not fetching.Need.NOTHING else None
+        candidates = [searching.Candidate(seq, info, info.uid in recent, folder)
+                      for seq, info in enumerate(messages, 1)]
+        context = searching.Context(len(messages), messages[-1].uid if messages else 0,
+                                    list(selected.keywords), selected.saved)
+
+        def answer(found: list[searching.Candidate]) -> bytes:
+            numbers = [c.info.uid if uid else c.seq for c in found]
+            modseqs = {n: c.info.modseq for n, c in zip(numbers, found, strict=True)}
+            if returns is None:
+                # RFC 7162 §3.1.6: with a MODSEQ key, the highest mod-sequence of the matches.
+                tail = (b" (MODSEQ %d)" % max(modseqs.values())
+                        if with_modseq and numbers else b"")
+                self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + tail + b"\r\n")
+            else:
+                if "SAVE" in returns:
+                    selected.saved = esearch.saved(returns, [c.info.uid for c in found])
+                if esearch.wants_response(returns):
+                    highest = (max(modseqs[n] for n in esearch.reported(returns, numbers))
+                               if with_modseq and numbers else None)
+                    self.write(esearch.response(tag, returns, numbers, uid=uid, modseq=highest))
+            return tagged(tag, OK, "UID SEARCH completed" if uid else "SEARCH completed")
+
+        if need is fetching.Need.NOTHING:
+            return answer(searching.run(key, candidates, context))
+        # Header searches mostly hit the header cache: one disk-thread call. Body searches read
+        # every file: several calls, so that the disk threads work in parallel.
+        batch = SEARCH_BATCH if need is fetching.Need.WHOLE else 50 * SEARCH_BATCH
+        chunks = [candidates[i:i + batch] for i in range(0, len(candidates), batch)]
+        d: Deferred[list[list[searching.Candidate]]] = gatherResults(
+            [self.run(searching.run, key, chunk, context) for chunk in chunks])
+        return d.addCallback(lambda parts: answer([c for part in parts for c in part]))
+
+    def _do_expunge(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        numbers = None
+        if uid:
+            reader.space()
+            numbers = reader.sequence_set()  # RFC 4315 §2.1 UID EXPUNGE
+        reader.end()
+        selected = self._selected
+        assert selected is not None
+        if selected.readonly:
+            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+        candidates = (selected.view.messages if numbers is None else
+                      [info for _, info in self._targets(numbers, uid=True)])
+        doomed = [info for info in candidates if TRASHED in info.flags]
+        return self._expunge(doomed).addCallback(
+            lambda _: tagged(tag, OK, "EXPUNGE completed"))
+
+    def _expunge(self, doomed: list[MessageInfo]) -> Deferred[None]:
+        """Delete messages of the selected mailbox and send their EXPUNGE responses."""
+        selected = self._selected
+        assert selected is not None
+        if not doomed:
+            return succeed(None)
+        before = selected.view.messages
+        positions = {info.uid: n for n, info in enumerate(before, 1)}
+
+        def deleted(uids: list[int]) -> None:
+            seqs = sorted((positions[u] for u in uids if u in positions), reverse=True)
+            self.write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
+            selected.recent.difference_update(uids)
+            selected.exists -= len(seqs)
+
+        return self._delete_quietly(selected.view, doomed).addCallback(deleted)
+
+
+def _modifier(reader: Reader, name: bytes) -> int:
+    """A one-modifier list ``(NAME n)`` (RFC 4466 fetch/store modifiers; RFC 7162 §3.1.3 and
+    §3.1.4.1 define UNCHANGEDSINCE and CHANGEDSINCE, whose value may be 0)."""
+    reader.expect(b"(")
+    if reader.atom().upper() != name:
+        raise ParseError(f"Expected {name.decode()}")
+    reader.space()
+    value = reader.number()
+    reader.expect(b")")
+    return value
+
+
+
+def _letter(keywords: list[str], name: str) -> str | None:
+    from mailsys.mailbox.keywords import letter_of
+
+    return letter_of(keywords, name)
+
+

@@ -1,0 +1,250 @@
+"""APPEND (with MULTIAPPEND), COPY and MOVE: messages entering a folder, as a mixin of
+IMAPSession. The blocking work (mailsys.mailbox.transfer) runs in the store's disk threads;
+answers carry UIDPLUS's APPENDUID and COPYUID (RFC 4315 §3).
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
+from mailsys.imap.names import canonical
+from mailsys.imap.parser import ParseError, Reader, SequenceSet
+from mailsys.imap.responses import MONTHS, NO, OK, number_set, tagged, untagged
+from mailsys.mailbox.folder import Folder, MessageInfo
+from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
+from mailsys.mailbox.store import InvalidFolderNameError, MailboxStore
+from mailsys.mailbox.transfer import Added, append_message, copy_messages
+
+if TYPE_CHECKING:
+    from mailsys.imap.session import Selected
+
+log = Logger(namespace="mailsys.imap")
+
+# RFC 3501 §9 date-time: "dd-Mon-yyyy hh:mm:ss +zzzz" (a leading space for one-digit days).
+_DATE_TIME = re.compile(
+    r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
+
+
+class TransferCommands:
+    """The commands that put messages into a folder."""
+
+    # Provided by IMAPSession.
+    _store: MailboxStore
+    _mailbox: str | None
+    _selected: Selected | None
+    run: Callable[..., Deferred[Any]]
+    write: Callable[[bytes], None]
+    _mailbox_name: Callable[[Reader], str]
+    _added_to: Callable[[str], None]
+    _targets: Callable[[SequenceSet, bool], list[tuple[int, MessageInfo]]]
+    _expunge: Callable[[list[MessageInfo]], Deferred[None]]
+
+    # --- APPEND ---------------------------------------------------------------------------------
+
+    def _append_item(self, reader: Reader) -> _Appended:
+        """One message of APPEND: [flag-list SP] [date-time SP] data."""
+        flags: list[str] = []
+        if reader.peek_is(b"("):
+            flags = [f.decode("utf-8", "replace") for f in reader.flag_list()]
+            reader.space()
+        date: float | None = None
+        if reader.peek_is(b'"'):
+            date = parse_date_time(reader.quoted())
+            reader.space()
+        if reader.data[reader.position:reader.position + 6].upper() == b"UTF8 (":
+            # RFC 6855 §4: UTF8 (literal8), a message with UTF-8 header fields.
+            reader.position += 6
+            if not reader.peek_is(b"~"):
+                raise ParseError("UTF8 APPEND data must be a literal8")
+            data = reader.literal()
+            reader.expect(b")")
+        else:
+            data = reader.literal()  # a literal, or a literal8 (RFC 3516 §4.4)
+        try:
+            letters, keywords = split_flags(flags)
+        except FlagError:
+            raise ParseError("Invalid flag in APPEND") from None
+        return _Appended(data, frozenset(letters), keywords, date)
+
+    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.space()
+        messages = [self._append_item(reader)]
+        while reader.accept(b" "):
+            messages.append(self._append_item(reader))  # RFC 3502 MULTIAPPEND
+        reader.end()
+        if any(not message.data for message in messages):
+            return tagged(tag, NO, "Cannot store an empty message")
+        assert self._mailbox is not None
+        try:
+            folder = self._store.folder(self._mailbox, name)
+        except InvalidFolderNameError:
+            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+        mailbox = self._mailbox
+
+        def appended(added: Added) -> bytes:
+            self._added_to(canonical(name))
+            uids = [new for _, new in added.uids]
+            log.info("imap APPEND {user} {folder} uids={uids}", user=mailbox, folder=name,
+                     uids=number_set(uids).decode())
+            if len(uids) != len(messages):
+                return tagged(tag, OK, "APPEND completed")
+            # RFC 4315 §3: APPENDUID uidvalidity uid-set (a set for MULTIAPPEND).
+            return tagged(tag, OK, "APPEND completed",
+                          f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError):
+                # RFC 3501 §6.3.11: TRYCREATE tells the client to CREATE and retry.
+                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+            if failure.check(TooManyKeywordsError):
+                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
+            return failure
+
+        return self._store.list_folders(mailbox).addCallback(
+            lambda _: self.run(_append, folder, messages)
+        ).addCallbacks(appended, failed)
+
+    def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        return self._transfer(tag, reader, uid, move=False)
+
+    def _do_move(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+        return self._transfer(tag, reader, uid, move=True)
+
+    def _transfer(self, tag: bytes, reader: Reader, uid: bool, *, move: bool
+                  ) -> bytes | Deferred[bytes]:
+        reader.space()
+        numbers = reader.sequence_set()
+        reader.space()
+        name = self._mailbox_name(reader)
+        reader.end()
+        selected = self._selected
+        assert selected is not None and self._mailbox is not None
+        verb = ("UID " if uid else "") + ("MOVE" if move else "COPY")
+        if move and selected.readonly:
+            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+        try:
+            target = self._store.folder(self._mailbox, name)
+        except InvalidFolderNameError:
+            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+        if move and target.path == selected.view.path:
+            return tagged(tag, NO, "Cannot move a message into its own mailbox", "CANNOT")
+        targets = self._targets(numbers, uid)
+        if not targets:
+            return tagged(tag, OK, f"{verb} completed")
+        infos = [info for _, info in targets]
+        source = selected.view.folder
+
+        def copied(added: Added) -> bytes | Deferred[bytes]:
+            self._added_to(canonical(name))
+            code = None
+            if added.uids:
+                # RFC 4315 §3: COPYUID uidvalidity source-uids target-uids, in pairs.
+                code = (f"COPYUID {added.uidvalidity} "
+                        f"{number_set([s for s, _ in added.uids]).decode()} "
+                        f"{number_set([t for _, t in added.uids]).decode()}")
+            if not move:
+                return tagged(tag, OK, f"{verb} completed", code)
+            if code is not None:
+                # RFC 6851 §4.3: COPYUID comes in an untagged OK before the EXPUNGEs.
+                self.write(untagged(f"OK [{code}] Moved"))
+            moved = {s for s, _ in added.uids}
+            return self._expunge([info for info in infos if info.uid in moved]).addCallback(
+                lambda _: tagged(tag, OK, f"{verb} completed"))
+
+        def failed(failure: Failure) -> bytes | Failure:
+            if failure.check(FileNotFoundError):
+                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+            if failure.check(TooManyKeywordsError):
+                return tagged(tag, NO, "Too many keywords in the target mailbox", "LIMIT")
+            return failure
+
+        return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
+            copied, failed)
+
+
+
+def parse_date_time(value: bytes) -> float:
+    """An APPEND date-time ("dd-Mon-yyyy hh:mm:ss +zzzz", RFC 3501 §9) as seconds."""
+    match = _DATE_TIME.match(value.decode("ascii", "replace"))
+    if match is None:
+        raise ParseError("Invalid date-time")
+    day, month_name, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
+    months = [m.upper() for m in MONTHS]
+    if month_name.upper() not in months:
+        raise ParseError("Invalid date-time")
+    try:
+        stamp = calendar.timegm((int(year), months.index(month_name.upper()) + 1, int(day),
+                                 int(hour), int(minute), int(second)))
+    except (ValueError, OverflowError):
+        raise ParseError("Invalid date-time") from None
+    offset = (int(zone_h) * 60 + int(zone_m)) * 60
+    return float(stamp - offset if sign == "+" else stamp + offset)
+
+
+@dataclass(frozen=True)
+class _Appended:
+    """One message of an APPEND command, parsed."""
+
+    data: bytes
+    letters: frozenset[str]
+    keywords: list[str]
+    date: float | None
+
+
+def _append(folder: Folder, messages: list[_Appended]) -> Added:
+    """Disk thread: APPEND into ``folder`` (which must exist), keywords given letters.
+
+    RFC 3502 §6.3.11: the messages of a MULTIAPPEND go in all or none. Keywords get their
+    letters before any message is stored; should a later message fail, those already stored
+    are deleted again.
+    """
+    if folder.subfolder and not folder.path.is_dir():
+        raise FileNotFoundError(folder.path.name)
+    keywords = [k for message in messages for k in message.keywords]
+    slots = define_keywords(folder, keywords) if keywords else []
+    uids: list[tuple[int, int]] = []
+    uidvalidity = 0
+    try:
+        for message in messages:
+            letters = message.letters | letters_of(message.keywords, slots)
+            added = append_message(folder, message.data, letters, message.date)
+            uidvalidity = added.uidvalidity
+            uids.extend(added.uids)
+    except BaseException:
+        if uids:
+            stored = {new for _, new in uids}
+            folder.delete([info for info in folder.sync().messages if info.uid in stored])
+        raise
+    return Added(uidvalidity, tuple(uids))
+
+
+def _copy(source: Folder, infos: list[MessageInfo], target: Folder,
+          source_keywords: list[str]) -> Added:
+    """Disk thread: COPY, carrying keywords over to the target's own letters."""
+    if target.subfolder and not target.path.is_dir():
+        raise FileNotFoundError(target.path.name)
+    used = sorted({letter for info in infos for letter in info.flags if letter.islower()})
+    names = [n for n in (source_keywords[ord(c) - 97] if ord(c) - 97 < len(source_keywords)
+                         else "" for c in used) if n]
+    slots = define_keywords(target, names) if names else read_keywords(target.path)
+
+    def flags_of(info: MessageInfo) -> frozenset[str]:
+        kept = {letter for letter in info.flags if not letter.islower()}
+        flags = names_of(info.flags, source_keywords)
+        return frozenset(kept) | letters_of([f for f in flags if not f.startswith("\\")
+                                             and f != "$Forwarded"], slots)
+
+    return copy_messages(source, infos, target, flags_of)
+
+
