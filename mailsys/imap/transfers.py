@@ -103,17 +103,9 @@ class TransferCommands:
             return tagged(tag, OK, "APPEND completed",
                           f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
 
-        def failed(failure: Failure) -> bytes | Failure:
-            if failure.check(FileNotFoundError):
-                # RFC 3501 §6.3.11: TRYCREATE tells the client to CREATE and retry.
-                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-            if failure.check(TooManyKeywordsError):
-                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
-            return failure
-
         return self._store.list_folders(mailbox).addCallback(
             lambda _: self.run(_append, folder, messages)
-        ).addCallbacks(appended, failed)
+        ).addCallbacks(appended, lambda failure: _refusal(tag, failure))
 
     def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         return self._transfer(tag, reader, uid, move=False)
@@ -162,15 +154,18 @@ class TransferCommands:
             return self._expunge([info for info in infos if info.uid in moved]).addCallback(
                 lambda _: tagged(tag, OK, f"{verb} completed"))
 
-        def failed(failure: Failure) -> bytes | Failure:
-            if failure.check(FileNotFoundError):
-                return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-            if failure.check(TooManyKeywordsError):
-                return tagged(tag, NO, "Too many keywords in the target mailbox", "LIMIT")
-            return failure
-
         return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
-            copied, failed)
+            copied, lambda failure: _refusal(tag, failure))
+
+
+def _refusal(tag: bytes, failure: Failure) -> bytes | Failure:
+    """The NO for a target folder that is gone or out of keyword letters; else the failure."""
+    if failure.check(FileNotFoundError):
+        # RFC 3501 §6.3.11, §6.4.7: TRYCREATE tells the client to CREATE and retry.
+        return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+    if failure.check(TooManyKeywordsError):
+        return tagged(tag, NO, "Too many keywords in the target mailbox", "LIMIT")
+    return failure
 
 
 

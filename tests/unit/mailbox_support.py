@@ -13,6 +13,16 @@ from twisted.python.failure import Failure
 E = TypeVar("E", bound=BaseException)
 
 
+class WallClock:
+    """A settable wall clock for a Folder (UIDVALIDITY and mod-sequence floors come from it)."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class ImmediatePool:
     """A DiskRunner that runs the work at once on the calling thread (no reactor needed)."""
 

@@ -17,26 +17,16 @@ from mailsys.mailbox.folder import (
 )
 from mailsys.mailbox.names import SEEN, parse_name
 from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist, write_state
-from tests.unit.mailbox_support import deliver, message
-
-
-class Clock:
-    """A settable wall clock for UIDVALIDITY values."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.mailbox_support import WallClock, deliver, message
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> WallClock:
+    return WallClock()
 
 
 @pytest.fixture
-def folder(tmp_path: Path, clock: Clock) -> Folder:
+def folder(tmp_path: Path, clock: WallClock) -> Folder:
     create_folder_dirs(tmp_path / "inbox", subfolder=False)
     return Folder(tmp_path / "inbox", clock=clock)
 
@@ -180,7 +170,7 @@ def test_expunged_top_uid_never_reused_after_loss(folder: Folder) -> None:
     assert [m.uid for m in after.messages] == [1, 2, 4]
 
 
-def test_lost_everything_gives_new_higher_uidvalidity(folder: Folder, clock: Clock) -> None:
+def test_lost_everything_gives_new_higher_uidvalidity(folder: Folder, clock: WallClock) -> None:
     """With the UID file, the side file and every U= gone, the folder gets a new UIDVALIDITY."""
     for i in range(2):
         deliver(folder.path, message(i))

@@ -19,29 +19,19 @@ from mailsys.mailbox.uidlist import (
     parse_uidlist,
     read_uidvalidity_floor,
 )
-from tests.unit.mailbox_support import deliver, message
-
-
-class Clock:
-    """A settable wall clock."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.mailbox_support import WallClock, deliver, message
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Folder:
     create_folder_dirs(tmp_path / "inbox", subfolder=False)
-    return Folder(tmp_path / "inbox", clock=Clock())
+    return Folder(tmp_path / "inbox", clock=WallClock())
 
 
 def restarted(folder: Folder) -> Folder:
     """The same folder as a new process sees it: no in-memory sync cache."""
     folder_module._sync_cache.clear()
-    return Folder(folder.path, clock=Clock())
+    return Folder(folder.path, clock=WallClock())
 
 
 def recorded(folder: Folder) -> dict[str, tuple[int, frozenset[str] | None]]:
