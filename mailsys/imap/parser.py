@@ -23,6 +23,7 @@ _TAG_CHARS = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\+]+")
 # ATOM-CHAR: any CHAR except atom-specials "(" ")" "{" SP CTL "%" "*" DQUOTE "\" "]".
 _ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\\]]+")
 # ASTRING-CHAR adds "]" (resp-specials).
+_LITERAL = re.compile(rb"(~?)\{(\d{1,19})\+?\}\r\n")
 _ASTRING_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\]+")
 # list-char: ATOM-CHAR / list-wildcards / resp-specials.
 _LIST_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){\"\\]+")
@@ -352,15 +353,20 @@ class Reader:
             position += 1
 
     def literal(self) -> bytes:
-        match = re.compile(rb"~?\{(\d{1,19})\+?\}\r\n").match(self.data, self.position)
+        """A literal ``{n}`` (or ``{n+}``), or a literal8 ``~{n}`` (RFC 3516 §4.4)."""
+        match = _LITERAL.match(self.data, self.position)
         if match is None:
             raise ParseError("Expected a literal")
-        size = int(match.group(1))
+        size = int(match.group(2))
         start = match.end()
         if start + size > len(self.data):
             raise ParseError("Literal shorter than announced")
+        value = self.data[start:start + size]
+        if not match.group(1) and b"\x00" in value:
+            # RFC 3501 §9: a literal is CHAR8s, never NUL; binary data needs a literal8.
+            raise ParseError("NUL in a literal (binary data needs a literal8, ~{n})")
         self.position = start + size
-        return self.data[start:start + size]
+        return value
 
     def string(self) -> bytes:
         char = self.peek()

@@ -224,6 +224,16 @@ def test_append_literal8_and_utf8_form(server: Server) -> None:
     assert utf8 in client.send(b"c FETCH 2 BINARY.PEEK[]\r\n")
 
 
+def test_append_refuses_nul_in_an_ordinary_literal(server: Server) -> None:
+    """A NUL in a {n} literal is BAD (RFC 3501 §9: CHAR8), and nothing is stored."""
+    client = server.connect()
+    client.login()
+    data = b"Subject: nul\r\n\r\nab\x00cd\r\n"
+    out = client.send(b"a APPEND INBOX {%d+}\r\n" % len(data) + data + b"\r\n")
+    assert out.startswith(b"a BAD") and b"literal8" in out
+    assert "* 0 EXISTS" in client.select()
+
+
 # --- mailbox names and LIST ----------------------------------------------------------------------
 
 
