@@ -219,7 +219,8 @@ def ensure_self_signed(certificate: Path, key: Path, hostname: str) -> bool:
     names: list[x509.GeneralName] = [x509.DNSName(hostname)]
     if hostname != "localhost":
         names.append(x509.DNSName("localhost"))
-    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    # The embedded default listens on loopback: clients that check IP names find both.
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")]
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -21,12 +21,12 @@ def _make(tmp_path: Path, name: str = "mail.example.test") -> tuple[Path, Path]:
 
 
 def test_self_signed_certificate_names_host_localhost_and_loopback(tmp_path: Path) -> None:
-    """The development certificate's SAN has the hostname, localhost and 127.0.0.1."""
+    """The development certificate's SAN has the hostname, localhost, 127.0.0.1 and ::1."""
     cert, key = _make(tmp_path)
     parsed = x509.load_pem_x509_certificate(cert.read_bytes())
     san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["mail.example.test", "localhost"]
-    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     usage = parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
     assert parsed.not_valid_after_utc - parsed.not_valid_before_utc <= datetime.timedelta(days=825)
