@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from mailsys.auth.passwords import UnusableHashError, hash_scheme
 from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
-from mailsys.config import Config, ConfigError, load
+from mailsys.config import LISTENER_KEYS, Config, ConfigError, load
 from mailsys.queue.commands import add_queue_commands
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
@@ -261,8 +261,8 @@ def _import_line(config: Config, line: str) -> tuple[str, str, str | None]:
 def _check_config(args: argparse.Namespace) -> int:
     path: Path = args.path if args.path is not None else args.config
     config = load(path, check_files=True)
-    listeners = (len(config.smtp.listen) + len(config.submission.listen)
-                 + len(config.submission.listen_tls))
+    listeners = sum(len(getattr(getattr(config, section), attr))
+                    for section, attr in LISTENER_KEYS)
     domains = len(config.routing.local_domains)
     print(f"{path}: ok ({_plural(listeners, 'listener')}, {_plural(domains, 'local domain')})")
     return EXIT_OK

@@ -366,6 +366,14 @@ def normalize_listener(description: str, path: Path, key: str) -> str:
     for name in kwargs:
         if name not in allowed:
             raise ConfigError(path, key, f"endpoint {description!r}: unknown option {name!r}")
+    interface = kwargs.get("interface")
+    if interface is not None and interface != "":
+        try:
+            ipaddress.ip_address(str(interface))
+        except ValueError:
+            # bind() would try to resolve it at start-up and fail there, or bind a surprise.
+            raise ConfigError(path, key, f"endpoint {description!r}: interface must be an IP "
+                              f"address, not {interface!r}") from None
     backlog = kwargs.get("backlog")
     if backlog is None:
         return f"{description}:backlog={DEFAULT_BACKLOG}"
@@ -375,17 +383,49 @@ def normalize_listener(description: str, path: Path, key: str) -> str:
     return description
 
 
+# Every key that holds listener endpoint strings, in the order the service binds them.
+LISTENER_KEYS = (("smtp", "listen"), ("submission", "listen"), ("submission", "listen_tls"),
+                 ("pop3", "listen"), ("pop3", "listen_tls"), ("imap", "listen"),
+                 ("imap", "listen_tls"))
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _claim_port(bound: dict[tuple[str, int], tuple[str, str]], description: str, path: Path,
+                key: str) -> None:
+    """Refuse a TCP listener whose port another listener of this config already binds.
+
+    The service would fail at start-up with "address already in use" and no key to go by. A
+    wildcard interface overlaps every interface of its port (Linux refuses both binds).
+    """
+    from twisted.internet import endpoints
+
+    args, kwargs = endpoints._parse(description)
+    if str(args[0]).lower() not in ("tcp", "tcp6"):
+        return
+    port = int(str(args[1] if len(args) > 1 else kwargs["port"]))
+    if port == 0:
+        return  # any free port: never a clash
+    interface = str(kwargs.get("interface", ""))
+    for (other_interface, other_port), (other_key, other) in bound.items():
+        if other_port == port and (other_interface == interface or interface in _WILDCARDS
+                                   or other_interface in _WILDCARDS):
+            raise ConfigError(path, key, f"endpoint {description!r}: port {port} is already "
+                              f"taken by {other!r} ({other_key})")
+    bound[(interface, port)] = (key, description)
+
+
 def _check(config: Config, *, check_files: bool) -> None:
     path = config.path
     if not _HOSTNAME.match(config.server.hostname):
         raise ConfigError(path, "server.hostname",
                           f"not a valid host name: {config.server.hostname!r}")
-    for section, attr in (("smtp", "listen"), ("submission", "listen"),
-                          ("submission", "listen_tls"), ("pop3", "listen"),
-                          ("pop3", "listen_tls"), ("imap", "listen"), ("imap", "listen_tls")):
+    bound: dict[tuple[str, int], tuple[str, str]] = {}  # (interface, port) -> (key, endpoint)
+    for section, attr in LISTENER_KEYS:
         listeners = getattr(getattr(config, section), attr)
         fixed = tuple(normalize_listener(d, path, f"{section}.{attr}") for d in listeners)
         object.__setattr__(getattr(config, section), attr, fixed)
+        for description in listeners:  # as written, for the message
+            _claim_port(bound, description, path, f"{section}.{attr}")
     tls = config.tls
     if (tls.certificate is None) != (tls.key is None):
         raise ConfigError(path, "tls", "certificate and key must be given together")

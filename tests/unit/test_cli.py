@@ -200,9 +200,10 @@ def test_io_error_is_one_line_and_status_1(
 def test_check_config_ok(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """check-config summarises a good file in one line and exits 0."""
     (workdir / "etc" / "mailsys.toml").write_text(
-        CONFIG + '[smtp]\nlisten = ["tcp:2525"]\n[submission]\nlisten = ["tcp:2587"]\n')
+        CONFIG + '[smtp]\nlisten = ["tcp:2525"]\n[submission]\nlisten = ["tcp:2587"]\n'
+        '[imap]\nlisten = ["tcp:2143"]\n')
     assert run(capsys, "check-config") == (
-        0, "etc/mailsys.toml: ok (2 listeners, 2 local domains)\n", "")
+        0, "etc/mailsys.toml: ok (3 listeners, 2 local domains)\n", "")
     other = workdir / "one.toml"
     other.write_text('[routing]\nlocal_domains = ["example.test"]\n')
     assert run(capsys, "check-config", str(other)) == (

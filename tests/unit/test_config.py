@@ -65,6 +65,19 @@ def test_backlog_is_added_to_listeners(tmp_path: Path) -> None:
         ('[routing.aliases]\n"team@a.test" = ["x"]\n', "target 'x' must be a full address"),
         ('[routing]\ndomain_aliases = { "old.test" = "new.test" }\n', "is not in routing.local_"),
         ('[dev]\ndemo_user = "demo@x.test"\n', "dev: demo_user and demo_password"),
+        ('[smtp]\nlisten = ["tcp:25:interface=999.1.1.1"]\n',
+         "smtp.listen: endpoint 'tcp:25:interface=999.1.1.1': interface must be an IP address"),
+        ('[smtp]\nlisten = ["tcp:25:interface=mail.example.test"]\n',
+         "interface must be an IP address, not 'mail.example.test'"),
+        ('[smtp]\nlisten = ["tcp:2525:interface=127.0.0.1"]\n'
+         '[pop3]\nlisten = ["tcp:2525:interface=127.0.0.1"]\n',
+         "pop3.listen: endpoint 'tcp:2525:interface=127.0.0.1': port 2525 is already taken by "
+         "'tcp:2525:interface=127.0.0.1' (smtp.listen)"),
+        ('[imap]\nlisten = ["tcp:143", "tcp:143:interface=127.0.0.1"]\n',
+         "imap.listen: endpoint 'tcp:143:interface=127.0.0.1': port 143 is already taken"),
+        ('[smtp]\nlisten = ["tcp:25:interface=127.0.0.1"]\n'
+         '[submission]\nlisten = ["tcp6:25:interface=\\\\:\\\\:"]\n',
+         "submission.listen: endpoint"),
         ("[smtp\n", "TOML syntax error"),
         ("smtp = 3\n", "smtp: must be a table"),
     ],
@@ -72,6 +85,13 @@ def test_backlog_is_added_to_listeners(tmp_path: Path) -> None:
 def test_bad_values_are_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
     """Each kind of mistake names its key and says why."""
     assert expected in _error(tmp_path, text)
+
+
+def test_listeners_may_share_a_port_on_other_addresses(tmp_path: Path) -> None:
+    """One port on two specific addresses, or port 0 twice, is no clash."""
+    loaded = _load(tmp_path, '[smtp]\nlisten = ["tcp:25:interface=127.0.0.1", '
+                   '"tcp:25:interface=127.0.0.2", "tcp:0", "tcp:0"]\n')
+    assert len(loaded.smtp.listen) == 4
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
