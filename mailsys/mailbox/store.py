@@ -367,13 +367,6 @@ class FolderView:
     def path(self) -> Path:
         return self.folder.path
 
-    def by_uid(self, uid: int) -> MessageInfo | None:
-        """The message with ``uid`` in this view, or None."""
-        for info in self.messages:  # small lists; IMAP may index this later
-            if info.uid == uid:
-                return info
-        return None
-
     def refresh(self) -> Deferred[FolderChanges]:
         """Sync with the disk and update this view; fires with what changed."""
 
