@@ -207,7 +207,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
 
-    # --- logins: one portal and one throttle for SMTP AUTH and POP3, so a password guesser
+    # --- logins: one portal and one throttle for SMTP AUTH, POP3 and IMAP, so a password guesser
     # cannot start afresh by switching protocols ---
     portal = build_portal(users, auth_pool.run)
     throttle = LoginThrottle(
@@ -215,6 +215,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
         base_delay=config.auth.throttle_base_delay,
         max_delay=config.auth.throttle_max_delay,
         max_failures=config.auth.throttle_max_failures,
+        max_address_failures=config.auth.throttle_max_address_failures,
         window=config.auth.throttle_window,
     )
 
