@@ -155,13 +155,19 @@ class IMAPSection:
 
 @dataclass(frozen=True)
 class AuthSection:
-    """Login-failure throttling per client address, shared by every protocol with logins."""
+    """Login-failure throttling per user and client address, shared by every protocol with
+    logins (the rule is mailsys.auth.throttle's)."""
 
-    # Each failure answers later: base delay, doubling per failure, at most max delay (seconds).
+    # Each failure of a user at an address answers later: base delay, doubling per failure, at
+    # most max delay (seconds).
     throttle_base_delay: float = _throttle.BASE_DELAY
     throttle_max_delay: float = _throttle.MAX_DELAY
-    # After this many failures, refused outright until the window passes after the last one.
+    # After this many failures, that user at that address is refused outright until the window
+    # passes after the last one.
     throttle_max_failures: int = _throttle.MAX_FAILURES
+    # After this many failures within a window, for any users, the whole address is refused
+    # (password spraying) until the window passes after the last one.
+    throttle_max_address_failures: int = _throttle.MAX_ADDRESS_FAILURES
     throttle_window: float = _throttle.WINDOW
 
 
@@ -476,6 +482,12 @@ def _check(config: Config, *, check_files: bool) -> None:
                 raise ConfigError(path, key, f"target {target!r} must be a full address")
     if len(routing.subaddress_separator) > 1:
         raise ConfigError(path, "routing.subaddress_separator", "must be one character or empty")
+    auth = config.auth
+    if auth.throttle_max_address_failures < auth.throttle_max_failures:
+        # Else one user's typos would block every user of the address, the rule's whole point.
+        raise ConfigError(path, "auth.throttle_max_address_failures",
+                          f"must be at least auth.throttle_max_failures "
+                          f"({auth.throttle_max_failures})")
     dev = config.dev
     if (dev.demo_user is None) != (dev.demo_password is None):
         raise ConfigError(path, "dev", "demo_user and demo_password must be given together")

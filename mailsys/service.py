@@ -161,7 +161,7 @@ def _listeners(config: Config) -> Iterable[tuple[ListenerRole, str]]:
 def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
     """One look at the user file, in a disk thread; an error is logged and tried again next
     time (TimerService stops for good on a failed Deferred)."""
-    d = pool.run(users.reload_if_changed)
+    d = pool.run(users.reload_if_changed).addCallback(lambda _: None)
     d.addErrback(lambda failure: log.failure("user store {path}: reload failed", failure,
                                              path=str(users.path)))
     return d
@@ -207,7 +207,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
 
-    # --- logins: one portal and one throttle for SMTP AUTH and POP3, so a password guesser
+    # --- logins: one portal and one throttle for SMTP AUTH, POP3 and IMAP, so a password guesser
     # cannot start afresh by switching protocols ---
     portal = build_portal(users, auth_pool.run)
     throttle = LoginThrottle(
@@ -215,12 +215,19 @@ def build_service(config: Config, reactor: Any) -> MailService:
         base_delay=config.auth.throttle_base_delay,
         max_delay=config.auth.throttle_max_delay,
         max_failures=config.auth.throttle_max_failures,
+        max_address_failures=config.auth.throttle_max_address_failures,
         window=config.auth.throttle_window,
     )
 
+    # Before a RCPT is refused as unknown, the user file is looked at once more (a stat, in a
+    # disk thread): the timer above may not have seen a user added a moment ago.
+    def reload_users() -> Deferred[bool]:
+        return pool.run(users.reload_if_changed)
+
     for role, description in _listeners(config):
-        policy = (InboundPolicy(router, senders=router) if role is ListenerRole.MTA
-                  else SubmissionPolicy(router, senders=router))
+        policy = (InboundPolicy(router, senders=router, reload_users=reload_users)
+                  if role is ListenerRole.MTA
+                  else SubmissionPolicy(router, senders=router, reload_users=reload_users))
         settings = SMTPSettings.from_config(config, role)
         factory: IProtocolFactory = SMTPServerFactory(
             settings, policy, sink, reactor, tls, portal=portal, throttle=throttle

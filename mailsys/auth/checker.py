@@ -40,7 +40,9 @@ class UserStoreChecker:
         """Fire with ``local@domain`` (UTF-8) if the password is right, else UnauthorizedLogin.
 
         Unknown and malformed user names cost a full password check too (in the store), so the
-        time to answer does not reveal which users exist.
+        time to answer does not reveal which users exist. A failure looks at the user file once
+        more before it is final (``UserStore.verify_fresh``), so a user added or given a new
+        password a moment ago is not refused while the server's copy catches up.
         """
         username = _text(credentials.username)
         password = _text(credentials.password)
@@ -48,7 +50,11 @@ class UserStoreChecker:
             mailbox = canonical_mailbox(username)
         except InvalidMailboxError:
             mailbox = None
-        d = self._run_in_thread(self._store.verify, mailbox or username, password)
+        if mailbox is None:
+            # Not a name the store can hold: no reload could make it a user.
+            d = self._run_in_thread(self._store.verify, username, password)
+        else:
+            d = self._run_in_thread(self._store.verify_fresh, mailbox, password)
 
         def checked(ok: bool) -> bytes | tuple[()]:
             if not ok or mailbox is None:

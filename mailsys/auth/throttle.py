@@ -1,9 +1,20 @@
-"""Login-failure throttling per client address, for every protocol that authenticates.
+"""Login-failure throttling, for every protocol that authenticates: per user at a client address,
+and per client address as a whole.
 
-Each failed login from an address makes the next failure answer later (a growing delay); after
-too many failures within the window the address is blocked until the window has passed since
-its last failure. An unknown user counts exactly like a wrong password: callers report both as
-``failed``. IPv6 clients are counted per /64, since one host commonly holds a whole /64.
+Failures are counted per (client address, login name). Each one makes the next failure of that
+pair answer later (a growing delay); after ``max_failures`` the pair is blocked until ``window``
+has passed since its last failure. Other users at the same address are not slowed or blocked by
+it: a classroom or an office behind one NAT address must not be locked out by one person's typos.
+
+A guesser trying many users from one address (password spraying) is stopped by a second count:
+all failures of the address within one ``window`` from the first of them. Once that reaches
+``max_address_failures`` (far more than ``max_failures``) the whole address is blocked until
+``window`` has passed since its last failure. A fixed window (not one restarted by every failure)
+lets a busy address's occasional typos age out.
+
+An unknown user counts exactly like a wrong password (callers report both as ``failed``, for
+the name as typed), so neither the delay nor a block tells which users exist. IPv6 clients are
+counted per /64, since one host commonly holds a whole /64.
 
 A successful login forgives only the failures made for that same user (a typo before the right
 password): were it to clear the address, one valid account would let a guesser try other
@@ -14,30 +25,34 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 
-# Defaults: 1 s after the first failure, doubling, at most 15 s; blocked after 10 failures
-# until 15 minutes have passed since the last one.
+# Defaults: 1 s after a user's first failure, doubling, at most 15 s; that user blocked at that
+# address after 10 failures until 15 minutes have passed since the last one; the whole address
+# blocked after 100 failures (any users) within 15 minutes.
 BASE_DELAY = 1.0
 MAX_DELAY = 15.0
 MAX_FAILURES = 10
+MAX_ADDRESS_FAILURES = 100
 WINDOW = 15 * 60.0
+# Records kept of each kind (pairs, addresses); the one that failed longest ago goes first.
 MAX_TRACKED = 100_000
-# Users remembered per address for forgiveness; failures for further users are never forgiven.
-MAX_USERS_PER_ADDRESS = 32
+
+_K = TypeVar("_K", str, tuple[str, str])
 
 
 @dataclass
 class _Record:
     failures: int
+    first: float  # start of the address's fixed window (unused for pairs)
     last: float
-    by_user: dict[str, int] = field(default_factory=dict)
 
 
 def user_key(user: str) -> str:
-    """How a login name is compared for forgiveness: as typed, case-folded."""
+    """How a login name is counted: as typed, without surrounding space, case-folded."""
     return user.strip().casefold()
 
 
@@ -55,30 +70,50 @@ def address_key(address: str) -> str:
 
 
 class LoginThrottle:
-    """Counts login failures per client address and says how long to wait and when to refuse."""
+    """Counts login failures per (address, user) and per address; says how long to wait and
+    when to refuse."""
 
     def __init__(self, clock: IReactorTime, *, base_delay: float = BASE_DELAY,
                  max_delay: float = MAX_DELAY, max_failures: int = MAX_FAILURES,
+                 max_address_failures: int = MAX_ADDRESS_FAILURES,
                  window: float = WINDOW, max_tracked: int = MAX_TRACKED) -> None:
         self._clock = clock
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.max_failures = max_failures
+        self.max_address_failures = max_address_failures
         self.window = window
         self.max_tracked = max_tracked
-        self._records: OrderedDict[str, _Record] = OrderedDict()  # least recently failed first
+        # Least recently failed first, so that the oldest is forgotten when there are too many.
+        self._pairs: OrderedDict[tuple[str, str], _Record] = OrderedDict()
+        self._addresses: OrderedDict[str, _Record] = OrderedDict()
 
-    def _current(self, address: str) -> _Record | None:
-        key = address_key(address)
-        record = self._records.get(key)
+    def _pair(self, address: str, user: str) -> _Record | None:
+        key = (address_key(address), user_key(user))
+        record = self._pairs.get(key)
         if record is not None and self._clock.seconds() - record.last >= self.window:
-            del self._records[key]
+            del self._pairs[key]
             return None
         return record
 
-    def delay_for(self, address: str) -> float:
-        """Seconds to wait before answering a failed login from ``address`` (0 if none failed)."""
-        record = self._current(address)
+    def _address(self, address: str) -> _Record | None:
+        key = address_key(address)
+        record = self._addresses.get(key)
+        if record is None:
+            return None
+        now = self._clock.seconds()
+        # A blocked address waits out the window after its last failure; one below the limit
+        # starts afresh once the window that its first failure opened has passed.
+        since = record.last if record.failures >= self.max_address_failures else record.first
+        if now - since >= self.window:
+            del self._addresses[key]
+            return None
+        return record
+
+    def delay_for(self, address: str, user: str = "") -> float:
+        """Seconds to wait before answering a failed login for ``user`` from ``address``
+        (0 if that pair never failed)."""
+        record = self._pair(address, user)
         if record is None:
             return 0.0
         return float(min(self.base_delay * 2 ** (record.failures - 1), self.max_delay))
@@ -86,33 +121,44 @@ class LoginThrottle:
     def failed(self, address: str, user: str = "") -> None:
         """Count a failed login (wrong password, unknown user, malformed credentials) for the
         login name ``user`` ("" when there was none)."""
-        key = address_key(address)
-        record = self._current(address)
         now = self._clock.seconds()
+        self._count(self._pairs, (address_key(address), user_key(user)),
+                    self._pair(address, user), now)
+        self._count(self._addresses, address_key(address), self._address(address), now)
+
+    def _count(self, table: OrderedDict[_K, _Record], key: _K, record: _Record | None,
+               now: float) -> None:
         if record is None:
-            record = self._records[key] = _Record(0, now)
+            record = table[key] = _Record(0, now, now)
         record.failures += 1
         record.last = now
-        name = user_key(user)
-        if name and (name in record.by_user or len(record.by_user) < MAX_USERS_PER_ADDRESS):
-            record.by_user[name] = record.by_user.get(name, 0) + 1
-        self._records.move_to_end(key)
-        while len(self._records) > self.max_tracked:
-            self._records.popitem(last=False)  # forget the address that failed longest ago
+        table.move_to_end(key)
+        while len(table) > self.max_tracked:
+            table.popitem(last=False)
 
     def succeeded(self, address: str, user: str) -> None:
         """``user`` logged in from ``address``: forget the failures made for that user only."""
-        record = self._current(address)
-        if record is None:
+        pair = self._pair(address, user)
+        if pair is None:
             return
-        record.failures -= record.by_user.pop(user_key(user), 0)
-        if record.failures <= 0:
-            del self._records[address_key(address)]
+        del self._pairs[(address_key(address), user_key(user))]
+        record = self._address(address)
+        if record is not None:
+            record.failures -= min(pair.failures, record.failures)
+            if record.failures == 0:
+                del self._addresses[address_key(address)]
 
-    def blocked(self, address: str) -> bool:
-        """True if ``address`` has failed too often: refuse logins without checking them."""
-        record = self._current(address)
-        return record is not None and record.failures >= self.max_failures
+    def blocked(self, address: str, user: str | None = None) -> bool:
+        """True if logins from ``address`` are refused without being checked: the whole address
+        (password spraying), or, when ``user`` is given, that user at that address."""
+        record = self._address(address)
+        if record is not None and record.failures >= self.max_address_failures:
+            return True
+        if user is None:
+            return False
+        pair = self._pair(address, user)
+        return pair is not None and pair.failures >= self.max_failures
 
     def __len__(self) -> int:
-        return len(self._records)
+        """How many (address, user) pairs have failures remembered."""
+        return len(self._pairs)

@@ -4,7 +4,8 @@ The file is Dovecot passwd-file compatible, one ``local@domain:{SCHEME}hash[:ext
 user, so it can be shared with or imported from Dovecot. Extra colon fields, comments and blank
 lines are kept when the file is rewritten. Changes take an exclusive lock on a side file and
 replace the file atomically, so the ``mailsys`` command and a running server never corrupt it; a
-running server sees the change within a second, without a restart.
+running server sees the change within a second, without a restart, and at once where it would
+otherwise refuse a user (``verify_fresh``, and the SMTP policy's reload before a 550).
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ class UserStore:
         An unknown user is checked against a dummy hash, so that it costs as long as a wrong
         password and the answer time does not reveal which users exist.
         """
-        stored = self.get_hash(mailbox)
+        return self._verify_stored(mailbox, self.get_hash(mailbox), password)
+
+    def _verify_stored(self, mailbox: str, stored: str | None, password: str) -> bool:
         if stored is None:
             verify_password(dummy_hash(), password)
             return False
@@ -215,14 +218,42 @@ class UserStore:
             generation = self._generation
         self._load(generation)
 
-    def reload_if_changed(self) -> None:
-        """Reload if the file changed since it was read (blocking: run it in a thread)."""
-        with self._state:
-            self._checked_at = self._clock()
-            generation = self._generation
-            known = self._signature
-        if self._stat() != known:
-            self._load(generation)
+    def reload_if_changed(self) -> bool:
+        """Reload if the file changed since it was read (blocking: run it in a thread).
+
+        When this returns, the in-memory copy is at least as new as the file was when it was
+        called; True if that took a reload. An unchanged file costs one stat(), no read.
+        """
+        reloaded = False
+        while True:
+            with self._state:
+                self._checked_at = self._clock()
+                generation = self._generation
+                known = self._signature
+            if self._stat() == known:
+                return reloaded
+            # Another thread (the reload timer) may install a copy it read before ours: then
+            # ours is dropped, and we look again rather than trust that older copy.
+            reloaded = True
+            if self._load(generation):
+                return reloaded
+
+    def verify_fresh(self, mailbox: str, password: str) -> bool:
+        """``verify``, and if that fails, reload a changed file and verify once more (blocking).
+
+        A server's copy may lag the file by up to its reload interval; a user just added or
+        given a new password must not be refused meanwhile. The second check runs only when
+        this user's hash changed, so a failure costs the same for known and unknown users:
+        one password check and one stat().
+        """
+        stored = self.get_hash(mailbox)
+        if self._verify_stored(mailbox, stored, password):
+            return True
+        self.reload_if_changed()
+        current = self.get_hash(mailbox)
+        if current is None or current == stored:
+            return False
+        return self._verify_stored(mailbox, current, password)
 
     def _maybe_reload(self) -> None:
         """Reload if the file changed, looking at most once per RELOAD_INTERVAL."""
@@ -238,21 +269,22 @@ class UserStore:
         if self._stat() != known:
             self._load(generation)
 
-    def _load(self, generation: int) -> None:
+    def _load(self, generation: int) -> bool:
         # stat before read: if the file is replaced in between, the older signature stored with
         # the newer content only causes one more reload later, never a missed change.
         signature = self._stat()
         lines = self._read()
-        self._install(lines, signature, generation)
+        return self._install(lines, signature, generation)
 
-    def _install(self, lines: _Lines, signature: _Signature, generation: int | None) -> None:
-        """Make ``lines`` the in-memory copy, unless a newer one was installed meanwhile."""
+    def _install(self, lines: _Lines, signature: _Signature, generation: int | None) -> bool:
+        """Make ``lines`` the in-memory copy, unless another was installed meanwhile (False)."""
         with self._state:
             if generation is not None and generation != self._generation:
-                return
+                return False
             self._index = _index(lines)
             self._signature = signature
             self._generation += 1
+            return True
 
     def _stat(self) -> _Signature:
         try:

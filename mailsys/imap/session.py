@@ -683,8 +683,9 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
     def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes] | bytes:
         throttle = self._factory.throttle
         address = self._client_address
-        if throttle.blocked(address):
-            log.info("imap login refused for [{client}]: throttled", client=address)
+        if throttle.blocked(address, user):
+            log.info("imap login refused for {user} from [{client}]: throttled", user=user,
+                     client=address)
             self._close_after_reply = True
             self.write(untagged("BYE Too many failed logins; try again later"))
             return tagged(tag, NO, "Too many failed logins", "UNAVAILABLE")
@@ -701,12 +702,12 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         throttle = self._factory.throttle
         address = self._client_address
         throttle.failed(address, user)
-        delay = throttle.delay_for(address)
+        delay = throttle.delay_for(address, user)
         log.info("imap login failed for {user} from [{client}]", user=user, client=address)
         d: Deferred[bytes] = Deferred()
 
         def answer() -> None:
-            if throttle.blocked(address):
+            if throttle.blocked(address, user):
                 # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
                 self.write(untagged("BYE Too many failed logins; try again later"))
                 self._close_after_reply = True

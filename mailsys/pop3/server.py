@@ -4,7 +4,7 @@ This module owns the POP3 dialogue on 110 and 995: RFC 1939 (USER/PASS, STAT, LI
 RSET, TOP, UIDL, NOOP, QUIT and the AUTHORIZATION/TRANSACTION/UPDATE states), CAPA and response
 codes (RFC 2449, RFC 3206), STLS (RFC 2595) and AUTH PLAIN (RFC 5034, RFC 4616). Messages come
 from the mailbox store (mailsys.mailbox); passwords are checked through a twisted.cred portal,
-and failures are throttled per client address (mailsys.auth.throttle).
+and failures are throttled per user and client address (mailsys.auth.throttle).
 
 Commands are handled strictly one at a time, in order: a command waiting for the disk or the
 password check holds the ones pipelined behind it (RFC 2449 §6.6 PIPELINING).
@@ -659,8 +659,9 @@ class POP3Session(InputLoopSession):
     def _authenticate(self, user: str, password: str) -> Deferred[bytes] | None:
         throttle = self._factory.throttle
         address = self._client_address
-        if throttle.blocked(address):
-            log.info("pop3 login refused for [{client}]: throttled", client=address)
+        if throttle.blocked(address, user):
+            log.info("pop3 login refused for {user} from [{client}]: throttled", user=user,
+                     client=address)
             self._transport.write(ERR_THROTTLED)
             self._close()
             return None
@@ -677,12 +678,12 @@ class POP3Session(InputLoopSession):
         throttle = self._factory.throttle
         address = self._client_address
         throttle.failed(address, user)
-        delay = throttle.delay_for(address)
+        delay = throttle.delay_for(address, user)
         log.info("pop3 login failed for {user} from [{client}]", user=user, client=address)
         d: Deferred[bytes] = Deferred()
 
         def answer() -> None:
-            if throttle.blocked(address):
+            if throttle.blocked(address, user):
                 self._close_after_reply = True
                 d.callback(ERR_THROTTLED)
             else:

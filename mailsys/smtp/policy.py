@@ -9,8 +9,9 @@ The session itself (sequence, syntax, limits) is mailsys.smtp.server's business.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
@@ -79,6 +80,11 @@ class RouterPolicy:
     authenticated session must be the user's (RFC 6409 §6.1): their own address or one of their
     aliases, as ``senders`` decides; without ``senders`` only the user's own address (any case).
     The null sender is refused there: a user does not send bounces.
+
+    ``reload_users``, when given, brings the router's user store up to date with its file (in a
+    disk thread, never on the reactor) and is called before an unknown local recipient is
+    refused: a 550 is permanent (RFC 5321 §4.2.1), so it must not be said of a user just added
+    whose line the server's copy has not caught up with yet.
     """
 
     requires_tls_before_mail = False
@@ -90,10 +96,12 @@ class RouterPolicy:
         *,
         postmaster_domain: str | None = None,
         senders: SenderOwnership | None = None,
+        reload_users: Callable[[], Deferred[Any]] | None = None,
     ) -> None:
         self._router = router
         self._postmaster_domain = postmaster_domain
         self._senders = senders
+        self._reload_users = reload_users
 
     def postmaster(self, session: SessionInfo) -> str:
         """Where a bare ``RCPT TO:<postmaster>`` goes (RFC 5321 §4.1.1.3 and §4.5.1).
@@ -152,6 +160,26 @@ class RouterPolicy:
     ) -> Deferred[list[Destination]]:
         if not local and not self.may_relay(session):
             return fail(RecipientRejected(replies.RELAY_DENIED))
+        d = self._route(address)
+        if self._reload_users is None:
+            return d
+        reload_users = self._reload_users
+
+        def again(failure: Failure) -> Deferred[list[Destination]]:
+            refusal = failure.value
+            if not isinstance(refusal, RecipientRejected) or (
+                refusal.reply != replies.MAILBOX_UNKNOWN
+            ):
+                return fail(failure)
+            # Only a miss pays for this: one stat() in a disk thread while the file is unchanged.
+            reloaded: Deferred[Any] = reload_users()
+            routed: Deferred[list[Destination]] = reloaded.addCallback(
+                lambda _: self._route(address))
+            return routed
+
+        return d.addErrback(again)
+
+    def _route(self, address: str) -> Deferred[list[Destination]]:
         try:
             found = self._router.resolve(address)
         except UnknownRecipient:

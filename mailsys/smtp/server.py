@@ -5,9 +5,9 @@ LF are seen precisely), the command state machine of RFC 5321 §4.1 with the ext
 advertise (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, DSN, STARTTLS,
 AUTH), reply order under pipelining, every input limit, and the hand-over of an accepted message to
 the IMessageSink. AUTH (RFC 4954: PLAIN and LOGIN, only over TLS) logs in through a twisted.cred
-portal, with failures throttled per client address. What is accepted is the Policy's business
-(mailsys.smtp.policy); message content rules live in mailsys.smtp.message; address syntax in
-mailsys.address.
+portal, with failures throttled per user and client address. What is accepted is the Policy's
+business (mailsys.smtp.policy); message content rules live in mailsys.smtp.message; address
+syntax in mailsys.address.
 """
 
 from __future__ import annotations
@@ -117,10 +117,11 @@ class SMTPSettings:
 
 
 class LoginLimiter(TypingProtocol):
-    """Throttles failed logins per client address (mailsys.auth.throttle.LoginThrottle)."""
+    """Throttles failed logins per user and client address
+    (mailsys.auth.throttle.LoginThrottle)."""
 
-    def delay_for(self, address: str) -> float:
-        """Seconds to wait before answering a failed login from ``address``."""
+    def delay_for(self, address: str, user: str = "") -> float:
+        """Seconds to wait before answering a failed login for ``user`` from ``address``."""
 
     def failed(self, address: str, user: str = "") -> None:
         """Count a failed login from ``address`` for the login name ``user``."""
@@ -128,8 +129,9 @@ class LoginLimiter(TypingProtocol):
     def succeeded(self, address: str, user: str) -> None:
         """``user`` logged in from ``address``: forget the failures made for that user."""
 
-    def blocked(self, address: str) -> bool:
-        """True if logins from ``address`` are refused without being checked."""
+    def blocked(self, address: str, user: str | None = None) -> bool:
+        """True if logins from ``address`` (as a whole, or for ``user`` when given) are refused
+        without being checked."""
 
 
 class _Mode(enum.Enum):
@@ -871,7 +873,7 @@ class SMTPSession(InputLoopSession):
     def _authenticate(self, user: str, password: str) -> Reply | Deferred[Reply]:
         if not user or not password:
             return self._login_failed(user)
-        if self._factory.login_blocked(self._client_address):
+        if self._factory.login_blocked(self._client_address, user):
             return self._auth_blocked()
         portal = self._factory.portal
         assert portal is not None  # _do_auth checked _auth_listener()
@@ -905,7 +907,7 @@ class SMTPSession(InputLoopSession):
 
         def answer() -> None:
             self._auth_delay = None
-            if self._factory.login_blocked(address):
+            if self._factory.login_blocked(address, user):
                 d.callback(self._auth_blocked())
             else:
                 d.callback(replies.AUTH_INVALID)  # RFC 4954 §6: 535 5.7.8
@@ -1016,16 +1018,18 @@ class SMTPServerFactory(ServerFactory):
         can be used."""
         return self._ehlo[offer_starttls, offer_auth]
 
-    def login_blocked(self, address: str) -> bool:
-        """True if ``address`` failed to log in too often to be let try again now."""
-        return self.throttle is not None and self.throttle.blocked(address)
+    def login_blocked(self, address: str, user: str | None = None) -> bool:
+        """True if ``address`` (as a whole, or for ``user`` when given) failed to log in too
+        often to be let try again now."""
+        return self.throttle is not None and self.throttle.blocked(address, user)
 
     def login_failed(self, address: str, user: str = "") -> float:
-        """Count a failed login from ``address``; the seconds to wait before saying so."""
+        """Count a failed login for ``user`` from ``address``; the seconds to wait before
+        saying so."""
         if self.throttle is None:
             return 0.0
         self.throttle.failed(address, user)
-        return self.throttle.delay_for(address)
+        return self.throttle.delay_for(address, user)
 
     def login_succeeded(self, address: str, user: str) -> None:
         """Forget the failed logins of ``address`` for ``user``."""

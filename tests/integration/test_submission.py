@@ -34,6 +34,7 @@ LENIENT_THROTTLE = """
 throttle_base_delay = 0.05
 throttle_max_delay = 0.1
 throttle_max_failures = 1000
+throttle_max_address_failures = 1000
 """
 
 
@@ -382,12 +383,16 @@ throttle_window = 600
 """
 
 
-def test_failed_logins_are_throttled_per_address(server_factory: Callable[..., MailServer]) -> None:
-    """Bad passwords from one address get slower answers (0.4, 0.8, 1.6 s), then 421 and a
-    disconnect; the address stays refused while 127.0.0.2 logs in; meanwhile the server keeps
-    answering other connections at once."""
+def test_failed_logins_are_throttled_per_user_and_address(
+    server_factory: Callable[..., MailServer],
+) -> None:
+    """Bad passwords for a user from one address get slower answers (0.4, 0.8, 1.6 s), then 421
+    and a disconnect; that user stays refused at that address while another user there and the
+    same user from 127.0.0.2 log in; meanwhile the server keeps answering other connections at
+    once."""
     srv = server_factory("throttle", extra_config=THROTTLE)
     srv.start()
+    srv.add_user("classmate@example.test", "classmate-pw")
     bad = RawSMTP(srv.submissions_port, implicit_tls=True)
     bad.command("EHLO guesser.test")
     observer = RawSMTP(srv.submissions_port, source="127.0.0.2", implicit_tls=True)
@@ -409,7 +414,8 @@ def test_failed_logins_are_throttled_per_address(server_factory: Callable[..., M
         assert bad.reply() == []  # closed
     finally:
         bad.close()
-    # The address is refused at once now, even with the right password and on another port.
+    # The user is refused at once at this address now, even with the right password and on
+    # another port.
     with smtplib.SMTP("127.0.0.1", srv.submission_port, timeout=10) as client:
         client.ehlo("guesser.test")
         client.starttls(context=unverified())
@@ -418,6 +424,12 @@ def test_failed_logins_are_throttled_per_address(server_factory: Callable[..., M
         with pytest.raises((smtplib.SMTPResponseException, smtplib.SMTPServerDisconnected)):
             client.login(USER, PASSWORD)
         assert time.monotonic() - started < 1.0  # no delay: refused before any check
+    # Another user at the same address is unaffected (one NAT address for a whole class).
+    with smtplib.SMTP("127.0.0.1", srv.submission_port, timeout=10) as client:
+        client.ehlo("classmate.test")
+        client.starttls(context=unverified())
+        client.ehlo("classmate.test")
+        assert client.login("classmate@example.test", "classmate-pw")[0] == 235
     # Another address is unaffected.
     try:
         observer.command("EHLO other.test")

@@ -118,3 +118,20 @@ def test_auth_throttle_settings(tmp_path: Path) -> None:
     assert (loaded.auth.throttle_base_delay, loaded.auth.throttle_max_failures) == (0.1, 3)
     assert "auth.throttle_window: must be a positive number" in _error(
         tmp_path, "[auth]\nthrottle_window = 0\n")
+
+
+def test_auth_address_limit(tmp_path: Path) -> None:
+    """[auth] throttle_max_address_failures sets the whole address's limit; it must be a positive
+    integer no smaller than the per-user limit, each refusal one line naming file and key."""
+    assert _load(tmp_path, "").auth.throttle_max_address_failures == 100
+    loaded = _load(tmp_path, "[auth]\nthrottle_max_address_failures = 40\n")
+    assert loaded.auth.throttle_max_address_failures == 40
+    error = _error(tmp_path, "[auth]\nthrottle_max_address_failures = 0\n")
+    assert "auth.throttle_max_address_failures: must be a positive integer" in error
+    assert "\n" not in error
+    error = _error(tmp_path, "[auth]\nthrottle_max_failures = 10\n"
+                             "throttle_max_address_failures = 5\n")
+    assert error.endswith(
+        "auth.throttle_max_address_failures: must be at least auth.throttle_max_failures (10)")
+    assert "auth.throttle_max_adress_failures: unknown key" in _error(
+        tmp_path, "[auth]\nthrottle_max_adress_failures = 50\n")

@@ -97,10 +97,27 @@ def test_wrong_password_answers_after_the_throttle_delay(server: Server) -> None
     client.login()
 
 
-def test_throttled_address_gets_bye(server: Server) -> None:
-    """After too many failures the address is refused with BYE and the connection closed."""
+def test_throttled_user_gets_bye(server: Server) -> None:
+    """After too many failures of a user at an address, that user's login from there is refused
+    with BYE and the connection closed."""
     for _ in range(3):
-        server.throttle.failed("192.0.2.10")
+        server.throttle.failed("192.0.2.10", USER)
+    client = server.connect()
+    out = client.cmd(f"LOGIN {USER} {PASSWORD}")
+    assert "* BYE" in out and client.closed
+
+
+def test_another_users_failures_do_not_block_a_login(server: Server) -> None:
+    """Another user's failures from the same address, up to their block, leave this login be."""
+    for _ in range(3):
+        server.throttle.failed("192.0.2.10", "student@example.test")
+    server.connect().login()
+
+
+def test_throttled_address_gets_bye(server: Server) -> None:
+    """After failures for many users from one address, every login from it gets BYE."""
+    for n in range(server.throttle.max_address_failures):
+        server.throttle.failed("192.0.2.10", f"user{n}@example.test")
     client = server.connect()
     out = client.cmd(f"LOGIN {USER} {PASSWORD}")
     assert "* BYE" in out and client.closed

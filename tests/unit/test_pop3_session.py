@@ -229,7 +229,14 @@ def test_unknown_user_costs_the_same(server: Server) -> None:
     assert client.cmd("PASS secret") == ""
     server.clock.advance(1.0)
     assert client.output() == b"-ERR [AUTH] Authentication failed\r\n"
-    assert server.throttle.delay_for("192.0.2.10") == 1.0  # counted like any failure
+    # counted like any failure: as a wrong password for a user that exists would be
+    assert server.throttle.delay_for("192.0.2.10", "nobody@example.test") == 1.0
+    client = server.connect()
+    client.cmd(f"USER {USER}")
+    client.cmd("PASS wrong")
+    server.clock.advance(1.0)
+    assert client.output() == b"-ERR [AUTH] Authentication failed\r\n"
+    assert server.throttle.delay_for("192.0.2.10", USER) == 1.0
 
 
 def test_commands_wait_behind_a_delayed_failure(server: Server) -> None:
@@ -241,8 +248,9 @@ def test_commands_wait_behind_a_delayed_failure(server: Server) -> None:
                                b"-ERR Command not valid in this state\r\n")
 
 
-def test_throttled_address_is_disconnected(server: Server) -> None:
-    """After too many failures the address gets -ERR [SYS/TEMP] and is disconnected."""
+def test_throttled_user_is_disconnected(server: Server) -> None:
+    """After too many failures a user gets -ERR [SYS/TEMP] at that address and is disconnected;
+    the user still logs in from another address."""
     for attempt in range(3):
         client = server.connect()
         client.cmd(f"USER {USER}")
@@ -262,14 +270,32 @@ def test_throttled_address_is_disconnected(server: Server) -> None:
 
 
 def test_success_resets_the_throttle(server: Server) -> None:
-    """A successful login clears the address's earlier failures."""
+    """A successful login clears the user's earlier failures at that address."""
     client = server.connect()
     client.cmd(f"USER {USER}")
     client.cmd("PASS wrong")
     server.clock.advance(1)
     client.output()
+    assert server.throttle.delay_for("192.0.2.10", USER) == 1.0
     assert client.login().startswith("+OK")
-    assert server.throttle.delay_for("192.0.2.10") == 0.0
+    assert server.throttle.delay_for("192.0.2.10", USER) == 0.0
+
+
+def test_another_users_failures_do_not_block_a_login(server: Server) -> None:
+    """A user blocked at an address does not block another user's login from it."""
+    for _ in range(server.throttle.max_failures):
+        server.throttle.failed("192.0.2.10", "student@example.test")
+    assert server.connect().login().startswith("+OK")
+
+
+def test_throttled_address_is_disconnected(server: Server) -> None:
+    """After failures for many users from one address, every login from it is refused."""
+    for n in range(server.throttle.max_address_failures):
+        server.throttle.failed("192.0.2.10", f"user{n}@example.test")
+    client = server.connect()
+    client.cmd(f"USER {USER}")
+    assert client.cmd(f"PASS {PASSWORD}").startswith("-ERR [SYS/TEMP]")
+    assert client.closed
 
 
 def plain(authzid: str, user: str, password: str) -> str:

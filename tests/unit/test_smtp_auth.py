@@ -412,8 +412,9 @@ def test_failures_slow_down_then_disconnect() -> None:
     assert driver.closed
 
 
-def test_blocked_address_is_refused_at_once_other_address_is_not() -> None:
-    """Once an address is blocked, AUTH from it gets 421 at once; another address logs in."""
+def test_blocked_user_is_refused_at_once_other_address_is_not() -> None:
+    """Once a user is blocked at an address, their AUTH from it gets 421 at once; from another
+    address they log in."""
     clock = Clock()
     throttle = LoginThrottle(clock, max_failures=1)
     made = factory(clock=clock, throttle=throttle)
@@ -431,15 +432,40 @@ def test_blocked_address_is_refused_at_once_other_address_is_not() -> None:
 
 
 def test_success_forgets_failures() -> None:
-    """A successful login resets its address's failures."""
+    """A successful login resets the user's failures at its address."""
     clock = Clock()
     throttle = LoginThrottle(clock)
     driver = secure(clock=clock, throttle=throttle)
     driver.send(f"AUTH PLAIN {plain(password='x')}\r\n".encode())
     clock.advance(1)
+    assert throttle.delay_for("192.0.2.10", USER) == 1.0
     driver.send(f"AUTH PLAIN {plain()}\r\n".encode())
     assert driver.session._auth_user == USER
-    assert throttle.delay_for("192.0.2.10") == 0.0
+    assert throttle.delay_for("192.0.2.10", USER) == 0.0
+
+
+def test_another_users_block_does_not_refuse_auth() -> None:
+    """A user blocked at an address leaves another user's AUTH from it alone."""
+    clock = Clock()
+    throttle = LoginThrottle(clock, max_failures=1)
+    made = factory(clock=clock, throttle=throttle)
+    throttle.failed("192.0.2.10", "student@example.test")
+    assert throttle.blocked("192.0.2.10", "student@example.test")
+    session = connect(made, "192.0.2.10")
+    assert session.send(f"EHLO x\r\nAUTH PLAIN {plain()}\r\n".encode())[-1] == str(
+        replies.AUTH_OK)
+
+
+def test_blocked_address_is_refused_at_auth() -> None:
+    """An address blocked for failures across users gets 421 at the AUTH command itself."""
+    clock = Clock()
+    throttle = LoginThrottle(clock, max_address_failures=10)
+    made = factory(clock=clock, throttle=throttle)
+    for n in range(10):
+        throttle.failed("192.0.2.10", f"user{n}@example.test")
+    session = connect(made, "192.0.2.10")
+    assert session.send(b"EHLO x\r\nAUTH PLAIN\r\n")[-1] == str(replies.TOO_MANY_AUTH_FAILURES)
+    assert session.closed
 
 
 def test_pipelined_commands_wait_for_the_auth_answer() -> None:

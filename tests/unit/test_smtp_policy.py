@@ -181,3 +181,100 @@ def test_submission_authenticated_may_send_anywhere(router: IRouter) -> None:
     assert remote == Destination("X@elsewhere.test", TargetKind.RELAY)
     d = policy.check_recipient(AUTHENTICATED, Mailbox("nobody", "example.test"))
     assert rejection(d) == replies.MAILBOX_UNKNOWN
+
+
+class UserFile:
+    """A user store's file and the server's stale copy of it: reload() brings the copy up to
+    date, answering like DiskPool.run (a Deferred, fired now or when the test says)."""
+
+    def __init__(self, users: frozenset[str], *, synchronous: bool = True) -> None:
+        self.copy = SetOfUsers(users)
+        self.file = set(users)
+        self.reloads = 0
+        self.synchronous = synchronous
+        self.pending: list[Deferred[bool]] = []
+
+    def reload(self) -> Deferred[bool]:
+        self.reloads += 1
+        d: Deferred[bool] = Deferred()
+        changed = self.copy.users != frozenset(self.file)
+
+        def install(_: object) -> bool:
+            self.copy.users = frozenset(self.file)
+            return changed
+
+        d.addCallback(install)
+        if self.synchronous:
+            d.callback(None)
+        else:
+            self.pending.append(d)
+        return d
+
+
+@pytest.mark.parametrize("policy_class", [InboundPolicy, SubmissionPolicy])
+def test_user_added_since_the_last_reload_is_accepted(
+    policy_class: type[InboundPolicy | SubmissionPolicy],
+) -> None:
+    """A user whose line is in the file but not yet in the server's copy is accepted, not 550."""
+    users = UserFile(USERS)
+    users.file.add("carol@example.test")
+    router = Router(RoutingSection(local_domains=(LOCAL_DOMAIN,)), users.copy)
+    policy = policy_class(router, reload_users=users.reload)
+    d = policy.check_recipient(AUTHENTICATED, Mailbox("carol", "example.test"))
+    (destination,) = result(d)  # type: ignore[misc, arg-type]
+    assert destination.mailbox == "carol@example.test"
+    assert users.reloads == 1
+
+
+def test_unknown_user_is_refused_after_one_reload() -> None:
+    """A user in neither the copy nor the file is refused 550 after one reload, and a known user
+    costs no reload at all."""
+    users = UserFile(USERS)
+    router = Router(RoutingSection(local_domains=(LOCAL_DOMAIN,)), users.copy)
+    policy = InboundPolicy(router, reload_users=users.reload)
+    assert result(policy.check_recipient(SESSION, Mailbox("alice", "example.test")))
+    assert users.reloads == 0
+    d = policy.check_recipient(SESSION, Mailbox("carol", "example.test"))
+    assert rejection(d) == replies.MAILBOX_UNKNOWN
+    assert users.reloads == 1
+
+
+def test_refusal_waits_for_the_reload() -> None:
+    """No answer is given for an unknown user until the reload in the disk thread has ended."""
+    users = UserFile(USERS, synchronous=False)
+    router = Router(RoutingSection(local_domains=(LOCAL_DOMAIN,)), users.copy)
+    d = InboundPolicy(router, reload_users=users.reload).check_recipient(
+        SESSION, Mailbox("carol", "example.test"))
+    box: list[object] = []
+    d.addBoth(box.append)
+    assert box == []
+    users.file.add("carol@example.test")  # written while the reload was queued
+    users.pending[0].callback(None)
+    (destination,) = box[0]  # type: ignore[misc]
+    assert destination.mailbox == "carol@example.test"
+
+
+def test_failed_reload_is_not_a_rejection() -> None:
+    """If the user file cannot be looked at, an unknown recipient is a temporary error (451),
+    never a permanent 550."""
+
+    def broken_reload() -> Deferred[bool]:
+        failed: Deferred[bool] = Deferred()
+        failed.errback(OSError("users file unreadable"))
+        return failed
+
+    router = Router(RoutingSection(local_domains=(LOCAL_DOMAIN,)), SetOfUsers(USERS))
+    d = InboundPolicy(router, reload_users=broken_reload).check_recipient(
+        SESSION, Mailbox("carol", "example.test"))
+    outcome = result(d)  # type: ignore[arg-type]
+    assert isinstance(outcome, Failure) and isinstance(outcome.value, OSError)
+
+
+def test_relay_refusal_needs_no_reload() -> None:
+    """A refused relay is not a missing user: it does not look at the user file."""
+    users = UserFile(USERS)
+    router = Router(RoutingSection(local_domains=(LOCAL_DOMAIN,)), users.copy)
+    d = InboundPolicy(router, reload_users=users.reload).check_recipient(
+        SESSION, Mailbox("someone", "elsewhere.test"))
+    assert rejection(d) == replies.RELAY_DENIED
+    assert users.reloads == 0

@@ -355,3 +355,81 @@ def test_server_store_never_touches_the_file_on_lookup(
     monkeypatch.undo()
     server.reload_if_changed()
     assert server.exists("alice@example.test")
+
+
+def test_verify_fresh_finds_a_user_added_since_the_last_reload(path: Path) -> None:
+    """verify_fresh logs in a user whose line was added after the server's copy was read."""
+    server = UserStore(path, reload_on_lookup=False)
+    UserStore(path).add("alice@example.test", "pw")  # the mailsys command, say
+    assert not server.verify("alice@example.test", "pw")  # the copy is stale
+    assert server.verify_fresh("alice@example.test", "pw")
+    assert server.exists("alice@example.test")
+
+
+def test_verify_fresh_accepts_a_password_changed_since_the_last_reload(path: Path) -> None:
+    """verify_fresh accepts a new password whose line the server's copy has not seen yet."""
+    UserStore(path).add("alice@example.test", "old")
+    server = UserStore(path, reload_on_lookup=False)
+    UserStore(path).set_password("alice@example.test", "new")
+    assert server.verify_fresh("alice@example.test", "new")
+    assert not server.verify_fresh("alice@example.test", "old")
+
+
+def test_verify_fresh_failure_costs_one_check_and_one_stat(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the file unchanged, a failed verify_fresh stats it once, reads nothing, hashes once,
+    for an unknown user and a wrong password alike."""
+    UserStore(path).add("alice@example.test", "pw")
+    server = UserStore(path, reload_on_lookup=False)
+    stats: list[object] = []
+    checks: list[str] = []
+    real_stat = os.stat
+    real_verify = passwords.verify_password
+
+    def counting_stat(*args: object, **kwargs: object) -> os.stat_result:
+        stats.append(args[0])
+        return real_stat(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counting_verify(stored: str, password: str) -> bool:
+        checks.append(stored)
+        return real_verify(stored, password)
+
+    def no_read(*args: object) -> None:
+        raise AssertionError("the file was read")
+
+    monkeypatch.setattr("mailsys.auth.users.os.stat", counting_stat)
+    monkeypatch.setattr("mailsys.auth.users.verify_password", counting_verify)
+    monkeypatch.setattr(server, "_read", no_read)
+    for name, password in (("nobody@example.test", "pw"), ("alice@example.test", "wrong")):
+        stats.clear()
+        checks.clear()
+        assert not server.verify_fresh(name, password)
+        assert (len(stats), len(checks)) == (1, 1)
+
+
+def test_reload_if_changed_is_not_undone_by_an_older_concurrent_load(path: Path) -> None:
+    """A reload that loses the race to another thread's older copy looks again, so it still
+    returns with the file as it was when it was called."""
+    server = UserStore(path, reload_on_lookup=False)
+    UserStore(path).add("alice@example.test", "pw")
+    # The reload timer's thread took its generation before this change, read "alice only" and
+    # installs that copy while our reload is reading the newer file.
+    timer_generation = server._generation
+    timer_lines = server._read()
+    timer_signature = server._stat()
+    UserStore(path).add("bob@example.test", "pw")
+    real_read = server._read
+    raced = []
+
+    def read_then_lose_the_race() -> list[object]:
+        lines = real_read()
+        if not raced:
+            raced.append(True)
+            assert server._install(timer_lines, timer_signature, timer_generation)
+        return lines  # type: ignore[return-value]
+
+    server._read = read_then_lose_the_race  # type: ignore[method-assign, assignment]
+    assert server.reload_if_changed()
+    assert raced
+    assert server.exists("bob@example.test")
