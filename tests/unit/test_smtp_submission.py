@@ -124,9 +124,40 @@ def test_other_senders_are_refused(sender: str) -> None:
         "553 5.7.1 Sender address not owned by authenticated user"]
 
 
-def test_null_sender_is_refused() -> None:
-    """A submitted message may not have the null sender (it is for bounces)."""
-    assert submission().send(b"MAIL FROM:<>\r\n") == [str(replies.NULL_SENDER_REFUSED)]
+def test_null_sender_is_allowed_after_auth() -> None:
+    """An authenticated user may submit with the null sender (an MDN, RFC 8098 §3); the message
+    still gets the Date and Message-ID submission adds."""
+    envelope, message = send(submission(), b"Subject: Read: hello\r\n\r\nread\r\n", sender="")
+    assert envelope.sender == ""
+    assert envelope.auth_user == USER
+    text = header(message)
+    assert "\r\nDate: " in text and f"Message-ID: <TEST0001@{HOSTNAME}>" in text
+
+
+@pytest.mark.parametrize("role", [ListenerRole.SUBMISSION, ListenerRole.SUBMISSIONS])
+def test_null_sender_without_auth_is_refused(role: ListenerRole) -> None:
+    """Without AUTH, MAIL FROM:<> on submission is refused like any other sender (530 5.7.0)."""
+    routes = router()
+    made = make_factory(role=role, policy=SubmissionPolicy(routes, senders=routes),
+                        tls=FakeContexts(),  # type: ignore[arg-type]
+                        portal=memory_portal({USER: PASSWORD}), clock=Clock())
+    driver = SessionDriver(made, "192.0.2.10")
+    driver.lines()
+    if role is ListenerRole.SUBMISSION:
+        driver.send(b"EHLO laptop.test\r\nSTARTTLS\r\n")
+    driver.send(b"EHLO laptop.test\r\n")
+    assert driver.send(b"MAIL FROM:<>\r\n") == [str(replies.AUTH_REQUIRED)]
+
+
+def test_policy_allows_the_null_sender_only_to_a_user() -> None:
+    """The policy itself: <> is fine for an authenticated session, refused without one."""
+    policy = SubmissionPolicy(router())
+    answers: list[object] = []
+    user = SessionInfo("mx.test", "192.0.2.1", tls=True, authenticated_user=USER)
+    anonymous = SessionInfo("mx.test", "192.0.2.1", tls=True)
+    policy.check_sender(user, None).addCallback(answers.append)
+    policy.check_sender(anonymous, None).addCallback(answers.append)
+    assert answers == [None, replies.AUTH_REQUIRED]
 
 
 def test_without_sender_directory_only_the_user_itself() -> None:
