@@ -8,6 +8,7 @@ import re
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from mailsys import replies
 from mailsys.address import Mailbox
@@ -122,6 +123,22 @@ def test_other_senders_are_refused(sender: str) -> None:
     driver = submission()
     assert driver.send(f"MAIL FROM:<{sender}>\r\n".encode()) == [
         "553 5.7.1 Sender address not owned by authenticated user"]
+
+
+def test_queued_line_names_the_authenticated_user() -> None:
+    """The "queued" log line of a submitted message carries sasl_username=, as Postfix's."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        send(submission(), b"Subject: s\r\n\r\nhi\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    queued = [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"
+              and formatEvent(e).endswith(" queued")]
+    assert len(queued) == 1
+    assert re.fullmatch(r"TEST0001: from=<alice@example\.test> size=\d+ nrcpt=1 "
+                        r"client=\[192\.0\.2\.10\] sasl_username=alice@example\.test "
+                        r"proto=ESMTPSA queued", queued[0]), queued
 
 
 def test_null_sender_is_allowed_after_auth() -> None:
