@@ -141,4 +141,3 @@ AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")  # RFC 4954 §4
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 §6
-NULL_SENDER_REFUSED = Reply(553, "5.7.1", "The null sender is not allowed for submission")

@@ -3,6 +3,8 @@
 It owns the in-memory view of the queue (every envelope in the spool), one timer for the earliest
 due retry, and the limit on deliveries in flight. Delivery itself belongs to the agents (Maildir,
 relay); durability belongs to the Spool, which the runner asks to rewrite or drop envelopes.
+A recipient whose kind has no agent (relay disabled) is deferred by the runner itself at each of
+its retry times, so that it ages like any deferred one: delay notice, then a bounce at expiry.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import inspect
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -39,6 +41,19 @@ REPLY_AGENT_ERROR = "451 4.3.0 Temporary local problem, will retry"
 EXPIRED = Reply(554, "5.4.7", "Delivery time expired")
 # After a notice (a bounce) could not be queued, the finished message waits this long to retry.
 NOTICE_RETRY = 60.0
+# A recipient whose kind has no delivery agent (relay disabled) waits as a temporary failure,
+# RFC 3463 X.3.2 (system not accepting network messages), as Postfix defers a transport it does
+# not run; at the end of its lifetime it fails with X.4.7, the reason kept in the text.
+WITHOUT_AGENT: dict[TargetKind, tuple[Reply, Reply]] = {
+    TargetKind.RELAY: (
+        Reply(451, "4.3.2", "Relay disabled: this server does not send mail to other domains"),
+        Reply(554, "5.4.7", "Delivery time expired: relaying is disabled on this server"),
+    ),
+    TargetKind.LOCAL: (
+        Reply(451, "4.3.2", "Local delivery disabled on this server"),
+        Reply(554, "5.4.7", "Delivery time expired: local delivery is disabled on this server"),
+    ),
+}
 
 
 class Notifier(TypingProtocol):
@@ -64,7 +79,6 @@ class _Entry:
     pending: int = 0  # deliveries of the current round not done yet
     attempted: int = 0  # deliveries of the current round that produced an Attempt
     due: float | None = None  # the heap entry of this time is the live one; others are stale
-    waiting_logged: set[TargetKind] = field(default_factory=set)
     dirty: bool = False  # changed by a queue tool during the round: write it at the end
     delete_requested: bool = False  # a queue tool deleted it during the round
     notice_retry_at: float | None = None  # finished, but a notice could not be queued yet
@@ -176,6 +190,10 @@ class QueueRunner(Service):
             log.warn("{queue_id}: already queued, ignoring a second enqueue", queue_id=queue_id)
             return
         entry = self._entries[queue_id] = _Entry(envelope, recovered)
+        for recipient in envelope.open_recipients():
+            if recipient.kind in self._agents and _waited_for_agent(recipient):
+                # Written while that kind had no agent (relay was disabled): it has one now.
+                recipient.next_attempt = None
         if self.running:
             self._start_round(entry)
         else:
@@ -191,7 +209,7 @@ class QueueRunner(Service):
             return entry.notice_retry_at or self._clock.seconds()
         due: float | None = None
         for recipient in envelope.recipients:
-            if recipient.status.is_final or recipient.kind not in self._agents:
+            if recipient.status.is_final:
                 continue
             at = recipient.next_attempt
             if at is None:
@@ -254,16 +272,6 @@ class QueueRunner(Service):
         for recipient in envelope.recipients:
             if recipient.status.is_final:
                 continue
-            if recipient.kind not in self._agents:
-                if recipient.kind not in entry.waiting_logged:
-                    entry.waiting_logged.add(recipient.kind)
-                    log.info(
-                        "{queue_id}: to=<{to}> waiting for {kind}: no delivery agent yet",
-                        queue_id=queue_id,
-                        to=recipient.address,
-                        kind=recipient.kind,
-                    )
-                continue
             if recipient.next_attempt is None or recipient.next_attempt <= now:
                 due.append(recipient)
         if not due:
@@ -295,9 +303,17 @@ class QueueRunner(Service):
 
     def _dispatch(self, entry: _Entry, recipient: Recipient) -> None:
         envelope = entry.envelope
-        deliver = self._agents[recipient.kind]
+        deliver = self._agents.get(recipient.kind)
         path = self._spool.message_path(envelope.queue_id)
-        if entry.recovered and self._recovery_aware[recipient.kind]:
+        if deliver is None:
+            # No agent for this kind (relay disabled): the check is the attempt. It goes through
+            # the same path as a delivery, so the retry schedule, the lifetime and the notices
+            # are those of any deferred recipient.
+            waiting = WITHOUT_AGENT[recipient.kind][0]
+            d: Deferred[Any] = succeed(Attempt(at=self._clock.seconds(),
+                                               status=RecipientStatus.DEFERRED,
+                                               host="", reply=str(waiting)))
+        elif entry.recovered and self._recovery_aware[recipient.kind]:
             d = maybeDeferred(deliver, envelope, recipient, path, recovered=True)
         else:
             d = maybeDeferred(deliver, envelope, recipient, path)
@@ -338,8 +354,10 @@ class QueueRunner(Service):
                     if now >= expires:
                         # RFC 5321 §4.5.4.1: the message has been tried long enough.
                         recipient.record(attempt)
+                        expired = (EXPIRED if recipient.kind in self._agents
+                                   else WITHOUT_AGENT[recipient.kind][1])
                         attempt = Attempt(at=now, status=RecipientStatus.FAILED,
-                                          host=attempt.host, reply=str(EXPIRED))
+                                          host=attempt.host, reply=str(expired))
                         next_attempt = None
                     else:
                         # The last try is at the expiry time, not a whole delay after it.
@@ -565,6 +583,14 @@ class QueueRunner(Service):
             log.warn(text, **fields)
         else:
             log.info(text, **fields)
+
+
+def _waited_for_agent(recipient: Recipient) -> bool:
+    """Whether the recipient's last attempt was a wait for a missing delivery agent."""
+    if not recipient.attempts:
+        return False
+    waiting = WITHOUT_AGENT.get(recipient.kind)
+    return waiting is not None and recipient.attempts[-1].reply == str(waiting[0])
 
 
 def _require_attempt(result: object) -> Attempt:

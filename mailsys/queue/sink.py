@@ -34,11 +34,15 @@ class QueueSink:
 
         Fails only if the commit failed, and then nothing of the message remains.
         """
+        committed: Deferred[None] = Deferred()
         d = self._spool.commit(envelope, message)
-        d.addCallback(self._committed, envelope)
-        return d
+        d.addCallbacks(self._committed, committed.errback, callbackArgs=(envelope, committed))
+        return committed
 
-    def _committed(self, _: None, envelope: Envelope) -> None:
+    def _committed(self, _: None, envelope: Envelope, committed: Deferred[None]) -> None:
+        # The caller's callbacks first (the session logs "queued" and answers 250), then the
+        # runner, whose first lines about the message must follow the one saying it arrived.
+        committed.callback(None)
         try:
             self._runner.enqueue(envelope)
         except Exception:

@@ -53,6 +53,7 @@ class MessageBuffer:
         "_pending",
         "_received",
         "error",
+        "octets",
         "size",
     )
 
@@ -65,10 +66,14 @@ class MessageBuffer:
         self._in_headers = True
         self._received = 0
         self.size = 0
+        # Octets the client sent for this message so far, as sent (for the log of a session
+        # that ends in the middle of one).
+        self.octets = 0
         self.error: Reply | None = None
 
     def feed_data(self, data: bytes) -> bytes | None:
         """Feed DATA text. None while the end is not reached; else the bytes that follow it."""
+        self.octets += len(data)
         buf = self._pending + data
         end = buf.find(_END)
         if self.error is replies.BARE_LINE_ENDING:
@@ -93,6 +98,7 @@ class MessageBuffer:
 
     def feed_chunk(self, data: bytes) -> None:
         """Feed the octets of one BDAT chunk (RFC 3030: no dot-stuffing, no end marker)."""
+        self.octets += len(data)
         if self.error is replies.BARE_LINE_ENDING:
             return
         buf = self._pending + data

@@ -79,7 +79,7 @@ class RouterPolicy:
     Subclasses decide who may relay (``may_relay``) and what MAIL needs first. The sender of an
     authenticated session must be the user's (RFC 6409 §6.1): their own address or one of their
     aliases, as ``senders`` decides; without ``senders`` only the user's own address (any case).
-    The null sender is refused there: a user does not send bounces.
+    The null sender is allowed there: mail clients submit read receipts with it (RFC 8098 §3).
 
     ``reload_users``, when given, brings the router's user store up to date with its file (in a
     disk thread, never on the reactor) and is called before an unknown local recipient is
@@ -126,7 +126,9 @@ class RouterPolicy:
     def check_owned_sender(self, user: str, sender: Mailbox | None) -> Deferred[Reply | None]:
         """None if the authenticated ``user`` may send as ``sender``, else the refusal."""
         if sender is None:
-            return succeed(replies.NULL_SENDER_REFUSED)
+            # RFC 8098 §3: an MDN (read receipt) SHOULD have the null return path, and clients
+            # send MDNs through submission. Only an authenticated user gets here.
+            return succeed(None)
         address = str(sender)
         try:
             if self._senders is not None:

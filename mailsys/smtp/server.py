@@ -169,6 +169,12 @@ def _rfc5322_date(when: float) -> str:
     return _last_date[1]
 
 
+_QUEUED = ("{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
+           "proto={proto} queued")
+_QUEUED_AUTHENTICATED = ("{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
+                         "sasl_username={sasl_username} proto={proto} queued")
+
+
 class SMTPSession(InputLoopSession):
     """One SMTP connection, from greeting to QUIT.
 
@@ -269,11 +275,20 @@ class SMTPSession(InputLoopSession):
         if self._admitted:
             self._admitted = False
             self._factory.release(self._client_address)
+            lost = self._lost_message()
             log.info("disconnect from {client} helo=<{helo}> messages={messages} "
-                     "errors={errors} duration={duration}s", client=self._client,
-                     helo=self._helo or "",
+                     "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
+                     client=self._client, helo=self._helo or "",
                      messages=self._messages, errors=self._errors,
-                     duration=round(self._clock.seconds() - self._connected_at, 3))
+                     duration=round(self._clock.seconds() - self._connected_at, 3), lost=lost)
+
+    def _lost_message(self) -> str:
+        """What a client that went away in the middle of a message took with it, or ""."""
+        txn = self._txn
+        if txn is None or txn.message is None:
+            return ""  # no message begun, or complete and handed to the sink (not lost)
+        command = "BDAT" if txn.chunking else "DATA"
+        return f"lost connection after {command} ({txn.message.octets} bytes)"
 
     # --- the input loop (mailsys.inputloop) ------------------------------------------------------
 
@@ -710,13 +725,14 @@ class SMTPSession(InputLoopSession):
         )
 
     def _queued(self, _: object, envelope: Envelope) -> Reply:
-        # One line per accepted message (the hot path), with what its journey starts from.
+        # One line per accepted message (the hot path), with what its journey starts from;
+        # the authenticated user as Postfix names it (sasl_username=).
         self._messages += 1
         log.info(
-            "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
-            "proto={proto} queued",
+            _QUEUED if envelope.auth_user is None else _QUEUED_AUTHENTICATED,
             queue_id=envelope.queue_id, sender=envelope.sender, size=envelope.size,
             nrcpt=len(envelope.recipients), client=self._client, proto=envelope.protocol,
+            sasl_username=envelope.auth_user,
         )
         return replies.QUEUED.with_text(f"{replies.QUEUED.text} as {envelope.queue_id}")
 

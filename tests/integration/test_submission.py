@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from mailsys import tls
-from tests.integration.conftest import TWISTD, MailServer, make_server, wait_for
+from tests.integration.conftest import MAILSYS, TWISTD, MailServer, make_server, wait_for
+from tests.integration.relay_support import block_for, files_in, find_message, parse
 
 USER = "demo@example.test"
 PASSWORD = "demo"
@@ -168,7 +169,51 @@ def test_smtplib_starttls_login_send_on_587(shared: MailServer) -> None:
         return statuses if statuses.get(USER) == "delivered" else None
 
     statuses = wait_for(relay_waiting, deadline=10, message="the local copy done, relay queued")
-    assert statuses == {USER: "delivered", "friend@far-away.test": "scheduled"}
+    # Relay is disabled here: the external recipient waits, deferred with the reason.
+    assert statuses == {USER: "delivered", "friend@far-away.test": "deferred"}
+
+
+# Relay disabled, with a lifetime of seconds: waiting mail must still age and bounce.
+RELAY_DISABLED_SHORT = """
+[relay]
+enabled = false
+retry_schedule = [0.5]
+delay_warning = 1.5
+max_lifetime = 4.0
+"""
+
+
+def test_relay_disabled_mail_gets_a_delay_notice_then_bounces(
+    server_factory: Callable[..., MailServer],
+) -> None:
+    """Relay disabled: mail submitted for another domain is listed with its next check and the
+    reason, then the sender gets one delay notice (4.3.2) and one bounce (5.4.7, saying that
+    relaying is disabled) in their Maildir."""
+    server = server_factory("norelay", relay_config=RELAY_DISABLED_SHORT)
+    server.start()
+    with smtplib.SMTP("127.0.0.1", server.submission_port, timeout=10) as client:
+        client.starttls(context=trusting(server))
+        client.login(USER, PASSWORD)
+        assert client.send_message(message("to far away", "x@far.test")) == {}
+
+    def listed() -> str | None:
+        out = subprocess.run([MAILSYS, "--config", str(server.config_path), "queue", "list"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return out if "<x@far.test>" in out else None
+
+    listing = str(wait_for(listed, message="the waiting message in queue list"))
+    assert "next=" in listing and "Relay disabled" in listing
+    inbox = server.inbox(USER)
+    delay = find_message(inbox, b"Action: delayed", what="the delay notice")
+    assert block_for(delay, "x@far.test")["Status"] == "4.3.2"
+    bounce = find_message(inbox, b"Action: failed", what="the bounce")
+    assert parse(bounce)["Subject"] == "Undelivered Mail Returned to Sender"
+    assert block_for(bounce, "x@far.test")["Status"] == "5.4.7"
+    assert b"relaying is disabled on this server" in bounce.read_bytes()
+    wait_for(lambda: not list((server.spool / "queue").glob("*.env")),
+             message="the bounced message to leave the queue")
+    notices = [p for p in files_in(inbox) if b"Action: delayed" in p.read_bytes()]
+    assert len(notices) == 1
 
 
 def test_smtp_ssl_login_on_465(shared: MailServer) -> None:
@@ -310,14 +355,16 @@ def test_starttls_injection_is_discarded(shared: MailServer) -> None:
 
 
 def test_sender_must_belong_to_the_user(shared: MailServer) -> None:
-    """A sender that is not the user's own address or alias gets 553 5.7.1; an alias works."""
+    """A sender that is not the user's own address or alias gets 553 5.7.1; an alias works, and
+    so does the null sender of a read receipt (RFC 8098 §3)."""
     with smtplib.SMTP_SSL("127.0.0.1", shared.submissions_port, timeout=10,
                           context=trusting(shared)) as client:
         client.ehlo("laptop.test")
         client.login(USER, PASSWORD)
         code, text = client.mail("second@example.test")
         assert (code, text) == (553, b"5.7.1 Sender address not owned by authenticated user")
-        assert client.mail("<>")[0] == 553
+        assert client.mail("<>")[0] == 250
+        client.rset()
         assert client.mail("boss@far.test")[0] == 553
         assert client.mail("team@example.test")[0] == 250  # an alias reaching demo
         client.rset()

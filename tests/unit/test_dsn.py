@@ -351,3 +351,85 @@ def test_bounce_retried_when_it_could_not_be_queued(spool: Spool, clock: Clock,
     clock.advance(0)
     assert len(local.calls) == 1 and len(runner) == 0
     assert len(relay.calls) == 1  # the failed recipient is not tried again
+
+
+# --- relay disabled: the waiting recipient ages like a deferred one -----------------------------
+
+
+class ReadingAgent(FakeAgent):
+    """A local agent that keeps the bytes of each message it delivers (notices are read here)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.messages: list[bytes] = []
+
+    def deliver(self, envelope: Envelope, recipient: Any, message_path: Path, *,
+                recovered: bool = False) -> Deferred[Attempt]:
+        self.messages.append(Path(message_path).read_bytes())
+        return super().deliver(envelope, recipient, message_path, recovered=recovered)
+
+
+def advance_to(clock: Clock, offset: float) -> None:
+    """Move the clock to START + offset one timer at a time, as a reactor would."""
+    target = START + offset
+    while True:
+        times = [c.getTime() for c in clock.getDelayedCalls() if c.getTime() <= target]
+        if not times:
+            break
+        clock.advance(max(0.0, min(times) - clock.seconds()))
+    clock.advance(target - clock.seconds())
+
+
+def without_relay(spool: Spool, clock: Clock, local: ReadingAgent) -> QueueRunner:
+    """A started runner with a local agent only (``[relay] enabled = false``) and notices."""
+    runner = QueueRunner(spool, {TargetKind.LOCAL: local}, clock, retry_schedule=(60.0,),
+                         max_lifetime=900.0)
+    router = StaticRouter({"example.test"}, {"alice@example.test"})
+    runner.notifier = DSNNotifier(QueueSink(spool, runner), router, ImmediateDiskPool(), HOST,  # type: ignore[arg-type]
+                                  clock, delay_warning=300.0, max_lifetime=900.0)
+    runner.load(spool.recover())
+    runner.startService()
+    return runner
+
+
+def test_relay_disabled_delay_notice_then_bounce_once_across_a_restart(
+        tmp_path: Path, clock: Clock) -> None:
+    """With no relay agent, the sender gets one delay notice (4.3.2) at delay_warning and one
+    bounce (5.4.7, "relaying is disabled") at max_lifetime, even with a restart in between."""
+    spool = Spool(tmp_path / "spool", ImmediateDiskPool())  # type: ignore[arg-type]
+    local = ReadingAgent(clock)
+    runner = without_relay(spool, clock, local)
+    run(QueueSink(spool, runner).submit(envelope(relay_recipient("bob@far.test")), ORIGINAL))
+    advance_to(clock, 299)
+    assert local.messages == []
+    advance_to(clock, 300)
+    assert len(local.messages) == 1
+    parsed, (_, block), _ = report_parts(local.messages[0])
+    assert parsed["Subject"] == "Delayed Mail (still being retried)"
+    assert block["Action"] == "delayed" and block["Status"] == "4.3.2"
+    assert "Relay disabled" in parsed.get_payload()[0].get_content()  # type: ignore[index]
+    advance_to(clock, 420)
+    assert len(local.messages) == 1  # once
+    # A restart: a new spool object and runner over the same directory.
+    assert run(runner.stopService()) is None
+    spool.close()
+    spool = Spool(tmp_path / "spool", ImmediateDiskPool())  # type: ignore[arg-type]
+    local = ReadingAgent(clock)
+    runner = without_relay(spool, clock, local)
+    assert len(runner) == 1
+    advance_to(clock, 899)
+    assert local.messages == []  # no second delay notice after the restart
+    assert len(runner) == 1
+    advance_to(clock, 900)
+    assert len(local.messages) == 1
+    parsed, (_, block), returned = report_parts(local.messages[0])
+    assert parsed["Subject"] == "Undelivered Mail Returned to Sender"
+    assert block["Action"] == "failed" and block["Status"] == "5.4.7"
+    text = parsed.get_payload()[0].get_content()  # type: ignore[index]
+    assert "relaying is disabled on this server" in text
+    assert returned.get_content_type() == "message/rfc822"
+    assert len(runner) == 0 and not (spool.queue_dir / "Q1.env").exists()
+    advance_to(clock, 86400)
+    assert len(local.messages) == 1  # once
+    assert clock.getDelayedCalls() == []
+    spool.close()

@@ -258,6 +258,34 @@ def test_queue_show(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.rstrip().endswith("Subject: x")
 
 
+def test_queue_list_and_show_a_recipient_waiting_for_relay(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recipient held back because relay is disabled shows its next check and the reason."""
+    spool = Spool(tmp_path / "spool", ImmediateDiskPool())  # type: ignore[arg-type]
+    spool.recover()
+    clock = Clock()
+    clock.advance(time.time())
+    runner = QueueRunner(spool, {TargetKind.LOCAL: FakeAgent(clock)}, clock)
+    runner.startService()
+    r = Recipient(address="x@far.test", original="x@far.test", kind=TargetKind.RELAY)
+    envelope = Envelope(queue_id="W1", sender="demo@example.test", recipients=[r],
+                        received_at=clock.seconds(), size=11)
+    spool.commit(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    runner.enqueue(envelope)
+    runner.stopService()
+    spool.close()
+    config = tmp_path / "mailsys.toml"
+    config.write_text(f'[storage]\nspool = "{tmp_path / "spool"}"\n')
+    status, out, _ = run_cli(capsys, "queue", "list", "--config", str(config))
+    assert status == 0
+    line = out.splitlines()[1].strip()
+    assert line.startswith("<x@far.test>  deferred  attempts=1  next=in ")
+    assert "last=451 4.3.2 Relay disabled" in line
+    status, out, _ = run_cli(capsys, "queue", "show", "W1", "--config", str(config))
+    assert status == 0
+    assert "  next        " in out and "451 4.3.2 Relay disabled" in out
+
+
 def test_queue_changes_and_errors(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """hold prints what was done; an unknown id is one line on stderr and status 1."""
     assert run_cli(capsys, "queue", "hold", "A1", "--config", str(config))[:2] == (

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mailsys.envelope import Attempt, Envelope, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
-from mailsys.queue.runner import DEFAULT_RETRY_SCHEDULE, QueueRunner
+from mailsys.queue.runner import DEFAULT_RETRY_SCHEDULE, WITHOUT_AGENT, QueueRunner
 from mailsys.queue.spool import Spool, encode_envelope
 from tests.unit.test_spool import (
     ImmediateDiskPool,
@@ -242,23 +242,73 @@ def test_message_stays_until_the_last_recipient_is_final(spool: Spool, clock: Cl
     assert on_disk(spool, envelope.queue_id) is None
 
 
-def test_relay_without_agent_waits_untouched(
+def test_relay_without_agent_is_deferred_on_the_retry_schedule(
     spool: Spool, clock: Clock, agent: FakeAgent
 ) -> None:
-    """A RELAY recipient without a relay agent stays scheduled and in the spool, logged once."""
-    runner = make_runner(spool, clock, (TargetKind.LOCAL, agent))
+    """A RELAY recipient without a relay agent is deferred (451 4.3.2 relay disabled) and checked
+    again on the retry schedule, one timer at a time, never in a busy loop."""
+    runner = make_runner(spool, clock, (TargetKind.LOCAL, agent), retry_schedule=(60, 300))
     envelope = commit(spool, local_recipient("a@example.test"), relay_recipient("x@remote.test"))
     with capturedLogs() as events:
         runner.enqueue(envelope)
-        clock.advance(86400)
     stored = on_disk(spool, envelope.queue_id)
     assert stored is not None
-    assert [r.status for r in stored.recipients] == [DELIVERED, SCHEDULED]
-    assert stored.recipients[1].attempts == []
-    assert spool.message_path(envelope.queue_id).exists()
-    waiting = [e for e in events if "waiting for" in e["log_format"]]
-    assert len(waiting) == 1 and waiting[0]["kind"] == "relay"
-    assert clock.getDelayedCalls() == []  # nothing to wake up for
+    assert [r.status for r in stored.recipients] == [DELIVERED, DEFERRED]
+    waiting = stored.recipients[1]
+    assert [a.reply for a in waiting.attempts] == [str(WITHOUT_AGENT[TargetKind.RELAY][0])]
+    assert waiting.attempts[0].reply.startswith("451 4.3.2 Relay disabled")
+    assert waiting.next_attempt == START + 60
+    (line,) = [e for e in events if e.get("to") == "x@remote.test"]
+    assert line["queue_id"] == envelope.queue_id and line["status"] is DEFERRED
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [START + 60]
+    clock.advance(59)
+    assert len(runner.envelopes()[0].recipients[1].attempts) == 1
+    clock.advance(1)
+    stored = on_disk(spool, envelope.queue_id)
+    assert stored is not None and len(stored.recipients[1].attempts) == 2
+    assert stored.recipients[1].next_attempt == START + 360
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [START + 360]
+    assert [c.address for c in agent.calls] == ["a@example.test"]  # never handed to an agent
+
+
+def test_relay_without_agent_fails_at_max_lifetime(
+    spool: Spool, clock: Clock, agent: FakeAgent
+) -> None:
+    """At max_lifetime a recipient waiting for a relay agent fails with 5.4.7, saying that
+    relaying is disabled, and the message leaves the queue; nothing stays scheduled."""
+    runner = make_runner(spool, clock, (TargetKind.LOCAL, agent), retry_schedule=(60, 300),
+                         max_lifetime=1000.0)
+    envelope = commit(spool, relay_recipient("x@remote.test"))
+    runner.enqueue(envelope)
+    clock.advance(999)
+    assert on_disk(spool, envelope.queue_id) is not None
+    clock.advance(1)
+    recipient = envelope.recipients[0]
+    assert recipient.status is FAILED
+    assert recipient.attempts[-1].reply == (
+        "554 5.4.7 Delivery time expired: relaying is disabled on this server")
+    assert recipient.attempts[-1].at == START + 1000
+    assert on_disk(spool, envelope.queue_id) is None and len(runner) == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_waiting_recipient_goes_out_at_once_when_relay_is_enabled(
+    spool: Spool, clock: Clock, agent: FakeAgent
+) -> None:
+    """After a restart with a relay agent, a recipient that waited for one is tried at once,
+    not at the next check the waiting scheduled."""
+    first = make_runner(spool, clock, (TargetKind.LOCAL, agent))
+    envelope = commit(spool, relay_recipient("x@remote.test"))
+    first.enqueue(envelope)
+    assert result_of(first.stopService()) is None
+    relay = FakeAgent(clock)
+    second = make_runner(spool, clock, (TargetKind.LOCAL, agent), (TargetKind.RELAY, relay),
+                         start=False)
+    second.load(spool.recover())
+    second.startService()
+    clock.advance(0)
+    assert [c.address for c in relay.calls] == ["x@remote.test"]
+    assert on_disk(spool, envelope.queue_id) is None
 
 
 def test_agent_raising_is_a_temporary_failure(spool: Spool, clock: Clock) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
 from mailsys.envelope import Envelope, TargetKind
@@ -16,6 +16,9 @@ from mailsys.interfaces import IMessageSink
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
+from mailsys.smtp.policy import SubmissionPolicy
+from mailsys.smtp.server import ListenerRole
+from mailsys.smtp.testing import SessionDriver, StaticRouter, make_factory, memory_portal
 from tests.unit.test_runner import FakeAgent
 from tests.unit.test_spool import (
     ImmediateDiskPool,
@@ -116,3 +119,30 @@ def test_submit_does_not_wait_for_delivery(spool: Spool) -> None:
     envelope = make_envelope(sink.new_queue_id(), local_recipient("alice@example.test"))
     assert result_of(sink.submit(envelope, b"message")) is None
     assert len(agent.waiting) == 1
+
+
+def test_session_logs_queued_before_the_runner_logs_about_the_message(
+    spool: Spool, pool: ImmediateDiskPool
+) -> None:
+    """Through a real session, sink and runner, the session's "queued" line is the first line
+    about the message: the runner's lines (here: relay disabled) come after it."""
+    pool.hold_syncs = True  # the commit completes later, as with the real disk threads
+    clock = Clock()
+    runner = QueueRunner(spool, {TargetKind.LOCAL: FakeAgent(clock)}, clock)
+    runner.startService()
+    driver = SessionDriver(make_factory(role=ListenerRole.SUBMISSIONS,
+                                        policy=SubmissionPolicy(StaticRouter({"example.test"},
+                                                                             {"alice"})),
+                                        sink=sink_for(spool, runner), clock=clock,
+                                        portal=memory_portal({"alice@example.test": "pw"})))
+    driver.send(b"EHLO client.test\r\n")
+    assert driver.codes(b"AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABwdw==\r\n") == [235]
+    with capturedLogs() as events:
+        codes = driver.codes(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.test>\r\n"
+                             b"DATA\r\nSubject: s\r\n\r\nhi\r\n.\r\n")
+        pool.release_syncs()
+    assert codes == [250, 250, 354]
+    assert driver.lines()[-1].startswith("250 2.0.0")
+    about = [formatEvent(e) for e in events if e.get("queue_id")]
+    assert about and about[0].endswith(" queued"), about
+    assert any("Relay disabled" in line for line in about[1:]), about

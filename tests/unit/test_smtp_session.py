@@ -668,6 +668,45 @@ def test_log_lines_name_the_queue_id() -> None:
     assert not any(line.startswith("connect from") for line in text)
 
 
+def server_lines(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"]
+
+
+@pytest.mark.parametrize(("commands", "lost"), [
+    (b"DATA\r\nSubject: x\r\n\r\nhalf a bo", "lost connection after DATA (23 bytes)"),
+    (b"DATA\r\n", "lost connection after DATA (0 bytes)"),
+    (b"BDAT 10\r\n0123456789BDAT 100\r\nabc", "lost connection after BDAT (13 bytes)"),
+])
+def test_disconnect_in_the_middle_of_a_message_is_logged(commands: bytes, lost: str) -> None:
+    """A client going away inside DATA or BDAT: the disconnect line says what was lost."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        driver = ready()
+        driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n" + commands)
+        driver.lose()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (line,) = [t for t in server_lines(events) if t.startswith("disconnect from")]
+    assert re.fullmatch(r"disconnect from \[192\.0\.2\.10\] helo=<client\.test> messages=0 "
+                        r"errors=0 duration=[\d.]+s " + re.escape(lost), line), line
+
+
+def test_disconnect_after_a_complete_message_loses_nothing() -> None:
+    """A message complete (or a transaction without one) is not reported lost at disconnect."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        driver = ready()
+        driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+                    b"hello\r\n.\r\nMAIL FROM:<a@b.test>\r\n")
+        driver.lose()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    (line,) = [t for t in server_lines(events) if t.startswith("disconnect from")]
+    assert "lost" not in line and "messages=1" in line
+
+
 # --- submission ------------------------------------------------------------------------------
 
 

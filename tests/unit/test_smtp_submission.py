@@ -8,6 +8,7 @@ import re
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from mailsys import replies
 from mailsys.address import Mailbox
@@ -124,9 +125,56 @@ def test_other_senders_are_refused(sender: str) -> None:
         "553 5.7.1 Sender address not owned by authenticated user"]
 
 
-def test_null_sender_is_refused() -> None:
-    """A submitted message may not have the null sender (it is for bounces)."""
-    assert submission().send(b"MAIL FROM:<>\r\n") == [str(replies.NULL_SENDER_REFUSED)]
+def test_queued_line_names_the_authenticated_user() -> None:
+    """The "queued" log line of a submitted message carries sasl_username=, as Postfix's."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        send(submission(), b"Subject: s\r\n\r\nhi\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    queued = [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"
+              and formatEvent(e).endswith(" queued")]
+    assert len(queued) == 1
+    assert re.fullmatch(r"TEST0001: from=<alice@example\.test> size=\d+ nrcpt=1 "
+                        r"client=\[192\.0\.2\.10\] sasl_username=alice@example\.test "
+                        r"proto=ESMTPSA queued", queued[0]), queued
+
+
+def test_null_sender_is_allowed_after_auth() -> None:
+    """An authenticated user may submit with the null sender (an MDN, RFC 8098 §3); the message
+    still gets the Date and Message-ID submission adds."""
+    envelope, message = send(submission(), b"Subject: Read: hello\r\n\r\nread\r\n", sender="")
+    assert envelope.sender == ""
+    assert envelope.auth_user == USER
+    text = header(message)
+    assert "\r\nDate: " in text and f"Message-ID: <TEST0001@{HOSTNAME}>" in text
+
+
+@pytest.mark.parametrize("role", [ListenerRole.SUBMISSION, ListenerRole.SUBMISSIONS])
+def test_null_sender_without_auth_is_refused(role: ListenerRole) -> None:
+    """Without AUTH, MAIL FROM:<> on submission is refused like any other sender (530 5.7.0)."""
+    routes = router()
+    made = make_factory(role=role, policy=SubmissionPolicy(routes, senders=routes),
+                        tls=FakeContexts(),  # type: ignore[arg-type]
+                        portal=memory_portal({USER: PASSWORD}), clock=Clock())
+    driver = SessionDriver(made, "192.0.2.10")
+    driver.lines()
+    if role is ListenerRole.SUBMISSION:
+        driver.send(b"EHLO laptop.test\r\nSTARTTLS\r\n")
+    driver.send(b"EHLO laptop.test\r\n")
+    assert driver.send(b"MAIL FROM:<>\r\n") == [str(replies.AUTH_REQUIRED)]
+
+
+def test_policy_allows_the_null_sender_only_to_a_user() -> None:
+    """The policy itself: <> is fine for an authenticated session, refused without one."""
+    policy = SubmissionPolicy(router())
+    answers: list[object] = []
+    user = SessionInfo("mx.test", "192.0.2.1", tls=True, authenticated_user=USER)
+    anonymous = SessionInfo("mx.test", "192.0.2.1", tls=True)
+    policy.check_sender(user, None).addCallback(answers.append)
+    policy.check_sender(anonymous, None).addCallback(answers.append)
+    assert answers == [None, replies.AUTH_REQUIRED]
 
 
 def test_without_sender_directory_only_the_user_itself() -> None:
