@@ -121,6 +121,11 @@ _process_locks_guard = threading.Lock()
 # already SETTLE_SECONDS old as the scan began: a change after the scan then always moves it
 # (Dovecot trusts maildir mtimes by the same rule).
 SETTLE_SECONDS = 2.0
+# On a file system with sub-second time stamps (ext4, XFS, btrfs, tmpfs: their mtimes have
+# nanoseconds), a stamp only needs to be older than the kernel's timestamp tick (a few ms).
+# A stamp whose every mtime falls on a whole second may come from a coarse file system (FAT,
+# some NFS servers), and gets the full SETTLE_SECONDS.
+SETTLE_SECONDS_FINE = 0.1
 SYNC_CACHE_FOLDERS = 256
 _sync_cache: OrderedDict[str, tuple[tuple[int, ...], SyncResult]] = OrderedDict()
 _sync_cache_guard = threading.Lock()
@@ -130,6 +135,14 @@ _sync_cache_guard = threading.Lock()
 # the file unchanged does not parse it again. A rewrite is a rename, so it always moves the stat.
 # The UidList objects kept here are only ever read.
 _uidlist_cache: OrderedDict[str, tuple[tuple[int, ...], UidList]] = OrderedDict()
+
+
+# What the last scan of each folder found, by "sub/name". Maildir message files never change
+# under a name (the spec: a change of flags is a rename, a change of content a new message), so
+# a name seen before needs neither a stat nor a parse: a rescan of a folder of 5,000 messages
+# costs a readdir and dictionary lookups. A file edited in place against that rule keeps its
+# old size until the process restarts (Dovecot trusts its index the same way).
+_scan_memo: OrderedDict[str, dict[str, _Found]] = OrderedDict()
 
 
 def _uidlist_signature(path: str) -> tuple[int, ...] | None:
@@ -180,6 +193,12 @@ def _folder_stamp(path: str) -> tuple[int, ...] | None:
             uids.st_ino, uids.st_size)
 
 
+def _settle_ns(stamp: tuple[int, ...]) -> int:
+    """How old a stamp's mtimes must be to be trusted (see SETTLE_SECONDS)."""
+    fine = all(mtime % 1_000_000_000 for mtime in stamp[:3])
+    return int((SETTLE_SECONDS_FINE if fine else SETTLE_SECONDS) * 1e9)
+
+
 def _process_lock(directory: Path) -> threading.Lock:
     key = os.fspath(directory)
     with _process_locks_guard:
@@ -227,7 +246,7 @@ def new_uidvalidity(previous: int | None, now: float) -> int:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Found:
     """A message file found by a directory scan."""
 
@@ -287,8 +306,7 @@ class Folder:
             started_ns = time.time_ns()
             result = self._sync_locked()
             after = _folder_stamp(key)
-            settled = before is not None and max(before[:3]) < started_ns - int(
-                SETTLE_SECONDS * 1e9)
+            settled = before is not None and max(before[:3]) < started_ns - _settle_ns(before)
             with _sync_cache_guard:
                 if after is not None and after == before and settled:
                     _sync_cache[key] = (after, result)
@@ -480,6 +498,9 @@ class Folder:
     def _scan(self) -> dict[str, _Found]:
         found: dict[str, _Found] = {}
         root = os.fspath(self.path)
+        with _sync_cache_guard:
+            seen = _scan_memo.get(root, {})
+        memo: dict[str, _Found] = {}
         for sub in ("cur", "new"):
             try:
                 entries = list(os.scandir(f"{root}/{sub}"))
@@ -488,28 +509,38 @@ class Folder:
                 continue
             for entry in entries:
                 name = entry.name
-                if name.startswith(".") or "\n" in name or "\r" in name:
-                    continue  # not a message (hidden files, names the UID file cannot hold)
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                if not entry.is_file():
-                    continue
-                parsed = parse_name(name)
-                key = parsed.key
+                where = f"{sub}/{name}"
+                item = seen.get(where)
+                if item is None:
+                    if name.startswith(".") or "\n" in name or "\r" in name:
+                        continue  # not a message (hidden files, names the UID file cannot hold)
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    if not entry.is_file():
+                        continue
+                    item = _Found(sub, name, parse_name(name), st.st_size, st.st_mtime)
+                key = item.parsed.key
                 if key in found:
                     # Two files with one unique name break the Maildir rule; keep both
                     # messages by giving this one a fresh name.
                     key = f"{key}.D{secrets.token_hex(6)}"
-                    fresh = key + name[len(parsed.base):]
+                    fresh = key + name[len(item.parsed.base):]
                     try:
                         os.rename(f"{root}/{sub}/{name}", f"{root}/{sub}/{fresh}")
                     except FileNotFoundError:
                         continue
-                    name, parsed = fresh, parse_name(fresh)
-                    parsed = replace(parsed, key=key, uid=None)
-                found[key] = _Found(sub, name, parsed, st.st_size, st.st_mtime)
+                    parsed = replace(parse_name(fresh), key=key, uid=None)
+                    item = replace(item, name=fresh, parsed=parsed)
+                    where = f"{sub}/{fresh}"
+                memo[where] = item
+                found[key] = item
+        with _sync_cache_guard:
+            _scan_memo[root] = memo
+            _scan_memo.move_to_end(root)
+            while len(_scan_memo) > SYNC_CACHE_FOLDERS:
+                _scan_memo.popitem(last=False)
         return found
 
     def _wire_size(self, item: _Found) -> int:

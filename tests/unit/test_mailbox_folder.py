@@ -277,6 +277,21 @@ def test_edited_file_gets_wire_size_recomputed(folder: Folder) -> None:
     assert again.uid == info.uid and again.wire_size == 6
 
 
+def test_names_seen_before_are_trusted_until_a_fresh_scan(folder: Folder) -> None:
+    """A name this process has scanned is not looked at again: an edit in place (against the
+    Maildir rules) shows only once the scan memory is gone, as after a restart."""
+    deliver(folder.path, message(1))
+    folder.sync()
+    (info,) = folder.sync().messages  # its name in cur/ is now remembered
+    (folder.path / "cur" / info.name).write_bytes(b"a\nb\n")
+    (same,) = folder.sync().messages
+    assert same.wire_size == info.wire_size
+    folder_module._scan_memo.clear()
+    folder_module._sync_cache.clear()
+    (again,) = folder.sync().messages
+    assert again.uid == info.uid and again.wire_size == 6
+
+
 def test_read_prefix_stops_early(folder: Folder) -> None:
     """read_prefix returns once the predicate accepts what was read."""
     deliver(folder.path, b"A: 1\r\n\r\n" + b"x" * 600_000)
@@ -321,3 +336,14 @@ def test_new_uidvalidity_always_grows() -> None:
     """A new UIDVALIDITY is above the previous one even if the clock went back."""
     assert new_uidvalidity(None, 1_800_000_000.5) == 1_800_000_000
     assert new_uidvalidity(1_900_000_000, 1_800_000_000.0) == 1_900_000_001
+
+
+def test_settle_time_follows_the_file_systems_time_stamps() -> None:
+    """Stamps with nanoseconds are trusted after SETTLE_SECONDS_FINE; whole seconds need
+    SETTLE_SECONDS, since such a file system cannot tell two changes in one second apart."""
+    fine = (1_800_000_000_123_456_789, 1_800_000_000_987_654_321, 1_800_000_001_000_000_001)
+    coarse = (1_800_000_000_000_000_000, 1_800_000_001_000_000_000, 1_800_000_001_000_000_000)
+    assert folder_module._settle_ns((*fine, 1, 2, 3, 4)) == int(
+        folder_module.SETTLE_SECONDS_FINE * 1e9)
+    assert folder_module._settle_ns((*coarse, 1, 2, 3, 4)) == int(
+        folder_module.SETTLE_SECONDS * 1e9)
