@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from mailsys.diskio import fsync_directory
 from mailsys.mailbox.names import MaildirName, format_base, parse_name, render_flags
 from mailsys.mailbox.uidlist import (
+    JOURNAL_NAME,
     MAX_MODSEQ,
     MAX_UID,
     MODSEQ_RESERVE,
@@ -45,6 +46,7 @@ from mailsys.mailbox.uidlist import (
     Floor,
     UidEntry,
     UidList,
+    append_journal,
     read_uidlist,
     read_uidvalidity_floor,
     write_state,
@@ -127,6 +129,9 @@ SETTLE_SECONDS = 2.0
 # some NFS servers), and gets the full SETTLE_SECONDS.
 SETTLE_SECONDS_FINE = 0.1
 SYNC_CACHE_FOLDERS = 256
+# A UID file's journal of flag changes is folded into the file once it exceeds a quarter of the
+# file's size, and never before it reaches this (a small folder rewrites its file cheaply).
+JOURNAL_MIN_COMPACT = 64 * 1024
 _sync_cache: OrderedDict[str, tuple[tuple[int, ...], SyncResult]] = OrderedDict()
 _sync_cache_guard = threading.Lock()
 
@@ -145,12 +150,21 @@ _uidlist_cache: OrderedDict[str, tuple[tuple[int, ...], UidList]] = OrderedDict(
 _scan_memo: OrderedDict[str, dict[str, _Found]] = OrderedDict()
 
 
+def _journal_stat(path: str) -> tuple[int, ...]:
+    """The UID file journal's (size, mtime, inode); zeros while there is none."""
+    try:
+        st = os.stat(f"{path}/{JOURNAL_NAME}")
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def _uidlist_signature(path: str) -> tuple[int, ...] | None:
     try:
         st = os.stat(f"{path}/{UIDLIST_NAME}")
     except FileNotFoundError:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, *_journal_stat(path))
 
 
 def _remember_uidlist(path: str, uids: UidList) -> None:
@@ -182,7 +196,8 @@ def _load_uidlist(directory: Path) -> UidList | None:
 
 
 def _folder_stamp(path: str) -> tuple[int, ...] | None:
-    """The state sync() depends on: new/ and cur/ (mtime, inode) and the UID file's stat."""
+    """The state sync() depends on: new/ and cur/ (mtime, inode), the UID file's and its
+    journal's stat. The first three are the mtimes that must have settled."""
     try:
         new = os.stat(f"{path}/new")
         cur = os.stat(f"{path}/cur")
@@ -190,7 +205,7 @@ def _folder_stamp(path: str) -> tuple[int, ...] | None:
     except FileNotFoundError:
         return None
     return (new.st_mtime_ns, cur.st_mtime_ns, uids.st_mtime_ns, new.st_ino, cur.st_ino,
-            uids.st_ino, uids.st_size)
+            uids.st_ino, uids.st_size, *_journal_stat(path))
 
 
 def _settle_ns(stamp: tuple[int, ...]) -> int:
@@ -572,6 +587,26 @@ class Folder:
         write_state(self.path, state, floor=need_floor, modseq_ceiling=ceiling)
         _remember_uidlist(os.fspath(self.path), state)
 
+    def _record_flags(self, state: UidList,
+                      journal: list[tuple[str, int, frozenset[str]]]) -> None:
+        """Make flag changes durable: a few journal lines, or the whole UID file when the
+        journal has grown to a quarter of it (or past 64 KiB) or HIGHESTMODSEQ reaches the
+        side file's ceiling (only a rewrite raises the ceiling)."""
+        path = os.fspath(self.path)
+        floor = read_uidvalidity_floor(self.path)
+        journal_size = _journal_stat(path)[0]
+        try:
+            base_size = os.stat(f"{path}/{UIDLIST_NAME}").st_size
+        except FileNotFoundError:
+            base_size = 0
+        if (floor is None or floor.modseq_ceiling is None
+                or state.highest_modseq >= floor.modseq_ceiling
+                or journal_size > max(JOURNAL_MIN_COMPACT, base_size // 4)):
+            self._write(state, None)
+            return
+        append_journal(self.path, journal)
+        _remember_uidlist(path, state)
+
     # --- reading and changing messages ----------------------------------------------------------
 
     def _find(self, key: str) -> str | None:
@@ -643,6 +678,7 @@ class Folder:
             state = self._recorded_state([info.key for info, _ in changes])
             entries = state.entries
             highest = state.highest_modseq
+            journal: list[tuple[str, int, frozenset[str]]] = []  # (key, modseq, flags)
             for info, change in changes:
                 entry = entries.get(info.key)
                 if entry is None:
@@ -657,6 +693,7 @@ class Folder:
                         # Renamed by another program since the last sync: that change gets
                         # its mod-sequence first, and counts against UNCHANGEDSINCE.
                         highest += 1
+                        journal.append((info.key, highest, parsed.flags))
                         entry = entries[info.key] = replace(entry, modseq=highest,
                                                             flags=parsed.flags)
                     current = replace(info, name=name, flags=parsed.flags, modseq=entry.modseq)
@@ -674,12 +711,13 @@ class Folder:
                         path = self._find(info.key)  # renamed by another client: look again
                         continue
                     highest += 1
+                    journal.append((info.key, highest, flags))
                     entry = entries[info.key] = replace(entry, modseq=highest, flags=flags)
                     updated.append(replace(info, name=target, flags=flags, modseq=highest))
                     break
             if highest != state.highest_modseq:
                 state.highest_modseq = highest
-                self._write(state, None)
+                self._record_flags(state, journal)
         return FlagResult(tuple(updated), tuple(modified), highest)
 
     def _recorded_state(self, keys: list[str]) -> UidList:

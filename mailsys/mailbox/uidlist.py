@@ -16,6 +16,13 @@ directory fsync) and only ever changed under the folder's lock. Reading is toler
 line is dropped and reported, so that the folder can keep every UID still known (RFC 3501
 §2.3.1.1: UIDs should not change between sessions, and must not without a new UIDVALIDITY).
 
+``mailsys-uidlist.log`` beside it is the UID file's journal of flag changes: a STORE appends
+``<modseq> <flags> <key>`` for each message it changed (fsync'd) instead of rewriting the whole
+file, which for a large folder cost milliseconds per STORE. Reading the UID file applies the
+journal's lines whose mod-sequence is above the message's; every rewrite of the UID file
+supersedes the journal and removes it afterwards, so a journal left behind by a crash between
+the two is applied again harmlessly (its mod-sequences are not above the new file's).
+
 ``mailsys-uidvalidity`` beside it keeps ``<uidvalidity> <uidnext> <modseq ceiling>`` as a floor
 for rebuilding the UID file if it is lost: written when the folder's numbering starts, whenever
 UIDNEXT could no longer be worked out from the ``,U=`` fields of the file names (see Folder.sync),
@@ -36,6 +43,7 @@ from typing import NamedTuple
 from mailsys.diskio import fsync_directory
 
 UIDLIST_NAME = "mailsys-uidlist"
+JOURNAL_NAME = "mailsys-uidlist.log"
 UIDVALIDITY_NAME = "mailsys-uidvalidity"
 _MAGIC = "mailsys-uidlist"
 _VERSION = "2"
@@ -152,12 +160,61 @@ def render_uidlist(uids: UidList) -> bytes:
 
 
 def read_uidlist(directory: Path) -> UidList | None:
-    """The folder's UID file; None if there is none. Raises CorruptUidListError."""
+    """The folder's UID file with its journal applied; None if there is none. Raises
+    CorruptUidListError."""
     try:
         data = (directory / UIDLIST_NAME).read_bytes()
     except FileNotFoundError:
         return None
-    return parse_uidlist(data.decode("utf-8", "surrogateescape"))
+    uids = parse_uidlist(data.decode("utf-8", "surrogateescape"))
+    try:
+        journal = (directory / JOURNAL_NAME).read_bytes()
+    except FileNotFoundError:
+        return uids
+    apply_journal(uids, journal.decode("utf-8", "surrogateescape"))
+    return uids
+
+
+def apply_journal(uids: UidList, text: str) -> None:
+    """Apply journal lines to ``uids`` in place: a line counts only if its mod-sequence is above
+    the message's. A line cut short by a crash (no newline) was never acknowledged: dropped."""
+    if uids.highest_modseq < 1:
+        return  # a version 1 file has no mod-sequences for a journal to follow
+    lines = text.split("\n")
+    lines.pop()  # after the last newline: empty, or an unfinished line
+    for line in lines:
+        parts = line.split(" ", 2)
+        if len(parts) != 3:
+            continue
+        modseq_text, letters, key = parts
+        entry = uids.entries.get(key)
+        if entry is None or not modseq_text.isdigit():
+            continue  # expunged since, or damaged
+        modseq = int(modseq_text)
+        if modseq <= entry.modseq or modseq > MAX_MODSEQ or not (
+                letters == _NO_FLAGS or (letters.isascii() and letters.isalpha())):
+            continue
+        flags = frozenset() if letters == _NO_FLAGS else frozenset(letters)
+        uids.entries[key] = UidEntry(entry.uid, entry.size, entry.wire_size, modseq, flags)
+        uids.highest_modseq = max(uids.highest_modseq, modseq)
+
+
+def append_journal(directory: Path, changes: list[tuple[str, int, frozenset[str]]]) -> None:
+    """Record flag changes (key, mod-sequence, flags) durably in the journal."""
+    path = directory / JOURNAL_NAME
+    created = not path.exists()
+    text = "".join(f"{modseq} {''.join(sorted(flags)) or _NO_FLAGS} {key}\n"
+                   for key, modseq, flags in changes)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(text.encode("utf-8", "surrogateescape"))
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_directory(directory)
 
 
 def read_uidvalidity_floor(directory: Path) -> Floor | None:
@@ -207,3 +264,5 @@ def write_state(directory: Path, uids: UidList, *, floor: bool,
             tmp.unlink(missing_ok=True)
         raise
     fsync_directory(directory)
+    # Only now that the new file is durable: the journal it supersedes goes.
+    (directory / JOURNAL_NAME).unlink(missing_ok=True)

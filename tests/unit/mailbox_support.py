@@ -13,6 +13,16 @@ from twisted.python.failure import Failure
 E = TypeVar("E", bound=BaseException)
 
 
+def forget_folder_caches() -> None:
+    """Drop what this process remembers of folders (sync results, UID files, scanned names),
+    as a restarted server starts."""
+    from mailsys.mailbox import folder
+
+    folder._sync_cache.clear()
+    folder._uidlist_cache.clear()
+    folder._scan_memo.clear()
+
+
 class WallClock:
     """A settable wall clock for a Folder (UIDVALIDITY and mod-sequence floors come from it)."""
 

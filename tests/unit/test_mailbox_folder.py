@@ -17,7 +17,7 @@ from mailsys.mailbox.folder import (
 )
 from mailsys.mailbox.names import SEEN, parse_name
 from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist, write_state
-from tests.unit.mailbox_support import WallClock, deliver, message
+from tests.unit.mailbox_support import WallClock, deliver, forget_folder_caches, message
 
 
 @pytest.fixture
@@ -286,8 +286,7 @@ def test_names_seen_before_are_trusted_until_a_fresh_scan(folder: Folder) -> Non
     (folder.path / "cur" / info.name).write_bytes(b"a\nb\n")
     (same,) = folder.sync().messages
     assert same.wire_size == info.wire_size
-    folder_module._scan_memo.clear()
-    folder_module._sync_cache.clear()
+    forget_folder_caches()
     (again,) = folder.sync().messages
     assert again.uid == info.uid and again.wire_size == 6
 

@@ -13,13 +13,15 @@ from mailsys.mailbox import folder as folder_module
 from mailsys.mailbox.folder import Folder, MessageInfo, adding, create_folder_dirs
 from mailsys.mailbox.names import FLAGGED, SEEN, parse_name
 from mailsys.mailbox.uidlist import (
+    JOURNAL_NAME,
     UIDLIST_NAME,
     UIDVALIDITY_NAME,
     CorruptUidListError,
     parse_uidlist,
+    read_uidlist,
     read_uidvalidity_floor,
 )
-from tests.unit.mailbox_support import WallClock, deliver, message
+from tests.unit.mailbox_support import WallClock, deliver, forget_folder_caches, message
 
 
 @pytest.fixture
@@ -29,13 +31,15 @@ def folder(tmp_path: Path) -> Folder:
 
 
 def restarted(folder: Folder) -> Folder:
-    """The same folder as a new process sees it: no in-memory sync cache."""
-    folder_module._sync_cache.clear()
+    """The same folder as a new process sees it: nothing remembered in memory."""
+    forget_folder_caches()
     return Folder(folder.path, clock=WallClock())
 
 
 def recorded(folder: Folder) -> dict[str, tuple[int, frozenset[str] | None]]:
-    uids = parse_uidlist((folder.path / UIDLIST_NAME).read_text())
+    """What the UID file and its journal record, as a restarted server would read them."""
+    uids = read_uidlist(folder.path)
+    assert uids is not None
     return {key: (entry.modseq, entry.flags) for key, entry in uids.entries.items()}
 
 
@@ -253,3 +257,71 @@ def test_version_2_header_needs_a_positive_highestmodseq() -> None:
         parse_uidlist("mailsys-uidlist 2 5 1 0\n")
     uids = parse_uidlist("mailsys-uidlist 2 5 3 9\n1 4 5 9 - a b\n2 4 5 10 S c\n")
     assert uids.entries["a b"].flags == frozenset() and uids.damaged_lines == 1
+
+
+# --- the UID file's journal of flag changes ------------------------------------------------------
+
+
+def test_a_flag_change_is_a_journal_line_not_a_rewrite(folder: Folder) -> None:
+    """A STORE appends to the journal; the UID file itself keeps its bytes."""
+    for i in range(3):
+        deliver(folder.path, message(i))
+    info = folder.sync().messages[1]
+    before = (folder.path / UIDLIST_NAME).read_bytes()
+    (updated,) = folder.set_flags([(info, frozenset({SEEN}))])
+    assert (folder.path / UIDLIST_NAME).read_bytes() == before
+    journal = (folder.path / JOURNAL_NAME).read_text()
+    assert journal == f"{updated.modseq} S {info.key}\n"
+    again = restarted(folder).sync()
+    assert again.messages[1].flags == frozenset({SEEN})
+    assert again.messages[1].modseq == again.highest_modseq == updated.modseq
+
+
+def test_a_rewrite_folds_the_journal_in_and_removes_it(folder: Folder) -> None:
+    """A sync that rewrites the UID file (a new message) carries the journal's changes over."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    (updated,) = folder.set_flags([(info, frozenset({FLAGGED}))])
+    deliver(folder.path, message(2))
+    result = folder.sync()
+    assert not (folder.path / JOURNAL_NAME).exists()
+    assert recorded(folder)[info.key] == (updated.modseq, frozenset({FLAGGED}))
+    assert result.highest_modseq > updated.modseq
+
+
+def test_a_journal_outliving_its_rewrite_changes_nothing(folder: Folder) -> None:
+    """A crash between the rewrite and the journal's removal leaves lines already folded in:
+    read again, they are older than the file's and change nothing."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    folder.set_flags([(info, frozenset({FLAGGED}))])
+    stale = (folder.path / JOURNAL_NAME).read_bytes()
+    (now,) = folder.set_flags([(info, frozenset())])  # folded in below by the rewrite
+    deliver(folder.path, message(2))
+    folder.sync()
+    (folder.path / JOURNAL_NAME).write_bytes(stale)
+    assert recorded(folder)[info.key] == (now.modseq, frozenset())
+    assert restarted(folder).sync().messages[0].flags == frozenset()
+
+
+def test_a_journal_line_cut_short_is_ignored(folder: Folder) -> None:
+    """The last line without its newline was never acknowledged to anyone: it is dropped."""
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    (updated,) = folder.set_flags([(info, frozenset({SEEN}))])
+    with (folder.path / JOURNAL_NAME).open("a") as journal:
+        journal.write(f"{updated.modseq + 1} F {info.key}")
+    assert recorded(folder)[info.key] == (updated.modseq, frozenset({SEEN}))
+
+
+def test_a_long_journal_is_folded_into_the_file(folder: Folder,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the journal outgrows its limit the next STORE rewrites the UID file instead."""
+    monkeypatch.setattr(folder_module, "JOURNAL_MIN_COMPACT", 40)
+    deliver(folder.path, message(1))
+    (info,) = folder.sync().messages
+    for flags in ({SEEN}, {FLAGGED}, set(), {SEEN}):
+        (info,) = folder.set_flags([(info, frozenset(flags))])
+        assert recorded(folder)[info.key] == (info.modseq, frozenset(flags))
+    journal = folder.path / JOURNAL_NAME
+    assert not journal.exists() or len(journal.read_bytes()) <= 80
