@@ -30,6 +30,8 @@ from typing import TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 
+from mailsys.auth.users import InvalidMailboxError, canonical_mailbox
+
 # Defaults: 1 s after a user's first failure, doubling, at most 15 s; that user blocked at that
 # address after 10 failures until 15 minutes have passed since the last one; the whole address
 # blocked after 100 failures (any users) within 15 minutes.
@@ -52,8 +54,13 @@ class _Record:
 
 
 def user_key(user: str) -> str:
-    """How a login name is counted: as typed, without surrounding space, case-folded."""
-    return user.strip().casefold()
+    """How a login name is counted: as the mailbox it logs in to (mailsys.auth.users), so that
+    "Alice@Example.test." counts with "alice@example.test"; anything else as typed, without
+    surrounding space, case-folded."""
+    try:
+        return canonical_mailbox(user.strip())
+    except InvalidMailboxError:
+        return user.strip().casefold()
 
 
 def address_key(address: str) -> str:

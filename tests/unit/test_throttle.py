@@ -51,6 +51,15 @@ def test_user_blocked_after_max_failures_until_window_passes() -> None:
     assert throttle.delay_for("192.0.2.1", ALICE) == 0.0
 
 
+def test_spellings_of_one_mailbox_count_as_one_user() -> None:
+    """Case and a trailing dot in the domain do not give a guesser fresh tries at a user."""
+    throttle, _ = make(max_failures=3)
+    for spelling in (ALICE, "Alice@EXAMPLE.test", " alice@example.test. "):
+        throttle.failed("192.0.2.1", spelling)
+    assert throttle.blocked("192.0.2.1", ALICE)
+    assert throttle.blocked("192.0.2.1", "ALICE@example.test.")
+
+
 def test_one_users_failures_do_not_block_another_user_at_the_address() -> None:
     """User A's failures, up to A's own block, neither block nor slow user B at the same
     address (one NAT address for a whole classroom)."""
