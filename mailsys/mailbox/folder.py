@@ -376,7 +376,11 @@ class Folder:
         unknown: list[_Found] = []
         highest = uids.highest_modseq
         if highest < 1:
-            highest, changed = 1, True  # a version 1 file: mod-sequences start here
+            # A version 1 file: mod-sequences start here, above any that a newer version gave
+            # out before an older one rewrote the file (RFC 7162 §3.1.2.1: never backwards).
+            floor = read_uidvalidity_floor(self.path)
+            highest = floor.modseq_ceiling if floor and floor.modseq_ceiling else 1
+            changed = True
         for key, item in found.items():
             entry = old_entries.get(key)
             if entry is None:
@@ -604,7 +608,9 @@ class Folder:
                 or journal_size > max(JOURNAL_MIN_COMPACT, base_size // 4)):
             self._write(state, None)
             return
-        append_journal(self.path, journal)
+        if not append_journal(self.path, journal):
+            self._write(state, None)
+            return
         _remember_uidlist(path, state)
 
     # --- reading and changing messages ----------------------------------------------------------

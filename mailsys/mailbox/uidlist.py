@@ -199,22 +199,27 @@ def apply_journal(uids: UidList, text: str) -> None:
         uids.highest_modseq = max(uids.highest_modseq, modseq)
 
 
-def append_journal(directory: Path, changes: list[tuple[str, int, frozenset[str]]]) -> None:
-    """Record flag changes (key, mod-sequence, flags) durably in the journal."""
+def append_journal(directory: Path, changes: list[tuple[str, int, frozenset[str]]]) -> bool:
+    """Record flag changes (key, mod-sequence, flags) durably in the journal; False, writing
+    nothing, when its last line was cut short (a failed or interrupted append): a line appended
+    after that fragment would be unreadable, so the caller rewrites the UID file instead."""
     path = directory / JOURNAL_NAME
-    created = not path.exists()
     text = "".join(f"{modseq} {''.join(sorted(flags)) or _NO_FLAGS} {key}\n"
                    for key, modseq, flags in changes)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            return False
         view = memoryview(text.encode("utf-8", "surrogateescape"))
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    if created:
-        fsync_directory(directory)
+    if not size:
+        fsync_directory(directory)  # a new journal: its name must survive a crash too
+    return True
 
 
 def read_uidvalidity_floor(directory: Path) -> Floor | None:

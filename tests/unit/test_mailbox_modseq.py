@@ -185,6 +185,25 @@ def test_version_1_uid_file_is_upgraded(folder: Folder) -> None:
     assert (folder.path / UIDLIST_NAME).read_text().startswith("mailsys-uidlist 2 ")
 
 
+def test_version_1_file_written_by_an_older_server_never_lowers_highestmodseq(
+        folder: Folder) -> None:
+    """A version 1 file beside a side file with a mod-sequence ceiling (an older server rewrote
+    it after a newer one ran) resumes at that ceiling, above every value already given out."""
+    for i in range(2):
+        deliver(folder.path, message(i))
+    first = folder.sync()
+    (info, _) = first.messages
+    folder.set_flags([(info, frozenset({SEEN}))])
+    before = folder.sync()
+    ceiling = read_uidvalidity_floor(folder.path).modseq_ceiling  # type: ignore[union-attr]
+    assert ceiling is not None and ceiling > before.highest_modseq
+    lines = [f"mailsys-uidlist 1 {before.uidvalidity} {before.uidnext}\n"]
+    lines += [f"{m.uid} {m.size} {m.wire_size} {m.key}\n" for m in before.messages]
+    (folder.path / UIDLIST_NAME).write_text("".join(lines))
+    after = restarted(folder).sync()
+    assert after.highest_modseq >= ceiling > before.highest_modseq
+
+
 def test_lost_uid_file_resumes_above_every_modseq_seen(folder: Folder) -> None:
     """Without its UID file the folder keeps its UIDs and its mod-sequences start higher."""
     for i in range(3):
@@ -325,3 +344,18 @@ def test_a_long_journal_is_folded_into_the_file(folder: Folder,
         assert recorded(folder)[info.key] == (info.modseq, frozenset(flags))
     journal = folder.path / JOURNAL_NAME
     assert not journal.exists() or len(journal.read_bytes()) <= 80
+
+
+def test_a_store_after_a_cut_short_journal_line_is_kept(folder: Folder) -> None:
+    """A fragment left by a failed append does not swallow the next STORE: that one rewrites
+    the UID file, so its mod-sequence is what any reader finds."""
+    for i in range(2):
+        deliver(folder.path, message(i))
+    one, two = folder.sync().messages
+    (first,) = folder.set_flags([(one, frozenset({SEEN}))])
+    with (folder.path / JOURNAL_NAME).open("a") as journal:
+        journal.write(f"{first.modseq + 1} F {one.key}"[:7])
+    (second,) = folder.set_flags([(two, frozenset({FLAGGED}))])
+    assert not (folder.path / JOURNAL_NAME).exists()
+    assert recorded(folder)[two.key] == (second.modseq, frozenset({FLAGGED}))
+    assert restarted(folder).sync().highest_modseq == second.modseq
