@@ -412,6 +412,8 @@ def _claim_port(bound: dict[tuple[str, int], tuple[str, str]], description: str,
     if port == 0:
         return  # any free port: never a clash
     interface = str(kwargs.get("interface", ""))
+    if interface:
+        interface = ipaddress.ip_address(interface).compressed  # "::0" is "::"
     for (other_interface, other_port), (other_key, other) in bound.items():
         if other_port == port and (other_interface == interface or interface in _WILDCARDS
                                    or other_interface in _WILDCARDS):

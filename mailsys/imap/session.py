@@ -423,20 +423,31 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             result = tagged(tag, NO, "Internal server error", "SERVERBUG")
         self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
 
+    def _news_waiting(self) -> bool:
+        """The selected mailbox may have changed since the client last heard."""
+        selected = self._selected
+        if selected is None:
+            return False
+        if selected.view.behind:
+            # Our own change skipped over others' (FolderView._advance): a refresh reports
+            # them, and only then is the view's HIGHESTMODSEQ up to date.
+            selected.dirty = True
+        return selected.dirty
+
     def _deliver(self, tag: bytes, result: bytes | Deferred[bytes] | None,
                  updates: bool) -> None:
         """Send a command's tagged answer, with the mailbox's news before it when allowed."""
         if result is None:
             return
         if isinstance(result, bytes):
-            if not (updates and self._selected is not None and self._selected.dirty):
+            if not (updates and self._news_waiting()):
                 self._answer(result)
                 return
             result = succeed(result)
         self._waiting = True
 
         def with_updates(line: bytes) -> bytes | Deferred[bytes]:
-            if updates and self._selected is not None and self._selected.dirty:
+            if updates and self._news_waiting():
                 return self._report_changes().addCallback(lambda _: line)
             return line
 

@@ -112,6 +112,18 @@ class FlagResult:
     updated: tuple[MessageInfo, ...]  # now carrying the requested flags (with their modseq)
     modified: tuple[MessageInfo, ...]  # failed UNCHANGEDSINCE: left as they are (RFC 7162 §3.1.3)
     highest_modseq: int
+    # HIGHESTMODSEQ before this change: a view that knew it may claim highest_modseq; one that
+    # did not has changes of others' between to report first.
+    previous_highest: int
+
+
+@dataclass(frozen=True)
+class Expunged:
+    """What expunge did: the UIDs deleted, and HIGHESTMODSEQ before and after (as FlagResult)."""
+
+    uids: list[int]
+    previous_highest: int
+    highest_modseq: int
 
 
 _process_locks: dict[str, threading.Lock] = {}
@@ -683,7 +695,7 @@ class Folder:
         with self.locked():
             state = self._recorded_state([info.key for info, _ in changes])
             entries = state.entries
-            highest = state.highest_modseq
+            highest = previous = state.highest_modseq
             journal: list[tuple[str, int, frozenset[str]]] = []  # (key, modseq, flags)
             for info, change in changes:
                 entry = entries.get(info.key)
@@ -724,7 +736,7 @@ class Folder:
             if highest != state.highest_modseq:
                 state.highest_modseq = highest
                 self._record_flags(state, journal)
-        return FlagResult(tuple(updated), tuple(modified), highest)
+        return FlagResult(tuple(updated), tuple(modified), highest, previous)
 
     def _recorded_state(self, keys: list[str]) -> UidList:
         """The UID file as written (under the lock), synced first if it is missing, damaged,
@@ -748,9 +760,20 @@ class Folder:
 
     def delete(self, infos: Iterable[MessageInfo]) -> list[int]:
         """Delete messages (their files and UID lines); returns the UIDs actually deleted."""
+        return self.expunge(infos).uids
+
+    def expunge(self, infos: Iterable[MessageInfo]) -> Expunged:
+        """Delete messages (their files and UID lines): the UIDs actually deleted, and
+        HIGHESTMODSEQ before and after (RFC 7162 §3.1.2.1: an expunge raises it)."""
         deleted: list[int] = []
         cur = f"{self.path}/cur/"
         with self.locked():
+            try:
+                recorded = _load_uidlist(self.path)
+            except CorruptUidListError:
+                recorded = None
+            previous = recorded.highest_modseq if recorded is not None else 0
+            highest = previous
             for info in infos:
                 path: str | None = cur + info.name
                 for _ in range(3):
@@ -766,8 +789,9 @@ class Folder:
             if deleted:
                 with contextlib.suppress(OSError):
                     fsync_directory(self.path / "cur")
-                self._sync_locked()  # drops the lines of the deleted messages
-        return deleted
+                # Drops the lines of the deleted messages, and raises HIGHESTMODSEQ.
+                highest = self._sync_locked().highest_modseq
+        return Expunged(deleted, previous, highest)
 
     def stamp(self) -> tuple[int, int]:
         """The mtimes of new/ and cur/ (ns): they change whenever a message comes or goes."""

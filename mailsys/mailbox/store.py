@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from mailsys.mailbox.folder import (
+    Expunged,
     FlagChange,
     FlagResult,
     Folder,
@@ -361,6 +362,9 @@ class FolderView:
         self.uidvalidity = result.uidvalidity
         self.uidnext = result.uidnext
         self.highest_modseq = result.highest_modseq  # RFC 7162 §3.1.2.1, as of this view
+        # A change of our own found others' changes this view has not seen between its
+        # HIGHESTMODSEQ and ours: it may not claim the higher value until it refreshes.
+        self.behind = False
         self.messages: list[MessageInfo] = list(result.messages)
 
     @property
@@ -372,6 +376,7 @@ class FolderView:
 
         def synced(result: SyncResult) -> FolderChanges:
             self.highest_modseq = result.highest_modseq
+            self.behind = False
             if result.uidvalidity != self.uidvalidity:
                 self.uidvalidity = result.uidvalidity
                 self.uidnext = result.uidnext
@@ -426,8 +431,7 @@ class FolderView:
         def done(result: FlagResult) -> FlagResult:
             by_uid = {info.uid: info for info in (*result.updated, *result.modified)}
             self.messages = [by_uid.get(info.uid, info) for info in self.messages]
-            self.highest_modseq = max([self.highest_modseq, *(
-                info.modseq for info in (*result.updated, *result.modified))])
+            self._advance(result.previous_highest, result.highest_modseq)
             return result
 
         return self.store.pool.run(self.folder.store_flags, changes,
@@ -437,17 +441,26 @@ class FolderView:
         """Delete messages for good (POP3 UPDATE, IMAP EXPUNGE); fires with the UIDs deleted."""
         infos = list(infos)
 
-        def done(deleted: list[int]) -> list[int]:
-            gone = set(deleted)
+        def done(result: Expunged) -> list[int]:
+            gone = set(result.uids)
             self.messages = [info for info in self.messages if info.uid not in gone]
-            if deleted:
-                # RFC 7162 §3.1.2.1: the expunge raised HIGHESTMODSEQ by at least one; the
-                # view claims no more than that until its next refresh.
-                self.highest_modseq += 1
+            if result.uids:
+                # RFC 7162 §3.1.2.1: the expunge raised HIGHESTMODSEQ.
+                self._advance(result.previous_highest, result.highest_modseq)
                 self.store.notify_changed(self.mailbox, self.name)
-            return deleted
+            return result.uids
 
-        return self.store.pool.run(self.folder.delete, infos).addCallback(done)
+        return self.store.pool.run(self.folder.expunge, infos).addCallback(done)
+
+    def _advance(self, previous: int, highest: int) -> None:
+        """Take HIGHESTMODSEQ ``highest`` after a change of ours, if this view knew every change
+        up to ``previous`` (the folder's value before ours); else wait for the refresh that
+        reports the changes between (a client told HIGHESTMODSEQ n must have heard of every
+        change up to n, RFC 7162 §3.1.2.1)."""
+        if self.highest_modseq >= previous:
+            self.highest_modseq = max(self.highest_modseq, highest)
+        elif highest > self.highest_modseq:
+            self.behind = True
 
 
 def _failed(exc: BaseException) -> Deferred[Any]:

@@ -936,13 +936,20 @@ class POP3Session(InputLoopSession):
                 if number in self._retrieved and number not in self._deleted
                 and SEEN not in info.flags]
         mailbox = self._mailbox
+        store = self._store
 
         def done(deleted: list[int]) -> bytes:
             self._release()
             log.info("pop3 update for {user}: deleted={deleted}", user=mailbox,
                      deleted=len(deleted))
             if seen:
-                view.set_flags(seen).addErrback(
+
+                def marked(_: object) -> None:
+                    # IMAP sessions on the mailbox hear of the new \Seen flags at once.
+                    assert mailbox is not None
+                    store.notify_changed(mailbox, INBOX)
+
+                view.set_flags(seen).addCallback(marked).addErrback(
                     lambda failure: log.failure("pop3 marking seen failed for {user}", failure,
                                                 user=mailbox))
             return BYE

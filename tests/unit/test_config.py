@@ -78,6 +78,9 @@ def test_backlog_is_added_to_listeners(tmp_path: Path) -> None:
         ('[smtp]\nlisten = ["tcp:25:interface=127.0.0.1"]\n'
          '[submission]\nlisten = ["tcp6:25:interface=\\\\:\\\\:"]\n',
          "submission.listen: endpoint"),
+        ('[smtp]\nlisten = ["tcp6:25:interface=\\\\:\\\\:0"]\n'
+         '[submission]\nlisten = ["tcp6:25:interface=\\\\:\\\\:1"]\n',
+         "submission.listen: endpoint"),
         ("[smtp\n", "TOML syntax error"),
         ("smtp = 3\n", "smtp: must be a table"),
     ],

@@ -238,3 +238,21 @@ def test_esearch_modseq(server: Server) -> None:
     assert f"MAX 3 MODSEQ {values[3]}\r\n" in out
     out = client.ok(f"SEARCH RETURN (COUNT) MODSEQ {max(values.values()) + 1}")
     assert "COUNT 0\r\n" in out and "MODSEQ" not in out.split("\r\n")[0]
+
+
+def test_own_store_never_claims_a_highestmodseq_over_unreported_changes(server: Server) -> None:
+    """After another session's change this one has not reported, its own STORE does not raise
+    the HIGHESTMODSEQ it tells until that change is reported (RFC 7162 §3.1.2.1)."""
+    first = filled(server, 2)
+    told = highest(first.ok("SELECT INBOX (CONDSTORE)"))
+    other = session(server)
+    other.ok("STORE 1 +FLAGS.SILENT (\\Flagged)")  # first has not heard of this yet
+    out = first.ok("STORE 2 +FLAGS.SILENT (\\Seen)")
+    own = modseqs(out)[2]
+    status = first.ok("STATUS INBOX (HIGHESTMODSEQ)")
+    reported = int(re.findall(r"HIGHESTMODSEQ (\d+)", status)[0])
+    assert reported < own
+    assert reported == told
+    assert "* 1 FETCH" in status  # the other session's change, reported with STATUS
+    after = first.ok("STATUS INBOX (HIGHESTMODSEQ)")
+    assert int(re.findall(r"HIGHESTMODSEQ (\d+)", after)[0]) >= own

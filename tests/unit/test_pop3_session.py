@@ -501,6 +501,18 @@ def test_quit_applies_deletions_and_marks_seen(server: Server) -> None:
     assert flags == {2: frozenset({SEEN}), 3: frozenset()}
 
 
+def test_seen_marks_at_quit_are_announced_to_other_sessions(server: Server) -> None:
+    """IMAP sessions on the mailbox are told to look again once QUIT has marked messages seen."""
+    fill(server, message(1))
+    calls: list[int] = []
+    server.store.subscribe(USER, "INBOX", lambda: calls.append(1))
+    client = server.connect()
+    client.login()
+    client.cmd("RETR 1")
+    client.cmd("QUIT")
+    assert calls
+
+
 def test_dropped_connection_deletes_nothing(server: Server) -> None:
     """Without QUIT nothing is deleted and the lock is released."""
     fill(server, message(1))
