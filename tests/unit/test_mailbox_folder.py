@@ -346,3 +346,11 @@ def test_settle_time_follows_the_file_systems_time_stamps() -> None:
         folder_module.SETTLE_SECONDS_FINE * 1e9)
     assert folder_module._settle_ns((*coarse, 1, 2, 3, 4)) == int(
         folder_module.SETTLE_SECONDS * 1e9)
+
+
+def test_wire_size_reads_a_file_larger_than_its_scan_said(folder: Folder) -> None:
+    """A file that grew between the scan and the read is measured whole."""
+    body = b"a\n" * 100_000
+    (folder.path / "new" / "grown").write_bytes(body)
+    item = folder_module._Found("new", "grown", parse_name("grown"), 10, 0.0)
+    assert folder._wire_size(item) == 300_000
