@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
@@ -26,12 +26,13 @@ from mailsys.imap.names import (
 )
 from mailsys.imap.parser import ParseError, Reader
 from mailsys.imap.responses import tagged, untagged
+from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox import hierarchy
 from mailsys.mailbox.names import SEEN, TRASHED
-from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError, MailboxStore
+from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError
 
 if TYPE_CHECKING:
-    from mailsys.imap.session import Selected
+    pass
 
 OK, NO = b"OK", b"NO"
 # RFC 3501 §6.3.10, RFC 9051 (DELETED, SIZE), RFC 7162 §3.1.7 (HIGHESTMODSEQ).
@@ -39,32 +40,11 @@ STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELET
                 "HIGHESTMODSEQ")
 
 
-class MailboxCommands:
+class MailboxCommands(SessionParts):
     """The mailbox-tree commands of an IMAP session."""
 
-    # Provided by IMAPSession.
-    _store: MailboxStore
-    _mailbox: str | None
-    _selected: Selected | None
-    run: Callable[..., Deferred[Any]]
-    write: Callable[[bytes], None]
+    # Provided by IMAPSession, besides SessionParts.
     _deselect: Callable[[], None]
-    _notify: Callable[[str], None]
-    _mailbox_name: Callable[[Reader], str]
-
-    def _condstore_used(self) -> None:
-        """A CONDSTORE-enabling command was seen (IMAPSession)."""
-        raise NotImplementedError
-
-    @property
-    def rev2(self) -> bool:
-        """RFC 9051 behaviour is enabled (IMAPSession)."""
-        raise NotImplementedError
-
-    @property
-    def utf8(self) -> bool:
-        """Mailbox names travel in UTF-8, not modified UTF-7 (IMAPSession)."""
-        raise NotImplementedError
 
     def _inbox(self) -> Path:
         assert self._mailbox is not None

@@ -22,41 +22,26 @@ from mailsys.imap.fetchrun import FetchRun
 from mailsys.imap.flags import FlagError, has_keyword, letters_of, split_flags
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
 from mailsys.imap.responses import NO, OK, number_set, tagged, untagged
+from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.folder import FlagChange, FlagResult, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords
 from mailsys.mailbox.names import TRASHED
 from mailsys.mailbox.store import FolderView
 
 if TYPE_CHECKING:
-    from mailsys.imap.session import IMAPSession, Selected
+    from mailsys.imap.session import IMAPSession
 
 # SEARCH hands the disk threads this many messages at a time when it reads whole messages, and
 # fifty times as many when headers (cached after the first search) are enough.
 SEARCH_BATCH = 1000
 
 
-class MessageCommands:
+class MessageCommands(SessionParts):
     """The commands on the selected mailbox's messages."""
 
-    # Provided by IMAPSession.
-    _selected: Selected | None
-    _enabled: set[str]
-    run: Callable[..., Deferred[Any]]
-    write: Callable[[bytes], None]
-    _notify: Callable[[str], None]
-    _condstore_used: Callable[[], None]
+    # Provided by IMAPSession, besides SessionParts.
     _flags_response: Callable[..., bytes]
     _delete_quietly: Callable[[FolderView, list[MessageInfo]], Deferred[list[int]]]
-
-    @property
-    def condstore(self) -> bool:
-        """CONDSTORE is on for this session (IMAPSession)."""
-        raise NotImplementedError
-
-    @property
-    def rev2(self) -> bool:
-        """RFC 9051 behaviour is enabled (IMAPSession)."""
-        raise NotImplementedError
 
     # --- messages of the selected mailbox --------------------------------------------------
 

@@ -524,6 +524,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         return self.rev2 or "UTF8=ACCEPT" in self._enabled
 
     @property
+    @override
     def condstore(self) -> bool:
         """A CONDSTORE-enabling command was seen (RFC 7162 §3.1)."""
         return "CONDSTORE" in self._enabled

@@ -9,7 +9,7 @@ import calendar
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -19,13 +19,14 @@ from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
 from mailsys.imap.names import canonical
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
 from mailsys.imap.responses import MONTHS, NO, OK, number_set, tagged, untagged
+from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.folder import Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
-from mailsys.mailbox.store import InvalidFolderNameError, MailboxStore
+from mailsys.mailbox.store import InvalidFolderNameError
 from mailsys.mailbox.transfer import Added, append_message, copy_messages
 
 if TYPE_CHECKING:
-    from mailsys.imap.session import Selected
+    pass
 
 log = Logger(namespace="mailsys.imap")
 
@@ -34,16 +35,10 @@ _DATE_TIME = re.compile(
     r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 
 
-class TransferCommands:
+class TransferCommands(SessionParts):
     """The commands that put messages into a folder."""
 
-    # Provided by IMAPSession.
-    _store: MailboxStore
-    _mailbox: str | None
-    _selected: Selected | None
-    run: Callable[..., Deferred[Any]]
-    write: Callable[[bytes], None]
-    _mailbox_name: Callable[[Reader], str]
+    # Provided by IMAPSession, besides SessionParts.
     _added_to: Callable[[str], None]
     _targets: Callable[[SequenceSet, bool], list[tuple[int, MessageInfo]]]
     _expunge: Callable[[list[MessageInfo]], Deferred[None]]
