@@ -613,25 +613,23 @@ class Folder:
 
     def _record_flags(self, state: UidList,
                       journal: list[tuple[str, int, frozenset[str]]]) -> None:
-        """Make flag changes durable: a few journal lines, or the whole UID file when the
-        journal has grown to a quarter of it (or past 64 KiB) or HIGHESTMODSEQ reaches the
-        side file's ceiling (only a rewrite raises the ceiling)."""
+        """Make flag changes durable: a few journal lines, or a rewrite of the whole UID file
+        when the journal is past the larger of JOURNAL_MIN_COMPACT and a quarter of the file,
+        when HIGHESTMODSEQ reaches the side file's ceiling (only a rewrite raises it), or when
+        the journal's last line was cut short (append_journal refuses)."""
         path = os.fspath(self.path)
         floor = read_uidvalidity_floor(self.path)
-        journal_size = _journal_stat(path)[0]
         try:
             base_size = os.stat(f"{path}/{UIDLIST_NAME}").st_size
         except FileNotFoundError:
             base_size = 0
-        if (floor is None or floor.modseq_ceiling is None
-                or state.highest_modseq >= floor.modseq_ceiling
-                or journal_size > max(JOURNAL_MIN_COMPACT, base_size // 4)):
+        rewrite = (floor is None or floor.modseq_ceiling is None
+                   or state.highest_modseq >= floor.modseq_ceiling
+                   or _journal_stat(path)[0] > max(JOURNAL_MIN_COMPACT, base_size // 4))
+        if rewrite or not append_journal(self.path, journal):
             self._write(state, None)
-            return
-        if not append_journal(self.path, journal):
-            self._write(state, None)
-            return
-        _remember_uidlist(path, state)
+        else:
+            _remember_uidlist(path, state)
 
     # --- reading and changing messages ----------------------------------------------------------
 
