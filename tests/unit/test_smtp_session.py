@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
 from mailsys import replies
@@ -589,13 +590,9 @@ class ExplodingPolicy(DelayedPolicy):
 
 def test_internal_error_in_a_command() -> None:
     """An exception while handling a command is logged; the client gets 451 4.3.0, no detail."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         driver = ready(policy=ExplodingPolicy())
         lines = driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nNOOP\r\n")
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert lines == ["250 2.1.0 Sender ok", "451 4.3.0 Internal error", "250 2.0.0 Ok"]
     assert not any("ZeroDivision" in line for line in lines)
     assert any(e.get("log_failure") is not None for e in events)
@@ -611,14 +608,10 @@ def test_internal_error_in_input_processing(monkeypatch: pytest.MonkeyPatch) -> 
         raise RuntimeError("bug")
 
     monkeypatch.setattr(message.MessageBuffer, "feed_data", broken)
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         driver = ready()
         lines = driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
                             b"x\r\n.\r\n")
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     assert lines[-1] == "421 4.3.0 Internal error, closing connection"
     assert driver.closed
     assert any(e.get("log_failure") is not None for e in events)
@@ -646,18 +639,19 @@ def test_failing_deferred_callback_is_contained() -> None:
 # --- logs ------------------------------------------------------------------------------------
 
 
+def server_lines(events: Sequence[LogEvent]) -> list[str]:
+    """The SMTP server's log lines among ``events``."""
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"]
+
+
 def test_log_lines_name_the_queue_id() -> None:
     """Every log line about a message names its queue id; the session is logged too."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         driver = ready()
         driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
                     b"hello\r\n.\r\nQUIT\r\n")
         driver.lose()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    text = [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"]
+    text = server_lines(events)
     assert any(re.fullmatch(r"TEST0001: from=<a@b\.test> size=\d+ nrcpt=1 "
                             r"client=\[192\.0\.2\.10\] proto=ESMTP queued", line)
                for line in text), text
@@ -668,10 +662,6 @@ def test_log_lines_name_the_queue_id() -> None:
     assert not any(line.startswith("connect from") for line in text)
 
 
-def server_lines(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"]
-
-
 @pytest.mark.parametrize(("commands", "lost"), [
     (b"DATA\r\nSubject: x\r\n\r\nhalf a bo", "lost connection after DATA (23 bytes)"),
     (b"DATA\r\n", "lost connection after DATA (0 bytes)"),
@@ -679,14 +669,10 @@ def server_lines(events: list[LogEvent]) -> list[str]:
 ])
 def test_disconnect_in_the_middle_of_a_message_is_logged(commands: bytes, lost: str) -> None:
     """A client going away inside DATA or BDAT: the disconnect line says what was lost."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         driver = ready()
         driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n" + commands)
         driver.lose()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     (line,) = [t for t in server_lines(events) if t.startswith("disconnect from")]
     assert re.fullmatch(r"disconnect from \[192\.0\.2\.10\] helo=<client\.test> messages=0 "
                         r"errors=0 duration=[\d.]+s " + re.escape(lost), line), line
@@ -694,15 +680,11 @@ def test_disconnect_in_the_middle_of_a_message_is_logged(commands: bytes, lost: 
 
 def test_disconnect_after_a_complete_message_loses_nothing() -> None:
     """A message complete (or a transaction without one) is not reported lost at disconnect."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         driver = ready()
         driver.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
                     b"hello\r\n.\r\nMAIL FROM:<a@b.test>\r\n")
         driver.lose()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     (line,) = [t for t in server_lines(events) if t.startswith("disconnect from")]
     assert "lost" not in line and "messages=1" in line
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent
 
 from mailsys import replies
 from mailsys.address import Mailbox
@@ -127,12 +127,8 @@ def test_other_senders_are_refused(sender: str) -> None:
 
 def test_queued_line_names_the_authenticated_user() -> None:
     """The "queued" log line of a submitted message carries sasl_username=, as Postfix's."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with capturedLogs() as events:
         send(submission(), b"Subject: s\r\n\r\nhi\r\n")
-    finally:
-        globalLogPublisher.removeObserver(events.append)
     queued = [formatEvent(e) for e in events if e.get("log_namespace") == "mailsys.smtp.server"
               and formatEvent(e).endswith(" queued")]
     assert len(queued) == 1
