@@ -18,7 +18,7 @@ from mailsys.auth.portal import MailRealm
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.imap.session import IMAPServerFactory, IMAPSession, IMAPSettings
 from mailsys.mailbox.store import MailboxStore
-from tests.unit.mailbox_support import ImmediatePool
+from tests.unit.mailbox_support import ImmediatePool, deliver, message
 
 USER = "demo@example.test"
 PASSWORD = "secret"
@@ -128,3 +128,20 @@ class Client:
 
     def lose(self) -> None:
         self.session.connectionLost(connectionDone)
+
+
+def selected(server: Server, *, enable: tuple[str, ...] = ()) -> Client:
+    """A logged-in client with INBOX selected, after ENABLE of each extension in ``enable``."""
+    client = server.connect()
+    client.login()
+    for extension in enable:
+        client.ok(f"ENABLE {extension}")
+    client.select()
+    return client
+
+
+def filled(server: Server, count: int = 3, *, enable: tuple[str, ...] = ()) -> Client:
+    """``count`` messages delivered to the INBOX, then a client as ``selected`` gives it."""
+    for i in range(1, count + 1):
+        deliver(server.inbox, message(i), mtime=1_700_000_000 + i)
+    return selected(server, enable=enable)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mailsys.mailbox.names import parse_name
+from tests.unit import imap_support as support
 from tests.unit.imap_support import Client, Server
-from tests.unit.mailbox_support import deliver, message
 
 
 @pytest.fixture
@@ -19,20 +19,17 @@ def server(tmp_path: Path) -> Server:
     return Server(tmp_path / "maildirs", allow_plaintext_auth=True)
 
 
+CONDSTORE = ("CONDSTORE",)
+
+
 def filled(server: Server, count: int = 3, *, enable: bool = True) -> Client:
-    """A logged-in client (CONDSTORE enabled if asked) with ``count`` messages, INBOX selected."""
-    for i in range(1, count + 1):
-        deliver(server.inbox, message(i), mtime=1_700_000_000 + i)
-    return session(server, enable=enable)
+    """``count`` messages, INBOX selected, CONDSTORE enabled unless told not to."""
+    return support.filled(server, count, enable=CONDSTORE if enable else ())
 
 
-def session(server: Server, *, enable: bool = True) -> Client:
-    client = server.connect()
-    client.login()
-    if enable:
-        client.ok("ENABLE CONDSTORE")
-    client.select()
-    return client
+def session(server: Server) -> Client:
+    """Another client of the same INBOX, CONDSTORE enabled."""
+    return support.selected(server, enable=CONDSTORE)
 
 
 def highest(out: str) -> int:

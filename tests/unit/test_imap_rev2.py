@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.imap_support import Client, Server
+from tests.unit.imap_support import Client, Server, filled
 from tests.unit.mailbox_support import deliver, message
 
 
@@ -18,16 +18,7 @@ def server(tmp_path: Path) -> Server:
     return Server(tmp_path / "maildirs", allow_plaintext_auth=True)
 
 
-def filled(server: Server, count: int = 3, *, rev2: bool = False) -> Client:
-    """A logged-in client (rev2 enabled if asked) with ``count`` messages, INBOX selected."""
-    for i in range(1, count + 1):
-        deliver(server.inbox, message(i), mtime=1_700_000_000 + i)
-    client = server.connect()
-    client.login()
-    if rev2:
-        client.ok("ENABLE IMAP4rev2")
-    client.select()
-    return client
+REV2 = ("IMAP4rev2",)
 
 
 def lines(out: str, prefix: str) -> list[str]:
@@ -67,7 +58,7 @@ def test_enable_is_refused_while_selected(server: Server) -> None:
 
 def test_rev2_select_has_list_and_no_recent_or_unseen(server: Server) -> None:
     """A rev2 SELECT sends a LIST response and neither RECENT nor [UNSEEN]; flags lack \\Recent."""
-    client = filled(server, 2, rev2=True)
+    client = filled(server, 2, enable=REV2)
     out = client.select()
     assert '* LIST () "." "INBOX"' in out
     assert "RECENT" not in out and "UNSEEN" not in out
@@ -76,7 +67,7 @@ def test_rev2_select_has_list_and_no_recent_or_unseen(server: Server) -> None:
 
 def test_rev2_select_while_selected_sends_closed(server: Server) -> None:
     """SELECT with a mailbox selected says OK [CLOSED] first in rev2 (RFC 9051 §7.1)."""
-    client = filled(server, 1, rev2=True)
+    client = filled(server, 1, enable=REV2)
     out = client.ok("EXAMINE Sent")
     assert out.startswith("* OK [CLOSED]")
 
@@ -90,7 +81,7 @@ def test_rev1_select_keeps_recent_and_unseen(server: Server) -> None:
 
 def test_rev2_new_mail_reports_exists_without_recent(server: Server) -> None:
     """A delivery reaches a rev2 session as EXISTS with no RECENT."""
-    client = filled(server, 1, rev2=True)
+    client = filled(server, 1, enable=REV2)
     deliver(server.inbox, message(2))
     server.store.notify_delivered(client.session._mailbox or "")
     out = client.ok("NOOP")
@@ -122,7 +113,7 @@ def test_search_return_empty_list_means_all_and_no_match_has_no_data(server: Ser
 
 def test_rev2_plain_search_answers_esearch(server: Server) -> None:
     """In rev2 a SEARCH without RETURN answers ESEARCH ALL (RFC 9051 §6.4.4), never SEARCH."""
-    client = filled(server, 3, rev2=True)
+    client = filled(server, 3, enable=REV2)
     out = client.ok("SEARCH 2:3")
     assert f'* ESEARCH (TAG "{client.tag}") ALL 2:3\r\n' in out and "* SEARCH" not in out
 
@@ -267,7 +258,7 @@ def test_rev2_list_marks_missing_parents_nonexistent(server: Server) -> None:
 
 def test_status_size_and_deleted(server: Server) -> None:
     """STATUS SIZE and DELETED count octets and \\Deleted messages (RFC 9051 §6.3.11)."""
-    client = filled(server, 2, rev2=True)
+    client = filled(server, 2, enable=REV2)
     client.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
     out = client.ok("STATUS INBOX (DELETED SIZE)")
     assert "* STATUS \"INBOX\" (DELETED 1 SIZE 160)" in out

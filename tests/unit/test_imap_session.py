@@ -14,7 +14,7 @@ from mailsys.imap.session import State
 from mailsys.imap.transfers import parse_date_time
 from mailsys.mailbox.keywords import KEYWORDS_NAME
 from mailsys.mailbox.names import SEEN, parse_name
-from tests.unit.imap_support import PASSWORD, USER, Client, FakeTLS, Server
+from tests.unit.imap_support import PASSWORD, USER, FakeTLS, Server, filled
 from tests.unit.mailbox_support import deliver, message
 
 
@@ -26,16 +26,6 @@ def server(tmp_path: Path) -> Server:
 @pytest.fixture
 def strict(tmp_path: Path) -> Server:
     return Server(tmp_path / "maildirs")
-
-
-def filled(server: Server, count: int = 3) -> Client:
-    """A logged-in client with ``count`` messages in the INBOX, INBOX selected."""
-    for i in range(1, count + 1):
-        deliver(server.inbox, message(i), mtime=1_700_000_000 + i)
-    client = server.connect()
-    client.login()
-    client.select()
-    return client
 
 
 # --- greeting, capabilities, login ---------------------------------------------------------------
