@@ -14,7 +14,7 @@ from mailsys.imap.session import State
 from mailsys.imap.transfers import parse_date_time
 from mailsys.mailbox.keywords import KEYWORDS_NAME
 from mailsys.mailbox.names import SEEN, parse_name
-from tests.unit.imap_support import PASSWORD, USER, FakeTLS, Server, filled
+from tests.unit.imap_support import PASSWORD, USER, FakeTLS, Server, filled, selected
 from tests.unit.mailbox_support import deliver, message
 
 
@@ -402,9 +402,7 @@ def test_too_many_bad_commands_close_with_bye(tmp_path: Path) -> None:
 def test_other_sessions_changes_reported_at_noop_not_during_fetch(server: Server) -> None:
     """A second session's EXPUNGE and flag change reach the first at NOOP, not during FETCH."""
     first = filled(server, 3)
-    second = server.connect()
-    second.login()
-    second.select()
+    second = selected(server)
     second.ok("STORE 2 +FLAGS.SILENT (\\Deleted)")
     second.ok("STORE 3 +FLAGS.SILENT (\\Flagged)")
     second.ok("EXPUNGE")
@@ -418,9 +416,7 @@ def test_other_sessions_changes_reported_at_noop_not_during_fetch(server: Server
 def test_store_keeps_a_flag_another_session_set_meanwhile(server: Server) -> None:
     """+FLAGS adds to the flags the message has now, not to this session's older view of them."""
     first = filled(server, 1)
-    second = server.connect()
-    second.login()
-    second.select()
+    second = selected(server)
     second.ok("STORE 1 +FLAGS.SILENT (\\Flagged)")
     out = first.ok("STORE 1 +FLAGS (\\Seen)")
     assert "* 1 FETCH (FLAGS (\\Flagged \\Seen \\Recent))" in out
@@ -432,9 +428,7 @@ def test_store_minus_keeps_a_flag_another_session_set_meanwhile(server: Server) 
     """-FLAGS removes only what it names from the flags the message has now."""
     first = filled(server, 1)
     first.ok("STORE 1 +FLAGS.SILENT (\\Seen)")
-    second = server.connect()
-    second.login()
-    second.select()
+    second = selected(server)
     second.ok("STORE 1 +FLAGS.SILENT (\\Answered)")
     out = first.ok("STORE 1 -FLAGS (\\Seen)")
     assert "* 1 FETCH (FLAGS (\\Answered \\Recent))" in out
