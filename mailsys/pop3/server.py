@@ -637,7 +637,7 @@ class POP3Session(InputLoopSession):
         self._user = None
         if not initial:
             self._sasl_pending = True
-            self._transport.write(SASL_CONTINUE)
+            self._write(SASL_CONTINUE)  # sent with the batch, like any answer
             return None
         return self._sasl_response(initial)
 
