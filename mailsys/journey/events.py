@@ -1,0 +1,140 @@
+"""What a journey event is, and the one interface every room emits it through.
+
+An event is a kind (``smtp.rcpt``, ``spool.commit``, ``delivery.maildir`` ...), the time it
+happened, the keys that tie it to a message (queue id, Message-ID, the SMTP session and its
+transaction) and a few plain fields (addresses, replies, sizes, host names). Never a message body,
+never a password or a SASL exchange: :func:`clean_fields` drops such fields whatever the emitter
+passed, so a mistake in one room cannot put a secret on disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zope.interface import implementer
+
+from mailsys.journey.interfaces import IJourneyRecorder
+
+# Field names a recorder refuses to keep, whatever their value: secrets and message content.
+# RFC 4954 §4: the SASL responses carry the credentials themselves (PLAIN is the password).
+_FORBIDDEN_NAME = re.compile(r"(^|_)pass(word|wd|phrase)?($|_)|secret|sasl|credential|body|content",
+                             re.IGNORECASE)
+# Bounds on one event, so a hostile peer's 1000-octet command repeated cannot swell the store.
+# RFC 5321 §4.5.3.1.4-5: a command line is at most 512 octets, a reply line 512.
+MAX_FIELDS = 32
+MAX_TEXT = 1000
+MAX_ITEMS = 50
+
+# The fields whose values are mail addresses: the store indexes them for ``mailsys trace ADDRESS``.
+ADDRESS_FIELDS = ("sender", "recipient", "original", "user", "mailbox", "recipients", "targets")
+
+FieldValue = str | int | float | bool | None | list[Any] | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JourneyEvent:
+    """One step of a message's journey, as recorded."""
+
+    at: float
+    kind: str
+    queue_id: str | None = None
+    message_id: str | None = None
+    # The SMTP (or POP3/IMAP) session the event belongs to, and within an SMTP session the
+    # transaction number: before DATA there is no queue id yet, so these tie MAIL and RCPT
+    # (refused ones too) to the message that the transaction finally queued.
+    session: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    # The store's row id: orders events of the same instant; None before the event is stored.
+    id: int | None = None
+
+    @property
+    def txn(self) -> int | None:
+        """The SMTP transaction number within the session (None for session-level events)."""
+        value = self.fields.get("txn")
+        return value if isinstance(value, int) else None
+
+
+@implementer(IJourneyRecorder)
+class NullRecorder:
+    """Recording is off: every event is dropped at once."""
+
+    def emit(self, kind: str, queue_id: str | None = None, message_id: str | None = None,
+             session: str | None = None, **fields: Any) -> None:
+        pass
+
+
+@implementer(IJourneyRecorder)
+class MemoryRecorder:
+    """Keeps events in a list: for tests that check what a room emits."""
+
+    def __init__(self, now: Callable[[], float] = lambda: 0.0) -> None:
+        self._now = now
+        self.events: list[JourneyEvent] = []
+
+    def emit(self, kind: str, queue_id: str | None = None, message_id: str | None = None,
+             session: str | None = None, **fields: Any) -> None:
+        self.events.append(JourneyEvent(self._now(), kind, queue_id,
+                                        normalize_message_id(message_id), session,
+                                        clean_fields(fields)))
+
+    def kinds(self) -> list[str]:
+        """The kinds emitted so far, in order."""
+        return [event.kind for event in self.events]
+
+
+NULL_RECORDER = NullRecorder()
+
+
+def normalize_message_id(value: str | None) -> str | None:
+    """A Message-ID without its angle brackets and surrounding space (RFC 5322 §3.6.4)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    return text[:MAX_TEXT] or None
+
+
+def clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` made safe to store: no secret or content fields, bounded sizes, plain types."""
+    cleaned: dict[str, Any] = {}
+    for name, value in fields.items():
+        if len(cleaned) >= MAX_FIELDS:
+            cleaned["truncated"] = True
+            break
+        if not isinstance(name, str) or _FORBIDDEN_NAME.search(name):
+            continue
+        cleaned[name[:64]] = _clean_value(value, depth=0)
+    return cleaned
+
+
+def _clean_value(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return value[:MAX_TEXT]
+    if isinstance(value, bytes):
+        return value[:MAX_TEXT].decode("utf-8", "replace")
+    if depth < 2 and isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [_clean_value(item, depth + 1) for item in list(items)[:MAX_ITEMS]]
+    if depth < 2 and isinstance(value, Mapping):
+        return {str(k)[:64]: _clean_value(v, depth + 1)
+                for k, v in list(value.items())[:MAX_FIELDS]
+                if not _FORBIDDEN_NAME.search(str(k))}
+    return str(value)[:MAX_TEXT]
+
+
+def addresses_of(fields: Mapping[str, Any]) -> set[str]:
+    """The mail addresses named by ``fields`` (lower-cased), for the address index."""
+    found: set[str] = set()
+    for name in ADDRESS_FIELDS:
+        value = fields.get(name)
+        values = value if isinstance(value, list) else [value]
+        for item in values:
+            if isinstance(item, str) and "@" in item:
+                found.add(item.strip().strip("<>").lower())
+    return found

@@ -1,0 +1,263 @@
+"""The journey store: events on disk in SQLite, indexed by queue id, Message-ID and address.
+
+Why SQLite (the standard library's sqlite3) and not JSON lines: ``mailsys trace`` asks "every
+event of this queue id / Message-ID / address" and the answer must not mean reading 30 days of
+lines; SQLite keeps those indexes with the rows, in one file, updated in the same transaction as
+the event, and lets the command read while the server writes (WAL mode: readers never block the
+writer). Retention and the size bound are a DELETE of the oldest rows, not a rewrite of a file.
+
+One process writes (the server's journey writer thread, mailsys.journey.writer); any number read.
+Each connection belongs to the thread that opened it. Everything here blocks: never call it on the
+reactor thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailsys.journey.events import JourneyEvent, addresses_of
+
+DEFAULT_PATH = Path("var/journey.sqlite")
+DEFAULT_RETENTION = 30 * 86400.0
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# When over the size bound, delete down to this share of it, so the next batch does not at
+# once trigger another round of deletes.
+_SHRINK_TO = 0.9
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    queue_id TEXT,
+    message_id TEXT COLLATE NOCASE,
+    session TEXT,
+    fields TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id) WHERE queue_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_message_id ON events (message_id)
+    WHERE message_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_session ON events (session) WHERE session IS NOT NULL;
+CREATE TABLE IF NOT EXISTS addresses (
+    address TEXT NOT NULL COLLATE NOCASE,
+    event_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS addresses_address ON addresses (address);
+CREATE INDEX IF NOT EXISTS addresses_event_id ON addresses (event_id);
+CREATE TABLE IF NOT EXISTS links (
+    queue_id TEXT NOT NULL,
+    parent TEXT NOT NULL,
+    relation TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    PRIMARY KEY (queue_id, parent, relation)
+);
+CREATE INDEX IF NOT EXISTS links_parent ON links (parent);
+CREATE INDEX IF NOT EXISTS links_event_id ON links (event_id);
+"""
+
+
+class JourneyStoreError(Exception):
+    """The store cannot be opened or read; the message is one line for the administrator."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """Message ``queue_id`` is related to message ``parent`` (a bounce to what it reports ...)."""
+
+    queue_id: str
+    parent: str
+    relation: str
+
+
+class JourneyStore:
+    """One connection to the journey database at ``path`` (created when writable)."""
+
+    def __init__(self, path: Path, *, retention: float = DEFAULT_RETENTION,
+                 max_bytes: int = DEFAULT_MAX_BYTES, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.retention = retention
+        self.max_bytes = max_bytes
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise JourneyStoreError(f"{self.path}: no journey store here (is recording "
+                                            f"on, and has the server run?)")
+                self._db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True,
+                                           isolation_level=None, timeout=10.0)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+                self._create()
+        except sqlite3.Error as exc:
+            raise JourneyStoreError(f"{self.path}: cannot open the journey store: {exc}") from None
+
+    def _create(self) -> None:
+        db = self._db
+        # auto_vacuum must be chosen before the first table exists; INCREMENTAL lets the size
+        # bound give pages back to the file system after deleting old events.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        db.execute("PRAGMA journal_mode = WAL")
+        # A journey is a record, not mail: after a power cut the last batch may be lost, never
+        # the database. NORMAL in WAL mode syncs at checkpoints only.
+        db.execute("PRAGMA synchronous = NORMAL")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            raise JourneyStoreError(f"{self.path}: written by a newer mailsys "
+                                    f"(schema {version})")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        """Close the connection (a WAL checkpoint happens when the last one closes)."""
+        self._db.close()
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def append(self, events: Iterable[JourneyEvent]) -> int:
+        """Store ``events`` in one transaction, with their index rows; return how many."""
+        db = self._db
+        count = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for event in events:
+                cursor = db.execute(
+                    "INSERT INTO events (at, kind, queue_id, message_id, session, fields)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (event.at, event.kind, event.queue_id, event.message_id, event.session,
+                     json.dumps(event.fields, separators=(",", ":"), ensure_ascii=False)),
+                )
+                event_id = cursor.lastrowid
+                addresses = addresses_of(event.fields)
+                if addresses:
+                    db.executemany("INSERT INTO addresses (address, event_id) VALUES (?, ?)",
+                                   [(address, event_id) for address in addresses])
+                parent = event.fields.get("parent")
+                if event.queue_id and isinstance(parent, str) and parent:
+                    relation = str(event.fields.get("relation") or "parent")
+                    db.execute("INSERT OR IGNORE INTO links (queue_id, parent, relation,"
+                               " event_id) VALUES (?, ?, ?, ?)",
+                               (event.queue_id, parent, relation, event_id))
+                count += 1
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return count
+
+    def prune(self, now: float) -> int:
+        """Forget events older than the retention, then the oldest beyond the size bound.
+
+        Returns how many events were deleted.
+        """
+        deleted = self._delete_where("at < ?", (now - self.retention,))
+        if self.used_bytes() > self.max_bytes:
+            target = self.max_bytes * _SHRINK_TO
+            while self.used_bytes() > target:
+                total = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+                if not total:
+                    break
+                # The oldest tenth at a time: sizes of events vary, so aim and measure again.
+                chunk = max(1, total // 10)
+                deleted += self._delete_where(
+                    "id <= (SELECT id FROM events ORDER BY id LIMIT 1 OFFSET ?)", (chunk - 1,))
+            self._db.execute("PRAGMA incremental_vacuum")
+        return deleted
+
+    def _delete_where(self, condition: str, args: Sequence[Any]) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            doomed = f"SELECT id FROM events WHERE {condition}"
+            db.execute(f"DELETE FROM addresses WHERE event_id IN ({doomed})", args)
+            db.execute(f"DELETE FROM links WHERE event_id IN ({doomed})", args)
+            count = db.execute(f"DELETE FROM events WHERE {condition}", args).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return int(count)
+
+    def used_bytes(self) -> int:
+        """Bytes of the database file in use (free pages not counted)."""
+        db = self._db
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(page_size * (pages - free))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        """How many events are stored."""
+        return int(self._db.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def events_of_queue_id(self, queue_id: str) -> list[JourneyEvent]:
+        """Every event recorded with ``queue_id``, oldest first."""
+        return self._events("queue_id = ?", (queue_id,))
+
+    def events_of_session(self, session: str) -> list[JourneyEvent]:
+        """Every event of one session, oldest first."""
+        return self._events("session = ?", (session,))
+
+    def queue_ids_of_message_id(self, message_id: str) -> list[str]:
+        """The queue ids that carried the message with ``message_id`` (without brackets)."""
+        rows = self._db.execute(
+            "SELECT queue_id, min(at) FROM events WHERE message_id = ? AND queue_id IS NOT NULL"
+            " GROUP BY queue_id ORDER BY min(at)", (message_id,))
+        return [row[0] for row in rows]
+
+    def events_of_address(self, address: str, since: float | None = None,
+                          limit: int = 10000) -> list[JourneyEvent]:
+        """Events naming ``address`` (sender, recipient, user ...), newest first."""
+        sql = ("SELECT e.id, e.at, e.kind, e.queue_id, e.message_id, e.session, e.fields"
+               " FROM addresses a JOIN events e ON e.id = a.event_id WHERE a.address = ?")
+        args: list[Any] = [address.strip().strip("<>").lower()]
+        if since is not None:
+            sql += " AND e.at >= ?"
+            args.append(since)
+        sql += " ORDER BY e.at DESC, e.id DESC LIMIT ?"
+        args.append(limit)
+        return [_event(row) for row in self._db.execute(sql, args)]
+
+    def links_of(self, queue_id: str) -> list[Link]:
+        """Links from and to ``queue_id``: its parents and the messages made from it."""
+        rows = self._db.execute(
+            "SELECT queue_id, parent, relation FROM links WHERE queue_id = ? OR parent = ?"
+            " ORDER BY event_id", (queue_id, queue_id))
+        return [Link(*row) for row in rows]
+
+    def recent_queue_ids(self, since: float | None = None, limit: int = 50) -> list[str]:
+        """The most recently active queue ids, newest first."""
+        sql = "SELECT queue_id, max(at) AS last FROM events WHERE queue_id IS NOT NULL"
+        args: list[Any] = []
+        if since is not None:
+            sql += " AND at >= ?"
+            args.append(since)
+        sql += " GROUP BY queue_id ORDER BY last DESC LIMIT ?"
+        args.append(limit)
+        return [row[0] for row in self._db.execute(sql, args)]
+
+    def _events(self, condition: str, args: Sequence[Any]) -> list[JourneyEvent]:
+        rows = self._db.execute(
+            "SELECT id, at, kind, queue_id, message_id, session, fields FROM events"
+            f" WHERE {condition} ORDER BY at, id", args)
+        return [_event(row) for row in rows]
+
+
+def _event(row: Sequence[Any]) -> JourneyEvent:
+    event_id, at, kind, queue_id, message_id, session, fields = row
+    try:
+        decoded = json.loads(fields)
+    except ValueError:
+        decoded = {}
+    return JourneyEvent(at=at, kind=kind, queue_id=queue_id, message_id=message_id,
+                        session=session, fields=decoded if isinstance(decoded, dict) else {},
+                        id=event_id)
