@@ -9,6 +9,7 @@ passed, so a mistake in one room cannot put a secret on disk.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,10 +106,23 @@ def clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
         if len(cleaned) >= MAX_FIELDS:
             cleaned["truncated"] = True
             break
-        if not isinstance(name, str) or _FORBIDDEN_NAME.search(name):
+        key = _allowed_name(name) if isinstance(name, str) else None
+        if key is None:
             continue
-        cleaned[name[:64]] = _clean_value(value, depth=0)
+        # The common values first: this runs for every event, in the writer thread.
+        if value is None or type(value) is int or type(value) is bool:
+            cleaned[key] = value
+        elif type(value) is str:
+            cleaned[key] = value if len(value) <= MAX_TEXT else value[:MAX_TEXT]
+        else:
+            cleaned[key] = _clean_value(value, depth=0)
     return cleaned
+
+
+@functools.lru_cache(maxsize=1024)
+def _allowed_name(name: str) -> str | None:
+    """``name`` as stored (at most 64 characters), or None if it may name a secret or content."""
+    return None if _FORBIDDEN_NAME.search(name) else name[:64]
 
 
 def _clean_value(value: Any, depth: int) -> Any:
@@ -124,7 +138,7 @@ def _clean_value(value: Any, depth: int) -> Any:
     if depth < 2 and isinstance(value, Mapping):
         return {str(k)[:64]: _clean_value(v, depth + 1)
                 for k, v in list(value.items())[:MAX_FIELDS]
-                if not _FORBIDDEN_NAME.search(str(k))}
+                if _allowed_name(str(k)) is not None}
     return str(value)[:MAX_TEXT]
 
 
@@ -133,8 +147,9 @@ def addresses_of(fields: Mapping[str, Any]) -> set[str]:
     found: set[str] = set()
     for name in ADDRESS_FIELDS:
         value = fields.get(name)
-        values = value if isinstance(value, list) else [value]
-        for item in values:
+        if value is None:
+            continue
+        for item in value if isinstance(value, list) else (value,):
             if isinstance(item, str) and "@" in item:
                 found.add(item.strip().strip("<>").lower())
     return found

@@ -24,12 +24,13 @@ from twisted.logger import Logger
 from typing_extensions import override
 from zope.interface import implementer
 
-from mailsys.journey.events import JourneyEvent, clean_fields, normalize_message_id
+from mailsys.journey.events import clean_fields, normalize_message_id
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.journey.store import (
     DEFAULT_MAX_BYTES,
     DEFAULT_RETENTION,
     JourneyStore,
+    Row,
 )
 
 log = Logger()
@@ -158,25 +159,28 @@ class JourneyWriter(Service):
     def _write_pending(self, store: JourneyStore | None) -> None:
         pending = self._pending
         while pending:
-            batch: list[JourneyEvent] = []
+            batch: list[Row] = []
             markers: list[Deferred[None]] = []
             while pending and len(batch) < self._batch_size:
                 item = pending.popleft()
                 if isinstance(item, Deferred):
                     markers.append(item)
                     break  # what precedes the marker goes in this batch, the rest in the next
-                batch.append(_event(item))
+                at, kind, queue_id, message_id, session, fields = item
+                if message_id is not None:
+                    message_id = normalize_message_id(message_id)
+                batch.append((at, kind, queue_id, message_id, session, clean_fields(fields)))
             if batch:
                 self._write(store, batch)
             for marker in markers:
                 self._reactor.callFromThread(marker.callback, None)
 
-    def _write(self, store: JourneyStore | None, batch: list[JourneyEvent]) -> None:
+    def _write(self, store: JourneyStore | None, batch: list[Row]) -> None:
         if store is None:
             self.dropped += len(batch)
             return
         try:
-            self.written += store.append(batch)
+            self.written += store.append_rows(batch)
         except Exception:
             self.dropped += len(batch)
             if not self._store_failed:  # once per failure streak, not once per batch
@@ -197,9 +201,3 @@ class JourneyWriter(Service):
         if deleted:
             log.info("journey: forgot {count} old events", count=deleted)
 
-
-def _event(item: _Pending) -> JourneyEvent:
-    at, kind, queue_id, message_id, session, fields = item
-    return JourneyEvent(at=at, kind=kind, queue_id=queue_id,
-                        message_id=normalize_message_id(message_id), session=session,
-                        fields=clean_fields(fields))

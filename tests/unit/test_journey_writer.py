@@ -90,14 +90,14 @@ def test_emit_returns_at_once_while_the_disk_is_stuck(tmp_path: Path,
     """A store that blocks does not block emit(); the backlog is bounded and drops are counted."""
     unblock = threading.Event()
     entered = threading.Event()
-    real_append = JourneyStore.append
+    real_append = JourneyStore.append_rows
 
     def stuck_append(self: JourneyStore, events: Any) -> int:
         entered.set()
         unblock.wait(10)
         return real_append(self, events)
 
-    monkeypatch.setattr(JourneyStore, "append", stuck_append)
+    monkeypatch.setattr(JourneyStore, "append_rows", stuck_append)
     reactor = ThreadCallReactor()
     writer = start(tmp_path, reactor, max_pending=100, batch_size=10)
     writer.emit("smtp.connect", session="S0")
@@ -116,14 +116,14 @@ def test_emit_returns_at_once_while_the_disk_is_stuck(tmp_path: Path,
 def test_events_are_written_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many events emitted at once are written in a few transactions, not one each."""
     calls: list[int] = []
-    real_append = JourneyStore.append
+    real_append = JourneyStore.append_rows
 
     def counting_append(self: JourneyStore, events: Any) -> int:
         events = list(events)
         calls.append(len(events))
         return real_append(self, events)
 
-    monkeypatch.setattr(JourneyStore, "append", counting_append)
+    monkeypatch.setattr(JourneyStore, "append_rows", counting_append)
     reactor = ThreadCallReactor()
     writer = JourneyWriter(tmp_path / "journey.sqlite", reactor, batch_size=500,
                            flush_interval=5.0)
@@ -138,7 +138,7 @@ def test_events_are_written_in_batches(tmp_path: Path, monkeypatch: pytest.Monke
 def test_a_failing_store_drops_the_batch_and_recovers(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A disk error loses that batch only, is logged once, and writing resumes after it."""
-    real_append = JourneyStore.append
+    real_append = JourneyStore.append_rows
     failures = [OSError(28, "No space left on device")] * 2
 
     def failing_append(self: JourneyStore, events: Any) -> int:
@@ -146,7 +146,7 @@ def test_a_failing_store_drops_the_batch_and_recovers(tmp_path: Path,
             raise failures.pop()
         return real_append(self, events)
 
-    monkeypatch.setattr(JourneyStore, "append", failing_append)
+    monkeypatch.setattr(JourneyStore, "append_rows", failing_append)
     reactor = ThreadCallReactor()
     writer = start(tmp_path, reactor)
     for n in range(2):
