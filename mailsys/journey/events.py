@@ -10,6 +10,8 @@ passed, so a mistake in one room cannot put a secret on disk.
 from __future__ import annotations
 
 import functools
+import itertools
+import random
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -153,3 +155,50 @@ def addresses_of(fields: Mapping[str, Any]) -> set[str]:
             if isinstance(item, str) and "@" in item:
                 found.add(item.strip().strip("<>").lower())
     return found
+
+
+_SESSION_PREFIX = f"{random.getrandbits(32):08x}"
+_session_numbers = itertools.count(1)
+
+
+def new_session_id() -> str:
+    """An id for a session, unique across processes and restarts: random prefix, counter."""
+    return f"{_SESSION_PREFIX}{next(_session_numbers):x}"
+
+
+class SessionJourney:
+    """The journey events of one session: its id and transaction number added to each.
+
+    A protocol session holds one and calls :meth:`emit` as it goes; :meth:`begin_transaction`
+    at each MAIL FROM starts the numbering under which MAIL, RCPT and DATA of that message are
+    tied together until the message has a queue id (RFC 5321 §3.3: a transaction is MAIL,
+    RCPT..., DATA).
+    """
+
+    __slots__ = ("_recorder", "session", "txn")
+
+    def __init__(self, recorder: IJourneyRecorder, session: str | None = None) -> None:
+        self._recorder = recorder
+        self.session = session or new_session_id()
+        self.txn: int | None = None
+
+    @property
+    def recording(self) -> bool:
+        """False when recording is off: a caller may skip preparing costly fields."""
+        return not isinstance(self._recorder, NullRecorder)
+
+    def begin_transaction(self) -> int:
+        """Start the next transaction of the session and return its number."""
+        self.txn = (self.txn or 0) + 1
+        return self.txn
+
+    def end_transaction(self) -> None:
+        """The transaction is over (queued, RSET, or refused): later events are the session's."""
+        self.txn = None
+
+    def emit(self, kind: str, queue_id: str | None = None, message_id: str | None = None,
+             **fields: Any) -> None:
+        """Record ``kind`` for this session (and its open transaction, if any)."""
+        if self.txn is not None:
+            fields["txn"] = self.txn
+        self._recorder.emit(kind, queue_id, message_id, self.session, **fields)

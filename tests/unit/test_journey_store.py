@@ -15,8 +15,10 @@ from mailsys.journey.events import (
     JourneyEvent,
     MemoryRecorder,
     NullRecorder,
+    SessionJourney,
     addresses_of,
     clean_fields,
+    new_session_id,
     normalize_message_id,
 )
 from mailsys.journey.interfaces import IJourneyRecorder
@@ -252,3 +254,29 @@ def test_memory_recorder_cleans_like_the_store() -> None:
     assert recorder.kinds() == ["smtp.auth", "spool.commit"]
     assert recorder.events[0].fields == {"user": "a@b.test"}
     assert recorder.events[1].message_id == "m@x" and recorder.events[1].at == 7.0
+
+
+def test_a_session_journey_numbers_its_transactions() -> None:
+    """Events of a session carry its id, and those inside a transaction its number."""
+    recorder = MemoryRecorder()
+    journey = SessionJourney(recorder)
+    journey.emit("smtp.connect", client="127.0.0.1")
+    assert journey.begin_transaction() == 1
+    journey.emit("smtp.mail", sender="a@b.test", reply="250 2.1.0 Ok")
+    journey.emit("smtp.data", queue_id="Q1", message_id="<m@x>", size=3, reply="250")
+    journey.end_transaction()
+    journey.emit("smtp.rset", reply="250")
+    assert journey.begin_transaction() == 2
+    journey.emit("smtp.mail", sender="a@b.test")
+    sessions = {event.session for event in recorder.events}
+    assert sessions == {journey.session}
+    assert [event.txn for event in recorder.events] == [None, 1, 1, None, 2]
+    assert recorder.events[2].queue_id == "Q1" and recorder.events[2].message_id == "m@x"
+
+
+def test_session_ids_differ_and_recording_can_be_asked() -> None:
+    """Each session has its own id; a session knows whether anything records its events."""
+    ids = {new_session_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert not SessionJourney(NullRecorder()).recording
+    assert SessionJourney(MemoryRecorder()).recording
