@@ -175,12 +175,13 @@ class SessionJourney:
     RCPT..., DATA).
     """
 
-    __slots__ = ("_recorder", "session", "txn")
+    __slots__ = ("_count", "_recorder", "session", "txn")
 
     def __init__(self, recorder: IJourneyRecorder, session: str | None = None) -> None:
         self._recorder = recorder
         self.session = session or new_session_id()
         self.txn: int | None = None
+        self._count = 0
 
     @property
     def recording(self) -> bool:
@@ -189,8 +190,9 @@ class SessionJourney:
 
     def begin_transaction(self) -> int:
         """Start the next transaction of the session and return its number."""
-        self.txn = (self.txn or 0) + 1
-        return self.txn
+        self._count += 1
+        self.txn = self._count
+        return self._count
 
     def end_transaction(self) -> None:
         """The transaction is over (queued, RSET, or refused): later events are the session's."""
