@@ -28,8 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -42,7 +41,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailsys.auth.portal import MailUser, login
+from mailsys.auth.login import LoginFlow, LoginOutcome, Refusal
+from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.config import Config
 from mailsys.imap import search as searching
@@ -276,6 +276,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         self._transport: ITransport = transport
         peer = transport.getPeer()
         self._client_address = str(getattr(peer, "host", ""))
+        self._login = LoginFlow(self._factory.portal, self._factory.throttle, self._clock,
+                                self._client_address, "imap")
         crowding = self._factory.connections.admit(self._client_address)
         if crowding is not None:
             log.info("imap refused connection from [{client}]: {why}",
@@ -304,6 +306,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         if not self._admitted:
             return  # refused at the greeting: nothing was counted, opened or logged in
         self._factory.connections.release(self._client_address)
+        self._login.cancel()  # a throttled failure's answer is not given to nobody
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -356,10 +359,14 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             line = self._framer.next_line()
             if line is None:
                 return False
-            if isinstance(line, Rejected):
-                line = b""
             if self._idle_tag is not None:
-                self._idle_line(line)
+                self._idle_line(b"" if isinstance(line, Rejected) else line)
+            elif isinstance(line, Rejected):
+                # An over-long response ends the exchange (never counted as a failed login);
+                # the next line is a command again.
+                tag, self._sasl_tag = self._sasl_tag, None
+                assert tag is not None
+                self._answer(tagged(tag, BAD, line.reason.value))
             else:
                 self._sasl_line(line)
             return True
@@ -692,44 +699,23 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             return self._login_failed(tag, plain.authcid)
         return self._authenticate(tag, plain.authcid, plain.password)
 
-    def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes] | bytes:
-        throttle = self._factory.throttle
-        address = self._client_address
-        if throttle.blocked(address, user):
-            log.info("imap login refused for {user} from [{client}]: throttled", user=user,
-                     client=address)
+    def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes]:
+        return self._login.attempt(user, password).addCallback(self._login_answer, tag)
+
+    def _login_failed(self, tag: bytes, user: str) -> Deferred[bytes]:
+        return self._login.failed(user).addCallback(self._login_answer, tag)
+
+    def _login_answer(self, outcome: LoginOutcome, tag: bytes) -> bytes:
+        if outcome is Refusal.BLOCKED:
+            # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
             self._close_after_reply = True
             self.write(untagged("BYE Too many failed logins; try again later"))
             return tagged(tag, NO, "Too many failed logins", "UNAVAILABLE")
-        d = maybeDeferred(login, self._factory.portal, user, password)
+        if outcome is Refusal.FAILED:
+            return tagged(tag, NO, "Authentication failed", "AUTHENTICATIONFAILED")
+        return self._logged_in(tag, outcome)
 
-        def failed(failure: Failure) -> Failure | Deferred[bytes]:
-            if not isinstance(failure.value, UnauthorizedLogin):
-                return failure
-            return self._login_failed(tag, user)
-
-        return d.addCallbacks(lambda avatar: self._logged_in(tag, avatar, user), failed)
-
-    def _login_failed(self, tag: bytes, user: str) -> Deferred[bytes]:
-        throttle = self._factory.throttle
-        address = self._client_address
-        throttle.failed(address, user)
-        delay = throttle.delay_for(address, user)
-        log.info("imap login failed for {user} from [{client}]", user=user, client=address)
-        d: Deferred[bytes] = Deferred()
-
-        def answer() -> None:
-            if throttle.blocked(address, user):
-                # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
-                self.write(untagged("BYE Too many failed logins; try again later"))
-                self._close_after_reply = True
-            d.callback(tagged(tag, NO, "Authentication failed", "AUTHENTICATIONFAILED"))
-
-        self._clock.callLater(delay, answer)
-        return d
-
-    def _logged_in(self, tag: bytes, user: MailUser, login_name: str) -> bytes:
-        self._factory.throttle.succeeded(self._client_address, login_name)
+    def _logged_in(self, tag: bytes, user: MailUser) -> bytes:
         self._mailbox = user.mailbox
         self._state = State.AUTHENTICATED
         if self._timer is not None and self._timer.active():

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -35,7 +34,8 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from mailsys.auth.portal import MailUser, login
+from mailsys.auth.login import LoginFlow, LoginOutcome, Refusal
+from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.config import Config
 from mailsys.inputloop import InputLoopSession
@@ -407,6 +407,8 @@ class POP3Session(InputLoopSession):
         self._transport: ITransport = transport
         peer = transport.getPeer()
         self._client_address = str(getattr(peer, "host", ""))
+        self._login = LoginFlow(self._factory.portal, self._factory.throttle, self._clock,
+                                self._client_address, "pop3")
         crowding = self._factory.connections.admit(self._client_address)
         if crowding is not None:
             log.info("pop3 refused connection from [{client}]: {why}",
@@ -432,6 +434,7 @@ class POP3Session(InputLoopSession):
         if not self._admitted:
             return  # refused at the greeting: nothing was counted, opened or logged in
         self._factory.connections.release(self._client_address)
+        self._login.cancel()  # a throttled failure's answer is not given to nobody
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -466,6 +469,7 @@ class POP3Session(InputLoopSession):
         if lf < 0:
             if len(buf) - start > limit:
                 self._swallowing = True  # too long: drop it up to its end, then answer once
+                self._sasl_pending = False  # an AUTH exchange ends with that answer
                 self._buffer = b""
                 self._offset = 0
                 return False
@@ -479,6 +483,7 @@ class POP3Session(InputLoopSession):
             self._answer(ERR_LINE_TOO_LONG, error=True)
             return True
         if lf + 1 - start > limit:
+            self._sasl_pending = False  # the next line is a command, never credentials
             self._answer(ERR_LINE_TOO_LONG, error=True)
             return True
         # RFC 1939 §3 says CRLF; a bare LF is accepted too (no smuggling risk in POP3).
@@ -656,44 +661,21 @@ class POP3Session(InputLoopSession):
             return self._login_failed(plain.authcid)
         return self._authenticate(plain.authcid, plain.password)
 
-    def _authenticate(self, user: str, password: str) -> Deferred[bytes] | None:
-        throttle = self._factory.throttle
-        address = self._client_address
-        if throttle.blocked(address, user):
-            log.info("pop3 login refused for {user} from [{client}]: throttled", user=user,
-                     client=address)
-            self._transport.write(ERR_THROTTLED)
-            self._close()
-            return None
-        d = maybeDeferred(login, self._factory.portal, user, password)
-
-        def failed(failure: Failure) -> Failure | Deferred[bytes]:
-            if not isinstance(failure.value, UnauthorizedLogin):
-                return failure
-            return self._login_failed(user)
-
-        return d.addCallbacks(self._logged_in, failed, callbackArgs=(user,))
+    def _authenticate(self, user: str, password: str) -> Deferred[bytes]:
+        return self._login.attempt(user, password).addCallback(self._login_answer)
 
     def _login_failed(self, user: str) -> Deferred[bytes]:
-        throttle = self._factory.throttle
-        address = self._client_address
-        throttle.failed(address, user)
-        delay = throttle.delay_for(address, user)
-        log.info("pop3 login failed for {user} from [{client}]", user=user, client=address)
-        d: Deferred[bytes] = Deferred()
+        return self._login.failed(user).addCallback(self._login_answer)
 
-        def answer() -> None:
-            if throttle.blocked(address, user):
-                self._close_after_reply = True
-                d.callback(ERR_THROTTLED)
-            else:
-                d.callback(ERR_AUTH_FAILED)
+    def _login_answer(self, outcome: LoginOutcome) -> bytes | Deferred[bytes]:
+        if outcome is Refusal.BLOCKED:
+            self._close_after_reply = True
+            return ERR_THROTTLED
+        if outcome is Refusal.FAILED:
+            return ERR_AUTH_FAILED
+        return self._logged_in(outcome)
 
-        self._clock.callLater(delay, answer)
-        return d
-
-    def _logged_in(self, user: MailUser, login_name: str) -> Deferred[bytes]:
-        self._factory.throttle.succeeded(self._client_address, login_name)
+    def _logged_in(self, user: MailUser) -> Deferred[bytes]:
         mailbox = user.mailbox
         d = self._store.lock_mailbox(mailbox)
 

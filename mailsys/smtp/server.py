@@ -17,14 +17,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Protocol as TypingProtocol
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IReactorTime,
     ISSLTransport,
     ITLSTransport,
@@ -37,7 +34,7 @@ from typing_extensions import override
 
 from mailsys import replies
 from mailsys.address import AddressError, MailRequest, RcptRequest, parse_mail, parse_rcpt
-from mailsys.auth.portal import MailUser, login
+from mailsys.auth.login import LoginFlow, LoginLimiter, LoginOutcome, Refusal
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
@@ -116,24 +113,6 @@ class SMTPSettings:
 
 
 
-class LoginLimiter(TypingProtocol):
-    """Throttles failed logins per user and client address
-    (mailsys.auth.throttle.LoginThrottle)."""
-
-    def delay_for(self, address: str, user: str = "") -> float:
-        """Seconds to wait before answering a failed login for ``user`` from ``address``."""
-
-    def failed(self, address: str, user: str = "") -> None:
-        """Count a failed login from ``address`` for the login name ``user``."""
-
-    def succeeded(self, address: str, user: str) -> None:
-        """``user`` logged in from ``address``: forget the failures made for that user."""
-
-    def blocked(self, address: str, user: str | None = None) -> bool:
-        """True if logins from ``address`` (as a whole, or for ``user`` when given) are refused
-        without being checked."""
-
-
 class _Mode(enum.Enum):
     COMMAND = "command"
     SWALLOW = "swallow"  # discarding an over-long command line up to its LF
@@ -205,7 +184,7 @@ class SMTPSession(InputLoopSession):
         self._helo: str | None = None
         self._esmtp = False
         self._auth_user: str | None = None  # the canonical mailbox that AUTH logged in
-        self._auth_delay: IDelayedCall | None = None  # a throttled AUTH failure's pending answer
+        self._login = LoginFlow(factory.portal, factory.throttle, self._clock, "", "smtp")
         self._txn: _Transaction | None = None
         self._errors = 0
         self._messages = 0
@@ -243,6 +222,8 @@ class SMTPSession(InputLoopSession):
         peer = transport.getPeer()
         self._client_address = str(getattr(peer, "host", ""))
         self._client = _client_label(self._client_address)
+        self._login = LoginFlow(self._factory.portal, self._factory.throttle, self._clock,
+                                self._client_address, "smtp")
         refusal = self._factory.admit(self._client_address)
         if refusal is not None:
             log.info("refused connection from {client}: {reply}", client=self._client,
@@ -269,9 +250,7 @@ class SMTPSession(InputLoopSession):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._auth_delay is not None and self._auth_delay.active():
-            self._auth_delay.cancel()
-        self._auth_delay = None
+        self._login.cancel()  # a throttled failure's answer is not given to nobody
         if self._admitted:
             self._admitted = False
             self._factory.release(self._client_address)
@@ -338,6 +317,7 @@ class SMTPSession(InputLoopSession):
         if lf < 0:
             if len(buf) - start > limit:
                 # RFC 5321 §4.5.3.1.4: too long; drop it up to its end, then reply once.
+                self._line_handler = None  # an AUTH exchange ends with that reply
                 self._mode = _Mode.SWALLOW
                 self._buffer = b""
                 self._offset = 0
@@ -348,11 +328,16 @@ class SMTPSession(InputLoopSession):
             return False
         self._offset = lf + 1
         if lf + 1 - start > limit:
+            # An AUTH exchange in progress ends with this reply: the next line is a command
+            # again, never taken as credentials.
+            self._line_handler = None
             self._reply(replies.LINE_TOO_LONG)
             return True
         line = buf[start:lf]
         if line[-1:] != b"\r" or b"\r" in line[:-1]:
-            # RFC 5321 §2.3.8: bare CR or LF; never execute such a line.
+            # RFC 5321 §2.3.8: bare CR or LF; never execute such a line (nor take it as an
+            # AUTH response: the exchange ends here).
+            self._line_handler = None
             self._reply(replies.BARE_LINE_ENDING_COMMAND)
             return True
         handler = self._line_handler
@@ -832,7 +817,7 @@ class SMTPSession(InputLoopSession):
             return replies.SYNTAX_ERROR
         if mechanism not in _MECHANISMS:
             return replies.AUTH_UNKNOWN_MECHANISM
-        if self._factory.login_blocked(self._client_address):
+        if self._login.blocked():
             return self._auth_blocked()
         initial = parts[1] if len(parts) == 2 else None
         if mechanism == b"PLAIN":
@@ -886,50 +871,27 @@ class SMTPSession(InputLoopSession):
             return decoded
         return self._authenticate(user, decoded.decode("utf-8", "surrogateescape"))
 
-    def _authenticate(self, user: str, password: str) -> Reply | Deferred[Reply]:
-        if not user or not password:
-            return self._login_failed(user)
-        if self._factory.login_blocked(self._client_address, user):
-            return self._auth_blocked()
-        portal = self._factory.portal
-        assert portal is not None  # _do_auth checked _auth_listener()
-        d = maybeDeferred(login, portal, user, password)
-        return d.addCallbacks(self._logged_in, self._login_error, callbackArgs=(user,),
-                              errbackArgs=(user,))
-
-    def _logged_in(self, user: MailUser, login_name: str) -> Reply:
-        self._factory.login_succeeded(self._client_address, login_name)
-        self._auth_user = user.mailbox
-        log.info("AUTH {user} from {client}", user=user.mailbox, client=self._client)
-        return replies.AUTH_OK
-
-    def _login_error(self, failure: Failure, user: str) -> Reply | Deferred[Reply]:
-        if isinstance(failure.value, UnauthorizedLogin):
-            return self._login_failed(user)
-        log.failure("AUTH from {client}: cannot check the password", failure, client=self._client)
-        return replies.AUTH_TEMPORARY_FAILURE
+    def _authenticate(self, user: str, password: str) -> Deferred[Reply]:
+        return self._login.attempt(user, password).addCallbacks(
+            self._login_answer, self._login_error)
 
     def _login_failed(self, user: str) -> Deferred[Reply]:
-        """Count a failure and answer 535 after the throttle's delay, or 421 once blocked.
+        """Malformed credentials: a failed login like a wrong password, after the same delay,
+        so the answer does not tell them apart."""
+        return self._login.failed(user).addCallback(self._login_answer)
 
-        An unknown user, a wrong password and malformed credentials all end here, after the
-        same delay, so the answer does not tell them apart.
-        """
-        address = self._client_address
-        delay = self._factory.login_failed(address, user)
-        log.info("AUTH failed for {user!r} from {client}; answer in {delay}s",
-                 user=user, client=self._client, delay=delay)
-        d: Deferred[Reply] = Deferred()
+    def _login_answer(self, outcome: LoginOutcome) -> Reply:
+        if outcome is Refusal.BLOCKED:
+            return self._auth_blocked()
+        if outcome is Refusal.FAILED:
+            return replies.AUTH_INVALID  # RFC 4954 §6: 535 5.7.8
+        self._auth_user = outcome.mailbox
+        log.info("AUTH {user} from {client}", user=outcome.mailbox, client=self._client)
+        return replies.AUTH_OK
 
-        def answer() -> None:
-            self._auth_delay = None
-            if self._factory.login_blocked(address, user):
-                d.callback(self._auth_blocked())
-            else:
-                d.callback(replies.AUTH_INVALID)  # RFC 4954 §6: 535 5.7.8
-
-        self._auth_delay = self._clock.callLater(delay, answer)
-        return d
+    def _login_error(self, failure: Failure) -> Reply:
+        log.failure("AUTH from {client}: cannot check the password", failure, client=self._client)
+        return replies.AUTH_TEMPORARY_FAILURE
 
     def _auth_blocked(self) -> Reply:
         log.info("AUTH from {client} refused: too many failures", client=self._client)
@@ -1033,24 +995,6 @@ class SMTPServerFactory(ServerFactory):
         """The EHLO reply on the wire, with STARTTLS (RFC 3207) and AUTH (RFC 4954) when they
         can be used."""
         return self._ehlo[offer_starttls, offer_auth]
-
-    def login_blocked(self, address: str, user: str | None = None) -> bool:
-        """True if ``address`` (as a whole, or for ``user`` when given) failed to log in too
-        often to be let try again now."""
-        return self.throttle is not None and self.throttle.blocked(address, user)
-
-    def login_failed(self, address: str, user: str = "") -> float:
-        """Count a failed login for ``user`` from ``address``; the seconds to wait before
-        saying so."""
-        if self.throttle is None:
-            return 0.0
-        self.throttle.failed(address, user)
-        return self.throttle.delay_for(address, user)
-
-    def login_succeeded(self, address: str, user: str) -> None:
-        """Forget the failed logins of ``address`` for ``user``."""
-        if self.throttle is not None:
-            self.throttle.succeeded(address, user)
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:

@@ -25,6 +25,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import classImplements, implementer
 
+from mailsys.auth.login import LoginLimiter
 from mailsys.auth.portal import MailRealm
 from mailsys.envelope import Envelope, TargetKind
 from mailsys.interfaces import IMessageSink, IRouter
@@ -32,7 +33,6 @@ from mailsys.routing import Destination, UnknownRecipient
 from mailsys.smtp.policy import InboundPolicy, Policy
 from mailsys.smtp.server import (
     ListenerRole,
-    LoginLimiter,
     SMTPServerFactory,
     SMTPSession,
     SMTPSettings,

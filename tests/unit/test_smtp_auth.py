@@ -501,3 +501,22 @@ def test_password_checks_happen_off_the_session(tmp_path: Path) -> None:
     held.release()  # the store checks the unknown user against its dummy hash
     clock_of(other).advance(1)
     assert other.lines() == [str(replies.AUTH_INVALID)]
+
+
+# --- an exchange in progress ends cleanly on a line error ----------------------------------------
+
+
+@pytest.mark.parametrize("start", [b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n",
+                                   b"AUTH LOGIN " + b64("alice@example.test").encode() + b"\r\n"])
+@pytest.mark.parametrize("bad", [b"A" * 5000 + b"\r\n", b"A" * 5000, b"dGVzdA==\n"])
+def test_line_error_ends_the_exchange(start: bytes, bad: bytes) -> None:
+    """An over-long line or a bare LF inside AUTH ends the exchange: the next line is a command,
+    not credentials, and no failed login is counted."""
+    throttle = LoginThrottle(Clock())
+    driver = secure(throttle=throttle)
+    assert driver.codes(start) == [334]
+    codes = driver.codes(bad + (b"\r\n" if not bad.endswith(b"\n") else b""))
+    assert codes == [500]
+    assert driver.codes(b"NOOP\r\n") == [250]
+    assert len(throttle) == 0
+    assert driver.codes(f"AUTH PLAIN {plain()}\r\n".encode()) == [235]
