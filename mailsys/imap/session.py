@@ -44,7 +44,7 @@ from typing_extensions import override
 from mailsys.auth.login import LoginFlow, LoginOutcome, Refusal
 from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
-from mailsys.config import Config
+from mailsys.config import Config, IMAPSection
 from mailsys.imap import search as searching
 from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
@@ -78,37 +78,6 @@ PREAUTH_TIMEOUT = 180.0
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
 
-
-
-@dataclass(frozen=True)
-class IMAPSettings:
-    """Everything an IMAP listener needs to know besides its collaborators."""
-
-    hostname: str
-    allow_plaintext_auth: bool = False
-    idle_timeout: float = 1800.0
-    max_literal_size: int = 50 * 1024 * 1024
-    max_command_length: int = 64 * 1024
-    max_bad_commands: int = 20
-    max_connections: int = 1000
-    max_connections_per_client: int = 100
-    implicit_tls: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config, *, implicit_tls: bool = False) -> IMAPSettings:
-        """The settings of an [imap] listener (993-style when ``implicit_tls``)."""
-        imap = config.imap
-        return cls(
-            hostname=config.server.hostname,
-            allow_plaintext_auth=imap.allow_plaintext_auth,
-            idle_timeout=imap.idle_timeout,
-            max_literal_size=imap.max_literal_size,
-            max_command_length=imap.max_command_length,
-            max_bad_commands=imap.max_bad_commands,
-            max_connections=imap.max_connections,
-            max_connections_per_client=imap.max_connections_per_client,
-            implicit_tls=implicit_tls,
-        )
 
 
 class State(enum.Enum):
@@ -194,10 +163,10 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
     def __init__(self, factory: IMAPServerFactory) -> None:
         super().__init__()
         self._factory = factory
-        self._settings = factory.settings
+        self._limits = factory.section  # the [imap] section, read directly
         self._store = factory.store
         self._clock = factory.clock
-        self._framer = Framer(self._settings.max_command_length, self._settings.max_literal_size)
+        self._framer = Framer(self._limits.max_command_length, self._limits.max_literal_size)
         self._state = State.NOT_AUTHENTICATED
         self._secure = False
         self._client_address = ""
@@ -290,12 +259,12 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             return
         self._admitted = True
         # RFC 8314 §3.3: on 993 the session is TLS from the first byte.
-        self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
+        self._secure = self._factory.implicit_tls or ISSLTransport.providedBy(transport)
         self._timer = self._clock.callLater(self._timeout(), self._idle_timeout)
         log.info("imap connect from [{client}] tls={tls}", client=self._client_address,
                  tls=self._secure)
         self.write(untagged(f"OK [CAPABILITY {self._capabilities()}] "
-                            f"{self._settings.hostname} IMAP4rev1 server ready"))
+                            f"{self._factory.hostname} IMAP4rev1 server ready"))
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -316,8 +285,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
 
     def _timeout(self) -> float:
         if self._state is State.NOT_AUTHENTICATED:
-            return min(PREAUTH_TIMEOUT, self._settings.idle_timeout)
-        return self._settings.idle_timeout
+            return min(PREAUTH_TIMEOUT, self._limits.idle_timeout)
+        return self._limits.idle_timeout
 
     def _idle_timeout(self) -> None:
         self._timer = None
@@ -480,7 +449,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         self.write(line)
         if line.split(b" ", 2)[1:2] == [BAD]:
             self._errors += 1
-            if self._errors >= self._settings.max_bad_commands and not self._closing:
+            if self._errors >= self._limits.max_bad_commands and not self._closing:
                 log.info("imap too many bad commands from [{client}]",
                          client=self._client_address)
                 self.write(untagged("BYE Too many invalid commands"))
@@ -497,7 +466,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
     # --- capabilities and state ----------------------------------------------------------------
 
     def _plaintext_ok(self) -> bool:
-        return self._secure or self._settings.allow_plaintext_auth
+        return self._secure or self._limits.allow_plaintext_auth
 
     def _can_starttls(self) -> bool:
         return (self._factory.tls is not None and not self._secure
@@ -515,7 +484,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
                      "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
                      "UTF8=ACCEPT", "STATUS=SIZE", "CONDSTORE",
-                     f"APPENDLIMIT={self._settings.max_literal_size}"]
+                     f"APPENDLIMIT={self._limits.max_literal_size}"]
         return " ".join(caps)
 
     @property
@@ -970,8 +939,15 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
 
 
 
-class IMAPServerFactory(MailboxServerFactory[IMAPSettings]):
+class IMAPServerFactory(MailboxServerFactory[IMAPSection]):
     """Builds IMAP sessions for one listener."""
+
+    protocol_name = "imap"
+
+    @classmethod
+    @override
+    def section_of(cls, config: Config) -> IMAPSection:
+        return config.imap
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> IMAPSession:

@@ -16,7 +16,6 @@ import enum
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -37,7 +36,7 @@ from zope.interface import implementer
 from mailsys.auth.login import LoginFlow, LoginOutcome, Refusal
 from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
-from mailsys.config import Config
+from mailsys.config import Config, POP3Section
 from mailsys.inputloop import InputLoopSession
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError, adding
 from mailsys.mailbox.names import SEEN
@@ -104,35 +103,6 @@ ERR_UPDATE_FAILED = _err("Some deleted messages were not removed", "SYS/TEMP")
 STLS_READY = _ok("Begin TLS negotiation")
 SASL_CONTINUE = b"+ \r\n"  # RFC 5034 §4: an empty server challenge
 
-
-
-@dataclass(frozen=True)
-class POP3Settings:
-    """Everything a POP3 listener needs to know besides its collaborators."""
-
-    hostname: str
-    allow_plaintext_auth: bool = False
-    idle_timeout: float = 600.0
-    max_bad_commands: int = 10
-    max_command_length: int = 2048
-    max_connections: int = 500
-    max_connections_per_client: int = 50
-    implicit_tls: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config, *, implicit_tls: bool = False) -> POP3Settings:
-        """The settings of a [pop3] listener (995-style when ``implicit_tls``)."""
-        pop3 = config.pop3
-        return cls(
-            hostname=config.server.hostname,
-            allow_plaintext_auth=pop3.allow_plaintext_auth,
-            idle_timeout=pop3.idle_timeout,
-            max_bad_commands=pop3.max_bad_commands,
-            max_command_length=pop3.max_command_length,
-            max_connections=pop3.max_connections,
-            max_connections_per_client=pop3.max_connections_per_client,
-            implicit_tls=implicit_tls,
-        )
 
 
 class _State(enum.Enum):
@@ -346,7 +316,7 @@ class POP3Session(InputLoopSession):
     def __init__(self, factory: POP3ServerFactory) -> None:
         super().__init__()
         self._factory = factory
-        self._settings = factory.settings
+        self._limits = factory.section  # the [pop3] section, read directly
         self._clock = factory.clock
         self._store = factory.store
         self._state = _State.AUTHORIZATION
@@ -419,11 +389,11 @@ class POP3Session(InputLoopSession):
             return
         self._admitted = True
         # RFC 8314 §3.3: on 995 the session is TLS from the first byte.
-        self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
-        self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+        self._secure = self._factory.implicit_tls or ISSLTransport.providedBy(transport)
+        self._timer = self._clock.callLater(self._limits.idle_timeout, self._idle_timeout)
         log.info("pop3 connect from [{client}] tls={tls}", client=self._client_address,
                  tls=self._secure)
-        self._transport.write(_ok(f"{self._settings.hostname} {GREETING_TEXT}"))
+        self._transport.write(_ok(f"{self._factory.hostname} {GREETING_TEXT}"))
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -450,7 +420,7 @@ class POP3Session(InputLoopSession):
 
     @override
     def _idle_seconds(self) -> float:
-        return self._settings.idle_timeout
+        return self._limits.idle_timeout
 
     @override
     def _step(self) -> bool:
@@ -465,7 +435,7 @@ class POP3Session(InputLoopSession):
         buf = self._buffer
         start = self._offset
         lf = buf.find(b"\n", start)
-        limit = self._settings.max_command_length
+        limit = self._limits.max_command_length
         if lf < 0:
             if len(buf) - start > limit:
                 self._swallowing = True  # too long: drop it up to its end, then answer once
@@ -537,7 +507,7 @@ class POP3Session(InputLoopSession):
         self._write(data)
         if error:
             self._errors += 1
-            if self._errors >= self._settings.max_bad_commands and not self._closing:
+            if self._errors >= self._limits.max_bad_commands and not self._closing:
                 log.info("pop3 too many errors from [{client}]", client=self._client_address)
                 self._transport.write(ERR_TOO_MANY_ERRORS)
                 self._close()
@@ -558,7 +528,7 @@ class POP3Session(InputLoopSession):
             return
         if self._waiting:
             # We are the slow one (disk, password check, a big RETR): not the client's fault.
-            self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+            self._timer = self._clock.callLater(self._limits.idle_timeout, self._idle_timeout)
             return
         # RFC 1939 §3: close without a response and without entering the UPDATE state.
         log.info("pop3 idle timeout for [{client}]", client=self._client_address)
@@ -567,7 +537,7 @@ class POP3Session(InputLoopSession):
     # --- state ---------------------------------------------------------------------------------
 
     def _plaintext_ok(self) -> bool:
-        return self._secure or self._settings.allow_plaintext_auth
+        return self._secure or self._limits.allow_plaintext_auth
 
     def _can_stls(self) -> bool:
         return (self._factory.tls is not None and not self._secure
@@ -945,8 +915,15 @@ class POP3Session(InputLoopSession):
         return d.addCallbacks(done, failed)
 
 
-class POP3ServerFactory(MailboxServerFactory[POP3Settings]):
+class POP3ServerFactory(MailboxServerFactory[POP3Section]):
     """Builds POP3 sessions for one listener."""
+
+    protocol_name = "pop3"
+
+    @classmethod
+    @override
+    def section_of(cls, config: Config) -> POP3Section:
+        return config.pop3
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> POP3Session:

@@ -69,50 +69,6 @@ class ListenerRole(enum.Enum):
     SUBMISSIONS = "submissions"
 
 
-@dataclass(frozen=True)
-class SMTPSettings:
-    """Everything an SMTP listener needs to know besides its collaborators."""
-
-    hostname: str
-    role: ListenerRole
-    max_message_size: int = 25 * 1024 * 1024
-    max_recipients: int = 100
-    max_command_length: int = 2048
-    max_line_length: int = 1000
-    idle_timeout: float = 300.0
-    max_bad_commands: int = 10
-    max_connections: int = 500
-    max_connections_per_client: int = 20
-    max_received_headers: int = 50
-    # Leave the client's address out of the Received field (submission privacy).
-    hide_client_address: bool = False
-    # Port 25 only: offer AUTH after STARTTLS (submission listeners always offer it over TLS).
-    offer_auth: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config, role: ListenerRole) -> SMTPSettings:
-        """The settings of a listener with ``role``, from the [smtp] limits of ``config``."""
-        smtp = config.smtp
-        return cls(
-            hostname=config.server.hostname,
-            role=role,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            max_command_length=smtp.max_command_length,
-            max_line_length=smtp.max_line_length,
-            idle_timeout=smtp.idle_timeout,
-            max_bad_commands=smtp.max_bad_commands,
-            max_connections=smtp.max_connections,
-            max_connections_per_client=smtp.max_connections_per_client,
-            max_received_headers=smtp.max_received_headers,
-            hide_client_address=(
-                role is not ListenerRole.MTA and config.submission.hide_client_address
-            ),
-            offer_auth=role is ListenerRole.MTA and smtp.offer_auth,
-        )
-
-
-
 class _Mode(enum.Enum):
     COMMAND = "command"
     SWALLOW = "swallow"  # discarding an over-long command line up to its LF
@@ -170,7 +126,10 @@ class SMTPSession(InputLoopSession):
     def __init__(self, factory: SMTPServerFactory) -> None:
         super().__init__()
         self._factory = factory
-        self._settings = factory.settings
+        # The [smtp] section, read directly (config values are checked when the file is read).
+        self._limits = factory.config.smtp
+        self._role = factory.role
+        self._hostname = factory.hostname
         self._policy = factory.policy
         self._sink = factory.sink
         self._clock = factory.clock
@@ -234,10 +193,10 @@ class SMTPSession(InputLoopSession):
             return
         self._admitted = True
         # RFC 8314 §3.3: on 465 the session is TLS from the first byte.
-        self._secure = self._settings.role is ListenerRole.SUBMISSIONS or ISSLTransport.providedBy(
+        self._secure = self._role is ListenerRole.SUBMISSIONS or ISSLTransport.providedBy(
             transport
         )
-        self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+        self._timer = self._clock.callLater(self._limits.idle_timeout, self._idle_timeout)
         # No line here: the disconnect line says when the session began and what it did, and
         # a log event costs a measurable share of the reactor per message.
         self._connected_at = self._clock.seconds()
@@ -273,7 +232,7 @@ class SMTPSession(InputLoopSession):
 
     @override
     def _idle_seconds(self) -> float:
-        return self._settings.idle_timeout
+        return self._limits.idle_timeout
 
     @override
     def _step(self) -> bool:
@@ -313,7 +272,7 @@ class SMTPSession(InputLoopSession):
         # Commands end with CRLF. We split at LF so a client ending lines with a bare LF gets an
         # answer rather than silence, and refuse any line that does not end in exactly CRLF.
         lf = buf.find(b"\n", start)
-        limit = self._settings.max_command_length
+        limit = self._limits.max_command_length
         if lf < 0:
             if len(buf) - start > limit:
                 # RFC 5321 §4.5.3.1.4: too long; drop it up to its end, then reply once.
@@ -436,7 +395,7 @@ class SMTPSession(InputLoopSession):
         self._out.append(_wire(reply))
         if reply.code in _ERROR_CODES:
             self._errors += 1
-            if self._errors >= self._settings.max_bad_commands:
+            if self._errors >= self._limits.max_bad_commands:
                 log.info("too many errors from {client}", client=self._client)
                 self._out.append(_wire(replies.TOO_MANY_ERRORS))
                 self._closing = True
@@ -447,7 +406,7 @@ class SMTPSession(InputLoopSession):
             return
         if self._waiting:
             # We are the slow one (policy or spool): not the client's fault.
-            self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+            self._timer = self._clock.callLater(self._limits.idle_timeout, self._idle_timeout)
             return
         log.info("idle timeout for {client}", client=self._client)
         self._out.append(_wire(replies.IDLE_TIMEOUT))
@@ -458,7 +417,7 @@ class SMTPSession(InputLoopSession):
 
     def _session_info(self) -> SessionInfo:
         return SessionInfo(
-            hostname=self._settings.hostname,
+            hostname=self._hostname,
             client_address=self._client_address,
             helo=self._helo,
             tls=self._secure,
@@ -469,13 +428,13 @@ class SMTPSession(InputLoopSession):
         return (
             self._factory.tls is not None
             and not self._secure
-            and self._settings.role is not ListenerRole.SUBMISSIONS
+            and self._role is not ListenerRole.SUBMISSIONS
         )
 
     def _auth_listener(self) -> bool:
         """True if this listener does AUTH at all: submission, or port 25 when configured."""
         return self._factory.portal is not None and (
-            self._settings.role is not ListenerRole.MTA or self._settings.offer_auth
+            self._role is not ListenerRole.MTA or self._limits.offer_auth
         )
 
     def _can_auth(self) -> bool:
@@ -490,11 +449,11 @@ class SMTPSession(InputLoopSession):
         return ("UTF8SMTP" if smtputf8 else "ESMTP") + suffix
 
     def _new_message(self) -> MessageBuffer:
-        settings = self._settings
+        limits = self._limits
         return MessageBuffer(
-            max_size=settings.max_message_size,
-            max_line_length=settings.max_line_length,
-            max_received=settings.max_received_headers,
+            max_size=limits.max_message_size,
+            max_line_length=limits.max_line_length,
+            max_received=limits.max_received_headers,
         )
 
     # --- commands ------------------------------------------------------------------------------
@@ -538,7 +497,7 @@ class SMTPSession(InputLoopSession):
             return replies.SYNTAX_ERROR
         except AddressError as error:
             return error.reply
-        if request.size is not None and request.size > self._settings.max_message_size:
+        if request.size is not None and request.size > self._limits.max_message_size:
             return replies.MESSAGE_TOO_BIG  # RFC 1870 §6.1
         self._txn = None
         d = policy.check_sender(self._session_info(), request.sender)
@@ -564,7 +523,7 @@ class SMTPSession(InputLoopSession):
             return replies.NEED_MAIL
         if txn.chunking:
             return replies.BAD_SEQUENCE
-        if len(txn.recipients) >= self._settings.max_recipients:
+        if len(txn.recipients) >= self._limits.max_recipients:
             return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10
         try:
             request = parse_rcpt(
@@ -738,7 +697,7 @@ class SMTPSession(InputLoopSession):
         """
         utf8 = txn.mail.smtputf8  # RFC 6532: UTF-8 in header fields only with SMTPUTF8
         parts = []
-        if not self._settings.hide_client_address:
+        if not self._factory.hide_client_address:
             parts.append(f"from {_printable(self._helo or 'unknown', utf8)} ({self._client})")
         if self._secure:
             tls = describe_tls(self._transport)
@@ -746,7 +705,7 @@ class SMTPSession(InputLoopSession):
                 parts.append(f"({tls})")
         if self._auth_user is not None:
             parts.append(f"(Authenticated sender: {_printable(self._auth_user, utf8)})")
-        parts.append(f"by {self._settings.hostname} (mailsys) with {protocol} id {queue_id}")
+        parts.append(f"by {self._hostname} (mailsys) with {protocol} id {queue_id}")
         if len(txn.recipients) == 1:
             parts.append(f"for <{_printable(str(txn.recipients[0][0].recipient), utf8)}>")
         text = "\r\n\t".join(parts)
@@ -760,7 +719,7 @@ class SMTPSession(InputLoopSession):
             fields += f"Date: {_rfc5322_date(self._clock.seconds())}\r\n".encode("ascii")
         if not has_field(header, b"Message-ID"):
             # RFC 5322 §3.6.4: unique; the queue id is, and the host name makes it global.
-            fields += f"Message-ID: <{queue_id}@{self._settings.hostname}>\r\n".encode("ascii")
+            fields += f"Message-ID: <{queue_id}@{self._hostname}>\r\n".encode("ascii")
         return fields
 
     def _do_rset(self, argument: bytes) -> Reply:
@@ -943,7 +902,8 @@ class SMTPServerFactory(ServerFactory):
 
     def __init__(
         self,
-        settings: SMTPSettings,
+        config: Config,
+        role: ListenerRole,
         policy: Policy,
         sink: IMessageSink,
         clock: IReactorTime,
@@ -952,7 +912,12 @@ class SMTPServerFactory(ServerFactory):
         portal: Portal | None = None,
         throttle: LoginLimiter | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
+        self.role = role
+        self.hostname = config.server.hostname
+        # Submission privacy: the client's address stays out of the Received field.
+        self.hide_client_address = (role is not ListenerRole.MTA
+                                    and config.submission.hide_client_address)
         self.policy = policy
         self.sink = sink
         self.clock = clock
@@ -963,17 +928,16 @@ class SMTPServerFactory(ServerFactory):
         self.throttle: LoginLimiter | None = throttle
         if portal is not None and throttle is None:
             self.throttle = LoginThrottle(clock)
-        self.connections = ConnectionCounter(
-            settings.max_connections, settings.max_connections_per_client
-        )
-        hostname = settings.hostname
+        smtp = config.smtp
+        self.connections = ConnectionCounter(smtp.max_connections, smtp.max_connections_per_client)
+        hostname = self.hostname
         self.greeting = _wire(
             replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
         )
         self.helo_reply = _wire(Reply(250, "", hostname))  # RFC 2034 §3: no enhanced code
         keywords = [
             "PIPELINING",  # RFC 2920
-            f"SIZE {settings.max_message_size}",  # RFC 1870
+            f"SIZE {smtp.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034

@@ -22,7 +22,8 @@ from mailsys.auth.portal import MailRealm
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.mailbox.names import SEEN, parse_name
 from mailsys.mailbox.store import MailboxStore
-from mailsys.pop3.server import POP3ServerFactory, POP3Session, POP3Settings, uidl_of
+from mailsys.pop3.server import POP3ServerFactory, POP3Session, uidl_of
+from mailsys.testing import make_config
 from tests.unit.mailbox_support import ImmediatePool, deliver, message, result_of
 
 USER = "demo@example.test"
@@ -62,10 +63,10 @@ class Server:
         checker = InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD.encode()})
         self.portal = Portal(MailRealm(), [checker])
         self.throttle = LoginThrottle(self.clock, max_failures=3)
-        values: dict[str, Any] = {"hostname": "mail.example.test"}
-        values.update(settings)
-        self.factory = POP3ServerFactory(POP3Settings(**values), self.store, self.portal,
-                                         self.throttle, self.clock, FakeTLS())
+        implicit_tls = bool(settings.pop("implicit_tls", False))
+        config = make_config("mail.example.test", pop3=settings)
+        self.factory = POP3ServerFactory(config, self.store, self.portal, self.throttle,
+                                         self.clock, FakeTLS(), implicit_tls=implicit_tls)
 
     @property
     def inbox(self) -> Path:

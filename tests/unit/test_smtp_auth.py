@@ -145,15 +145,19 @@ def test_authenticated_on_port_25_submits() -> None:
         250, 250]
 
 
-def test_settings_from_config_offer_auth() -> None:
-    """smtp.offer_auth turns AUTH on for port 25 only; submission offers it regardless."""
+def test_offer_auth_read_from_the_config_file() -> None:
+    """smtp.offer_auth, as the file says it, turns AUTH on for port 25 only; submission offers
+    it regardless."""
     from mailsys.config import from_mapping
-    from mailsys.smtp.server import SMTPSettings
 
     config = from_mapping({"smtp": {"offer_auth": True}}, Path("t.toml"), check_files=False)
-    assert SMTPSettings.from_config(config, ListenerRole.MTA).offer_auth
-    default = from_mapping({}, Path("t.toml"), check_files=False)
-    assert not SMTPSettings.from_config(default, ListenerRole.MTA).offer_auth
+    configured = factory(ListenerRole.MTA)
+    configured.config = config
+    for made, offered in ((configured, True), (factory(ListenerRole.MTA), False)):
+        driver = connect(made)
+        driver.send(b"EHLO x\r\n")
+        driver.send(b"STARTTLS\r\n")
+        assert (driver.send(b"EHLO x\r\n")[-1] == AUTH_LINE) is offered
     driver = connect(factory(ListenerRole.SUBMISSIONS, offer_auth=False))
     assert driver.send(b"EHLO x\r\n")[-1] == AUTH_LINE
 
