@@ -23,27 +23,25 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
     IReactorTime,
-    ISSLTransport,
     ITLSTransport,
-    ITransport,
 )
-from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys import replies
 from mailsys.address import AddressError, MailRequest, RcptRequest, parse_mail, parse_rcpt
-from mailsys.auth.login import LoginFlow, LoginLimiter, LoginOutcome, Refusal
+from mailsys.auth.login import LoginLimiter, LoginOutcome, Refusal
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.envelope import Envelope, Recipient
-from mailsys.inputloop import InputLoopSession
 from mailsys.interfaces import IMessageSink
 from mailsys.replies import Reply
 from mailsys.routing import Destination
+from mailsys.session import ServerSession
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
 from mailsys.tls import TLSContextSource, describe_tls
@@ -110,7 +108,7 @@ _QUEUED_AUTHENTICATED = ("{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} 
                          "sasl_username={sasl_username} proto={proto} queued")
 
 
-class SMTPSession(InputLoopSession):
+class SMTPSession(ServerSession):
     """One SMTP connection, from greeting to QUIT.
 
     Input is kept in ``_buffer`` from ``_offset`` on and processed strictly one command at a
@@ -123,29 +121,25 @@ class SMTPSession(InputLoopSession):
     # the transport is asked to stop reading (a client pipelining a message far ahead of us).
     max_buffer_while_waiting = 256 * 1024
 
+    protocol_name = "smtp"
+    log = log
+
     def __init__(self, factory: SMTPServerFactory) -> None:
-        super().__init__()
-        self._factory = factory
         # The [smtp] section, read directly (config values are checked when the file is read).
         self._limits = factory.config.smtp
+        super().__init__(factory, max_bad_commands=self._limits.max_bad_commands)
+        self._factory = factory
         self._role = factory.role
         self._hostname = factory.hostname
         self._policy = factory.policy
         self._sink = factory.sink
-        self._clock = factory.clock
         self._mode = _Mode.COMMAND
         self._out: list[bytes] = []
-        self._admitted = False
-        self._client_address = ""
-        self._client = "[unknown]"
         self._connected_at = 0.0
-        self._secure = False
         self._helo: str | None = None
         self._esmtp = False
         self._auth_user: str | None = None  # the canonical mailbox that AUTH logged in
-        self._login = LoginFlow(factory.portal, factory.throttle, self._clock, "", "smtp")
         self._txn: _Transaction | None = None
-        self._errors = 0
         self._messages = 0
         self._chunk_remaining = 0
         self._chunk_last = False
@@ -171,54 +165,60 @@ class SMTPSession(InputLoopSession):
             b"AUTH": self._do_auth,
         }
 
-    # --- connection events (Twisted) -----------------------------------------------------------
+    # --- the session skeleton (mailsys.session) -------------------------------------------------
 
     @override
-    def connectionMade(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        self._transport: ITransport = transport
-        peer = transport.getPeer()
-        self._client_address = str(getattr(peer, "host", ""))
-        self._client = _client_label(self._client_address)
-        self._login = LoginFlow(self._factory.portal, self._factory.throttle, self._clock,
-                                self._client_address, "smtp")
-        refusal = self._factory.admit(self._client_address)
-        if refusal is not None:
-            log.info("refused connection from {client}: {reply}", client=self._client,
-                     reply=str(refusal))
-            self._closing = True
-            self._transport.write(_wire(refusal))
-            self._transport.loseConnection()
-            return
-        self._admitted = True
-        # RFC 8314 §3.3: on 465 the session is TLS from the first byte.
-        self._secure = self._role is ListenerRole.SUBMISSIONS or ISSLTransport.providedBy(
-            transport
-        )
-        self._timer = self._clock.callLater(self._limits.idle_timeout, self._idle_timeout)
+    def _client_label(self, host: str) -> str:
+        return _client_label(host)
+
+    @override
+    def _implicit_tls(self) -> bool:
+        return self._role is ListenerRole.SUBMISSIONS  # RFC 8314 §3.3: 465 is TLS at once
+
+    @override
+    def _refusal(self, crowding: Crowding) -> bytes:
+        if crowding is Crowding.TOTAL:
+            return _wire(replies.TOO_MANY_CONNECTIONS)
+        return _wire(replies.TOO_MANY_FROM_CLIENT)
+
+    @override
+    def _greet(self) -> None:
         # No line here: the disconnect line says when the session began and what it did, and
         # a log event costs a measurable share of the reactor per message.
         self._connected_at = self._clock.seconds()
         self._transport.write(self._factory.greeting)
 
     @override
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._disconnected = True
+    def _session_ended(self) -> None:
+        lost = self._lost_message()
+        log.info("disconnect from {client} helo=<{helo}> messages={messages} "
+                 "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
+                 client=self._client, helo=self._helo or "",
+                 messages=self._messages, errors=self._errors,
+                 duration=round(self._clock.seconds() - self._connected_at, 3), lost=lost)
+
+    @override
+    def _timed_out(self) -> None:
+        self._out.append(_wire(replies.IDLE_TIMEOUT))
+        self._close()
+
+    @override
+    def _close(self) -> None:
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self._login.cancel()  # a throttled failure's answer is not given to nobody
-        if self._admitted:
-            self._admitted = False
-            self._factory.release(self._client_address)
-            lost = self._lost_message()
-            log.info("disconnect from {client} helo=<{helo}> messages={messages} "
-                     "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
-                     client=self._client, helo=self._helo or "",
-                     messages=self._messages, errors=self._errors,
-                     duration=round(self._clock.seconds() - self._connected_at, 3), lost=lost)
+        self._flush()  # the replies of this batch go out, then the connection closes
+
+    @override
+    def _send_now(self, data: bytes) -> None:
+        self._out.append(data)
+        self._flush()
+
+    @override
+    def _reset_after_tls(self) -> None:
+        # RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
+        self._helo = None
+        self._esmtp = False
+        self._txn = None
+        self._auth_user = None
 
     def _lost_message(self) -> str:
         """What a client that went away in the middle of a message took with it, or ""."""
@@ -377,41 +377,18 @@ class SMTPSession(InputLoopSession):
         if isinstance(result, Reply):
             self._reply(result)
             return
-        self._waiting = True
-        result.addCallbacks(self._resume, self._unexpected)
+        self._await(result.addErrback(self._unexpected), self._reply)
 
-    def _unexpected(self, failure: Failure) -> None:
+    def _unexpected(self, failure: Failure) -> Reply:
         log.failure("internal error in SMTP session with {client}", failure, client=self._client)
         self._txn = None
-        self._resume(replies.INTERNAL_ERROR)
-
-    def _resume(self, reply: Reply) -> None:
-        if self._disconnected:
-            return
-        self._reply(reply)
-        self._continue()
+        return replies.INTERNAL_ERROR
 
     def _reply(self, reply: Reply) -> None:
         self._out.append(_wire(reply))
-        if reply.code in _ERROR_CODES:
-            self._errors += 1
-            if self._errors >= self._limits.max_bad_commands:
-                log.info("too many errors from {client}", client=self._client)
-                self._out.append(_wire(replies.TOO_MANY_ERRORS))
-                self._closing = True
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._disconnected or self._closing:
-            return
-        if self._waiting:
-            # We are the slow one (policy or spool): not the client's fault.
-            self._timer = self._clock.callLater(self._limits.idle_timeout, self._idle_timeout)
-            return
-        log.info("idle timeout for {client}", client=self._client)
-        self._out.append(_wire(replies.IDLE_TIMEOUT))
-        self._closing = True
-        self._flush()
+        if reply.code in _ERROR_CODES and self._count_error():
+            self._out.append(_wire(replies.TOO_MANY_ERRORS))
+            self._closing = True
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -862,36 +839,16 @@ class SMTPSession(InputLoopSession):
             return replies.SYNTAX_ERROR
         if self._secure:
             return replies.TLS_ALREADY_ACTIVE
-        tls = self._factory.tls
-        if not self._can_starttls() or tls is None:
+        if not self._can_starttls():
             return replies.NOT_IMPLEMENTED
         if self._helo is None:
             return replies.NEED_EHLO
         if not ITLSTransport.providedBy(self._transport):
             return replies.TLS_UNAVAILABLE
-        try:
-            context = tls.server_context()
-        except Exception:
-            log.failure("no TLS context for STARTTLS from {client}", client=self._client)
+        context = self._tls_context("STARTTLS")
+        if context is None:
             return replies.TLS_UNAVAILABLE
-        self._reply(replies.READY_TLS)
-        self._flush()
-        # RFC 3207 §4.2 (CVE-2011-0411): anything the client sent after STARTTLS in plaintext
-        # must not be executed inside TLS. Drop it.
-        dropped = len(self._buffer) - self._offset
-        self._buffer = b""
-        self._offset = 0
-        if dropped:
-            log.info("discarded {dropped} plaintext bytes after STARTTLS from {client}",
-                     dropped=dropped, client=self._client)
-        ITLSTransport(self._transport).startTLS(context)
-        # RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
-        self._secure = True
-        self._helo = None
-        self._esmtp = False
-        self._txn = None
-        self._auth_user = None
-        log.info("STARTTLS with {client}", client=self._client)
+        self._start_tls(context, _wire(replies.READY_TLS), "STARTTLS")
         return None
 
 
@@ -966,18 +923,6 @@ class SMTPServerFactory(ServerFactory):
         session.factory = self
         return session
 
-    def admit(self, client_address: str) -> Reply | None:
-        """Count a new connection, or return the 421 it gets when over a limit."""
-        crowding = self.connections.admit(client_address)
-        if crowding is None:
-            return None
-        if crowding is Crowding.TOTAL:
-            return replies.TOO_MANY_CONNECTIONS
-        return replies.TOO_MANY_FROM_CLIENT
-
-    def release(self, client_address: str) -> None:
-        """Forget a connection counted by ``admit``."""
-        self.connections.release(client_address)
 
 
 def _recipients(txn: _Transaction) -> list[Recipient]:
