@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsys.auth.portal import MailUser, login
+from mailsys.auth.sasl import decode_plain
 
 log = Logger(namespace="mailsys.auth")
 
@@ -103,6 +104,20 @@ class LoginFlow:
             return self.failed(user)
 
         return d.addCallbacks(succeeded, refused)
+
+    def plain(self, response: bytes) -> Deferred[LoginOutcome]:
+        """Log in with a base64-decoded SASL PLAIN response (RFC 4616 §2); SASLError if it is
+        malformed (the protocol says how it answers that).
+
+        An authorization identity other than the user's own (acting for another user) is not
+        offered: a failed login. Case does not tell two identities apart (mailbox names are
+        case-insensitive here, as for RCPT TO).
+        """
+        credentials = decode_plain(response)
+        authzid, authcid = credentials.authzid, credentials.authcid
+        if authzid and authzid.casefold() != authcid.casefold():
+            return self.failed(authcid)
+        return self.attempt(authcid, credentials.password)
 
     def failed(self, user: str) -> Deferred[LoginOutcome]:
         """Count a failed login for the login name ``user`` ("" when there was none) and

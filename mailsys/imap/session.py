@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from mailsys.auth.login import LoginOutcome, Refusal
 from mailsys.auth.portal import MailUser
-from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
+from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, IMAPSection
 from mailsys.connlimit import Crowding
 from mailsys.imap import search as searching
@@ -593,20 +593,15 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
             # RFC 3501 §6.2.2: a cancelled exchange is answered BAD.
             return tagged(tag, BAD, "Authentication cancelled")
         try:
-            plain = decode_plain(decode_base64(line))
+            login = self._login.plain(decode_base64(line))
         except SASLError as exc:
             log.info("imap bad AUTHENTICATE PLAIN from {client}: {reason}",
                      client=self._client, reason=str(exc))
             return tagged(tag, BAD, "Malformed authentication response")
-        if plain.authzid and plain.authzid != plain.authcid:
-            return self._login_failed(tag, plain.authcid)
-        return self._authenticate(tag, plain.authcid, plain.password)
+        return login.addCallback(self._login_answer, tag)
 
     def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes]:
         return self._login.attempt(user, password).addCallback(self._login_answer, tag)
-
-    def _login_failed(self, tag: bytes, user: str) -> Deferred[bytes]:
-        return self._login.failed(user).addCallback(self._login_answer, tag)
 
     def _login_answer(self, outcome: LoginOutcome, tag: bytes) -> bytes:
         if outcome is Refusal.BLOCKED:

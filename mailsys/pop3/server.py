@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from mailsys.auth.login import LoginOutcome, Refusal
 from mailsys.auth.portal import MailUser
-from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
+from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, POP3Section
 from mailsys.connlimit import Crowding
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError, adding
@@ -560,21 +560,15 @@ class POP3Session(ServerSession):
             # RFC 5034 §4: the client cancelled; the server must answer -ERR.
             return ERR_AUTH_CANCELLED
         try:
-            plain = decode_plain(decode_base64(line))
+            login = self._login.plain(decode_base64(line))
         except SASLError as exc:
             log.info("pop3 bad AUTH PLAIN from {client}: {reason}",
                      client=self._client, reason=str(exc))
             return ERR_AUTH_SYNTAX
-        if plain.authzid and plain.authzid != plain.authcid:
-            # Acting for another user (proxy authorization) is not offered: a failure.
-            return self._login_failed(plain.authcid)
-        return self._authenticate(plain.authcid, plain.password)
+        return login.addCallback(self._login_answer)
 
     def _authenticate(self, user: str, password: str) -> Deferred[bytes]:
         return self._login.attempt(user, password).addCallback(self._login_answer)
-
-    def _login_failed(self, user: str) -> Deferred[bytes]:
-        return self._login.failed(user).addCallback(self._login_answer)
 
     def _login_answer(self, outcome: LoginOutcome) -> bytes | Deferred[bytes]:
         if outcome is Refusal.BLOCKED:

@@ -33,7 +33,7 @@ from typing_extensions import override
 from mailsys import replies
 from mailsys.address import AddressError, MailRequest, RcptRequest, parse_mail, parse_rcpt
 from mailsys.auth.login import LoginLimiter, LoginOutcome, Refusal
-from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
+from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
@@ -784,14 +784,11 @@ class SMTPSession(ServerSession):
         if isinstance(decoded, Reply):
             return decoded
         try:
-            plain = decode_plain(decoded)  # RFC 4616 §2
+            login = self._login.plain(decoded)  # RFC 4616 §2
         except SASLError as exc:
             log.info("AUTH PLAIN from {client}: {reason}", client=self._client, reason=str(exc))
             return self._login_failed("")
-        if plain.authzid and plain.authzid.lower() != plain.authcid.lower():
-            # Acting for another user (RFC 4616 §2 authorization identity) is not offered.
-            return self._login_failed(plain.authcid)
-        return self._authenticate(plain.authcid, plain.password)
+        return login.addCallbacks(self._login_answer, self._login_error)
 
     def _login_username(self, line: bytes, *, initial: bool = False) -> Reply:
         decoded = self._sasl_decode(line, initial=initial)
