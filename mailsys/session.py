@@ -94,6 +94,10 @@ class ServerSession(InputLoopSession):
         """The client was silent too long: say so if the protocol does, and close."""
         raise NotImplementedError
 
+    def _internal_error_answer(self) -> bytes:
+        """What the client is told before the session closes on an internal error."""
+        raise NotImplementedError
+
     def _session_ended(self) -> None:
         """An admitted session's connection is gone: release what it holds, log its line."""
 
@@ -171,6 +175,15 @@ class ServerSession(InputLoopSession):
             self._timer.cancel()
         self._timer = None
         self._session_ended()
+
+    @override
+    def _step_failed(self) -> None:
+        # The input position may be inconsistent now: say something safe and close; the
+        # traceback goes to the log, never to the peer.
+        self.log.failure("internal error in {protocol} session with {client}",
+                         protocol=self.protocol_name.upper(), client=self._client)
+        self._send_now(self._internal_error_answer())
+        self._close()
 
     # --- idle timer -----------------------------------------------------------------------------
 

@@ -284,10 +284,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
         return self._timeout()
 
     @override
-    def _step_failed(self) -> None:
-        log.failure("internal error in IMAP session with {client}", client=self._client)
-        self.write(untagged("BYE Internal server error"))
-        self._close()
+    def _internal_error_answer(self) -> bytes:
+        return untagged("BYE Internal server error")
 
     @override
     def _step(self) -> bool:

@@ -398,9 +398,8 @@ class POP3Session(ServerSession):
         return self._line_step()
 
     @override
-    def _step_failed(self) -> None:
-        log.failure("internal error in POP3 session with {client}", client=self._client)
-        self._internal_error()
+    def _internal_error_answer(self) -> bytes:
+        return ERR_INTERNAL
 
     def _line_step(self) -> bool:
         buf = self._buffer
@@ -471,11 +470,6 @@ class POP3Session(ServerSession):
         if error and self._count_error():
             self._transport.write(ERR_TOO_MANY_ERRORS)
             self._close()
-
-    def _internal_error(self) -> None:
-        if not self._disconnected:
-            self._transport.write(ERR_INTERNAL)
-        self._close()
 
     # --- state ---------------------------------------------------------------------------------
 

@@ -246,10 +246,8 @@ class SMTPSession(ServerSession):
         return self._swallow_step()
 
     @override
-    def _step_failed(self) -> None:
-        log.failure("internal error in SMTP session with {client}", client=self._client)
-        self._out.append(_wire(replies.INTERNAL_ERROR_CLOSING))
-        self._closing = True
+    def _internal_error_answer(self) -> bytes:
+        return _wire(replies.INTERNAL_ERROR_CLOSING)
 
     @override
     def _batch_done(self) -> None:
