@@ -66,15 +66,14 @@ class ServerSession(InputLoopSession):
         self._clock = factory.clock
         self._connections = factory.connections
         self._tls_source = factory.tls
-        self._portal = factory.portal
-        self._throttle = factory.throttle
         self._max_bad_commands = max_bad_commands
         self._client_address = ""
         self._client = "[unknown]"  # the address as the log shows it
         self._admitted = False  # counted by the connection limits (released when lost)
         self._secure = False
         self._errors = 0  # client errors, up to max_bad_commands
-        self._login = LoginFlow(None, None, self._clock, "", self.protocol_name)  # until made
+        self._login = LoginFlow(factory.portal, factory.throttle, self._clock, "",
+                                self.protocol_name)
 
     # --- what a protocol provides ---------------------------------------------------------------
 
@@ -145,8 +144,7 @@ class ServerSession(InputLoopSession):
         peer = transport.getPeer()
         self._client_address = str(getattr(peer, "host", ""))
         self._client = self._client_label(self._client_address)
-        self._login = LoginFlow(self._portal, self._throttle, self._clock,
-                                self._client_address, self.protocol_name)
+        self._login.client_address = self._client_address
         crowding = self._connections.admit(self._client_address)
         if crowding is not None:
             self.log.info("{prefix}refused connection from {client}: {why}",

@@ -69,14 +69,14 @@ class LoginFlow:
         self._portal = portal
         self._throttle = throttle
         self._clock = clock
-        self._address = client_address
+        self.client_address = client_address  # set once the connection is made
         self._protocol = protocol  # for the log: "smtp", "pop3" or "imap"
         self._pending: IDelayedCall | None = None  # a failure's delayed answer
 
     def blocked(self, user: str | None = None) -> bool:
         """True if the client's address (as a whole, or for ``user`` when given) failed too
         often to be let try now."""
-        return self._throttle is not None and self._throttle.blocked(self._address, user)
+        return self._throttle is not None and self._throttle.blocked(self.client_address, user)
 
     def attempt(self, user: str, password: str) -> Deferred[LoginOutcome]:
         """Check ``password`` for ``user``: the MailUser, or why not.
@@ -87,7 +87,7 @@ class LoginFlow:
         """
         if self.blocked(user):
             log.info("{protocol} login for {user!r} from [{client}] refused: too many failures",
-                     protocol=self._protocol, user=user, client=self._address)
+                     protocol=self._protocol, user=user, client=self.client_address)
             return succeed(Refusal.BLOCKED)
         if not user or not password or self._portal is None:
             return self.failed(user)
@@ -95,7 +95,7 @@ class LoginFlow:
 
         def succeeded(avatar: MailUser) -> LoginOutcome:
             if self._throttle is not None:
-                self._throttle.succeeded(self._address, user)
+                self._throttle.succeeded(self.client_address, user)
             return avatar
 
         def refused(failure: Failure) -> Failure | Deferred[LoginOutcome]:
@@ -124,10 +124,10 @@ class LoginFlow:
         answer FAILED after the throttle's delay, or BLOCKED if this failure reached a limit."""
         delay = 0.0
         if self._throttle is not None:
-            self._throttle.failed(self._address, user)
-            delay = self._throttle.delay_for(self._address, user)
+            self._throttle.failed(self.client_address, user)
+            delay = self._throttle.delay_for(self.client_address, user)
         log.info("{protocol} login failed for {user!r} from [{client}]; answer in {delay}s",
-                 protocol=self._protocol, user=user, client=self._address, delay=delay)
+                 protocol=self._protocol, user=user, client=self.client_address, delay=delay)
         d: Deferred[LoginOutcome] = Deferred()
 
         def answer() -> None:
