@@ -151,8 +151,9 @@ def test_offer_auth_read_from_the_config_file() -> None:
     from mailsys.config import from_mapping
 
     config = from_mapping({"smtp": {"offer_auth": True}}, Path("t.toml"), check_files=False)
-    configured = factory(ListenerRole.MTA)
-    configured.config = config
+    base = factory(ListenerRole.MTA)
+    configured = SMTPServerFactory(config, ListenerRole.MTA, base.policy, base.sink, base.clock,
+                                   base.tls, portal=base.portal, throttle=base.throttle)
     for made, offered in ((configured, True), (factory(ListenerRole.MTA), False)):
         driver = connect(made)
         driver.send(b"EHLO x\r\n")
