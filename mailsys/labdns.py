@@ -210,7 +210,7 @@ def serve(zone: Zone, port: int, interface: str, reactor: Any) -> tuple[Any, Any
                 raise
             continue
         return udp, tcp
-    raise CannotListenError(  # type: ignore[no-untyped-call]
+    raise CannotListenError(
         interface, port, OSError("no port free for both UDP and TCP")
     )
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.logger import ILogObserver, LogEvent, formatEventAsClassicLogText, timeFormatRFC3339
 from twisted.python import threadable
@@ -187,7 +187,8 @@ def twistd_observer() -> BatchedLogWriter:
     """twistd's ``--logger`` factory: the writer for the destination use_for_twistd read."""
     from twisted.internet import reactor as installed
 
-    reactor: _Scheduler = installed  # type: ignore[assignment]
+    # twistd installed the reactor before asking for its logger; the module stands for it.
+    reactor = cast(_Scheduler, installed)
     destination = _destination or Destination(None)
     out: _LogOutput
     if destination.path is None:

@@ -100,7 +100,7 @@ class ClientTLS:
     def _trust_root(self) -> Any:
         if self._trust is None:
             if self._ca_file is None:
-                self._trust = ssl.platformTrust()  # type: ignore[no-untyped-call]
+                self._trust = ssl.platformTrust()
             else:
                 data = self._ca_file.read_bytes()
                 certificates = [
@@ -110,7 +110,7 @@ class ClientTLS:
                 ]
                 if not certificates:
                     raise ValueError(f"{self._ca_file}: no PEM certificate")
-                self._trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+                self._trust = ssl.trustRootFromCertificates(
                     certificates
                 )
         return self._trust
