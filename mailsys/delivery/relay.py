@@ -122,6 +122,7 @@ class TCPDialer:
         factory = Factory.forProtocol(
             lambda: SMTPClient(self._reactor, timeouts, implicit_tls=implicit)
         )
+        factory.noisy = False  # no "Starting factory" per connection: the relay logs its own
         d: Deferred[SMTPClient] = endpoint.connect(factory)
         return d
 
