@@ -10,14 +10,15 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys.auth.portal import build_portal
@@ -57,6 +58,51 @@ class StartupError(Exception):
     """Start-up cannot go on; the message is one clear line for the administrator."""
 
 
+class Listener(Service):
+    """One listening port, bound at privileged start-up, closed when the service stops.
+
+    Unlike twisted.application's StreamServerEndpointService, which logs a port that cannot be
+    bound and runs on without it, a failure to bind raises, so start-up fails with one line.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._port: IListeningPort | None = None
+
+    @override
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._listen()
+
+    @override
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        outcome: list[IListeningPort | Failure] = []
+        # Stream endpoints on TCP and UNIX sockets bind at once: the Deferred has fired.
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError("the endpoint did not bind synchronously")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        else:
+            self._port = result
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        stopped = port.stopListening()
+        return stopped if isinstance(stopped, Deferred) else succeed(None)
+
+
 class MailService(MultiService):
     """The running mail system: disk pool, spool recovery, queue runner and listeners."""
 
@@ -71,16 +117,13 @@ class MailService(MultiService):
         self.runner = runner
         self.tls = tls
         self._reactor = reactor
-        self._listeners: list[tuple[str, StreamServerEndpointService]] = []
+        self._listeners: list[tuple[str, Listener]] = []
 
     def add_listener(self, name: str, description: str, factory: IProtocolFactory) -> None:
         """Serve ``factory`` on the endpoint ``description``; ``name`` says which service it is."""
-        endpoint = serverFromString(self._reactor, description)
-        listener = StreamServerEndpointService(endpoint, factory)
-        # Fail start-up when a port cannot be bound, instead of twistd's default of logging it.
-        listener._raiseSynchronously = True
-        listener.setName(f"{name}:{description}")
-        listener.setServiceParent(self)
+        listener = Listener(serverFromString(self._reactor, description), factory)
+        Service.setName(listener, f"{name}:{description}")
+        Service.setServiceParent(listener, self)
         self._listeners.append((description, listener))
 
     @override

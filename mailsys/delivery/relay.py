@@ -37,8 +37,8 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from mailsys.delivery.mx import MailHost, MXLookupError, MXResolver
-from mailsys.delivery.nexthop import NextHop, NextHops, Route, RouteKind
-from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies, TLSPolicy
+from mailsys.delivery.nexthop import NextHops, Route
+from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
 from mailsys.diskio import DiskRunner
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
@@ -53,6 +53,7 @@ from mailsys.smtp.client import (
     TLSFailedError,
     Transaction,
 )
+from mailsys.values import NextHop, RouteKind, TLSPolicy
 
 log = Logger(namespace="mailsys.delivery.relay")
 

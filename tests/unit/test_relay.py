@@ -26,6 +26,7 @@ from mailsys.labdns import Zone
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.spool import Spool
 from mailsys.replies import Reply
+from mailsys.values import TLSPolicy, parse_next_hop, parse_transport
 from tests.unit.relay_support import FakeDialer, FakeMTA, FakeSession
 from tests.unit.test_spool import ImmediateDiskPool
 
@@ -61,8 +62,11 @@ class Lab:
         settings.setdefault("helo_name", "mail.example.test")
         self.agent = RelayAgent(
             RelaySettings(**settings),
-            NextHops(transport or {}, smarthost),
-            TLSPolicies(tls, tls_per_domain or {}),
+            # The lab writes values as the config file does; config.py parses them once.
+            NextHops({k: parse_transport(v) for k, v in (transport or {}).items()},
+                     parse_next_hop(smarthost) if smarthost else None),
+            TLSPolicies(TLSPolicy(tls),
+                        {k: TLSPolicy(v) for k, v in (tls_per_domain or {}).items()}),
             ClientTLS(),
             MXResolver(self.zone, rng=random.Random(1)),
             self.dialer,
