@@ -632,9 +632,13 @@ def _structured(reply: Reply | ServerReply) -> Reply:
 
 def _abort(client: SMTPClient) -> None:
     """Drop a client's connection at once, whatever it still had to send."""
-    transport = ITCPTransport(client.transport, None)
-    if client.connected and transport is not None:
-        transport.abortConnection()
+    if not client.connected or client.transport is None:
+        return
+    tcp = ITCPTransport(client.transport, None)
+    if tcp is not None:
+        tcp.abortConnection()
+    else:  # a transport without abort (none of the reactor's): close it as soon as it can
+        client.transport.loseConnection()
 
 
 def _orcpt(recipient: Recipient) -> str | None:
