@@ -103,9 +103,7 @@ class ClientTLS:
                 ]
                 if not certificates:
                     raise ValueError(f"{self._ca_file}: no PEM certificate")
-                self._trust = ssl.trustRootFromCertificates(
-                    certificates
-                )
+                self._trust = ssl.trustRootFromCertificates(certificates)
         return self._trust
 
     def opportunistic(self, hostname: str) -> IOpenSSLClientConnectionCreator:
