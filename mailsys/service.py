@@ -10,14 +10,15 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys.auth.portal import build_portal
@@ -28,17 +29,18 @@ from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.wiring import build_relay
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
-from mailsys.imap.wiring import imap_factories
+from mailsys.imap.session import IMAPServerFactory
 from mailsys.mailbox.store import MailboxStore
-from mailsys.pop3.wiring import pop3_factories
+from mailsys.pop3.server import POP3ServerFactory
 from mailsys.queue.control import ControlWatcher
 from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
+from mailsys.retrieval import mailbox_listeners
 from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, SubmissionPolicy
-from mailsys.smtp.server import ListenerRole, SMTPServerFactory, SMTPSettings
+from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
 
 log = Logger()
@@ -57,28 +59,72 @@ class StartupError(Exception):
     """Start-up cannot go on; the message is one clear line for the administrator."""
 
 
+class Listener(Service):
+    """One listening port, bound at privileged start-up, closed when the service stops.
+
+    Unlike twisted.application's StreamServerEndpointService, which logs a port that cannot be
+    bound and runs on without it, a failure to bind raises, so start-up fails with one line.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._port: IListeningPort | None = None
+
+    @override
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._listen()
+
+    @override
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        outcome: list[IListeningPort | Failure] = []
+        # Stream endpoints on TCP and UNIX sockets bind at once: the Deferred has fired.
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError("the endpoint did not bind synchronously")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        else:
+            self._port = result
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        stopped = port.stopListening()
+        return stopped if isinstance(stopped, Deferred) else succeed(None)
+
+
 class MailService(MultiService):
     """The running mail system: disk pool, spool recovery, queue runner and listeners."""
 
     def __init__(self, pool: DiskPool, spool: Spool, runner: QueueRunner,
                  tls: ServerTLS | None, reactor: Any, auth_pool: DiskPool | None = None) -> None:
-        super().__init__()
+        # The base class is named, not super(): twisted.application is unannotated, and mypy
+        # lets calls into it through (untyped_calls_exclude) only by their Twisted name.
+        MultiService.__init__(self)
         self.pool = pool
         self._pools = [pool] if auth_pool is None else [pool, auth_pool]
         self.spool = spool
         self.runner = runner
         self.tls = tls
         self._reactor = reactor
-        self._listeners: list[tuple[str, StreamServerEndpointService]] = []
+        self._listeners: list[tuple[str, Listener]] = []
 
     def add_listener(self, name: str, description: str, factory: IProtocolFactory) -> None:
         """Serve ``factory`` on the endpoint ``description``; ``name`` says which service it is."""
-        endpoint = serverFromString(self._reactor, description)
-        listener = StreamServerEndpointService(endpoint, factory)
-        # Fail start-up when a port cannot be bound, instead of twistd's default of logging it.
-        listener._raiseSynchronously = True
-        listener.setName(f"{name}:{description}")
-        listener.setServiceParent(self)
+        listener = Listener(serverFromString(self._reactor, description), factory)
+        Service.setName(listener, f"{name}:{description}")
+        Service.setServiceParent(listener, self)
         self._listeners.append((description, listener))
 
     @override
@@ -106,7 +152,7 @@ class MailService(MultiService):
             tls = self.tls
             reactor = self._reactor
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
-        super().startService()
+        MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
 
@@ -197,9 +243,9 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
-    runner.setServiceParent(service)
+    Service.setServiceParent(runner, service)
     if relay is not None:
-        relay.setServiceParent(service)
+        Service.setServiceParent(relay, service)
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
     control = ControlWatcher(config.storage.spool, runner, pool)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
@@ -228,9 +274,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
         policy = (InboundPolicy(router, senders=router, reload_users=reload_users)
                   if role is ListenerRole.MTA
                   else SubmissionPolicy(router, senders=router, reload_users=reload_users))
-        settings = SMTPSettings.from_config(config, role)
         factory: IProtocolFactory = SMTPServerFactory(
-            settings, policy, sink, reactor, tls, portal=portal, throttle=throttle
+            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle
         )
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
@@ -238,12 +283,12 @@ def build_service(config: Config, reactor: Any) -> MailService:
         service.add_listener(role.value, description, factory)
 
     # --- POP3 (mailsys.pop3) ---
-    for description, pop3_factory in pop3_factories(config, mailboxes, portal, throttle, tls,
-                                                    reactor):
+    for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
+                                                       portal, throttle, tls, reactor):
         service.add_listener("pop3", description, pop3_factory)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
-    for description, imap_factory in imap_factories(config, mailboxes, portal, throttle, tls,
-                                                    reactor):
+    for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
+                                                       portal, throttle, tls, reactor):
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)
