@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import threading
 import time
@@ -28,6 +29,8 @@ from zope.interface import implementer
 from mailsys.diskio import DiskPool, fsync_directory
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 
 log = Logger(namespace="mailsys.delivery.maildir")
@@ -65,6 +68,16 @@ def unique_part(queue_id: str, recipient: Recipient) -> str:
     return f"Q{queue_id}R{digest}"
 
 
+_DELIVERED = re.compile(r"\.Q([0-9A-F]+)R[0-9A-F]{10}\.")
+
+
+def queue_id_of(name: str) -> str | None:
+    """The queue id a Maildir file name was delivered from (see unique_part), or None for a
+    file this server did not deliver (APPEND, COPY, another program)."""
+    match = _DELIVERED.search(name)
+    return match.group(1) if match else None
+
+
 def maildir_name(envelope: Envelope, recipient: Recipient, hostname: str) -> str:
     """The deterministic Maildir base name "time.unique.host" of this recipient's copy."""
     return f"{int(envelope.received_at)}.{unique_part(envelope.queue_id, recipient)}.{hostname}"
@@ -98,8 +111,10 @@ class MaildirWriter:
         clock: IReactorTime | None = None,
         *,
         on_delivered: Callable[[str], None] | None = None,
+        journey: IJourneyRecorder = NULL_RECORDER,
     ) -> None:
         self.root = Path(root)
+        self._journey = journey
         self._pool = pool
         # Called with the mailbox after each delivery (the mailbox store wakes open sessions).
         self._on_delivered = on_delivered
@@ -188,6 +203,10 @@ class MaildirWriter:
                     name=base,
                     maildir=str(maildir),
                 )
+            # The journey: which Maildir folder and file (the name is new/'s, or the one found).
+            self._journey.emit("delivery.maildir", queue_id, recipient=recipient.address,
+                               mailbox=recipient.mailbox, folder="INBOX", file=name or base,
+                               written=name is not None)
             if self._on_delivered is not None and recipient.mailbox is not None:
                 try:
                     self._on_delivered(recipient.mailbox)
