@@ -30,6 +30,9 @@ from mailsys.delivery.wiring import build_relay
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
 from mailsys.imap.session import IMAPServerFactory
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
+from mailsys.journey.writer import JourneyWriter
 from mailsys.mailbox.store import MailboxStore
 from mailsys.pop3.server import POP3ServerFactory
 from mailsys.queue.control import ControlWatcher
@@ -116,6 +119,9 @@ class MailService(MultiService):
         self._pools = [pool] if auth_pool is None else [pool, auth_pool]
         self.spool = spool
         self.runner = runner
+        # The journey writer (mailsys.journey.writer), not a child: it starts before anything
+        # emits and stops after everything else has, so the last steps are written too.
+        self.journey: JourneyWriter | None = None
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
@@ -142,6 +148,8 @@ class MailService(MultiService):
 
     @override
     def startService(self) -> None:
+        if self.journey is not None:
+            self.journey.startService()
         for pool in self._pools:
             pool.start()
         envelopes = self.spool.recover()
@@ -166,6 +174,9 @@ class MailService(MultiService):
             return result
 
         d.addBoth(stop_pool)
+        journey = self.journey
+        if journey is not None:
+            d.addBoth(lambda result: journey.stopService().addCallback(lambda _: result))
         return d
 
 
@@ -213,6 +224,14 @@ def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
     return d
 
 
+def _journey_writer(config: Config, reactor: Any) -> JourneyWriter | None:
+    journey = config.journey
+    if not journey.enabled:
+        return None
+    return JourneyWriter(journey.path, reactor, retention=journey.retention,
+                         max_bytes=journey.max_bytes)
+
+
 def build_service(config: Config, reactor: Any) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts."""
     tls = _prepare_tls(config)
@@ -220,29 +239,33 @@ def build_service(config: Config, reactor: Any) -> MailService:
     _ensure_demo_user(config, users)
     router = Router(config.routing, users)
     pool = DiskPool(reactor)
+    # --- the message journey (mailsys.journey): every room below emits through ``journey`` ---
+    writer = _journey_writer(config, reactor)
+    journey: IJourneyRecorder = writer if writer is not None else NULL_RECORDER
     spool = Spool(config.storage.spool, pool)
     # --- mailbox store (POP3, IMAP) ---
     mailboxes = MailboxStore(config.storage.maildirs, pool)
     maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
-                            on_delivered=mailboxes.notify_delivered)
+                            on_delivered=mailboxes.notify_delivered, journey=journey)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
-    relay = build_relay(config, pool, reactor)
+    relay = build_relay(config, pool, reactor, journey)
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
     if relay is not None:
         agents[TargetKind.RELAY] = relay
     runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
-                         max_lifetime=config.relay.max_lifetime)
-    sink = QueueSink(spool, runner)
+                         max_lifetime=config.relay.max_lifetime, journey=journey)
+    sink = QueueSink(spool, runner, journey)
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     runner.notifier = DSNNotifier(
         sink, router, pool, config.server.hostname, reactor,
         delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
-        max_returned_size=config.smtp.max_message_size,
+        max_returned_size=config.smtp.max_message_size, journey=journey,
     )
     # Password hashing (argon2id, ~50 ms of CPU each) gets threads of its own: a burst of logins
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
+    service.journey = writer
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
@@ -275,7 +298,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
                   if role is ListenerRole.MTA
                   else SubmissionPolicy(router, senders=router, reload_users=reload_users))
         factory: IProtocolFactory = SMTPServerFactory(
-            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle
+            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle,
+            journey=journey,
         )
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
@@ -284,11 +308,11 @@ def build_service(config: Config, reactor: Any) -> MailService:
 
     # --- POP3 (mailsys.pop3) ---
     for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
-                                                       portal, throttle, tls, reactor):
+                                                       portal, throttle, tls, reactor, journey):
         service.add_listener("pop3", description, pop3_factory)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
-                                                       portal, throttle, tls, reactor):
+                                                       portal, throttle, tls, reactor, journey):
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)

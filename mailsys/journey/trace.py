@@ -20,9 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from mailsys.config import load
 from mailsys.journey.events import JourneyEvent, normalize_message_id
-from mailsys.journey.steps import describe
-from mailsys.journey.store import DEFAULT_PATH, JourneyStore, JourneyStoreError, Link
+from mailsys.journey.steps import steps_of
+from mailsys.journey.store import JourneyStore, JourneyStoreError, Link
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
@@ -212,9 +213,10 @@ def render_text(journeys: list[Journey], left_out: int, out: TextIO) -> None:
             out.write(safe("  " + _link_text(journey, link)) + "\n")
         start = journey.started
         for event in journey.events:
-            step = describe(event)
-            rule = f"  — {step.rule}" if step.rule else ""
-            out.write(safe(f"  {offset_text(event.at - start):>9}  {step.text}{rule}") + "\n")
+            offset = offset_text(event.at - start)
+            for _, step, _ in steps_of(event):
+                rule = f"  — {step.rule}" if step.rule else ""
+                out.write(safe(f"  {offset:>9}  {step.text}{rule}") + "\n")
     if left_out:
         out.write(f"\n({left_out} older journey{'s' if left_out != 1 else ''} not shown; "
                   f"narrow with --since or raise --limit)\n")
@@ -241,11 +243,11 @@ def render_json(query: str, journeys: list[Journey], left_out: int, out: TextIO)
         start = journey.started
         steps = []
         for event in journey.events:
-            step = describe(event)
-            steps.append({"at": event.at, "offset": round(event.at - start, 6),
-                          "kind": event.kind, "text": step.text, "rule": step.rule,
-                          "queue_id": event.queue_id, "session": event.session,
-                          "fields": dict(event.fields)})
+            for kind, step, fields in steps_of(event):
+                steps.append({"at": event.at, "offset": round(event.at - start, 6),
+                              "kind": kind, "text": step.text, "rule": step.rule,
+                              "queue_id": event.queue_id, "session": event.session,
+                              "fields": fields})
         document["journeys"].append({
             "queue_id": journey.queue_id, "message_id": journey.message_id,
             "started": start,
@@ -278,6 +280,11 @@ def parse_since(text: str, now: Callable[[], float] = time.time) -> float:
     return moment.timestamp()  # local time when no offset is given, as `date` shows it
 
 
+def _configured_store(args: argparse.Namespace) -> Path:
+    """The store the configuration names ([journey] path)."""
+    return load(args.config, check_files=False).journey.path
+
+
 def add_trace_command(commands: Any, config_option: argparse.ArgumentParser,
                       parser_class: type[argparse.ArgumentParser],
                       store_path: Callable[[argparse.Namespace], Path] | None = None) -> None:
@@ -295,7 +302,7 @@ def add_trace_command(commands: Any, config_option: argparse.ArgumentParser,
     trace.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
                        help=f"show at most N journeys of an address (default {DEFAULT_LIMIT})")
     trace.add_argument("--store", type=Path, metavar="PATH",
-                       help="the journey store (default: from the configuration)")
+                       help="the journey store (default: [journey] path of the configuration)")
     trace.set_defaults(run=lambda args: run_trace(args, store_path))
 
 
@@ -304,7 +311,7 @@ def run_trace(args: argparse.Namespace,
               out: TextIO | None = None) -> int:
     """Print the journeys ``args.query`` names; exit status 1 when there is none."""
     out = sys.stdout if out is None else out
-    path: Path = args.store or (store_path(args) if store_path is not None else DEFAULT_PATH)
+    path: Path = args.store or (store_path or _configured_store)(args)
     try:
         store = JourneyStore(path, readonly=True)
     except JourneyStoreError as exc:
