@@ -6,21 +6,24 @@ catalog's (the relay knows it tried mx2 because mx1 refused). Fields each kind c
 
 ========================  =====================================================================
 smtp.connect              client, rdns, listener (smtp, submission, submissions)
-smtp.tls                  version, cipher, implicit (TLS from the first byte)
+smtp.tls                  tls (version and cipher), implicit (TLS from the first byte)
 smtp.ehlo                 command (EHLO/HELO), name, reply
 smtp.auth                 user, mechanism, reply (never the SASL exchange)
 smtp.mail / smtp.rcpt     sender / recipient, reply (refused ones too), txn
 smtp.data                 command (DATA/BDAT), size, reply, txn, and the queue id once queued
-smtp.close                reason
-spool.commit              sender, recipients, size: the message is durable
-route                     recipient, target (local, alias, relay), mailbox, targets, domain
+smtp.close                reason (QUIT, closed, lost connection ...), messages
+spool.commit              sender, recipients, size: the message is durable; routes: for each
+                          recipient the routing decision, shown as a step of its own
+route                     recipient, original (as in RCPT TO), target (local, relay), mailbox
 relay.mx                  domain, answers ("10 mx1.b.test" ...), implicit, error
-relay.connect             host, address, preference, error
-relay.tls                 host, version, cipher, verified, error
+relay.connect             host, address, port, preference, error, after (why the host before
+                          it failed)
+relay.tls                 host, tls (version and cipher, "" for none), verified, policy, error
 relay.reply               host, command, reply
 delivery.attempt          recipient, agent, status (delivered, deferred, failed), host, reply,
                           next_attempt (epoch seconds)
-delivery.maildir          recipient, mailbox, folder, file
+delivery.maildir          recipient, mailbox, folder, file, written (False: found from before a
+                          crash)
 dsn.created               parent, relation (bounce, delay), recipients
 pop3.retr / pop3.dele     user, number, size
 imap.fetch                user, folder, uid, item
@@ -104,7 +107,14 @@ def _connect(f: Fields) -> Step:
 def _tls(f: Fields) -> Step:
     how = "TLS from the first byte" if f.get("implicit") else "STARTTLS"
     rule = "RFC 8314 §3.3" if f.get("implicit") else "RFC 3207 §4"
-    return Step(f"{how}: {_f(f, 'version')} {_f(f, 'cipher', '')}".rstrip(), rule)
+    return Step(f"{how}: {_tls_text(f)}", rule)
+
+
+def _tls_text(f: Fields) -> str:
+    described = f.get("tls")
+    if isinstance(described, str) and described:
+        return described.removeprefix("using ")
+    return f"{_f(f, 'version')} {_f(f, 'cipher', '')}".rstrip()
 
 
 def _ehlo(f: Fields) -> Step:
@@ -144,7 +154,8 @@ def _data(f: Fields) -> Step:
 
 
 def _close(f: Fields) -> Step:
-    return Step(f"session closed ({_f(f, 'reason', 'QUIT')})", "RFC 5321 §4.1.1.10")
+    reason = _f(f, "reason", "QUIT")
+    return Step(f"session closed ({reason})", "RFC 5321 §4.1.1.10" if reason == "QUIT" else "")
 
 
 def _commit(f: Fields) -> Step:
@@ -157,6 +168,13 @@ def _commit(f: Fields) -> Step:
 def _route(f: Fields) -> Step:
     recipient = _f(f, "recipient")
     target = _f(f, "target")
+    original = f.get("original")
+    domain = _f(f, "domain", recipient.rpartition("@")[2] or "?")
+    if isinstance(original, str) and original and original.lower() != recipient.lower():
+        via = "relay to " + domain if target == "relay" else \
+            "local mailbox " + _f(f, "mailbox", recipient)
+        return Step(f"{original} expanded to {recipient}: {via}",
+                    "aliases and lists, RFC 5321 §3.9")
     if target == "local":
         return Step(f"{recipient}: local mailbox {_f(f, 'mailbox', recipient)}",
                     "a local domain's mailbox, RFC 5321 §2.3.5")
@@ -165,7 +183,7 @@ def _route(f: Fields) -> Step:
                     "aliases, RFC 5321 §3.9.1")
     if target == "relay":
         via = f" via {f['nexthop']}" if f.get("nexthop") else ""
-        return Step(f"{recipient}: relay to {_f(f, 'domain')}{via}",
+        return Step(f"{recipient}: relay to {domain}{via}",
                     "another domain's mail goes to its MX, RFC 5321 §5.1")
     return Step(f"{recipient}: {target}", "")
 
@@ -186,18 +204,27 @@ def _relay_connect(f: Fields) -> Step:
     address = f" [{f['address']}]" if f.get("address") else ""
     preference = f" (preference {f['preference']})" if f.get("preference") is not None else ""
     if f.get("error"):
-        return Step(f"could not connect to {host}{address}{preference}: {f['error']}",
-                    "try the next MX host, RFC 5321 §5.1")
+        return Step(f"could not use {host}{address}{preference}: {f['error']}",
+                    "try the next address or MX host, RFC 5321 §5.1")
+    if f.get("after"):
+        return Step(f"tried {host}{address}{preference} after the one before failed "
+                    f"({f['after']})", "next MX host, RFC 5321 §5.1")
     return Step(f"connected to {host}{address}{preference}", "RFC 5321 §5.1")
 
 
 def _relay_tls(f: Fields) -> Step:
     host = _f(f, "host")
+    policy = f.get("policy")
     if f.get("error"):
-        return Step(f"STARTTLS with {host} failed: {f['error']}", "RFC 3207 §4.1")
+        return Step(f"TLS with {host} failed: {f['error']}", "RFC 3207 §4.1")
+    if "tls" in f and not f.get("tls"):
+        return Step(f"no TLS with {host} (policy {policy or 'opportunistic'})",
+                    "opportunistic TLS falls back to plaintext, RFC 7435 §3"
+                    if policy != "none" else "")
     verified = "certificate verified" if f.get("verified") else "certificate not verified"
-    return Step(f"STARTTLS with {host}: {_f(f, 'version')} {_f(f, 'cipher', '')}, {verified}"
-                .replace("  ", " "), "RFC 3207 §4.1")
+    rule = ("RFC 3207 §4.1; the name checked as in RFC 6125 §6" if f.get("verified")
+            else "RFC 3207 §4.1; opportunistic, RFC 7435 §3")
+    return Step(f"TLS with {host}: {_tls_text(f)}, {verified}", rule)
 
 
 def _relay_reply(f: Fields) -> Step:
@@ -209,7 +236,8 @@ def _relay_reply(f: Fields) -> Step:
 def _attempt(f: Fields) -> Step:
     recipient = _f(f, "recipient")
     status = _f(f, "status")
-    host = f" at {f['host']}" if f.get("host") else ""
+    # A local delivery's "host" is the Maildir writer itself: the maildir step says where.
+    host = f" at {f['host']}" if f.get("host") and f.get("agent") != "local" else ""
     reply = str(f.get("reply") or "")
     said = f": {reply}" if reply else ""
     if status == "deferred":
@@ -224,7 +252,8 @@ def _attempt(f: Fields) -> Step:
 
 
 def _maildir(f: Fields) -> Step:
-    return Step(f"{_f(f, 'recipient')}: written to {_f(f, 'mailbox')} folder "
+    how = "found already in" if f.get("written") is False else "written to"
+    return Step(f"{_f(f, 'recipient')}: {how} {_f(f, 'mailbox')} folder "
                 f"{_f(f, 'folder', 'INBOX')} as {_f(f, 'file')}",
                 "Maildir: tmp/, fsync, then rename into new/")
 
@@ -295,6 +324,22 @@ _CATALOG: dict[str, Callable[[Fields], Step]] = {
 }
 
 KINDS = frozenset(_CATALOG)
+
+
+def steps_of(event: JourneyEvent) -> list[tuple[str, Step, dict[str, Any]]]:
+    """The lines of ``event``: (kind, step, fields); a spool commit adds one per route.
+
+    The routes ride on the commit event because it is the hot path: one event per message
+    instead of one more per recipient.
+    """
+    lines = [(event.kind, describe(event), dict(event.fields))]
+    if event.kind == "spool.commit":
+        routes = event.fields.get("routes")
+        for route in routes if isinstance(routes, list) else ():
+            if isinstance(route, dict):
+                lines.append(("route", describe(JourneyEvent(event.at, "route", event.queue_id,
+                                                             fields=route)), route))
+    return lines
 
 
 def describe(event: JourneyEvent) -> Step:

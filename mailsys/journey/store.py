@@ -29,6 +29,8 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # once trigger another round of deletes.
 _SHRINK_TO = 0.9
 _SCHEMA_VERSION = 1
+# Events whose addresses are indexed although they carry a queue id (see append_rows).
+_ADDRESS_KINDS = frozenset({"spool.commit", "dsn.created"})
 # An event as the writer thread hands it over: at, kind, queue id, Message-ID, session, fields.
 Row = tuple[float, str, str | None, str | None, str | None, Mapping[str, Any]]
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -43,17 +45,15 @@ CREATE TABLE IF NOT EXISTS events (
     session TEXT,
     fields TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_at ON events (at);
 CREATE INDEX IF NOT EXISTS events_queue_id ON events (queue_id) WHERE queue_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_message_id ON events (message_id)
     WHERE message_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_session ON events (session) WHERE session IS NOT NULL;
 CREATE TABLE IF NOT EXISTS addresses (
     address TEXT NOT NULL COLLATE NOCASE,
-    event_id INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS addresses_address ON addresses (address);
-CREATE INDEX IF NOT EXISTS addresses_event_id ON addresses (event_id);
+    event_id INTEGER NOT NULL,
+    PRIMARY KEY (address, event_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS links (
     queue_id TEXT NOT NULL,
     parent TEXT NOT NULL,
@@ -62,7 +62,6 @@ CREATE TABLE IF NOT EXISTS links (
     PRIMARY KEY (queue_id, parent, relation)
 );
 CREATE INDEX IF NOT EXISTS links_parent ON links (parent);
-CREATE INDEX IF NOT EXISTS links_event_id ON links (event_id);
 """
 
 
@@ -148,8 +147,11 @@ class JourneyStore:
                     rows, start=next_id):
                 event_rows.append((event_id, at, kind, queue_id, message_id, session,
                                    dumps(fields)))
-                for address in addresses_of(fields):
-                    address_rows.append((address, event_id))
+                # The addresses a journey is found by enter it before the queue id exists (MAIL,
+                # RCPT, AUTH) or when the message is queued; later events repeat them.
+                if queue_id is None or kind in _ADDRESS_KINDS:
+                    for address in addresses_of(fields):
+                        address_rows.append((address, event_id))
                 parent = fields.get("parent")
                 if queue_id and isinstance(parent, str) and parent:
                     link_rows.append((queue_id, parent, str(fields.get("relation") or "parent"),
@@ -157,8 +159,8 @@ class JourneyStore:
             db.executemany("INSERT INTO events (id, at, kind, queue_id, message_id, session,"
                            " fields) VALUES (?, ?, ?, ?, ?, ?, ?)", event_rows)
             if address_rows:
-                db.executemany("INSERT INTO addresses (address, event_id) VALUES (?, ?)",
-                               address_rows)
+                db.executemany("INSERT OR IGNORE INTO addresses (address, event_id)"
+                               " VALUES (?, ?)", address_rows)
             if link_rows:
                 db.executemany("INSERT OR IGNORE INTO links (queue_id, parent, relation,"
                                " event_id) VALUES (?, ?, ?, ?)", link_rows)
@@ -173,7 +175,10 @@ class JourneyStore:
 
         Returns how many events were deleted.
         """
-        deleted = self._delete_where("at < ?", (now - self.retention,))
+        deleted = 0
+        last_old = self._last_id_before(now - self.retention)
+        if last_old is not None:
+            deleted += self._delete_up_to(last_old)
         if self.used_bytes() > self.max_bytes:
             target = self.max_bytes * _SHRINK_TO
             while self.used_bytes() > target:
@@ -181,9 +186,9 @@ class JourneyStore:
                 if not total:
                     break
                 # The oldest tenth at a time: sizes of events vary, so aim and measure again.
-                chunk = max(1, total // 10)
-                deleted += self._delete_where(
-                    "id <= (SELECT id FROM events ORDER BY id LIMIT 1 OFFSET ?)", (chunk - 1,))
+                row = self._db.execute("SELECT id FROM events ORDER BY id LIMIT 1 OFFSET ?",
+                                       (max(1, total // 10) - 1,)).fetchone()
+                deleted += self._delete_up_to(row[0])
             # The pragma frees one page per step, and execute() steps once: executescript()
             # runs it to the end.
             self._db.executescript("PRAGMA incremental_vacuum;")
@@ -191,14 +196,37 @@ class JourneyStore:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return deleted
 
-    def _delete_where(self, condition: str, args: Sequence[Any]) -> int:
+    def _last_id_before(self, at: float) -> int | None:
+        """The id of the last event before time ``at``, or None if there is none.
+
+        Events are numbered in the order they happened (one writer, times taken on the reactor
+        thread in emit order), so a binary search over ids finds it without an index on time;
+        that index would cost every insert for the sake of an hourly delete.
+        """
+        db = self._db
+        first = db.execute("SELECT id, at FROM events ORDER BY id LIMIT 1").fetchone()
+        if first is None or first[1] >= at:
+            return None
+        low = int(first[0])
+        high = int(db.execute("SELECT max(id) FROM events").fetchone()[0])
+        while low < high:
+            middle = (low + high + 1) // 2
+            row = db.execute("SELECT id, at FROM events WHERE id >= ? ORDER BY id LIMIT 1",
+                             (middle,)).fetchone()
+            if row is not None and row[1] < at:
+                low = min(int(row[0]), high)
+            else:
+                high = middle - 1
+        return low
+
+    def _delete_up_to(self, last_id: int) -> int:
+        """Delete the events up to id ``last_id``, with their index rows."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            doomed = f"SELECT id FROM events WHERE {condition}"
-            db.execute(f"DELETE FROM addresses WHERE event_id IN ({doomed})", args)
-            db.execute(f"DELETE FROM links WHERE event_id IN ({doomed})", args)
-            count = db.execute(f"DELETE FROM events WHERE {condition}", args).rowcount
+            db.execute("DELETE FROM addresses WHERE event_id <= ?", (last_id,))
+            db.execute("DELETE FROM links WHERE event_id <= ?", (last_id,))
+            count = db.execute("DELETE FROM events WHERE id <= ?", (last_id,)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -259,8 +287,8 @@ class JourneyStore:
         sql = "SELECT queue_id, max(at) AS last FROM events WHERE queue_id IS NOT NULL"
         args: list[Any] = []
         if since is not None:
-            sql += " AND at >= ?"
-            args.append(since)
+            sql += " AND id > ?"
+            args.append(self._last_id_before(since) or 0)
         sql += " GROUP BY queue_id ORDER BY last DESC LIMIT ?"
         args.append(limit)
         return [row[0] for row in self._db.execute(sql, args)]

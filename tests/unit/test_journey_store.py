@@ -56,16 +56,26 @@ def test_message_id_index_ignores_brackets_and_case(store: JourneyStore) -> None
 
 
 def test_address_index_covers_senders_recipients_and_users(store: JourneyStore) -> None:
-    """Senders, each recipient (refused ones too) and users are indexed, case-insensitively."""
+    """Senders, each recipient (refused ones too) and users are indexed, case-insensitively,
+    where they enter the journey: before queueing, and at the spool commit."""
     store.append(submission_events("Q1"))
     refused = store.events_of_address("NOBODY@example.test")
     assert [e.kind for e in refused] == ["smtp.rcpt"]
     assert refused[0].queue_id is None and refused[0].session == "S1"
     alice = {e.kind for e in store.events_of_address("<alice@example.test>")}
-    assert alice == {"smtp.rcpt", "spool.commit", "route", "delivery.maildir",
-                     "delivery.attempt"}
+    assert alice == {"smtp.rcpt", "spool.commit"}
     demo = {e.kind for e in store.events_of_address("demo@example.test")}
     assert demo == {"smtp.auth", "smtp.mail", "spool.commit"}
+
+
+def test_later_events_of_a_message_add_no_address_rows(store: JourneyStore) -> None:
+    """Deliveries repeat addresses the commit indexed already: they cost no index rows."""
+    store.append([JourneyEvent(T0, "delivery.maildir", "Q1", None, None,
+                               {"recipient": "alice@example.test"}),
+                  JourneyEvent(T0, "dsn.created", "B1", None, None,
+                               {"parent": "Q1", "sender": "carol@example.test"})])
+    assert store.events_of_address("alice@example.test") == []
+    assert [e.kind for e in store.events_of_address("carol@example.test")] == ["dsn.created"]
 
 
 def test_address_search_is_newest_first_and_honours_since(store: JourneyStore) -> None:
@@ -132,6 +142,17 @@ def test_size_bound_keeps_the_newest_events(tmp_path: Path) -> None:
     store.close()
     # The pages freed are given back to the file system (incremental vacuum).
     assert (tmp_path / "j.sqlite").stat().st_size <= bound * 1.5
+
+
+def test_retention_finds_the_cut_by_id_without_a_time_index(store: JourneyStore) -> None:
+    """The last event before a time is found by searching ids, with gaps left by deletes."""
+    store.append([JourneyEvent(T0 + n, "spool.commit", f"Q{n}") for n in range(100)])
+    store._delete_up_to(10)
+    for n in (11, 37, 64, 98):  # ids are n + 1
+        assert store._last_id_before(T0 + n + 0.5) == n + 1
+    assert store._last_id_before(T0) is None
+    assert store._last_id_before(T0 + 1000) == 100
+    assert store.recent_queue_ids(since=T0 + 97.5, limit=5) == ["Q99", "Q98"]
 
 
 def test_events_survive_a_restart(tmp_path: Path) -> None:

@@ -89,6 +89,29 @@ def test_trace_by_queue_id_shows_the_steps_in_order(store_path: Path) -> None:
     assert "carol@" not in out and "session closed" not in out
 
 
+def test_the_routes_of_a_commit_are_steps_of_their_own(tmp_path: Path) -> None:
+    """Routing decisions carried by the spool commit show one line per recipient."""
+    path = tmp_path / "j.sqlite"
+    store = JourneyStore(path)
+    store.append([JourneyEvent(T0, "spool.commit", "Q1", None, None, {
+        "sender": "demo@example.test", "size": 10, "recipients": ["a@example.test", "b@far.test"],
+        "routes": [{"recipient": "a@example.test", "original": "team@example.test",
+                    "target": "local", "mailbox": "a@example.test"},
+                   {"recipient": "b@far.test", "original": "b@far.test", "target": "relay"}]})])
+    store.close()
+    _, out, _ = trace(path, "Q1")
+    lines = step_lines(out)
+    assert lines[0].startswith("+0.000s  queued, 10 bytes")
+    assert lines[1] == ("+0.000s  team@example.test expanded to a@example.test: local mailbox "
+                        "a@example.test  — aliases and lists, RFC 5321 §3.9")
+    assert lines[2].startswith("+0.000s  b@far.test: relay to far.test  — another domain's")
+    _, as_json, _ = trace(path, "Q1", "--json")
+    steps = json.loads(as_json)["journeys"][0]["steps"]
+    assert [s["kind"] for s in steps] == ["spool.commit", "route", "route"]
+    assert steps[2]["fields"] == {"recipient": "b@far.test", "original": "b@far.test",
+                                  "target": "relay"}
+
+
 def test_a_bounce_is_linked_both_ways(store_path: Path) -> None:
     """The original names its bounce and is followed by it; the bounce names the original."""
     _, out, _ = trace(store_path, "Q1")
