@@ -41,6 +41,7 @@ from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, IMAPSection
 from mailsys.connlimit import Crowding
+from mailsys.delivery.maildir import queue_id_of
 from mailsys.imap import search as searching
 from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
@@ -58,6 +59,7 @@ from mailsys.imap.parser import (
 )
 from mailsys.imap.responses import BAD, NO, OK, tagged, untagged
 from mailsys.imap.transfers import TransferCommands
+from mailsys.journey.events import SessionJourney
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
@@ -174,6 +176,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
         self._idle_tag: bytes | None = None  # IDLE in progress
         self._notifying = False  # our own change notification: not news to us
         self._enabled: set[str] = set()  # ENABLEd extensions (RFC 5161), upper case
+        self._journey = SessionJourney(factory.journey)
         self._commands: dict[bytes, _Spec] = {
             b"CAPABILITY": _Spec(self._do_capability, _ANY),
             b"NOOP": _Spec(self._do_noop, _ANY),
@@ -846,6 +849,13 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
             self._answer(tagged(tag, BAD, "Expected DONE"))
 
     # --- mailboxes ------------------------------------------------------------------------------
+
+    def record(self, kind: str, info: MessageInfo, folder: str, **fields: Any) -> None:
+        """A step in the journey of a message this server delivered (others have none)."""
+        queue_id = queue_id_of(info.key)
+        if queue_id is not None:
+            self._journey.emit(kind, queue_id, user=self._mailbox, folder=folder, uid=info.uid,
+                               **fields)
 
     def _notify(self, folder: str) -> None:
         """Tell the other sessions on ``folder`` that it changed. If it is our own selected

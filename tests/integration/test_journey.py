@@ -3,6 +3,7 @@ delivered to a local mailbox, then shown step by step by `mailsys trace`."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import poplib
 import smtplib
@@ -19,13 +20,18 @@ USER = "demo@example.test"
 PASSWORD = "demo"
 
 
-def journey_config(directory: Path, enabled: bool = True, pop3_port: int = 0) -> str:
-    pop3 = f"""
+def journey_config(directory: Path, enabled: bool = True, pop3_port: int = 0,
+                   imap_port: int = 0) -> str:
+    readers = f"""
 [pop3]
 listen = []
 listen_tls = ["tcp:{pop3_port}:interface=127.0.0.1"]
+
+[imap]
+listen = []
+listen_tls = ["tcp:{imap_port}:interface=127.0.0.1"]
 """ if pop3_port else ""
-    return pop3 + f"""
+    return readers + f"""
 [journey]
 enabled = {str(enabled).lower()}
 path = "{directory}/var/journey.sqlite"
@@ -68,12 +74,13 @@ def steps_of(server: MailServer, query: str, until: Callable[[list[dict[str, Any
 
 def test_trace_shows_a_submitted_message_in_order(
         server_factory: Callable[..., MailServer], tmp_path: Path) -> None:
-    """Submission, a refused and an accepted RCPT, queueing, routing, Maildir delivery and the
-    retrieval by POP3 are the steps of `mailsys trace`, in order, found by Message-ID, queue id
-    and address."""
-    pop3_port = free_port()
+    """Submission, a refused and an accepted RCPT, queueing, routing, Maildir delivery, the
+    first read over IMAP and the retrieval by POP3 are the steps of `mailsys trace`, in order,
+    found by Message-ID, queue id and address."""
+    pop3_port, imap_port = free_port(), free_port()
     server = server_factory(extra_config=journey_config(tmp_path / "server",
-                                                        pop3_port=pop3_port))
+                                                        pop3_port=pop3_port,
+                                                        imap_port=imap_port))
     server.start()
     msg = EmailMessage()
     msg["From"] = USER
@@ -85,6 +92,12 @@ def test_trace_shows_a_submitted_message_in_order(
     assert list(refused) == ["nobody@example.test"]
     wait_for(lambda: server.inbox_files(), message="delivery to demo's inbox")
     maildir_file = server.inbox_files()[0].name
+    imap = imaplib.IMAP4_SSL("127.0.0.1", imap_port, ssl_context=tls_context(server), timeout=30)
+    imap.login(USER, PASSWORD)
+    imap.select("INBOX")
+    for _ in range(2):  # only the first read of the body is a step
+        assert imap.fetch("1", "(BODY[])")[0] == "OK"
+    imap.logout()
     reader = poplib.POP3_SSL("127.0.0.1", pop3_port, timeout=30, context=tls_context(server))
     reader.user(USER)
     reader.pass_(PASSWORD)
@@ -97,7 +110,7 @@ def test_trace_shows_a_submitted_message_in_order(
     kinds = [step["kind"] for step in steps]
     expected = ["smtp.connect", "smtp.ehlo", "smtp.tls", "smtp.ehlo", "smtp.auth", "smtp.mail",
                 "smtp.rcpt", "smtp.rcpt", "spool.commit", "route", "smtp.data",
-                "delivery.maildir", "pop3.retr", "pop3.dele"]
+                "delivery.maildir", "imap.fetch", "pop3.retr", "pop3.dele"]
     assert [k for k in kinds if k in expected] == expected, kinds
     by_kind = {step["kind"]: step for step in steps}
     assert by_kind["smtp.connect"]["fields"]["listener"] == "submission"
@@ -114,6 +127,8 @@ def test_trace_shows_a_submitted_message_in_order(
     maildir = by_kind["delivery.maildir"]["fields"]
     assert maildir["mailbox"] == USER and maildir["folder"] == "INBOX"
     assert maildir["file"] == maildir_file
+    assert kinds.count("imap.fetch") == 1
+    assert by_kind["imap.fetch"]["text"] == f"{USER} read it over IMAP (BODY[] in INBOX)"
     assert by_kind["pop3.retr"]["fields"]["user"] == USER
     assert by_kind["pop3.retr"]["text"] == f"{USER} retrieved it by POP3"
     offsets = [step["offset"] for step in steps]
