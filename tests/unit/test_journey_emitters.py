@@ -39,6 +39,10 @@ from mailsys.smtp.testing import (
     memory_portal,
 )
 from mailsys.values import TLSPolicy
+from tests.unit.imap_support import Server as ImapServer
+from tests.unit.imap_support import selected
+from tests.unit.mailbox_support import deliver
+from tests.unit.mailbox_support import message as imap_message
 from tests.unit.relay_support import FakeDialer, FakeMTA
 from tests.unit.test_relay import MESSAGE, ZONE
 from tests.unit.test_runner import FakeAgent
@@ -278,3 +282,37 @@ def test_a_delivered_file_name_gives_back_its_queue_id() -> None:
     name = maildir_name(envelope, recipient, "mx.example.test")
     assert queue_id_of(name + ",S=10,W=12:2,S") == "18C5F0A2B3D4E5A1B2C"
     assert queue_id_of("1700000000.M123P45Q6.host,S=10:2,") is None
+
+
+# --- IMAP: the first read, flag changes, MOVE and EXPUNGE ----------------------------------------
+
+
+def test_imap_records_first_read_flags_move_and_expunge(tmp_path: Path) -> None:
+    """Of a message this server delivered, the first body FETCH (not the second), a flag
+    change, a MOVE and an EXPUNGE are steps with the user and folder; others are not."""
+    recorder = MemoryRecorder()
+    server = ImapServer(tmp_path / "maildirs", allow_plaintext_auth=True)
+    server.factory.journey = recorder
+    first = deliver(server.inbox, imap_message(1), name=f"1700000000.Q{'A' * 19}R{'B' * 10}.host")
+    deliver(server.inbox, imap_message(2), name=f"1700000001.Q{'C' * 19}R{'D' * 10}.host")
+    deliver(server.inbox, imap_message(3))  # APPENDed or another program's: no journey
+    client = selected(server)
+    client.ok("FETCH 1:3 (BODY[])")
+    client.ok("FETCH 1 (BODY[])")
+    client.ok("STORE 1 +FLAGS.SILENT (\\Flagged)")
+    client.ok("STORE 2 +FLAGS (\\Deleted)")
+    client.ok("EXPUNGE")
+    client.ok("CREATE Archive")
+    client.ok("MOVE 1 Archive")
+    assert first.startswith("1700000000.Q")
+    steps = [(e.kind, e.queue_id) for e in recorder.events]
+    assert steps == [("imap.fetch", "A" * 19), ("imap.fetch", "C" * 19),
+                     ("imap.flags", "A" * 19), ("imap.flags", "C" * 19),
+                     ("imap.expunge", "C" * 19), ("imap.move", "A" * 19)]
+    fetch, _, flags, _, expunge, move = recorder.events
+    assert fetch.fields == {"user": "demo@example.test", "folder": "INBOX", "uid": 1,
+                            "item": "BODY[]"}
+    assert flags.fields["operation"] == "+FLAGS" and flags.fields["flags"] == ["\\Flagged"]
+    assert expunge.fields["uid"] == 2
+    assert move.fields["to"] == "Archive"
+    assert describe(move).text == "demo@example.test moved it from INBOX to Archive"
