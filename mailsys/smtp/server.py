@@ -687,7 +687,8 @@ class SMTPSession(ServerSession):
             return replies.SPOOL_FAILED
         message_id = None
         if self._journey.recording:
-            message_id = message_id_of(header_section(added + content))
+            # The client's field, or the one added for it (never a copy of the whole message).
+            message_id = message_id_of(header_section(content)) or message_id_of(added)
         d = maybeDeferred(self._sink.submit, envelope, message)
         answer = d.addCallbacks(
             self._queued, self._spool_failed, callbackArgs=(envelope,), errbackArgs=(envelope,)

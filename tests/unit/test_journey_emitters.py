@@ -29,6 +29,7 @@ from mailsys.smtp.message import field_value, message_id_of
 from mailsys.smtp.policy import SubmissionPolicy
 from mailsys.smtp.server import ListenerRole
 from mailsys.smtp.testing import (
+    HOSTNAME,
     LOCAL_DOMAIN,
     USERS,
     FakeTLSConnection,
@@ -316,3 +317,17 @@ def test_imap_records_first_read_flags_move_and_expunge(tmp_path: Path) -> None:
     assert expunge.fields["uid"] == 2
     assert move.fields["to"] == "Archive"
     assert describe(move).text == "demo@example.test moved it from INBOX to Archive"
+
+
+def test_a_submitted_message_without_message_id_is_found_by_the_one_added() -> None:
+    """Submission adds a Message-ID a message lacks (RFC 6409 §8.3); the journey has it."""
+    recorder = MemoryRecorder()
+    clock = Clock()
+    driver = submission(recorder, clock)
+    driver.send(b"EHLO c.test\r\nAUTH PLAIN " + plain(USER, PASSWORD) + b"\r\n")
+    clock.advance(60)
+    driver.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+    driver.send(b"Subject: no id\r\n\r\nbody\r\n.\r\n")
+    [data] = by_kind(recorder, "smtp.data")
+    assert data.queue_id is not None
+    assert data.message_id == f"{data.queue_id}@{HOSTNAME}"
