@@ -26,9 +26,9 @@ from mailsys.mailbox.keywords import (
     letter_of,
     read_keywords,
 )
-from mailsys.mailbox.names import FLAGGED, SEEN, parse_name
+from mailsys.mailbox.layout import FLAGGED, SEEN, parse_name, stored_form
 from mailsys.mailbox.store import MailboxStore
-from mailsys.mailbox.transfer import append_message, copy_messages, stored_form
+from mailsys.mailbox.transfer import append_message, copy_messages
 from tests.unit.mailbox_support import ImmediatePool, deliver, failure_of, message, result_of
 
 USER = "demo@example.test"
