@@ -21,6 +21,7 @@ from mailsys.mailbox.store import (
     MailboxInUseError,
     MailboxLock,
     MailboxStore,
+    NameTooLongError,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "MailboxStore",
     "MessageInfo",
     "MessageVanishedError",
+    "NameTooLongError",
     "SyncResult",
 ]
