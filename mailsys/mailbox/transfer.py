@@ -1,11 +1,12 @@
 """Adding messages to a folder: IMAP APPEND, and COPY/MOVE from another folder (blocking).
 
-A message enters a folder as a Maildir writer would add it (a new unique name, written in tmp/,
-fsync'd, renamed into place), then the folder is synced so that it gets the next UID, which is
-returned (RFC 4315 UIDPLUS). Copies get a fresh unique name with the size fields but never the
-source's ``,U=``: a UID is only meaningful in its own folder, and a stale one would mislead the
-target's next UID-file rebuild. Copies are hard links where the file system allows (a flag change
-renames and never rewrites, so sharing the inode is safe), as Dovecot does.
+A message enters a folder as local delivery adds one, by the rules of mailsys.mailbox.layout (a
+new unique name, written in tmp/, fsync'd, renamed into place), then the folder is synced so that
+it gets the next UID, which is returned (RFC 4315 UIDPLUS). Copies get a fresh unique name with
+the size fields but never the source's ``,U=``: a UID is only meaningful in its own folder, and a
+stale one would mislead the target's next UID-file rebuild. Copies are hard links where the file
+system allows (a flag change renames and never rewrites, so sharing the inode is safe), as
+Dovecot does.
 """
 
 from __future__ import annotations
