@@ -29,6 +29,18 @@ from mailsys.mailbox.layout import (
     parse_name,
 )
 
+# folder_names is the layout's listing, named here too as the tree's callers have used it.
+__all__ = [
+    "SUBSCRIPTIONS_NAME",
+    "FolderHasChildrenError",
+    "create_folder_tree",
+    "delete_folder",
+    "folder_names",
+    "read_subscriptions",
+    "rename_folder",
+    "set_subscribed",
+]
+
 SUBSCRIPTIONS_NAME = "mailsys-subscriptions"
 
 
