@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from mailsys.diskio import DiskRunner
 from mailsys.mailbox.folder import (
     Expunged,
     FlagChange,
@@ -67,12 +68,6 @@ DEFAULT_FOLDERS = ("Sent", "Drafts", "Trash", "Junk")
 # A mailbox whose INBOX holds this file has had its default folders created.
 INITIALISED_MARKER = "mailsys-initialised"
 POP3_LOCK_NAME = "mailsys-pop3.lock"
-
-
-class DiskRunner(Protocol):
-    """Runs blocking work off the reactor thread (mailsys.diskio.DiskPool)."""
-
-    def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...
 
 
 class MailboxInUseError(Exception):
