@@ -41,7 +41,6 @@ from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, IMAPSection
 from mailsys.connlimit import Crowding
-from mailsys.delivery.maildir import queue_id_of
 from mailsys.imap import search as searching
 from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
@@ -62,6 +61,7 @@ from mailsys.imap.transfers import TransferCommands
 from mailsys.journey.events import SessionJourney
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
+from mailsys.mailbox.layout import delivered_queue_id
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
@@ -852,7 +852,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
 
     def record(self, kind: str, info: MessageInfo, folder: str, **fields: Any) -> None:
         """A step in the journey of a message this server delivered (others have none)."""
-        queue_id = queue_id_of(info.key)
+        queue_id = delivered_queue_id(info.key)
         if queue_id is not None:
             self._journey.emit(kind, queue_id, user=self._mailbox, folder=folder, uid=info.uid,
                                **fields)

@@ -33,9 +33,9 @@ from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, POP3Section
 from mailsys.connlimit import Crowding
-from mailsys.delivery.maildir import queue_id_of
 from mailsys.journey.events import SessionJourney
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError, adding
+from mailsys.mailbox.layout import delivered_queue_id
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
@@ -765,7 +765,7 @@ class POP3Session(ServerSession):
 
     def _record(self, kind: str, number: int, info: MessageInfo) -> None:
         """A step of the journey of a message this server delivered (others have none)."""
-        queue_id = queue_id_of(info.key)
+        queue_id = delivered_queue_id(info.key)
         if queue_id is not None:
             self._journey.emit(kind, queue_id, user=self._mailbox, number=number,
                                size=info.wire_size)

@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailsys import replies
-from mailsys.delivery.maildir import MaildirWriter, maildir_name, queue_id_of
+from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.mx import MXResolver
 from mailsys.delivery.nexthop import NextHops
 from mailsys.delivery.relay import RelayAgent, RelaySettings
@@ -21,6 +21,7 @@ from mailsys.envelope import Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.journey.events import JourneyEvent, MemoryRecorder
 from mailsys.journey.steps import describe
 from mailsys.labdns import Zone
+from mailsys.mailbox.layout import delivered_queue_id, delivery_base
 from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
@@ -277,12 +278,9 @@ def test_relay_records_mx_answers_the_hosts_tried_and_tls(tmp_path: Path) -> Non
 def test_a_delivered_file_name_gives_back_its_queue_id() -> None:
     """POP3 and IMAP find the journey of a message by the queue id in its Maildir name; a file
     this server did not deliver has none."""
-    recipient = Recipient(USER, USER, TargetKind.LOCAL, mailbox=USER)
-    envelope = Envelope(queue_id="18C5F0A2B3D4E5A1B2C", sender="", recipients=[recipient],
-                        received_at=START, size=1)
-    name = maildir_name(envelope, recipient, "mx.example.test")
-    assert queue_id_of(name + ",S=10,W=12:2,S") == "18C5F0A2B3D4E5A1B2C"
-    assert queue_id_of("1700000000.M123P45Q6.host,S=10:2,") is None
+    name = delivery_base(START, "18C5F0A2B3D4E5A1B2C", USER, USER, "mx.example.test")
+    assert delivered_queue_id(name + ",S=10,W=12:2,S") == "18C5F0A2B3D4E5A1B2C"
+    assert delivered_queue_id("1700000000.M123P45Q6.host,S=10:2,") is None
 
 
 # --- IMAP: the first read, flag changes, MOVE and EXPUNGE ----------------------------------------
