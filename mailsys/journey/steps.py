@@ -11,7 +11,8 @@ smtp.ehlo                 command (EHLO/HELO), name, reply
 smtp.auth                 user, mechanism, reply (never the SASL exchange)
 smtp.mail / smtp.rcpt     sender / recipient, reply (refused ones too), txn
 smtp.data                 command (DATA/BDAT), size, reply, txn, and the queue id once queued
-smtp.close                reason (QUIT, closed, lost connection ...), messages
+smtp.close                reason (lost connection after DATA, closed without QUIT), messages;
+                          not emitted for a session that ends with QUIT
 spool.commit              sender, recipients, size: the message is durable; routes: for each
                           recipient the routing decision, shown as a step of its own
 route                     recipient, original (as in RCPT TO), target (local, relay), mailbox

@@ -201,8 +201,11 @@ class SMTPSession(ServerSession):
     @override
     def _session_ended(self) -> None:
         lost = self._lost_message()
-        self._journey.emit("smtp.close", reason=lost or ("QUIT" if self._quit else "closed"),
-                           messages=self._messages)
+        if not self._quit:
+            # A session that ends with QUIT is no step worth its cost on the hot path; one that
+            # breaks off (inside DATA, timed out, dropped) is part of its message's story.
+            self._journey.emit("smtp.close", reason=lost or "closed without QUIT",
+                               messages=self._messages)
         log.info("disconnect from {client} helo=<{helo}> messages={messages} "
                  "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
                  client=self._client, helo=self._helo or "",

@@ -84,8 +84,8 @@ def test_an_mta_session_records_each_command_with_its_reply() -> None:
     driver.send(b"Subject: hi\r\nMessage-ID:\r\n <m1@sender.test>\r\n\r\nbody\r\n.\r\nQUIT\r\n")
     driver.lose()
     assert recorder.kinds() == ["smtp.connect", "smtp.ehlo", "smtp.mail", "smtp.rcpt",
-                                "smtp.rcpt", "smtp.data", "smtp.close"]
-    connect, ehlo, mail, refused, accepted, data, close = recorder.events
+                                "smtp.rcpt", "smtp.data"]
+    connect, ehlo, mail, refused, accepted, data = recorder.events
     assert connect.fields == {"client": "192.0.2.10", "listener": "mta"}
     assert ehlo.fields == {"command": "EHLO", "name": "client.test", "reply": "250"}
     assert mail.fields == {"sender": "x@sender.test", "reply": "250 2.1.0 Sender ok", "txn": 1}
@@ -96,8 +96,19 @@ def test_an_mta_session_records_each_command_with_its_reply() -> None:
     assert data.fields["reply"] == f"250 2.0.0 Ok: queued as {data.queue_id}"
     assert data.fields["command"] == "DATA" and data.fields["size"] > 0
     assert {e.session for e in recorder.events} == {connect.session}
-    assert [e.txn for e in recorder.events] == [None, None, 1, 1, 1, 1, 1]
-    assert close.fields == {"reason": "QUIT", "messages": 1, "txn": 1}
+    assert [e.txn for e in recorder.events] == [None, None, 1, 1, 1, 1]
+
+
+def test_a_session_broken_off_inside_data_is_a_step() -> None:
+    """A client that leaves inside DATA: the close says what was lost (a QUIT is no step)."""
+    recorder = MemoryRecorder()
+    driver = mta(recorder)
+    driver.send(b"EHLO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                b"DATA\r\nSubject: half\r\n")
+    driver.lose()
+    [close] = by_kind(recorder, "smtp.close")
+    assert close.fields["reason"].startswith("lost connection after DATA")
+    assert close.txn == 1 and close.fields["messages"] == 0
 
 
 def test_rset_and_a_second_mail_start_a_new_transaction() -> None:
