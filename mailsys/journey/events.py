@@ -101,9 +101,36 @@ def normalize_message_id(value: str | None) -> str | None:
 
 
 def clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """``fields`` made safe to store: no secret or content fields, bounded sizes, plain types."""
+    """``fields`` made safe to store: no secret or content fields, bounded sizes, plain types.
+
+    A dict that is clean already is returned as it is (an emitter's keyword arguments are a
+    new dict each time, so nobody else holds it).
+    """
     # This runs for every event in the writer thread, holding the GIL the reactor needs: the
-    # common case (known names, short text and numbers) takes the fewest steps.
+    # common case (names seen before and allowed, short text and numbers) is one pass that
+    # builds nothing.
+    if type(fields) is dict and _SAFE_NAMES.get(tuple(fields)) is True:
+        for value in fields.values():
+            kind = type(value)
+            if kind is str:
+                if len(value) > MAX_TEXT:
+                    break
+            elif not (value is None or kind is int or kind is bool or kind is float):
+                break
+        else:
+            return fields
+    cleaned = _clean_slowly(fields)
+    if len(_SAFE_NAMES) < 4096:  # emitters use a few dozen shapes; odd ones are not kept
+        _SAFE_NAMES[tuple(fields)] = (len(fields) <= MAX_FIELDS
+                                      and all(name in cleaned for name in fields))
+    return cleaned
+
+
+# The name tuples of fields seen before, and whether every name in them is kept as it is.
+_SAFE_NAMES: dict[tuple[Any, ...], bool] = {}
+
+
+def _clean_slowly(fields: Mapping[str, Any]) -> dict[str, Any]:
     cleaned: dict[str, Any] = {}
     names = _NAMES
     items = fields.items()

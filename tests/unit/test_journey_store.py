@@ -301,3 +301,15 @@ def test_session_ids_differ_and_recording_can_be_asked() -> None:
     assert len(ids) == 1000
     assert not SessionJourney(NullRecorder()).recording
     assert SessionJourney(MemoryRecorder()).recording
+
+
+def test_clean_fields_returns_a_clean_dict_as_it_is_and_still_cleans_repeats() -> None:
+    """A shape seen before with plain values costs no copy; a secret is dropped every time."""
+    first = {"user": "a@b.test", "size": 3}
+    clean_fields(dict(first))
+    again = dict(first)
+    assert clean_fields(again) is again
+    for _ in range(2):
+        assert clean_fields({"user": "a@b.test", "password": "pw"}) == {"user": "a@b.test"}
+    long_text = {"user": "x" * (MAX_TEXT + 5), "size": 3}
+    assert len(clean_fields(long_text)["user"]) == MAX_TEXT
