@@ -179,7 +179,8 @@ def access_problem(path: Path, account: ServerAccount, want: str) -> str | None:
         return None
     if not _allowed(os.stat(target), account, want):
         words = {"r": "read", "w": "write", "x": "enter" if target.is_dir() else "execute"}
-        needs = " and ".join(words[letter] for letter in want)
+        verbs = [words[letter] for letter in want]
+        needs = verbs[0] if len(verbs) == 1 else f"{', '.join(verbs[:-1])} and {verbs[-1]}"
         return f"{account.user} cannot {needs} {path} ({describe(path)})"
     return None
 
