@@ -5,21 +5,25 @@ account (``--uid``/``--gid``); the ``mailsys`` admin commands run as root or as 
 account is named in the config (``[server] user``/``group``) so both sides know it, and every file
 that both sides write follows these rules, owned here and nowhere else:
 
-- **Created** files get the server's group and mode 0640 (0600 with no account configured): the
-  owner is whoever creates them, root or the server's user (as Dovecot's passwd-file is
-  root:dovecot 0640). Directories the server must write (spool, control/) are handed to the
-  server's user when root creates them; lock files too, so both sides can take the lock.
-- **Rewritten** files (temporary file, fsync, rename) keep the owner, group and mode of the file
-  they replace, so an administrator's ``chown``/``chmod`` survives every change. One exception
-  repairs what older versions left behind: a file the server could not read is given the server's
-  group and ``g+r``.
+- **Created** shared files (the users file; DKIM keys and later secrets in the same position)
+  get the server's group and mode 0640 (0600 with no account configured); the owner is whoever
+  creates them, root or the server's user (as Dovecot's passwd-file is root:dovecot 0640).
+- **Handed over**: what root creates for the server to use or remove is given to the server's
+  user and group: directories (spool, control/, tmp/ made by the queue tools), lock files (the
+  spool's ``lock``, ``users.lock``: both sides flock them), queue command files, and the
+  self-signed certificate and key made at start-up before the privilege drop.
+- **Rewritten** files (temporary file, fsync, rename: the users file, envelopes edited by the
+  queue tools) keep the owner, group and mode of the file they replace, so an administrator's
+  ``chown``/``chmod`` survives every change. One exception repairs what older versions left
+  behind: a file the server could not read is given the server's group and ``g+r``.
 - **Refused**: a command whose result the server could not read (run as a third user, who can
   neither give the file to the server's group nor keep its owner) refuses with one line
   (LockoutError) before anything is replaced.
 
 Access is computed for the server's account from ``os.stat``, the mode bits and the account's
 groups, never with ``os.access`` (which answers for the caller). POSIX ACLs are not consulted.
-Everything here blocks on the disk: the server calls it in a disk thread.
+Everything here blocks (the disk, the user database): the server calls it while it is being
+built, before the reactor runs.
 """
 
 from __future__ import annotations
@@ -274,11 +278,15 @@ def match_owner(path: Path, model: Path) -> None:
 
 
 def make_directory(path: Path, account: ServerAccount | None, mode: int = 0o700) -> None:
-    """``mkdir -p`` that hands every directory it creates to the server's account."""
+    """``mkdir -p`` that hands every directory it creates to the server's account.
+
+    As with ``Path.mkdir(parents=True)``, ``mode`` applies to ``path``; parents get 0777 less
+    the umask.
+    """
     path = Path(path)
     if path.is_dir():
         return
-    make_directory(path.parent, account, mode)
+    make_directory(path.parent, account, 0o777)
     try:
         path.mkdir(mode=mode)
     except FileExistsError:
@@ -315,9 +323,4 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
-
-
-def is_root() -> bool:
-    """True if this process runs as root (and so could give files away)."""
-    return os.geteuid() == 0
 
