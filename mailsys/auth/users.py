@@ -299,23 +299,24 @@ class UserStore:
                 raise
             self._report_unreadable(signature, exc)
             return None
-        if self._unreadable is not None:
-            self._unreadable = None
+        with self._state:
+            was_unreadable, self._unreadable = self._unreadable is not None, None
+        if was_unreadable:
             self._log.info("user store {path}: readable again", path=str(self.path))
         return self._install(lines, signature, generation)
 
     def _report_unreadable(self, signature: _Signature, exc: OSError) -> None:
         """One log line per unreadable version of the file, not one per login or reload."""
         reason = exc.strerror or str(exc)
-        if self._unreadable == (signature, reason):
-            return
-        self._unreadable = (signature, reason)
+        with self._state:  # the reload timer and login threads may both get here
+            if self._unreadable == (signature, reason):
+                return
+            self._unreadable = (signature, reason)
+            count = len(self._index)
         try:
             permissions = describe(self.path)
         except OSError:
             permissions = "unknown permissions"
-        with self._state:
-            count = len(self._index)
         self._log.error(
             "user store {path}: cannot read it: {reason} (the file is {permissions}, this "
             "process runs as {account}); keeping the last good copy ({count} users)",
