@@ -133,9 +133,14 @@ def _store(args: argparse.Namespace, *, changing: bool = True) -> tuple[Config, 
     # user may not read (or that does not exist yet) is no reason to refuse.
     config = load(args.config, check_files=False)
     account = configured_account(config)
-    if changing:
+    if changing and account is not None:
         # Before any password prompt: a change the server could not read is refused at once.
         check_writer(config.storage.users, account)
+        # The file's own mode is ours to set; the directories above it are the administrator's.
+        problem = access_problem(config.storage.users.parent, account, "x")
+        if problem is not None:
+            print(f"mailsys: warning: the server cannot read {config.storage.users}: {problem}",
+                  file=sys.stderr)
     return config, UserStore(config.storage.users, account=account)
 
 

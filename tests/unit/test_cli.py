@@ -404,3 +404,17 @@ def test_check_config_reports_what_the_server_account_cannot_use(
     group = grp.getgrgid(nobody.pw_gid).gr_name
     assert run(capsys, "check-config") == (
         0, f"{path}: ok (0 listeners, 2 local domains, runs as nobody:{group})\n", "")
+
+
+@needs_root
+def test_user_add_warns_when_the_server_cannot_reach_the_file(
+    open_workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A users file in a directory the server's account cannot enter is written, with one
+    warning line saying why the server will not read it."""
+    (open_workdir / "var").mkdir(mode=0o700)
+    status, out, err = run(capsys, "user", "add", "a@example.test", "--password-stdin",
+                           stdin="x\n")
+    assert (status, out) == (0, "added a@example.test\n")
+    assert one_line(err) == (f"mailsys: warning: the server cannot read var/users: nobody "
+                             f"cannot enter {open_workdir / 'var'} (root:root 0700)\n")
