@@ -18,7 +18,12 @@ from typing import NoReturn
 from mailsys.auth.passwords import UnusableHashError, hash_scheme
 from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
 from mailsys.config import LISTENER_KEYS, Config, ConfigError, load
-from mailsys.ownership import ServerAccount, access_problem, check_writer, configured_account
+from mailsys.ownership import (
+    access_problem,
+    check_writer,
+    configured_account,
+    server_access_problems,
+)
 from mailsys.queue.commands import add_queue_commands
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
@@ -275,7 +280,7 @@ def _check_config(args: argparse.Namespace) -> int:
     listeners = sum(len(getattr(getattr(config, section), attr))
                     for section, attr in LISTENER_KEYS)
     domains = len(config.routing.local_domains)
-    problems = access_problems(config, account) if account is not None else []
+    problems = server_access_problems(config, account) if account is not None else []
     for problem in problems:
         print(f"mailsys: {path}: {problem}", file=sys.stderr)
     if problems:
@@ -284,28 +289,6 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{path}: ok ({_plural(listeners, 'listener')}, {_plural(domains, 'local domain')}"
           f"{runs_as})")
     return EXIT_OK
-
-
-def access_problems(config: Config, account: ServerAccount) -> list[str]:
-    """What the server's account could not do that it must: one line each, naming the key.
-
-    The spool and the Maildirs it writes; the users file, certificate and key it reads.
-    """
-    wanted: list[tuple[str, Path | None, str]] = [
-        ("storage.spool", config.storage.spool, "rwx"),
-        ("storage.maildirs", config.storage.maildirs, "rwx"),
-        ("storage.users", config.storage.users, "r"),
-        ("tls.certificate", config.tls.certificate, "r"),
-        ("tls.key", config.tls.key, "r"),
-    ]
-    problems = []
-    for key, file, want in wanted:
-        if file is None:
-            continue
-        problem = access_problem(file, account, want)
-        if problem is not None:
-            problems.append(f"{key}: {problem}")
-    return problems
 
 
 def _plural(count: int, noun: str) -> str:

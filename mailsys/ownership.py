@@ -189,6 +189,29 @@ def access_problem(path: Path, account: ServerAccount, want: str) -> str | None:
     return None
 
 
+def server_access_problems(config: Config, account: ServerAccount) -> list[str]:
+    """What the server's account could not do that it must, one line each naming the key:
+    write the spool and the Maildirs, read the users file, certificate and key.
+
+    For ``mailsys check-config`` (and a readiness check): blocking, call it in a thread.
+    """
+    wanted: list[tuple[str, Path | None, str]] = [
+        ("storage.spool", config.storage.spool, "rwx"),
+        ("storage.maildirs", config.storage.maildirs, "rwx"),
+        ("storage.users", config.storage.users, "r"),
+        ("tls.certificate", config.tls.certificate, "r"),
+        ("tls.key", config.tls.key, "r"),
+    ]
+    problems = []
+    for key, file, want in wanted:
+        if file is None:
+            continue
+        problem = access_problem(file, account, want)
+        if problem is not None:
+            problems.append(f"{key}: {problem}")
+    return problems
+
+
 # -- creating and rewriting ---------------------------------------------------------------------
 
 
