@@ -135,7 +135,8 @@ def run_as(user: str, argv: list[str], stdin: str, cwd: Path
     if pid == 0:  # pragma: no cover - the child
         status = 70
         try:
-            os.close(stdin_w), os.close(out_r), os.close(err_r)
+            for fd in (stdin_w, out_r, err_r):
+                os.close(fd)
             os.initgroups(user, entry.pw_gid)
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
@@ -148,7 +149,8 @@ def run_as(user: str, argv: list[str], stdin: str, cwd: Path
             sys.stderr.flush()
         finally:
             os._exit(status)
-    os.close(stdin_r), os.close(out_w), os.close(err_w)
+    for fd in (stdin_r, out_w, err_w):
+        os.close(fd)
     os.write(stdin_w, stdin.encode())
     os.close(stdin_w)
     with open(out_r, encoding="utf-8") as out, open(err_r, encoding="utf-8") as err:
