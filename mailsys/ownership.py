@@ -35,12 +35,9 @@ import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from mailsys.config import Config, ConfigError
 from mailsys.diskio import fsync_directory
-
-if TYPE_CHECKING:
-    from mailsys.config import Config
 
 # Mode of a created file that holds secrets (password hashes, keys, queue commands).
 SECRET_MODE = 0o640
@@ -103,8 +100,6 @@ def resolve_account(user: str | int | None, group: str | int | None = None) -> S
 
 def configured_account(config: Config) -> ServerAccount | None:
     """The account of ``[server] user``/``group``; ConfigError naming the key if it is unknown."""
-    from mailsys.config import ConfigError  # config imports the user store, which imports us
-
     server = config.server
     try:
         return resolve_account(server.user, server.group)
