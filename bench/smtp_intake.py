@@ -518,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep temp dirs after the run")
     parser.add_argument("--journey", choices=("on", "off"), default=None,
                         help="message journey recording in mailsys ([journey] enabled; "
-                        "default: the configuration's default, on)")
+                        "default: the configuration's default, off)")
     parser.add_argument("--profile", action="store_true",
                         help="run mailsys under cProfile (reactor thread only; slower) and "
                         "print where its time went after each run")

@@ -231,7 +231,9 @@ class RelaySection:
 class JourneySection:
     """The message journey: every step of every message, kept for ``mailsys trace``."""
 
-    enabled: bool = True
+    # Off unless asked for: recording still costs a measurable share of intake throughput
+    # (bench/smtp_intake.py --journey on|off); the embedded default turns it on.
+    enabled: bool = False
     path: Path = Path("var/journey.sqlite")
     # How long a message's steps are kept, in seconds (30 days).
     retention: float = 30 * 86400.0

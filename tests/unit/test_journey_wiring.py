@@ -28,9 +28,9 @@ def config(tmp_path: Path, **journey: Any) -> Any:
 
 
 def test_journey_defaults(tmp_path: Path) -> None:
-    """Recording is on by default, in var/journey.sqlite, for 30 days, up to 256 MiB."""
+    """Recording is off unless enabled, in var/journey.sqlite, for 30 days, up to 256 MiB."""
     section = config(tmp_path).journey
-    assert section.enabled is True
+    assert section.enabled is False
     assert section.path == Path("var/journey.sqlite")
     assert section.retention == 30 * 86400.0
     assert section.max_bytes == 256 * 1024 * 1024
@@ -53,7 +53,7 @@ def test_one_writer_is_the_first_service_and_every_room_records_through_it(
         tmp_path: Path) -> None:
     """With recording on there is one writer; the SMTP listeners and the runner use it."""
     path = tmp_path / "journey.sqlite"
-    service = build_service(config(tmp_path, path=str(path), retention=7200.0),
+    service = build_service(config(tmp_path, enabled=True, path=str(path), retention=7200.0),
                             MemoryReactorClock())
     writer = service.journey
     assert isinstance(writer, JourneyWriter) and writer.path == path
