@@ -7,7 +7,7 @@ how decoded bytes travel: as a literal8 (``~{n}``) only when they hold a NUL (RF
 from __future__ import annotations
 
 import binascii
-import quopri
+import re
 
 from mailsys.imap.bodystructure import Part, Section, find_part
 from mailsys.imap.parser import Reader
@@ -56,8 +56,34 @@ def content(root: Part, section: Section) -> bytes | None:
         except binascii.Error:
             raise UnknownCTEError("damaged base64") from None
     if encoding == b"quoted-printable":
-        return quopri.decodestring(body)
+        return decode_quoted_printable(body)
     raise UnknownCTEError(encoding.decode("ascii", "replace"))
+
+
+_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def decode_quoted_printable(body: bytes) -> bytes:
+    """Undo quoted-printable (RFC 2045 §6.7) on a body in wire form (CRLF line ends).
+
+    Rule 3: white space at the end of an encoded line is transport padding and goes. Rule 5:
+    "=" at the end of a line (after that) is a soft line break: the line joins the next.
+    Rule 1: "=XX" is the octet XX; any other "=" is kept as it is (§6.7 note 1, robustness).
+    """
+    lines = body.split(b"\r\n")
+    out: list[bytes] = []
+    last = len(lines) - 1
+    for index, line in enumerate(lines):
+        line = line.rstrip(b" \t")
+        soft = line.endswith(b"=")
+        if soft:
+            line = line[:-1]
+        if b"=" in line:
+            line = _QP_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), line)
+        out.append(line)
+        if not soft and index != last:
+            out.append(b"\r\n")
+    return b"".join(out)
 
 
 def literal8(value: bytes) -> bytes:

@@ -508,28 +508,33 @@ class Section:
         return not self.parts and self.text.startswith("HEADER")
 
 
-def _child(part: Part, number: int) -> Part | None:
+def _subpart(part: Part, as_message: bool, number: int) -> tuple[Part, bool] | None:
+    """Part ``number`` below ``part``: (the part, whether it stands for a whole message).
+
+    RFC 3501 §6.4.5: a message's parts are its multipart's children, or else its one part 1
+    (the message's own body); a message/rfc822 part's subparts are those of the message it
+    encapsulates; a multipart's are its children.
+    """
+    if not as_message and part.message is not None:
+        part, as_message = part.message, True
     if part.multipart:
-        return part.children[number - 1] if number <= len(part.children) else None
-    if part.message is not None:
-        inner = part.message
-        if inner.multipart:
-            return inner.children[number - 1] if number <= len(inner.children) else None
-        return inner if number == 1 else None
-    return part if number == 1 else None
+        if number > len(part.children):
+            return None
+        return part.children[number - 1], False
+    if number != 1:
+        return None
+    return part, False
 
 
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
-    part: Part | None = root
+    """The body part that part numbers ``numbers`` name in the message ``root``, or None."""
+    found: tuple[Part, bool] | None = (root, True)
     for number in numbers:
-        assert part is not None
-        if part is root or part.multipart or part.message is not None:
-            part = _child(part, number)
-        else:
-            part = part if number == 1 else None
-        if part is None:
+        assert found is not None
+        found = _subpart(found[0], found[1], number)
+        if found is None:
             return None
-    return part
+    return None if found is None else found[0]
 
 
 def section_bytes(root: Part, section: Section) -> bytes | None:
