@@ -60,7 +60,16 @@ from mailsys.imap.parser import (
     Rejection,
     tag_of,
 )
-from mailsys.imap.responses import BAD, NO, OK, tagged, untagged
+from mailsys.imap.responses import (
+    BAD,
+    INVALID_NAME,
+    NAME_TOO_LONG,
+    NO,
+    OK,
+    RefusedError,
+    tagged,
+    untagged,
+)
 from mailsys.imap.transfers import TransferCommands
 from mailsys.inputloop import InputLoopSession
 from mailsys.mailbox.folder import MessageInfo
@@ -74,6 +83,9 @@ log = Logger(namespace="mailsys.imap")
 # Before login a connection gets this long between commands (RFC 3501 §5.4 sets the 30-minute
 # minimum for authenticated sessions only).
 PREAUTH_TIMEOUT = 180.0
+
+# NAME_MAX of the file systems a Maildir lives on (ext4, XFS, btrfs, tmpfs): 255 bytes.
+MAX_FOLDER_NAME_BYTES = 255
 
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
@@ -377,10 +389,14 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             else:
                 self._answer(tagged(tag, BAD, event.reason.value))
         elif isinstance(event, Command):
-            self._dispatch(event.data)
+            self._dispatch(event.data, event)
         return True
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self, data: bytes, command: Command | None = None) -> None:
+        if command is not None and command.spooled:
+            # A large literal's temporary file lives as long as its command.
+            self._dispatch_spooled(data, command)
+            return
         reader = Reader(data)
         try:
             tag = reader.tag()
@@ -415,6 +431,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             result = spec.handler(tag, reader, uid)
         except searching.BadCharsetError:
             result = tagged(tag, NO, "Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        except RefusedError as exc:
+            result = tagged(tag, NO, exc.message, exc.code)
         except ParseError as exc:
             result = tagged(tag, BAD, str(exc) or "Syntax error")
         except Exception:
@@ -422,6 +440,34 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
                         client=self._client_address)
             result = tagged(tag, NO, "Internal server error", "SERVERBUG")
         self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
+
+    def _dispatch_spooled(self, data: bytes, command: Command) -> None:
+        reader = Reader(data, spooled=command.spooled)
+        tag = tag_of(data)
+        try:
+            reader.tag()
+            reader.space()
+            name = reader.atom().upper()
+            if name != b"APPEND" or self._state not in _AUTHED:
+                raise ParseError("Only APPEND takes a literal this large")
+            result = self._do_append(tag, reader, False)
+        except RefusedError as exc:
+            result = tagged(tag, NO, exc.message, exc.code)
+        except ParseError as exc:
+            result = (tagged(tag, BAD, str(exc) or "Syntax error") if tag
+                      else untagged("BAD Missing or invalid tag"))
+        except Exception:
+            log.failure("imap APPEND failed for [{client}]", client=self._client_address)
+            result = tagged(tag, NO, "Internal server error", "SERVERBUG")
+        if isinstance(result, Deferred):
+            def closed(value: object) -> object:
+                command.close()
+                return value
+
+            result.addBoth(closed)
+        else:
+            command.close()
+        self._deliver(tag, result, True)
 
     def _news_waiting(self) -> bool:
         """The selected mailbox may have changed since the client last heard."""
@@ -545,10 +591,17 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
 
     def _mailbox_name(self, reader: Reader) -> str:
         """A mailbox argument as the store names it (modified UTF-7 or UTF-8 decoded)."""
+        raw = reader.astring()
         try:
-            return canonical(decode_name(reader.astring(), utf8=self.utf8))
+            name = canonical(decode_name(raw, utf8=self.utf8))
         except MailboxNameError:
-            raise ParseError("Invalid mailbox name") from None
+            # Well-formed as an astring: no mailbox has this name (NO, as Dovecot; not BAD).
+            raise RefusedError(*INVALID_NAME) from None
+        # A Maildir++ folder is one directory ".name" (every level in it): more than
+        # NAME_MAX bytes cannot be stored. TODO: unify with the store's own length check.
+        if len(("." + name).encode("utf-8", "surrogateescape")) > MAX_FOLDER_NAME_BYTES:
+            raise RefusedError(*NAME_TOO_LONG)
+        return name
 
     # --- any state -----------------------------------------------------------------------------
 
@@ -776,14 +829,18 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         verb = "EXAMINE" if readonly else "SELECT"
 
         def opened(view: FolderView) -> Deferred[bytes]:
-            return self.run(read_keywords, view.path).addCallback(
-                lambda keywords: answer(view, keywords))
+            def work() -> tuple[list[str], int]:
+                # RFC 3501 §6.3.2: EXAMINE leaves \Recent to the next session; SELECT takes it.
+                return (read_keywords(view.path),
+                        view.folder.recent_from(view.uidnext, claim=not readonly))
 
-        def answer(view: FolderView, keywords: list[str]) -> bytes:
+            return self.run(work).addCallback(lambda found: answer(view, *found))
+
+        def answer(view: FolderView, keywords: list[str], first_recent: int) -> bytes:
             if self._disconnected:
                 return b""
             unsubscribe = self._store.subscribe(mailbox, view.name, self._changed)
-            recent = {info.uid for info in view.messages if info.recent}
+            recent = {info.uid for info in view.messages if info.uid >= first_recent}
             rev2 = self.rev2
             selected = Selected(view, readonly, keywords, recent, unsubscribe,
                                 exists=len(view.messages), show_recent=not rev2)
@@ -873,7 +930,18 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         selected.dirty = False
         before = selected.view.messages
 
-        def refreshed(changes: Any) -> Deferred[None] | None:
+        def claim(changes: Any) -> Any:
+            if not changes.added or changes.uidvalidity_changed:
+                return (changes, selected.view.uidnext)
+            # RFC 3501 §2.3.2: the first session told of a new message sees it \Recent; a
+            # read-only one leaves it recent for the next.
+            view = selected.view
+            return self.run(lambda: view.folder.recent_from(
+                view.uidnext, claim=not selected.readonly)).addCallback(
+                lambda first: (changes, first))
+
+        def refreshed(found: tuple[Any, int]) -> Deferred[None] | None:
+            changes, first_recent = found
             if self._selected is not selected or self._disconnected:
                 return None
             view = selected.view
@@ -890,7 +958,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
                     selected.exists -= 1  # the client counts each EXPUNGE itself
                 selected.recent.difference_update(changes.expunged)
             for info in changes.added:
-                if info.recent:
+                if info.uid >= first_recent:
                     selected.recent.add(info.uid)
             if len(view.messages) != selected.exists or changes.added:
                 selected.exists = len(view.messages)
@@ -933,7 +1001,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             self._deselect()
             self._close()
 
-        return selected.view.refresh().addCallback(refreshed).addErrback(failed)
+        return selected.view.refresh().addCallback(claim).addCallback(refreshed).addErrback(
+            failed)
 
     def _flags_response(self, seq: int, info: MessageInfo, *, uid: bool) -> bytes:
         """``* seq FETCH ([UID u] FLAGS (...) [MODSEQ (m)])`` for a flag change; RFC 7162 §3.1:
