@@ -19,7 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mailsys.imap.bodystructure import Part, param, parse_addresses, parse_message, unfold
+from mailsys.imap.bodystructure import (
+    MISSING_DOMAIN,
+    Part,
+    param,
+    parse_addresses,
+    parse_message,
+    unfold,
+)
 from mailsys.imap.fetch import Need
 from mailsys.imap.headercache import HEADERS
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
@@ -320,7 +327,7 @@ class AddressContains(HeaderContains):
             for address in parse_addresses(unfold(value)):
                 if address.name:
                     words.append(decode_header(address.name))
-                if address.mailbox is not None and address.host:
+                if address.mailbox is not None and address.host not in (None, MISSING_DOMAIN):
                     words.append(f"<{address.mailbox.decode('utf-8', 'replace')}@"
                                  f"{address.host.decode('utf-8', 'replace')}>")
                 elif address.mailbox is not None:

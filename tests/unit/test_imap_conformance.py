@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailsys.imap.binary import decode_quoted_printable
+from mailsys.imap.bodystructure import body_structure, envelope, parse_message
 from mailsys.imap.parser import Command, ContinueLiteral, Framer, SpooledLiteral
 from tests.unit.imap_support import Client, Server, filled, selected
 from tests.unit.mailbox_support import deliver, message
@@ -301,3 +302,30 @@ def test_recreated_mailbox_gets_a_new_uidvalidity(server: Server) -> None:
     after = re.search(r"UIDVALIDITY (\d+)", client.ok("STATUS box (UIDVALIDITY)"))
     assert before is not None and after is not None
     assert int(after.group(1)) > int(before.group(1))
+
+
+# --- ENVELOPE and BODYSTRUCTURE as Dovecot gives them ----------------------------------------------
+
+
+def test_text_part_without_charset_reports_us_ascii() -> None:
+    """A text part whose Content-Type has no charset reports ("CHARSET" "us-ascii") after its
+    other parameters (RFC 2045 §5.2 default, as Dovecot writes it)."""
+    part = parse_message(b"Content-Type: text/plain; format=flowed\r\n\r\nhi\r\n")
+    assert body_structure(part, extended=False).startswith(
+        b'("text" "plain" ("format" "flowed" "CHARSET" "us-ascii") NIL NIL "7BIT" 4 1')
+
+
+def test_envelope_joins_repeated_to_and_cc_fields() -> None:
+    """Several To (and Cc) fields give one address list with all of them in ENVELOPE, as
+    Dovecot does (RFC 5322 §3.6 allows one, real mail has more)."""
+    part = parse_message(b"To: a@x.org\r\nCc: c@x.org\r\nTo: b@y.org\r\nCc: d@y.org\r\n\r\n")
+    value = envelope(part)
+    assert b'((NIL NIL "a" "x.org")(NIL NIL "b" "y.org"))' in value
+    assert b'((NIL NIL "c" "x.org")(NIL NIL "d" "y.org"))' in value
+
+
+def test_address_without_domain_has_missing_domain_host() -> None:
+    """An address with no domain gets host MISSING_DOMAIN, not "" (Dovecot's spelling; NIL
+    would mean a group, RFC 3501 §7.4.2)."""
+    assert envelope(parse_message(b"From: localuser\r\n\r\n")).count(
+        b'(NIL NIL "localuser" "MISSING_DOMAIN")') == 3  # From, Sender, Reply-To
