@@ -103,3 +103,8 @@ class RefusedError(Exception):
 INVALID_NAME = ("Invalid mailbox name", "CANNOT")
 # A name longer than the store can hold (RFC 5530 LIMIT).
 NAME_TOO_LONG = ("Mailbox name too long", "LIMIT")
+# A FETCH or STORE that named messages another session expunged (RFC 5530, RFC 2180 §4.1.2).
+# The words are the ones Dovecot, Zimbra and CommuniGate use, which clients and test tools
+# recognise as "retry after NOOP" rather than a failure.
+EXPUNGE_ISSUED = ("Some of the requested messages no longer exist (they have been deleted)",
+                  "EXPUNGEISSUED")
