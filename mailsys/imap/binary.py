@@ -6,10 +6,11 @@ how decoded bytes travel: as a literal8 (``~{n}``) only when they hold a NUL (RF
 
 from __future__ import annotations
 
+import base64
 import binascii
 import re
 
-from mailsys.imap.bodystructure import Part, Section, find_part
+from mailsys.imap.bodystructure import Part, Section, find_part, parse_message
 from mailsys.imap.parser import Reader
 from mailsys.imap.responses import literal
 
@@ -91,3 +92,38 @@ def literal8(value: bytes) -> bytes:
     if b"\0" in value:
         return b"~{%d}\r\n" % len(value) + value
     return literal(value)
+
+
+def seven_bit_form(data: bytes) -> bytes:
+    """An APPENDed message whose parts use Content-Transfer-Encoding binary, with those parts
+    re-encoded as base64 (RFC 3516 §4.4: a server that does not keep binary content "MUST"
+    convert or refuse it). Our store serves every message with CRLF line ends, which would
+    change binary octets; base64 keeps them, and BINARY[] decodes them back exactly."""
+    root = parse_message(data)
+    edits: list[tuple[int, int, bytes]] = []
+    _collect_binary(root, edits)
+    if not edits:
+        return data
+    out = bytearray(data)
+    for start, end, replacement in sorted(edits, reverse=True):
+        out[start:end] = replacement
+    return bytes(out)
+
+
+def _collect_binary(part: Part, edits: list[tuple[int, int, bytes]]) -> None:
+    if part.multipart:
+        for child in part.children:
+            _collect_binary(child, edits)
+        return
+    if part.message is not None:
+        _collect_binary(part.message, edits)
+        return
+    encoding = (part.field(b"content-transfer-encoding") or b"").strip().lower()
+    if encoding != b"binary":
+        return
+    header = b"".join(
+        (b"Content-Transfer-Encoding: base64" if name.lower() == b"content-transfer-encoding"
+         else name + b":" + value) + b"\r\n"
+        for name, value in part.fields())
+    body = base64.encodebytes(part.body).replace(b"\n", b"\r\n")
+    edits.append((part.start, part.end, header + b"\r\n" + body))

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsys.imap.binary import seven_bit_form
 from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
 from mailsys.imap.names import canonical
 from mailsys.imap.parser import ParseError, Reader, SequenceSet, SpooledLiteral
@@ -63,7 +64,10 @@ class TransferCommands(SessionParts):
             data = reader.message_literal()
             reader.expect(b")")
         else:
+            binary = reader.peek_is(b"~")
             data = reader.message_literal()  # a literal, or a literal8 (RFC 3516 §4.4)
+            if binary and isinstance(data, bytes):
+                data = seven_bit_form(data)
         try:
             letters, keywords = split_flags(flags)
         except FlagError:

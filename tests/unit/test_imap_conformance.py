@@ -329,3 +329,20 @@ def test_address_without_domain_has_missing_domain_host() -> None:
     would mean a group, RFC 3501 §7.4.2)."""
     assert envelope(parse_message(b"From: localuser\r\n\r\n")).count(
         b'(NIL NIL "localuser" "MISSING_DOMAIN")') == 3  # From, Sender, Reply-To
+
+
+def test_binary_append_is_stored_as_base64_and_decodes_exactly(server: Server) -> None:
+    """A literal8 APPEND with a binary part is stored with that part in base64 (RFC 3516
+    §4.4): BODY[1] carries no NUL, BINARY[1] gives back the exact octets, bare LFs included
+    (imaptest append-binary)."""
+    client = logged_in(server)
+    content = b"\x00-\xe4\n\r\n\n"
+    data = (b"From: user@domain.org\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: binary\r\n\r\n" + content)
+    out = client.cmd(b"APPEND INBOX ~{%d+}\r\n" % len(data) + data)
+    assert f"{client.tag} OK" in out, out
+    client.select()
+    body = client.ok("FETCH 1 BODY.PEEK[1]")
+    assert "\x00" not in body and "AC3kCg0KCg==" in body
+    raw = client.send(b"b FETCH 1 (BINARY.SIZE[1] BINARY.PEEK[1])\r\n")
+    assert b"BINARY.SIZE[1] 7" in raw and b"BINARY[1] ~{7}\r\n" + content in raw
