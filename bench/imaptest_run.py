@@ -127,6 +127,10 @@ def stress(binary: Path, workdir: Path, name: str, states: str, secs: int, clien
         print(output)
     else:
         print("\n".join(errors[:50]))
+        lines = output.splitlines()
+        if "Totals:" in lines:
+            # imaptest's last report: commands done per state over the whole run.
+            print(f"{name}: " + "\n".join(lines[lines.index("Totals:"):][:5]))
     counts = f"{len(errors)} errors (imaptest exit {status})"
     return RunResult(name, _shown(binary, argv), counts, bool(errors) or status != 0)
 
