@@ -256,7 +256,7 @@ def test_recursivematch_reports_childinfo(server: Server) -> None:
     assert "CHILDINFO" not in out and '"." "box.test3.test3"\r\n' in out
 
 
-# --- MOVE, SEARCH FROM, UIDVALIDITY ----------------------------------------------------------------
+# --- MOVE, SEARCH FROM, UIDVALIDITY ---------------------------------------------------------------
 
 
 def test_move_into_the_selected_mailbox(server: Server) -> None:
@@ -304,7 +304,7 @@ def test_recreated_mailbox_gets_a_new_uidvalidity(server: Server) -> None:
     assert int(after.group(1)) > int(before.group(1))
 
 
-# --- ENVELOPE and BODYSTRUCTURE as Dovecot gives them ----------------------------------------------
+# --- ENVELOPE and BODYSTRUCTURE as Dovecot gives them ---------------------------------------------
 
 
 def test_text_part_without_charset_reports_us_ascii() -> None:
