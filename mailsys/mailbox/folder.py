@@ -60,8 +60,9 @@ LOCK_NAME = "mailsys-uidlist.lock"
 # \Recent for the next session that selects the folder (RFC 3501 §2.3.2).
 RECENT_NAME = "mailsys-recent"
 # In the INBOX directory: the last UIDVALIDITY given to any folder of the mailbox, so that a
-# folder deleted and created again gets a greater one even within the same second.
-UIDVALIDITY_NAME = "mailsys-uidvalidity"
+# folder deleted and created again gets a greater one even within the same second. (Not the
+# per-folder floor file of mailsys.mailbox.uidlist, which lives in each folder.)
+LAST_UIDVALIDITY_NAME = "mailsys-uidvalidity-last"
 # Maildir++: every folder below the INBOX holds an empty file of this name.
 FOLDER_MARKER = "maildirfolder"
 SUBDIRS = ("cur", "new", "tmp")
@@ -447,7 +448,7 @@ class Folder:
         this mailbox has given (RFC 3501 §2.3.1.1: a mailbox deleted and created again must
         not reuse its UIDVALIDITY, or a client's cache shows the wrong messages)."""
         inbox = self.path.parent if self.subfolder else self.path
-        fd = os.open(inbox / UIDVALIDITY_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(inbox / LAST_UIDVALIDITY_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # shared by every folder of the mailbox
             raw = os.read(fd, 64).strip()
@@ -468,6 +469,8 @@ class Folder:
 
         Under the folder's lock, so two sessions never both get \\Recent for one message.
         """
+        if self.subfolder and not self.path.is_dir():
+            return seen_up_to  # deleted meanwhile: taking the lock would create it again
         with self.locked():
             try:
                 raw = (self.path / RECENT_NAME).read_bytes().strip()
