@@ -442,6 +442,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
 
     def _dispatch_spooled(self, data: bytes, command: Command) -> None:
+        """A command with a literal the Framer spooled to a file: only APPEND takes one (the
+        others get BAD); the files are closed once the command is answered."""
         reader = Reader(data, spooled=command.spooled)
         tag = tag_of(data)
         try:
