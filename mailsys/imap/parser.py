@@ -104,10 +104,14 @@ class Framer:
     ``next_event`` (commands) or ``next_line`` (IDLE's DONE, SASL responses)."""
 
     def __init__(self, max_line: int, max_literal: int,
-                 spool_threshold: int = SPOOL_THRESHOLD) -> None:
+                 spool_threshold: int = SPOOL_THRESHOLD,
+                 may_spool: Callable[[], bool] = lambda: True) -> None:
         self.max_line = max_line  # also the limit on a command's text outside its literals
         self.max_literal = max_literal  # the most literal bytes one command may carry
         self.spool_threshold = spool_threshold
+        # Whether a literal may go to disk now; when not (before login), a larger one than
+        # the threshold is refused as too big instead.
+        self.may_spool = may_spool
         self._spooled: dict[int, SpooledLiteral] = {}
         self._spooling: SpooledLiteral | None = None  # the literal being written to a file
         self._buffer = b""
@@ -254,7 +258,9 @@ class Framer:
             size = int(marker.group(1))
             synchronizing = not marker.group(2)
             self._literals += size
-            if self._literals > self.max_literal:
+            limit = self.max_literal if self.may_spool() else min(self.max_literal,
+                                                                   self.spool_threshold)
+            if self._literals > limit:
                 tag = tag_of(self._parts[0] if self._parts else line)
                 self._reset()
                 if not synchronizing:

@@ -209,7 +209,9 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         self._settings = factory.settings
         self._store = factory.store
         self._clock = factory.clock
-        self._framer = Framer(self._settings.max_command_length, self._settings.max_literal_size)
+        # Literals over the spool threshold go to disk, after login only (an APPEND's).
+        self._framer = Framer(self._settings.max_command_length, self._settings.max_literal_size,
+                              may_spool=lambda: self._state in _AUTHED)
         self._state = State.NOT_AUTHENTICATED
         self._secure = False
         self._client_address = ""

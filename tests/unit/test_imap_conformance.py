@@ -346,3 +346,15 @@ def test_binary_append_is_stored_as_base64_and_decodes_exactly(server: Server) -
     assert "\x00" not in body and "AC3kCg0KCg==" in body
     raw = client.send(b"b FETCH 1 (BINARY.SIZE[1] BINARY.PEEK[1])\r\n")
     assert b"BINARY.SIZE[1] 7" in raw and b"BINARY[1] ~{7}\r\n" + content in raw
+
+
+def test_large_literal_before_login_is_refused_not_spooled(server: Server) -> None:
+    """Before login no literal over the spool threshold is taken (nothing legitimate needs
+    one, and it would go to disk): it is refused as too big, with no continuation."""
+    client = server.connect()
+    client.session._framer.spool_threshold = 64
+    out = client.send(b"a LOGIN {100}\r\n")
+    assert out.startswith(b"a ") and b"+ " not in out, out
+    client.login()
+    out = client.send(b"b APPEND INBOX {100}\r\n")
+    assert out.startswith(b"+ "), out
