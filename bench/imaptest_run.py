@@ -102,12 +102,29 @@ def scripted(binary: Path, tests: Path, workdir: Path, verbose: bool) -> RunResu
     return RunResult("scripted", _shown(binary, argv), "; ".join(counts) or "no summary", failed)
 
 
+_MBOX_FROM = re.compile(rb"(?:\A|(?<=\n\n))(?=From )")
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:.*\n(?:[ \t].*\n)*")
+
+
 def stress_mbox(tests: Path, target: Path) -> Path:
-    """The messages APPEND uses in a stress run: every mbox of the scripted suite in one."""
+    """The messages APPEND uses in a stress run: every mbox of the scripted suite in one.
+
+    imaptest's stress run knows a message by its Message-ID and reports any difference between
+    two messages with the same one as the server changing a message; the suite's mboxes reuse
+    Message-IDs (the threading tests), so each message gets a Message-ID of its own here.
+    """
+    number = 0
     with target.open("wb") as out:
         for source in sorted(tests.glob("*.mbox")):
             data = source.read_bytes()
-            out.write(data if data.endswith(b"\n") else data + b"\n")
+            for message in _MBOX_FROM.split(data):
+                if not message.startswith(b"From "):
+                    continue
+                number += 1
+                from_line, _, rest = message.partition(b"\n")
+                rest = _MESSAGE_ID.sub(b"", rest)
+                out.write(from_line + b"\nMessage-ID: <%d.stress@imaptest.invalid>\n" % number
+                          + rest + (b"" if rest.endswith(b"\n") else b"\n"))
     return target
 
 
