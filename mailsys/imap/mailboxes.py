@@ -25,9 +25,10 @@ from mailsys.imap.names import (
     special_use,
 )
 from mailsys.imap.parser import ParseError, Reader
-from mailsys.imap.responses import tagged, untagged
+from mailsys.imap.responses import NAME_TOO_LONG, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox import hierarchy
+from mailsys.mailbox.layout import NameTooLongError
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError
 
@@ -69,6 +70,8 @@ class MailboxCommands(SessionParts):
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileExistsError):
                 return tagged(tag, NO, "Mailbox already exists", "ALREADYEXISTS")
+            if failure.check(NameTooLongError):
+                return tagged(tag, NO, *NAME_TOO_LONG)
             if failure.check(InvalidFolderNameError):
                 return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
             return failure
@@ -120,6 +123,9 @@ class MailboxCommands(SessionParts):
                 return tagged(tag, NO, "Target mailbox exists", "ALREADYEXISTS")
             if failure.check(FileNotFoundError):
                 return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            if failure.check(NameTooLongError):
+                # RFC 5530 LIMIT: a child's name, grown by the new prefix, would not fit.
+                return tagged(tag, NO, *NAME_TOO_LONG)
             if failure.check(InvalidFolderNameError):
                 return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
             return failure

@@ -69,6 +69,7 @@ from mailsys.imap.responses import (
 from mailsys.imap.transfers import TransferCommands
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
+from mailsys.mailbox.layout import NameTooLongError, folder_directory
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
@@ -79,9 +80,6 @@ log = Logger(namespace="mailsys.imap")
 # Before login a connection gets this long between commands (RFC 3501 §5.4 sets the 30-minute
 # minimum for authenticated sessions only).
 PREAUTH_TIMEOUT = 180.0
-
-# NAME_MAX of the file systems a Maildir lives on (ext4, XFS, btrfs, tmpfs): 255 bytes.
-MAX_FOLDER_NAME_BYTES = 255
 
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
@@ -522,10 +520,14 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
         except MailboxNameError:
             # Well-formed as an astring: no mailbox has this name (NO, as Dovecot; not BAD).
             raise RefusedError(*INVALID_NAME) from None
-        # A Maildir++ folder is one directory ".name" (every level in it): more than
-        # NAME_MAX bytes cannot be stored. TODO: unify with the store's own length check.
-        if len(("." + name).encode("utf-8", "surrogateescape")) > MAX_FOLDER_NAME_BYTES:
-            raise RefusedError(*NAME_TOO_LONG)
+        # The store's own rule (mailsys.mailbox.layout): a folder is one directory ".name"
+        # holding every level, so a name past NAME_MAX bytes can never be a mailbox.
+        try:
+            folder_directory(name)
+        except NameTooLongError:
+            raise RefusedError(*NAME_TOO_LONG) from None
+        except InvalidFolderNameError:
+            pass  # each command answers this in its own way (NONEXISTENT, CANNOT, TRYCREATE)
         return name
 
     # --- any state -----------------------------------------------------------------------------
