@@ -358,3 +358,13 @@ def test_large_literal_before_login_is_refused_not_spooled(server: Server) -> No
     client.login()
     out = client.send(b"b APPEND INBOX {100}\r\n")
     assert out.startswith(b"+ "), out
+
+
+def test_rename_that_would_grow_a_child_name_too_long_is_no_limit(server: Server) -> None:
+    """RENAME whose new prefix would make a child's directory name pass NAME_MAX is NO [LIMIT]
+    from the store's own check, and nothing is renamed (RFC 5530 LIMIT)."""
+    client = logged_in(server)
+    child = "p." + "c" * 240
+    client.ok(f"CREATE {child}")
+    assert client.status("RENAME p " + "q" * 20).startswith("NO [LIMIT]")
+    assert (server.inbox / ("." + child)).is_dir()
