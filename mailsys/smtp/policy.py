@@ -9,11 +9,14 @@ The session itself (sequence, syntax, limits) is mailsys.smtp.server's business.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsys import replies
@@ -21,6 +24,8 @@ from mailsys.address import Mailbox
 from mailsys.interfaces import IRouter
 from mailsys.replies import Reply
 from mailsys.routing import Destination, UnknownRecipient
+
+log = Logger(namespace="mailsys.smtp.policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,3 +255,73 @@ class SubmissionPolicy(RouterPolicy):
         if session.authenticated_user is None:
             return fail(RecipientRejected(replies.AUTH_REQUIRED))
         return super().check_recipient(session, recipient)
+
+
+class StorageGate(Protocol):
+    """What an SMTP listener asks at MAIL FROM before a transaction starts: is there room?"""
+
+    def refusal(self, size: int | None) -> Reply | None:
+        """None if a message (of the declared ``size``, when given) may come, else the reply."""
+
+
+class StorageFloor:
+    """Refuses new mail early while the spool's file system is below its free-space floor.
+
+    Postfix's queue_minfree, for every listener alike: below the floor MAIL FROM gets
+    452 4.3.1, and a declared SIZE that would take the free space below it gets the same at
+    once (RFC 1870 §6.1), instead of reading a whole message only to fail its commit.
+
+    The free space is a cached number, refreshed by ``refresh()`` (a timer calls it) with
+    statvfs in a disk thread. statvfs does no I/O on a local file system (it reads the
+    superblock's counters, about a microsecond), but on NFS or FUSE it is a round trip that
+    can hang, so it never runs on the reactor; MAIL FROM only reads the last answer. The state
+    is logged once when it starts and once when it ends.
+    """
+
+    def __init__(
+        self, directory: Path, floor: int, run: Callable[..., Deferred[Any]]
+    ) -> None:
+        self.directory = Path(directory)
+        self.floor = floor
+        self._run = run
+        self.free: int | None = None  # bytes available to us; None before the first look
+        self.below_floor = False
+
+    def refresh(self) -> Deferred[None]:
+        """Look at the free space once (in a disk thread); never fails (errors are logged)."""
+        d: Deferred[int] = self._run(available_bytes, self.directory)
+
+        def failed(failure: Failure) -> None:
+            log.warn("cannot see the free space of {path}: {error}", path=str(self.directory),
+                     error=failure.getErrorMessage())
+
+        return d.addCallbacks(self.update, failed)
+
+    def update(self, free: int) -> None:
+        """Take a new free-space figure; log when the low state starts or ends."""
+        self.free = free
+        low = free < self.floor
+        if low and not self.below_floor:
+            log.warn("spool file system {path} below its free-space floor ({free} < {floor} "
+                     "bytes): refusing new mail with 452 4.3.1 until space returns",
+                     path=str(self.directory), free=free, floor=self.floor)
+        elif self.below_floor and not low:
+            log.info("spool file system {path} has room again ({free} >= {floor} bytes): "
+                     "accepting mail", path=str(self.directory), free=free, floor=self.floor)
+        self.below_floor = low
+
+    def refusal(self, size: int | None) -> Reply | None:
+        free = self.free
+        if free is None:
+            return None
+        if self.below_floor:
+            return replies.SYSTEM_FULL  # RFC 3463 §3.4 X.3.1: mail system full
+        if size is not None and free - size < self.floor:
+            return replies.SYSTEM_FULL  # RFC 1870 §6.1: the declared size does not fit now
+        return None
+
+
+def available_bytes(directory: Path) -> int:
+    """Blocking: the bytes an unprivileged writer may still use on ``directory``'s file system."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
