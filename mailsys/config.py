@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mailsys.auth import throttle as _throttle
+from mailsys.delivery.quota import parse_size
 from mailsys.delivery.nexthop import NextHopError, check_transport_value, parse_next_hop
 
 DEFAULT_BACKLOG = 1024
@@ -53,6 +54,15 @@ class StorageSection:
     spool: Path = Path("var/spool")
     maildirs: Path = Path("maildirs")
     users: Path = Path("var/users")
+    # Free space the spool's file system keeps: below it MAIL FROM gets 452 4.3.1 ("100M";
+    # "none" turns the check off). Unset: three times smtp.max_message_size.
+    spool_min_free: str | None = None
+
+    def spool_floor(self, max_message_size: int) -> int:
+        """The free-space floor in bytes (0: no floor)."""
+        if self.spool_min_free is None:
+            return 3 * max_message_size
+        return parse_size(self.spool_min_free) or 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,19 @@ class DevSection:
 
 
 @dataclass(frozen=True)
+class QuotaSection:
+    """Per-mailbox limits (mailsys.delivery.quota): a default for every mailbox, overridden per
+    user (canonical address); none by default. Sizes as "500K", "100M", "2G" or "none"."""
+
+    storage: str | None = None
+    messages: int | None = None
+    # A notice goes to the user's INBOX when a delivery takes the mailbox past this share.
+    warn_percent: int = 90
+    storage_per_user: Mapping[str, str] = field(default_factory=dict)
+    messages_per_user: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, as loaded from ``path``."""
 
@@ -231,6 +254,7 @@ class Config:
     auth: AuthSection = field(default_factory=AuthSection)
     relay: RelaySection = field(default_factory=RelaySection)
     dev: DevSection = field(default_factory=DevSection)
+    quota: QuotaSection = field(default_factory=QuotaSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -245,6 +269,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "auth": AuthSection,
     "relay": RelaySection,
     "dev": DevSection,
+    "quota": QuotaSection,
 }
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -422,8 +447,27 @@ def _claim_port(bound: dict[tuple[str, int], tuple[str, str]], description: str,
     bound[(interface, port)] = (key, description)
 
 
+def _check_storage_limits(config: Config) -> None:
+    """The free-space floor and the quota sizes must parse; the warning level is a percentage."""
+    path = config.path
+    sizes = [("storage.spool_min_free", config.storage.spool_min_free),
+             ("quota.storage", config.quota.storage)]
+    sizes += [(f"quota.storage_per_user.{_quote(user)}", size)
+              for user, size in config.quota.storage_per_user.items()]
+    for key, value in sizes:
+        if value is None:
+            continue
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(path, key, str(exc)) from None
+    if config.quota.warn_percent > 100:
+        raise ConfigError(path, "quota.warn_percent", "must be 1-100")
+
+
 def _check(config: Config, *, check_files: bool) -> None:
     path = config.path
+    _check_storage_limits(config)
     if not _HOSTNAME.match(config.server.hostname):
         raise ConfigError(path, "server.hostname",
                           f"not a valid host name: {config.server.hostname!r}")

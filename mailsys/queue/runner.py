@@ -29,7 +29,7 @@ from typing_extensions import override
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.queue.spool import Spool
-from mailsys.replies import Reply
+from mailsys.replies import MAILBOX_FULL, MAILBOX_FULL_EXPIRED, Reply
 
 log = Logger(namespace="mailsys.queue.runner")
 
@@ -356,6 +356,9 @@ class QueueRunner(Service):
                         recipient.record(attempt)
                         expired = (EXPIRED if recipient.kind in self._agents
                                    else WITHOUT_AGENT[recipient.kind][1])
+                        if _enhanced_code(attempt.reply) == MAILBOX_FULL.enhanced:
+                            # RFC 3463 X.2.2: still over quota, now for good.
+                            expired = MAILBOX_FULL_EXPIRED
                         attempt = Attempt(at=now, status=RecipientStatus.FAILED,
                                           host=attempt.host, reply=str(expired))
                         next_attempt = None
@@ -583,6 +586,12 @@ class QueueRunner(Service):
             log.warn(text, **fields)
         else:
             log.info(text, **fields)
+
+
+def _enhanced_code(reply: str) -> str:
+    """The enhanced status code of a reply line ("452 4.2.2 Mailbox full" gives "4.2.2")."""
+    parts = reply.split(maxsplit=2)
+    return parts[1] if len(parts) > 1 else ""
 
 
 def _waited_for_agent(recipient: Recipient) -> bool:
