@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mailsys.auth import throttle as _throttle
-from mailsys.delivery.quota import parse_size
 from mailsys.delivery.nexthop import NextHopError, check_transport_value, parse_next_hop
+from mailsys.delivery.quota import parse_size
 
 DEFAULT_BACKLOG = 1024
 _LISTENER_TYPES = ("tcp", "tcp6", "unix")

@@ -308,7 +308,7 @@ class _DirectorySync:
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def is_no_space(error: BaseException) -> bool:
+def is_no_space(error: BaseException | None) -> bool:
     """True if ``error`` says the file system (or the owner's disk quota) has no room left."""
     return isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS
 

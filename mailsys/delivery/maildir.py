@@ -205,13 +205,13 @@ class MaildirWriter:
 
         def failed(failure: Failure) -> Attempt:
             # Storage errors are expected events: one line each, no traceback.
-            if failure.check(MailboxFullError):
+            error = failure.value
+            if isinstance(error, MailboxFullError):
                 log.info("{queue_id}: to=<{to}> mailbox full ({usage}) in {maildir}, will retry",
                          queue_id=queue_id, to=recipient.address, maildir=str(maildir),
-                         usage=failure.value.describe())
+                         usage=error.describe())
                 return self._attempt(RecipientStatus.DEFERRED, REPLY_MAILBOX_FULL)
-            if failure.check(OSError):
-                error = failure.value
+            if isinstance(error, OSError):
                 log.warn("{queue_id}: to=<{to}> maildir delivery failed, will retry: {path}: "
                          "{error}", queue_id=queue_id, to=recipient.address,
                          path=str(getattr(error, "filename", None) or maildir),

@@ -45,6 +45,7 @@ from typing_extensions import override
 from mailsys.auth.portal import MailUser, login
 from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
 from mailsys.config import Config
+from mailsys.delivery.quota import MailboxQuota
 from mailsys.imap import search as searching
 from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
@@ -60,6 +61,7 @@ from mailsys.imap.parser import (
     Rejection,
     tag_of,
 )
+from mailsys.imap.quota import QuotaCommands
 from mailsys.imap.responses import BAD, NO, OK, tagged, untagged
 from mailsys.imap.transfers import TransferCommands
 from mailsys.inputloop import InputLoopSession
@@ -184,7 +186,8 @@ class _Spec:
     updates_with_uid: bool = True
 
 
-class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopSession):
+class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaCommands,
+                  InputLoopSession):
     """One IMAP connection. Input is framed into lines and literals by a Framer and handled in
     order (mailsys.inputloop)."""
 
@@ -243,6 +246,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             b"COPY": _Spec(self._do_copy, _SELECTED),
             b"MOVE": _Spec(self._do_move, _SELECTED),
         }
+        for name, handler in self._quota_commands().items():  # RFC 9208 (mailsys.imap.quota)
+            self._commands[name] = _Spec(handler, _AUTHED)
         self._uid_commands = {b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE"}
 
     # --- helpers -------------------------------------------------------------------------------
@@ -509,6 +514,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
                      "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
                      "UTF8=ACCEPT", "STATUS=SIZE", "CONDSTORE",
                      f"APPENDLIMIT={self._settings.max_literal_size}"]
+            caps += self._quota_capabilities()
         return " ".join(caps)
 
     @property
@@ -986,6 +992,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
 
 class IMAPServerFactory(MailboxServerFactory[IMAPSettings]):
     """Builds IMAP sessions for one listener."""
+
+    quota: MailboxQuota | None = None  # per-mailbox limits (mailsys.imap.quota.set_quota)
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> IMAPSession:

@@ -559,7 +559,7 @@ def _overwrite_synced(path: str, data: bytes, size: int) -> None:
         os.close(fd)
 
 
-def _error_text(error: BaseException) -> str:
+def _error_text(error: BaseException | None) -> str:
     """An OSError as one short line: its strerror (no path, the caller names that)."""
     if isinstance(error, OSError) and error.strerror:
         return f"[Errno {error.errno}] {error.strerror}"

@@ -86,6 +86,14 @@ class RouterPolicy:
     aliases, as ``senders`` decides; without ``senders`` only the user's own address (any case).
     The null sender is allowed there: mail clients submit read receipts with it (RFC 8098 §3).
 
+    ``mailbox_full``, when given, says (with a Deferred) whether a local mailbox has reached its
+    quota: a recipient that resolves to that one mailbox is then refused at RCPT with 452 4.2.2
+    (RFC 3463 X.2.2). Refusing there, for mail from outside and submissions alike, keeps the
+    message with its sender's server, which retries and in the end tells its own user: we
+    accept no mail we would only bounce later to a sender that may be forged (backscatter). A
+    recipient that expands to several mailboxes (an alias) is accepted; each full mailbox then
+    defers in the queue with 4.2.2 and bounces with 5.2.2 if it stays full.
+
     ``reload_users``, when given, brings the router's user store up to date with its file (in a
     disk thread, never on the reactor) and is called before an unknown local recipient is
     refused: a 550 is permanent (RFC 5321 §4.2.1), so it must not be said of a user just added
@@ -102,8 +110,10 @@ class RouterPolicy:
         postmaster_domain: str | None = None,
         senders: SenderOwnership | None = None,
         reload_users: Callable[[], Deferred[Any]] | None = None,
+        mailbox_full: Callable[[str], Deferred[bool]] | None = None,
     ) -> None:
         self._router = router
+        self._mailbox_full = mailbox_full
         self._postmaster_domain = postmaster_domain
         self._senders = senders
         self._reload_users = reload_users
@@ -167,6 +177,26 @@ class RouterPolicy:
     ) -> Deferred[list[Destination]]:
         if not local and not self.may_relay(session):
             return fail(RecipientRejected(replies.RELAY_DENIED))
+        d = self._route_reloading(address)
+        if self._mailbox_full is None:
+            return d
+        return d.addCallback(self._refuse_full)
+
+    def _refuse_full(self, destinations: list[Destination]) -> Any:
+        """The destinations, or RecipientRejected(452 4.2.2) for one local mailbox at quota."""
+        assert self._mailbox_full is not None
+        if len(destinations) != 1 or destinations[0].mailbox is None:
+            return destinations
+        full = self._mailbox_full(destinations[0].mailbox)
+
+        def decided(is_full: bool) -> list[Destination]:
+            if is_full:
+                raise RecipientRejected(replies.MAILBOX_FULL)
+            return destinations
+
+        return full.addCallback(decided)
+
+    def _route_reloading(self, address: str) -> Deferred[list[Destination]]:
         d = self._route(address)
         if self._reload_users is None:
             return d
