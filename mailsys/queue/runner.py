@@ -523,7 +523,15 @@ class QueueRunner(Service):
             self._forget(entry)
             return
         # The attempts are still recorded in memory; the next round's update writes them.
-        log.failure("{queue_id}: could not rewrite the envelope", failure, queue_id=queue_id)
+        error = failure.value
+        if isinstance(error, OSError):
+            # A storage error (a full spool, most likely): one line, no traceback.
+            log.error("{queue_id}: could not rewrite the envelope: {path}: [Errno {errno}] "
+                      "{error}", queue_id=queue_id, path=str(error.filename or ""),
+                      errno=error.errno, error=error.strerror)
+        else:
+            log.failure("{queue_id}: could not rewrite the envelope", failure,
+                        queue_id=queue_id)
         self._round_done(entry)
 
     def _forget(self, entry: _Entry) -> None:
