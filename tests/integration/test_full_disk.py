@@ -72,7 +72,8 @@ def send(server: MailServer, marker: str, size: int = MESSAGE_SIZE,
         try:
             client.sendmail("sender@remote.test", [to], big_message(marker, size, to))
         except smtplib.SMTPResponseException as error:
-            return error.smtp_code, error.smtp_error.decode()
+            reply = error.smtp_error
+            return error.smtp_code, reply.decode() if isinstance(reply, bytes) else reply
         except smtplib.SMTPRecipientsRefused as error:
             code, text = error.recipients[to]
             return code, text.decode()
