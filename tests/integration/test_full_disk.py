@@ -132,6 +132,7 @@ def test_full_spool_and_maildir_recover_without_a_restart(
     flushed = queue_tool(server, "flush")
     assert flushed.returncode == 0, flushed.stderr
     assert "due now" in flushed.stdout
+    assert "queue control (socket)" in server.log()  # no file written into the full spool
 
     # The user makes room, a few messages at a time (they read and archive their mail).
     archive = tmp_path / "archive"
