@@ -3,12 +3,13 @@ RCPT refusal, IMAP QUOTA (RFC 9208), and StorageFloor at MAIL FROM."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import capturedLogs
 
 from mailsys import replies
@@ -31,6 +32,7 @@ from mailsys.delivery.quota import (
 from mailsys.envelope import RecipientStatus, TargetKind
 from mailsys.routing import Destination
 from mailsys.smtp.policy import InboundPolicy, RecipientRejected, SessionInfo, StorageFloor
+from mailsys.smtp.testing import MemorySink, SessionDriver, make_factory
 from tests.unit.imap_support import USER, Server
 from tests.unit.test_spool import ImmediateDiskPool, local_recipient, make_envelope, result_of
 
@@ -320,3 +322,43 @@ def test_imap_without_quota_advertises_nothing(tmp_path: Path) -> None:
     client.login()
     assert "QUOTA" not in client.ok("CAPABILITY")
     assert client.status("GETQUOTAROOT INBOX").startswith("BAD")
+
+
+# -- the SMTP session ----------------------------------------------------------------------------
+
+
+class FullSink(MemorySink):
+    """A sink whose spool commit meets a full file system."""
+
+    def submit(self, envelope: object, message: bytes) -> Deferred[None]:
+        return fail(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_smtp_mail_below_the_floor_gets_452_4_3_1() -> None:
+    """The session asks the listener's StorageFloor at MAIL FROM, with the declared SIZE."""
+    floor = StorageFloor(Path("/"), 1000, lambda f, *a: succeed(f(*a)))
+    floor.update(5000)
+    factory = make_factory()
+    factory.storage = floor
+    driver = SessionDriver(factory)
+    driver.lines()
+    driver.send(b"EHLO client.test\r\n")
+    assert driver.send(b"MAIL FROM:<a@remote.test> SIZE=4500\r\n") == [
+        "452 4.3.1 Insufficient system storage, try again later"]
+    assert driver.codes(b"MAIL FROM:<a@remote.test> SIZE=100\r\n") == [250]
+    floor.update(10)
+    driver.send(b"RSET\r\n")
+    assert driver.codes(b"MAIL FROM:<a@remote.test>\r\n") == [452]
+
+
+def test_smtp_full_spool_at_commit_gets_452_4_3_1_without_a_traceback() -> None:
+    """A commit failing with ENOSPC answers 452 4.3.1 and logs no traceback."""
+    driver = SessionDriver(make_factory(sink=FullSink()))
+    driver.lines()
+    driver.send(b"EHLO client.test\r\n")
+    driver.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    with capturedLogs() as events:
+        assert driver.send(b"DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
+        answer = driver.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert answer == ["452 4.3.1 Insufficient system storage, try again later"]
+    assert [e for e in events if e.get("log_failure")] == []
