@@ -228,6 +228,17 @@ class MailboxQuota:
             raise MailboxFullError(mailbox, usage, limits)
         return usage
 
+    def store_within(self, mailbox: str, size: int, count: int, store: Callable[..., T],
+                     *args: Any) -> T:
+        """Blocking: ``store(*args)`` if ``count`` messages of ``size`` bytes in all fit, then
+        count them; else MailboxFullError (IMAP APPEND and COPY). Serialised with deliveries to
+        the same mailbox, so two writers cannot both take the last room."""
+        with self._lock(maildir_of(self.root, mailbox)):
+            self.check(mailbox, size, count)
+            result = store(*args)
+            self.record(mailbox, size, count)
+            return result
+
     def record(self, mailbox: str, size: int, count: int = 1) -> None:
         """Blocking: add a delta line for messages stored outside ``deliver`` (IMAP APPEND)."""
         if self.limits_for(mailbox) is None:

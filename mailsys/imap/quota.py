@@ -123,10 +123,7 @@ class QuotaCommands(SessionParts):
             return func
 
         def guarded(*args: Any) -> T:
-            quota.check(mailbox, size, count)
-            result = func(*args)
-            quota.record(mailbox, size, count)
-            return result
+            return quota.store_within(mailbox, size, count, func, *args)
 
         return guarded
 

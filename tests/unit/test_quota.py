@@ -33,7 +33,7 @@ from mailsys.envelope import RecipientStatus, TargetKind
 from mailsys.routing import Destination
 from mailsys.smtp.policy import InboundPolicy, RecipientRejected, SessionInfo, StorageFloor
 from mailsys.smtp.testing import MemorySink, SessionDriver, make_factory
-from tests.unit.imap_support import USER, Server
+from tests.unit.imap_support import USER, Server, filled
 from tests.unit.test_spool import ImmediateDiskPool, local_recipient, make_envelope, result_of
 
 ALICE = "alice@example.test"
@@ -362,3 +362,11 @@ def test_smtp_full_spool_at_commit_gets_452_4_3_1_without_a_traceback() -> None:
         answer = driver.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
     assert answer == ["452 4.3.1 Insufficient system storage, try again later"]
     assert [e for e in events if e.get("log_failure")] == []
+
+
+def test_imap_copy_over_quota_gets_overquota_and_move_does_not(imap: Server) -> None:
+    """COPY adds to the mailbox and is refused over the quota; MOVE within it takes no room."""
+    client = filled(imap, 2)
+    client.ok("CREATE Archive")
+    assert client.status("COPY 1:2 Archive").startswith("NO [OVERQUOTA]")
+    assert client.status("MOVE 1 Archive").startswith("OK")
