@@ -11,15 +11,18 @@ quota is refused with NO [OVERQUOTA] (RFC 9208 §5.3).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
 from mailsys.delivery.quota import Limits, MailboxFullError, MailboxQuota, Usage
+from mailsys.imap.names import encode_name
 from mailsys.imap.parser import Reader
 from mailsys.imap.responses import NO, OK, astring, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
+from mailsys.mailbox.store import INBOX, InvalidFolderNameError
 
 T = TypeVar("T")
 ROOT = ""
@@ -73,14 +76,30 @@ class QuotaCommands(SessionParts):
 
     def _do_getquotaroot(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.space()
-        raw = reader.astring()
+        name = self._mailbox_name(reader)
         reader.end()
+        # An atom where it is one (INBOX), else the quoted form mailbox responses use.
+        plain = name.isascii() and name.isalnum()
+        raw = astring(name.encode()) if plain else encode_name(name, utf8=self.utf8)
+        assert self._mailbox is not None
+        try:
+            path = self._store.folder_path(self._mailbox, name)
+        except InvalidFolderNameError:
+            return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
         limits = self._limits()
-        if limits is None:
-            # RFC 9208 §4.2.2: a mailbox without quota roots lists none.
-            self.write(untagged(b"QUOTAROOT " + astring(raw)))
-            return tagged(tag, OK, "GETQUOTAROOT completed")
-        return self._report(tag, limits, "GETQUOTAROOT", b"QUOTAROOT " + astring(raw) + b' ""')
+
+        def answer(exists: bool) -> bytes | Deferred[bytes]:
+            # RFC 9208 §4.3.2: GETQUOTAROOT of a mailbox that does not exist is an error.
+            if not exists and name.upper() != INBOX:
+                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            if limits is None:
+                # RFC 9208 §4.3.2: a mailbox without quota roots lists none.
+                self.write(untagged(b"QUOTAROOT " + raw))
+                return tagged(tag, OK, "GETQUOTAROOT completed")
+            return self._report(tag, limits, "GETQUOTAROOT", b"QUOTAROOT " + raw + b' ""')
+
+        found: Deferred[bool] = self.run(os.path.isdir, path)
+        return found.addCallback(answer)
 
     def _do_getquota(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.space()

@@ -301,6 +301,7 @@ def test_imap_advertises_quota_and_reports_the_root(imap: Server) -> None:
     assert '* QUOTAROOT INBOX ""' in out and '* QUOTA "" (STORAGE 0 4 MESSAGE 0 2)' in out
     assert '* QUOTA "" (STORAGE 0 4 MESSAGE 0 2)' in client.ok('GETQUOTA ""')
     assert client.status('GETQUOTA "other"').startswith("NO [NONEXISTENT]")
+    assert client.status("GETQUOTAROOT Nowhere").startswith("NO [NONEXISTENT]")
     assert client.status('SETQUOTA "" (STORAGE 10)').startswith("NO [NOPERM]")
 
 
