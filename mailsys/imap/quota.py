@@ -16,14 +16,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from mailsys.delivery.quota import Limits, MailboxFullError, MailboxQuota, Usage
+from mailsys.diskio import is_no_space
 from mailsys.imap.names import encode_name
 from mailsys.imap.parser import Reader
 from mailsys.imap.responses import NO, OK, astring, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.store import INBOX, InvalidFolderNameError
 
+log = Logger(namespace="mailsys.imap")
 T = TypeVar("T")
 ROOT = ""
 OVERQUOTA = "OVERQUOTA"  # RFC 9208 §5.3 response code
@@ -148,7 +151,11 @@ class QuotaCommands(SessionParts):
 
 
 def quota_refusal(tag: bytes, failure: Any) -> bytes | None:
-    """NO [OVERQUOTA] for a message refused by the quota (RFC 9208 §5.3), else None."""
+    """NO [OVERQUOTA] for a message refused by the quota (RFC 9208 §5.3) or by a full file
+    system (as Dovecot answers ENOSPC: the client's advice is the same, make room), else None."""
     if failure.check(MailboxFullError):
         return tagged(tag, NO, "Mailbox is over its quota", OVERQUOTA)
+    if is_no_space(failure.value):
+        log.warn("imap: no space to store a message: {error}", error=failure.value)
+        return tagged(tag, NO, "Not enough disk space", OVERQUOTA)
     return None

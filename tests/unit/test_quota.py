@@ -371,3 +371,20 @@ def test_imap_copy_over_quota_gets_overquota_and_move_does_not(imap: Server) -> 
     client.ok("CREATE Archive")
     assert client.status("COPY 1:2 Archive").startswith("NO [OVERQUOTA]")
     assert client.status("MOVE 1 Archive").startswith("OK")
+
+
+def test_imap_append_on_a_full_disk_gets_overquota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """APPEND meeting ENOSPC is answered NO [OVERQUOTA] "Not enough disk space" (as Dovecot)."""
+    from mailsys.imap import transfers
+
+    def full(folder: Any, messages: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transfers, "_append", full)
+    client = Server(tmp_path / "maildirs", allow_plaintext_auth=True).connect()
+    client.login()
+    message = b"Subject: a\r\n\r\nhi\r\n"
+    answer = client.status(b"APPEND INBOX {%d+}\r\n" % len(message) + message)
+    assert answer == "NO [OVERQUOTA] Not enough disk space"
