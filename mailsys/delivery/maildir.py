@@ -11,6 +11,7 @@ recovered message whose copy was written before a crash is recognised instead of
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -182,8 +183,9 @@ class MaildirWriter:
             d = self._pool.run_and_sync(new_dir, write_copy, *copy)
         else:
             size = envelope.size + len(header)
-            d = self._pool.run_and_sync(new_dir, self._quota.deliver, recipient.mailbox, limits,
-                                        size, write_copy, *copy)
+            d = self._pool.run_and_sync(new_dir, functools.partial(
+                self._quota.deliver, present=functools.partial(copy_present, maildir, base)),
+                recipient.mailbox, limits, size, write_copy, *copy)
 
         def delivered(name: str | None) -> Attempt:
             if name is None:
@@ -381,6 +383,11 @@ def _name_prefix(name: str) -> str:
     time_part, _, rest = name.partition(".")
     unique, _, _ = rest.partition(".")
     return f"{time_part}.{unique}."
+
+
+def copy_present(maildir: Path, base: str) -> bool:
+    """Disk thread: True if the copy named ``base`` is in new/ or cur/ (read, flagged or not)."""
+    return _name_prefix(base) in _listed_prefixes(os.fspath(maildir))
 
 
 def _listed_prefixes(maildir: str) -> set[str]:

@@ -247,14 +247,16 @@ class MailboxQuota:
 
     def deliver(
         self, mailbox: str, limits: Limits, size: int, write: Callable[..., str | None],
-        *args: Any,
+        *args: Any, present: Callable[[], bool] | None = None,
     ) -> str | None:
         """Blocking: ``write(*args)`` a message of about ``size`` bytes if it fits, else raise
         MailboxFullError; then account for it, and leave the user a warning when the delivery
         took the mailbox across the warning level.
 
         ``write`` returns the Maildir name it wrote (with ",S=<size>"), or None if the copy was
-        already there (nothing to count).
+        already there (nothing to count). ``present`` says whether the copy is already in the
+        Maildir: asked only when the message does not fit, so that a copy written before a
+        crash (and counted since) is recognised as delivered instead of deferred as too big.
         """
         maildir = maildir_of(self.root, mailbox)
         with self._lock(maildir):
@@ -263,6 +265,8 @@ class MailboxQuota:
             except FileNotFoundError:
                 usage = Usage()  # no Maildir yet: the writer creates it
             if exceeds(limits, usage.plus(size)):
+                if present is not None and present():
+                    return None
                 raise MailboxFullError(mailbox, usage, limits)
             name = write(*args)
             if name is None:

@@ -187,6 +187,26 @@ def test_crossing_the_warning_level_leaves_one_notice(tmp_path: Path) -> None:
     assert len([n for n in os.listdir(maildir / "new") if "W." in n]) == 1
 
 
+def test_copy_written_before_a_crash_is_delivered_not_deferred(tmp_path: Path) -> None:
+    """A recovered message whose copy is already in the (now full) mailbox counts as delivered:
+    the copy is found, nothing is written or counted twice."""
+    keeper = quota(tmp_path / "maildirs", Limits(100))
+    writer = MaildirWriter(tmp_path / "maildirs", ImmediateDiskPool(), "mx.test",  # type: ignore[arg-type]
+                           quota=keeper)
+    message = tmp_path / "m.msg"
+    message.write_bytes(b"Subject: x\r\n\r\n" + b"y" * 300 + b"\r\n")
+    envelope = make_envelope("Q2", local_recipient(ALICE))
+    envelope.size = 320
+    maildir = maildir_of(tmp_path / "maildirs", ALICE)
+    fill(maildir, [])
+    name = writer.file_name(envelope, envelope.recipients[0])
+    (maildir / "cur" / f"{name},S=330:2,S").write_bytes(b"z" * 330)  # read by the user since
+    attempt = result_of(writer.deliver(envelope, envelope.recipients[0], message,
+                                       recovered=True))
+    assert attempt.status is RecipientStatus.DELIVERED
+    assert os.listdir(maildir / "new") == []
+
+
 def test_maildir_writer_defers_with_4_2_2_over_quota(tmp_path: Path) -> None:
     """MaildirWriter with a quota: over it, the attempt is DEFERRED with 452 4.2.2, logged as
     one line without a traceback."""
