@@ -20,10 +20,24 @@ from typing import Any
 
 from mailsys.auth import throttle as _throttle
 from mailsys.delivery.nexthop import NextHopError, check_transport_value, parse_next_hop
-from mailsys.delivery.quota import parse_size
 
 DEFAULT_BACKLOG = 1024
+_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _LISTENER_TYPES = ("tcp", "tcp6", "unix")
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from "500", "100K", "25M", "2G" (powers of 1024); None for "none" (no limit).
+
+    Raises ValueError for anything else.
+    """
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    match = _SIZE_TEXT.match(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 500K, 100M, 2G or none)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
 class ConfigError(Exception):

@@ -26,28 +26,15 @@ from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
+from mailsys.config import QuotaSection, parse_size
+
 log = Logger(namespace="mailsys.delivery.quota")
 
 MAILDIRSIZE = "maildirsize"
 # Maildir++: recalculate once the file is larger than this (it only ever grows by deltas).
 MAILDIRSIZE_LIMIT = 5120
 _SIZE_FIELD = re.compile(r",S=(\d+)")
-_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 T = TypeVar("T")
-
-
-def parse_size(text: str) -> int | None:
-    """Bytes from "500", "100K", "25M", "2G" (powers of 1024); None for "none" (no limit).
-
-    Raises ValueError for anything else.
-    """
-    if text.strip().lower() in ("none", "unlimited"):
-        return None
-    match = _SIZE_TEXT.match(text)
-    if match is None:
-        raise ValueError(f"not a size: {text!r} (use e.g. 500K, 100M, 2G or none)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
 @dataclass(frozen=True)
@@ -132,7 +119,7 @@ class QuotaRules:
         self.warn_percent = warn_percent
 
     @classmethod
-    def from_section(cls, section: Any) -> QuotaRules:
+    def from_section(cls, section: QuotaSection) -> QuotaRules:
         """From the [quota] section of the config (mailsys.config.QuotaSection)."""
         default = Limits(
             parse_size(section.storage) if section.storage is not None else None,
@@ -144,10 +131,7 @@ class QuotaRules:
             storage = default.storage
             if user in section.storage_per_user:
                 storage = parse_size(section.storage_per_user[user])
-            messages = section.messages_per_user.get(user, default.messages)
-            if messages == 0:
-                messages = None
-            per_user[user] = Limits(storage, messages)
+            per_user[user] = Limits(storage, section.messages_per_user.get(user, default.messages))
         return cls(default, per_user, section.warn_percent)
 
     @property

@@ -14,7 +14,7 @@ from twisted.logger import capturedLogs
 
 from mailsys import replies
 from mailsys.address import parse_mailbox
-from mailsys.config import ConfigError, from_mapping
+from mailsys.config import ConfigError, from_mapping, parse_size
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import (
     MAILDIRSIZE,
@@ -25,7 +25,6 @@ from mailsys.delivery.quota import (
     Usage,
     add_usage,
     maildir_of,
-    parse_size,
     read_maildirsize,
     recalculate,
 )
