@@ -28,7 +28,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +42,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailsys.diskio import fsync_directory, is_no_space, write_file_synced
+from mailsys.diskio import DiskRunner, fsync_directory, is_no_space, write_file_synced
 from mailsys.envelope import Envelope
 from mailsys.queue.spool import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, decode_envelope, encode_envelope
 
@@ -309,10 +309,6 @@ class QueueControl(Protocol):
     def release(self, queue_id: str) -> Deferred[bool]: ...
 
     def delete(self, queue_id: str) -> Deferred[bool]: ...
-
-
-class DiskRunner(Protocol):
-    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
 
 
 class ControlWatcher:

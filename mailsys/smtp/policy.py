@@ -10,7 +10,7 @@ The session itself (sequence, syntax, limits) is mailsys.smtp.server's business.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -238,7 +238,7 @@ def _unknown(failure: Failure) -> Failure:
     return failure
 
 
-def _destinations(found: list[object]) -> list[Destination]:
+def _destinations(found: Sequence[object]) -> list[Destination]:
     result = []
     for item in found:
         if not isinstance(item, Destination):

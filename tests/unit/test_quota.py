@@ -219,7 +219,7 @@ def test_maildir_writer_defers_with_4_2_2_over_quota(tmp_path: Path) -> None:
     with capturedLogs() as events:
         attempt = result_of(writer.deliver(envelope, envelope.recipients[0], message))
     assert attempt.status is RecipientStatus.DEFERRED
-    assert attempt.reply == "452 4.2.2 Mailbox full, will retry"
+    assert str(attempt.reply) == "452 4.2.2 Mailbox full, will retry"
     assert [e for e in events if e.get("log_failure")] == []
 
 
