@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 
 from mailsys.values import (
     DNSServer,
@@ -40,17 +40,21 @@ _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _LISTENER_TYPES = ("tcp", "tcp6", "unix")
 
 
-def parse_size(text: str) -> int | None:
-    """Bytes from "500", "100K", "25M", "2G" (powers of 1024); None for "none" (no limit).
+# A size in bytes written as text ("500K", "100M", "2G", "none"); 0 means no limit.
+ByteSize = NewType("ByteSize", int)
+
+
+def parse_size(text: str) -> ByteSize:
+    """Bytes from "500", "100K", "25M", "2G" (powers of 1024); 0 for "none" (no limit).
 
     Raises ValueError for anything else.
     """
     if text.strip().lower() in ("none", "unlimited"):
-        return None
+        return ByteSize(0)
     match = _SIZE_TEXT.match(text)
     if match is None:
         raise ValueError(f"not a size: {text!r} (use e.g. 500K, 100M, 2G or none)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    return ByteSize(int(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 class ConfigError(Exception):
@@ -83,13 +87,13 @@ class StorageSection:
     users: Path = Path("var/users")
     # Free space the spool's file system keeps: below it MAIL FROM gets 452 4.3.1 ("100M";
     # "none" turns the check off). Unset: three times smtp.max_message_size.
-    spool_min_free: str | None = None
+    spool_min_free: ByteSize | None = None
 
     def spool_floor(self, max_message_size: int) -> int:
         """The free-space floor in bytes (0: no floor)."""
         if self.spool_min_free is None:
             return 3 * max_message_size
-        return parse_size(self.spool_min_free) or 0
+        return self.spool_min_free
 
 
 @dataclass(frozen=True)
@@ -257,11 +261,11 @@ class QuotaSection:
     """Per-mailbox limits (mailsys.delivery.quota): a default for every mailbox, overridden per
     user (canonical address); none by default. Sizes as "500K", "100M", "2G" or "none"."""
 
-    storage: str | None = None
+    storage: ByteSize | None = None  # None or 0: no limit
     messages: int | None = None
     # A notice goes to the user's INBOX when a delivery takes the mailbox past this share.
     warn_percent: int = 90
-    storage_per_user: Mapping[str, str] = field(default_factory=dict)
+    storage_per_user: Mapping[str, ByteSize] = field(default_factory=dict)  # 0: no limit
     messages_per_user: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -309,6 +313,7 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
     TLSPolicy: TLSPolicy.parse,
     IPVersion: IPVersion.parse,
     DNSServer: DNSServer.parse,
+    ByteSize: parse_size,
 }
 
 
@@ -683,34 +688,15 @@ def _check_relay(config: Config, check_files: bool) -> RelaySection:
     return relay
 
 
-def _size(config: Config, key: str, value: str | None) -> None:
-    if value is None:
-        return
-    try:
-        parse_size(value)
-    except ValueError as exc:
-        raise ConfigError(config.path, key, str(exc)) from None
-
-
-def _check_storage(config: Config, check_files: bool) -> StorageSection:
-    _size(config, "storage.spool_min_free", config.storage.spool_min_free)
-    return config.storage
-
-
 def _check_quota(config: Config, check_files: bool) -> QuotaSection:
-    quota = config.quota
-    _size(config, "quota.storage", quota.storage)
-    for user, size in quota.storage_per_user.items():
-        _size(config, f"quota.storage_per_user.{_quote(user)}", size)
-    if quota.warn_percent > 100:
+    if config.quota.warn_percent > 100:
         raise ConfigError(config.path, "quota.warn_percent", "must be 1-100")
-    return quota
+    return config.quota
 
 
 # Run in this order after the listeners are checked; the first problem is reported.
 _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
     "server": _check_server,
-    "storage": _check_storage,
     "quota": _check_quota,
     "tls": _check_tls,
     "pop3": _check_pop3,

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
-from mailsys.config import QuotaSection, parse_size
+from mailsys.config import QuotaSection
 
 log = Logger(namespace="mailsys.delivery.quota")
 
@@ -121,16 +121,13 @@ class QuotaRules:
     @classmethod
     def from_section(cls, section: QuotaSection) -> QuotaRules:
         """From the [quota] section of the config (mailsys.config.QuotaSection)."""
-        default = Limits(
-            parse_size(section.storage) if section.storage is not None else None,
-            section.messages,
-        )
+        default = Limits(section.storage or None, section.messages)
         users = set(section.storage_per_user) | set(section.messages_per_user)
         per_user = {}
         for user in users:
             storage = default.storage
             if user in section.storage_per_user:
-                storage = parse_size(section.storage_per_user[user])
+                storage = section.storage_per_user[user] or None
             per_user[user] = Limits(storage, section.messages_per_user.get(user, default.messages))
         return cls(default, per_user, section.warn_percent)
 

@@ -57,7 +57,7 @@ def test_sizes_parse_with_units_and_none() -> None:
     """Sizes are bytes or K/M/G (powers of 1024); "none" means no limit."""
     assert parse_size("500") == 500 and parse_size("100K") == 102400
     assert parse_size("2M") == 2 * 1024**2 and parse_size("1g") == 1024**3
-    assert parse_size("none") is None
+    assert parse_size("none") == 0  # no limit
     with pytest.raises(ValueError):
         parse_size("lots")
 
