@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -25,6 +25,9 @@ from mailsys.imap.parser import Reader
 from mailsys.imap.responses import NO, OK, astring, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.store import INBOX, InvalidFolderNameError
+
+if TYPE_CHECKING:
+    from mailsys.imap.session import IMAPServerFactory
 
 log = Logger(namespace="mailsys.imap")
 T = TypeVar("T")
@@ -52,12 +55,11 @@ def quota_line(limits: Limits, usage: Usage) -> str:
 class QuotaCommands(SessionParts):
     """GETQUOTAROOT, GETQUOTA and SETQUOTA, and the quota guard of messages stored by a client."""
 
-    _factory: Any  # IMAPServerFactory, with ``quota`` set by set_quota
+    _factory: IMAPServerFactory  # with ``quota`` set by set_quota
 
     @property
     def _quota(self) -> MailboxQuota | None:
-        quota: MailboxQuota | None = getattr(self._factory, "quota", None)
-        return quota
+        return self._factory.quota
 
     def _quota_capabilities(self) -> list[str]:
         """RFC 9208 §3.1: QUOTA with the resources we count (none without quotas at all)."""
@@ -73,7 +75,7 @@ class QuotaCommands(SessionParts):
         return {b"GETQUOTAROOT": self._do_getquotaroot, b"GETQUOTA": self._do_getquota,
                 b"SETQUOTA": self._do_setquota}
 
-    def _limits(self) -> Limits | None:
+    def _quota_limits(self) -> Limits | None:
         assert self._quota is not None and self._mailbox is not None
         return self._quota.limits_for(self._mailbox)
 
@@ -89,7 +91,7 @@ class QuotaCommands(SessionParts):
             path = self._store.folder_path(self._mailbox, name)
         except InvalidFolderNameError:
             return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
-        limits = self._limits()
+        limits = self._quota_limits()
 
         def answer(exists: bool) -> bytes | Deferred[bytes]:
             # RFC 9208 §4.3.2: GETQUOTAROOT of a mailbox that does not exist is an error.
@@ -108,7 +110,7 @@ class QuotaCommands(SessionParts):
         reader.space()
         root = reader.astring()
         reader.end()
-        limits = self._limits()
+        limits = self._quota_limits()
         if root != ROOT.encode() or limits is None:
             return tagged(tag, NO, "No such quota root", "NONEXISTENT")
         return self._report(tag, limits, "GETQUOTA", None)
