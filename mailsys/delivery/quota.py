@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,13 +26,22 @@ from typing import Any, TypeVar
 from twisted.logger import Logger
 
 from mailsys.config import QuotaSection
+from mailsys.mailbox.layout import (
+    escape_hostname,
+    folder_names,
+    folder_path,
+    mailbox_path,
+    new_name,
+    parse_name,
+    unique_name,
+    write_message,
+)
 
 log = Logger(namespace="mailsys.delivery.quota")
 
 MAILDIRSIZE = "maildirsize"
 # Maildir++: recalculate once the file is larger than this (it only ever grows by deltas).
 MAILDIRSIZE_LIMIT = 5120
-_SIZE_FIELD = re.compile(r",S=(\d+)")
 T = TypeVar("T")
 
 
@@ -146,9 +154,8 @@ def _key(mailbox: str) -> str:
 
 
 def maildir_of(root: Path, mailbox: str) -> Path:
-    """The Maildir of canonical ``user@domain`` under ``root`` (as MaildirWriter lays it out)."""
-    user, _, domain = mailbox.rpartition("@")
-    return Path(root) / domain.lower() / user
+    """The Maildir (INBOX) of canonical ``user@domain`` under ``root`` (mailsys.mailbox.layout)."""
+    return mailbox_path(root, mailbox)
 
 
 class MailboxQuota:
@@ -252,8 +259,7 @@ class MailboxQuota:
             name = write(*args)
             if name is None:
                 return None
-            match = _SIZE_FIELD.search(name)
-            stored = int(match.group(1)) if match else size
+            stored = parse_name(name).size or size
             add_usage(maildir, stored, 1)
             after = usage.plus(stored)
             level = self.rules.warn_percent
@@ -281,16 +287,8 @@ class MailboxQuota:
         try:
             data = warning_message(mailbox, self.hostname, limits, usage,
                                    self.rules.warn_percent)
-            now = time.time()
-            base = f"{int(now)}.M{time.time_ns() % 1_000_000_000}P{os.getpid()}W.{self.hostname}"
-            name = f"{base},S={len(data)}"
-            tmp = maildir / "tmp" / name
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.rename(tmp, maildir / "new" / name)
+            name = new_name(unique_name(escape_hostname(self.hostname)), data)
+            write_message(maildir, "new", name, data)
             add_usage(maildir, len(data), 1)
             log.info("quota warning for {mailbox}: {percent:.0f}% used", mailbox=mailbox,
                      percent=percent_used(limits, usage))
@@ -383,14 +381,9 @@ def add_usage(maildir: Path, size: int, count: int) -> None:
 
 
 def folders(maildir: Path) -> list[str]:
-    """Blocking: the INBOX and every Maildir++ folder (".Name") of ``maildir``, as paths."""
-    root = os.fspath(maildir)
-    found = [root]
-    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
-        for entry in entries:
-            if entry.name.startswith(".") and entry.name not in (".", "..") and entry.is_dir():
-                found.append(entry.path)
-    return found
+    """Blocking: the INBOX and every Maildir++ folder of ``maildir``, as paths."""
+    return [os.fspath(maildir)] + [os.fspath(folder_path(maildir, name))
+                                   for name in folder_names(maildir)]
 
 
 def folders_changed_since(maildir: Path, stamp: int) -> bool:
@@ -419,9 +412,9 @@ def recalculate(maildir: Path, limits: Limits) -> Usage:
                     for entry in entries:
                         if entry.name.startswith("."):
                             continue
-                        match = _SIZE_FIELD.search(entry.name)
-                        if match is not None:
-                            storage += int(match.group(1))
+                        size = parse_name(entry.name).size
+                        if size is not None:
+                            storage += size
                         else:
                             try:
                                 storage += entry.stat().st_size
