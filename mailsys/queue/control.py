@@ -15,6 +15,10 @@ Two paths, chosen by the spool lock (mailsys.queue.spool holds it while a server
   and edits the envelope files the way the spool does: a new file in tmp/, fsync, rename over
   the old one, fsync of queue/.
 
+Run as root, the tool gives what it creates (command files, control/, the lock, the spool
+directories) to the server's account and keeps the owner of every envelope it rewrites
+(mailsys.ownership), so that a server running as that account can use them.
+
 Listing and showing only read committed envelopes, which are always complete files.
 """
 
@@ -44,6 +48,13 @@ from typing_extensions import override
 
 from mailsys.diskio import DiskRunner, fsync_directory, is_no_space, write_file_synced
 from mailsys.envelope import Envelope
+from mailsys.ownership import (
+    ServerAccount,
+    hand_over,
+    make_directory,
+    match_owner,
+    open_lock_file,
+)
 from mailsys.queue.spool import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, decode_envelope, encode_envelope
 
 log = Logger(namespace="mailsys.queue.control")
@@ -85,10 +96,10 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def spool_lock(spool: Path) -> Iterator[bool]:
+def spool_lock(spool: Path, account: ServerAccount | None = None) -> Iterator[bool]:
     """Yield True holding the spool's lock (no server runs), or False if a server holds it."""
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    make_directory(spool, account)
+    fd = open_lock_file(spool / "lock", account)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -145,7 +156,7 @@ def _check_id(queue_id: str) -> None:
 
 
 def run_command(spool: Path, action: str, queue_id: str | None,
-                deadline: float = REPLY_DEADLINE) -> Outcome:
+                deadline: float = REPLY_DEADLINE, account: ServerAccount | None = None) -> Outcome:
     """Apply ``action`` (flush, hold, release, delete) to one message (or, for flush, all):
     through the running server, or directly when none runs."""
     if action not in ACTIONS:
@@ -154,10 +165,10 @@ def run_command(spool: Path, action: str, queue_id: str | None,
         _check_id(queue_id)
     elif action != "flush":
         raise QueueToolError(f"{action} needs a queue id")
-    with spool_lock(spool) as locked:
+    with spool_lock(spool, account) as locked:
         if locked:
             try:
-                return apply_offline(spool, action, queue_id)
+                return apply_offline(spool, action, queue_id, account)
             except OSError as exc:
                 if is_no_space(exc):
                     raise QueueToolError(
@@ -169,7 +180,7 @@ def run_command(spool: Path, action: str, queue_id: str | None,
     answer = _ask_socket(spool, command, deadline)
     if answer is not None:
         return answer
-    return _ask_server(spool, action, queue_id, command, deadline)
+    return _ask_server(spool, action, queue_id, command, deadline, account)
 
 
 def _ask_socket(spool: Path, command: bytes, deadline: float) -> Outcome | None:
@@ -205,13 +216,14 @@ def _ask_socket(spool: Path, command: bytes, deadline: float) -> Outcome | None:
 
 
 def _ask_server(spool: Path, action: str, queue_id: str | None, command: bytes,
-                deadline: float) -> Outcome:
+                deadline: float, account: ServerAccount | None = None) -> Outcome:
     control = spool / CONTROL_DIR
     name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
     tmp = control / f".{name}.tmp"
     try:
-        control.mkdir(mode=0o700, exist_ok=True)
+        make_directory(control, account)
         write_file_synced(tmp, command)
+        hand_over(tmp, account)  # the server must read it, and may remove it
         os.rename(tmp, control / (name + COMMAND_SUFFIX))
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -247,7 +259,8 @@ def _ask_server(spool: Path, action: str, queue_id: str | None, command: bytes,
 # -- changing: no server runs --------------------------------------------------------------------
 
 
-def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
+def apply_offline(spool: Path, action: str, queue_id: str | None,
+                  account: ServerAccount | None = None) -> Outcome:
     """Edit the spool directly; the caller holds the spool lock."""
     queue = spool / "queue"
     if action == "delete":
@@ -272,7 +285,7 @@ def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
                 continue
             for recipient in envelope.open_recipients():
                 recipient.next_attempt = None
-        _rewrite(spool, envelope)
+        _rewrite(spool, envelope, account)
         changed += 1
     if changed:
         fsync_directory(queue)
@@ -282,10 +295,10 @@ def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
     return Outcome(True, f"{what}: {done}")
 
 
-def _rewrite(spool: Path, envelope: Envelope) -> None:
+def _rewrite(spool: Path, envelope: Envelope, account: ServerAccount | None = None) -> None:
     """Replace one envelope as the spool does: tmp/, fsync, rename (queue/ synced by caller)."""
     tmp = spool / "tmp" / f"{envelope.queue_id}{ENVELOPE_SUFFIX}.tool{os.getpid()}"
-    (spool / "tmp").mkdir(mode=0o700, exist_ok=True)
+    make_directory(spool / "tmp", account)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     write_file_synced(tmp, encode_envelope(envelope))
@@ -293,6 +306,7 @@ def _rewrite(spool: Path, envelope: Envelope) -> None:
     if not target.exists():
         tmp.unlink()
         raise QueueToolError(f"no message {envelope.queue_id} in the queue")
+    match_owner(tmp, target)
     os.replace(tmp, target)
 
 
