@@ -9,21 +9,23 @@ import calendar
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsys.imap.binary import seven_bit_form
 from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
 from mailsys.imap.names import canonical
-from mailsys.imap.parser import ParseError, Reader, SequenceSet
+from mailsys.imap.parser import ParseError, Reader, SequenceSet, SpooledLiteral
+from mailsys.imap.quota import quota_refusal
 from mailsys.imap.responses import MONTHS, NO, OK, number_set, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.folder import Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
 from mailsys.mailbox.store import InvalidFolderNameError
-from mailsys.mailbox.transfer import Added, append_message, copy_messages
+from mailsys.mailbox.transfer import Added, append_file, append_message, copy_messages
 
 if TYPE_CHECKING:
     pass
@@ -42,6 +44,7 @@ class TransferCommands(SessionParts):
     _added_to: Callable[[str], None]
     _targets: Callable[[SequenceSet, bool], list[tuple[int, MessageInfo]]]
     _expunge: Callable[[list[MessageInfo]], Deferred[None]]
+    _quota_guard: Callable[..., Any]  # mailsys.imap.quota.QuotaCommands
 
     # --- APPEND ---------------------------------------------------------------------------------
 
@@ -60,10 +63,13 @@ class TransferCommands(SessionParts):
             reader.position += 6
             if not reader.peek_is(b"~"):
                 raise ParseError("UTF8 APPEND data must be a literal8")
-            data = reader.literal()
+            data = reader.message_literal()
             reader.expect(b")")
         else:
-            data = reader.literal()  # a literal, or a literal8 (RFC 3516 §4.4)
+            binary = reader.peek_is(b"~")
+            data = reader.message_literal()  # a literal, or a literal8 (RFC 3516 §4.4)
+            if binary and isinstance(data, bytes):
+                data = seven_bit_form(data)
         try:
             letters, keywords = split_flags(flags)
         except FlagError:
@@ -98,8 +104,10 @@ class TransferCommands(SessionParts):
             return tagged(tag, OK, "APPEND completed",
                           f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
 
+        size = sum(message.size for message in messages)
+        store = self._quota_guard(_append, size, len(messages))  # RFC 9208 [OVERQUOTA]
         return self._store.list_folders(mailbox).addCallback(
-            lambda _: self.run(_append, folder, messages)
+            lambda _: self.run(store, folder, messages)
         ).addCallbacks(appended, lambda failure: _refusal(tag, failure))
 
     def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
@@ -124,8 +132,8 @@ class TransferCommands(SessionParts):
             target = self._store.folder(self._mailbox, name)
         except InvalidFolderNameError:
             return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-        if move and target.path == selected.view.path:
-            return tagged(tag, NO, "Cannot move a message into its own mailbox", "CANNOT")
+        # RFC 6851 §3.3 sets no exception for the selected mailbox: a MOVE into it gives the
+        # messages new UIDs (COPYUID) and expunges the old ones, as a COPY and EXPUNGE would.
         targets = self._targets(numbers, uid)
         if not targets:
             return tagged(tag, OK, f"{verb} completed")
@@ -152,12 +160,19 @@ class TransferCommands(SessionParts):
             return self._expunge([info for info in infos if info.uid in moved]).addCallback(
                 lambda _: tagged(tag, OK, f"{verb} completed"))
 
-        return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
+        # A MOVE within the mailbox takes no more room; a COPY counts against the quota.
+        store = _copy if move else self._quota_guard(
+            _copy, sum(info.size for info in infos), len(infos))
+        return self.run(store, source, infos, target, list(selected.keywords)).addCallbacks(
             copied, lambda failure: _refusal(tag, failure))
 
 
 def _refusal(tag: bytes, failure: Failure) -> bytes | Failure:
-    """The NO for a target folder that is gone or out of keyword letters; else the failure."""
+    """The NO for a target folder that is gone or out of keyword letters, or for a mailbox over
+    its quota; else the failure."""
+    over = quota_refusal(tag, failure)
+    if over is not None:
+        return over
     if failure.check(FileNotFoundError):
         # RFC 3501 §6.3.11, §6.4.7: TRYCREATE tells the client to CREATE and retry.
         return tagged(tag, NO, "No such mailbox", "TRYCREATE")
@@ -189,10 +204,16 @@ def parse_date_time(value: bytes) -> float:
 class _Appended:
     """One message of an APPEND command, parsed."""
 
-    data: bytes
+    data: bytes | SpooledLiteral  # a large one is in a temporary file (parser.Framer)
     letters: frozenset[str]
     keywords: list[str]
     date: float | None
+
+    @property
+    def size(self) -> int:
+        """The message's size as the client sent it, wherever its bytes are."""
+        data = self.data
+        return data.size if isinstance(data, SpooledLiteral) else len(data)
 
 
 def _append(folder: Folder, messages: list[_Appended]) -> Added:
@@ -211,7 +232,10 @@ def _append(folder: Folder, messages: list[_Appended]) -> Added:
     try:
         for message in messages:
             letters = message.letters | letters_of(message.keywords, slots)
-            added = append_message(folder, message.data, letters, message.date)
+            if isinstance(message.data, SpooledLiteral):
+                added = append_file(folder, message.data.file, letters, message.date)
+            else:
+                added = append_message(folder, message.data, letters, message.date)
             uidvalidity = added.uidvalidity
             uids.extend(added.uids)
     except BaseException:
