@@ -90,8 +90,10 @@ class MailsysInstance:
     name = "mailsys"
 
     def __init__(self, root: Path, port: int, host: str = LOOPBACK,
-                 profile: Path | None = None) -> None:
+                 profile: Path | None = None, journey: bool | None = None) -> None:
         self.root = root
+        # Message journey recording ([journey] enabled); None: the configuration's default.
+        self.journey = journey
         # With a path, twistd runs mailsys under cProfile and saves its stats there at exit.
         self.profile = profile
         self.host = require_loopback(host)
@@ -114,6 +116,8 @@ class MailsysInstance:
             _CONFIG.format(
                 root=self.root, port=self.port, host=self.host, domain=DOMAIN, recipient=RECIPIENT
             )
+            + f'\n[journey]\npath = "{self.root}/var/journey.sqlite"\n'
+            + ("" if self.journey is None else f"enabled = {str(self.journey).lower()}\n")
         )
 
     def start(self, timeout: float = 60.0) -> None:

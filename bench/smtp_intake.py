@@ -120,10 +120,12 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
 
 
-def make_server(kind: str, root: Path, port: int, profile: bool = False) -> Server:
+def make_server(kind: str, root: Path, port: int, profile: bool = False,
+                journey: bool | None = None) -> Server:
     if kind == "postfix":
         return PostfixInstance(root, port)
-    return MailsysInstance(root, port, profile=root / "mailsys.prof" if profile else None)
+    return MailsysInstance(root, port, profile=root / "mailsys.prof" if profile else None,
+                           journey=journey)
 
 
 def count_files(directory: Path) -> int:
@@ -324,7 +326,7 @@ def drive(server: Server, sessions: int, args: argparse.Namespace, workdir: Path
 def run_once(kind: str, sessions: int, args: argparse.Namespace) -> RunResult:
     """A fresh server in a fresh temp dir, one load run, the server stopped by pid."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-s{sessions}-", dir=args.tmpdir))
-    server = make_server(kind, root, free_port(), profile=args.profile)
+    server = make_server(kind, root, free_port(), profile=args.profile, journey=args.journey)
     ok = False
     try:
         try:
@@ -514,6 +516,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "use a real disk, not tmpfs, or fsync costs nothing",
     )
     parser.add_argument("--keep", action="store_true", help="keep temp dirs after the run")
+    parser.add_argument("--journey", choices=("on", "off"), default=None,
+                        help="message journey recording in mailsys ([journey] enabled; "
+                        "default: the configuration's default, off)")
     parser.add_argument("--profile", action="store_true",
                         help="run mailsys under cProfile (reactor thread only; slower) and "
                         "print where its time went after each run")
@@ -524,6 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where the JSON goes (default bench/results/)",
     )
     args = parser.parse_args(argv)
+    args.journey = None if args.journey is None else args.journey == "on"
     try:
         args.session_counts = [int(s) for s in args.sessions.split(",") if s.strip()]
     except ValueError:

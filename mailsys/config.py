@@ -256,6 +256,20 @@ class RelaySection:
 
 
 @dataclass(frozen=True)
+class JourneySection:
+    """The message journey: every step of every message, kept for ``mailsys trace``."""
+
+    # Off unless asked for: recording still costs a measurable share of intake throughput
+    # (bench/smtp_intake.py --journey on|off); the embedded default turns it on.
+    enabled: bool = False
+    path: Path = Path("var/journey.sqlite")
+    # How long a message's steps are kept, in seconds (30 days).
+    retention: float = 30 * 86400.0
+    # The store's size bound in bytes: beyond it the oldest steps go first.
+    max_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class DevSection:
     """Development conveniences of the embedded default; absent in production."""
 
@@ -291,6 +305,7 @@ class Config:
     imap: IMAPSection = field(default_factory=IMAPSection)
     auth: AuthSection = field(default_factory=AuthSection)
     relay: RelaySection = field(default_factory=RelaySection)
+    journey: JourneySection = field(default_factory=JourneySection)
     dev: DevSection = field(default_factory=DevSection)
     quota: QuotaSection = field(default_factory=QuotaSection)
 
@@ -306,6 +321,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "imap": IMAPSection,
     "auth": AuthSection,
     "relay": RelaySection,
+    "journey": JourneySection,
     "dev": DevSection,
     "quota": QuotaSection,
 }
@@ -654,6 +670,15 @@ def _check_dev(config: Config, check_files: bool) -> DevSection:
     return dev
 
 
+def _check_journey(config: Config, check_files: bool) -> JourneySection:
+    journey = config.journey
+    if journey.retention < 3600:
+        raise ConfigError(config.path, "journey.retention", "must be at least 3600 seconds")
+    if journey.max_bytes < 1024 * 1024:
+        raise ConfigError(config.path, "journey.max_bytes", "must be at least 1048576 (1 MiB)")
+    return journey
+
+
 def _check_relay(config: Config, check_files: bool) -> RelaySection:
     path = config.path
     relay = config.relay
@@ -713,4 +738,5 @@ _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
     "auth": _check_auth,
     "dev": _check_dev,
     "relay": _check_relay,
+    "journey": _check_journey,
 }

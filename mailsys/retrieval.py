@@ -19,6 +19,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config, IMAPSection, POP3Section
 from mailsys.connlimit import ConnectionCounter
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.mailbox.store import MailboxStore
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, TLSContextSource
 
@@ -43,8 +45,10 @@ class MailboxServerFactory(ServerFactory, Generic[SectionT]):
         connections: ConnectionCounter | None = None,
         *,
         implicit_tls: bool = False,
+        journey: IJourneyRecorder = NULL_RECORDER,
     ) -> None:
         self.config = config
+        self.journey = journey  # what readers do with delivered messages (mailsys.journey)
         self.section: SectionT = self.section_of(config)
         self.hostname = config.server.hostname
         self.implicit_tls = implicit_tls  # RFC 8314: TLS from the first byte (995, 993)
@@ -73,6 +77,7 @@ def mailbox_listeners(
     throttle: LoginThrottle,
     tls: ServerTLS | None,
     clock: IReactorTime,
+    journey: IJourneyRecorder = NULL_RECORDER,
 ) -> list[tuple[str, IProtocolFactory]]:
     """One (endpoint description, factory of ``kind``) per listener of its section, in config
     order: ``listen`` plain (STARTTLS/STLS offered), then ``listen_tls`` wrapped in TLS."""
@@ -80,13 +85,13 @@ def mailbox_listeners(
     listeners: list[tuple[str, IProtocolFactory]] = []
     connections = ConnectionCounter(section.max_connections, section.max_connections_per_client)
     if section.listen:
-        plain = kind(config, store, portal, throttle, clock, tls, connections)
+        plain = kind(config, store, portal, throttle, clock, tls, connections, journey=journey)
         listeners.extend((description, plain) for description in section.listen)
     if section.listen_tls:
         if tls is None:  # config.py refuses listen_tls without a certificate
             raise ValueError(f"[{kind.protocol_name}] listen_tls needs [tls] certificate and key")
         implicit = kind(config, store, portal, throttle, clock, tls, connections,
-                        implicit_tls=True)
+                        implicit_tls=True, journey=journey)
         wrapped: IProtocolFactory = TLSMemoryBIOFactory(
             CurrentCertificateCreator(tls), False, implicit)
         listeners.extend((description, wrapped) for description in section.listen_tls)

@@ -32,6 +32,9 @@ from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
 from mailsys.imap.quota import set_quota
 from mailsys.imap.session import IMAPServerFactory
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
+from mailsys.journey.writer import JourneyWriter
 from mailsys.mailbox.store import MailboxStore
 from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over
 from mailsys.pop3.server import POP3ServerFactory
@@ -121,6 +124,9 @@ class MailService(MultiService):
         self._pools = [pool] if auth_pool is None else [pool, auth_pool]
         self.spool = spool
         self.runner = runner
+        # The journey writer (mailsys.journey.writer), not a child: it starts before anything
+        # emits and stops after everything else has, so the last steps are written too.
+        self.journey: JourneyWriter | None = None
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
@@ -147,6 +153,8 @@ class MailService(MultiService):
 
     @override
     def startService(self) -> None:
+        if self.journey is not None:
+            self.journey.startService()
         for pool in self._pools:
             pool.start()
         envelopes = self.spool.recover()
@@ -171,6 +179,9 @@ class MailService(MultiService):
             return result
 
         d.addBoth(stop_pool)
+        journey = self.journey
+        if journey is not None:
+            d.addBoth(lambda result: journey.stopService().addCallback(lambda _: result))
         return d
 
 
@@ -221,6 +232,14 @@ def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
     return d
 
 
+def _journey_writer(config: Config, reactor: Any) -> JourneyWriter | None:
+    journey = config.journey
+    if not journey.enabled:
+        return None
+    return JourneyWriter(journey.path, reactor, retention=journey.retention,
+                         max_bytes=journey.max_bytes)
+
+
 def build_service(config: Config, reactor: Any, *,
                   account: ServerAccount | None = None) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts.
@@ -233,6 +252,9 @@ def build_service(config: Config, reactor: Any, *,
     _ensure_demo_user(config, users)
     router = Router(config.routing, users)
     pool = DiskPool(reactor)
+    # --- the message journey (mailsys.journey): every room below emits through ``journey`` ---
+    writer = _journey_writer(config, reactor)
+    journey: IJourneyRecorder = writer if writer is not None else NULL_RECORDER
     spool = Spool(config.storage.spool, pool)
     # --- mailbox store (POP3, IMAP) ---
     mailboxes = MailboxStore(config.storage.maildirs, pool)
@@ -241,25 +263,27 @@ def build_service(config: Config, reactor: Any, *,
     quota = (MailboxQuota(rules, config.storage.maildirs, config.server.hostname)
              if rules.any else None)
     maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
-                            on_delivered=mailboxes.notify_delivered, quota=quota)
+                            on_delivered=mailboxes.notify_delivered, quota=quota,
+                            journey=journey)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
-    relay = build_relay(config, pool, reactor)
+    relay = build_relay(config, pool, reactor, journey)
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
     if relay is not None:
         agents[TargetKind.RELAY] = relay
     runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
-                         max_lifetime=config.relay.max_lifetime)
-    sink = QueueSink(spool, runner)
+                         max_lifetime=config.relay.max_lifetime, journey=journey)
+    sink = QueueSink(spool, runner, journey)
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     runner.notifier = DSNNotifier(
         sink, router, pool, config.server.hostname, reactor,
         delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
-        max_returned_size=config.smtp.max_message_size,
+        max_returned_size=config.smtp.max_message_size, journey=journey,
     )
     # Password hashing (argon2id, ~50 ms of CPU each) gets threads of its own: a burst of logins
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
+    service.journey = writer
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
@@ -313,6 +337,7 @@ def build_service(config: Config, reactor: Any, *,
                                         mailbox_full=full))
         factory: IProtocolFactory = SMTPServerFactory(
             config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle,
+            journey=journey,
             storage=storage,
         )
         if role is ListenerRole.SUBMISSIONS:
@@ -322,11 +347,11 @@ def build_service(config: Config, reactor: Any, *,
 
     # --- POP3 (mailsys.pop3) ---
     for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
-                                                       portal, throttle, tls, reactor):
+                                                       portal, throttle, tls, reactor, journey):
         service.add_listener("pop3", description, pop3_factory)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
-                                                       portal, throttle, tls, reactor):
+                                                       portal, throttle, tls, reactor, journey):
         set_quota(imap_factory, quota)  # RFC 9208 QUOTA, APPEND's [OVERQUOTA]
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.

@@ -29,6 +29,8 @@ from mailsys.delivery.quota import MailboxFullError, MailboxQuota
 from mailsys.diskio import DiskPool, is_no_space
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.mailbox.layout import (
     InvalidMailboxNameError,
     delivery_base,
@@ -83,9 +85,11 @@ class MaildirWriter:
         clock: IReactorTime | None = None,
         *,
         on_delivered: Callable[[str], None] | None = None,
+        journey: IJourneyRecorder = NULL_RECORDER,
         quota: MailboxQuota | None = None,
     ) -> None:
         self.root = Path(root)
+        self._journey = journey
         # Per-mailbox limits (mailsys.delivery.quota); None: no mailbox has any.
         self._quota = quota
         self._pool = pool
@@ -174,6 +178,10 @@ class MaildirWriter:
                     name=base,
                     maildir=str(maildir),
                 )
+            # The journey: which Maildir folder and file (the name is new/'s, or the one found).
+            self._journey.emit("delivery.maildir", queue_id, recipient=recipient.address,
+                               mailbox=recipient.mailbox, folder="INBOX", file=name or base,
+                               written=name is not None)
             if self._on_delivered is not None and recipient.mailbox is not None:
                 try:
                     self._on_delivered(recipient.mailbox)

@@ -42,6 +42,8 @@ from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
 from mailsys.diskio import DiskRunner
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.smtp.client import (
     ClientTimeouts,
@@ -326,8 +328,10 @@ class RelayAgent(Service):
         dialer: Dialer,
         disk: DiskRunner,
         clock: IReactorTime,
+        journey: IJourneyRecorder = NULL_RECORDER,
     ) -> None:
         self.settings = settings
+        self._journey = journey
         self._next_hops = next_hops
         self._tls_policies = tls_policies
         self._client_tls = client_tls
@@ -421,7 +425,15 @@ class RelayAgent(Service):
     async def open_session(self, route: Route, job: _Job) -> _Session:
         """A session with the first host of ``route`` that takes us; raises _HostFailedError
         (the last host's reason) or MXLookupError."""
-        hosts = await self._mx.hosts(route.hop)
+        queue_id = job.envelope.queue_id
+        try:
+            hosts = await self._mx.hosts(route.hop)
+        except MXLookupError as exc:
+            self._journey.emit("relay.mx", queue_id, domain=route.hop.name, error=str(exc.reply))
+            raise
+        self._journey.emit("relay.mx", queue_id, domain=route.hop.name,
+                           answers=[f"{h.preference} {h.name}" for h in hosts],
+                           implicit=any(h.implicit for h in hosts))
         last: _HostFailedError | None = None
         lookup_failures: list[MXLookupError] = []
         for host in hosts:
@@ -429,10 +441,13 @@ class RelayAgent(Service):
                 addresses = await self._mx.addresses(host)
             except MXLookupError as exc:
                 lookup_failures.append(exc)
+                self._journey.emit("relay.connect", queue_id, host=host.name,
+                                   preference=host.preference, error=str(exc.reply))
                 continue
             for address in addresses:
                 try:
-                    return await self._connect(route, host, address, job, tls=True)
+                    return await self._connect(route, host, address, job, tls=True,
+                                               after=last)
                 except TLSFailedError as exc:
                     if self.tls_policy(route) is not TLSPolicy.OPPORTUNISTIC:
                         last = _HostFailedError(TLS_FAILED.with_text(
@@ -454,7 +469,8 @@ class RelayAgent(Service):
         raise _HostFailedError(NO_CONNECTION)  # pragma: no cover - hosts() is never empty
 
     async def _connect(
-        self, route: Route, host: MailHost, address: str, job: _Job, *, tls: bool
+        self, route: Route, host: MailHost, address: str, job: _Job, *, tls: bool,
+        after: _HostFailedError | None = None,
     ) -> _Session:
         hop = route.hop
         policy = self.tls_policy(route)
@@ -470,6 +486,9 @@ class RelayAgent(Service):
         except Exception as exc:
             log.info("{queue_id}: connect to {where}: {reason}", queue_id=queue_id, where=where,
                      reason=_connect_reason(exc))
+            self._journey.emit("relay.connect", queue_id, host=host.name, address=address,
+                               port=hop.port, preference=host.preference,
+                               error=_connect_reason(exc))
             raise _HostFailedError(NO_CONNECTION.with_text(
                 f"{NO_CONNECTION.text}: connect to {where}: {_connect_reason(exc)}"
             )) from None
@@ -477,18 +496,32 @@ class RelayAgent(Service):
         session = _Session(client, host, address, hop.port)
         try:
             await self._prepare(session, route, policy, tls=tls)
-        except _HostFailedError:
+        except _HostFailedError as exc:
+            self._journey.emit("relay.connect", queue_id, host=host.name, address=address,
+                               port=hop.port, preference=host.preference, error=str(exc.reply))
             client.quit()
             raise
         except SMTPClientError as exc:
             if isinstance(exc, TLSFailedError):
+                self._journey.emit("relay.tls", queue_id, host=host.name, error=exc.reason,
+                                   policy=policy.value)
                 raise
+            self._journey.emit("relay.connect", queue_id, host=host.name, address=address,
+                               port=hop.port, preference=host.preference, error=exc.reason)
             client.quit()
             raise _HostFailedError(CONNECTION_FAILED.with_text(
                 f"{CONNECTION_FAILED.text}: {where}: {exc.reason}"
             )) from None
         log.info("{queue_id}: connected to {host} tls={tls}", queue_id=queue_id,
                  host=session.label, tls=client.tls or "none")
+        journey = self._journey
+        journey.emit("relay.connect", queue_id, host=host.name, address=address, port=hop.port,
+                     preference=host.preference,
+                     after=str(after.reply) if after is not None else None)
+        # RFC 3207 §4.1; with the "verify" policy the certificate was checked against the name.
+        journey.emit("relay.tls", queue_id, host=host.name, tls=client.tls or "",
+                     verified=bool(client.tls) and policy is TLSPolicy.VERIFY,
+                     policy=policy.value)
         return session
 
     def _creator(self, policy: TLSPolicy, hostname: str) -> IOpenSSLClientConnectionCreator:

@@ -14,6 +14,8 @@ from mailsys.delivery.nexthop import NextHops
 from mailsys.delivery.relay import RelayAgent, RelaySettings, TCPDialer
 from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
 from mailsys.diskio import DiskPool
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 
 
 def smarthost_password(config: Config) -> str | None:
@@ -27,7 +29,8 @@ def smarthost_password(config: Config) -> str | None:
     return None
 
 
-def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | None:
+def build_relay(config: Config, pool: DiskPool, reactor: Any,
+                journey: IJourneyRecorder = NULL_RECORDER) -> RelayAgent | None:
     """The relay agent for ``config``, or None when ``relay.enabled`` is false."""
     relay = config.relay
     if not relay.enabled:
@@ -49,4 +52,5 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | No
         TCPDialer(reactor, settings.timeouts, relay.connect_timeout),
         pool,
         reactor,
+        journey,
     )

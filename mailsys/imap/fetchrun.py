@@ -43,6 +43,8 @@ class FetchRun:
         self._with_uid = with_uid
         self._need = fetching.need_of(items)
         self._set_seen = not selected.readonly and any(item.sets_seen for item in items)
+        self._read_item = next((item.label().decode("utf-8", "replace") for item in items
+                                if item.sets_seen), "")
         # RFC 3501 §6.4.5: a \Seen change is reported with FLAGS; RFC 7162 §3.1: with
         # CONDSTORE on, with UID and MODSEQ too.
         reported = ["UID", "FLAGS", "MODSEQ"] if report_modseq else ["FLAGS"]
@@ -146,6 +148,10 @@ class FetchRun:
             self._writing = False
             self._seen_changed = True
             now = {info.uid: info for info in updated}
+            # The journey: the first FETCH of each body (RFC 3501 §6.4.5: it sets \Seen).
+            for info in updated:
+                self._session.record("imap.fetch", info, self._selected.view.name,
+                                     item=self._read_item)
             self._emit([(seq, now.get(info.uid, info), body) for seq, info, body in present],
                        set(now))
             self._pump()
@@ -206,3 +212,4 @@ class FetchRun:
 
     def stopProducing(self) -> None:  # noqa: N802
         self._finished = True
+

@@ -186,6 +186,11 @@ class MessageCommands(SessionParts):
                 before = {info.uid: info for _, info in targets}
                 if any(new.modseq != before[new.uid].modseq for new in result.updated):
                     self._notify(view.name)
+                for new in result.updated:
+                    if new.flags != before[new.uid].flags:
+                        self.record("imap.flags", new, view.name,
+                                    operation=action.replace(b".SILENT", b"").decode(),
+                                    flags=[f.decode("utf-8", "replace") for f in raw])
                 present = {info.uid: info for info in result.updated}
                 refused = {info.uid: info for info in result.modified}
                 lines = []
@@ -306,8 +311,14 @@ class MessageCommands(SessionParts):
         candidates = (selected.view.messages if numbers is None else
                       [info for _, info in self._targets(numbers, uid=True)])
         doomed = [info for info in candidates if TRASHED in info.flags]
-        return self._expunge(doomed).addCallback(
-            lambda _: tagged(tag, OK, "EXPUNGE completed"))
+        folder = selected.view.name
+
+        def expunged(_: None) -> bytes:
+            for info in doomed:
+                self.record("imap.expunge", info, folder)
+            return tagged(tag, OK, "EXPUNGE completed")
+
+        return self._expunge(doomed).addCallback(expunged)
 
     def _expunge(self, doomed: list[MessageInfo]) -> Deferred[None]:
         """Delete messages of the selected mailbox and send their EXPUNGE responses."""

@@ -69,9 +69,10 @@ from mailsys.imap.responses import (
     untagged,
 )
 from mailsys.imap.transfers import TransferCommands
+from mailsys.journey.events import SessionJourney
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
-from mailsys.mailbox.layout import NameTooLongError, folder_directory
+from mailsys.mailbox.layout import NameTooLongError, delivered_queue_id, folder_directory
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
@@ -189,6 +190,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         self._idle_tag: bytes | None = None  # IDLE in progress
         self._notifying = False  # our own change notification: not news to us
         self._enabled: set[str] = set()  # ENABLEd extensions (RFC 5161), upper case
+        self._journey = SessionJourney(factory.journey)
         self._commands: dict[bytes, _Spec] = {
             b"CAPABILITY": _Spec(self._do_capability, _ANY),
             b"NOOP": _Spec(self._do_noop, _ANY),
@@ -927,6 +929,13 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
             self._answer(tagged(tag, BAD, "Expected DONE"))
 
     # --- mailboxes ------------------------------------------------------------------------------
+
+    def record(self, kind: str, info: MessageInfo, folder: str, **fields: Any) -> None:
+        """A step in the journey of a message this server delivered (others have none)."""
+        queue_id = delivered_queue_id(info.key)
+        if queue_id is not None:
+            self._journey.emit(kind, queue_id, user=self._mailbox, folder=folder, uid=info.uid,
+                               **fields)
 
     def _notify(self, folder: str) -> None:
         """Tell the other sessions on ``folder`` that it changed. If it is our own selected

@@ -30,6 +30,7 @@ class SessionParts:
     _notify: Callable[[str], None]  # tell other sessions a folder changed
     _mailbox_name: Callable[[Reader], str]
     _condstore_used: Callable[[], None]  # a CONDSTORE-enabling command was seen
+    record: Callable[..., None]  # a step in the journey of a message (mailsys.journey)
 
     @property
     def rev2(self) -> bool:

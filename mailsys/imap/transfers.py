@@ -154,6 +154,9 @@ class TransferCommands(SessionParts):
                 # RFC 6851 §4.3: COPYUID comes in an untagged OK before the EXPUNGEs.
                 self.write(untagged(f"OK [{code}] Moved"))
             moved = {s for s, _ in added.uids}
+            for info in infos:
+                if info.uid in moved:
+                    self.record("imap.move", info, selected.view.name, to=canonical(name))
             return self._expunge([info for info in infos if info.uid in moved]).addCallback(
                 lambda _: tagged(tag, OK, f"{verb} completed"))
 

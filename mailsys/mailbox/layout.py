@@ -257,6 +257,17 @@ def delivery_unique(queue_id: str, address: str, mailbox: str | None) -> str:
     return f"Q{queue_id}R{digest}"
 
 
+_DELIVERED = re.compile(r"\.Q([0-9A-F]+)R[0-9A-F]{10}\.")
+
+
+def delivered_queue_id(name: str) -> str | None:
+    """The queue id a Maildir file name was delivered from (see delivery_unique), or None for a
+    file this server did not deliver (APPEND, COPY, another program): POP3 and IMAP find a
+    message's journey by it."""
+    match = _DELIVERED.search(name)
+    return match.group(1) if match else None
+
+
 def delivery_base(received_at: float, queue_id: str, address: str, mailbox: str | None,
                   host: str) -> str:
     """The deterministic "time.unique.host" of one recipient's delivered copy."""

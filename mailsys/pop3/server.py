@@ -33,7 +33,9 @@ from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, POP3Section
 from mailsys.connlimit import Crowding
+from mailsys.journey.events import SessionJourney
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError, adding
+from mailsys.mailbox.layout import delivered_queue_id
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
@@ -330,6 +332,7 @@ class POP3Session(ServerSession):
         self._retrieved: set[int] = set()  # message numbers sent by RETR
         self._ahead: _ReadAhead | None = None  # small messages read before they are asked for
         self._uidls: list[str] | None = None
+        self._journey = SessionJourney(factory.journey)
         self._commands: dict[bytes, Callable[[bytes], bytes | Deferred[bytes] | None]] = {
             b"USER": self._do_user,
             b"PASS": self._do_pass,
@@ -695,8 +698,9 @@ class POP3Session(ServerSession):
         found = self._message(argument)
         if isinstance(found, bytes):
             return found
-        number, _ = found
+        number, info = found
         self._deleted.add(number)  # applied in the UPDATE state only (RFC 1939 §6)
+        self._record("pop3.dele", number, info)
         return _ok(f"Message {number} deleted")
 
     def _do_rset(self, argument: bytes) -> bytes:
@@ -717,6 +721,7 @@ class POP3Session(ServerSession):
         assert self._view is not None
         folder = self._view.folder
         header = _ok(f"{info.wire_size} octets")
+        self._record("pop3.retr", number, info)
         if info.size <= SMALL_MESSAGE:
 
             if self._ahead is None:
@@ -757,6 +762,13 @@ class POP3Session(ServerSession):
             return done.addCallbacks(streamed, broken)
 
         return self.run(folder.open_message, info).addCallbacks(stream, self._read_failed)
+
+    def _record(self, kind: str, number: int, info: MessageInfo) -> None:
+        """A step of the journey of a message this server delivered (others have none)."""
+        queue_id = delivered_queue_id(info.key)
+        if queue_id is not None:
+            self._journey.emit(kind, queue_id, user=self._mailbox, number=number,
+                               size=info.wire_size)
 
     def _do_top(self, argument: bytes) -> bytes | Deferred[bytes]:
         refusal = self._transaction()

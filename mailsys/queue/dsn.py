@@ -25,6 +25,8 @@ from twisted.python.failure import Failure
 
 from mailsys.diskio import DiskRunner
 from mailsys.envelope import Attempt, Destination, Envelope, Recipient, RecipientStatus, TargetKind
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.routing import UnknownRecipient
 
@@ -80,6 +82,10 @@ def status_code(reply: Reply) -> str:
     return "4.0.0"
 
 
+# How the journey names the link from a notice to the message it reports.
+_RELATIONS = {FAILURE: "bounce", DELAY: "delay", SUCCESS: "success"}
+
+
 class DSNNotifier:
     """Builds and queues delivery status notifications; the runner's Notifier."""
 
@@ -94,8 +100,10 @@ class DSNNotifier:
         delay_warning: float | None = 4 * 3600.0,
         max_lifetime: float | None = None,
         max_returned_size: int = 25 * 1024 * 1024,
+        journey: IJourneyRecorder = NULL_RECORDER,
     ) -> None:
         self._submitter = submitter
+        self._journey = journey
         self._router = router
         self._disk = disk
         self._hostname = hostname
@@ -185,6 +193,11 @@ class DSNNotifier:
             client_helo=self._hostname,
             protocol="local",
         )
+        # The journey links the notice to the message it reports (RFC 3464 §2).
+        self._journey.emit("dsn.created", queue_id, f"{queue_id}.dsn@{self._hostname}",
+                           parent=envelope.queue_id, relation=_RELATIONS[report.kind],
+                           sender=envelope.sender,
+                           recipients=[r.address for r in report.recipients])
         await self._submitter.submit(notice, message)
         log.info("{queue_id}: {kind} notice {notice_id} queued for <{sender}> about {count} "
                  "recipient(s)", queue_id=envelope.queue_id, kind=report.kind.lower(),

@@ -27,6 +27,8 @@ from typing_extensions import override
 
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.queue.spool import Spool
 from mailsys.replies import MAILBOX_FULL, MAILBOX_FULL_EXPIRED, Reply
 
@@ -98,6 +100,7 @@ class QueueRunner(Service):
         max_concurrent: int = 32,
         retry_schedule: Sequence[float] = DEFAULT_RETRY_SCHEDULE,
         max_lifetime: float | None = None,
+        journey: IJourneyRecorder = NULL_RECORDER,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
@@ -105,6 +108,7 @@ class QueueRunner(Service):
             raise ValueError("retry_schedule needs at least one positive delay")
         self._spool = spool
         self._clock = clock
+        self._journey = journey
         self._max_concurrent = max_concurrent
         self._retry_schedule = tuple(float(s) for s in retry_schedule)
         self._max_lifetime = max_lifetime
@@ -576,6 +580,11 @@ class QueueRunner(Service):
             "mailbox": recipient.mailbox,
             "tls": attempt.tls or "none",
         }
+        # A local delivery is its Maildir writer's step (with folder and file): only local
+        # attempts that did not deliver are the runner's to record.
+        if (recipient.kind is not TargetKind.LOCAL
+                or attempt.status is not RecipientStatus.DELIVERED):
+            self._record_attempt(envelope, recipient, attempt)
         where = ("mailbox={mailbox}" if recipient.kind is TargetKind.LOCAL
                  else "host={host} tls={tls}")
         text = "{queue_id}: to=<{to}> status={status} " + where + " delay={delay}s reply={reply}"
@@ -587,6 +596,14 @@ class QueueRunner(Service):
             log.warn(text, **fields)
         else:
             log.info(text, **fields)
+
+    def _record_attempt(self, envelope: Envelope, recipient: Recipient, attempt: Attempt) -> None:
+        self._journey.emit(
+            "delivery.attempt", envelope.queue_id, recipient=recipient.address,
+            agent=recipient.kind.value, status=attempt.status.value, host=attempt.host,
+            reply=str(attempt.reply), tls=attempt.tls,
+            next_attempt=recipient.next_attempt if attempt.status is RecipientStatus.DEFERRED
+            else None)
 
 
 def _waited_for_agent(recipient: Recipient) -> bool:

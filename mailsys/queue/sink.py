@@ -11,6 +11,8 @@ from zope.interface import implementer
 
 from mailsys.envelope import Envelope
 from mailsys.interfaces import IMessageSink
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.spool import Spool
 
@@ -21,9 +23,11 @@ log = Logger(namespace="mailsys.queue.sink")
 class QueueSink:
     """Commits each message durably, then hands its envelope to the runner for delivery."""
 
-    def __init__(self, spool: Spool, runner: QueueRunner) -> None:
+    def __init__(self, spool: Spool, runner: QueueRunner,
+                 journey: IJourneyRecorder = NULL_RECORDER) -> None:
         self._spool = spool
         self._runner = runner
+        self._journey = journey
 
     def new_queue_id(self) -> str:
         return self._spool.new_queue_id()
@@ -39,6 +43,8 @@ class QueueSink:
         return committed
 
     def _committed(self, _: None, envelope: Envelope, committed: Deferred[None]) -> None:
+        # The journey says it is durable before the session records its 250 (no log line).
+        self._record(envelope)
         # The caller's callbacks first (the session logs "queued" and answers 250), then the
         # runner, whose first lines about the message must follow the one saying it arrived.
         committed.callback(None)
@@ -49,3 +55,13 @@ class QueueSink:
             # would make the client send it again, a duplicate.
             log.failure("{queue_id}: could not schedule the committed message",
                         queue_id=envelope.queue_id)
+
+    def _record(self, envelope: Envelope) -> None:
+        """The journey: the message is durable, and where each recipient is going (decided at
+        RCPT; here it has the queue id to go with it). One event: it is the hot path."""
+        recipients = envelope.recipients
+        self._journey.emit(
+            "spool.commit", envelope.queue_id, sender=envelope.sender, size=envelope.size,
+            recipients=[r.address for r in recipients],
+            routes=[{"recipient": r.address, "original": r.original, "target": r.kind.value,
+                     "mailbox": r.mailbox} for r in recipients])

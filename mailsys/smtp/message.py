@@ -219,3 +219,35 @@ def _field_pattern(name: bytes) -> re.Pattern[bytes]:
 def has_field(header: bytes, name: bytes) -> bool:
     """True if the header section ``header`` has a field called ``name`` (case-insensitive)."""
     return _field_pattern(name).search(header) is not None
+
+
+def field_value(header: bytes, name: bytes) -> bytes | None:
+    """The unfolded value of the first field called ``name`` in ``header``, or None."""
+    match = _field_pattern(name).search(header)
+    if match is None:
+        return None
+    start = stop = match.end()
+    while True:
+        crlf = header.find(b"\r\n", stop)
+        if crlf < 0:
+            stop = len(header)
+            break
+        # RFC 5322 §2.2.3: a folded field goes on over lines that begin with white space.
+        if header[crlf + 2 : crlf + 3] in (b" ", b"\t"):
+            stop = crlf + 2
+            continue
+        stop = crlf
+        break
+    return header[start:stop].replace(b"\r\n", b"").strip()
+
+
+def message_id_of(header: bytes) -> str | None:
+    """The Message-ID of a header section, without its angle brackets (RFC 5322 §3.6.4)."""
+    value = field_value(header, b"Message-ID")
+    if not value:
+        return None
+    start = value.find(b"<")
+    end = value.find(b">", start + 1)
+    if start >= 0 and end > start:
+        value = value[start + 1 : end]
+    return value.decode("utf-8", "replace").strip() or None

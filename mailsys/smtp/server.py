@@ -40,10 +40,12 @@ from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.diskio import is_no_space
 from mailsys.envelope import Envelope, Recipient
 from mailsys.interfaces import IMessageSink
+from mailsys.journey.events import NULL_RECORDER, SessionJourney
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.session import ServerSession
-from mailsys.smtp.message import MessageBuffer, has_field, header_section
+from mailsys.smtp.message import MessageBuffer, has_field, header_section, message_id_of
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
 from mailsys.transports import send_now
@@ -145,6 +147,12 @@ class SMTPSession(ServerSession):
         self._chunk_remaining = 0
         self._chunk_last = False
         self._chunk_refusal: Reply | None = None
+        # The journey of this session's messages (mailsys.journey): each command with its
+        # reply, tied by transaction number to the queue id the message finally gets.
+        self._journey = SessionJourney(factory.journey)
+        self._tls_recorded = False
+        self._quit = False
+        self._auth_mechanism = ""
         # When set, complete lines go here instead of to the command table: the way for a
         # command with continuation lines (AUTH's SASL exchange, RFC 4954 §4) to read them,
         # with the same CRLF, length and ordering rules as commands. It clears itself.
@@ -188,10 +196,17 @@ class SMTPSession(ServerSession):
         # a log event costs a measurable share of the reactor per message.
         self._connected_at = self._clock.seconds()
         self._transport.write(self._factory.greeting)
+        self._journey.emit("smtp.connect", client=self._client_address,
+                           listener=self._role.value)
 
     @override
     def _session_ended(self) -> None:
         lost = self._lost_message()
+        if not self._quit:
+            # A session that ends with QUIT is no step worth its cost on the hot path; one that
+            # breaks off (inside DATA, timed out, dropped) is part of its message's story.
+            self._journey.emit("smtp.close", reason=lost or "closed without QUIT",
+                               messages=self._messages)
         log.info("disconnect from {client} helo=<{helo}> messages={messages} "
                  "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
                  client=self._client, helo=self._helo or "",
@@ -220,6 +235,7 @@ class SMTPSession(ServerSession):
         self._esmtp = False
         self._txn = None
         self._auth_user = None
+        self._journey.end_transaction()
 
     def _lost_message(self) -> str:
         """What a client that went away in the middle of a message took with it, or ""."""
@@ -361,6 +377,9 @@ class SMTPSession(ServerSession):
         if command is None:
             self._reply(replies.COMMAND_UNRECOGNIZED)
             return
+        journal = verb in _JOURNAL_COMMANDS and self._journey.recording
+        if journal and verb == b"MAIL" and (self._txn is None or self._txn.failed):
+            self._journey.begin_transaction()  # RFC 5321 §3.3: MAIL starts a transaction
         try:
             result = command(argument)
         except Exception:
@@ -368,7 +387,24 @@ class SMTPSession(ServerSession):
                         verb=verb.decode("ascii", "replace"), client=self._client)
             self._txn = None
             result = replies.INTERNAL_ERROR
+        if journal and result is not None:
+            result = self._journal(verb, argument, result)
         self._answer(result)
+
+    def _journal(self, verb: bytes, argument: bytes,
+                 result: Reply | Deferred[Reply]) -> Reply | Deferred[Reply]:
+        """Record MAIL or RCPT with the reply it gets, refused ones too (RFC 5321 §4.1.1.2-3)."""
+        def record(reply: Reply) -> Reply:
+            path = _command_path(argument)
+            if verb == b"MAIL":
+                self._journey.emit("smtp.mail", sender=path, reply=str(reply))
+            else:
+                self._journey.emit("smtp.rcpt", recipient=path, reply=str(reply))
+            return reply
+
+        if isinstance(result, Reply):
+            return record(result)
+        return result.addCallback(record)
 
     def _answer(self, result: Reply | Deferred[Reply] | None) -> None:
         if result is None:
@@ -442,6 +478,7 @@ class SMTPSession(ServerSession):
         self._txn = None
         self._helo = helo
         self._esmtp = True
+        self._record_helo("EHLO", helo)
         self._out.append(self._factory.ehlo_reply(self._can_starttls(), self._can_auth()))
         return None
 
@@ -452,8 +489,19 @@ class SMTPSession(ServerSession):
         self._txn = None
         self._helo = helo
         self._esmtp = False
+        self._record_helo("HELO", helo)
         self._out.append(self._factory.helo_reply)
         return None
+
+    def _record_helo(self, command: str, helo: str) -> None:
+        journey = self._journey
+        journey.end_transaction()
+        if self._secure and not self._tls_recorded:
+            # The first greeting after the handshake: what TLS the client got (RFC 3207 §4.2).
+            self._tls_recorded = True
+            journey.emit("smtp.tls", tls=describe_tls(self._transport) or "",
+                         implicit=self._implicit_tls())
+        journey.emit("smtp.ehlo", command=command, name=helo, reply="250")
 
     def _do_mail(self, argument: bytes) -> Reply | Deferred[Reply]:
         if self._helo is None:
@@ -617,6 +665,8 @@ class SMTPSession(ServerSession):
         if buffer.error is not None:
             log.info("reject message from {client}: {reply}; from=<{sender}>",
                      client=self._client, reply=str(buffer.error), sender=_path_text(txn.mail))
+            self._journey.emit("smtp.data", command="BDAT" if txn.chunking else "DATA",
+                               size=buffer.octets, reply=str(buffer.error))
             return buffer.error
         try:
             queue_id = self._sink.new_queue_id()
@@ -643,10 +693,26 @@ class SMTPSession(ServerSession):
         except Exception:
             log.failure("cannot prepare a message from {client}", client=self._client)
             return replies.SPOOL_FAILED
+        message_id = None
+        if self._journey.recording:
+            # The client's field, or the one added for it (never a copy of the whole message).
+            message_id = message_id_of(header_section(content)) or message_id_of(added)
         d = maybeDeferred(self._sink.submit, envelope, message)
-        return d.addCallbacks(
+        answer = d.addCallbacks(
             self._queued, self._spool_failed, callbackArgs=(envelope,), errbackArgs=(envelope,)
         )
+        if self._journey.recording:
+            answer.addCallback(self._record_data, envelope, message_id, txn.chunking)
+        return answer
+
+    def _record_data(self, reply: Reply, envelope: Envelope, message_id: str | None,
+                     chunking: bool) -> Reply:
+        queued = reply.code == 250
+        self._journey.emit("smtp.data", envelope.queue_id if queued else None,
+                           message_id if queued else None,
+                           command="BDAT" if chunking else "DATA", size=envelope.size,
+                           reply=str(reply))
+        return reply
 
     def _queued(self, _: object, envelope: Envelope) -> Reply:
         # One line per accepted message (the hot path), with what its journey starts from;
@@ -712,6 +778,7 @@ class SMTPSession(ServerSession):
         if argument:
             return replies.SYNTAX_ERROR
         self._txn = None
+        self._journey.end_transaction()
         return replies.RESET_OK
 
     def _do_noop(self, argument: bytes) -> Reply:
@@ -721,6 +788,7 @@ class SMTPSession(ServerSession):
         if argument:
             return replies.SYNTAX_ERROR
         self._closing = True
+        self._quit = True
         return replies.BYE
 
     def _do_vrfy(self, argument: bytes) -> Reply:
@@ -756,6 +824,7 @@ class SMTPSession(ServerSession):
         # RFC 4954 §4: "AUTH" SP sasl-mech [SP initial-response]
         parts = argument.split(b" ")
         mechanism = parts[0].upper()
+        self._auth_mechanism = mechanism.decode("ascii", "replace")
         if not mechanism:
             return replies.AUTH_NO_MECHANISM
         if len(parts) > 2:
@@ -826,9 +895,14 @@ class SMTPSession(ServerSession):
         if outcome is Refusal.BLOCKED:
             return self._auth_blocked()
         if outcome is Refusal.FAILED:
+            # Not even the user name tried: it may be a password typed in the wrong field.
+            self._journey.emit("smtp.auth", mechanism=self._auth_mechanism,
+                               reply=str(replies.AUTH_INVALID))
             return replies.AUTH_INVALID  # RFC 4954 §6: 535 5.7.8
         self._auth_user = outcome.mailbox
         log.info("AUTH {user} from {client}", user=outcome.mailbox, client=self._client)
+        self._journey.emit("smtp.auth", user=outcome.mailbox, mechanism=self._auth_mechanism,
+                           reply=str(replies.AUTH_OK))
         return replies.AUTH_OK
 
     def _login_error(self, failure: Failure) -> Reply:
@@ -874,9 +948,11 @@ class SMTPServerFactory(ServerFactory):
         *,
         portal: Portal | None = None,
         throttle: LoginLimiter | None = None,
+        journey: IJourneyRecorder = NULL_RECORDER,
         storage: StorageGate | None = None,
     ) -> None:
         self.config = config
+        self.journey = journey
         self.role = role
         self.hostname = config.server.hostname
         # Submission privacy: the client's address stays out of the Received field.
@@ -977,6 +1053,19 @@ def _client_label(host: str) -> str:
         return f"[IPv6:{host}]"
     return f"[{host}]"
 
+
+
+_JOURNAL_COMMANDS = frozenset({b"MAIL", b"RCPT"})
+
+
+def _command_path(argument: bytes) -> str:
+    """The address of a MAIL FROM:<...> or RCPT TO:<...> argument as the client sent it."""
+    text = argument.decode("utf-8", "replace")
+    start = text.find("<")
+    end = text.find(">", start + 1)
+    if start >= 0 and end > start:
+        return text[start + 1 : end]
+    return text.partition(":")[2].strip().split(" ")[0]
 
 
 def _path_text(request: MailRequest) -> str:

@@ -28,6 +28,8 @@ from mailsys.auth.login import LoginLimiter
 from mailsys.auth.portal import MailRealm
 from mailsys.envelope import Envelope, TargetKind
 from mailsys.interfaces import IMessageSink, IRouter
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.routing import Destination, UnknownRecipient
 from mailsys.smtp.policy import InboundPolicy, Policy
 from mailsys.smtp.server import (
@@ -205,6 +207,7 @@ def make_factory(
     portal: Portal | None = None,
     throttle: LoginLimiter | None = None,
     hide_client_address: bool = False,
+    journey: IJourneyRecorder = NULL_RECORDER,
     **smtp: int | float | bool,
 ) -> SMTPServerFactory:
     """A factory for ``mx.example.test`` with a StaticRouter (alice, bob and postmaster of
@@ -221,6 +224,7 @@ def make_factory(
         tls,
         portal=portal,
         throttle=throttle,
+        journey=journey,
     )
 
 
