@@ -31,6 +31,8 @@ from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
 from mailsys.imap.wiring import imap_factories
 from mailsys.mailbox.store import MailboxStore
+from mailsys.pickup.maildrop import prepare_directory
+from mailsys.pickup.watcher import PickupWatcher
 from mailsys.pop3.wiring import pop3_factories
 from mailsys.queue.control import ControlWatcher
 from mailsys.queue.dsn import DSNNotifier
@@ -50,6 +52,8 @@ TLS_CHECK_INTERVAL = 60.0
 MAILBOX_POLL_INTERVAL = 2.0
 # How often the spool's control/ directory is checked for queue tool commands, in seconds.
 QUEUE_CONTROL_INTERVAL = 1.0
+# How often the pickup directory is looked at for mail from `mailsys-sendmail`, in seconds.
+PICKUP_INTERVAL = 1.0
 # How often a running server looks whether the user file changed.
 USERS_RELOAD_INTERVAL = RELOAD_INTERVAL
 
@@ -212,6 +216,31 @@ def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
     return d
 
 
+class _PickupService(TimerService):
+    """Looks at the pickup directory every PICKUP_INTERVAL; creates it (mode 3730) on start."""
+
+    def __init__(self, watcher: PickupWatcher, group: str | None) -> None:
+        TimerService.__init__(self, PICKUP_INTERVAL, watcher.poll)
+        self._directory = watcher.directory
+        self._group = group
+
+    @override
+    def startService(self) -> None:
+        # Once, at start-up, like the spool's recovery: a mkdir and a chmod.
+        prepare_directory(self._directory, self._group)
+        TimerService.startService(self)
+
+
+def _pickup_service(config: Config, sink: QueueSink, router: Router, pool: DiskPool,
+                    reactor: Any) -> Service:
+    local = config.routing.local_domains
+    origin = config.pickup.origin or (local[0] if local else config.server.hostname)
+    watcher = PickupWatcher(config.pickup.directory, sink, router, pool, reactor,
+                            hostname=config.server.hostname, origin=origin,
+                            max_message_size=config.smtp.max_message_size)
+    return _PickupService(watcher, config.pickup.group)
+
+
 def build_service(config: Config, reactor: Any) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts."""
     tls = _prepare_tls(config)
@@ -248,6 +277,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
     control = ControlWatcher(config.storage.spool, runner, pool)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
+    # `mailsys-sendmail` (mailsys.pickup): drops queued through the same sink as SMTP intake.
+    _pickup_service(config, sink, router, pool, reactor).setServiceParent(service)
     # `mailsys user add|passwd|del` while serving: the file is looked at in a disk thread, so
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
