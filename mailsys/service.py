@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -30,6 +32,7 @@ from mailsys.delivery.wiring import build_relay
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
 from mailsys.imap.wiring import imap_factories
+from mailsys.interfaces import IMessageSink
 from mailsys.mailbox.store import MailboxStore
 from mailsys.pickup.maildrop import prepare_directory
 from mailsys.pickup.watcher import PickupWatcher
@@ -43,6 +46,15 @@ from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, SubmissionPolicy
 from mailsys.smtp.server import ListenerRole, SMTPServerFactory, SMTPSettings
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
+from mailsys.web.metrics import (
+    CountingSink,
+    Metrics,
+    accepted_by,
+    attempt_observer,
+    notices,
+    queue_state,
+)
+from mailsys.web.wiring import build_web, certificate_expiry
 
 log = Logger()
 
@@ -97,6 +109,10 @@ class Listener(Service):
         else:
             self._port = result
 
+    @property
+    def bound(self) -> bool:
+        return self._port is not None
+
     @override
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -122,6 +138,11 @@ class MailService(MultiService):
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
+        self.metrics: Metrics | None = None
+
+    def all_bound(self) -> bool:
+        """Every listener is bound (readiness, and systemd's READY=1)."""
+        return all(listener.bound for _, listener in self._listeners)
 
     def add_listener(self, name: str, description: str, factory: IProtocolFactory) -> None:
         """Serve ``factory`` on the endpoint ``description``; ``name`` says which service it is."""
@@ -231,7 +252,7 @@ class _PickupService(TimerService):
         TimerService.startService(self)
 
 
-def _pickup_service(config: Config, sink: QueueSink, router: Router, pool: DiskPool,
+def _pickup_service(config: Config, sink: IMessageSink, router: Router, pool: DiskPool,
                     reactor: Any) -> Service:
     local = config.routing.local_domains
     origin = config.pickup.origin or (local[0] if local else config.server.hostname)
@@ -239,6 +260,19 @@ def _pickup_service(config: Config, sink: QueueSink, router: Router, pool: DiskP
                             hostname=config.server.hostname, origin=origin,
                             max_message_size=config.smtp.max_message_size)
     return _PickupService(watcher, config.pickup.group)
+
+
+def _watch_certificate(metrics: Metrics, certificate: Path, pool: DiskPool, reactor: Any,
+                       service: MultiService) -> None:
+    """Keep the certificate's expiry for /metrics, read in a disk thread now and then."""
+    expiry: list[float | None] = [None]
+
+    def read() -> Deferred[None]:
+        d = pool.run(certificate_expiry, certificate)
+        return d.addCallback(lambda value: expiry.__setitem__(0, value))
+
+    metrics.watch_certificate(lambda: expiry[0])
+    TimerService(TLS_CHECK_INTERVAL, read).setServiceParent(service)
 
 
 def build_service(config: Config, reactor: Any) -> MailService:
@@ -262,8 +296,13 @@ def build_service(config: Config, reactor: Any) -> MailService:
                          max_lifetime=config.relay.max_lifetime)
     sink = QueueSink(spool, runner)
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
+    # One registry per service, never prometheus_client's global one: two services in one
+    # process (tests) must not share counters.
+    metrics = Metrics(CollectorRegistry(), reactor)
+    runner.observer = attempt_observer(metrics)
+    metrics.watch_queue(queue_state(runner.envelopes))
     runner.notifier = DSNNotifier(
-        sink, router, pool, config.server.hostname, reactor,
+        CountingSink(sink, notices(metrics)), router, pool, config.server.hostname, reactor,
         delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
         max_returned_size=config.smtp.max_message_size,
     )
@@ -271,6 +310,9 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
+    service.metrics = metrics
+    if config.tls.certificate is not None:
+        _watch_certificate(metrics, config.tls.certificate, pool, reactor, service)
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
@@ -278,7 +320,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
     control = ControlWatcher(config.storage.spool, runner, pool)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
     # `mailsys-sendmail` (mailsys.pickup): drops queued through the same sink as SMTP intake.
-    _pickup_service(config, sink, router, pool, reactor).setServiceParent(service)
+    _pickup_service(config, CountingSink(sink, accepted_by(metrics, "pickup")), router, pool,
+                    reactor).setServiceParent(service)
     # `mailsys user add|passwd|del` while serving: the file is looked at in a disk thread, so
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
@@ -305,8 +348,10 @@ def build_service(config: Config, reactor: Any) -> MailService:
                   if role is ListenerRole.MTA
                   else SubmissionPolicy(router, senders=router, reload_users=reload_users))
         settings = SMTPSettings.from_config(config, role)
+        listener = "smtp" if role is ListenerRole.MTA else role.value
+        counted = CountingSink(sink, accepted_by(metrics, listener))
         factory: IProtocolFactory = SMTPServerFactory(
-            settings, policy, sink, reactor, tls, portal=portal, throttle=throttle
+            settings, policy, counted, reactor, tls, portal=portal, throttle=throttle
         )
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
@@ -326,4 +371,10 @@ def build_service(config: Config, reactor: Any) -> MailService:
 
     if tls is not None:
         TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)
+
+    # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy ---
+    if config.web.listen:
+        site = build_web(config, service.all_bound, pool, metrics, reactor)
+        for description in config.web.listen:
+            service.add_listener("web", description, site)
     return service
