@@ -6,6 +6,7 @@ stores) as arguments and can be tested alone.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from typing_extensions import override
 
+from mailsys import sdnotify
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
@@ -179,9 +181,14 @@ class MailService(MultiService):
         MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
+        # Every listener was bound in privilegedStartService (a failure stops start-up there).
+        if self.all_bound():
+            sdnotify.notify(sdnotify.READY, f"STATUS=listening on {len(self._listeners)} "
+                            "port(s)", f"MAINPID={os.getpid()}")
 
     @override
     def stopService(self) -> Deferred[None]:
+        sdnotify.notify(sdnotify.STOPPING, "STATUS=stopping")
         d: Deferred[None] = maybeDeferred(super().stopService)
 
         def stop_pool(result: object) -> object:
