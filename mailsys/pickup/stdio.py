@@ -29,7 +29,7 @@ from mailsys.interfaces import IMessageSink
 from mailsys.pickup.maildrop import DropRequest, DropWriter
 from mailsys.replies import Reply
 from mailsys.smtp.policy import SessionInfo
-from mailsys.smtp.server import ListenerRole, SMTPServerFactory, SMTPSettings
+from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 
 
 class LocalPolicy:
@@ -102,9 +102,8 @@ def serve_stdio(config: Config, reactor: Any = None) -> int:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    settings = SMTPSettings.from_config(config, ListenerRole.MTA)
-    factory = SMTPServerFactory(settings, LocalPolicy(), DropSink(config.pickup.directory),
-                                reactor)
+    factory = SMTPServerFactory(config, ListenerRole.MTA, LocalPolicy(),
+                                DropSink(config.pickup.directory), reactor)
     session = factory.buildProtocol(UNIXAddress(None))
     assert session is not None
     # StandardIO is not annotated.
