@@ -20,6 +20,7 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config, IMAPSection, POP3Section
 from mailsys.connlimit import ConnectionCounter
 from mailsys.mailbox.store import MailboxStore
+from mailsys.session import SessionMetrics
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, TLSContextSource
 
 SectionT = TypeVar("SectionT", POP3Section, IMAPSection)
@@ -51,6 +52,7 @@ class MailboxServerFactory(ServerFactory, Generic[SectionT]):
         self.store = store
         self.portal = portal
         self.throttle = throttle
+        self.metrics: SessionMetrics | None = None  # set by the service (mailsys.web.metrics)
         self.clock = clock
         self.tls = tls
         if connections is None:

@@ -51,6 +51,7 @@ from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
 from mailsys.web.metrics import (
     CountingSink,
+    ListenerMetrics,
     Metrics,
     accepted_by,
     attempt_observer,
@@ -283,6 +284,17 @@ def _watch_certificate(metrics: Metrics, certificate: Path, pool: DiskPool, reac
     TimerService(TLS_CHECK_INTERVAL, read).setServiceParent(service)
 
 
+def _count_sessions(factory: IProtocolFactory, metrics: Metrics, protocol: str) -> None:
+    """Give a POP3 or IMAP listener's sessions their metrics; implicit TLS listeners are
+    labelled pop3s and imaps."""
+    if isinstance(factory, TLSMemoryBIOFactory):
+        inner: Any = factory.wrappedFactory
+        listener = protocol + "s"
+    else:
+        inner, listener = factory, protocol
+    inner.metrics = ListenerMetrics(metrics, listener, protocol)
+
+
 def build_service(config: Config, reactor: Any) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts."""
     tls = _prepare_tls(config)
@@ -357,9 +369,11 @@ def build_service(config: Config, reactor: Any) -> MailService:
                   else SubmissionPolicy(router, senders=router, reload_users=reload_users))
         listener = "smtp" if role is ListenerRole.MTA else role.value
         counted = CountingSink(sink, accepted_by(metrics, listener))
-        factory: IProtocolFactory = SMTPServerFactory(
+        smtp = SMTPServerFactory(
             config, role, policy, counted, reactor, tls, portal=portal, throttle=throttle
         )
+        smtp.metrics = ListenerMetrics(metrics, listener, "smtp")
+        factory: IProtocolFactory = smtp
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
             factory = TLSMemoryBIOFactory(CurrentCertificateCreator(tls), False, factory)
@@ -368,10 +382,12 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # --- POP3 (mailsys.pop3) ---
     for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor):
+        _count_sessions(pop3_factory, metrics, "pop3")
         service.add_listener("pop3", description, pop3_factory)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor):
+        _count_sessions(imap_factory, metrics, "imap")
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)

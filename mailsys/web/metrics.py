@@ -133,6 +133,28 @@ class Metrics:
         self._state.certificate_expiry = expiry
 
 
+class ListenerMetrics:
+    """One listener's view of the metrics, as its sessions report (mailsys.session's
+    SessionMetrics): the listener and protocol labels are fixed here."""
+
+    def __init__(self, metrics: Metrics, listener: str, protocol: str) -> None:
+        self._metrics = metrics
+        self._listener = listener
+        self._protocol = protocol
+
+    def opened(self) -> None:
+        self._metrics.connection_opened(self._listener)
+
+    def closed(self) -> None:
+        self._metrics.connection_closed(self._listener)
+
+    def login_failed(self) -> None:
+        self._metrics.auth_failed(self._protocol)
+
+    def refused(self, code: int) -> None:
+        self._metrics.message_refused(self._listener, code)
+
+
 def queue_state(envelopes: Callable[[], Iterable[Envelope]]) -> Callable[[], QueueState]:
     """The queue's state from the runner's envelopes: held, deferred (some recipient waits
     for a retry) or active."""

@@ -4,7 +4,9 @@ autodiscover and the MTA-STS policy, with a 404 that tells nothing for unknown d
 
 from __future__ import annotations
 
+import imaplib
 import smtplib
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +22,10 @@ OUTLOOK = "{http://schemas.microsoft.com/exchange/autodiscover/outlook/responses
 
 
 class Web:
-    def __init__(self, server: MailServer, port: int) -> None:
+    def __init__(self, server: MailServer, port: int, imaps_port: int = 0) -> None:
         self.server = server
         self.port = port
+        self.imaps_port = imaps_port
 
     def get(self, path: str, host: str = "127.0.0.1", data: bytes | None = None,
             ) -> tuple[int, bytes, str]:
@@ -47,7 +50,7 @@ listen = ["tcp:{port}:interface=127.0.0.1"]
 mta_sts_mode = "enforce"
 """)
     server.start()
-    web = Web(server, port)
+    web = Web(server, port, imaps)
 
     def live() -> bool:
         try:
@@ -158,22 +161,39 @@ def test_mta_sts_policy(web: Web) -> None:
 
 
 def test_counters_move_as_mail_flows(web: Web) -> None:
-    """A message sent over SMTP moves the connection, accepted-message and delivery counters."""
+    """Mail over SMTP, a refused recipient and a failed IMAP login move the connection,
+    accepted, refused, delivery and authentication-failure counters, read with
+    prometheus_client's parser."""
     def read() -> str:
         return web.get("/metrics")[1].decode()  # rendered anew at most once a second
 
     before = read()
     with smtplib.SMTP("127.0.0.1", web.server.smtp_port, timeout=10) as client:
         client.sendmail("someone@remote.test", ["demo@example.test"], b"Subject: m\r\n\r\nx\r\n")
+        client.ehlo()
+        client.mail("someone@remote.test")
+        code, _ = client.rcpt("nobody@example.test")
+        assert code == 550
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with imaplib.IMAP4_SSL("127.0.0.1", web.imaps_port, ssl_context=context) as imap, \
+            pytest.raises(imaplib.IMAP4.error):
+        imap.login("demo@example.test", "wrong")
     wait_for(lambda: web.server.inbox_files(), message="delivery")
 
     def moved() -> bool:
         after = read()
-        return (metric(after, "mailsys_messages_accepted_total", listener="smtp")
-                > metric(before, "mailsys_messages_accepted_total", listener="smtp")
-                and metric(after, "mailsys_delivery_attempts_total", target="local",
-                           result="delivered")
-                > metric(before, "mailsys_delivery_attempts_total", target="local",
-                         result="delivered"))
+        return all(metric(after, name, **labels) > metric(before, name, **labels)
+                   for name, labels in (
+                       ("mailsys_connections_total", {"listener": "smtp"}),
+                       ("mailsys_connections_total", {"listener": "imaps"}),
+                       ("mailsys_messages_accepted_total", {"listener": "smtp"}),
+                       ("mailsys_messages_refused_total", {"listener": "smtp", "code": "550"}),
+                       ("mailsys_auth_failures_total", {"protocol": "imap"}),
+                       ("mailsys_delivery_attempts_total", {"target": "local",
+                                                            "result": "delivered"}),
+                       ("mailsys_delivery_latency_seconds_count", {"target": "local"})))
 
     wait_for(moved, deadline=10.0, interval=0.2, message="the counters to move")
+    assert metric(read(), "mailsys_sessions", listener="smtp") == 0
