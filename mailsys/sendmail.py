@@ -27,6 +27,7 @@ from mailsys.pickup.maildrop import DropRequest, DropWriter
 PROG = "mailsys-sendmail"
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
 CONFIG_ENV = "MAILSYS_CONFIG"
+SYSTEM_CONFIG = Path("/etc/mailsys/mailsys.toml")
 
 # sysexits(3)
 EX_OK = 0
@@ -138,12 +139,16 @@ def parse_args(argv: list[str]) -> Options:
 
 
 def config_path(options: Options, environ: dict[str, str] | None = None) -> Path:
-    """--config, else $MAILSYS_CONFIG, else etc/mailsys.toml."""
+    """--config, else $MAILSYS_CONFIG, else etc/mailsys.toml as `mailsys` does; when that is
+    not there either, /etc/mailsys/mailsys.toml: as /usr/sbin/sendmail the command runs in
+    whatever directory cron or a web application is in."""
     environ = dict(os.environ) if environ is None else environ
     if options.config is not None:
         return options.config
     if environ.get(CONFIG_ENV):
         return Path(environ[CONFIG_ENV])
+    if not DEFAULT_CONFIG.exists() and SYSTEM_CONFIG.exists():
+        return SYSTEM_CONFIG
     return DEFAULT_CONFIG
 
 
