@@ -109,29 +109,39 @@ class PickupWatcher:
                                  STALE_TEMPORARY, now)
         names: list[str] = yield self._disk.run(maildrop.list_drops, self.directory, BATCH)
         for name in names:
-            yield self._take(name)
+            queued: bool = yield self._take(name)
+            if not queued:
+                break  # the spool refused a commit: the next look tries again
 
     @inlineCallbacks
-    def _take(self, name: str) -> Generator[Deferred[Any], Any, None]:
+    def _take(self, name: str) -> Generator[Deferred[Any], Any, bool]:
+        """Queue one drop; False if the spool could not commit it (it stays for later)."""
         try:
             drop: Drop = yield self._disk.run(maildrop.read_drop, self.directory, name,
                                               self._max_size)
-        except (DropError, UnicodeDecodeError) as exc:
-            log.warn("pickup {name}: refused ({reason}); moved to {refused}/", name=name,
-                     reason=str(exc), refused=maildrop.REFUSED_DIR)
-            yield self._disk.run(maildrop.refuse, self.directory, name)
-            return
         except FileNotFoundError:
-            return None  # taken by another look, or removed by its writer
+            return True  # taken by another look, or removed by its writer
+        except (DropError, UnicodeDecodeError, OSError) as exc:
+            # OSError: a file the server may not read (written with another group or mode).
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warn("pickup {name}: refused ({reason}); moved to {refused}/", name=name,
+                     reason=reason, refused=maildrop.REFUSED_DIR)
+            yield self._disk.run(maildrop.refuse, self.directory, name)
+            return True
         try:
             envelope, message = self.prepare(drop)
         except DropError as exc:
             log.warn("pickup {name}: uid={uid} refused ({reason}); moved to {refused}/",
                      name=name, uid=drop.uid, reason=str(exc), refused=maildrop.REFUSED_DIR)
             yield self._disk.run(maildrop.refuse, self.directory, name)
-            return
-        # A commit that fails leaves the drop where it is, for the next look.
-        yield self._sink.submit(envelope, message)
+            return True
+        try:
+            yield self._sink.submit(envelope, message)
+        except Exception as exc:
+            # The drop stays where it is, for the next look; one line, not a traceback a second.
+            log.warn("pickup {name}: not queued ({error}); tried again later", name=name,
+                     error=str(exc) or type(exc).__name__)
+            return False
         log.info(
             "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} uid={uid} user={user} "
             "proto={proto} (pickup {name})",
@@ -140,6 +150,7 @@ class PickupWatcher:
             proto=PROTOCOL, name=name,
         )
         yield self._disk.run(maildrop.remove, self.directory, name)
+        return True
 
     # -- building the envelope and the message (on the reactor: memory only) -------------------
 

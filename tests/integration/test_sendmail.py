@@ -184,7 +184,9 @@ def test_mail_given_while_the_server_is_down_goes_out_when_it_starts(tmp_path: P
     server = make_server(tmp_path / "down", extra_config=pickup(tmp_path / "down"))
     try:
         server.start()  # once, so the pickup directory exists as the server makes it
-        assert (server.directory / "var" / "pickup").is_dir()
+        # Ports are bound before the services start: the directory comes a moment later.
+        wait_for(lambda: (server.directory / "var" / "pickup").is_dir(),
+                 message="the pickup directory")
         server.stop()
         done = sendmail(server, "demo@example.test", data=b"Subject: while down\n\nx\n")
         assert done.returncode == 0, done.stderr
