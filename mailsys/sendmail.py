@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -323,13 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         if options.mode in ("queue", "smtp") and sys.stdout is None:
             # Started with descriptor 1 closed: Python has no stdout at all.
             raise SendmailError("standard output is closed", EX_IOERR)
+        if options.mode == "smtp" and sys.stdin is None:
+            raise SendmailError("standard input is closed", EX_NOINPUT)
         if options.mode == "queue":
             return queue_listing(path, config)
         if options.mode == "smtp":
             from mailsys.pickup.stdio import serve_stdio
 
             return serve_stdio(config)
-        return deliver(options, config, sys.stdin.buffer, _say)
+        # Started with descriptor 0 closed: an empty message, as from /dev/null.
+        stdin: BinaryIO = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
+        return deliver(options, config, stdin, _say)
     except SendmailError as exc:
         return _fail(str(exc), exc.status)
     except BrokenPipeError:
