@@ -5,11 +5,14 @@ mail given while the server is down, and the bad inputs of issue 16.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +92,7 @@ printf 'To: demo@example.test\\nBcc: someone@remote.test\\nSubject: from cron\\n
         assert msg["Message-ID"] and msg["Date"]
     received = " ".join(str(r) for r in parse(local).get_all("Received") or [])
     assert f"from userid {os.getuid()}" in received
-    user = __import__("pwd").getpwuid(os.getuid()).pw_name
+    user = pwd.getpwuid(os.getuid()).pw_name
     assert parse(local)["From"] == f"{user}@example.test"
 
 
@@ -197,3 +200,51 @@ def test_mail_given_while_the_server_is_down_goes_out_when_it_starts(tmp_path: P
                  message="the drop removed after queueing")
     finally:
         server.kill()
+
+
+def test_local_user_is_the_files_owner_and_the_group_gates_submission(
+    server_factory: Callable[..., MailServer],
+) -> None:
+    """Run as another user: a member of the pickup group submits without a password and the
+    Received field names that uid; a user outside the group is refused with EX_NOPERM."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the command as another user (setpriv)")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    group = grp.getgrnam("mail")  # Debian's base system has it (gid 8)
+    nobody = pwd.getpwnam("nobody")
+    # Outside pytest's private temporary tree, which other users may not traverse.
+    shared = Path(tempfile.mkdtemp(prefix="mailsys-pickup-"))
+    try:
+        shared.chmod(0o755)
+        server = server_factory(extra_config=f"""
+[pickup]
+directory = "{shared}/pickup"
+group = "mail"
+""")
+        server.start()
+        wait_for(lambda: (shared / "pickup").is_dir(), message="the pickup directory")
+        config = shared / "mailsys.toml"
+        shutil.copy(server.config_path, config)
+        config.chmod(0o644)
+        as_member = [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                     f"--groups={group.gr_gid}"]
+        as_stranger = [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                       "--clear-groups"]
+        message = b"Subject: from nobody\n\nhello\n"
+        done = subprocess.run([*as_member, SENDMAIL, "--config", str(config),
+                               "demo@example.test"], input=message, capture_output=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        path = find_message(server.inbox(), b"Subject: from nobody")
+        received = " ".join(str(r) for r in parse(path).get_all("Received") or [])
+        assert f"from userid {nobody.pw_uid} (nobody)" in received
+        assert parse(path)["From"] == "nobody@example.test"
+        refused = subprocess.run([*as_stranger, SENDMAIL, "--config", str(config),
+                                  "demo@example.test"], input=message, capture_output=True,
+                                 timeout=60, check=False)
+        assert refused.returncode == 77
+        assert b"Permission denied" in refused.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
