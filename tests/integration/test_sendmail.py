@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MailServer, make_server, wait_for
+from tests.integration.conftest import MailServer, free_port, make_server, wait_for
 from tests.integration.relay_support import (
     LabDNS,
     find_message,
@@ -39,6 +40,7 @@ class Pair:
     dns: LabDNS
     sender: MailServer
     receiver: MailServer
+    web_port: int  # the sender's HTTP listener
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +55,14 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
                                aliases='"someone@remote.test" = ["demo@example.test"]')
         servers.append(receiver)
         receiver.start()
-        sender = make_server(root / "sender", extra_config=pickup(root / "sender"),
-                             relay_config=relay_section(dns, receiver.smtp_port))
+        web_port = free_port()
+        sender = make_server(root / "sender", extra_config=pickup(root / "sender") + f"""
+[web]
+listen = ["tcp:{web_port}:interface=127.0.0.1"]
+""", relay_config=relay_section(dns, receiver.smtp_port))
         servers.append(sender)
         sender.start()
-        yield Pair(dns, sender, receiver)
+        yield Pair(dns, sender, receiver, web_port)
     finally:
         for server in servers:
             server.kill()
@@ -94,6 +99,14 @@ printf 'To: demo@example.test\\nBcc: someone@remote.test\\nSubject: from cron\\n
     assert f"from userid {os.getuid()}" in received
     user = pwd.getpwuid(os.getuid()).pw_name
     assert parse(local)["From"] == f"{user}@example.test"
+
+
+def test_readyz_asks_dns_when_relay_is_on(pair: Pair) -> None:
+    """With relay on, /readyz also checks that the (lab) DNS server answers."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{pair.web_port}/readyz", timeout=10) as response:
+        body = response.read()
+    assert response.status == 200
+    assert b"dns: ok" in body and b"spool: ok" in body and b"listeners: ok" in body
 
 
 def test_bs_speaks_smtp_with_swaks(pair: Pair) -> None:
