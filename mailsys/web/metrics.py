@@ -8,7 +8,7 @@ message's age, the certificate's expiry) are read when scraped, from callables g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -246,13 +246,3 @@ class MetricsText:
             self._at = now
             self.renders += 1
         return self._text
-
-
-def label_values(families: Iterator[Metric], name: str) -> dict[tuple[str, ...], float]:
-    """Samples of metric ``name`` by label values (for tests and tools reading the text)."""
-    found: dict[tuple[str, ...], float] = {}
-    for family in families:
-        for sample in family.samples:
-            if sample.name == name:
-                found[tuple(sample.labels.values())] = sample.value
-    return found
