@@ -55,9 +55,16 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerSection:
-    """Identity of this mail system."""
+    """Identity of this mail system, and the account it runs as (mailsys.ownership).
+
+    ``user``/``group`` name the account twistd drops to (``--uid``/``--gid``), so that the
+    ``mailsys`` commands give the files they write to it; unset, files stay private to their
+    writer, as suits a server that runs as the administrator's own user.
+    """
 
     hostname: str = "localhost"
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,8 +234,8 @@ class PickupSection:
     may write to and not read, like Postfix's maildrop. The server picks files up from it."""
 
     directory: Path = Path("var/pickup")
-    # The group whose members may submit (the directory's group, mode 3730). Unset: the group
-    # of the server's own process, i.e. only the server's user and its group's members.
+    # The group whose members may submit (the directory's group, mode 3730). Unset: the
+    # server's group ([server] group or its user's primary group), else the process's own.
     group: str | None = None
     # The domain added to a local user's login name for the default sender and to recipients
     # given without a domain (Postfix's myorigin). Unset: the first local domain.

@@ -36,6 +36,7 @@ from mailsys.envelope import TargetKind
 from mailsys.imap.session import IMAPServerFactory
 from mailsys.interfaces import IMessageSink
 from mailsys.mailbox.store import MailboxStore
+from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over, make_directory
 from mailsys.pickup.maildrop import prepare_directory
 from mailsys.pickup.watcher import PickupWatcher
 from mailsys.pop3.server import POP3ServerFactory
@@ -202,12 +203,15 @@ class MailService(MultiService):
         return d
 
 
-def _prepare_tls(config: Config) -> ServerTLS | None:
+def _prepare_tls(config: Config, account: ServerAccount | None = None) -> ServerTLS | None:
     tls = config.tls
     if tls.certificate is None or tls.key is None:
         return None
     hostname = config.server.hostname
     if tls.create_self_signed and ensure_self_signed(tls.certificate, tls.key, hostname):
+        # Made as root before twistd drops privileges: the server must still read them later.
+        hand_over(tls.key, account, mode=SECRET_MODE if account is not None else None)
+        hand_over(tls.certificate, account)
         log.warn(
             "created a self-signed development certificate {certificate} for {hostname}; "
             "configure a real certificate for production",
@@ -246,29 +250,20 @@ def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
     return d
 
 
-class _PickupService(TimerService):
-    """Looks at the pickup directory every PICKUP_INTERVAL; creates it (mode 3730) on start."""
-
-    def __init__(self, watcher: PickupWatcher, group: str | None) -> None:
-        TimerService.__init__(self, PICKUP_INTERVAL, watcher.poll)
-        self._directory = watcher.directory
-        self._group = group
-
-    @override
-    def startService(self) -> None:
-        # Once, at start-up, like the spool's recovery: a mkdir and a chmod.
-        prepare_directory(self._directory, self._group)
-        TimerService.startService(self)
-
-
 def _pickup_service(config: Config, sink: IMessageSink, router: Router, pool: DiskPool,
-                    reactor: Any) -> Service:
+                    reactor: Any, account: ServerAccount | None) -> Service:
+    """Looks at the pickup directory every PICKUP_INTERVAL. The directory is made now, before
+    twistd drops privileges (its parent, /var/spool, is root's), and given to the server's
+    account; its group is ``[pickup] group``, else the server's group (mode 3730)."""
+    directory = config.pickup.directory
+    make_directory(directory, account, 0o700)
+    prepare_directory(directory, config.pickup.group or (account.group if account else None))
     local = config.routing.local_domains
     origin = config.pickup.origin or (local[0] if local else config.server.hostname)
-    watcher = PickupWatcher(config.pickup.directory, sink, router, pool, reactor,
+    watcher = PickupWatcher(directory, sink, router, pool, reactor,
                             hostname=config.server.hostname, origin=origin,
                             max_message_size=config.smtp.max_message_size)
-    return _PickupService(watcher, config.pickup.group)
+    return TimerService(PICKUP_INTERVAL, watcher.poll)
 
 
 def _watch_certificate(metrics: Metrics, certificate: Path, pool: DiskPool, reactor: Any,
@@ -295,10 +290,15 @@ def _count_sessions(factory: IProtocolFactory, metrics: Metrics, protocol: str) 
     inner.metrics = ListenerMetrics(metrics, listener, protocol)
 
 
-def build_service(config: Config, reactor: Any) -> MailService:
-    """Build the mail system for ``config``; nothing listens until the service starts."""
-    tls = _prepare_tls(config)
-    users = UserStore(config.storage.users, reload_on_lookup=False)
+def build_service(config: Config, reactor: Any, *,
+                  account: ServerAccount | None = None) -> MailService:
+    """Build the mail system for ``config``; nothing listens until the service starts.
+
+    ``account`` is the one the server will run as (mailsys.ownership): files made here, before
+    twistd drops privileges, are given to it.
+    """
+    tls = _prepare_tls(config, account)
+    users = UserStore(config.storage.users, reload_on_lookup=False, account=account)
     _ensure_demo_user(config, users)
     router = Router(config.routing, users)
     pool = DiskPool(reactor)
@@ -341,7 +341,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
     # `mailsys-sendmail` (mailsys.pickup): drops queued through the same sink as SMTP intake.
     _pickup_service(config, CountingSink(sink, accepted_by(metrics, "pickup")), router, pool,
-                    reactor).setServiceParent(service)
+                    reactor, account).setServiceParent(service)
     # `mailsys user add|passwd|del` while serving: the file is looked at in a disk thread, so
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
