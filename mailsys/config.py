@@ -14,6 +14,7 @@ in ``_CHECKERS`` if its values have rules beyond their types.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import re
 import tomllib
@@ -270,6 +271,37 @@ class JourneySection:
 
 
 @dataclass(frozen=True)
+class PickupSection:
+    """Mail handed over by ``mailsys-sendmail`` (mailsys.pickup): a directory local programs
+    may write to and not read, like Postfix's maildrop. The server picks files up from it."""
+
+    directory: Path = Path("var/pickup")
+    # The group whose members may submit (the directory's group, mode 3730). Unset: the
+    # server's group ([server] group or its user's primary group), else the process's own.
+    group: str | None = None
+    # The domain added to a local user's login name for the default sender and to recipients
+    # given without a domain (Postfix's myorigin). Unset: the first local domain.
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
+class WebSection:
+    """The HTTP listener (mailsys.web): health, metrics, client autoconfiguration, MTA-STS."""
+
+    listen: tuple[str, ...] = ()
+    # RFC 8461 §3.2 policy served at https://mta-sts.<domain>/.well-known/mta-sts.txt; "none"
+    # serves no policy (404).
+    mta_sts_mode: str = "none"
+    # The MX host names the policy allows; unset: server.hostname.
+    mta_sts_mx: tuple[str, ...] = ()
+    # RFC 8461 §3.2: max_age in seconds, at most 31557600 (about one year).
+    mta_sts_max_age: int = 604800
+    # The host name clients are told to use for IMAP, POP3 and submission; unset:
+    # server.hostname.
+    client_hostname: str | None = None
+
+
+@dataclass(frozen=True)
 class DevSection:
     """Development conveniences of the embedded default; absent in production."""
 
@@ -306,6 +338,8 @@ class Config:
     auth: AuthSection = field(default_factory=AuthSection)
     relay: RelaySection = field(default_factory=RelaySection)
     journey: JourneySection = field(default_factory=JourneySection)
+    pickup: PickupSection = field(default_factory=PickupSection)
+    web: WebSection = field(default_factory=WebSection)
     dev: DevSection = field(default_factory=DevSection)
     quota: QuotaSection = field(default_factory=QuotaSection)
 
@@ -322,6 +356,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "auth": AuthSection,
     "relay": RelaySection,
     "journey": JourneySection,
+    "pickup": PickupSection,
+    "web": WebSection,
     "dev": DevSection,
     "quota": QuotaSection,
 }
@@ -525,7 +561,7 @@ def normalize_listener(description: str, path: Path, key: str) -> str:
 # Every key that holds listener endpoint strings, in the order the service binds them.
 LISTENER_KEYS = (("smtp", "listen"), ("submission", "listen"), ("submission", "listen_tls"),
                  ("pop3", "listen"), ("pop3", "listen_tls"), ("imap", "listen"),
-                 ("imap", "listen_tls"))
+                 ("imap", "listen_tls"), ("web", "listen"))
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
@@ -720,6 +756,42 @@ def _check_relay(config: Config, check_files: bool) -> RelaySection:
     return relay
 
 
+def _check_pickup(config: Config, check_files: bool) -> PickupSection:
+    pickup = config.pickup
+    if pickup.origin is not None and not _HOSTNAME.match(pickup.origin):
+        raise ConfigError(config.path, "pickup.origin", f"not a valid domain: {pickup.origin!r}")
+    if check_files and pickup.group is not None:
+        try:
+            grp.getgrnam(pickup.group)
+        except KeyError:
+            raise ConfigError(config.path, "pickup.group",
+                              f"no such group: {pickup.group!r}") from None
+    return pickup
+
+
+MTA_STS_MODES = ("enforce", "testing", "none")
+# RFC 8461 §3.2: "max_age ... maximum value of 31557600".
+MTA_STS_MAX_AGE_LIMIT = 31557600
+
+
+def _check_web(config: Config, check_files: bool) -> WebSection:
+    path, web = config.path, config.web
+    if web.mta_sts_mode not in MTA_STS_MODES:
+        raise ConfigError(path, "web.mta_sts_mode",
+                          f"must be one of {', '.join(MTA_STS_MODES)}, got {web.mta_sts_mode!r}")
+    if web.mta_sts_max_age > MTA_STS_MAX_AGE_LIMIT:
+        raise ConfigError(path, "web.mta_sts_max_age",
+                          f"at most {MTA_STS_MAX_AGE_LIMIT} (RFC 8461 §3.2)")
+    for host in web.mta_sts_mx:
+        # RFC 8461 §3.2: an mx pattern may start with "*." (one leftmost label).
+        if not _HOSTNAME.match(host.removeprefix("*.")):
+            raise ConfigError(path, "web.mta_sts_mx", f"not a valid MX pattern: {host!r}")
+    if web.client_hostname is not None and not _HOSTNAME.match(web.client_hostname):
+        raise ConfigError(path, "web.client_hostname",
+                          f"not a valid host name: {web.client_hostname!r}")
+    return web
+
+
 def _check_quota(config: Config, check_files: bool) -> QuotaSection:
     if config.quota.warn_percent > 100:
         raise ConfigError(config.path, "quota.warn_percent", "must be 1-100")
@@ -739,4 +811,6 @@ _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
     "dev": _check_dev,
     "relay": _check_relay,
     "journey": _check_journey,
+    "pickup": _check_pickup,
+    "web": _check_web,
 }

@@ -22,6 +22,7 @@ from mailsys.connlimit import ConnectionCounter
 from mailsys.journey.events import NULL_RECORDER
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.mailbox.store import MailboxStore
+from mailsys.session import SessionMetrics
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, TLSContextSource
 
 SectionT = TypeVar("SectionT", POP3Section, IMAPSection)
@@ -55,6 +56,7 @@ class MailboxServerFactory(ServerFactory, Generic[SectionT]):
         self.store = store
         self.portal = portal
         self.throttle = throttle
+        self.metrics: SessionMetrics | None = None  # set by the service (mailsys.web.metrics)
         self.clock = clock
         self.tls = tls
         if connections is None:

@@ -6,10 +6,13 @@ stores) as arguments and can be tested alone.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -21,6 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from typing_extensions import override
 
+from mailsys import sdnotify
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
@@ -32,11 +36,14 @@ from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
 from mailsys.imap.quota import set_quota
 from mailsys.imap.session import IMAPServerFactory
+from mailsys.interfaces import IMessageSink
 from mailsys.journey.events import NULL_RECORDER
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.journey.writer import JourneyWriter
 from mailsys.mailbox.store import MailboxStore
-from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over
+from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over, make_directory
+from mailsys.pickup.maildrop import prepare_directory
+from mailsys.pickup.watcher import PickupWatcher
 from mailsys.pop3.server import POP3ServerFactory
 from mailsys.queue.control import ControlSocketService, ControlWatcher
 from mailsys.queue.dsn import DSNNotifier
@@ -48,6 +55,16 @@ from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, StorageFloor, SubmissionPolicy
 from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
+from mailsys.web.metrics import (
+    CountingSink,
+    ListenerMetrics,
+    Metrics,
+    accepted_by,
+    attempt_observer,
+    notices,
+    queue_state,
+)
+from mailsys.web.wiring import build_web, certificate_expiry
 
 log = Logger()
 
@@ -57,6 +74,8 @@ TLS_CHECK_INTERVAL = 60.0
 MAILBOX_POLL_INTERVAL = 2.0
 # How often the spool's control/ directory is checked for queue tool commands, in seconds.
 QUEUE_CONTROL_INTERVAL = 1.0
+# How often the pickup directory is looked at for mail from `mailsys-sendmail`, in seconds.
+PICKUP_INTERVAL = 1.0
 # How often the spool's free space is looked at (statvfs, in a disk thread), in seconds.
 FREE_SPACE_INTERVAL = 1.0
 # How often a running server looks whether the user file changed.
@@ -102,6 +121,10 @@ class Listener(Service):
         else:
             self._port = result
 
+    @property
+    def bound(self) -> bool:
+        return self._port is not None
+
     @override
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -130,6 +153,11 @@ class MailService(MultiService):
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
+        self.metrics: Metrics | None = None
+
+    def all_bound(self) -> bool:
+        """Every listener is bound (readiness, and systemd's READY=1)."""
+        return all(listener.bound for _, listener in self._listeners)
 
     def add_listener(self, name: str, description: str, factory: IProtocolFactory) -> None:
         """Serve ``factory`` on the endpoint ``description``; ``name`` says which service it is."""
@@ -168,9 +196,14 @@ class MailService(MultiService):
         MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
+        # Every listener was bound in privilegedStartService (a failure stops start-up there).
+        if self.all_bound():
+            sdnotify.notify(sdnotify.READY, f"STATUS=listening on {len(self._listeners)} "
+                            "port(s)", f"MAINPID={os.getpid()}")
 
     @override
     def stopService(self) -> Deferred[None]:
+        sdnotify.notify(sdnotify.STOPPING, "STATUS=stopping")
         d: Deferred[None] = maybeDeferred(super().stopService)
 
         def stop_pool(result: object) -> object:
@@ -240,6 +273,46 @@ def _journey_writer(config: Config, reactor: Any) -> JourneyWriter | None:
                          max_bytes=journey.max_bytes)
 
 
+def _pickup_service(config: Config, sink: IMessageSink, router: Router, pool: DiskPool,
+                    reactor: Any, account: ServerAccount | None) -> Service:
+    """Looks at the pickup directory every PICKUP_INTERVAL. The directory is made now, before
+    twistd drops privileges (its parent, /var/spool, is root's), and given to the server's
+    account; its group is ``[pickup] group``, else the server's group (mode 3730)."""
+    directory = config.pickup.directory
+    make_directory(directory, account, 0o700)
+    prepare_directory(directory, config.pickup.group or (account.group if account else None))
+    local = config.routing.local_domains
+    origin = config.pickup.origin or (local[0] if local else config.server.hostname)
+    watcher = PickupWatcher(directory, sink, router, pool, reactor,
+                            hostname=config.server.hostname, origin=origin,
+                            max_message_size=config.smtp.max_message_size)
+    return TimerService(PICKUP_INTERVAL, watcher.poll)
+
+
+def _watch_certificate(metrics: Metrics, certificate: Path, pool: DiskPool, reactor: Any,
+                       service: MultiService) -> None:
+    """Keep the certificate's expiry for /metrics, read in a disk thread now and then."""
+    expiry: list[float | None] = [None]
+
+    def read() -> Deferred[None]:
+        d = pool.run(certificate_expiry, certificate)
+        return d.addCallback(lambda value: expiry.__setitem__(0, value))
+
+    metrics.watch_certificate(lambda: expiry[0])
+    TimerService(TLS_CHECK_INTERVAL, read).setServiceParent(service)
+
+
+def _count_sessions(factory: IProtocolFactory, metrics: Metrics, protocol: str) -> None:
+    """Give a POP3 or IMAP listener's sessions their metrics; implicit TLS listeners are
+    labelled pop3s and imaps."""
+    if isinstance(factory, TLSMemoryBIOFactory):
+        inner: Any = factory.wrappedFactory
+        listener = protocol + "s"
+    else:
+        inner, listener = factory, protocol
+    inner.metrics = ListenerMetrics(metrics, listener, protocol)
+
+
 def build_service(config: Config, reactor: Any, *,
                   account: ServerAccount | None = None) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts.
@@ -274,8 +347,13 @@ def build_service(config: Config, reactor: Any, *,
                          max_lifetime=config.relay.max_lifetime, journey=journey)
     sink = QueueSink(spool, runner, journey)
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
+    # One registry per service, never prometheus_client's global one: two services in one
+    # process (tests) must not share counters.
+    metrics = Metrics(CollectorRegistry(), reactor)
+    runner.observer = attempt_observer(metrics)
+    metrics.watch_queue(queue_state(runner.envelopes))
     runner.notifier = DSNNotifier(
-        sink, router, pool, config.server.hostname, reactor,
+        CountingSink(sink, notices(metrics)), router, pool, config.server.hostname, reactor,
         delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
         max_returned_size=config.smtp.max_message_size, journey=journey,
     )
@@ -284,6 +362,9 @@ def build_service(config: Config, reactor: Any, *,
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
     service.journey = writer
+    service.metrics = metrics
+    if config.tls.certificate is not None:
+        _watch_certificate(metrics, config.tls.certificate, pool, reactor, service)
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
@@ -300,6 +381,9 @@ def build_service(config: Config, reactor: Any, *,
     storage = StorageFloor(config.storage.spool, floor, pool.run) if floor > 0 else None
     if storage is not None:
         TimerService(FREE_SPACE_INTERVAL, storage.refresh).setServiceParent(service)
+    # `mailsys-sendmail` (mailsys.pickup): drops queued through the same sink as SMTP intake.
+    _pickup_service(config, CountingSink(sink, accepted_by(metrics, "pickup")), router, pool,
+                    reactor, account).setServiceParent(service)
     # `mailsys user add|passwd|del` while serving: the file is looked at in a disk thread, so
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
@@ -335,11 +419,15 @@ def build_service(config: Config, reactor: Any, *,
                   if role is ListenerRole.MTA
                   else SubmissionPolicy(router, senders=router, reload_users=reload_users,
                                         mailbox_full=full))
-        factory: IProtocolFactory = SMTPServerFactory(
-            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle,
+        listener = "smtp" if role is ListenerRole.MTA else role.value
+        counted = CountingSink(sink, accepted_by(metrics, listener))
+        smtp = SMTPServerFactory(
+            config, role, policy, counted, reactor, tls, portal=portal, throttle=throttle,
             journey=journey,
             storage=storage,
         )
+        smtp.metrics = ListenerMetrics(metrics, listener, "smtp")
+        factory: IProtocolFactory = smtp
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
             factory = TLSMemoryBIOFactory(CurrentCertificateCreator(tls), False, factory)
@@ -348,10 +436,12 @@ def build_service(config: Config, reactor: Any, *,
     # --- POP3 (mailsys.pop3) ---
     for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor, journey):
+        _count_sessions(pop3_factory, metrics, "pop3")
         service.add_listener("pop3", description, pop3_factory)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor, journey):
+        _count_sessions(imap_factory, metrics, "imap")
         set_quota(imap_factory, quota)  # RFC 9208 QUOTA, APPEND's [OVERQUOTA]
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
@@ -359,4 +449,10 @@ def build_service(config: Config, reactor: Any, *,
 
     if tls is not None:
         TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)
+
+    # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy ---
+    if config.web.listen:
+        site = build_web(config, service.all_bound, pool, metrics, reactor)
+        for description in config.web.listen:
+            service.add_listener("web", description, site)
     return service

@@ -35,8 +35,28 @@ from mailsys.tls import TLSContextSource
 _T = TypeVar("_T")
 
 
+class SessionMetrics(Protocol):
+    """What a listener's sessions report for monitoring (mailsys.web.metrics.ListenerMetrics);
+    every call is cheap and never fails."""
+
+    def opened(self) -> None:
+        """A connection was admitted: a session begins."""
+
+    def closed(self) -> None:
+        """An admitted session's connection is gone."""
+
+    def login_failed(self) -> None:
+        """A login failed (wrong password, unknown user, bad SASL)."""
+
+    def refused(self, code: int) -> None:
+        """A message or recipient was refused with the reply ``code``."""
+
+
 class SessionFactory(Protocol):
     """What a session takes from its listener's factory."""
+
+    @property
+    def metrics(self) -> SessionMetrics | None: ...
 
     @property
     def connections(self) -> ConnectionCounter: ...
@@ -74,6 +94,9 @@ class ServerSession(InputLoopSession):
         self._errors = 0  # client errors, up to max_bad_commands
         self._login = LoginFlow(factory.portal, factory.throttle, self._clock, "",
                                 self.protocol_name)
+        self._metrics = factory.metrics
+        if self._metrics is not None:
+            self._login.on_failure = self._metrics.login_failed
 
     # --- what a protocol provides ---------------------------------------------------------------
 
@@ -154,6 +177,8 @@ class ServerSession(InputLoopSession):
             self._transport.loseConnection()
             return
         self._admitted = True
+        if self._metrics is not None:
+            self._metrics.opened()
         self._secure = self._implicit_tls() or ISSLTransport.providedBy(transport)
         self._timer = self._clock.callLater(self._idle_seconds(), self._idle_timeout)
         self._greet()
@@ -168,6 +193,8 @@ class ServerSession(InputLoopSession):
             return  # refused at the greeting: nothing was counted, opened or logged in
         self._admitted = False
         self._connections.release(self._client_address)
+        if self._metrics is not None:
+            self._metrics.closed()
         self._login.cancel()  # a throttled failure's answer is not given to nobody
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -9,6 +9,7 @@ Each protocol turns the outcome into its own reply; nothing here knows a protoco
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Protocol
 
 from twisted.cred.error import UnauthorizedLogin
@@ -72,6 +73,8 @@ class LoginFlow:
         self.client_address = client_address  # set once the connection is made
         self._protocol = protocol  # for the log: "smtp", "pop3" or "imap"
         self._pending: IDelayedCall | None = None  # a failure's delayed answer
+        # Told of each failed login (the session's metrics); must not raise.
+        self.on_failure: Callable[[], None] | None = None
 
     def blocked(self, user: str | None = None) -> bool:
         """True if the client's address (as a whole, or for ``user`` when given) failed too
@@ -123,6 +126,8 @@ class LoginFlow:
         """Count a failed login for the login name ``user`` ("" when there was none) and
         answer FAILED after the throttle's delay, or BLOCKED if this failure reached a limit."""
         delay = 0.0
+        if self.on_failure is not None:
+            self.on_failure()
         if self._throttle is not None:
             self._throttle.failed(self.client_address, user)
             delay = self._throttle.delay_for(self.client_address, user)

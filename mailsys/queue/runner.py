@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ class QueueRunner(Service):
         self._max_lifetime = max_lifetime
         # Set after construction (the notifier submits through the sink, which needs us).
         self.notifier: Notifier | None = None
+        # Told of every recorded attempt (metrics); must not raise or change anything.
+        self.observer: Callable[[Envelope, Recipient, Attempt], None] | None = None
         self._agents: dict[TargetKind, IDeliveryAgent] = dict(agents)
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str]] = []
@@ -365,6 +367,8 @@ class QueueRunner(Service):
             recipient.record(attempt, next_attempt)
             entry.attempted += 1
             self._log_attempt(entry.envelope, recipient, attempt)
+            if self.observer is not None:
+                self.observer(entry.envelope, recipient, attempt)
         finally:
             # Whatever went wrong above, the counts must stay right or stopService never fires.
             self._in_flight -= 1

@@ -44,7 +44,7 @@ from mailsys.journey.events import NULL_RECORDER, SessionJourney
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.routing import Destination
-from mailsys.session import ServerSession
+from mailsys.session import ServerSession, SessionMetrics
 from mailsys.smtp.message import MessageBuffer, has_field, header_section, message_id_of
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
@@ -419,6 +419,11 @@ class SMTPSession(ServerSession):
         self._txn = None
         return replies.INTERNAL_ERROR
 
+    def _count_refusal(self, reply: Reply) -> None:
+        """A recipient or message refused: counted by reply code for monitoring."""
+        if self._metrics is not None:
+            self._metrics.refused(reply.code)
+
     def _reply(self, reply: Reply) -> None:
         self._out.append(_wire(reply))
         if reply.code in _ERROR_CODES and self._count_error():
@@ -580,6 +585,7 @@ class SMTPSession(ServerSession):
             reply = failure.value.reply
             log.info("reject RCPT from {client}: {reply}; to=<{recipient}>", client=self._client,
                      reply=str(reply), recipient=str(request.recipient))
+            self._count_refusal(reply)
             return reply
         return self._lookup_failed(failure)
 
@@ -667,6 +673,7 @@ class SMTPSession(ServerSession):
                      client=self._client, reply=str(buffer.error), sender=_path_text(txn.mail))
             self._journey.emit("smtp.data", command="BDAT" if txn.chunking else "DATA",
                                size=buffer.octets, reply=str(buffer.error))
+            self._count_refusal(buffer.error)
             return buffer.error
         try:
             queue_id = self._sink.new_queue_id()
@@ -739,6 +746,7 @@ class SMTPSession(ServerSession):
             failure, queue_id=envelope.queue_id, sender=envelope.sender, size=envelope.size,
             nrcpt=len(envelope.recipients), client=self._client,
         )
+        self._count_refusal(replies.SPOOL_FAILED)
         return replies.SPOOL_FAILED
 
     def _received(self, queue_id: str, txn: _Transaction, protocol: str) -> bytes:
@@ -967,6 +975,7 @@ class SMTPServerFactory(ServerFactory):
         # AUTH needs a portal (none: the listener offers no AUTH). One throttle is shared by
         # every listener and protocol, so a guesser cannot switch ports to start afresh.
         self.portal = portal
+        self.metrics: SessionMetrics | None = None  # set by the service (mailsys.web.metrics)
         self.throttle: LoginLimiter | None = throttle
         if portal is not None and throttle is None:
             self.throttle = LoginThrottle(clock)

@@ -335,3 +335,32 @@ def test_unreadable_users_file_is_one_log_line_and_no_serverbug(deployment: Depl
     deployment.imap_login("heidi@example.test").logout()
     wait_for(lambda: f"user store {users}: readable again" in deployment.server.log(),
              message="the all-clear")
+
+
+def test_pickup_directory_is_the_accounts_and_sendmail_as_root_is_delivered(
+    deployment: Deployment,
+) -> None:
+    """The pickup directory, made before the drop, is the account's with its group and mode
+    3730; a message root gives to mailsys-sendmail is read by the unprivileged server and
+    delivered, its Received field naming uid 0."""
+    pickup = deployment.server.directory / "var" / "pickup"
+    st = pickup.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (deployment.uid, deployment.gid,
+                                                           0o3730)
+    sendmail = str(Path(MAILSYS).with_name("mailsys-sendmail"))
+    done = subprocess.run([sendmail, "--config", str(deployment.server.config_path),
+                           "demo@example.test"], input=b"Subject: from root's cron\n\nx\n",
+                          capture_output=True, timeout=60, cwd=deployment.server.directory,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    inbox = deployment.server.inbox()
+
+    def delivered() -> Path | None:
+        for path in (inbox.iterdir() if inbox.is_dir() else []):
+            if b"Subject: from root's cron" in path.read_bytes():
+                return path
+        return None
+
+    path = wait_for(delivered, deadline=30, message="the message from root in the inbox")
+    assert isinstance(path, Path)
+    assert b"from userid 0 (root)" in path.read_bytes()
