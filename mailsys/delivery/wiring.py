@@ -46,7 +46,8 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | No
         TLSPolicies(relay.tls_policy, relay.tls_policy_per_domain),
         ClientTLS(relay.tls_ca_file),
         MXResolver(make_resolver(servers, reactor), relay.ip_version),
-        TCPDialer(reactor, settings.timeouts, relay.connect_timeout),
+        TCPDialer(reactor, settings.timeouts, relay.connect_timeout,
+                  relay.bind_address, relay.bind_address6),
         pool,
         reactor,
     )
