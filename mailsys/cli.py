@@ -18,6 +18,7 @@ from typing import NoReturn
 from mailsys.auth.passwords import UnusableHashError, hash_scheme
 from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
 from mailsys.config import LISTENER_KEYS, Config, ConfigError, load
+from mailsys.lab.commands import add_lab_commands
 from mailsys.queue.commands import add_queue_commands
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     importing.set_defaults(run=_user_import)
 
     add_queue_commands(commands, config_option, _Parser)
+    add_lab_commands(commands, _Parser)
 
     check = commands.add_parser("check-config", parents=[config_option],
                                 help="check a configuration file and summarise it")
