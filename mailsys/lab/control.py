@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -137,6 +138,14 @@ def _listening(address: str, port: int) -> bool:
         return sock.connect_ex((address, port)) == 0
 
 
+def _serving(process: LabProcess, address: str, port: int) -> bool:
+    return process.running() and _listening(address, port)
+
+
+def _serving_or_gone(process: LabProcess, address: str, port: int) -> bool:
+    return not process.running() or _listening(address, port)
+
+
 def _port_free(address: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError | None:
     """None if ``address:port`` can be bound now as Twisted binds it (SO_REUSEADDR, so a
     connection in TIME_WAIT from a previous lab does not count), else why not."""
@@ -255,8 +264,13 @@ class Lab:
             if problem.errno == errno.EADDRINUSE:
                 raise LabError(f"{address}:{port}/{proto} ({what}) is already in use by another "
                                "program (another lab? try --net 127.0.3.0/24)")
+            hint = ""
+            if problem.errno == errno.EADDRNOTAVAIL:
+                # Linux routes all of 127.0.0.0/8 to the loopback; macOS and the BSDs only
+                # 127.0.0.1 unless each address is added as an alias.
+                hint = f" (add it to the loopback: sudo ifconfig lo0 alias {address})"
             raise LabError(f"cannot bind {address}:{port}/{proto} ({what}): "
-                           f"{problem.strerror or problem}")
+                           f"{problem.strerror or problem}{hint}")
 
     def _prepare(self, plan: LabPlan) -> None:
         """CA and certificates, zone, configs and users: everything on disk before any start."""
@@ -286,12 +300,15 @@ class Lab:
                 [(host.address, port) for port in plan.ports.mail().values()])
             state.processes.append(process)
             state.write(self.state_path)
+        end = time.monotonic() + START_DEADLINE  # for the whole lab, not per port
         for process in state.processes:
             log = plan.dns_log_path if process.name == "dns" else plan.host(
                 process.name).log_path
             for address, port in process.listens:
-                if not _wait(lambda p=process, a=address, n=port: p.running() and  # type: ignore[misc]
-                             _listening(a, n), START_DEADLINE):
+                # Done when it listens or has exited: a server that failed is said at once.
+                _wait(functools.partial(_serving_or_gone, process, address, port),
+                      max(0.0, end - time.monotonic()))
+                if not _serving(process, address, port):
                     why = "exited" if not process.running() else "is not listening"
                     raise LabError(f"{process.name}'s server {why} at start-up "
                                    f"({address}:{port}): {_last_line(log)} (see {log})")
@@ -333,10 +350,12 @@ class Lab:
 
     def down(self) -> int:
         """Stop every process the lab started, by pid; wait until their ports are closed."""
+        if LabState.read(self.state_path) is None:
+            self._say(f"no lab in {self.directory}; nothing to stop")
+            return 0
         with _locked(self.directory):
             state = LabState.read(self.state_path)
-            if state is None:
-                self._say(f"no lab in {self.directory}; nothing to stop")
+            if state is None:  # removed meanwhile
                 return 0
             count = self._stop(state)
         self._say(f"lab in {self.directory} stopped ({count} processes; mail and users kept)")

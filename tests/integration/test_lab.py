@@ -12,6 +12,7 @@ import contextlib
 import email
 import email.policy
 import imaplib
+import io
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from mailsys.lab import control
+from mailsys.lab.plan import LabError
 from tests.integration.conftest import MAILSYS, wait_for
 
 LAB_TIMEOUT = 90  # seconds for `lab up` or `lab down` as a whole
@@ -174,3 +178,19 @@ def test_bad_input_then_down_leaves_nothing(running_lab: RunningLab) -> None:
     assert not [f"{a}:{port}" for a, port in ports if _listening(a, port)]
     status = lab("status", "--dir", directory)
     assert status.returncode == 3 and ": down" in status.stdout
+
+
+def test_a_server_failing_at_start_up_is_one_line_and_nothing_stays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a lab server exits at start-up, `lab up` says which, with its last log line, and
+    stops what it had started (the lab DNS): the lab is left down."""
+    monkeypatch.setattr(control, "_twistd", lambda: [
+        sys.executable, "-c", "import sys; print('config is broken'); sys.exit(1)"])
+    prefix = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}."
+    lab_ = control.Lab(tmp_path, io.StringIO())
+    with pytest.raises(LabError, match=r"alpha\.test's server exited at start-up "
+                                       r".*: config is broken \(see "):
+        lab_.up(2, f"{prefix}0/24")
+    state = control.LabState.read(tmp_path / "lab.json")
+    assert state is not None and state.processes == []
+    assert not _listening(f"{prefix}1", 5053)
