@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.names import dns
 
 from mailsys.lab import control
 from mailsys.lab.plan import LabError
@@ -117,6 +118,35 @@ def test_lab_up_prints_the_table(running_lab: RunningLab) -> None:
         assert needle in out
     status = lab("status", "--dir", str(running_lab.directory))
     assert status.returncode == 0 and f"lab in {running_lab.directory}: up" in status.stdout
+
+
+def ask(server: str, name: str, kind: int) -> list[Any]:
+    """One query over UDP to the lab DNS; the answer's record payloads."""
+    query = dns.Message(id=random.randint(1, 65535), recDes=True)
+    query.addQuery(name.encode(), kind)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(query.toStr(), (server, 5053))
+        data, _ = sock.recvfrom(65535)
+    answer = dns.Message()
+    answer.fromStr(data)
+    return [rr.payload for rr in answer.answers]
+
+
+def test_lab_dns_serves_delivery_and_authentication_records(running_lab: RunningLab) -> None:
+    """The lab DNS answers over UDP: beta's MX, its host's A and PTR, SPF and DMARC."""
+    server, beta = running_lab.address(1), running_lab.address(3)
+    (mx,) = ask(server, "beta.test", dns.MX)
+    assert str(mx.name) == "mail.beta.test"
+    (a,) = ask(server, "mail.beta.test", dns.A)
+    assert a.dottedQuad() == beta
+    reverse = ".".join(reversed(beta.split("."))) + ".in-addr.arpa"
+    (ptr,) = ask(server, reverse, dns.PTR)
+    assert str(ptr.name) == "mail.beta.test"
+    (spf,) = ask(server, "beta.test", dns.TXT)
+    assert spf.data == [f"v=spf1 ip4:{beta} -all".encode()]
+    (dmarc,) = ask(server, "_dmarc.beta.test", dns.TXT)
+    assert dmarc.data[0].startswith(b"v=DMARC1; p=reject")
 
 
 def test_mail_from_alpha_reaches_beta_by_mx_with_verified_tls(running_lab: RunningLab) -> None:
