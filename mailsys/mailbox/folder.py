@@ -56,6 +56,13 @@ from mailsys.mailbox.wire import wire_size
 log = Logger(namespace="mailsys.mailbox")
 
 LOCK_NAME = "mailsys-uidlist.lock"
+# The first UID that no read-write session has been told of yet: messages from it on carry
+# \Recent for the next session that selects the folder (RFC 3501 §2.3.2).
+RECENT_NAME = "mailsys-recent"
+# In the INBOX directory: the last UIDVALIDITY given to any folder of the mailbox, so that a
+# folder deleted and created again gets a greater one even within the same second. (Not the
+# per-folder floor file of mailsys.mailbox.uidlist, which lives in each folder.)
+LAST_UIDVALIDITY_NAME = "mailsys-uidvalidity-last"
 # Maildir++: every folder below the INBOX holds an empty file of this name.
 FOLDER_MARKER = "maildirfolder"
 SUBDIRS = ("cur", "new", "tmp")
@@ -369,7 +376,9 @@ class Folder:
                     and not any(item.sub == "cur" for item in found.values())):
                 # Never numbered before (a new folder, or mail delivered before any session):
                 # sessions move every message they number into cur/.
-                uids = UidList(new_uidvalidity(None, self._clock()), 1)
+                uids = UidList(self._fresh_uidvalidity(), 1)
+                # A new folder's messages are all \Recent (RFC 3501 §2.3.2).
+                self._write_recent(1)
             elif damage is None and floor is not None and not found:
                 # An emptied folder whose UID file was lost.
                 uids = UidList(floor[0], floor[1],
@@ -433,6 +442,53 @@ class Folder:
             self._write(state, messages)
         return SyncResult(state.uidvalidity, state.uidnext, messages, rebuilt, renumbered,
                           state.highest_modseq)
+
+    def _fresh_uidvalidity(self) -> int:
+        """A UIDVALIDITY for a folder numbered for the first time: greater than any other
+        this mailbox has given (RFC 3501 §2.3.1.1: a mailbox deleted and created again must
+        not reuse its UIDVALIDITY, or a client's cache shows the wrong messages)."""
+        inbox = self.path.parent if self.subfolder else self.path
+        fd = os.open(inbox / LAST_UIDVALIDITY_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # shared by every folder of the mailbox
+            raw = os.read(fd, 64).strip()
+            last = int(raw) if raw.isdigit() else None
+            value = new_uidvalidity(last, self._clock())
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % value)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return value
+
+    def recent_from(self, seen_up_to: int, *, claim: bool) -> int:
+        """The first UID that is still \\Recent (RFC 3501 §2.3.2); with ``claim`` (a
+        read-write session that has now been told of every UID below ``seen_up_to``) the
+        messages below ``seen_up_to`` stop being recent for every later session.
+
+        Under the folder's lock, so two sessions never both get \\Recent for one message.
+        """
+        if self.subfolder and not self.path.is_dir():
+            return seen_up_to  # deleted meanwhile: taking the lock would create it again
+        with self.locked():
+            try:
+                raw = (self.path / RECENT_NAME).read_bytes().strip()
+            except FileNotFoundError:
+                # A folder numbered before \Recent was kept: its messages are not new, and
+                # the ones that arrive from now on are.
+                self._write_recent(seen_up_to)
+                return seen_up_to
+            first = int(raw) if raw.isdigit() else seen_up_to
+            if claim and seen_up_to > first:
+                self._write_recent(seen_up_to)
+        return first
+
+    def _write_recent(self, first: int) -> None:
+        # Not fsync'd: after a crash messages may be \Recent once more, which is harmless.
+        tmp = self.path / (RECENT_NAME + ".tmp")
+        tmp.write_bytes(b"%d\n" % first)
+        os.replace(tmp, self.path / RECENT_NAME)
 
     def _modseq_start(self, floor: Floor | None, damaged: UidList | None) -> int:
         """Where the mod-sequences of a rebuilt UID file resume: above any a client saw.
