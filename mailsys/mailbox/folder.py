@@ -35,7 +35,14 @@ from typing import BinaryIO
 from twisted.logger import Logger
 
 from mailsys.diskio import fsync_directory
-from mailsys.mailbox.names import MaildirName, format_base, parse_name, render_flags
+from mailsys.mailbox.layout import (
+    MaildirName,
+    create_maildir,
+    file_name,
+    find_message,
+    format_base,
+    parse_name,
+)
 from mailsys.mailbox.uidlist import (
     JOURNAL_NAME,
     MAX_MODSEQ,
@@ -64,8 +71,6 @@ RECENT_NAME = "mailsys-recent"
 # per-folder floor file of mailsys.mailbox.uidlist, which lives in each folder.)
 LAST_UIDVALIDITY_NAME = "mailsys-uidvalidity-last"
 # Maildir++: every folder below the INBOX holds an empty file of this name.
-FOLDER_MARKER = "maildirfolder"
-SUBDIRS = ("cur", "new", "tmp")
 _READ_CHUNK = 256 * 1024
 
 
@@ -242,33 +247,6 @@ def _process_lock(directory: Path) -> threading.Lock:
         return lock
 
 
-def create_folder_dirs(directory: Path, *, subfolder: bool) -> None:
-    """Create a Maildir (cur/ new/ tmp/, and the Maildir++ marker for a subfolder), durably."""
-    created = False
-    try:
-        directory.mkdir(mode=0o700)
-        created = True
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        created = True
-    for sub in SUBDIRS:
-        try:
-            (directory / sub).mkdir(mode=0o700)
-            created = True
-        except FileExistsError:
-            pass
-    if subfolder:
-        marker = directory / FOLDER_MARKER
-        if not marker.exists():
-            marker.touch(mode=0o600)
-            created = True
-    if created:
-        fsync_directory(directory)
-        fsync_directory(directory.parent)
-
-
 def new_uidvalidity(previous: int | None, now: float) -> int:
     """A UIDVALIDITY for a (re)numbered folder: the time, and always above ``previous``.
 
@@ -310,7 +288,7 @@ class Folder:
             try:
                 fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             except FileNotFoundError:
-                create_folder_dirs(self.path, subfolder=self.subfolder)
+                create_maildir(self.path, subfolder=self.subfolder)
                 fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -566,7 +544,7 @@ class Folder:
                 # In cur/ a missing or stale ,U= comes from another Maildir writer, a copied
                 # file or a renumbering; left alone it would mislead the next rebuild.
                 base = format_base(key, size=item.size, wire_size=entry.wire_size, uid=entry.uid)
-                target = f"{base}:2,{render_flags(parsed.flags)}"
+                target = file_name(base, parsed.flags)
                 try:
                     os.rename(f"{root}/{item.sub}/{name}", cur + target)
                     name = target
@@ -592,7 +570,7 @@ class Folder:
             try:
                 entries = list(os.scandir(f"{root}/{sub}"))
             except FileNotFoundError:
-                create_folder_dirs(self.path, subfolder=self.subfolder)
+                create_maildir(self.path, subfolder=self.subfolder)
                 continue
             for entry in entries:
                 name = entry.name
@@ -691,16 +669,7 @@ class Folder:
 
     def _find(self, key: str) -> str | None:
         """The current path of the message with ``key``, by a directory scan (slow path)."""
-        root = os.fspath(self.path)
-        for sub in ("cur", "new"):
-            try:
-                names = os.listdir(f"{root}/{sub}")
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith(key) and parse_name(name).key == key:
-                    return f"{root}/{sub}/{name}"
-        return None
+        return find_message(self.path, key)
 
     def open_message(self, info: MessageInfo) -> BinaryIO:
         """An open binary file of the message; MessageVanishedError if it was expunged.

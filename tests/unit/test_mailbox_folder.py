@@ -14,9 +14,9 @@ from mailsys.mailbox.folder import (
     RECENT_NAME,
     Folder,
     MessageVanishedError,
-    create_folder_dirs,
     new_uidvalidity,
 )
+from mailsys.mailbox.layout import create_maildir
 from mailsys.mailbox.names import SEEN, parse_name
 from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist, write_state
 from tests.unit.mailbox_support import WallClock, deliver, forget_folder_caches, message
@@ -29,7 +29,7 @@ def clock() -> WallClock:
 
 @pytest.fixture
 def folder(tmp_path: Path, clock: WallClock) -> Folder:
-    create_folder_dirs(tmp_path / "inbox", subfolder=False)
+    create_maildir(tmp_path / "inbox", subfolder=False)
     return Folder(tmp_path / "inbox", clock=clock)
 
 
@@ -304,7 +304,7 @@ def test_read_prefix_stops_early(folder: Folder) -> None:
 def test_concurrent_sessions_never_share_a_uid(tmp_path: Path) -> None:
     """Two sessions syncing one folder at the same time while mail arrives agree on every UID."""
     path = tmp_path / "inbox"
-    create_folder_dirs(path, subfolder=False)
+    create_maildir(path, subfolder=False)
     seen: list[dict[str, int]] = []
     errors: list[BaseException] = []
 
