@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check clean bench
+.PHONY: run test lint typecheck check clean bench lab lab-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/twistd -n mailsys --config etc/mailsys.toml
+
+# A teaching lab: three mail domains on 127.0.2.x, see README.md.
+lab: $(STAMP)
+	$(BIN)/mailsys lab up
+
+lab-down: $(STAMP)
+	$(BIN)/mailsys lab down
 
 test: $(STAMP)
 	$(BIN)/ruff check mailsys tests bench twisted

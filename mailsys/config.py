@@ -254,6 +254,11 @@ class RelaySection:
     connect_timeout: float = 30.0
     per_destination_concurrency: int = 20
     helo_name: str | None = None  # default: server.hostname
+    # The local address outbound connections leave from, per family (Postfix's
+    # smtp_bind_address and smtp_bind_address6); default: the one the system picks. A host with
+    # several addresses sends from the one its SPF record, PTR and peers' Received lines name.
+    bind_address: str | None = None
+    bind_address6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -743,6 +748,17 @@ def _check_relay(config: Config, check_files: bool) -> RelaySection:
         raise ConfigError(path, "relay.retry_schedule", "needs at least one delay")
     if relay.helo_name is not None and not _HOSTNAME.match(relay.helo_name):
         raise ConfigError(path, "relay.helo_name", f"not a valid host name: {relay.helo_name!r}")
+    for name, version in (("bind_address", 4), ("bind_address6", 6)):
+        text = getattr(relay, name)
+        if text is None:
+            continue
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(path, f"relay.{name}",
+                              f"not an IP address: {text!r}") from None
+        if address.version != version:
+            raise ConfigError(path, f"relay.{name}", f"must be an IPv{version} address")
     if check_files:
         for name in ("tls_ca_file", "smarthost_password_file"):
             file = getattr(relay, name)

@@ -1,11 +1,13 @@
-"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA and CNAME records, served by
-twisted.names on a loopback port, or handed directly to code that wants an IResolver.
+"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA, CNAME, TXT and PTR records,
+served by twisted.names on a loopback port, or handed directly to code that wants an IResolver.
 
 The zone is a mapping (or a JSON file) from names to their records:
 
     {"remote.test":     {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]]},
      "mx1.remote.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
      "www.remote.test": {"CNAME": "mx1.remote.test"},
+     "_dmarc.remote.test": {"TXT": ["v=DMARC1; p=reject"]},
+     "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.remote.test"]},
      "nullmx.test":     {"MX": [[0, "."]]},
      "broken.test":     {"error": "servfail"}}
 
@@ -67,6 +69,10 @@ def _check(data: Mapping[str, Any]) -> ZoneData:
                 checked[kind] = [str(address) for address in value]
             elif kind == "CNAME":
                 checked[kind] = str(value)
+            elif kind in ("TXT", "PTR"):
+                if isinstance(value, str):
+                    value = [value]
+                checked[kind] = [str(item) for item in value]
             elif kind == "ERROR":
                 if value not in _ERRORS:
                     raise ZoneError(f"{raw_name}: error must be one of {', '.join(_ERRORS)}")
@@ -137,9 +143,21 @@ def _records(name: str, records: dict[str, Any], type: int) -> list[dns.RRHeader
         found.extend(_rr(name, dns.Record_A(a, TTL)) for a in records.get("A", []))
     if type in (dns.AAAA, dns.ALL_RECORDS):
         found.extend(_rr(name, dns.Record_AAAA(a, TTL)) for a in records.get("AAAA", []))
+    if type in (dns.TXT, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_TXT(*_chunks(text), ttl=TTL))
+                     for text in records.get("TXT", []))
+    if type in (dns.PTR, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_PTR(host, TTL)) for host in records.get("PTR", []))
     if type == dns.CNAME and "CNAME" in records:
         found.append(_rr(name, dns.Record_CNAME(records["CNAME"], TTL)))
     return found
+
+
+def _chunks(text: str) -> list[bytes]:
+    """One TXT record's text as character-strings of at most 255 octets (RFC 1035 §3.3.14);
+    readers join them back (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+    data = text.encode("utf-8")
+    return [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
 
 
 def _rr(name: str, record: Any) -> dns.RRHeader:

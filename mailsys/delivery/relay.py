@@ -104,20 +104,24 @@ class Dialer(Protocol):
 
 
 class TCPDialer:
-    """Connects with twisted endpoints, with the connect timeout of the configuration."""
+    """Connects with twisted endpoints, with the connect timeout of the configuration, from
+    ``bind_address`` (IPv4) or ``bind_address6`` (IPv6) when given (port chosen by the system)."""
 
-    def __init__(self, reactor: Any, timeouts: ClientTimeouts, connect_timeout: float) -> None:
+    def __init__(self, reactor: Any, timeouts: ClientTimeouts, connect_timeout: float,
+                 bind_address: str | None = None, bind_address6: str | None = None) -> None:
         self._reactor = reactor
         self._timeouts = timeouts
         self._connect_timeout = connect_timeout
+        self._bind = {4: bind_address, 6: bind_address6}
 
     def connect(
         self, address: str, port: int, creator: IOpenSSLClientConnectionCreator | None
     ) -> Deferred[SMTPClient]:
-        kind = TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6 else (
-            TCP4ClientEndpoint
-        )
-        endpoint: Any = kind(self._reactor, address, port, timeout=self._connect_timeout)
+        version = ipaddress.ip_address(address).version
+        kind = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
+        source = self._bind[version]
+        endpoint: Any = kind(self._reactor, address, port, timeout=self._connect_timeout,
+                             bindAddress=(source, 0) if source is not None else None)
         if creator is not None:
             endpoint = wrapClientTLS(creator, endpoint)
         timeouts = self._timeouts

@@ -358,3 +358,18 @@ def queue_tool(server: MailServer, *args: str) -> str:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_relay_leaves_from_the_configured_bind_address(pair: Pair, tmp_path: Path) -> None:
+    """With relay.bind_address set, the receiver sees the connection come from that address
+    (its Received field names it), not from the address the system would pick."""
+    bound = make_server(tmp_path / "bound", interface="127.0.0.6", aliases=SENDER_ALIASES,
+                        relay_config=relay_section(pair.dns, pair.receiver.smtp_port,
+                                                   'bind_address = "127.0.0.5"'))
+    try:
+        bound.start()
+        send(bound, ["out@example.test"], message("from the bind address"))
+        path = find_message(pair.inbox(), b"Subject: from the bind address")
+        assert "from mail.example.test ([127.0.0.5])" in received_fields(path)[0]
+    finally:
+        bound.kill()

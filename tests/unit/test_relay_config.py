@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 
 from mailsys import config
 from mailsys.delivery.nexthop import NextHops
+from mailsys.delivery.relay import TCPDialer
 from mailsys.delivery.tlspolicy import TLSPolicies
+from mailsys.delivery.wiring import build_relay
+from mailsys.diskio import DiskPool
+from mailsys.smtp.client import ClientTimeouts
 from mailsys.values import (
     DNSServer,
     IPVersion,
@@ -123,6 +128,9 @@ def test_relay_section_accepted() -> None:
     ({"port": 70000}, "relay.port: must be 1-65535"),
     ({"helo_name": "not a name"}, "relay.helo_name: not a valid host name"),
     ({"colour": "blue"}, "relay.colour: unknown key"),
+    ({"bind_address": "mail.test"}, "relay.bind_address: not an IP address: 'mail.test'"),
+    ({"bind_address": "::1"}, "relay.bind_address: must be an IPv4 address"),
+    ({"bind_address6": "127.0.0.1"}, "relay.bind_address6: must be an IPv6 address"),
 ])
 def test_relay_errors_are_one_line(relay: dict[str, Any], message: str) -> None:
     """Every problem is one line naming the key and the reason."""
@@ -139,3 +147,36 @@ def test_relay_files_checked(tmp_path: Path) -> None:
     relay = config.from_mapping({"relay": {"tls_ca_file": str(tmp_path / "none.pem")}},
                                 "t.toml", check_files=False).relay
     assert relay.tls_ca_file == tmp_path / "none.pem"
+
+
+def test_bind_addresses_accepted() -> None:
+    """relay.bind_address and bind_address6 load as the addresses written."""
+    relay = load({"bind_address": "127.0.2.2", "bind_address6": "::1"}).relay
+    assert (relay.bind_address, relay.bind_address6) == ("127.0.2.2", "::1")
+    assert config.from_mapping({}, "t.toml").relay.bind_address is None
+
+
+@pytest.mark.parametrize(("target", "bind4", "bind6", "expected"), [
+    ("127.0.0.3", "127.0.2.2", "::1", ("127.0.2.2", 0)),
+    ("::1", "127.0.2.2", "::1", ("::1", 0)),
+    ("::1", "127.0.2.2", None, None),
+    ("127.0.0.3", None, None, None),
+])
+def test_dialer_binds_source_address(target: str, bind4: str | None, bind6: str | None,
+                                     expected: tuple[str, int] | None) -> None:
+    """The relay's connections leave from the bind address of the target's family, if set."""
+    reactor = MemoryReactorClock()
+    dialer = TCPDialer(reactor, ClientTimeouts(), 5.0, bind4, bind6)
+    dialer.connect(target, 2525, None)
+    host, port, _factory, timeout, bind_address = reactor.tcpClients[0]
+    assert (host, port, timeout, bind_address) == (target, 2525, 5.0, expected)
+
+
+def test_build_relay_passes_bind_addresses(tmp_path: Path) -> None:
+    """build_relay gives the dialer the [relay] bind addresses."""
+    loaded = config.from_mapping({"relay": {"bind_address": "127.0.2.7"}}, "t.toml")
+    reactor = MemoryReactorClock()
+    agent = build_relay(loaded, DiskPool(1), reactor)
+    assert agent is not None
+    agent._dialer.connect("127.0.0.3", 25, None)
+    assert reactor.tcpClients[0][4] == ("127.0.2.7", 0)
