@@ -1,5 +1,6 @@
-"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA and CNAME records, served by
-twisted.names on a loopback port, or handed directly to code that wants an IResolver.
+"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA, CNAME, TXT, PTR and TLSA
+records, served by twisted.names on a loopback port, or handed directly to code that wants an
+IResolver.
 
 The zone is a mapping (or a JSON file) from names to their records:
 
@@ -7,9 +8,15 @@ The zone is a mapping (or a JSON file) from names to their records:
      "mx1.remote.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
      "www.remote.test": {"CNAME": "mx1.remote.test"},
      "nullmx.test":     {"MX": [[0, "."]]},
+     "remote.test":     {"TXT": ["v=spf1 mx -all", ["two strings ", "of one record"]]},
+     "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.remote.test"]},
+     "_25._tcp.mx1.remote.test": {"TLSA": [[3, 1, 1, "0123abcd..."]]},
      "broken.test":     {"error": "servfail"}}
 
 A name not in the zone is NXDOMAIN; a name without the asked type is an empty answer (NODATA).
+Both negative answers carry an SOA in the authority section whose minimum is the TTL, so a cache
+can keep them as RFC 2308 says. A TXT record is a string or a list of strings (its
+character-strings); a TLSA record is [usage, selector, matching type, hex data] (RFC 6698).
 "error" may be "servfail", "refused" or "timeout". CNAMEs are followed the way a recursive server
 does: the answer holds the chain and the records of its end. Used directly, ``Zone`` fails with
 the exceptions twisted.names' client raises for the same answers, so it is a faithful stand-in
@@ -38,6 +45,8 @@ ZoneData = dict[str, dict[str, Any]]
 # RFC 1034 §3.6.2: chains should be short; a loop must not make us spin.
 MAX_CNAME_CHAIN = 8
 TTL = 60
+# RFC 6698 §7.1: TLSA has no record class in twisted.names; it travels as an UnknownRecord.
+TLSA = 52
 
 _ERRORS = ("servfail", "refused", "timeout")
 
@@ -67,6 +76,12 @@ def _check(data: Mapping[str, Any]) -> ZoneData:
                 checked[kind] = [str(address) for address in value]
             elif kind == "CNAME":
                 checked[kind] = str(value)
+            elif kind == "TXT":
+                checked[kind] = [_txt(raw_name, record) for record in value]
+            elif kind == "PTR":
+                checked[kind] = [str(target) for target in value]
+            elif kind == "TLSA":
+                checked[kind] = [_tlsa(raw_name, record) for record in value]
             elif kind == "ERROR":
                 if value not in _ERRORS:
                     raise ZoneError(f"{raw_name}: error must be one of {', '.join(_ERRORS)}")
@@ -75,6 +90,27 @@ def _check(data: Mapping[str, Any]) -> ZoneData:
                 raise ZoneError(f"{raw_name}: unsupported record type {kind}")
         zone[name] = checked
     return zone
+
+
+def _txt(name: str, record: Any) -> tuple[bytes, ...]:
+    strings = [record] if isinstance(record, (str, bytes)) else list(record)
+    encoded = tuple(s if isinstance(s, bytes) else str(s).encode("utf-8") for s in strings)
+    # RFC 1035 §3.3: a character-string is at most 255 octets; longer text is split, as
+    # zone file tools do, so a lab can write a long record as one string.
+    split: list[bytes] = []
+    for string in encoded:
+        split.extend(string[i:i + 255] for i in range(0, len(string), 255))
+        if not string:
+            split.append(b"")
+    return tuple(split)
+
+
+def _tlsa(name: str, record: Any) -> bytes:
+    try:
+        usage, selector, matching, data = record
+        return bytes([int(usage), int(selector), int(matching)]) + bytes.fromhex(str(data))
+    except (TypeError, ValueError) as exc:
+        raise ZoneError(f"{name}: TLSA is [usage, selector, matching type, hex data]") from exc
 
 
 class Zone(common.ResolverBase):
@@ -109,7 +145,7 @@ class Zone(common.ResolverBase):
             if records is None:
                 if answers:
                     return answers, [], []  # the chain leads out of the zone
-                raise error.DNSNameError(f"{current}: no such domain")
+                raise error.DNSNameError(_negative(current, dns.ENAME))
             failure = records.get("ERROR")
             if failure == "servfail":
                 raise error.DNSServerError(f"{current}: server failure")
@@ -122,7 +158,10 @@ class Zone(common.ResolverBase):
                 answers.append(_rr(current, dns.Record_CNAME(target, TTL)))
                 current = _name(target)
                 continue
-            answers.extend(_records(current, records, type))
+            found = _records(current, records, type)
+            answers.extend(found)
+            if not found and not answers:
+                return [], [_soa(current)], []  # NODATA, with the SOA that says for how long
             return answers, [], []
         return answers, [], []  # a loop: what we have; the client notices the chain never ends
 
@@ -139,11 +178,34 @@ def _records(name: str, records: dict[str, Any], type: int) -> list[dns.RRHeader
         found.extend(_rr(name, dns.Record_AAAA(a, TTL)) for a in records.get("AAAA", []))
     if type == dns.CNAME and "CNAME" in records:
         found.append(_rr(name, dns.Record_CNAME(records["CNAME"], TTL)))
+    if type in (dns.TXT, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_TXT(*t, ttl=TTL)) for t in records.get("TXT", []))
+    if type in (dns.PTR, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_PTR(p, TTL)) for p in records.get("PTR", []))
+    if type in (TLSA, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.UnknownRecord(t, TTL), TLSA) for t in records.get("TLSA", []))
     return found
 
 
-def _rr(name: str, record: Any) -> dns.RRHeader:
-    return dns.RRHeader(name.encode("ascii"), record.TYPE, dns.IN, TTL, record, auth=True)
+def _rr(name: str, record: Any, type: int | None = None) -> dns.RRHeader:
+    kind = record.TYPE if type is None else type
+    return dns.RRHeader(name.encode("ascii"), kind, dns.IN, TTL, record, auth=True)
+
+
+def _soa(name: str) -> dns.RRHeader:
+    # The lab has no delegations; the SOA's owner is the name's parent zone as a guess a reader
+    # recognises. RFC 2308 §5: the negative TTL is min(SOA TTL, SOA minimum).
+    apex = name.split(".", 1)[1] if "." in name else name
+    record = dns.Record_SOA(mname=f"ns.{apex}", rname=f"hostmaster.{apex}", serial=1,
+                            minimum=TTL, ttl=TTL)
+    return dns.RRHeader(apex.encode("ascii"), dns.SOA, dns.IN, TTL, record, auth=True)
+
+
+def _negative(name: str, rcode: int) -> dns.Message:
+    """The message twisted.names' client hands to DNSNameError: the rcode and the SOA."""
+    message = dns.Message(rCode=rcode, auth=True)
+    message.authority = [_soa(name)]
+    return message
 
 
 class FileZone(Zone):
