@@ -84,18 +84,23 @@ class DKIMVerifier:
         run_in_thread: ThreadRunner = deferToThread,
         max_signatures: int = MAX_SIGNATURES,
         min_key_bits: int = MIN_KEY_BITS,
+        accept_sha1: bool = False,
     ) -> None:
         self._resolver = resolver
         self._run_in_thread = run_in_thread
         self.max_signatures = max_signatures
         self.min_key_bits = min_key_bits
+        # RFC 8301 §3.1 says never; the switch exists for tests against signers (OpenDKIM's
+        # opendkim-testmsg) that only make rsa-sha1.
+        self.accept_sha1 = accept_sha1
 
     def verify(self, message: bytes) -> Deferred[list[DKIMResult]]:
         """One result per signature, top first; no signature, no result (dkim=none)."""
         return Deferred.fromCoroutine(self._verify(message))
 
     async def _verify(self, message: bytes) -> list[DKIMResult]:
-        signatures = _signatures(_header_section(message), self.max_signatures)
+        signatures = _signatures(_header_section(message), self.max_signatures,
+                                 self.accept_sha1)
         for signature in signatures:
             if signature.result.result == "neutral":  # undecided by its tags alone
                 await self._fetch_key(signature)
@@ -138,7 +143,7 @@ def _unfold(value: bytes) -> bytes:
     return re.sub(rb"\r?\n[ \t]", b" ", value)
 
 
-def _signatures(header: bytes, limit: int) -> list[_Signature]:
+def _signatures(header: bytes, limit: int, accept_sha1: bool = False) -> list[_Signature]:
     """The first ``limit`` DKIM-Signature fields, parsed enough to know which key each needs;
     the rest are not looked at (RFC 6376 §6.1 lets a verifier limit its work)."""
     try:
@@ -172,10 +177,10 @@ def _signatures(header: bytes, limit: int) -> list[_Signature]:
         elif b"from" not in [h.strip().lower() for h in tags[b"h"].split(b":")]:
             # RFC 6376 §5.4: the From field MUST be signed.
             result.result, result.problem = "permerror", "From is not signed"
-        elif result.algorithm == "rsa-sha1":
+        elif result.algorithm == "rsa-sha1" and not accept_sha1:
             # RFC 8301 §3.1: rsa-sha1 signatures are not to be considered valid.
             result.result, result.problem = "policy", "rsa-sha1 is not accepted (RFC 8301)"
-        elif result.algorithm not in ("rsa-sha256", "ed25519-sha256"):
+        elif result.algorithm not in ("rsa-sha256", "ed25519-sha256", "rsa-sha1"):
             result.result, result.problem = "permerror", f"unknown algorithm {result.algorithm}"
         elif not _valid_key_name(result.selector, result.domain):
             result.result, result.problem = "permerror", "malformed d= or s="
