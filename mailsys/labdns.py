@@ -1,22 +1,24 @@
-"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA, CNAME, TXT, PTR and TLSA
-records, served by twisted.names on a loopback port, or handed directly to code that wants an
+"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA, CNAME, TXT, PTR, SRV and
+TLSA records, served by twisted.names on a loopback port, or handed directly to code that wants an
 IResolver.
 
 The zone is a mapping (or a JSON file) from names to their records:
 
-    {"remote.test":     {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]]},
+    {"remote.test":     {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]],
+                         "TXT": ["v=spf1 mx -all", ["two strings ", "of one record"]]},
      "mx1.remote.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
      "www.remote.test": {"CNAME": "mx1.remote.test"},
      "nullmx.test":     {"MX": [[0, "."]]},
-     "remote.test":     {"TXT": ["v=spf1 mx -all", ["two strings ", "of one record"]]},
      "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.remote.test"]},
      "_25._tcp.mx1.remote.test": {"TLSA": [[3, 1, 1, "0123abcd..."]]},
+     "_imaps._tcp.remote.test": {"SRV": [[0, 1, 993, "mx1.remote.test"]]},
      "broken.test":     {"error": "servfail"}}
 
 A name not in the zone is NXDOMAIN; a name without the asked type is an empty answer (NODATA).
 Both negative answers carry an SOA in the authority section whose minimum is the TTL, so a cache
 can keep them as RFC 2308 says. A TXT record is a string or a list of strings (its
-character-strings); a TLSA record is [usage, selector, matching type, hex data] (RFC 6698).
+character-strings); an SRV record is [priority, weight, port, target]; a TLSA record is
+[usage, selector, matching type, hex data] (RFC 6698).
 "error" may be "servfail", "refused" or "timeout". CNAMEs are followed the way a recursive server
 does: the answer holds the chain and the records of its end. Used directly, ``Zone`` fails with
 the exceptions twisted.names' client raises for the same answers, so it is a faithful stand-in
@@ -82,6 +84,8 @@ def _check(data: Mapping[str, Any]) -> ZoneData:
                 checked[kind] = [str(target) for target in value]
             elif kind == "TLSA":
                 checked[kind] = [_tlsa(raw_name, record) for record in value]
+            elif kind == "SRV":
+                checked[kind] = [(int(p), int(w), int(port), str(t)) for p, w, port, t in value]
             elif kind == "ERROR":
                 if value not in _ERRORS:
                     raise ZoneError(f"{raw_name}: error must be one of {', '.join(_ERRORS)}")
@@ -182,6 +186,9 @@ def _records(name: str, records: dict[str, Any], type: int) -> list[dns.RRHeader
         found.extend(_rr(name, dns.Record_TXT(*t, ttl=TTL)) for t in records.get("TXT", []))
     if type in (dns.PTR, dns.ALL_RECORDS):
         found.extend(_rr(name, dns.Record_PTR(p, TTL)) for p in records.get("PTR", []))
+    if type in (dns.SRV, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_SRV(p, w, port, t, TTL))
+                     for p, w, port, t in records.get("SRV", []))
     if type in (TLSA, dns.ALL_RECORDS):
         found.extend(_rr(name, dns.UnknownRecord(t, TTL), TLSA) for t in records.get("TLSA", []))
     return found

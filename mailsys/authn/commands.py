@@ -4,14 +4,21 @@ mail domain needs, as a commented zone fragment a newcomer can paste."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from twisted.internet.defer import Deferred
+from twisted.names import dns
+
 from mailsys.authn.dkim import KeyFileError, generate_key, load_key, public_record, txt_strings
-from mailsys.config import ConfigError, load
+from mailsys.config import ConfigError, load, parse_dns_server
+from mailsys.dns import Answer, CachingResolver, DNSTemporaryError
 
 DEFAULT_SELECTORS = {"rsa": "mail", "ed25519": "mail-ed"}
 
@@ -56,6 +63,19 @@ def add_authn_commands(commands: Any, config_option: argparse.ArgumentParser,
     records.add_argument("--reports", metavar="ADDRESS",
                          help="where DMARC and TLS reports go (default: postmaster@DOMAIN)")
     records.set_defaults(run=run_records)
+    check = dns_actions.add_parser(
+        "check", parents=[config_option],
+        help="ask DNS (relay.dns_servers, else the system's resolver) and say, record by "
+             "record, what is missing or differs from `dns records`")
+    check.add_argument("domain", metavar="DOMAIN")
+    check.add_argument("--host", metavar="NAME")
+    check.add_argument("--ipv4", metavar="ADDRESS")
+    check.add_argument("--ipv6", metavar="ADDRESS")
+    check.add_argument("--key-dir", type=Path, metavar="DIR")
+    check.add_argument("--reports", metavar="ADDRESS")
+    check.add_argument("--dns-server", action="append", metavar="IP[:PORT]",
+                       help="ask this server instead of the configured ones (repeatable)")
+    check.set_defaults(run=run_check)
 
 
 def _key_dir(args: argparse.Namespace) -> Path:
@@ -122,8 +142,25 @@ def _configured_host(args: argparse.Namespace) -> str | None:
     return hostname if "." in hostname and hostname != "localhost" else None
 
 
+@dataclass(frozen=True)
+class ZoneRecord:
+    """One record the fragment publishes: owner relative to the domain ("@" for itself)."""
+
+    name: str
+    kind: str
+    data: str
+
+    def owner(self, domain: str) -> str:
+        return domain if self.name == "@" else f"{self.name}.{domain}"
+
+
 def zone_fragment(args: argparse.Namespace, now: float | None = None) -> str:
     """The commented zone fragment (RFC 1035 master file syntax) for a mail domain."""
+    return _fragment(args, now)[0]
+
+
+def _fragment(args: argparse.Namespace,
+              now: float | None = None) -> tuple[str, list[ZoneRecord]]:
     domain = _domain(args.domain)
     host = _domain(args.host) if args.host else (_configured_host(args) or f"mail.{domain}")
     reports = args.reports or f"postmaster@{domain}"
@@ -132,10 +169,13 @@ def zone_fragment(args: argparse.Namespace, now: float | None = None) -> str:
     relative = host[: -len(domain) - 1] if host.endswith("." + domain) else "@"
     out: list[str] = []
     add = out.append
+    records: list[ZoneRecord] = []
 
     def rr(name: str, kind: str, data: str, comment_out: bool = False) -> None:
         line = f"{name:<19} 3600 IN {kind:<5} {data}"
         add(";" + line if comment_out else line)
+        if not comment_out:
+            records.append(ZoneRecord(name, kind, data))
     add(f"; DNS records for the mail domain {domain}, from `mailsys dns records {domain}`.")
     add(f"; Paste them into the zone of {domain}. Lines starting with ';' are comments.")
     add(f"$ORIGIN {domain}.")
@@ -195,7 +235,7 @@ def zone_fragment(args: argparse.Namespace, now: float | None = None) -> str:
     add("")
     add("; Reverse DNS (iprev): ask whoever owns the server's address for a PTR record")
     add(f"; naming {host}. Many receivers refuse mail from addresses without one.")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n", records
 
 
 def _dkim_records(directory: Path, domain: str) -> list[tuple[str, str]]:
@@ -213,3 +253,101 @@ def _dkim_records(directory: Path, domain: str) -> list[tuple[str, str]]:
             continue
         found.append((selector, public_record(key)))
     return found
+
+
+# -- dns check ---------------------------------------------------------------------------------
+
+_TYPES = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "TXT": dns.TXT, "SRV": dns.SRV,
+          "CNAME": dns.CNAME}
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Compare what DNS says with what `dns records` would publish; 1 if anything is off."""
+    _, expected = _fragment(args)
+    servers = [parse_dns_server(text) for text in args.dns_server or []]
+    if not servers and Path(args.config).exists():
+        servers = [parse_dns_server(t) for t in load(args.config, check_files=False)
+                   .relay.dns_servers]
+    from twisted.internet import reactor
+
+    from mailsys.delivery.mx import make_resolver
+
+    resolver = CachingResolver(make_resolver(servers, reactor), reactor, timeout=10)
+    lines: list[str] = []
+    failures: list[int] = []
+
+    async def ask() -> None:
+        for record in expected:
+            verdict, detail = await _check_record(resolver, _domain(args.domain), record)
+            if verdict != "ok":
+                failures.append(1)
+            lines.append(f"{verdict:<8} {record.kind:<5} {record.owner(_domain(args.domain))}"
+                         f"  {detail}")
+
+    def stop(_: object) -> None:
+        reactor.stop()
+
+    def start() -> None:
+        Deferred.fromCoroutine(ask()).addBoth(stop)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    for line in lines:
+        print(line.rstrip())
+    summary = (f"{len(expected) - len(failures)} of {len(expected)} records as expected")
+    print(summary)
+    return 1 if failures else 0
+
+
+def _strings(data: str) -> str:
+    return "".join(re.findall(r'"([^"]*)"', data))
+
+
+async def _check_record(resolver: CachingResolver, domain: str,
+                        record: ZoneRecord) -> tuple[str, str]:
+    """("ok" | "missing" | "differs" | "error", what was found)."""
+    name = record.owner(domain)
+    try:
+        answer: Answer = await resolver.query_answer(name, _TYPES[record.kind])
+    except DNSTemporaryError as exc:
+        return "error", exc.reason
+    if record.kind == "MX":
+        wanted = record.data.split()[1].removesuffix(".").lower()
+        found = [x for _, x in answer.exchanges()]
+        return ("ok", wanted) if wanted in found else _absent(answer, ", ".join(found))
+    if record.kind in ("A", "AAAA"):
+        wanted = str(ipaddress.ip_address(record.data))
+        found = answer.addresses()
+        return ("ok", wanted) if wanted in found else _absent(answer, ", ".join(found))
+    if record.kind == "CNAME":
+        wanted = record.data.removesuffix(".").lower()
+        found = answer.names()
+        return ("ok", wanted) if wanted in found else _absent(answer, ", ".join(found))
+    if record.kind == "SRV":
+        _, _, port, target = record.data.split()
+        found = [f"{r.port} {_target(r)}" for r in answer.records]
+        wanted = f"{port} {target.removesuffix('.').lower()}"
+        return ("ok", wanted) if wanted in found else _absent(answer, "; ".join(found))
+    text = _strings(record.data)
+    prefix = text.split(";")[0].split(" ")[0]  # v=spf1, v=DKIM1, v=DMARC1, v=STSv1 ...
+    found_texts = [t.decode("utf-8", "replace") for t in answer.texts()]
+    same_kind = [t for t in found_texts if t.lower().startswith(prefix.lower())]
+    if text in found_texts:
+        return "ok", text[:60]
+    if not same_kind:
+        return _absent(answer, "; ".join(found_texts)[:80])
+    if prefix in ("v=STSv1", "v=TLSRPTv1", "v=DMARC1", "v=spf1"):
+        # A policy of the owner's own making is fine; say what it is.
+        return "ok", f"{same_kind[0][:60]} (differs from the suggestion)"
+    return "differs", f"found {same_kind[0][:60]}"
+
+
+def _target(record: Any) -> str:
+    target: Any = record.target
+    return str(target).lower().removesuffix(".")
+
+
+def _absent(answer: Answer, found: str) -> tuple[str, str]:
+    if not answer.exists:
+        return "missing", "no such name"
+    return ("differs", f"found {found}") if found else ("missing", "no record")
