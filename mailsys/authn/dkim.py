@@ -1,9 +1,10 @@
 """DKIM (RFC 6376; Ed25519 per RFC 8463): verify every signature of a received message, and sign
 what our users submit.
 
-dkimpy does the canonicalization, hashing and cryptography. Its verifier would look keys up
-itself, blocking; here the key records are fetched first through our caching resolver, then the
-CPU work runs in a thread with a dnsfunc that only reads what was fetched. Each result keeps its
+dkimpy does the parsing and canonicalization; the public-key operations are OpenSSL's through
+cryptography (dkimpy's pure-Python RSA costs about ten times as much CPU). dkimpy's verifier
+would look keys up itself, blocking; here the key records are fetched first through our caching
+resolver, then the CPU work runs in a thread. Each result keeps its
 d=, s=, the key record used and, for anything but a pass, why.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -132,6 +134,71 @@ class DKIMVerifier:
         signature.key_record = texts[0]
 
 
+_WSP_RUN = re.compile(rb"[ \t]+")
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """The "relaxed" body canonicalization (RFC 6376 §3.4.4) of a CRLF body: trailing WSP of
+    each line removed, runs of WSP made one SP, empty lines at the end removed.
+
+    dkimpy's regex version spends about 0.9 ms on a 4 KB message of prose; splitting into
+    lines first is some ten times faster. The two are checked to agree in the tests.
+    """
+    lines = body.split(b"\r\n")
+    out = []
+    for line in lines:
+        line = line.rstrip(b" \t")
+        if b"\t" in line or b"  " in line:
+            line = _WSP_RUN.sub(b" ", line)
+        out.append(line)
+    while out and not out[-1]:
+        out.pop()
+    return b"\r\n".join(out) + b"\r\n" if out else b""
+
+
+def relaxed_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The "relaxed" header canonicalization (RFC 6376 §3.4.2), as dkimpy computes it but
+    without a regex pass over values that need none (checked to agree in the tests)."""
+    out = []
+    for name, value in headers:
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+        if b"\t" in value or b"  " in value:
+            value = _WSP_RUN.sub(b" ", value)
+        out.append((name.lower().rstrip(), value.strip() + b"\r\n"))
+    return out
+
+
+class _FastRelaxed:
+    """What dkim.hash_headers needs of a canonicalization policy, for relaxed headers."""
+
+    @staticmethod
+    def canonicalize_headers(headers: Sequence[tuple[bytes, bytes]]
+                             ) -> list[tuple[bytes, bytes]]:
+        return relaxed_headers(headers)
+
+
+def _header_policy(policy: Any) -> Any:
+    return _FastRelaxed if policy.header_algorithm.name == b"relaxed" else policy
+
+
+def _canonical_body(policy: Any, body: bytes) -> bytes:
+    if policy.body_algorithm.name == b"relaxed":
+        return relaxed_body(body)
+    result: bytes = policy.canonicalize_body(body)
+    return result
+
+
+def parse_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(header fields, body) as dkimpy's rfc822_parse gives them, parsing only the header
+    section when the message is CRLF throughout (as SMTP delivers it)."""
+    end = message.find(b"\r\n\r\n")
+    if end >= 0 and message.count(b"\n") == message.count(b"\r\n"):
+        headers, _ = dkim.rfc822_parse(message[:end + 2])
+        return headers, message[end + 4:]
+    parsed: tuple[list[tuple[bytes, bytes]], bytes] = dkim.rfc822_parse(message)
+    return parsed
+
+
 def _header_section(message: bytes) -> bytes:
     end = message.find(b"\r\n\r\n")
     if end < 0:
@@ -196,71 +263,138 @@ def _valid_key_name(selector: str, domain: str) -> bool:
 
 def _verify_all(message: bytes, signatures: Sequence[_Signature], min_key_bits: int) -> None:
     """The CPU part, in a thread: canonicalize, hash, check each signature."""
-    verifier = dkim.DKIM(message, logger=_quiet, minkey=min_key_bits)
+    headers, body = parse_message(message)
+    fields = [(name, value) for name, value in headers if name.lower() == b"dkim-signature"]
+    bodies: dict[bytes, bytes] = {}  # canonical body per c= body algorithm
     for signature in signatures:
         try:
-            _verify_one(verifier, signature, min_key_bits)
+            _verify_one(headers, body, bodies, fields[signature.index], signature, min_key_bits)
         except dkim.DKIMException as exc:
             signature.result.result = "permerror"
             signature.result.problem = str(exc)[:200]
-        except Exception as exc:  # the library met input it did not expect
+        except Exception as exc:  # input nobody expected: still a result, never a traceback
             signature.result.result = "permerror"
             signature.result.problem = f"unverifiable: {exc.__class__.__name__}"
 
 
-def _verify_one(verifier: Any, signature: _Signature, min_key_bits: int) -> None:
-    result = signature.result
-    prep = verifier.verify_headerprep(signature.index)
-    if not prep:
-        result.result, result.problem = "permerror", "signature not found"
-        return
-    tags, include_headers, headers = prep
-    name = f"{result.selector}._domainkey.{result.domain}"
+def _public_key(record: bytes, algorithm: bytes) -> tuple[Any, int]:
+    """The key of a key record (RFC 6376 §3.6.1) and its size in bits; raises
+    dkim.KeyFormatError saying what is wrong."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     try:
-        pk, bits, ktag, tlsrpt = dkim.evaluate_pk(name, signature.key_record)
-    except dkim.KeyFormatError as exc:
-        result.result, result.problem = "permerror", f"key: {exc}"[:200]
+        tags = parse_tag_value(record)
+    except InvalidTagValueList as exc:
+        raise dkim.KeyFormatError(f"malformed key record: {exc}") from None
+    if tags.get(b"v", b"DKIM1") != b"DKIM1":
+        raise dkim.KeyFormatError("key record version is not DKIM1")
+    kind = tags.get(b"k", b"rsa")
+    if kind != algorithm.split(b"-")[0]:
+        raise dkim.KeyFormatError(f"key type {kind.decode(errors='replace')} does not match a=")
+    services = tags.get(b"s", b"*").split(b":")
+    if b"*" not in services and b"email" not in services:
+        raise dkim.KeyFormatError("key is not for email (s=)")
+    hashes = tags.get(b"h")
+    if hashes is not None and algorithm.split(b"-")[1] not in hashes.split(b":"):
+        raise dkim.KeyFormatError("key does not allow this hash (h=)")
+    data = re.sub(rb"\s+", b"", tags.get(b"p", b""))
+    if not data:
+        raise dkim.KeyFormatError("key revoked (empty p=)")  # RFC 6376 §3.6.1
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise dkim.KeyFormatError("p= is not base64") from None
+    if kind == b"ed25519":
+        try:
+            return ed25519.Ed25519PublicKey.from_public_bytes(raw), 256
+        except ValueError:
+            raise dkim.KeyFormatError("not a 32-octet Ed25519 key (RFC 8463 §4)") from None
+    try:
+        key = serialization.load_der_public_key(raw)
+    except ValueError:
+        # Some publish the bare RSAPublicKey (RFC 8017) instead of SubjectPublicKeyInfo.
+        try:
+            numbers = parse_public_key(raw)
+            key = rsa.RSAPublicNumbers(numbers["publicExponent"],
+                                       numbers["modulus"]).public_key()
+        except Exception:
+            raise dkim.KeyFormatError("unparsable RSA key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise dkim.KeyFormatError("k=rsa but not an RSA key")
+    return key, key.key_size
+
+
+def _verify_one(headers: list[tuple[bytes, bytes]], body: bytes, bodies: dict[bytes, bytes],
+                field: tuple[bytes, bytes], signature: _Signature, min_key_bits: int) -> None:
+    """One signature (RFC 6376 §6.1.3): dkimpy canonicalizes and hashes the header fields;
+    the body hash and the public-key step are ours (OpenSSL through cryptography, some ten
+    times faster than dkimpy's pure-Python RSA)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    result = signature.result
+    tags = signature.tags
+    dkim.validate_signature_fields(tags)  # v, a, b, bh, d, h, s present; t, x, i, l, q sane
+    algorithm = tags[b"a"]
+    assert signature.key_record is not None
+    key, bits = _public_key(signature.key_record, algorithm)
+    result.key_bits = bits
+    try:
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError:
+        result.result, result.problem = "permerror", "invalid c="
         return
-    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
-        result.result, result.problem = "permerror", f"key: {exc.__class__.__name__}"
-        return
-    if ktag != tags[b"a"].split(b"-")[0]:
-        result.result, result.problem = "permerror", "key type does not match a="
-        return
-    result.key_bits = int(bits or 0)
-    verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = pk, bits, ktag, tlsrpt
+    sha1 = algorithm == b"rsa-sha1"
+    new_hash = hashlib.sha1 if sha1 else hashlib.sha256
+    body_key = policy.body_algorithm.name
+    canonical = bodies.get(body_key)
+    if canonical is None:
+        canonical = bodies[body_key] = _canonical_body(policy, body)
     length = tags.get(b"l")
+    signed_body = canonical
     if length is not None:
         # RFC 6376 §3.5 and §8.2: a body shorter than l= is invalid; a body longer than l= has
-        # unsigned content that anyone could have appended: not a pass.
-        try:
-            policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-        except InvalidCanonicalizationPolicyError:
-            result.result, result.problem = "permerror", "invalid c="
-            return
-        body = policy.canonicalize_body(verifier.body)
-        if int(length) > len(body):
+        # unsigned content anyone could have appended: not a pass.
+        if int(length) > len(canonical):
             result.result, result.problem = "permerror", "body shorter than l="
             return
+        signed_body = canonical[:int(length)]
     try:
-        good = verifier.verify_sig_process(tags, include_headers, headers[signature.index],
-                                           None)
-    except dkim.KeyFormatError as exc:
-        if "too small" in str(exc):
-            result.result = "policy"
-            result.problem = f"key of {bits} bits is under {min_key_bits} (RFC 8301)"
-            return
-        raise
-    except dkim.ValidationError as exc:
-        if "body hash mismatch" in str(exc):
-            result.result, result.problem = "fail", "body hash did not verify"
-            return
-        raise
-    if not good:
+        expected = base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"]), validate=True)
+        value = base64.b64decode(re.sub(rb"\s+", b"", tags[b"b"]), validate=True)
+    except ValueError:
+        result.result, result.problem = "permerror", "b= or bh= is not base64"
+        return
+    if new_hash(signed_body).digest() != expected:
+        result.result, result.problem = "fail", "body hash did not verify"
+        return
+    include = [h.lower() for h in re.split(rb"\s*:\s*", tags[b"h"].strip())]
+    # As dkimpy does (its bug 644046): an extra From above the signed one is hashed too, so a
+    # second From added on top breaks the signature even when From was signed only once.
+    include.append(b"from")
+    hasher = new_hash()
+    header_policy = _header_policy(policy)
+    dkim.hash_headers(hasher, header_policy, header_policy.canonicalize_headers(headers),
+                      include, field, tags)
+    digest = hasher.digest()
+    try:
+        if algorithm == b"ed25519-sha256":
+            key.verify(value, digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
+        else:
+            key.verify(value, digest, padding.PKCS1v15(),
+                       utils.Prehashed(hashes.SHA1() if sha1 else hashes.SHA256()))
+    except InvalidSignature:
         result.result, result.problem = "fail", "signature did not verify"
-    elif length is not None and int(length) < len(body):
+        return
+    if algorithm.startswith(b"rsa-") and bits < min_key_bits:
         result.result = "policy"
-        result.problem = f"l= leaves {len(body) - int(length)} octets of the body unsigned"
+        result.problem = f"key of {bits} bits is under {min_key_bits} (RFC 8301)"
+    elif len(signed_body) < len(canonical):
+        result.result = "policy"
+        unsigned = len(canonical) - len(signed_body)
+        result.problem = f"l= leaves {unsigned} octets of the body unsigned"
     else:
         result.result, result.problem = "pass", ""
 
@@ -315,13 +449,12 @@ def sign_message(message: bytes, keys: Sequence[SigningKey], now: float | None =
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding, utils
 
-    headers, body = dkim.rfc822_parse(message)
-    policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    headers, body = parse_message(message)
     present = {name.lower() for name, _ in headers}
     include = [name.encode() for name in SIGNED_HEADERS if name.encode() in present]
     include.append(b"from")  # over-signed: a second From cannot be added unnoticed
-    body_hash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
-    canonical = policy.canonicalize_headers(headers)
+    body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
+    canonical = relaxed_headers(headers)
     stamp = str(int(time.time() if now is None else now)).encode()
     fields = b""
     for key in keys:
@@ -334,7 +467,7 @@ def sign_message(message: bytes, keys: Sequence[SigningKey], now: float | None =
         unsigned = dkim.fold(b"; ".join(b"=".join(t) for t in tags), namelen=15)
         hasher = hashlib.sha256()
         # RFC 6376 §3.7: the signed header fields, then this field with an empty b=.
-        dkim.hash_headers(hasher, policy, canonical, include,
+        dkim.hash_headers(hasher, _FastRelaxed, canonical, include,
                           (b"DKIM-Signature", b" " + unsigned), dict(tags))
         digest = hasher.digest()
         if key.algorithm == "rsa-sha256":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from email.headerregistry import Address
 from email.utils import getaddresses
 from typing import Literal
 
@@ -29,6 +28,8 @@ Disposition = Literal["none", "quarantine", "reject"]
 # RFC 9989 §4.10.1: a walk never asks more than 8 names (long names jump to 7 labels).
 MAX_WALK_LABELS = 7
 _POLICIES: tuple[Disposition, ...] = ("none", "quarantine", "reject")
+# A host name of two or more labels (RFC 1035 §2.3.1, with RFC 1123's leading digits).
+_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,9 @@ def author_domain(header: bytes) -> str | None:
     if len(domains) != 1:
         return None
     domain = domains.pop()
-    try:
-        Address(addr_spec=f"x@{domain}")
-    except (ValueError, IndexError):
+    if not _DOMAIN.fullmatch(domain) or not valid_name(domain):
         return None
-    return domain if valid_name(domain) and "." in domain else None
+    return domain
 
 
 class DMARCChecker:
