@@ -11,6 +11,7 @@ d=, s=, the key record used and, for anything but a pass, why.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import re
@@ -213,11 +214,11 @@ def _unfold(value: bytes) -> bytes:
 def _signatures(header: bytes, limit: int, accept_sha1: bool = False) -> list[_Signature]:
     """The first ``limit`` DKIM-Signature fields, parsed enough to know which key each needs;
     the rest are not looked at (RFC 6376 §6.1 lets a verifier limit its work)."""
+    if b"dkim-signature" not in header.lower():
+        return []
     try:
         headers, _ = dkim.rfc822_parse(header)
     except dkim.DKIMException as exc:
-        if b"dkim-signature" not in header.lower():
-            return []
         return [_Signature(0, {}, DKIMResult("permerror", problem=f"malformed header: {exc}"))]
     fields = [value for name, value in headers if name.lower() == b"dkim-signature"]
     found: list[_Signature] = []
@@ -277,9 +278,11 @@ def _verify_all(message: bytes, signatures: Sequence[_Signature], min_key_bits: 
             signature.result.problem = f"unverifiable: {exc.__class__.__name__}"
 
 
+@functools.lru_cache(maxsize=256)
 def _public_key(record: bytes, algorithm: bytes) -> tuple[Any, int]:
     """The key of a key record (RFC 6376 §3.6.1) and its size in bits; raises
-    dkim.KeyFormatError saying what is wrong."""
+    dkim.KeyFormatError saying what is wrong. Remembered per record: parsing a DER key costs
+    more than verifying with it."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 

@@ -9,6 +9,7 @@ temperror.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -426,6 +427,7 @@ class SPFChecker:
 # -- parsing ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=512)
 def _parse(text: str) -> _Record:
     """A record's terms (RFC 7208 §4.6, §12); any syntax error anywhere is a permerror before
     anything is evaluated (§4.6)."""
