@@ -190,3 +190,31 @@ class InboundChecksTests(SynchronousTestCase):
         self.assertEqual((report.dmarc.result, report.dmarc.policy), ("fail", "reject"))
         self.assertEqual(decide(AuthnPolicy(), spf=report.spf, dkim=report.dkim,
                                 dmarc=report.dmarc).action, "reject")
+
+
+class _Silent:
+    """A DNS server that never answers."""
+
+    def query(self, query: Any, timeout: object = None) -> Deferred[Any]:
+        return Deferred()
+
+
+class SilentDNSTests(SynchronousTestCase):
+    def test_every_check_ends_in_temperror(self) -> None:
+        """With a DNS server that never answers, every check is a temperror at the resolver's
+        deadline, the field says so, and the default policy accepts the message."""
+        clock = Clock()
+        checks = InboundChecks(CachingResolver(_Silent(), clock, timeout=5), "mx.here.test",
+                               run_in_thread=_now)
+        message = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=s; h=from; bh=AAAA;"
+                   b" b=AAAA\r\n" + MESSAGE)
+        done = checks.check("192.0.2.1", "mx.example.test", "alice@example.test", message)
+        self.assertNoResult(done)
+        for _ in range(10):  # each stage waits for its own deadline
+            clock.advance(5)
+        stored, report = self.successResultOf(done)
+        self.assertEqual(report.summary(), "iprev=temperror spf=temperror spf.helo=temperror "
+                                           "dkim=temperror:example.test dmarc=temperror")
+        self.assertIn(b"dmarc=temperror", stored)
+        self.assertEqual(decide(AuthnPolicy(), spf=report.spf, dkim=report.dkim,
+                                dmarc=report.dmarc, iprev=report.iprev).action, "accept")
