@@ -29,7 +29,9 @@ MAX_CNAME_CHAIN = 8
 # RFC 1035 §2.3.4: a name is at most 255 octets on the wire (253 as text), a label at most 63.
 MAX_NAME = 253
 MAX_LABEL = 63
-# Seconds twisted.names' client waits for each try; our own deadline (``timeout``) is the bound.
+# Seconds twisted.names' client waits for each try, for a 10-second deadline (scaled down for a
+# shorter one): the client gives up before our own deadline, so none of its timers outlive a
+# question. The deadline (``timeout``) still bounds everything.
 UPSTREAM_TRIES = (1, 3, 5)
 
 _TYPE_NAMES = {dns.A: "A", dns.AAAA: "AAAA", dns.MX: "MX", dns.TXT: "TXT", dns.PTR: "PTR",
@@ -201,6 +203,8 @@ class CachingResolver(common.ResolverBase):
         self.max_ttl = max_ttl
         self.max_negative_ttl = max_negative_ttl
         self.failure_ttl = failure_ttl
+        scale = min(1.0, timeout / 10.0)
+        self._tries: Any = tuple(t * scale for t in UPSTREAM_TRIES)
         self._cache: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
         self._pending: dict[tuple[str, int], list[Deferred[Answer]]] = {}
         self.upstream_queries = 0  # for tests and metrics: how often the cache missed
@@ -236,7 +240,7 @@ class CachingResolver(common.ResolverBase):
         self.upstream_queries += 1
         try:
             asked: Deferred[Any] = self._upstream.query(dns.Query(name, type, dns.IN),
-                                                        UPSTREAM_TRIES)
+                                                        self._tries)
         except Exception:
             asked = fail(Failure())
         asked.addTimeout(self.timeout, self._clock)
