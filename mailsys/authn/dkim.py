@@ -494,7 +494,15 @@ class DKIMSigner:
         self._run_in_thread = run_in_thread
 
     def keys_for(self, domain: str) -> list[SigningKey]:
-        return self.keys.get(domain.lower().removesuffix("."), [])
+        """The keys of ``domain``, else of its nearest parent that has keys: a signature by
+        example.test aligns (relaxed, RFC 9989) with From: MAILER-DAEMON@mail.example.test."""
+        labels = domain.lower().removesuffix(".").split(".")
+        while len(labels) >= 2:
+            found = self.keys.get(".".join(labels))
+            if found:
+                return found
+            labels = labels[1:]
+        return []
 
     def sign(self, message: bytes, domain: str) -> Deferred[bytes]:
         """The signature fields to put on top of ``message`` (b"" when the domain has no

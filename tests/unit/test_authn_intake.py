@@ -105,3 +105,37 @@ class InboundTests(SynchronousTestCase):
             self.facts("bob@here.test"), MESSAGE))
         self.assertEqual((verdict.action, verdict.message), ("accept", MESSAGE))
         self.flushLoggedErrors(RuntimeError)
+
+
+class SigningSinkTests(SynchronousTestCase):
+    def test_signs_before_storing(self) -> None:
+        """The sink stores the signed message and its new size; the server's own notices from
+        mail.example.test are signed with example.test's key (relaxed alignment)."""
+        from mailsys.authn.sink import SigningSink
+        from mailsys.envelope import Envelope
+
+        pem, _ = generate_key("ed25519")
+        with tempfile.NamedTemporaryFile(suffix=".pem") as file:
+            file.write(pem)
+            file.flush()
+            key = load_key(Path(file.name), "example.test", "s1")
+        stored: list[tuple[Envelope, bytes]] = []
+
+        class Inner:
+            def new_queue_id(self) -> str:
+                return "Q1"
+
+            def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
+                stored.append((envelope, message))
+                return maybeDeferred(lambda: None)
+
+        intake = MessageAuthentication(None, DKIMSigner({"example.test": [key]},
+                                                        run_in_thread=_now))
+        sink = SigningSink(Inner(), intake)  # type: ignore[arg-type]
+        notice = MESSAGE.replace(b"alice@example.test", b"MAILER-DAEMON@mail.example.test")
+        envelope = Envelope(sink.new_queue_id(), "", [], 0.0, size=len(notice))
+        self.successResultOf(sink.submit(envelope, notice))
+        (got, message), = stored
+        self.assertTrue(message.startswith(b"DKIM-Signature:"))
+        self.assertIn(b"d=example.test", message)
+        self.assertEqual(got.size, len(message))
