@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -28,6 +28,15 @@ MAX_BATCH = 32
 # disk or the GIL: a third thread only adds contention for the GIL (measured: 2 threads commit
 # and deliver as fast as 1 and faster than 4 or 8, with a quarter less CPU than 8).
 BATCH_THREADS = 2
+
+
+class DiskRunner(Protocol):
+    """Runs blocking work off the reactor thread: what the rooms that read files ask of a
+    ``DiskPool`` (tests pass a runner that works at once on the calling thread)."""
+
+    def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Run ``func(*args, **kwargs)`` in a disk thread; fire on the reactor thread."""
+        ...
 
 
 class DirectorySyncError(OSError):

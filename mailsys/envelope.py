@@ -7,8 +7,11 @@ goes and what happened so far. It serialises to JSON for the spool; nothing here
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from mailsys.replies import Reply
 
 FORMAT_VERSION = 1
 
@@ -33,6 +36,15 @@ class TargetKind(enum.StrEnum):
     RELAY = "relay"
 
 
+@dataclass(frozen=True)
+class Destination:
+    """One place a recipient resolves to: a local mailbox or a remote address to relay to."""
+
+    address: str
+    kind: TargetKind
+    mailbox: str | None = None  # canonical "user@domain" for LOCAL, None for RELAY
+
+
 @dataclass
 class Attempt:
     """One delivery attempt for one recipient: when, where, with what outcome and reply."""
@@ -40,7 +52,9 @@ class Attempt:
     at: float
     status: RecipientStatus
     host: str
-    reply: str
+    # Structured, so the runner and the DSN read codes instead of parsing text; stored in the
+    # envelope as {"code", "enhanced", "text"}.
+    reply: Reply
     # The remote MTA whose reply ``reply`` is (None: we decided it ourselves), for the DSN's
     # Remote-MTA and Diagnostic-Code (RFC 3464 §2.3.5, §2.3.6).
     mta: str | None = None
@@ -53,10 +67,26 @@ class Attempt:
             at=float(data["at"]),
             status=RecipientStatus(data["status"]),
             host=str(data["host"]),
-            reply=str(data["reply"]),
+            reply=_reply_from_dict(data["reply"]),
             mta=data.get("mta"),
             tls=data.get("tls"),
         )
+
+
+# An envelope written before replies were stored structured holds "451 4.4.1 text".
+_LEGACY_REPLY = re.compile(r"^(\d{3})(?:[ -]+([245]\.\d{1,3}\.\d{1,3})\b)?\s*(.*)$", re.DOTALL)
+
+
+def _reply_from_dict(data: Any) -> Reply:
+    if isinstance(data, dict):
+        return Reply(int(data["code"]), str(data["enhanced"]), str(data["text"]))
+    text = str(data)
+    match = _LEGACY_REPLY.match(text)
+    if match is None:
+        # Unreadable old text: keep it, as an unclassified temporary answer (RFC 3463 §3.1).
+        return Reply(400, "", text)
+    code, enhanced, rest = match.groups()
+    return Reply(int(code), enhanced or "", rest)
 
 
 @dataclass

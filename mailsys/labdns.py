@@ -269,8 +269,11 @@ def serve(zone: Zone, port: int, interface: str, reactor: Any) -> tuple[Any, Any
     TCP, another UDP port is tried (a bounded number of times).
     """
     factory = server.DNSServerFactory(authorities=[_Served(zone)])
+    factory.noisy = False  # Twisted's "Starting factory" and "Starting protocol" say nothing
     for _ in range(20 if port == 0 else 1):
-        udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=interface)
+        protocol = dns.DNSDatagramProtocol(factory)
+        protocol.noisy = False
+        udp = reactor.listenUDP(port, protocol, interface=interface)
         try:
             tcp = reactor.listenTCP(udp.getHost().port, factory, interface=interface)
         except CannotListenError:
@@ -279,7 +282,7 @@ def serve(zone: Zone, port: int, interface: str, reactor: Any) -> tuple[Any, Any
                 raise
             continue
         return udp, tcp
-    raise CannotListenError(  # type: ignore[no-untyped-call]
+    raise CannotListenError(
         interface, port, OSError("no port free for both UDP and TCP")
     )
 

@@ -7,6 +7,11 @@ same lines, but collects those of one reactor iteration and writes them with one
 end of it (or at once while no reactor runs, and at exit), and formats each second's time stamp
 once. A line is therefore on disk at most one reactor iteration after its event.
 
+It also leaves out Twisted's own life-cycle chatter (``is_twisted_chatter``): factories and
+protocols starting and stopping, "... starting on N" and "(UDP Port N Closed)" for every port,
+one pair per DNS query. They say nothing about a session, a message or the service that the
+service's own lines ("listening on ...") do not say better.
+
 ``Options.postOptions`` (mailsys.tap) makes it twistd's default observer for ``twistd mailsys``
 through twistd's own ``--logger`` option; an explicit ``--logger`` or ``--syslog`` wins.
 """
@@ -14,13 +19,14 @@ through twistd's own ``--logger`` option; an explicit ``--logger`` or ``--syslog
 from __future__ import annotations
 
 import atexit
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.logger import ILogObserver, LogEvent, formatEventAsClassicLogText, timeFormatRFC3339
 from twisted.python import threadable
@@ -32,6 +38,33 @@ from zope.interface import implementer
 # A batch is written at once when it grows past this, so a flood of events between two
 # reactor iterations cannot hold much memory.
 MAX_BATCH_CHARS = 64 * 1024
+
+
+# Twisted's chatter, by its format (new-style events) or its text (legacy log.msg events):
+# twisted.internet.protocol's Factory.doStart/doStop and AbstractDatagramProtocol.doStart/doStop,
+# and the ports of twisted.internet.tcp, udp and unix on listening and on closing.
+_CHATTER_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+_CHATTER_TEXT = re.compile(
+    r"(?:\S[^\n]* starting on \S+"  # "SMTPServerFactory starting on 25"
+    r"|\((?:\w+ )?Port \S+ Closed\)"  # "(UDP Port 40123 Closed)"
+    r"|(?:Starting|Stopping) protocol <.*>)\Z"  # a DNS query's datagram protocol
+)
+
+
+def is_twisted_chatter(event: LogEvent) -> bool:
+    """Whether the event is Twisted's life-cycle chatter, which the log file leaves out.
+
+    Our own events (namespace ``mailsys.``) and anything carrying a failure never are.
+    """
+    namespace = event.get("log_namespace")
+    if type(namespace) is str and namespace.startswith("mailsys."):
+        return False
+    if "log_failure" in event:
+        return False
+    if event.get("log_format") in _CHATTER_FORMATS:
+        return True
+    text = event.get("log_text")
+    return type(text) is str and _CHATTER_TEXT.match(text) is not None
 
 
 class _LogOutput(Protocol):
@@ -90,6 +123,8 @@ class BatchedLogWriter:
         self._scheduled = False
 
     def __call__(self, event: LogEvent) -> None:
+        if is_twisted_chatter(event):
+            return
         with self._lock:
             # Formatted under the lock: the time stamp cache is shared.
             text = self._line(event)
@@ -187,7 +222,8 @@ def twistd_observer() -> BatchedLogWriter:
     """twistd's ``--logger`` factory: the writer for the destination use_for_twistd read."""
     from twisted.internet import reactor as installed
 
-    reactor: _Scheduler = installed  # type: ignore[assignment]
+    # twistd installed the reactor before asking for its logger; the module stands for it.
+    reactor = cast(_Scheduler, installed)
     destination = _destination or Destination(None)
     out: _LogOutput
     if destination.path is None:

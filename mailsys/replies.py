@@ -45,7 +45,8 @@ class Reply:
         return self.code >= 500
 
     def __str__(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+        """One line for logs, attempts and DSN texts: "451 4.4.1 No connection"."""
+        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
 
 
 # 2xx

@@ -29,13 +29,15 @@ local mailbox, one per remote address.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsys.config import RoutingSection
+
+# Destination is plain data and lives with the envelope; it stays importable from here.
+from mailsys.envelope import Destination as Destination
 from mailsys.envelope import TargetKind
 from mailsys.interfaces import IRouter
 
@@ -43,15 +45,6 @@ from mailsys.interfaces import IRouter
 MAX_ALIAS_DEPTH = 10
 
 POSTMASTER = "postmaster"
-
-
-@dataclass(frozen=True)
-class Destination:
-    """One place a recipient resolves to: a local mailbox or a remote address to relay to."""
-
-    address: str
-    kind: TargetKind
-    mailbox: str | None = None  # canonical "user@domain" for LOCAL, None for RELAY
 
 
 class UnknownRecipient(Exception):  # noqa: N818 - a public name others already use
@@ -98,8 +91,7 @@ class Router:
         domain = _domain(domain)
         return domain in self._local_domains or domain in self._domain_aliases
 
-    # IRouter says list[object] (interfaces.py imports nothing of ours); list is invariant.
-    def resolve(self, address: str) -> list[Destination]:  # type: ignore[override]
+    def resolve(self, address: str) -> list[Destination]:
         """Expand ``address`` into its destinations; UnknownRecipient if a local one has none.
 
         Remote addresses come back as one RELAY destination with the domain lowercased and the

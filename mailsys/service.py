@@ -10,14 +10,15 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys.auth.portal import build_portal
@@ -57,28 +58,72 @@ class StartupError(Exception):
     """Start-up cannot go on; the message is one clear line for the administrator."""
 
 
+class Listener(Service):
+    """One listening port, bound at privileged start-up, closed when the service stops.
+
+    Unlike twisted.application's StreamServerEndpointService, which logs a port that cannot be
+    bound and runs on without it, a failure to bind raises, so start-up fails with one line.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._port: IListeningPort | None = None
+
+    @override
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._listen()
+
+    @override
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        outcome: list[IListeningPort | Failure] = []
+        # Stream endpoints on TCP and UNIX sockets bind at once: the Deferred has fired.
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError("the endpoint did not bind synchronously")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        else:
+            self._port = result
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        stopped = port.stopListening()
+        return stopped if isinstance(stopped, Deferred) else succeed(None)
+
+
 class MailService(MultiService):
     """The running mail system: disk pool, spool recovery, queue runner and listeners."""
 
     def __init__(self, pool: DiskPool, spool: Spool, runner: QueueRunner,
                  tls: ServerTLS | None, reactor: Any, auth_pool: DiskPool | None = None) -> None:
-        super().__init__()
+        # The base class is named, not super(): twisted.application is unannotated, and mypy
+        # lets calls into it through (untyped_calls_exclude) only by their Twisted name.
+        MultiService.__init__(self)
         self.pool = pool
         self._pools = [pool] if auth_pool is None else [pool, auth_pool]
         self.spool = spool
         self.runner = runner
         self.tls = tls
         self._reactor = reactor
-        self._listeners: list[tuple[str, StreamServerEndpointService]] = []
+        self._listeners: list[tuple[str, Listener]] = []
 
     def add_listener(self, name: str, description: str, factory: IProtocolFactory) -> None:
         """Serve ``factory`` on the endpoint ``description``; ``name`` says which service it is."""
-        endpoint = serverFromString(self._reactor, description)
-        listener = StreamServerEndpointService(endpoint, factory)
-        # Fail start-up when a port cannot be bound, instead of twistd's default of logging it.
-        listener._raiseSynchronously = True
-        listener.setName(f"{name}:{description}")
-        listener.setServiceParent(self)
+        listener = Listener(serverFromString(self._reactor, description), factory)
+        Service.setName(listener, f"{name}:{description}")
+        Service.setServiceParent(listener, self)
         self._listeners.append((description, listener))
 
     @override
@@ -106,7 +151,7 @@ class MailService(MultiService):
             tls = self.tls
             reactor = self._reactor
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
-        super().startService()
+        MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
 
@@ -197,9 +242,9 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
-    runner.setServiceParent(service)
+    Service.setServiceParent(runner, service)
     if relay is not None:
-        relay.setServiceParent(service)
+        Service.setServiceParent(relay, service)
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
     control = ControlWatcher(config.storage.spool, runner, pool)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.python import usage
 from typing_extensions import override
 
@@ -48,7 +48,7 @@ def makeService(options: Options) -> MultiService:  # noqa: N802 - the name twis
         print(f"mailsys: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     top = _ExitOnStartupError()
-    mail.setServiceParent(top)
+    Service.setServiceParent(mail, top)
     return top
 
 
@@ -56,12 +56,16 @@ class _ExitOnStartupError(MultiService):
     """twistd's top service: a start-up failure (a port that cannot be bound) becomes one line on
     stderr and exit status 2 instead of a traceback or a server that runs without its port."""
 
+    def __init__(self) -> None:
+        # Base classes by name, not super(): see MailService.__init__.
+        MultiService.__init__(self)
+
     @override
     def privilegedStartService(self) -> None:
         from mailsys.service import StartupError
 
         try:
-            super().privilegedStartService()
+            MultiService.privilegedStartService(self)
         except StartupError as exc:
             print(f"mailsys: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

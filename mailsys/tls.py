@@ -42,7 +42,7 @@ _TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ])
-SERVER_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
+SERVER_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
     _TLS12_CIPHERS
 )
 

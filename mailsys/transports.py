@@ -39,4 +39,4 @@ def send_now(transport: object) -> None:
             return
     if connection.disconnecting or connection.disconnected or connection.producer is not None:
         return
-    connection.doWrite()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    connection.doWrite()

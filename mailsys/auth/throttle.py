@@ -31,15 +31,16 @@ from typing import TypeVar
 from twisted.internet.interfaces import IReactorTime
 
 from mailsys.auth.users import InvalidMailboxError, canonical_mailbox
+from mailsys.config import AuthSection
 
-# Defaults: 1 s after a user's first failure, doubling, at most 15 s; that user blocked at that
-# address after 10 failures until 15 minutes have passed since the last one; the whole address
-# blocked after 100 failures (any users) within 15 minutes.
-BASE_DELAY = 1.0
-MAX_DELAY = 15.0
-MAX_FAILURES = 10
-MAX_ADDRESS_FAILURES = 100
-WINDOW = 15 * 60.0
+# Defaults, those of [auth]: 1 s after a user's first failure, doubling, at most 15 s; that user
+# blocked at that address after 10 failures until 15 minutes have passed since the last one; the
+# whole address blocked after 100 failures (any users) within 15 minutes.
+BASE_DELAY = AuthSection.throttle_base_delay
+MAX_DELAY = AuthSection.throttle_max_delay
+MAX_FAILURES = AuthSection.throttle_max_failures
+MAX_ADDRESS_FAILURES = AuthSection.throttle_max_address_failures
+WINDOW = AuthSection.throttle_window
 # Records kept of each kind (pairs, addresses); the one that failed longest ago goes first.
 MAX_TRACKED = 100_000
 

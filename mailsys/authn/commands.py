@@ -17,8 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.names import dns
 
 from mailsys.authn.dkim import KeyFileError, generate_key, load_key, public_record, txt_strings
-from mailsys.config import ConfigError, load, parse_dns_server
+from mailsys.config import ConfigError, load
 from mailsys.dns import Answer, CachingResolver, DNSTemporaryError
+from mailsys.values import DNSServer
 
 DEFAULT_SELECTORS = {"rsa": "mail", "ed25519": "mail-ed"}
 
@@ -264,15 +265,15 @@ _TYPES = {"MX": dns.MX, "A": dns.A, "AAAA": dns.AAAA, "TXT": dns.TXT, "SRV": dns
 def run_check(args: argparse.Namespace) -> int:
     """Compare what DNS says with what `dns records` would publish; 1 if anything is off."""
     _, expected = _fragment(args)
-    servers = [parse_dns_server(text) for text in args.dns_server or []]
+    servers = [DNSServer.parse(text) for text in args.dns_server or []]
     if not servers and Path(args.config).exists():
-        servers = [parse_dns_server(t) for t in load(args.config, check_files=False)
-                   .relay.dns_servers]
+        servers = list(load(args.config, check_files=False).relay.dns_servers)
     from twisted.internet import reactor
 
     from mailsys.delivery.mx import make_resolver
 
-    resolver = CachingResolver(make_resolver(servers, reactor), reactor, timeout=10)
+    resolver = CachingResolver(make_resolver([(s.host, s.port) for s in servers], reactor),
+                               reactor, timeout=10)
     lines: list[str] = []
     failures: list[int] = []
 

@@ -28,13 +28,14 @@ from zope.interface import implementer
 from mailsys.diskio import DiskPool, fsync_directory
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.replies import Reply
 
 log = Logger(namespace="mailsys.delivery.maildir")
 
 HOST = "maildir"
-REPLY_DELIVERED = "250 2.0.0 delivered to maildir"
-REPLY_TEMPORARY = "451 4.3.0 Temporary local delivery failure, will retry"
-REPLY_NO_MAILBOX = "550 5.1.1 No such mailbox"
+REPLY_DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
+REPLY_TEMPORARY = Reply(451, "4.3.0", "Temporary local delivery failure, will retry")
+REPLY_NO_MAILBOX = Reply(550, "5.1.1", "No such mailbox")
 
 _SUBDIRS = ("cur", "new", "tmp")
 _PATH_CACHE_SIZE = 10_000
@@ -134,8 +135,7 @@ class MaildirWriter:
         """The base name this writer uses for ``recipient``'s copy of ``envelope``."""
         return maildir_name(envelope, recipient, self._host)
 
-    # IDeliveryAgent types its arguments as object to stay free of imports; ours are precise.
-    def deliver(  # type: ignore[override]
+    def deliver(
         self,
         envelope: Envelope,
         recipient: Recipient,
@@ -207,7 +207,7 @@ class MaildirWriter:
 
         return d.addCallbacks(delivered, failed)
 
-    def _attempt(self, status: RecipientStatus, reply: str) -> Attempt:
+    def _attempt(self, status: RecipientStatus, reply: Reply) -> Attempt:
         now = self._clock.seconds() if self._clock is not None else time.time()
         return Attempt(at=now, status=status, host=HOST, reply=reply)
 

@@ -9,7 +9,6 @@ injected (an IResolver: twisted.names' client, or mailsys.labdns.Zone in tests).
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import random
 from collections.abc import Callable, Sequence
@@ -21,8 +20,8 @@ from twisted.internet.interfaces import IResolver
 from twisted.names import dns, error
 from twisted.python.failure import Failure
 
-from mailsys.delivery.nexthop import NextHop, RouteKind
 from mailsys.replies import Reply
+from mailsys.values import IPVersion, NextHop, RouteKind
 
 # RFC 7505 §4.2 (null MX); RFC 3463 X.1.2 (bad destination system), X.4.4 (unable to route),
 # X.4.3 (directory server failure).
@@ -35,14 +34,6 @@ DNS_TEMPORARY = Reply(451, "4.4.3", "Temporary DNS failure")
 MAX_CNAME_CHAIN = 8
 # Seconds twisted.names waits for each try of a query before the next (then gives up).
 DNS_TIMEOUT = (1, 3, 11)
-
-
-class IPVersion(enum.Enum):
-    """Which address families outbound connections use."""
-
-    ANY = "any"
-    IPV4 = "ipv4"
-    IPV6 = "ipv6"
 
 
 class MXLookupError(Exception):

@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import weakref
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -29,6 +28,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -37,8 +37,9 @@ from typing_extensions import override
 from zope.interface import implementer
 
 from mailsys.delivery.mx import MailHost, MXLookupError, MXResolver
-from mailsys.delivery.nexthop import NextHop, NextHops, Route, RouteKind
-from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies, TLSPolicy
+from mailsys.delivery.nexthop import NextHops, Route
+from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
+from mailsys.diskio import DiskRunner
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.replies import Reply
@@ -52,6 +53,7 @@ from mailsys.smtp.client import (
     TLSFailedError,
     Transaction,
 )
+from mailsys.values import NextHop, RouteKind, TLSPolicy
 
 log = Logger(namespace="mailsys.delivery.relay")
 
@@ -99,12 +101,6 @@ class Dialer(Protocol):
     ) -> Deferred[SMTPClient]: ...
 
 
-class DiskRunner(Protocol):
-    """Runs blocking file work off the reactor thread (mailsys.diskio.DiskPool)."""
-
-    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
-
-
 class TCPDialer:
     """Connects with twisted endpoints, with the connect timeout of the configuration."""
 
@@ -127,6 +123,7 @@ class TCPDialer:
         factory = Factory.forProtocol(
             lambda: SMTPClient(self._reactor, timeouts, implicit_tls=implicit)
         )
+        factory.noisy = False  # no "Starting factory" per connection: the relay logs its own
         d: Deferred[SMTPClient] = endpoint.connect(factory)
         return d
 
@@ -305,8 +302,7 @@ class _Destination:
             self.idle.remove(session)
             self.close(session)
         for session in list(self.sessions):
-            if session.client.connected and session.client.transport is not None:
-                session.client.transport.abortConnection()  # type: ignore[attr-defined]
+            _abort(session.client)
         waiting, self.waiting = self.waiting, deque()
         for job in waiting:
             job.finish_all(self.agent.attempt(RecipientStatus.DEFERRED, SHUTTING_DOWN, None))
@@ -359,16 +355,20 @@ class RelayAgent(Service):
         for destination in self._destinations.values():
             destination.stop()
         for client in list(self._clients):
-            if client.connected and client.transport is not None:
-                client.transport.abortConnection()  # type: ignore[attr-defined]
+            _abort(client)
         return succeed(None)
 
     # -- IDeliveryAgent --------------------------------------------------------------------------
 
-    def deliver(  # type: ignore[override]
-        self, envelope: Envelope, recipient: Recipient, message_path: Path
+    def deliver(
+        self, envelope: Envelope, recipient: Recipient, message_path: Path, *,
+        recovered: bool = False,
     ) -> Deferred[Attempt]:
-        """Deliver one recipient; fires with its Attempt, never fails."""
+        """Deliver one recipient; fires with its Attempt, never fails.
+
+        ``recovered`` is not used: whether a remote server took the message before a crash
+        cannot be known, so the message is sent again (at least once, RFC 5321 §6.1).
+        """
         d: Deferred[Attempt] = Deferred()
         if not self.running:
             d.callback(self.attempt(RecipientStatus.DEFERRED, SHUTTING_DOWN, None))
@@ -581,7 +581,8 @@ class RelayAgent(Service):
                 else RecipientStatus.DEFERRED
             )
             attempts.append(Attempt(
-                at=self.clock.seconds(), status=status, host=session.label, reply=str(reply),
+                at=self.clock.seconds(), status=status, host=session.label,
+                reply=_structured(reply),
                 mta=session.host.name, tls=client.tls,
             ))
         job.finish(attempts)
@@ -596,7 +597,7 @@ class RelayAgent(Service):
             at=self.clock.seconds(),
             status=status,
             host=session.label if session is not None else "",
-            reply=str(reply),
+            reply=_structured(reply),
             mta=mta,
             tls=session.client.tls if session is not None else None,
         )
@@ -615,6 +616,29 @@ class RelayAgent(Service):
             return self.attempt(RecipientStatus.DEFERRED, reply, None, mta=value.mta)
         log.failure("{queue_id}: relay failed", failure, queue_id=queue_id)
         return self.attempt(RecipientStatus.DEFERRED, INTERNAL, None)
+
+
+def _structured(reply: Reply | ServerReply) -> Reply:
+    """A server's reply as attempts keep it: its code, the enhanced code of its first line
+    (RFC 2034 §4) and the text of every line, joined, as logs and DSNs quote it."""
+    if isinstance(reply, Reply):
+        return reply
+    lines = [line.strip() for line in reply.lines if line.strip()]
+    enhanced = reply.enhanced
+    if enhanced and lines:
+        lines[0] = lines[0].removeprefix(enhanced).strip()
+    return Reply(reply.code, enhanced, " ".join(line for line in lines if line))
+
+
+def _abort(client: SMTPClient) -> None:
+    """Drop a client's connection at once, whatever it still had to send."""
+    if not client.connected or client.transport is None:
+        return
+    tcp = ITCPTransport(client.transport, None)
+    if tcp is not None:
+        tcp.abortConnection()
+    else:  # a transport without abort (none of the reactor's): close it as soon as it can
+        client.transport.loseConnection()
 
 
 def _orcpt(recipient: Recipient) -> str | None:

@@ -16,7 +16,6 @@ for its subdomains).
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,28 +27,22 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from mailsys.values import TLSPolicy
+
 _PEM_CERT_END = b"-----END CERTIFICATE-----"
-
-
-class TLSPolicy(enum.Enum):
-    """What outbound TLS a destination gets."""
-
-    OPPORTUNISTIC = "opportunistic"
-    VERIFY = "verify"
-    NONE = "none"
 
 
 class TLSPolicies:
     """The policy for each destination domain: per-domain entries, else the default."""
 
-    def __init__(self, default: TLSPolicy | str, per_domain: Mapping[str, str]) -> None:
-        self.default = TLSPolicy(default)
+    def __init__(self, default: TLSPolicy, per_domain: Mapping[str, TLSPolicy]) -> None:
+        self.default = default
         self._exact: dict[str, TLSPolicy] = {}
         self._suffixes: dict[str, TLSPolicy] = {}
         for key, value in per_domain.items():
             name = key.lower().removesuffix(".")
             target = self._suffixes if name.startswith(".") else self._exact
-            target[name] = TLSPolicy(value)
+            target[name] = value
 
     def for_domain(self, domain: str) -> TLSPolicy:
         domain = domain.lower().removesuffix(".")
@@ -100,7 +93,7 @@ class ClientTLS:
     def _trust_root(self) -> Any:
         if self._trust is None:
             if self._ca_file is None:
-                self._trust = ssl.platformTrust()  # type: ignore[no-untyped-call]
+                self._trust = ssl.platformTrust()
             else:
                 data = self._ca_file.read_bytes()
                 certificates = [
@@ -110,9 +103,7 @@ class ClientTLS:
                 ]
                 if not certificates:
                     raise ValueError(f"{self._ca_file}: no PEM certificate")
-                self._trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
-                    certificates
-                )
+                self._trust = ssl.trustRootFromCertificates(certificates)
         return self._trust
 
     def opportunistic(self, hostname: str) -> IOpenSSLClientConnectionCreator:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailsys.config import Config, parse_dns_server
+from mailsys.config import Config
 from mailsys.delivery.mx import MXResolver, make_resolver
 from mailsys.delivery.nexthop import NextHops
 from mailsys.delivery.relay import RelayAgent, RelaySettings, TCPDialer
@@ -32,7 +32,7 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | No
     relay = config.relay
     if not relay.enabled:
         return None
-    servers = [parse_dns_server(server) for server in relay.dns_servers]
+    servers = [(server.host, server.port) for server in relay.dns_servers]
     settings = RelaySettings(
         helo_name=relay.helo_name or config.server.hostname,
         per_destination_concurrency=relay.per_destination_concurrency,

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from mailsys.diskio import DiskRunner
 from mailsys.mailbox.folder import (
     Expunged,
     FlagChange,
@@ -42,12 +43,6 @@ INITIALISED_MARKER = "mailsys-initialised"
 POP3_LOCK_NAME = "mailsys-pop3.lock"
 # Maildir++ separates hierarchy levels with "." in directory names.
 HIERARCHY_SEPARATOR = "."
-
-
-class DiskRunner(Protocol):
-    """Runs blocking work off the reactor thread (mailsys.diskio.DiskPool)."""
-
-    def run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...
 
 
 class InvalidMailboxNameError(ValueError):

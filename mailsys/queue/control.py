@@ -24,16 +24,16 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsys.diskio import fsync_directory, write_file_synced
+from mailsys.diskio import DiskRunner, fsync_directory, write_file_synced
 from mailsys.envelope import Envelope
 from mailsys.queue.spool import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, decode_envelope, encode_envelope
 
@@ -243,10 +243,6 @@ class QueueControl(Protocol):
     def release(self, queue_id: str) -> Deferred[bool]: ...
 
     def delete(self, queue_id: str) -> Deferred[bool]: ...
-
-
-class DiskRunner(Protocol):
-    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
 
 
 class ControlWatcher:

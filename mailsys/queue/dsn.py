@@ -12,20 +12,20 @@ with the null sender never causes a notice (RFC 5321 §6.1: no bounce for a boun
 
 from __future__ import annotations
 
-import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
+from mailsys.diskio import DiskRunner
+from mailsys.envelope import Attempt, Destination, Envelope, Recipient, RecipientStatus, TargetKind
+from mailsys.replies import Reply
 from mailsys.routing import UnknownRecipient
 
 log = Logger(namespace="mailsys.queue.dsn")
@@ -42,8 +42,6 @@ RETURN_SIZE_LIMIT = 50_000
 # Never more than this is read to find a header section.
 HEADER_READ_LIMIT = 256 * 1024
 
-_ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
-
 
 class Submitter(Protocol):
     """Where a notice goes: the queue sink (commit, fsync, then schedule)."""
@@ -53,14 +51,10 @@ class Submitter(Protocol):
     def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]: ...
 
 
-class DiskRunner(Protocol):
-    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
-
-
 class Resolver(Protocol):
     """Routes the notice's recipient (mailsys.routing.Router.resolve)."""
 
-    def resolve(self, address: str) -> list[Any]: ...
+    def resolve(self, address: str) -> list[Destination]: ...
 
 
 @dataclass(frozen=True)
@@ -77,13 +71,12 @@ def wants(recipient: Recipient, kind: str) -> bool:
     return kind in notify
 
 
-def status_code(reply: str) -> str:
+def status_code(reply: Reply) -> str:
     """The enhanced status of a reply, or one derived from its basic code (RFC 3463 §3.1)."""
-    match = _ENHANCED.match(reply)
-    if match:
-        return match.group(1)
-    if reply[:1] in ("2", "4", "5"):
-        return f"{reply[:1]}.0.0"
+    if reply.enhanced:
+        return reply.enhanced
+    if reply.code // 100 in (2, 4, 5):
+        return f"{reply.code // 100}.0.0"
     return "4.0.0"
 
 

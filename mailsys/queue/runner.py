@@ -10,10 +10,9 @@ its retry times, so that it ages like any deferred one: delay notice, then a bou
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ log = Logger(namespace="mailsys.queue.runner")
 # Seconds to wait after the 1st, 2nd, ... temporary failure; the last value repeats.
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
 
-REPLY_AGENT_ERROR = "451 4.3.0 Temporary local problem, will retry"
+REPLY_AGENT_ERROR = Reply(451, "4.3.0", "Temporary local problem, will retry")
 # RFC 5321 §4.5.4.1: give up after the maximum lifetime; RFC 3463 X.4.7 delivery time expired.
 EXPIRED = Reply(554, "5.4.7", "Delivery time expired")
 # After a notice (a bounce) could not be queued, the finished message waits this long to retry.
@@ -111,12 +110,7 @@ class QueueRunner(Service):
         self._max_lifetime = max_lifetime
         # Set after construction (the notifier submits through the sink, which needs us).
         self.notifier: Notifier | None = None
-        self._agents: dict[TargetKind, Callable[..., object]] = {
-            kind: agent.deliver for kind, agent in agents.items()
-        }
-        self._recovery_aware = {
-            kind: _accepts_recovered(deliver) for kind, deliver in self._agents.items()
-        }
+        self._agents: dict[TargetKind, IDeliveryAgent] = dict(agents)
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._sequence = itertools.count()
@@ -303,20 +297,19 @@ class QueueRunner(Service):
 
     def _dispatch(self, entry: _Entry, recipient: Recipient) -> None:
         envelope = entry.envelope
-        deliver = self._agents.get(recipient.kind)
+        agent = self._agents.get(recipient.kind)
         path = self._spool.message_path(envelope.queue_id)
-        if deliver is None:
+        if agent is None:
             # No agent for this kind (relay disabled): the check is the attempt. It goes through
             # the same path as a delivery, so the retry schedule, the lifetime and the notices
             # are those of any deferred recipient.
             waiting = WITHOUT_AGENT[recipient.kind][0]
             d: Deferred[Any] = succeed(Attempt(at=self._clock.seconds(),
                                                status=RecipientStatus.DEFERRED,
-                                               host="", reply=str(waiting)))
-        elif entry.recovered and self._recovery_aware[recipient.kind]:
-            d = maybeDeferred(deliver, envelope, recipient, path, recovered=True)
+                                               host="", reply=waiting))
         else:
-            d = maybeDeferred(deliver, envelope, recipient, path)
+            d = maybeDeferred(agent.deliver, envelope, recipient, path,
+                              recovered=entry.recovered)
         attempt = d.addCallback(_require_attempt).addErrback(
             self._agent_failed, envelope, recipient
         )
@@ -357,7 +350,7 @@ class QueueRunner(Service):
                         expired = (EXPIRED if recipient.kind in self._agents
                                    else WITHOUT_AGENT[recipient.kind][1])
                         attempt = Attempt(at=now, status=RecipientStatus.FAILED,
-                                          host=attempt.host, reply=str(expired))
+                                          host=attempt.host, reply=expired)
                         next_attempt = None
                     else:
                         # The last try is at the expiry time, not a whole delay after it.
@@ -566,7 +559,7 @@ class QueueRunner(Service):
             "to": recipient.address,
             "status": attempt.status,
             "host": attempt.host,
-            "reply": attempt.reply,
+            "reply": str(attempt.reply),
             "delay": round(attempt.at - envelope.received_at, 3),
             "kind": recipient.kind,
             "mailbox": recipient.mailbox,
@@ -590,7 +583,7 @@ def _waited_for_agent(recipient: Recipient) -> bool:
     if not recipient.attempts:
         return False
     waiting = WITHOUT_AGENT.get(recipient.kind)
-    return waiting is not None and recipient.attempts[-1].reply == str(waiting[0])
+    return waiting is not None and recipient.attempts[-1].reply == waiting[0]
 
 
 def _require_attempt(result: object) -> Attempt:
@@ -598,13 +591,3 @@ def _require_attempt(result: object) -> Attempt:
         raise TypeError(f"delivery agent returned {result!r}, not an Attempt")
     return result
 
-
-def _accepts_recovered(deliver: Callable[..., object]) -> bool:
-    """Whether an agent's deliver() takes ``recovered=``; IDeliveryAgent does not require it."""
-    try:
-        parameters = inspect.signature(deliver).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.name == "recovered" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
-    )

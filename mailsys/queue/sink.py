@@ -28,8 +28,7 @@ class QueueSink:
     def new_queue_id(self) -> str:
         return self._spool.new_queue_id()
 
-    # IMessageSink types its arguments as object to stay free of imports; ours are precise.
-    def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:  # type: ignore[override]
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
         """Fire once the message is committed (fsync'd); delivery is not awaited.
 
         Fails only if the commit failed, and then nothing of the message remains.

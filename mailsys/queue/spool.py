@@ -170,8 +170,7 @@ class Spool:
 
     # -- commit --------------------------------------------------------------------------------
 
-    # ISpool types its arguments as object to stay free of imports; ours are precise.
-    def commit(self, envelope: Envelope, message: bytes) -> Deferred[None]:  # type: ignore[override]
+    def commit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
         """Write, fsync and atomically commit ``message`` and ``envelope``.
 
         Fires only after both files are fsync'd, renamed into queue/ and queue/ is fsync'd. On
@@ -256,7 +255,7 @@ class Spool:
 
     # -- update and remove ---------------------------------------------------------------------
 
-    def update(self, envelope: Envelope) -> Deferred[None]:  # type: ignore[override]
+    def update(self, envelope: Envelope) -> Deferred[None]:
         """Atomically replace the committed envelope (temp file, fsync, rename, queue/ fsync).
 
         The caller serialises updates of one message (the runner has one round per message).

@@ -9,7 +9,7 @@ The session itself (sequence, syntax, limits) is mailsys.smtp.server's business.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -203,7 +203,7 @@ def _unknown(failure: Failure) -> Failure:
     return failure
 
 
-def _destinations(found: list[object]) -> list[Destination]:
+def _destinations(found: Sequence[object]) -> list[Destination]:
     result = []
     for item in found:
         if not isinstance(item, Destination):

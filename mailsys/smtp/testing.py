@@ -92,7 +92,7 @@ class StaticRouter:
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.local_domains
 
-    def resolve(self, address: str) -> list[object]:
+    def resolve(self, address: str) -> list[Destination]:
         local, _, domain = address.rpartition("@")
         if not domain or not local:
             if address.lower() == "postmaster" and self.local_domains:

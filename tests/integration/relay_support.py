@@ -212,6 +212,12 @@ def recipient_state(server: MailServer, address: str) -> dict[str, Any] | None:
     return None
 
 
+def reply_text(attempt: dict[str, Any]) -> str:
+    """An attempt's stored reply ({"code", "enhanced", "text"}) as one line, as logs show it."""
+    reply = attempt["reply"]
+    return " ".join(str(part) for part in (reply["code"], reply["enhanced"], reply["text"]) if part)
+
+
 def block_for(path: Path, address: str) -> email.message.Message:
     """The per-recipient delivery-status block of ``address`` in a notice."""
     for block in delivery_status(path)[1:]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 
-from mailsys import config
+from mailsys import config, values
 from mailsys.config import ConfigError
 
 
@@ -138,3 +139,30 @@ def test_auth_address_limit(tmp_path: Path) -> None:
         "auth.throttle_max_address_failures: must be at least auth.throttle_max_failures (10)")
     assert "auth.throttle_max_adress_failures: unknown key" in _error(
         tmp_path, "[auth]\nthrottle_max_adress_failures = 50\n")
+
+
+def _mailsys_imports(module: object) -> set[str]:
+    source = Path(str(getattr(module, "__file__", ""))).read_text()
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.split(".")[0] == "mailsys"}
+
+
+def test_config_is_at_the_bottom_of_the_import_graph() -> None:
+    """config.py imports only the value types of mailsys.values, which imports nothing of ours."""
+    assert _mailsys_imports(config) == {"mailsys.values"}
+    assert _mailsys_imports(values) == set()
+
+
+def test_normalised_sections_are_copies(tmp_path: Path) -> None:
+    """A section that needed normalising is a new frozen copy; one that did not is kept."""
+    loaded = config.from_mapping({"smtp": {"listen": "tcp:2525"}, "server": {"hostname": "m.test"}},
+                                 tmp_path / "x.toml")
+    assert loaded.smtp.listen == ("tcp:2525:backlog=1024",)
+    again = config.from_mapping({"smtp": {"listen": ["tcp:2525:backlog=1024"]}},
+                                tmp_path / "x.toml")
+    assert again.smtp == loaded.smtp and loaded.server.hostname == "m.test"

@@ -19,6 +19,7 @@ from mailsys.queue.dsn import DSNNotifier, status_code
 from mailsys.queue.runner import NOTICE_RETRY, QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
+from mailsys.replies import Reply
 from mailsys.smtp.testing import StaticRouter
 from tests.unit.test_runner import FakeAgent
 from tests.unit.test_spool import ImmediateDiskPool
@@ -88,7 +89,12 @@ def envelope(*recipients: Recipient, sender: str = "alice@example.test", **kwarg
                     received_at=START, size=len(ORIGINAL), **kwargs)
 
 
-def remote(status: RecipientStatus, reply: str, at: float = START) -> Attempt:
+NO_USER = Reply(550, "5.1.1", "no")
+REFUSED = Reply(451, "4.4.1", "x")
+LATER = Reply(451, "4.7.1", "later")
+
+
+def remote(status: RecipientStatus, reply: Reply, at: float = START) -> Attempt:
     return Attempt(at=at, status=status, host="mx1.remote.test[127.0.0.2]:25", reply=reply,
                    mta="mx1.remote.test")
 
@@ -123,7 +129,8 @@ def test_failure_bounce_has_the_rfc3464_fields(collector: Collector, clock: Cloc
     Final-Recipient, Original-Recipient, Action, Status, Remote-MTA and Diagnostic-Code, and
     the whole small message returned."""
     r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED,
-                                                  "550 5.1.1 <bob@remote.test>: no such user"))
+                                                  Reply(550, "5.1.1",
+                                                        "<bob@remote.test>: no such user")))
     r.original = "team@example.test"
     env = envelope(r, envid="ENV-1")
     assert run(notifier(collector, clock).notify(env, original)) is True
@@ -154,8 +161,8 @@ def test_failure_bounce_has_the_rfc3464_fields(collector: Collector, clock: Cloc
 def test_local_failure_has_no_diagnostic_code(collector: Collector, clock: Clock,
                                               original: Path) -> None:
     """A failure we decided (null MX) has a Status but no Remote-MTA or Diagnostic-Code."""
-    r = relay_recipient("x@nullmx.test", Attempt(START, RecipientStatus.FAILED, "",
-                                                 "556 5.1.10 Recipient address has null MX"))
+    r = relay_recipient("x@nullmx.test", Attempt(
+        START, RecipientStatus.FAILED, "", Reply(556, "5.1.10", "Recipient address has null MX")))
     run(notifier(collector, clock).notify(envelope(r), original))
     _, (_, block), _ = report_parts(collector.sent[0][1])
     assert block["Status"] == "5.1.10"
@@ -166,10 +173,11 @@ def test_expired_quotes_the_last_remote_reply(collector: Collector, clock: Clock
                                               original: Path) -> None:
     """After expiry the Status is 5.4.7 and Diagnostic-Code the last remote reply."""
     r = relay_recipient("bob@remote.test",
-                        remote(RecipientStatus.DEFERRED, "451 4.7.1 greylisted"),
-                        Attempt(START + 9, RecipientStatus.DEFERRED, "", "451 4.4.1 refused"),
-                        Attempt(START + 9, RecipientStatus.FAILED, "", "554 5.4.7 Delivery "
-                                "time expired"))
+                        remote(RecipientStatus.DEFERRED, Reply(451, "4.7.1", "greylisted")),
+                        Attempt(START + 9, RecipientStatus.DEFERRED, "",
+                                Reply(451, "4.4.1", "refused")),
+                        Attempt(START + 9, RecipientStatus.FAILED, "",
+                                Reply(554, "5.4.7", "Delivery time expired")))
     run(notifier(collector, clock).notify(envelope(r), original))
     parsed, (_, block), _ = report_parts(collector.sent[0][1])
     assert block["Status"] == "5.4.7"
@@ -180,7 +188,7 @@ def test_expired_quotes_the_last_remote_reply(collector: Collector, clock: Clock
 def test_ret_hdrs_returns_headers_only(collector: Collector, clock: Clock,
                                        original: Path) -> None:
     """RET=HDRS: only the header section comes back, as text/rfc822-headers."""
-    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, "550 5.1.1 no"))
+    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, NO_USER))
     run(notifier(collector, clock).notify(envelope(r, ret="HDRS"), original))
     message = collector.sent[0][1]
     _, _, returned = report_parts(message)
@@ -194,7 +202,7 @@ def test_large_message_without_ret_returns_headers(collector: Collector, clock: 
     RET=FULL returns it whole."""
     big = tmp_path / "big.msg"
     big.write_bytes(ORIGINAL + b"x" * 998 + b"\r\n" * 1 + (b"y" * 998 + b"\r\n") * 60)
-    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, "550 5.1.1 no"))
+    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, NO_USER))
     env = envelope(r)
     env.size = big.stat().st_size
     run(notifier(collector, clock).notify(env, big))
@@ -208,7 +216,7 @@ def test_large_message_without_ret_returns_headers(collector: Collector, clock: 
 def test_no_notice_for_the_null_sender(collector: Collector, clock: Clock,
                                        original: Path) -> None:
     """RFC 5321 §6.1: a bounce never causes another bounce."""
-    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, "550 5.1.1 no"))
+    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, NO_USER))
     n = notifier(collector, clock)
     assert run(n.notify(envelope(r, sender=""), original)) is False
     assert collector.sent == [] and not n.owes(envelope(r, sender=""))
@@ -217,9 +225,9 @@ def test_no_notice_for_the_null_sender(collector: Collector, clock: Clock,
 def test_notify_never_and_failure_only(collector: Collector, clock: Clock,
                                        original: Path) -> None:
     """NOTIFY=NEVER sends nothing; NOTIFY=FAILURE sends no delay notice."""
-    never = relay_recipient("a@remote.test", remote(RecipientStatus.FAILED, "550 5.1.1 no"),
+    never = relay_recipient("a@remote.test", remote(RecipientStatus.FAILED, NO_USER),
                             notify=("NEVER",))
-    late = relay_recipient("b@remote.test", remote(RecipientStatus.DEFERRED, "451 4.4.1 x"),
+    late = relay_recipient("b@remote.test", remote(RecipientStatus.DEFERRED, REFUSED),
                            notify=("FAILURE",))
     clock.advance(5 * 3600)
     n = notifier(collector, clock)
@@ -231,7 +239,7 @@ def test_delay_notice_once_after_delay_warning(collector: Collector, clock: Cloc
                                                original: Path) -> None:
     """A recipient deferred longer than delay_warning gets one delay notice, with
     Will-Retry-Until, and headers only."""
-    r = relay_recipient("bob@remote.test", remote(RecipientStatus.DEFERRED, "451 4.7.1 later"))
+    r = relay_recipient("bob@remote.test", remote(RecipientStatus.DEFERRED, LATER))
     env = envelope(r)
     n = notifier(collector, clock, delay_warning=3600.0)
     clock.advance(3599)
@@ -253,7 +261,7 @@ def test_success_notice_for_local_delivery(collector: Collector, clock: Clock,
     """NOTIFY=SUCCESS on a local delivery gives an Action: delivered report."""
     r = Recipient(address="carol@example.test", original="carol@example.test",
                   kind=TargetKind.LOCAL, mailbox="carol@example.test", notify=("SUCCESS",))
-    r.record(Attempt(START, RecipientStatus.DELIVERED, "maildir", "250 2.0.0 delivered"))
+    r.record(Attempt(START, RecipientStatus.DELIVERED, "maildir", Reply(250, "2.0.0", "delivered")))
     assert run(notifier(collector, clock).notify(envelope(r), original)) is True
     parsed, (_, block), _ = report_parts(collector.sent[0][1])
     assert parsed["Subject"] == "Successful Mail Delivery Report"
@@ -263,7 +271,7 @@ def test_success_notice_for_local_delivery(collector: Collector, clock: Clock,
 def test_failed_submission_is_owed_not_marked(collector: Collector, clock: Clock,
                                               original: Path) -> None:
     """A notice that could not be queued is not marked sent, and is owed."""
-    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, "550 5.1.1 no"))
+    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, NO_USER))
     env = envelope(r)
     collector.failing = True
     n = notifier(collector, clock)
@@ -274,16 +282,18 @@ def test_failed_submission_is_owed_not_marked(collector: Collector, clock: Clock
 def test_unknown_sender_is_logged_and_dropped(collector: Collector, clock: Clock,
                                               original: Path) -> None:
     """A local sender that no longer exists cannot be told; the notice counts as done."""
-    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, "550 5.1.1 no"))
+    r = relay_recipient("bob@remote.test", remote(RecipientStatus.FAILED, NO_USER))
     env = envelope(r, sender="gone@example.test")
     n = notifier(collector, clock)
     assert run(n.notify(env, original)) is True
     assert collector.sent == [] and not n.owes(env)
 
 
-@pytest.mark.parametrize(("reply", "code"), [("550 5.1.1 x", "5.1.1"), ("550 no", "5.0.0"),
-                                             ("451-4.7.1 x", "4.7.1"), ("", "4.0.0")])
-def test_status_codes(reply: str, code: str) -> None:
+@pytest.mark.parametrize(("reply", "code"), [(Reply(550, "5.1.1", "x"), "5.1.1"),
+                                             (Reply(550, "", "no"), "5.0.0"),
+                                             (Reply(451, "4.7.1", "x"), "4.7.1"),
+                                             (Reply(0, "", ""), "4.0.0")])
+def test_status_codes(reply: Reply, code: str) -> None:
     """The Status comes from the enhanced code, else from the reply's class."""
     assert status_code(reply) == code
 

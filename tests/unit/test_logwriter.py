@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime, timeFormatRFC3339
+from twisted.internet.protocol import Factory
+from twisted.logger import (
+    LogLevel,
+    capturedLogs,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
+from twisted.names.dns import DNSDatagramProtocol
+from twisted.python import log as legacy
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
@@ -211,3 +220,32 @@ def test_an_explicit_choice_wins(argv: list[str], tmp_path: Path,
     options = parse_twistd(argv, tmp_path)
     assert options["logger"] is not logwriter.twistd_observer
     assert logwriter._destination is None
+
+
+def test_twisted_chatter_is_left_out() -> None:
+    """Twisted's own start/stop lines (factories, datagram protocols, ports) are not written;
+    our events, other Twisted lines and errors are."""
+    with capturedLogs() as events:
+        factory = Factory()
+        factory.doStart()  # "Starting factory <...>"
+        factory.doStop()
+        protocol = DNSDatagramProtocol(None)
+        protocol.doStart()  # "Starting protocol <...>"
+        protocol.doStop()
+        # What twisted.internet.tcp and udp Ports say on listening and on closing.
+        legacy.msg("SMTPServerFactory starting on 2525")
+        legacy.msg("DNSDatagramProtocol starting on 40123")
+        legacy.msg("(UDP Port 40123 Closed)")
+        legacy.msg("(TCP Port 2525 Closed)")
+        chatter = len(events)
+        legacy.msg("Received SIGTERM, shutting down.")
+        legacy.err(ValueError("boom"), "starting on 1")
+    assert chatter == 8
+    out = io.StringIO()
+    writer = BatchedLogWriter(out, FakeReactor(running=False))
+    for e in [*events, event("listening on tcp:25")]:
+        writer(e)
+    lines = [line.split(" ", 2)[2] for line in out.getvalue().splitlines() if line[:1] != "\t"]
+    assert lines[0] == "Received SIGTERM, shutting down."
+    assert "starting on 1" in lines[1] and lines[-1] == "listening on tcp:25"
+    assert not any("Starting" in line or "Stopping" in line or "Closed" in line for line in lines)

@@ -90,7 +90,7 @@ def test_delivers_into_new_with_trace_headers(
     attempt = deliver(writer, envelope, message)
     assert attempt.status is RecipientStatus.DELIVERED
     assert attempt.host == "maildir"
-    assert attempt.reply == "250 2.0.0 delivered to maildir"
+    assert str(attempt.reply) == "250 2.0.0 delivered to maildir"
     maildir = writer.maildir_path("alice@example.test")
     assert maildir == writer.root / "example.test" / "alice"
     (name,) = files(maildir / "new")
@@ -283,7 +283,7 @@ def test_unusable_mailbox_fails_permanently(
     envelope = make_envelope("Q2", recipient)
     attempt = deliver(writer, envelope, message)
     assert attempt.status is RecipientStatus.FAILED
-    assert attempt.reply.startswith("550 5.1.1")
+    assert str(attempt.reply).startswith("550 5.1.1")
     assert not writer.root.exists()
     if mailbox is not None:
         with pytest.raises(InvalidMailboxError):
@@ -302,7 +302,7 @@ def test_disk_errors_are_temporary(
     attempt = deliver(writer, alice(), message)
     monkeypatch.undo()
     assert attempt.status is RecipientStatus.DEFERRED
-    assert attempt.reply.startswith("451 4.3.0")
+    assert str(attempt.reply).startswith("451 4.3.0")
     maildir = writer.maildir_path("alice@example.test")
     assert files(maildir / "tmp") == [] and files(maildir / "new") == []
 

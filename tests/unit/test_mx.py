@@ -17,9 +17,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailsys.delivery.mx import IPVersion, MailHost, MXLookupError, MXResolver
-from mailsys.delivery.nexthop import NextHop, RouteKind
+from mailsys.delivery.mx import MailHost, MXLookupError, MXResolver
 from mailsys.labdns import Zone, serve
+from mailsys.values import IPVersion, NextHop, RouteKind
 
 ZONE: dict[str, Any] = {
     "remote.test": {"MX": [[20, "mx2.remote.test"], [10, "mx1.remote.test"]]},

@@ -28,6 +28,7 @@ from mailsys.queue.control import (
 )
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.spool import Spool
+from mailsys.replies import Reply
 from tests.unit.test_runner import FakeAgent
 from tests.unit.test_spool import ImmediateDiskPool
 
@@ -37,7 +38,8 @@ DEFERRED = RecipientStatus.DEFERRED
 
 def deferred_envelope(queue_id: str) -> Envelope:
     r = Recipient(address="bob@remote.test", original="bob@remote.test", kind=TargetKind.RELAY)
-    r.record(Attempt(START, DEFERRED, "mx.remote.test[192.0.2.1]:25", "451 4.4.1 refused"),
+    r.record(Attempt(START, DEFERRED, "mx.remote.test[192.0.2.1]:25",
+                     Reply(451, "4.4.1", "refused")),
              START + 600)
     return Envelope(queue_id=queue_id, sender="alice@example.test", recipients=[r],
                     received_at=START, size=11)

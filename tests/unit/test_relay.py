@@ -25,6 +25,8 @@ from mailsys.interfaces import IDeliveryAgent
 from mailsys.labdns import Zone
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.spool import Spool
+from mailsys.replies import Reply
+from mailsys.values import TLSPolicy, parse_next_hop, parse_transport
 from tests.unit.relay_support import FakeDialer, FakeMTA, FakeSession
 from tests.unit.test_spool import ImmediateDiskPool
 
@@ -60,8 +62,11 @@ class Lab:
         settings.setdefault("helo_name", "mail.example.test")
         self.agent = RelayAgent(
             RelaySettings(**settings),
-            NextHops(transport or {}, smarthost),
-            TLSPolicies(tls, tls_per_domain or {}),
+            # The lab writes values as the config file does; config.py parses them once.
+            NextHops({k: parse_transport(v) for k, v in (transport or {}).items()},
+                     parse_next_hop(smarthost) if smarthost else None),
+            TLSPolicies(TLSPolicy(tls),
+                        {k: TLSPolicy(v) for k, v in (tls_per_domain or {}).items()}),
             ClientTLS(),
             MXResolver(self.zone, rng=random.Random(1)),
             self.dialer,
@@ -126,7 +131,7 @@ def test_recipients_of_one_message_share_a_transaction(lab: Lab) -> None:
         assert attempt.status is DELIVERED
         assert attempt.host == "mx1.remote.test[127.0.0.2]:25"
         assert attempt.mta == "mx1.remote.test"
-        assert attempt.reply == "250 2.0.0 Ok: queued"
+        assert str(attempt.reply) == "250 2.0.0 Ok: queued"
         assert attempt.tls is not None and "TLSv1.3" in attempt.tls
     assert lab.mx2.connections == 0
 
@@ -154,7 +159,7 @@ def test_all_hosts_down_defers_with_the_last_reason(lab: Lab) -> None:
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
     attempt = done(d)
     assert attempt.status is DEFERRED
-    assert attempt.reply == ("451 4.4.1 No connection to the mail server: connect to "
+    assert str(attempt.reply) == ("451 4.4.1 No connection to the mail server: connect to "
                              "mx2.remote.test[127.0.0.3]:25: connection refused")
     assert attempt.mta is None
 
@@ -166,8 +171,9 @@ def test_per_recipient_outcomes(lab: Lab) -> None:
     ok, busy, gone = lab.deliver(
         envelope("Q1", "ok@remote.test", "busy@remote.test", "gone@remote.test"))
     assert done(ok).status is DELIVERED
-    assert (done(busy).status, done(busy).reply) == (DEFERRED, "450 4.2.1 mailbox busy")
-    assert (done(gone).status, done(gone).reply) == (FAILED, "550 5.1.1 no such user")
+    assert (done(busy).status, str(done(busy).reply)) == (DEFERRED, "450 4.2.1 mailbox busy")
+    assert (done(gone).status, str(done(gone).reply)) == (FAILED, "550 5.1.1 no such user")
+    assert done(gone).reply == Reply(550, "5.1.1", "no such user")  # structured, not re-parsed
     assert done(gone).mta == "mx1.remote.test"
 
 
@@ -175,29 +181,29 @@ def test_data_refusal_applies_to_accepted_recipients(lab: Lab) -> None:
     """The reply to the data decides every recipient whose RCPT was accepted."""
     lab.mx1.data_reply = "554 5.6.0 content refused"
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
-    assert (done(d).status, done(d).reply) == (FAILED, "554 5.6.0 content refused")
+    assert (done(d).status, str(done(d).reply)) == (FAILED, "554 5.6.0 content refused")
 
 
 def test_null_mx_fails_without_a_connection(lab: Lab) -> None:
     """RFC 7505: a null MX fails permanently with 5.1.10 and no connection is made."""
     (d,) = lab.deliver(envelope("Q1", "x@nullmx.test"))
     attempt = done(d)
-    assert attempt.status is FAILED and attempt.reply.startswith("556 5.1.10 ")
+    assert attempt.status is FAILED and str(attempt.reply).startswith("556 5.1.10 ")
     assert lab.dialer.connects == []
 
 
 def test_nxdomain_fails_and_servfail_defers(lab: Lab) -> None:
     """A domain that does not exist fails; a DNS server failure defers."""
     nx, sf = lab.deliver(envelope("Q1", "x@nowhere.test", "y@broken.test"))
-    assert done(nx).status is FAILED and done(nx).reply.startswith("550 5.1.2 ")
-    assert done(sf).status is DEFERRED and done(sf).reply.startswith("451 4.4.3 ")
+    assert done(nx).status is FAILED and str(done(nx).reply).startswith("550 5.1.2 ")
+    assert done(sf).status is DEFERRED and str(done(sf).reply).startswith("451 4.4.3 ")
 
 
 def test_too_big_for_the_peer_fails_before_mail(lab: Lab) -> None:
     """A message over the peer's SIZE fails with 5.3.4 and no MAIL is sent."""
     lab.mx1.ehlo = ("PIPELINING", "SIZE 10")
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
-    assert done(d).status is FAILED and done(d).reply.startswith("552 5.3.4 ")
+    assert done(d).status is FAILED and str(done(d).reply).startswith("552 5.3.4 ")
     assert not any(c.startswith("MAIL") for c in lab.mx1.commands)
 
 
@@ -206,7 +212,7 @@ def test_8bit_message_to_a_7bit_server_fails_clearly(lab: Lab) -> None:
     lab.mx1.ehlo = ("PIPELINING",)
     (d,) = lab.deliver(envelope("Q1", "one@remote.test", body="8BITMIME"))
     assert done(d).status is FAILED
-    assert done(d).reply == ("554 5.6.3 The message is 8-bit, but the server does not offer "
+    assert str(done(d).reply) == ("554 5.6.3 The message is 8-bit, but the server does not offer "
                              "8BITMIME")
 
 
@@ -247,7 +253,7 @@ def test_verify_without_starttls_defers(tmp_path: Path) -> None:
     lab.mx1.ehlo = lab.mx2.ehlo = ("PIPELINING",)
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
     attempt = done(d)
-    assert attempt.status is DEFERRED and attempt.reply.startswith("451 4.7.4 TLS is required")
+    assert attempt.status is DEFERRED and str(attempt.reply).startswith("451 4.7.4 TLS is required")
     assert lab.mx1.received == [] and lab.mx2.received == []
 
 
@@ -258,7 +264,7 @@ def test_verify_certificate_failure_defers_with_the_reason(tmp_path: Path) -> No
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
     attempt = done(d)
     assert attempt.status is DEFERRED
-    assert attempt.reply == ("451 4.7.5 TLS failed with mx2.remote.test[127.0.0.3]: "
+    assert str(attempt.reply) == ("451 4.7.5 TLS failed with mx2.remote.test[127.0.0.3]: "
                              "TLS handshake failed: certificate verify failed")
     assert len(lab.dialer.connects) == 2  # no plaintext retry under verify
 
@@ -306,8 +312,8 @@ def test_smarthost_auth_refused_defers(tmp_path: Path) -> None:
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
     attempt = done(d)
     assert attempt.status is DEFERRED
-    assert attempt.reply.startswith("451 4.7.0 Authentication at the smarthost failed")
-    assert "535 5.7.8" in attempt.reply
+    assert str(attempt.reply).startswith("451 4.7.0 Authentication at the smarthost failed")
+    assert "535 5.7.8" in str(attempt.reply)
 
 
 def test_smarthost_password_never_in_plaintext(tmp_path: Path) -> None:
@@ -317,7 +323,7 @@ def test_smarthost_password_never_in_plaintext(tmp_path: Path) -> None:
     smart = lab.dialer.add("127.0.0.9", FakeMTA("smarthost.test", ehlo=("PIPELINING",),
                                                 credentials=("u", "pw")), 587)
     (d,) = lab.deliver(envelope("Q1", "one@remote.test"))
-    assert done(d).status is DEFERRED and "without TLS" in done(d).reply
+    assert done(d).status is DEFERRED and "without TLS" in str(done(d).reply)
     assert not any(c.startswith("AUTH") for c in smart.commands)
 
 
@@ -486,8 +492,8 @@ def test_expires_after_max_lifetime(lab: Lab, tmp_path: Path) -> None:
         runner_clock_turns(runner)
     assert recipient.status is FAILED
     assert [a.at - START for a in recipient.attempts] == [0, 100, 200, 250, 250]
-    assert recipient.attempts[-1].reply.startswith("554 5.4.7 Delivery time expired")
-    assert recipient.attempts[-2].reply.startswith("451 4.4.1")
+    assert str(recipient.attempts[-1].reply).startswith("554 5.4.7 Delivery time expired")
+    assert str(recipient.attempts[-2].reply).startswith("451 4.4.1")
 
 
 def test_deferred_state_survives_a_restart(lab: Lab, tmp_path: Path) -> None:
@@ -498,5 +504,5 @@ def test_deferred_state_survives_a_restart(lab: Lab, tmp_path: Path) -> None:
     queue(runner, spool, envelope("Q1", "one@remote.test"))
     on_disk = spool.load("Q1").recipients[0]
     assert on_disk.status is DEFERRED and on_disk.next_attempt == START + 60
-    assert on_disk.attempts[0].reply.startswith("451 4.4.1")
+    assert str(on_disk.attempts[0].reply).startswith("451 4.4.1")
     assert replace(on_disk.attempts[0]).host == ""

@@ -8,8 +8,18 @@ from typing import Any
 import pytest
 
 from mailsys import config
-from mailsys.delivery.nexthop import NextHop, NextHopError, NextHops, RouteKind, parse_next_hop
-from mailsys.delivery.tlspolicy import TLSPolicies, TLSPolicy
+from mailsys.delivery.nexthop import NextHops
+from mailsys.delivery.tlspolicy import TLSPolicies
+from mailsys.values import (
+    DNSServer,
+    IPVersion,
+    NextHop,
+    NextHopError,
+    RouteKind,
+    TLSPolicy,
+    Transport,
+    parse_next_hop,
+)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -37,8 +47,9 @@ def test_bad_next_hops(text: str) -> None:
 
 def test_routes_by_domain() -> None:
     """Exact domains, then ".parent" entries, then "*", then the smarthost or MX."""
-    hops = NextHops({"lab.test": "smtp:[127.0.0.3]:2525", ".corp.test": "smarthost",
-                     "direct.test": "mx"}, smarthost="smtp:[relay.isp.test]:587", port=2600)
+    hops = NextHops({"lab.test": parse_next_hop("smtp:[127.0.0.3]:2525"),
+                     ".corp.test": Transport.SMARTHOST, "direct.test": Transport.MX},
+                    smarthost=parse_next_hop("smtp:[relay.isp.test]:587"), port=2600)
     assert hops.route("LAB.test.").hop == NextHop(RouteKind.HOST, "127.0.0.3", 2525)
     assert hops.route("a.b.corp.test").smarthost
     assert hops.route("direct.test").hop == NextHop(RouteKind.MX, "direct.test", 2600)
@@ -46,12 +57,16 @@ def test_routes_by_domain() -> None:
     plain = NextHops({}, port=2600)
     assert plain.route("x.test").hop == NextHop(RouteKind.MX, "x.test", 2600)
     assert not plain.route("x.test").smarthost
-    assert NextHops({"*": "smtp:[10.0.0.1]"}).route("y.test").hop.name == "10.0.0.1"
+    assert NextHops({"*": parse_next_hop("smtp:[10.0.0.1]")}).route("y.test").hop.name == (
+        "10.0.0.1")
+    with pytest.raises(NextHopError):
+        NextHops({"x.test": Transport.SMARTHOST})
 
 
 def test_tls_policies_by_domain() -> None:
     """Per-domain TLS policies override the default, ".domain" for subdomains."""
-    policies = TLSPolicies("opportunistic", {"bank.test": "verify", ".internal.test": "none"})
+    policies = TLSPolicies(TLSPolicy.OPPORTUNISTIC,
+                           {"bank.test": TLSPolicy.VERIFY, ".internal.test": TLSPolicy.NONE})
     assert policies.for_domain("Bank.Test") is TLSPolicy.VERIFY
     assert policies.for_domain("mx.internal.test") is TLSPolicy.NONE
     assert policies.for_domain("other.test") is TLSPolicy.OPPORTUNISTIC
@@ -64,13 +79,13 @@ def load(relay: dict[str, Any], tmp_path: Path | None = None) -> config.Config:
 def test_relay_defaults() -> None:
     """Defaults: RFC 5321's lifetime, a 4 h delay warning, the usual retry schedule."""
     relay = config.from_mapping({}, "test.toml").relay
-    assert relay.enabled and relay.tls_policy == "opportunistic" and relay.port == 25
+    assert relay.enabled and relay.tls_policy is TLSPolicy.OPPORTUNISTIC and relay.port == 25
     assert relay.retry_schedule == (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
     assert relay.max_lifetime == 5 * 86400 and relay.delay_warning == 4 * 3600
 
 
 def test_relay_section_accepted() -> None:
-    """A full [relay] section loads."""
+    """A full [relay] section loads, every value parsed once into the type its users take."""
     relay = load({
         "dns_servers": ["127.0.0.1:5353", "::1", "[::1]:53"], "ip_version": "ipv4",
         "tls_policy": "verify", "tls_policy_per_domain": {"lab.test": "none"},
@@ -81,8 +96,13 @@ def test_relay_section_accepted() -> None:
         "per_destination_concurrency": 3, "helo_name": "out.example.test",
     }).relay
     assert relay.retry_schedule == (1.0, 2.5)
-    assert [config.parse_dns_server(s) for s in relay.dns_servers] == [
-        ("127.0.0.1", 5353), ("::1", 53), ("::1", 53)]
+    assert relay.dns_servers == (
+        DNSServer("127.0.0.1", 5353), DNSServer("::1", 53), DNSServer("::1", 53))
+    assert relay.ip_version is IPVersion.IPV4 and relay.tls_policy is TLSPolicy.VERIFY
+    assert relay.tls_policy_per_domain == {"lab.test": TLSPolicy.NONE}
+    assert relay.smarthost == NextHop(RouteKind.HOST, "relay.test", 465, True)
+    assert relay.transport == {"lab.test": NextHop(RouteKind.HOST, "127.0.0.3", 2525),
+                               "*": Transport.SMARTHOST}
 
 
 @pytest.mark.parametrize(("relay", "message"), [

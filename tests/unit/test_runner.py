@@ -19,6 +19,7 @@ from mailsys.envelope import Attempt, Envelope, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.queue.runner import DEFAULT_RETRY_SCHEDULE, WITHOUT_AGENT, QueueRunner
 from mailsys.queue.spool import Spool, encode_envelope
+from mailsys.replies import Reply
 from tests.unit.test_spool import (
     ImmediateDiskPool,
     files,
@@ -42,6 +43,10 @@ class Call:
     message_path: Path
     recovered: bool
     result: Deferred[Attempt]
+
+
+# The reply codes a FakeAgent answers with, by outcome.
+CODES = {DELIVERED: 250, DEFERRED: 451, FAILED: 550, RecipientStatus.SCHEDULED: 451}
 
 
 @implementer(IDeliveryAgent)
@@ -73,24 +78,13 @@ class FakeAgent:
 
     def answer(self, call: Call, status: RecipientStatus) -> None:
         call.result.callback(
-            Attempt(at=self.clock.seconds(), status=status, host="fake", reply=f"{status} reply")
+            Attempt(at=self.clock.seconds(), status=status, host="fake",
+                    reply=Reply(CODES[status], "", f"{status} reply"))
         )
 
     @property
     def waiting(self) -> list[Call]:
         return [c for c in self.calls if not c.result.called]
-
-
-@implementer(IDeliveryAgent)
-class PlainAgent:
-    """An agent with exactly the IDeliveryAgent signature (no ``recovered`` keyword)."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def deliver(self, envelope: Envelope, recipient: Any, message_path: Path) -> Deferred[Attempt]:
-        self.calls.append(recipient.address)
-        return succeed(Attempt(at=0.0, status=DELIVERED, host="plain", reply="250"))
 
 
 @pytest.fixture
@@ -138,7 +132,6 @@ def on_disk(spool: Spool, queue_id: str) -> Envelope | None:
 def test_fake_agents_provide_the_interface(clock: Clock) -> None:
     """The test agents are held to IDeliveryAgent."""
     assert verifyObject(IDeliveryAgent, FakeAgent(clock))
-    assert verifyObject(IDeliveryAgent, PlainAgent())
 
 
 def test_local_recipient_is_delivered_and_the_message_removed(
@@ -255,8 +248,8 @@ def test_relay_without_agent_is_deferred_on_the_retry_schedule(
     assert stored is not None
     assert [r.status for r in stored.recipients] == [DELIVERED, DEFERRED]
     waiting = stored.recipients[1]
-    assert [a.reply for a in waiting.attempts] == [str(WITHOUT_AGENT[TargetKind.RELAY][0])]
-    assert waiting.attempts[0].reply.startswith("451 4.3.2 Relay disabled")
+    assert [a.reply for a in waiting.attempts] == [WITHOUT_AGENT[TargetKind.RELAY][0]]
+    assert str(waiting.attempts[0].reply).startswith("451 4.3.2 Relay disabled")
     assert waiting.next_attempt == START + 60
     (line,) = [e for e in events if e.get("to") == "x@remote.test"]
     assert line["queue_id"] == envelope.queue_id and line["status"] is DEFERRED
@@ -285,7 +278,7 @@ def test_relay_without_agent_fails_at_max_lifetime(
     clock.advance(1)
     recipient = envelope.recipients[0]
     assert recipient.status is FAILED
-    assert recipient.attempts[-1].reply == (
+    assert str(recipient.attempts[-1].reply) == (
         "554 5.4.7 Delivery time expired: relaying is disabled on this server")
     assert recipient.attempts[-1].at == START + 1000
     assert on_disk(spool, envelope.queue_id) is None and len(runner) == 0
@@ -321,7 +314,7 @@ def test_agent_raising_is_a_temporary_failure(spool: Spool, clock: Clock) -> Non
     stored = on_disk(spool, envelope.queue_id)
     assert stored is not None
     (attempt,) = stored.recipients[0].attempts
-    assert attempt.status is DEFERRED and attempt.reply.startswith("451 4.3.0")
+    assert attempt.status is DEFERRED and str(attempt.reply).startswith("451 4.3.0")
     clock.advance(60)
     assert on_disk(spool, envelope.queue_id) is None
 
@@ -335,7 +328,8 @@ def test_agent_failing_its_deferred_is_a_temporary_failure(
 
     @implementer(IDeliveryAgent)
     class Broken:
-        def deliver(self, envelope: Envelope, recipient: Any, message_path: Path) -> Any:
+        def deliver(self, envelope: Envelope, recipient: Any, message_path: Path, *,
+                    recovered: bool = False) -> Any:
             return answer
 
     runner = make_runner(spool, clock, (TargetKind.LOCAL, Broken()))
@@ -393,15 +387,14 @@ def test_recovered_messages_start_after_the_service_starts(
     assert files(spool.queue_dir) == []
 
 
-def test_recovered_flag_is_not_passed_to_agents_without_it(spool: Spool, clock: Clock) -> None:
-    """An agent with the plain IDeliveryAgent signature is called without ``recovered``."""
-    commit(spool, local_recipient("a@example.test"))
-    agent = PlainAgent()
-    runner = make_runner(spool, clock, (TargetKind.LOCAL, agent), start=False)
-    runner.load(spool.recover())
-    runner.startService()
-    clock.advance(0)
-    assert agent.calls == ["a@example.test"]
+def test_new_messages_are_handed_over_not_recovered(
+    spool: Spool, clock: Clock, agent: FakeAgent
+) -> None:
+    """A message enqueued while running reaches its agent with recovered=False."""
+    runner = make_runner(spool, clock, (TargetKind.LOCAL, agent))
+    envelope = commit(spool, local_recipient("a@example.test"))
+    runner.enqueue(envelope)
+    assert [(c.queue_id, c.recovered) for c in agent.calls] == [(envelope.queue_id, False)]
     assert files(spool.queue_dir) == []
 
 
@@ -410,7 +403,7 @@ def test_recovered_deferred_recipient_waits_for_its_time(
 ) -> None:
     """A recovered recipient deferred until later is tried at its next_attempt, not before."""
     recipient = local_recipient("a@example.test")
-    recipient.record(Attempt(START - 10, DEFERRED, "maildir", "451"), START + 500)
+    recipient.record(Attempt(START - 10, DEFERRED, "maildir", Reply(451, "", "")), START + 500)
     commit(spool, recipient)
     runner = make_runner(spool, clock, (TargetKind.LOCAL, agent), start=False)
     runner.load(spool.recover())
@@ -437,7 +430,7 @@ def test_finished_envelope_found_at_start_up_is_removed(
 ) -> None:
     """A recovered envelope whose recipients are all final is removed without a delivery."""
     recipient = local_recipient("a@example.test")
-    recipient.record(Attempt(START, DELIVERED, "maildir", "250"))
+    recipient.record(Attempt(START, DELIVERED, "maildir", Reply(250, "", "")))
     commit(spool, recipient)
     runner = make_runner(spool, clock, (TargetKind.LOCAL, agent), start=False)
     runner.load(spool.recover())

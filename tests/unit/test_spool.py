@@ -23,6 +23,7 @@ from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, Targ
 from mailsys.interfaces import ISpool
 from mailsys.queue import spool as spool_module
 from mailsys.queue.spool import Spool, SpoolLockedError, encode_envelope
+from mailsys.replies import Reply
 
 
 class ImmediateDiskPool:
@@ -196,7 +197,9 @@ def test_envelope_json_round_trips_every_field(spool: Spool) -> None:
     recipient = local_recipient("alice@example.test")
     recipient.notify = ("SUCCESS", "FAILURE")
     recipient.record(
-        Attempt(at=5.0, status=RecipientStatus.DEFERRED, host="maildir", reply="451 x"), 65.0
+        Attempt(at=5.0, status=RecipientStatus.DEFERRED, host="maildir",
+                reply=Reply(451, "", "x")),
+        65.0,
     )
     envelope = make_envelope("B1", recipient, relay_recipient("x@remote.test"))
     envelope.smtputf8 = True
@@ -287,7 +290,7 @@ def test_update_replaces_the_envelope_atomically(spool: Spool, pool: ImmediateDi
     result_of(spool.commit(envelope, b"data"))
     inode = spool.envelope_path("D1").stat().st_ino
     envelope.recipients[0].record(
-        Attempt(at=1.0, status=RecipientStatus.DEFERRED, host="h", reply="451"), 61.0
+        Attempt(at=1.0, status=RecipientStatus.DEFERRED, host="h", reply=Reply(451, "", "")), 61.0
     )
     pool.synced.clear()
     result_of(spool.update(envelope))
@@ -395,7 +398,7 @@ def test_reused_envelope_file_is_cut_to_an_update_that_may_have_grown_it(
     envelope = make_envelope("E7")
     result_of(spool.commit(envelope, b"m"))
     envelope.recipients[0].record(
-        Attempt(at=1.0, status=RecipientStatus.DEFERRED, host="h", reply="451 " + "x" * 300),
+        Attempt(at=1.0, status=RecipientStatus.DEFERRED, host="h", reply=Reply(451, "", "x" * 300)),
         61.0,
     )
     result_of(spool.update(envelope))
@@ -608,7 +611,8 @@ def test_encoding_is_the_same_document_as_to_dict() -> None:
     recipient = local_recipient("alice@example.test")
     recipient.notify = ("SUCCESS",)
     recipient.orcpt = "rfc822;alice@example.test"
-    recipient.record(Attempt(1.0, RecipientStatus.DEFERRED, "maildir", "451 4.3.0 x"), 61.0)
+    recipient.record(Attempt(1.0, RecipientStatus.DEFERRED, "maildir", Reply(451, "4.3.0", "x")),
+                     61.0)
     envelope = make_envelope("S1", recipient, relay_recipient("x@remote.test"))
     envelope.body, envelope.ret, envelope.envid, envelope.auth_user = "8BITMIME", "HDRS", "e", "u"
     envelope.sender = "snød@example.test"
@@ -671,3 +675,20 @@ class RealDiskPoolTests(unittest.TestCase):
             )
 
         return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallback(check)
+
+
+def test_attempt_replies_are_stored_structured_and_old_texts_still_read() -> None:
+    """An attempt's reply is stored as code, enhanced code and text; an envelope written before
+    that, with the reply as one line of text, reads back as the same structured reply."""
+    recipient = local_recipient("alice@example.test")
+    reply = Reply(451, "4.4.1", "No connection to the mail server")
+    recipient.record(Attempt(1.0, RecipientStatus.DEFERRED, "h", reply), 61.0)
+    envelope = make_envelope("R1", recipient)
+    data = json.loads(encode_envelope(envelope))
+    stored = data["recipients"][0]["attempts"][0]["reply"]
+    assert stored == {"code": 451, "enhanced": "4.4.1", "text": "No connection to the mail server"}
+    data["recipients"][0]["attempts"][0]["reply"] = str(reply)
+    old = Envelope.from_dict(data)
+    assert old.recipients[0].attempts[0].reply == reply
+    data["recipients"][0]["attempts"][0]["reply"] = "250 delivered"
+    assert Envelope.from_dict(data).recipients[0].attempts[0].reply == Reply(250, "", "delivered")
