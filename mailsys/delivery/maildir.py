@@ -154,6 +154,8 @@ class MaildirWriter:
             if recipient.mailbox is None:
                 raise InvalidMailboxError("recipient has no mailbox")
             maildir, new_dir = self._paths_of(recipient.mailbox)
+            if recipient.folder:
+                maildir, new_dir = _folder_paths(maildir, recipient.folder)
         except InvalidMailboxError as e:
             log.error(
                 "{queue_id}: to=<{to}> invalid local mailbox {mailbox!r}: {error}",
@@ -210,6 +212,15 @@ class MaildirWriter:
     def _attempt(self, status: RecipientStatus, reply: Reply) -> Attempt:
         now = self._clock.seconds() if self._clock is not None else time.time()
         return Attempt(at=now, status=status, host=HOST, reply=reply)
+
+
+def _folder_paths(maildir: Path, folder: str) -> tuple[Path, str]:
+    """A folder of the mailbox (Maildir++: ``.Name`` inside it), e.g. Junk for mail that
+    authentication marked; write_copy creates it when missing."""
+    if not folder or "/" in folder or folder.startswith(".") or "\0" in folder:
+        raise InvalidMailboxError(f"not a usable folder name: {folder!r}")
+    path = maildir / f".{folder}"
+    return path, os.path.join(path, "new")
 
 
 def _is_safe_component(name: str) -> bool:
