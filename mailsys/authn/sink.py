@@ -1,16 +1,20 @@
-"""Mail authentication as a link in the chain from SMTP intake to the queue: a message sink that
-signs each message before handing it to the durable one. Used for the submission listeners and
-for the server's own notices (bounces, delay warnings), so the signature covers exactly the
-bytes that are stored and relayed."""
+"""Mail authentication as a link in the chain from SMTP intake to the queue: message sinks in
+front of the durable one. SigningSink signs (submission listeners, and the server's own notices:
+bounces, delay warnings), so the signature covers exactly the bytes stored and relayed;
+CheckingSink checks what arrives on the inbound listeners and refuses, marks for Junk or
+passes on, with the Authentication-Results field on top."""
 
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsys.authn.intake import MessageAuthentication
+from mailsys.authn.intake import IntakeFacts, IntakeVerdict, MessageAuthentication
 from mailsys.envelope import Envelope
-from mailsys.interfaces import IMessageSink
+from mailsys.interfaces import IMessageSink, MessageRefusedError
+
+log = Logger(namespace="mailsys.authn")
 
 
 @implementer(IMessageSink)
@@ -34,3 +38,50 @@ class SigningSink:
             return self._inner.submit(envelope, signed)
 
         return self._authentication.sign(message, envelope.queue_id).addCallback(store)
+
+
+@implementer(IMessageSink)
+class CheckingSink:
+    """For the inbound listeners: the checks, the Authentication-Results field, the verdict.
+
+    Refused or deferred mail fails with MessageRefusedError (nothing is stored); junk marks the
+    copies of the recipients concerned for their Junk folder; every stored message keeps the
+    evidence on its envelope.
+    """
+
+    def __init__(self, inner: IMessageSink, authentication: MessageAuthentication) -> None:
+        self._inner = inner
+        self._authentication = authentication
+
+    def new_queue_id(self) -> str:
+        queue_id: str = self._inner.new_queue_id()
+        return queue_id
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+        facts = IntakeFacts(
+            client_address=envelope.client_address,
+            helo=envelope.client_helo,
+            sender=envelope.sender,
+            # Policy follows the domain the client addressed, before alias expansion.
+            recipients=list(dict.fromkeys(r.original for r in envelope.recipients)),
+            queue_id=envelope.queue_id,
+        )
+
+        def decided(verdict: IntakeVerdict) -> object:
+            log.info("{queue_id}: authentication {summary}: {action}{reason}",
+                     queue_id=envelope.queue_id,
+                     summary=verdict.report.summary() if verdict.report else "none",
+                     action=verdict.action,
+                     reason=f" ({verdict.reason})" if verdict.reason else "")
+            if verdict.action in ("reject", "defer"):
+                assert verdict.reply is not None
+                raise MessageRefusedError(verdict.reply, verdict.reason)
+            junk = set(verdict.junk)
+            for recipient in envelope.recipients:
+                if recipient.original in junk:
+                    recipient.folder = "Junk"
+            envelope.authentication = verdict.evidence()
+            envelope.size = len(verdict.message)
+            return self._inner.submit(envelope, verdict.message)
+
+        return self._authentication.inbound(facts, message).addCallback(decided)

@@ -139,3 +139,51 @@ class SigningSinkTests(SynchronousTestCase):
         self.assertTrue(message.startswith(b"DKIM-Signature:"))
         self.assertIn(b"d=example.test", message)
         self.assertEqual(got.size, len(message))
+
+
+class CheckingSinkTests(SynchronousTestCase):
+    def sink(self, zone: dict[str, Any]) -> tuple[Any, list[tuple[Any, bytes]]]:
+        from mailsys.authn.sink import CheckingSink
+
+        stored: list[tuple[Any, bytes]] = []
+
+        class Inner:
+            def new_queue_id(self) -> str:
+                return "Q1"
+
+            def submit(self, envelope: Any, message: bytes) -> Deferred[None]:
+                stored.append((envelope, message))
+                return maybeDeferred(lambda: None)
+
+        return CheckingSink(Inner(), MessageAuthentication(_checks(zone), None)), stored  # type: ignore[arg-type]
+
+    def envelope(self) -> Any:
+        from mailsys.envelope import Envelope, Recipient, TargetKind
+
+        return Envelope("Q1", "alice@example.test",
+                        [Recipient("bob@here.test", "bob@here.test", TargetKind.LOCAL,
+                                   "bob@here.test")], 0.0, client_address="192.0.2.66",
+                        client_helo="evil.test")
+
+    def test_refusal(self) -> None:
+        """A p=reject spoof fails the submit with MessageRefusedError(550 5.7.1); nothing is
+        stored."""
+        from mailsys.interfaces import MessageRefusedError
+
+        sink, stored = self.sink(SPOOF_ZONE)
+        failure = self.failureResultOf(sink.submit(self.envelope(), MESSAGE),
+                                       MessageRefusedError)
+        self.assertEqual(failure.value.reply.code, 550)
+        self.assertEqual(stored, [])
+
+    def test_junk_and_evidence(self) -> None:
+        """p=quarantine stores the message with the field on top, the copy marked for Junk and
+        the evidence on the envelope."""
+        zone = {**SPOOF_ZONE, "_dmarc.example.test": {"TXT": ["v=DMARC1; p=quarantine"]}}
+        sink, stored = self.sink(zone)
+        self.successResultOf(sink.submit(self.envelope(), MESSAGE))
+        ((envelope, message),) = stored
+        self.assertTrue(message.startswith(b"Authentication-Results: mx.here.test;"))
+        self.assertEqual(envelope.recipients[0].folder, "Junk")
+        self.assertEqual(envelope.authentication["dmarc"]["result"], "fail")
+        self.assertEqual(envelope.size, len(message))
