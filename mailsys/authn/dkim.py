@@ -405,8 +405,9 @@ def _verify_one(headers: list[tuple[bytes, bytes]], body: bytes, bodies: dict[by
 # -- signing -----------------------------------------------------------------------------------
 
 
-class KeyFileError(Exception):
-    """A DKIM key that cannot be used; the text is one line naming the file."""
+class KeyFileError(ValueError):
+    """A DKIM key that cannot be used; the text is one line naming the file (start-up reports
+    it as a configuration error)."""
 
 
 @dataclass(frozen=True)

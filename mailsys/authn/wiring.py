@@ -7,13 +7,22 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 
 from mailsys.authn.checks import InboundChecks
 from mailsys.authn.dkim import DKIMSigner, KeyFileError, SigningKey, ThreadRunner, load_key
 from mailsys.authn.intake import MessageAuthentication, PolicyTable
+from mailsys.authn.policy import AuthnPolicy, CheckPolicy, DMARCPolicy
+from mailsys.authn.sink import CheckingSink, SigningSink
+from mailsys.config import Config
+from mailsys.delivery.mx import make_resolver
 from mailsys.dns import CachingResolver
+from mailsys.interfaces import IMessageSink
+
+log = Logger(namespace="mailsys.authn")
 
 
 def key_file(key_dir: Path, domain: str, selector: str) -> Path:
@@ -59,18 +68,78 @@ def _check_private(path: Path) -> None:
                            f"(mode {stat.S_IMODE(mode):04o}; chmod 600)")
 
 
-def build_authentication(
-    *,
-    resolver: CachingResolver,
-    authserv_id: str,
-    checks: bool,
-    policies: PolicyTable,
-    keys: Mapping[str, Sequence[SigningKey]],
-    sign: bool = True,
-    run_in_thread: ThreadRunner = deferToThread,
-) -> MessageAuthentication:
-    """The intake object for the SMTP listeners: checks for inbound, signing for submission."""
-    inbound = (InboundChecks(resolver, authserv_id, run_in_thread=run_in_thread)
-               if checks else None)
-    signer = DKIMSigner(keys, run_in_thread=run_in_thread) if sign and keys else None
-    return MessageAuthentication(inbound, signer, policies)
+class Authn:
+    """Mail authentication as the service wires it: the shared caching resolver (also the
+    relay's), the sinks for inbound and submission listeners and for the server's notices,
+    and the reload of the signing keys."""
+
+    def __init__(self, config: Config, reactor: Any,
+                 run_in_thread: ThreadRunner = deferToThread) -> None:
+        section = config.authn
+        self._config = config
+        self._run_in_thread = run_in_thread
+        servers = section.dns_servers or config.relay.dns_servers
+        self.resolver: CachingResolver | None = None
+        if section.checks or config.relay.enabled:
+            upstream = make_resolver([(s.host, s.port) for s in servers], reactor)
+            self.resolver = CachingResolver(upstream, reactor, timeout=section.dns_timeout)
+        self.keys = self._load_keys()
+        default = _policy(section.dmarc, section.spf, section.dkim, section.iprev)
+        domains = {
+            domain.lower(): _policy(table.get("dmarc", section.dmarc),
+                                    table.get("spf", section.spf),
+                                    table.get("dkim", section.dkim),
+                                    table.get("iprev", section.iprev))
+            for domain, table in section.domains.items()
+        }
+        self.policies = PolicyTable(default, domains)
+        self.authentication = self._build()
+
+    def _load_keys(self) -> dict[str, list[SigningKey]]:
+        section = self._config.authn
+        if not section.sign:
+            return {}
+        assert section.key_dir is not None  # config.py fills in the default
+        return load_signing_keys(section.key_dir, self._config.routing.local_domains,
+                                 section.selectors)
+
+    def _build(self) -> MessageAuthentication:
+        section = self._config.authn
+        checks = None
+        if section.checks:
+            assert self.resolver is not None and section.authserv_id is not None
+            checks = InboundChecks(self.resolver, section.authserv_id,
+                                   run_in_thread=self._run_in_thread)
+        signer = DKIMSigner(self.keys, run_in_thread=self._run_in_thread) if self.keys else None
+        return MessageAuthentication(checks, signer, self.policies)
+
+    def reload(self) -> None:
+        """Read the signing keys again (SIGHUP); a broken key keeps the old ones, and says so."""
+        try:
+            keys = self._load_keys()
+        except KeyFileError as exc:
+            log.error("DKIM keys not reloaded, the old ones stay: {error}", error=str(exc))
+            return
+        self.keys = keys
+        signer = DKIMSigner(keys, run_in_thread=self._run_in_thread) if keys else None
+        self.authentication.signer = signer
+        log.info("DKIM keys reloaded: {domains}",
+                 domains=", ".join(f"{d} ({len(k)})" for d, k in sorted(keys.items()))
+                 or "none")
+
+    def sink_for(self, inbound: bool, sink: IMessageSink) -> IMessageSink:
+        """Inbound listeners check; submission listeners sign."""
+        if inbound:
+            return CheckingSink(sink, self.authentication) if self._config.authn.checks \
+                else sink
+        return SigningSink(sink, self.authentication)
+
+    def notices(self, sink: IMessageSink) -> IMessageSink:
+        """The server's own bounces and delay notices are signed like users' mail."""
+        return SigningSink(sink, self.authentication)
+
+
+def _policy(dmarc: str, spf: str, dkim: str, iprev: str) -> AuthnPolicy:
+    # config.py has checked every value against these sets.
+    return AuthnPolicy(dmarc=cast(DMARCPolicy, dmarc), spf=cast(CheckPolicy, spf),
+                       dkim=cast(CheckPolicy, dkim), iprev=cast(CheckPolicy, iprev))

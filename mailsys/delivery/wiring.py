@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IResolver
+
 from mailsys.config import Config
 from mailsys.delivery.mx import MXResolver, make_resolver
 from mailsys.delivery.nexthop import NextHops
@@ -27,8 +29,11 @@ def smarthost_password(config: Config) -> str | None:
     return None
 
 
-def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | None:
-    """The relay agent for ``config``, or None when ``relay.enabled`` is false."""
+def build_relay(config: Config, pool: DiskPool, reactor: Any,
+                resolver: IResolver | None = None) -> RelayAgent | None:
+    """The relay agent for ``config``, or None when ``relay.enabled`` is false. ``resolver``
+    is the shared caching one (mailsys.dns), so MX answers are asked once for all deliveries
+    and shared with mail authentication; without it, a client of its own."""
     relay = config.relay
     if not relay.enabled:
         return None
@@ -45,7 +50,8 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any) -> RelayAgent | No
         NextHops(relay.transport, relay.smarthost, relay.port),
         TLSPolicies(relay.tls_policy, relay.tls_policy_per_domain),
         ClientTLS(relay.tls_ca_file),
-        MXResolver(make_resolver(servers, reactor), relay.ip_version),
+        MXResolver(resolver if resolver is not None else make_resolver(servers, reactor),
+                   relay.ip_version),
         TCPDialer(reactor, settings.timeouts, relay.connect_timeout),
         pool,
         reactor,
