@@ -24,6 +24,7 @@ from typing_extensions import override
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
+from mailsys.authn.wiring import Authn
 from mailsys.config import Config
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.wiring import build_relay
@@ -224,14 +225,18 @@ def build_service(config: Config, reactor: Any) -> MailService:
     mailboxes = MailboxStore(config.storage.maildirs, pool)
     maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
                             on_delivered=mailboxes.notify_delivered)
+    # --- mail authentication (mailsys.authn): one caching resolver, shared with the relay ---
+    authn = Authn(config, reactor)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
-    relay = build_relay(config, pool, reactor)
+    relay = build_relay(config, pool, reactor, authn.resolver)
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
     if relay is not None:
         agents[TargetKind.RELAY] = relay
     runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
                          max_lifetime=config.relay.max_lifetime)
-    sink = QueueSink(spool, runner)
+    # Every listener and the notices hand over through it: submitted and local mail is signed
+    # (DKIM), mail from clients that did not authenticate is checked (SPF, DKIM, DMARC, iprev).
+    sink = authn.wrap(QueueSink(spool, runner))
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     runner.notifier = DSNNotifier(
         sink, router, pool, config.server.hostname, reactor,
@@ -242,6 +247,7 @@ def build_service(config: Config, reactor: Any) -> MailService:
     # must not hold up the fsyncs that every 250 waits for.
     auth_pool = DiskPool(reactor, max_threads=2, name="auth")
     service = MailService(pool, spool, runner, tls, reactor, auth_pool=auth_pool)
+    authn.reloader().setServiceParent(service)  # DKIM keys read again on SIGHUP
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)

@@ -6,6 +6,8 @@ passes on, with the Authentication-Results field on top."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -85,3 +87,27 @@ class CheckingSink:
             return self._inner.submit(envelope, verdict.message)
 
         return self._authentication.inbound(facts, message).addCallback(decided)
+
+
+@implementer(IMessageSink)
+class AuthenticatingSink:
+    """One sink in front of the queue for every listener: mail that an authenticated user
+    submitted, or that the server made itself (notices), is signed; mail from a client that
+    did not authenticate - whatever its address, loopback included - is checked (when checks
+    are on)."""
+
+    def __init__(self, inner: IMessageSink, authentication: MessageAuthentication,
+                 checks: bool = True) -> None:
+        self._inner = inner
+        self._signing = SigningSink(inner, authentication)
+        self._checking: IMessageSink = CheckingSink(inner, authentication) if checks else inner
+
+    def new_queue_id(self) -> str:
+        queue_id: str = self._inner.new_queue_id()
+        return queue_id
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+        submitted = envelope.auth_user is not None or envelope.protocol == "local"
+        target = self._signing if submitted else self._checking
+        result: Any = target.submit(envelope, message)
+        return cast(Deferred[object], result)

@@ -4,19 +4,22 @@ the MessageAuthentication the SMTP listeners use."""
 
 from __future__ import annotations
 
+import signal
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from twisted.application.service import Service
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from typing_extensions import override
 
 from mailsys.authn.checks import InboundChecks
 from mailsys.authn.dkim import DKIMSigner, KeyFileError, SigningKey, ThreadRunner, load_key
 from mailsys.authn.intake import MessageAuthentication, PolicyTable
 from mailsys.authn.policy import AuthnPolicy, CheckPolicy, DMARCPolicy
-from mailsys.authn.sink import CheckingSink, SigningSink
+from mailsys.authn.sink import AuthenticatingSink
 from mailsys.config import Config
 from mailsys.delivery.mx import make_resolver
 from mailsys.dns import CachingResolver
@@ -77,6 +80,7 @@ class Authn:
                  run_in_thread: ThreadRunner = deferToThread) -> None:
         section = config.authn
         self._config = config
+        self._reactor = reactor
         self._run_in_thread = run_in_thread
         servers = section.dns_servers or config.relay.dns_servers
         self.resolver: CachingResolver | None = None
@@ -127,16 +131,35 @@ class Authn:
                  domains=", ".join(f"{d} ({len(k)})" for d, k in sorted(keys.items()))
                  or "none")
 
-    def sink_for(self, inbound: bool, sink: IMessageSink) -> IMessageSink:
-        """Inbound listeners check; submission listeners sign."""
-        if inbound:
-            return CheckingSink(sink, self.authentication) if self._config.authn.checks \
-                else sink
-        return SigningSink(sink, self.authentication)
+    def wrap(self, sink: IMessageSink) -> IMessageSink:
+        """The sink every listener and the notices hand messages to: authenticated and local
+        mail is signed, the rest checked (AuthenticatingSink)."""
+        return AuthenticatingSink(sink, self.authentication, self._config.authn.checks)
 
-    def notices(self, sink: IMessageSink) -> IMessageSink:
-        """The server's own bounces and delay notices are signed like users' mail."""
-        return SigningSink(sink, self.authentication)
+    def reloader(self) -> Service:
+        """A service that reloads the keys on SIGHUP, after whatever else SIGHUP does."""
+        return _ReloadOnHangup(self.reload, self._reactor)
+
+
+class _ReloadOnHangup(Service):
+    """Chains onto the SIGHUP handler installed before it (the TLS certificate reload)."""
+
+    def __init__(self, reload: Callable[[], None], reactor: Any) -> None:
+        self._reload = reload
+        self._reactor = reactor
+
+    @override
+    def startService(self) -> None:
+        Service.startService(self)
+        reactor = self._reactor
+        before = signal.getsignal(signal.SIGHUP)
+
+        def hangup(signum: int, frame: Any) -> None:
+            if callable(before):
+                before(signum, frame)
+            reactor.callFromThread(self._reload)
+
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def _policy(dmarc: str, spf: str, dkim: str, iprev: str) -> AuthnPolicy:

@@ -44,7 +44,7 @@ from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.envelope import Envelope, Recipient
 from mailsys.inputloop import InputLoopSession
-from mailsys.interfaces import IMessageSink
+from mailsys.interfaces import IMessageSink, MessageRefusedError
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
@@ -737,6 +737,13 @@ class SMTPSession(InputLoopSession):
         return replies.QUEUED.with_text(f"{replies.QUEUED.text} as {envelope.queue_id}")
 
     def _spool_failed(self, failure: Failure, envelope: Envelope) -> Reply:
+        refusal = failure.value
+        if isinstance(refusal, MessageRefusedError):
+            # A check's verdict (mail authentication), not a storage failure.
+            log.info("{queue_id}: reject from=<{sender}> client={client}: {reply}; {reason}",
+                     queue_id=envelope.queue_id, sender=envelope.sender, client=self._client,
+                     reply=str(refusal.reply), reason=refusal.reason)
+            return refusal.reply
         log.failure(
             "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
             "not accepted: spool failure",
