@@ -44,7 +44,8 @@ def add_authn_commands(commands: Any, config_option: argparse.ArgumentParser,
                         help="rsa (2048 bits, the default) or ed25519 (RFC 8463)")
     genkey.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     genkey.add_argument("--key-dir", type=Path, metavar="DIR",
-                        help="where keys live (default: dkim/ beside the configuration file)")
+                        help="where keys live (default: authn.key_dir, dkim/ beside the "
+                             "configuration file)")
     genkey.set_defaults(run=run_genkey)
 
     dns_command = commands.add_parser("dns", help="the DNS records a mail domain needs")
@@ -80,9 +81,18 @@ def add_authn_commands(commands: Any, config_option: argparse.ArgumentParser,
 
 
 def _key_dir(args: argparse.Namespace) -> Path:
+    """--key-dir, else the configuration's authn.key_dir, else dkim/ beside it."""
     if args.key_dir is not None:
         return Path(args.key_dir)
-    return Path(args.config).parent / "dkim"
+    path = Path(args.config)
+    if path.exists():
+        try:
+            key_dir = load(path, check_files=False).authn.key_dir
+        except ConfigError:
+            key_dir = None
+        if key_dir is not None:
+            return key_dir
+    return path.parent / "dkim"
 
 
 def key_path(key_dir: Path, domain: str, selector: str) -> Path:

@@ -79,3 +79,12 @@ def test_records_without_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def _abs(name: str) -> str:
     return "example.test." if name == "@" else f"{name}.example.test."
+
+
+def test_genkey_uses_configured_key_dir(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --key-dir the key goes where the server will look: authn.key_dir."""
+    config = tmp_path / "mailsys.toml"
+    config.write_text(f'[authn]\nkey_dir = "{tmp_path / "server-keys"}"\n')
+    assert main(["dkim", "genkey", "example.test", "--config", str(config)]) == 0
+    assert (tmp_path / "server-keys" / "example.test.mail.pem").exists()
