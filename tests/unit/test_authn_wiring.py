@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +53,93 @@ def test_selectors_for_unknown_domain(tmp_path: Path) -> None:
 def test_no_key_dir(tmp_path: Path) -> None:
     """Without a key directory nothing is signed, and that is no error."""
     assert load_signing_keys(tmp_path / "none", ["example.test"], {}) == {}
+
+
+def _config(tmp_path: Path, authn: str = "") -> Any:
+    import tomllib
+
+    from mailsys.config import from_mapping
+
+    data = tomllib.loads(f"""
+[server]
+hostname = "mx.example.test"
+[routing]
+local_domains = ["example.test"]
+[relay]
+enabled = false
+[authn]
+key_dir = "{tmp_path / 'keys'}"
+{authn}
+""")
+    return from_mapping(data, tmp_path / "mailsys.toml", check_files=False)
+
+
+def test_authn_from_config(tmp_path: Path) -> None:
+    """[authn] builds the resolver (checks on), the per-domain policies and the keys."""
+    from twisted.internet.task import Clock
+
+    from mailsys.authn.wiring import Authn
+
+    _write(key_file(tmp_path / "keys", "example.test", "mail"), "rsa")
+    authn = Authn(_config(tmp_path, 'dmarc = "junk"\n[authn.domains."lab.test"]\nspf = "reject"'),
+                  Clock())
+    assert authn.resolver is not None
+    assert authn.policies.default.dmarc == "junk"
+    assert authn.policies.for_recipient("x@lab.test").spf == "reject"
+    assert authn.policies.for_recipient("x@lab.test").dmarc == "junk"
+    assert [k.selector for k in authn.keys["example.test"]] == ["mail"]
+    off = Authn(_config(tmp_path, "checks = false"), Clock())
+    assert off.resolver is None and off.authentication.checks is None
+
+
+def test_reload_keeps_old_keys_on_error(tmp_path: Path) -> None:
+    """SIGHUP's reload picks up a new key; a broken key file keeps the keys in use."""
+    from twisted.internet.task import Clock
+
+    from mailsys.authn.wiring import Authn
+
+    keys = tmp_path / "keys"
+    _write(key_file(keys, "example.test", "mail"), "rsa")
+    authn = Authn(_config(tmp_path, "checks = false"), Clock())
+    _write(key_file(keys, "example.test", "mail-ed"), "ed25519")
+    authn.reload()
+    assert [k.selector for k in authn.keys["example.test"]] == ["mail", "mail-ed"]
+    assert authn.authentication.signer is not None
+    os.chmod(key_file(keys, "example.test", "mail-ed"), 0o644)
+    authn.reload()
+    assert [k.selector for k in authn.keys["example.test"]] == ["mail", "mail-ed"]
+
+
+def test_which_mail_is_signed_and_which_checked(tmp_path: Path) -> None:
+    """Authenticated and locally made mail is signed; mail from a client that did not
+    authenticate - loopback too - is checked."""
+    from twisted.internet.defer import succeed
+
+    from mailsys.authn.sink import AuthenticatingSink
+    from mailsys.envelope import Envelope
+
+    calls: list[str] = []
+
+    class Authentication:
+        def sign(self, message: bytes, queue_id: str = "") -> Any:
+            calls.append("sign")
+            return succeed(message)
+
+        def inbound(self, facts: Any, message: bytes) -> Any:
+            calls.append(f"check {facts.client_address}")
+            from mailsys.authn.intake import IntakeVerdict
+
+            return succeed(IntakeVerdict(message))
+
+    class Inner:
+        def new_queue_id(self) -> str:
+            return "Q"
+
+        def submit(self, envelope: Any, message: bytes) -> Any:
+            return succeed(None)
+
+    sink = AuthenticatingSink(Inner(), Authentication())  # type: ignore[arg-type]
+    sink.submit(Envelope("Q", "a@example.test", [], 0.0, auth_user="a@example.test"), b"x")
+    sink.submit(Envelope("Q", "", [], 0.0, protocol="local"), b"x")
+    sink.submit(Envelope("Q", "a@example.test", [], 0.0, client_address="127.0.0.1"), b"x")
+    assert calls == ["sign", "sign", "check 127.0.0.1"]
