@@ -253,7 +253,7 @@ class _Served(common.ResolverBase):
         try:
             return succeed(self._zone.answer(_name(name), type))
         except error.DNSNameError as exc:
-            return fail(error.DomainError(str(exc)))
+            return fail(_NoSuchName(str(exc), [_soa(_name(name))]))
         except error.DNSQueryTimeoutError:
             return Deferred()  # never answered: the client's own timeout decides
         except error.DNSQueryRefusedError as exc:
@@ -262,13 +262,39 @@ class _Served(common.ResolverBase):
             return fail(error.ResolverError(str(exc)))
 
 
+class _NoSuchName(error.DomainError):
+    """NXDOMAIN, with the SOA a real server puts in the authority section (RFC 2308 §2.1)."""
+
+    def __init__(self, text: str, authority: list[dns.RRHeader]) -> None:
+        super().__init__(text)
+        self.authority = authority
+
+
+class _LabServerFactory(server.DNSServerFactory):
+    """twisted.names' server, answering NXDOMAIN with its SOA so that caches may keep it."""
+
+    def __init__(self, authorities: list[Any]) -> None:
+        server.DNSServerFactory.__init__(self, authorities=authorities)
+
+    def gotResolverError(self, failure: Failure, protocol: Any, message: Any,  # noqa: N802
+                         address: Any) -> None:
+        exc = failure.value
+        if not isinstance(exc, _NoSuchName):
+            server.DNSServerFactory.gotResolverError(self, failure, protocol, message, address)
+            return
+        untyped: Any = self  # twisted.names' server is not annotated
+        response = untyped._responseFromMessage(message=message, rCode=dns.ENAME,
+                                                authority=exc.authority)
+        untyped.sendReply(protocol, response, address)
+
+
 def serve(zone: Zone, port: int, interface: str, reactor: Any) -> tuple[Any, Any]:
     """Serve ``zone`` on UDP and TCP ``interface:port``; returns the two listening ports.
 
     With port 0 a free UDP port is chosen and TCP takes the same number; if that is taken for
     TCP, another UDP port is tried (a bounded number of times).
     """
-    factory = server.DNSServerFactory(authorities=[_Served(zone)])
+    factory = _LabServerFactory(authorities=[_Served(zone)])
     factory.noisy = False  # Twisted's "Starting factory" and "Starting protocol" say nothing
     for _ in range(20 if port == 0 else 1):
         protocol = dns.DNSDatagramProtocol(factory)

@@ -137,13 +137,10 @@ class DMARCChecker:
                 outcome.problem = "no DMARC record"
                 return outcome
             outcome.record, outcome.record_domain = record.text, record.domain
-            organizational = await self._organizational(domain, outcome.evidence)
-            outcome.organizational_domain = organizational
-            outcome.spf_aligned = await self._spf_aligned(domain, organizational, spf, record,
-                                                          outcome.evidence)
+            outcome.spf_aligned = await self._spf_aligned(outcome, spf, record)
             for result in dkim:
                 if result.result == "pass" and await self._aligned(
-                        domain, organizational, result.domain, record.adkim, outcome.evidence):
+                        outcome, result.domain, record.adkim):
                     outcome.dkim_aligned = True
                     outcome.aligned_dkim_domain = result.domain
                     break
@@ -219,24 +216,27 @@ class DMARCChecker:
             below = name
         return best or domain
 
-    async def _aligned(self, domain: str, organizational: str, other: str, mode: str,
-                       evidence: list[str]) -> bool:
+    async def _aligned(self, outcome: DMARCResult, other: str, mode: str) -> bool:
         """Identifier alignment (RFC 9989 §4.4): strict is equality; relaxed is the same
-        Organizational Domain."""
+        Organizational Domain, walked for only when the names differ."""
         other = other.lower().removesuffix(".")
         if not other:
             return False
-        if other == domain:
+        if other == outcome.from_domain:
             return True
         if mode == "s":
             return False
-        return await self._organizational(other, evidence) == organizational
+        if not outcome.organizational_domain:
+            outcome.organizational_domain = await self._organizational(outcome.from_domain,
+                                                                       outcome.evidence)
+        found = await self._organizational(other, outcome.evidence)
+        return found == outcome.organizational_domain
 
-    async def _spf_aligned(self, domain: str, organizational: str, spf: SPFResult | None,
-                           record: DMARCRecord, evidence: list[str]) -> bool:
+    async def _spf_aligned(self, outcome: DMARCResult, spf: SPFResult | None,
+                           record: DMARCRecord) -> bool:
         if spf is None or spf.result != "pass" or spf.identity != "mailfrom":
             return False
-        return await self._aligned(domain, organizational, spf.domain, record.aspf, evidence)
+        return await self._aligned(outcome, spf.domain, record.aspf)
 
     async def _disposition(self, domain: str, record: DMARCRecord,
                            evidence: list[str]) -> Disposition:

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.names import dns, error
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailsys.dns import TLSA, Answer, CachingResolver, DNSTemporaryError, reverse_name
 from mailsys.labdns import TTL, Zone
@@ -144,3 +144,29 @@ class CachingResolverTests(SynchronousTestCase):
         self.assertEqual(self.answer("example.test", dns.TXT).describe(),
                          "TXT example.test: 'v=spf1 -all', 'part one part two'")
         self.assertEqual(self.answer("nowhere.test", dns.A).describe(), "A nowhere.test: NXDOMAIN")
+
+
+class OverTheWireTests(TestCase):
+    """The lab DNS server and twisted.names' client: negative answers carry their SOA."""
+
+    def test_nxdomain_cached_over_udp(self) -> Deferred[None]:
+        """NXDOMAIN from the lab DNS server comes with an SOA, so the cache keeps it."""
+        from twisted.internet import reactor
+        from twisted.names import client
+
+        from mailsys.labdns import serve
+
+        udp, tcp = serve(Zone(ZONE), 0, "127.0.0.1", reactor)
+        self.addCleanup(udp.stopListening)
+        self.addCleanup(tcp.stopListening)
+        upstream = client.Resolver(servers=[("127.0.0.1", udp.getHost().port)], reactor=reactor)
+        resolver = CachingResolver(upstream, reactor, timeout=5)
+
+        async def twice() -> None:
+            first = await resolver.query_answer("nowhere.test", dns.TXT)
+            second = await resolver.query_answer("nowhere.test", dns.TXT)
+            assert not first.exists and not second.exists
+            assert first.ttl == TTL
+            assert resolver.upstream_queries == 1
+
+        return Deferred.fromCoroutine(twice())
