@@ -5,7 +5,8 @@ A step whose answer must wait for the disk, the password check or the policy set
 input that arrives meanwhile stays buffered, and once more than ``max_buffer_while_waiting``
 bytes wait the transport stops reading. So answers leave in the order the commands came
 (RFC 2920 §3, RFC 2449 §6.6, RFC 3501 §5.5) and a pipelining client cannot make us buffer
-without bound. Reactor thread only.
+without bound. Reactor thread only. mailsys.session builds the protocol sessions' common
+skeleton (admission, idle timer, STARTTLS, close) on this loop.
 """
 
 from __future__ import annotations

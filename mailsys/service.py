@@ -30,17 +30,18 @@ from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.wiring import build_relay
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
-from mailsys.imap.wiring import imap_factories
+from mailsys.imap.session import IMAPServerFactory
 from mailsys.mailbox.store import MailboxStore
-from mailsys.pop3.wiring import pop3_factories
+from mailsys.pop3.server import POP3ServerFactory
 from mailsys.queue.control import ControlWatcher
 from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
+from mailsys.retrieval import mailbox_listeners
 from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, SubmissionPolicy
-from mailsys.smtp.server import ListenerRole, SMTPServerFactory, SMTPSettings
+from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
 
 log = Logger()
@@ -279,9 +280,8 @@ def build_service(config: Config, reactor: Any) -> MailService:
         policy = (InboundPolicy(router, senders=router, reload_users=reload_users)
                   if role is ListenerRole.MTA
                   else SubmissionPolicy(router, senders=router, reload_users=reload_users))
-        settings = SMTPSettings.from_config(config, role)
         factory: IProtocolFactory = SMTPServerFactory(
-            settings, policy, sink, reactor, tls, portal=portal, throttle=throttle
+            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle
         )
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
@@ -289,12 +289,12 @@ def build_service(config: Config, reactor: Any) -> MailService:
         service.add_listener(role.value, description, factory)
 
     # --- POP3 (mailsys.pop3) ---
-    for description, pop3_factory in pop3_factories(config, mailboxes, portal, throttle, tls,
-                                                    reactor):
+    for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
+                                                       portal, throttle, tls, reactor):
         service.add_listener("pop3", description, pop3_factory)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
-    for description, imap_factory in imap_factories(config, mailboxes, portal, throttle, tls,
-                                                    reactor):
+    for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
+                                                       portal, throttle, tls, reactor):
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)

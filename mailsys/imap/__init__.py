@@ -1,12 +1,9 @@
 """IMAP4rev1 (RFC 3501) and the extensions clients rely on, over the mailbox store.
 
 - ``parser``: command framing (lines, literals, limits) and the argument reader.
-- ``session``: the protocol state machine and every command; ``wiring``: the listeners.
+- ``session``: the protocol state machine and every command (its listeners are wired by
+  mailsys.retrieval, as POP3's are).
 - ``fetch``, ``search``: FETCH attributes and SEARCH keys; ``bodystructure``: MIME structure,
   ENVELOPE, BODYSTRUCTURE and sections; ``responses``: quoting and literals; ``names``: modified
   UTF-7 and LIST patterns; ``flags``: IMAP flags and Maildir letters.
 """
-
-from mailsys.imap.wiring import imap_factories
-
-__all__ = ["imap_factories"]

@@ -28,23 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
-    IConsumer,
-    ISSLTransport,
-    ITLSTransport,
-    ITransport,
 )
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailsys.auth.portal import MailUser, login
-from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
-from mailsys.config import Config
+from mailsys.auth.login import LoginOutcome, Refusal
+from mailsys.auth.portal import MailUser
+from mailsys.auth.sasl import SASLError, decode_base64
+from mailsys.config import Config, IMAPSection
+from mailsys.connlimit import Crowding
 from mailsys.imap import search as searching
 from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
@@ -62,12 +58,12 @@ from mailsys.imap.parser import (
 )
 from mailsys.imap.responses import BAD, NO, OK, tagged, untagged
 from mailsys.imap.transfers import TransferCommands
-from mailsys.inputloop import InputLoopSession
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
+from mailsys.session import ServerSession
 
 log = Logger(namespace="mailsys.imap")
 
@@ -78,37 +74,6 @@ PREAUTH_TIMEOUT = 180.0
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
 
-
-
-@dataclass(frozen=True)
-class IMAPSettings:
-    """Everything an IMAP listener needs to know besides its collaborators."""
-
-    hostname: str
-    allow_plaintext_auth: bool = False
-    idle_timeout: float = 1800.0
-    max_literal_size: int = 50 * 1024 * 1024
-    max_command_length: int = 64 * 1024
-    max_bad_commands: int = 20
-    max_connections: int = 1000
-    max_connections_per_client: int = 100
-    implicit_tls: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config, *, implicit_tls: bool = False) -> IMAPSettings:
-        """The settings of an [imap] listener (993-style when ``implicit_tls``)."""
-        imap = config.imap
-        return cls(
-            hostname=config.server.hostname,
-            allow_plaintext_auth=imap.allow_plaintext_auth,
-            idle_timeout=imap.idle_timeout,
-            max_literal_size=imap.max_literal_size,
-            max_command_length=imap.max_command_length,
-            max_bad_commands=imap.max_bad_commands,
-            max_connections=imap.max_connections,
-            max_connections_per_client=imap.max_connections_per_client,
-            implicit_tls=implicit_tls,
-        )
 
 
 class State(enum.Enum):
@@ -184,28 +149,27 @@ class _Spec:
     updates_with_uid: bool = True
 
 
-class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopSession):
+class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSession):
     """One IMAP connection. Input is framed into lines and literals by a Framer and handled in
     order (mailsys.inputloop)."""
 
     # A literal or a pipelined batch of commands may be large: buffer more before pausing.
     max_buffer_while_waiting = 256 * 1024
 
+    protocol_name = "imap"
+    log = log
+    log_prefix = "imap "
+
     def __init__(self, factory: IMAPServerFactory) -> None:
-        super().__init__()
+        self._limits = factory.section  # the [imap] section, read directly
+        super().__init__(factory, max_bad_commands=self._limits.max_bad_commands)
         self._factory = factory
-        self._settings = factory.settings
         self._store = factory.store
-        self._clock = factory.clock
-        self._framer = Framer(self._settings.max_command_length, self._settings.max_literal_size)
+        self._framer = Framer(self._limits.max_command_length, self._limits.max_literal_size)
         self._state = State.NOT_AUTHENTICATED
-        self._secure = False
-        self._client_address = ""
-        self._admitted = False
         self._mailbox: str | None = None
         self._selected: Selected | None = None
         self._close_after_reply = False
-        self._errors = 0
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
         self._notifying = False  # our own change notification: not news to us
@@ -248,14 +212,6 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
     # --- helpers -------------------------------------------------------------------------------
 
     @property
-    def transport_(self) -> ITransport:
-        return self._transport
-
-    @property
-    def consumer(self) -> IConsumer:
-        return cast(IConsumer, self._transport)
-
-    @property
     def state(self) -> State:
         return self._state
 
@@ -269,66 +225,45 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
 
     # --- connection events (Twisted) -----------------------------------------------------------
 
-    @override
-    def connectionMade(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        self._transport: ITransport = transport
-        peer = transport.getPeer()
-        self._client_address = str(getattr(peer, "host", ""))
-        crowding = self._factory.connections.admit(self._client_address)
-        if crowding is not None:
-            log.info("imap refused connection from [{client}]: {why}",
-                     client=self._client_address, why=crowding.value)
-            self._closing = True
-            # RFC 3501 §7.1.5: BYE as the greeting refuses the connection; RFC 5530 §3.
-            self._transport.write(untagged("BYE [UNAVAILABLE] Too many connections, "
-                                           "try again later"))
-            self._transport.loseConnection()
-            return
-        self._admitted = True
-        # RFC 8314 §3.3: on 993 the session is TLS from the first byte.
-        self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
-        self._timer = self._clock.callLater(self._timeout(), self._idle_timeout)
-        log.info("imap connect from [{client}] tls={tls}", client=self._client_address,
-                 tls=self._secure)
-        self.write(untagged(f"OK [CAPABILITY {self._capabilities()}] "
-                            f"{self._settings.hostname} IMAP4rev1 server ready"))
+    # --- the session skeleton (mailsys.session) -------------------------------------------------
 
     @override
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._disconnected:
-            return
-        self._disconnected = True
-        self._closing = True
-        if not self._admitted:
-            return  # refused at the greeting: nothing was counted, opened or logged in
-        self._factory.connections.release(self._client_address)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+    def _implicit_tls(self) -> bool:
+        return self._factory.implicit_tls  # RFC 8314 §3.3: 993 is TLS from the first byte
+
+    @override
+    def _refusal(self, crowding: Crowding) -> bytes:
+        # RFC 3501 §7.1.5: BYE as the greeting refuses the connection; RFC 5530 §3.
+        return untagged("BYE [UNAVAILABLE] Too many connections, try again later")
+
+    @override
+    def _greet(self) -> None:
+        log.info("imap connect from {client} tls={tls}", client=self._client, tls=self._secure)
+        self.write(untagged(f"OK [CAPABILITY {self._capabilities()}] "
+                            f"{self._factory.hostname} IMAP4rev1 server ready"))
+
+    @override
+    def _session_ended(self) -> None:
         self._deselect()
-        log.info("imap disconnect from [{client}] user={user}", client=self._client_address,
+        log.info("imap disconnect from {client} user={user}", client=self._client,
                  user=self._mailbox)
+
+    @override
+    def _idle_is_ours(self) -> bool:
+        # Waiting for the disk, the password check or a big FETCH is our slowness; while the
+        # client IDLEs the silence is its own (RFC 2177: it must re-IDLE within 29 minutes).
+        return self._waiting and self._idle_tag is None
+
+    @override
+    def _timed_out(self) -> None:
+        # RFC 3501 §5.4: an inactivity autologout, announced by an untagged BYE.
+        self.write(untagged("BYE Autologout; idle for too long"))
+        self._close()
 
     def _timeout(self) -> float:
         if self._state is State.NOT_AUTHENTICATED:
-            return min(PREAUTH_TIMEOUT, self._settings.idle_timeout)
-        return self._settings.idle_timeout
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._disconnected or self._closing:
-            return
-        if self._waiting and self._idle_tag is None:
-            # We are the slow one (disk, password check, a big FETCH): not the client's fault.
-            self._timer = self._clock.callLater(self._timeout(), self._idle_timeout)
-            return
-        # RFC 3501 §5.4: an inactivity autologout, announced by an untagged BYE.
-        log.info("imap idle timeout for [{client}] user={user}", client=self._client_address,
-                 user=self._mailbox)
-        self.write(untagged("BYE Autologout; idle for too long"))
-        self._close()
+            return min(PREAUTH_TIMEOUT, self._limits.idle_timeout)
+        return self._limits.idle_timeout
 
     # --- the input loop (mailsys.inputloop) ------------------------------------------------------
 
@@ -341,14 +276,16 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         return self._framer.pending
 
     @override
+    def _discard_buffered(self) -> int:
+        return self._framer.clear()
+
+    @override
     def _idle_seconds(self) -> float:
         return self._timeout()
 
     @override
-    def _step_failed(self) -> None:
-        log.failure("internal error in IMAP session with [{client}]", client=self._client_address)
-        self.write(untagged("BYE Internal server error"))
-        self._close()
+    def _internal_error_answer(self) -> bytes:
+        return untagged("BYE Internal server error")
 
     @override
     def _step(self) -> bool:
@@ -356,10 +293,14 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             line = self._framer.next_line()
             if line is None:
                 return False
-            if isinstance(line, Rejected):
-                line = b""
             if self._idle_tag is not None:
-                self._idle_line(line)
+                self._idle_line(b"" if isinstance(line, Rejected) else line)
+            elif isinstance(line, Rejected):
+                # An over-long response ends the exchange (never counted as a failed login);
+                # the next line is a command again.
+                tag, self._sasl_tag = self._sasl_tag, None
+                assert tag is not None
+                self._answer(tagged(tag, BAD, line.reason.value))
             else:
                 self._sasl_line(line)
             return True
@@ -418,8 +359,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         except ParseError as exc:
             result = tagged(tag, BAD, str(exc) or "Syntax error")
         except Exception:
-            log.failure("imap {command} failed for [{client}]", command=name.decode(),
-                        client=self._client_address)
+            log.failure("imap {command} failed for {client}", command=name.decode(),
+                        client=self._client)
             result = tagged(tag, NO, "Internal server error", "SERVERBUG")
         self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
 
@@ -452,55 +393,35 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             return line
 
         def unexpected(failure: Failure) -> bytes:
-            log.failure("imap command failed for [{client}]", failure,
-                        client=self._client_address)
+            log.failure("imap command failed for {client}", failure,
+                        client=self._client)
             return tagged(tag, NO, "Internal server error", "SERVERBUG")
 
         chain: Deferred[Any] = result.addCallback(with_updates)
-        chain.addErrback(unexpected)
-        chain.addCallback(self._resume)
-
-    def _resume(self, line: bytes) -> None:
-        if self._disconnected:
-            return
-        self._answer(line)
-        self._continue()
+        self._await(chain.addErrback(unexpected), self._answer)
 
     def _answer(self, line: bytes) -> None:
         """Write a command's final answer; count BADs; close when the session is over."""
         if self._disconnected:
             return
         self.write(line)
-        if line.split(b" ", 2)[1:2] == [BAD]:
-            self._errors += 1
-            if self._errors >= self._settings.max_bad_commands and not self._closing:
-                log.info("imap too many bad commands from [{client}]",
-                         client=self._client_address)
-                self.write(untagged("BYE Too many invalid commands"))
-                self._close()
-                return
+        if line.split(b" ", 2)[1:2] == [BAD] and self._count_error():
+            self.write(untagged("BYE Too many invalid commands"))
+            self._close()
+            return
         if self._close_after_reply and not self._closing:
             self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        if not self._disconnected:
-            self._transport.loseConnection()
 
     # --- capabilities and state ----------------------------------------------------------------
 
     def _plaintext_ok(self) -> bool:
-        return self._secure or self._settings.allow_plaintext_auth
-
-    def _can_starttls(self) -> bool:
-        return (self._factory.tls is not None and not self._secure
-                and ITLSTransport.providedBy(self._transport))
+        return self._secure or self._limits.allow_plaintext_auth
 
     def _capabilities(self) -> str:
         caps = ["IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE",
                 "MULTIAPPEND"]
         if self._state is State.NOT_AUTHENTICATED:
-            if self._can_starttls():
+            if self._tls_offered():
                 caps.append("STARTTLS")
             # RFC 3501 §6.2.3 / RFC 8314: no passwords in the clear unless allowed.
             caps.append("AUTH=PLAIN" if self._plaintext_ok() else "LOGINDISABLED")
@@ -508,7 +429,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             caps += ["NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
                      "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
                      "UTF8=ACCEPT", "STATUS=SIZE", "CONDSTORE",
-                     f"APPENDLIMIT={self._settings.max_literal_size}"]
+                     f"APPENDLIMIT={self._limits.max_literal_size}"]
         return " ".join(caps)
 
     @property
@@ -586,7 +507,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             fields = {(k or b"").decode("utf-8", "replace")[:30]:
                       (v or b"").decode("utf-8", "replace")[:60]
                       for k, v in zip(items[::2], items[1::2], strict=True)}
-            log.info("imap client [{client}] id {fields}", client=self._client_address,
+            log.info("imap client {client} id {fields}", client=self._client,
                      fields=fields)
         reader.end()
         self.write(untagged('ID ("name" "mailsys" "vendor" "mailsys")'))
@@ -621,25 +542,12 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
         reader.end()
         if self._secure:
             return tagged(tag, BAD, "TLS is already active")
-        tls = self._factory.tls
-        if tls is None or not self._can_starttls():
+        if not self._tls_offered():
             return tagged(tag, NO, "TLS is not available")
-        try:
-            context = tls.server_context()
-        except Exception:
-            log.failure("imap no TLS context for STARTTLS from [{client}]",
-                        client=self._client_address)
+        context = self._tls_context("STARTTLS")
+        if context is None:
             return tagged(tag, NO, "TLS is not available")
-        self.write(tagged(tag, OK, "Begin TLS negotiation now"))
-        # RFC 3501 §6.2.1 / CVE-2011-0411: plaintext pipelined after STARTTLS is not run
-        # inside TLS; it is dropped.
-        dropped = self._framer.clear()
-        if dropped:
-            log.info("imap discarded {dropped} plaintext bytes after STARTTLS from [{client}]",
-                     dropped=dropped, client=self._client_address)
-        ITLSTransport(self._transport).startTLS(context)
-        self._secure = True
-        log.info("imap STARTTLS with [{client}]", client=self._client_address)
+        self._start_tls(context, tagged(tag, OK, "Begin TLS negotiation now"), "STARTTLS")
         return None
 
     def _do_login(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
@@ -683,59 +591,32 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
             # RFC 3501 §6.2.2: a cancelled exchange is answered BAD.
             return tagged(tag, BAD, "Authentication cancelled")
         try:
-            plain = decode_plain(decode_base64(line))
+            login = self._login.plain(decode_base64(line))
         except SASLError as exc:
-            log.info("imap bad AUTHENTICATE PLAIN from [{client}]: {reason}",
-                     client=self._client_address, reason=str(exc))
+            log.info("imap bad AUTHENTICATE PLAIN from {client}: {reason}",
+                     client=self._client, reason=str(exc))
             return tagged(tag, BAD, "Malformed authentication response")
-        if plain.authzid and plain.authzid != plain.authcid:
-            return self._login_failed(tag, plain.authcid)
-        return self._authenticate(tag, plain.authcid, plain.password)
+        return login.addCallback(self._login_answer, tag)
 
-    def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes] | bytes:
-        throttle = self._factory.throttle
-        address = self._client_address
-        if throttle.blocked(address, user):
-            log.info("imap login refused for {user} from [{client}]: throttled", user=user,
-                     client=address)
+    def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes]:
+        return self._login.attempt(user, password).addCallback(self._login_answer, tag)
+
+    def _login_answer(self, outcome: LoginOutcome, tag: bytes) -> bytes:
+        if outcome is Refusal.BLOCKED:
+            # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
             self._close_after_reply = True
             self.write(untagged("BYE Too many failed logins; try again later"))
             return tagged(tag, NO, "Too many failed logins", "UNAVAILABLE")
-        d = maybeDeferred(login, self._factory.portal, user, password)
+        if outcome is Refusal.FAILED:
+            return tagged(tag, NO, "Authentication failed", "AUTHENTICATIONFAILED")
+        return self._logged_in(tag, outcome)
 
-        def failed(failure: Failure) -> Failure | Deferred[bytes]:
-            if not isinstance(failure.value, UnauthorizedLogin):
-                return failure
-            return self._login_failed(tag, user)
-
-        return d.addCallbacks(lambda avatar: self._logged_in(tag, avatar, user), failed)
-
-    def _login_failed(self, tag: bytes, user: str) -> Deferred[bytes]:
-        throttle = self._factory.throttle
-        address = self._client_address
-        throttle.failed(address, user)
-        delay = throttle.delay_for(address, user)
-        log.info("imap login failed for {user} from [{client}]", user=user, client=address)
-        d: Deferred[bytes] = Deferred()
-
-        def answer() -> None:
-            if throttle.blocked(address, user):
-                # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
-                self.write(untagged("BYE Too many failed logins; try again later"))
-                self._close_after_reply = True
-            d.callback(tagged(tag, NO, "Authentication failed", "AUTHENTICATIONFAILED"))
-
-        self._clock.callLater(delay, answer)
-        return d
-
-    def _logged_in(self, tag: bytes, user: MailUser, login_name: str) -> bytes:
-        self._factory.throttle.succeeded(self._client_address, login_name)
+    def _logged_in(self, tag: bytes, user: MailUser) -> bytes:
         self._mailbox = user.mailbox
         self._state = State.AUTHENTICATED
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timeout())
-        log.info("imap login {user} from [{client}]", user=user.mailbox,
-                 client=self._client_address)
+        self._reset_idle_timer()  # the authenticated session's idle time (RFC 3501 §5.4)
+        log.info("imap login {user} from {client}", user=user.mailbox,
+                 client=self._client)
         return tagged(tag, OK, "Logged in", f"CAPABILITY {self._capabilities()}")
 
     # --- selecting ------------------------------------------------------------------------------
@@ -984,8 +865,15 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, InputLoopS
 
 
 
-class IMAPServerFactory(MailboxServerFactory[IMAPSettings]):
+class IMAPServerFactory(MailboxServerFactory[IMAPSection]):
     """Builds IMAP sessions for one listener."""
+
+    protocol_name = "imap"
+
+    @classmethod
+    @override
+    def section_of(cls, config: Config) -> IMAPSection:
+        return config.imap
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> IMAPSession:

@@ -16,34 +16,29 @@ import enum
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
-    IConsumer,
     IPushProducer,
-    ISSLTransport,
-    ITLSTransport,
-    ITransport,
 )
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from mailsys.auth.portal import MailUser, login
-from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
-from mailsys.config import Config
-from mailsys.inputloop import InputLoopSession
+from mailsys.auth.login import LoginOutcome, Refusal
+from mailsys.auth.portal import MailUser
+from mailsys.auth.sasl import SASLError, decode_base64
+from mailsys.config import Config, POP3Section
+from mailsys.connlimit import Crowding
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError, adding
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import INBOX, FolderView, MailboxInUseError, MailboxLock
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, top_lines
 from mailsys.retrieval import MailboxServerFactory
+from mailsys.session import ServerSession
 
 log = Logger(namespace="mailsys.pop3")
 
@@ -104,35 +99,6 @@ ERR_UPDATE_FAILED = _err("Some deleted messages were not removed", "SYS/TEMP")
 STLS_READY = _ok("Begin TLS negotiation")
 SASL_CONTINUE = b"+ \r\n"  # RFC 5034 §4: an empty server challenge
 
-
-
-@dataclass(frozen=True)
-class POP3Settings:
-    """Everything a POP3 listener needs to know besides its collaborators."""
-
-    hostname: str
-    allow_plaintext_auth: bool = False
-    idle_timeout: float = 600.0
-    max_bad_commands: int = 10
-    max_command_length: int = 2048
-    max_connections: int = 500
-    max_connections_per_client: int = 50
-    implicit_tls: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config, *, implicit_tls: bool = False) -> POP3Settings:
-        """The settings of a [pop3] listener (995-style when ``implicit_tls``)."""
-        pop3 = config.pop3
-        return cls(
-            hostname=config.server.hostname,
-            allow_plaintext_auth=pop3.allow_plaintext_auth,
-            idle_timeout=pop3.idle_timeout,
-            max_bad_commands=pop3.max_bad_commands,
-            max_command_length=pop3.max_command_length,
-            max_connections=pop3.max_connections,
-            max_connections_per_client=pop3.max_connections_per_client,
-            implicit_tls=implicit_tls,
-        )
 
 
 class _State(enum.Enum):
@@ -334,7 +300,7 @@ class _MessageStream:
             self._session.run(self._file.close)
 
 
-class POP3Session(InputLoopSession):
+class POP3Session(ServerSession):
     """One POP3 connection, from the greeting to QUIT (or a dropped connection).
 
     Input is buffered and handled one command at a time; a command whose answer needs the disk
@@ -343,21 +309,20 @@ class POP3Session(InputLoopSession):
     (RFC 1939 §6); a connection that drops deletes nothing.
     """
 
+    protocol_name = "pop3"
+    log = log
+    log_prefix = "pop3 "
+
     def __init__(self, factory: POP3ServerFactory) -> None:
-        super().__init__()
+        self._limits = factory.section  # the [pop3] section, read directly
+        super().__init__(factory, max_bad_commands=self._limits.max_bad_commands)
         self._factory = factory
-        self._settings = factory.settings
-        self._clock = factory.clock
         self._store = factory.store
         self._state = _State.AUTHORIZATION
         self._swallowing = False
-        self._admitted = False
-        self._client_address = ""
-        self._secure = False
         self._user: str | None = None  # from USER, waiting for PASS
         self._sasl_pending = False  # AUTH PLAIN without initial response: next line answers
         self._close_after_reply = False  # the answer being prepared is the session's last
-        self._errors = 0
         self._mailbox: str | None = None
         self._lock: MailboxLock | None = None
         self._view: FolderView | None = None
@@ -384,88 +349,67 @@ class POP3Session(InputLoopSession):
 
     # --- helpers other objects use -------------------------------------------------------------
 
-    @property
-    def transport_(self) -> ITransport:
-        """The connected transport (typed)."""
-        return self._transport
-
-    @property
-    def consumer(self) -> IConsumer:
-        """The transport as the consumer a producer registers with (every transport is one)."""
-        return cast(IConsumer, self._transport)
-
     def run(self, func: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run blocking work in the store's disk pool."""
         return self._store.pool.run(func, *args)
 
-    # --- connection events (Twisted) -----------------------------------------------------------
+    # --- the session skeleton (mailsys.session) -------------------------------------------------
 
     @override
-    def connectionMade(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        self._transport: ITransport = transport
-        peer = transport.getPeer()
-        self._client_address = str(getattr(peer, "host", ""))
-        crowding = self._factory.connections.admit(self._client_address)
-        if crowding is not None:
-            log.info("pop3 refused connection from [{client}]: {why}",
-                     client=self._client_address, why=crowding.value)
-            self._closing = True
-            self._transport.write(ERR_TOO_MANY_CONNECTIONS)
-            self._transport.loseConnection()
-            return
-        self._admitted = True
-        # RFC 8314 §3.3: on 995 the session is TLS from the first byte.
-        self._secure = self._settings.implicit_tls or ISSLTransport.providedBy(transport)
-        self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
-        log.info("pop3 connect from [{client}] tls={tls}", client=self._client_address,
-                 tls=self._secure)
-        self._transport.write(_ok(f"{self._settings.hostname} {GREETING_TEXT}"))
+    def _implicit_tls(self) -> bool:
+        return self._factory.implicit_tls  # RFC 8314 §3.3: 995 is TLS from the first byte
 
     @override
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._disconnected:
-            return
-        self._disconnected = True
-        self._closing = True
-        if not self._admitted:
-            return  # refused at the greeting: nothing was counted, opened or logged in
-        self._factory.connections.release(self._client_address)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+    def _refusal(self, crowding: Crowding) -> bytes:
+        return ERR_TOO_MANY_CONNECTIONS
+
+    @override
+    def _greet(self) -> None:
+        log.info("pop3 connect from {client} tls={tls}", client=self._client, tls=self._secure)
+        self._transport.write(_ok(f"{self._factory.hostname} {GREETING_TEXT}"))
+
+    @override
+    def _timed_out(self) -> None:
+        # RFC 1939 §3: close without a response and without entering the UPDATE state.
+        self._close()
+
+    @override
+    def _session_ended(self) -> None:
         self._ahead = None
         if self._state is not _State.UPDATE:
             # RFC 1939 §6: without QUIT there is no UPDATE state; nothing is deleted.
             self._release()
-        log.info("pop3 disconnect from [{client}] user={user} retrieved={retrieved} "
-                 "deleted={deleted}", client=self._client_address, user=self._mailbox,
+        log.info("pop3 disconnect from {client} user={user} retrieved={retrieved} "
+                 "deleted={deleted}", client=self._client, user=self._mailbox,
                  retrieved=len(self._retrieved), deleted=len(self._deleted))
+
+    @override
+    def _reset_after_tls(self) -> None:
+        self._user = None  # forget anything learnt before TLS
 
     # --- the input loop (mailsys.inputloop) ------------------------------------------------------
 
     @override
     def _idle_seconds(self) -> float:
-        return self._settings.idle_timeout
+        return self._limits.idle_timeout
 
     @override
     def _step(self) -> bool:
         return self._line_step()
 
     @override
-    def _step_failed(self) -> None:
-        log.failure("internal error in POP3 session with [{client}]", client=self._client_address)
-        self._internal_error()
+    def _internal_error_answer(self) -> bytes:
+        return ERR_INTERNAL
 
     def _line_step(self) -> bool:
         buf = self._buffer
         start = self._offset
         lf = buf.find(b"\n", start)
-        limit = self._settings.max_command_length
+        limit = self._limits.max_command_length
         if lf < 0:
             if len(buf) - start > limit:
                 self._swallowing = True  # too long: drop it up to its end, then answer once
+                self._sasl_pending = False  # an AUTH exchange ends with that answer
                 self._buffer = b""
                 self._offset = 0
                 return False
@@ -479,6 +423,7 @@ class POP3Session(InputLoopSession):
             self._answer(ERR_LINE_TOO_LONG, error=True)
             return True
         if lf + 1 - start > limit:
+            self._sasl_pending = False  # the next line is a command, never credentials
             self._answer(ERR_LINE_TOO_LONG, error=True)
             return True
         # RFC 1939 §3 says CRLF; a bare LF is accepted too (no smuggling risk in POP3).
@@ -505,9 +450,7 @@ class POP3Session(InputLoopSession):
         if isinstance(result, bytes):
             self._reply(result)
             return
-        self._waiting = True
-        result.addErrback(self._unexpected)
-        result.addCallback(self._resume)
+        self._await(result.addErrback(self._unexpected), self._reply)
 
     def _reply(self, answer: bytes) -> None:
         self._answer(answer, error=answer.startswith(b"-ERR"))
@@ -515,58 +458,23 @@ class POP3Session(InputLoopSession):
             self._close()
 
     def _unexpected(self, failure: Failure) -> bytes:
-        log.failure("internal error in POP3 session with [{client}]", failure,
-                    client=self._client_address)
+        log.failure("internal error in POP3 session with {client}", failure,
+                    client=self._client)
         self._close_after_reply = True
         return ERR_INTERNAL
-
-    def _resume(self, answer: bytes) -> None:
-        if self._disconnected:
-            return
-        self._reply(answer)
-        self._continue()
 
     def _answer(self, data: bytes, *, error: bool = False) -> None:
         if self._disconnected:
             return
         self._write(data)
-        if error:
-            self._errors += 1
-            if self._errors >= self._settings.max_bad_commands and not self._closing:
-                log.info("pop3 too many errors from [{client}]", client=self._client_address)
-                self._transport.write(ERR_TOO_MANY_ERRORS)
-                self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        if not self._disconnected:
-            self._transport.loseConnection()
-
-    def _internal_error(self) -> None:
-        if not self._disconnected:
-            self._transport.write(ERR_INTERNAL)
-        self._close()
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._disconnected or self._closing:
-            return
-        if self._waiting:
-            # We are the slow one (disk, password check, a big RETR): not the client's fault.
-            self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
-            return
-        # RFC 1939 §3: close without a response and without entering the UPDATE state.
-        log.info("pop3 idle timeout for [{client}]", client=self._client_address)
-        self._close()
+        if error and self._count_error():
+            self._transport.write(ERR_TOO_MANY_ERRORS)
+            self._close()
 
     # --- state ---------------------------------------------------------------------------------
 
     def _plaintext_ok(self) -> bool:
-        return self._secure or self._settings.allow_plaintext_auth
-
-    def _can_stls(self) -> bool:
-        return (self._factory.tls is not None and not self._secure
-                and ITLSTransport.providedBy(self._transport))
+        return self._secure or self._limits.allow_plaintext_auth
 
     def _message(self, argument: bytes) -> tuple[int, MessageInfo] | bytes:
         """Parse a message number (RFC 1939 §3: 1-based, deleted ones are invalid)."""
@@ -595,7 +503,7 @@ class POP3Session(InputLoopSession):
         if self._plaintext_ok():
             lines.append("USER")
             lines.append("SASL PLAIN")
-        if self._can_stls():
+        if self._tls_offered():
             lines.append("STLS")
         lines.append("IMPLEMENTATION mailsys")
         return _multiline("Capability list follows", lines)
@@ -646,54 +554,25 @@ class POP3Session(InputLoopSession):
             # RFC 5034 §4: the client cancelled; the server must answer -ERR.
             return ERR_AUTH_CANCELLED
         try:
-            plain = decode_plain(decode_base64(line))
+            login = self._login.plain(decode_base64(line))
         except SASLError as exc:
-            log.info("pop3 bad AUTH PLAIN from [{client}]: {reason}",
-                     client=self._client_address, reason=str(exc))
+            log.info("pop3 bad AUTH PLAIN from {client}: {reason}",
+                     client=self._client, reason=str(exc))
             return ERR_AUTH_SYNTAX
-        if plain.authzid and plain.authzid != plain.authcid:
-            # Acting for another user (proxy authorization) is not offered: a failure.
-            return self._login_failed(plain.authcid)
-        return self._authenticate(plain.authcid, plain.password)
+        return login.addCallback(self._login_answer)
 
-    def _authenticate(self, user: str, password: str) -> Deferred[bytes] | None:
-        throttle = self._factory.throttle
-        address = self._client_address
-        if throttle.blocked(address, user):
-            log.info("pop3 login refused for {user} from [{client}]: throttled", user=user,
-                     client=address)
-            self._transport.write(ERR_THROTTLED)
-            self._close()
-            return None
-        d = maybeDeferred(login, self._factory.portal, user, password)
+    def _authenticate(self, user: str, password: str) -> Deferred[bytes]:
+        return self._login.attempt(user, password).addCallback(self._login_answer)
 
-        def failed(failure: Failure) -> Failure | Deferred[bytes]:
-            if not isinstance(failure.value, UnauthorizedLogin):
-                return failure
-            return self._login_failed(user)
+    def _login_answer(self, outcome: LoginOutcome) -> bytes | Deferred[bytes]:
+        if outcome is Refusal.BLOCKED:
+            self._close_after_reply = True
+            return ERR_THROTTLED
+        if outcome is Refusal.FAILED:
+            return ERR_AUTH_FAILED
+        return self._logged_in(outcome)
 
-        return d.addCallbacks(self._logged_in, failed, callbackArgs=(user,))
-
-    def _login_failed(self, user: str) -> Deferred[bytes]:
-        throttle = self._factory.throttle
-        address = self._client_address
-        throttle.failed(address, user)
-        delay = throttle.delay_for(address, user)
-        log.info("pop3 login failed for {user} from [{client}]", user=user, client=address)
-        d: Deferred[bytes] = Deferred()
-
-        def answer() -> None:
-            if throttle.blocked(address, user):
-                self._close_after_reply = True
-                d.callback(ERR_THROTTLED)
-            else:
-                d.callback(ERR_AUTH_FAILED)
-
-        self._clock.callLater(delay, answer)
-        return d
-
-    def _logged_in(self, user: MailUser, login_name: str) -> Deferred[bytes]:
-        self._factory.throttle.succeeded(self._client_address, login_name)
+    def _logged_in(self, user: MailUser) -> Deferred[bytes]:
         mailbox = user.mailbox
         d = self._store.lock_mailbox(mailbox)
 
@@ -712,8 +591,8 @@ class POP3Session(InputLoopSession):
             self._mailbox = mailbox
             self._state = _State.TRANSACTION
             total = sum(info.wire_size for info in view.messages)
-            log.info("pop3 login {user} from [{client}] messages={count}", user=mailbox,
-                     client=self._client_address, count=len(view.messages))
+            log.info("pop3 login {user} from {client} messages={count}", user=mailbox,
+                     client=self._client, count=len(view.messages))
             return _ok(f"Logged in, {len(view.messages)} messages ({total} octets)")
 
         def open_failed(failure: Failure) -> bytes:
@@ -723,8 +602,8 @@ class POP3Session(InputLoopSession):
 
         def lock_failed(failure: Failure) -> bytes:
             if isinstance(failure.value, MailboxInUseError):
-                log.info("pop3 mailbox {user} in use, refused [{client}]", user=mailbox,
-                         client=self._client_address)
+                log.info("pop3 mailbox {user} in use, refused {client}", user=mailbox,
+                         client=self._client)
                 return ERR_IN_USE
             log.failure("pop3 cannot lock the mailbox of {user}", failure, user=mailbox)
             return ERR_MAILBOX
@@ -738,28 +617,12 @@ class POP3Session(InputLoopSession):
             return ERR_WRONG_STATE  # RFC 2595 §4: only in the AUTHORIZATION state
         if self._secure:
             return ERR_TLS_ACTIVE
-        tls = self._factory.tls
-        if tls is None or not self._can_stls():
+        if not self._tls_offered():
             return ERR_TLS_UNAVAILABLE
-        try:
-            context = tls.server_context()
-        except Exception:
-            log.failure("pop3 no TLS context for STLS from [{client}]",
-                        client=self._client_address)
+        context = self._tls_context("STLS")
+        if context is None:
             return ERR_TLS_UNAVAILABLE
-        self._transport.write(STLS_READY)
-        # RFC 2595 §4 (as RFC 3207 §4.2, CVE-2011-0411): what the client pipelined after STLS
-        # in plaintext must not be executed inside TLS. Drop it.
-        dropped = len(self._buffer) - self._offset
-        self._buffer = b""
-        self._offset = 0
-        if dropped:
-            log.info("pop3 discarded {dropped} plaintext bytes after STLS from [{client}]",
-                     dropped=dropped, client=self._client_address)
-        ITLSTransport(self._transport).startTLS(context)
-        self._secure = True
-        self._user = None  # forget anything learnt before TLS
-        log.info("pop3 STLS with [{client}]", client=self._client_address)
+        self._start_tls(context, STLS_READY, "STLS")
         return None
 
     def _do_quit(self, argument: bytes) -> bytes | Deferred[bytes]:
@@ -963,8 +826,15 @@ class POP3Session(InputLoopSession):
         return d.addCallbacks(done, failed)
 
 
-class POP3ServerFactory(MailboxServerFactory[POP3Settings]):
+class POP3ServerFactory(MailboxServerFactory[POP3Section]):
     """Builds POP3 sessions for one listener."""
+
+    protocol_name = "pop3"
+
+    @classmethod
+    @override
+    def section_of(cls, config: Config) -> POP3Section:
+        return config.pop3
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> POP3Session:

@@ -17,36 +17,31 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Protocol as TypingProtocol
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IReactorTime,
-    ISSLTransport,
     ITLSTransport,
-    ITransport,
 )
-from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys import replies
 from mailsys.address import AddressError, MailRequest, RcptRequest, parse_mail, parse_rcpt
-from mailsys.auth.portal import MailUser, login
-from mailsys.auth.sasl import SASLError, decode_base64, decode_plain
+from mailsys.auth.login import LoginLimiter, LoginOutcome, Refusal
+from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.envelope import Envelope, Recipient
-from mailsys.inputloop import InputLoopSession
 from mailsys.interfaces import IMessageSink, MessageRefusedError
 from mailsys.replies import Reply
 from mailsys.routing import Destination
+from mailsys.session import ServerSession
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
 from mailsys.tls import TLSContextSource, describe_tls
@@ -70,68 +65,6 @@ class ListenerRole(enum.Enum):
     MTA = "mta"
     SUBMISSION = "submission"
     SUBMISSIONS = "submissions"
-
-
-@dataclass(frozen=True)
-class SMTPSettings:
-    """Everything an SMTP listener needs to know besides its collaborators."""
-
-    hostname: str
-    role: ListenerRole
-    max_message_size: int = 25 * 1024 * 1024
-    max_recipients: int = 100
-    max_command_length: int = 2048
-    max_line_length: int = 1000
-    idle_timeout: float = 300.0
-    max_bad_commands: int = 10
-    max_connections: int = 500
-    max_connections_per_client: int = 20
-    max_received_headers: int = 50
-    # Leave the client's address out of the Received field (submission privacy).
-    hide_client_address: bool = False
-    # Port 25 only: offer AUTH after STARTTLS (submission listeners always offer it over TLS).
-    offer_auth: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config, role: ListenerRole) -> SMTPSettings:
-        """The settings of a listener with ``role``, from the [smtp] limits of ``config``."""
-        smtp = config.smtp
-        return cls(
-            hostname=config.server.hostname,
-            role=role,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            max_command_length=smtp.max_command_length,
-            max_line_length=smtp.max_line_length,
-            idle_timeout=smtp.idle_timeout,
-            max_bad_commands=smtp.max_bad_commands,
-            max_connections=smtp.max_connections,
-            max_connections_per_client=smtp.max_connections_per_client,
-            max_received_headers=smtp.max_received_headers,
-            hide_client_address=(
-                role is not ListenerRole.MTA and config.submission.hide_client_address
-            ),
-            offer_auth=role is ListenerRole.MTA and smtp.offer_auth,
-        )
-
-
-
-class LoginLimiter(TypingProtocol):
-    """Throttles failed logins per user and client address
-    (mailsys.auth.throttle.LoginThrottle)."""
-
-    def delay_for(self, address: str, user: str = "") -> float:
-        """Seconds to wait before answering a failed login for ``user`` from ``address``."""
-
-    def failed(self, address: str, user: str = "") -> None:
-        """Count a failed login from ``address`` for the login name ``user``."""
-
-    def succeeded(self, address: str, user: str) -> None:
-        """``user`` logged in from ``address``: forget the failures made for that user."""
-
-    def blocked(self, address: str, user: str | None = None) -> bool:
-        """True if logins from ``address`` (as a whole, or for ``user`` when given) are refused
-        without being checked."""
 
 
 class _Mode(enum.Enum):
@@ -175,7 +108,7 @@ _QUEUED_AUTHENTICATED = ("{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} 
                          "sasl_username={sasl_username} proto={proto} queued")
 
 
-class SMTPSession(InputLoopSession):
+class SMTPSession(ServerSession):
     """One SMTP connection, from greeting to QUIT.
 
     Input is kept in ``_buffer`` from ``_offset`` on and processed strictly one command at a
@@ -188,26 +121,25 @@ class SMTPSession(InputLoopSession):
     # the transport is asked to stop reading (a client pipelining a message far ahead of us).
     max_buffer_while_waiting = 256 * 1024
 
+    protocol_name = "smtp"
+    log = log
+
     def __init__(self, factory: SMTPServerFactory) -> None:
-        super().__init__()
+        # The [smtp] section, read directly (config values are checked when the file is read).
+        self._limits = factory.config.smtp
+        super().__init__(factory, max_bad_commands=self._limits.max_bad_commands)
         self._factory = factory
-        self._settings = factory.settings
+        self._role = factory.role
+        self._hostname = factory.hostname
         self._policy = factory.policy
         self._sink = factory.sink
-        self._clock = factory.clock
         self._mode = _Mode.COMMAND
         self._out: list[bytes] = []
-        self._admitted = False
-        self._client_address = ""
-        self._client = "[unknown]"
         self._connected_at = 0.0
-        self._secure = False
         self._helo: str | None = None
         self._esmtp = False
         self._auth_user: str | None = None  # the canonical mailbox that AUTH logged in
-        self._auth_delay: IDelayedCall | None = None  # a throttled AUTH failure's pending answer
         self._txn: _Transaction | None = None
-        self._errors = 0
         self._messages = 0
         self._chunk_remaining = 0
         self._chunk_last = False
@@ -233,54 +165,60 @@ class SMTPSession(InputLoopSession):
             b"AUTH": self._do_auth,
         }
 
-    # --- connection events (Twisted) -----------------------------------------------------------
+    # --- the session skeleton (mailsys.session) -------------------------------------------------
 
     @override
-    def connectionMade(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        self._transport: ITransport = transport
-        peer = transport.getPeer()
-        self._client_address = str(getattr(peer, "host", ""))
-        self._client = _client_label(self._client_address)
-        refusal = self._factory.admit(self._client_address)
-        if refusal is not None:
-            log.info("refused connection from {client}: {reply}", client=self._client,
-                     reply=str(refusal))
-            self._closing = True
-            self._transport.write(_wire(refusal))
-            self._transport.loseConnection()
-            return
-        self._admitted = True
-        # RFC 8314 §3.3: on 465 the session is TLS from the first byte.
-        self._secure = self._settings.role is ListenerRole.SUBMISSIONS or ISSLTransport.providedBy(
-            transport
-        )
-        self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
+    def _client_label(self, host: str) -> str:
+        return _client_label(host)
+
+    @override
+    def _implicit_tls(self) -> bool:
+        return self._role is ListenerRole.SUBMISSIONS  # RFC 8314 §3.3: 465 is TLS at once
+
+    @override
+    def _refusal(self, crowding: Crowding) -> bytes:
+        if crowding is Crowding.TOTAL:
+            return _wire(replies.TOO_MANY_CONNECTIONS)
+        return _wire(replies.TOO_MANY_FROM_CLIENT)
+
+    @override
+    def _greet(self) -> None:
         # No line here: the disconnect line says when the session began and what it did, and
         # a log event costs a measurable share of the reactor per message.
         self._connected_at = self._clock.seconds()
         self._transport.write(self._factory.greeting)
 
     @override
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._disconnected = True
+    def _session_ended(self) -> None:
+        lost = self._lost_message()
+        log.info("disconnect from {client} helo=<{helo}> messages={messages} "
+                 "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
+                 client=self._client, helo=self._helo or "",
+                 messages=self._messages, errors=self._errors,
+                 duration=round(self._clock.seconds() - self._connected_at, 3), lost=lost)
+
+    @override
+    def _timed_out(self) -> None:
+        self._out.append(_wire(replies.IDLE_TIMEOUT))
+        self._close()
+
+    @override
+    def _close(self) -> None:
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._auth_delay is not None and self._auth_delay.active():
-            self._auth_delay.cancel()
-        self._auth_delay = None
-        if self._admitted:
-            self._admitted = False
-            self._factory.release(self._client_address)
-            lost = self._lost_message()
-            log.info("disconnect from {client} helo=<{helo}> messages={messages} "
-                     "errors={errors} duration={duration}s" + (" {lost}" if lost else ""),
-                     client=self._client, helo=self._helo or "",
-                     messages=self._messages, errors=self._errors,
-                     duration=round(self._clock.seconds() - self._connected_at, 3), lost=lost)
+        self._flush()  # the replies of this batch go out, then the connection closes
+
+    @override
+    def _send_now(self, data: bytes) -> None:
+        self._out.append(data)
+        self._flush()
+
+    @override
+    def _reset_after_tls(self) -> None:
+        # RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
+        self._helo = None
+        self._esmtp = False
+        self._txn = None
+        self._auth_user = None
 
     def _lost_message(self) -> str:
         """What a client that went away in the middle of a message took with it, or ""."""
@@ -294,7 +232,7 @@ class SMTPSession(InputLoopSession):
 
     @override
     def _idle_seconds(self) -> float:
-        return self._settings.idle_timeout
+        return self._limits.idle_timeout
 
     @override
     def _step(self) -> bool:
@@ -308,10 +246,8 @@ class SMTPSession(InputLoopSession):
         return self._swallow_step()
 
     @override
-    def _step_failed(self) -> None:
-        log.failure("internal error in SMTP session with {client}", client=self._client)
-        self._out.append(_wire(replies.INTERNAL_ERROR_CLOSING))
-        self._closing = True
+    def _internal_error_answer(self) -> bytes:
+        return _wire(replies.INTERNAL_ERROR_CLOSING)
 
     @override
     def _batch_done(self) -> None:
@@ -334,10 +270,11 @@ class SMTPSession(InputLoopSession):
         # Commands end with CRLF. We split at LF so a client ending lines with a bare LF gets an
         # answer rather than silence, and refuse any line that does not end in exactly CRLF.
         lf = buf.find(b"\n", start)
-        limit = self._settings.max_command_length
+        limit = self._limits.max_command_length
         if lf < 0:
             if len(buf) - start > limit:
                 # RFC 5321 §4.5.3.1.4: too long; drop it up to its end, then reply once.
+                self._line_handler = None  # an AUTH exchange ends with that reply
                 self._mode = _Mode.SWALLOW
                 self._buffer = b""
                 self._offset = 0
@@ -348,11 +285,16 @@ class SMTPSession(InputLoopSession):
             return False
         self._offset = lf + 1
         if lf + 1 - start > limit:
+            # An AUTH exchange in progress ends with this reply: the next line is a command
+            # again, never taken as credentials.
+            self._line_handler = None
             self._reply(replies.LINE_TOO_LONG)
             return True
         line = buf[start:lf]
         if line[-1:] != b"\r" or b"\r" in line[:-1]:
-            # RFC 5321 §2.3.8: bare CR or LF; never execute such a line.
+            # RFC 5321 §2.3.8: bare CR or LF; never execute such a line (nor take it as an
+            # AUTH response: the exchange ends here).
+            self._line_handler = None
             self._reply(replies.BARE_LINE_ENDING_COMMAND)
             return True
         handler = self._line_handler
@@ -433,47 +375,24 @@ class SMTPSession(InputLoopSession):
         if isinstance(result, Reply):
             self._reply(result)
             return
-        self._waiting = True
-        result.addCallbacks(self._resume, self._unexpected)
+        self._await(result.addErrback(self._unexpected), self._reply)
 
-    def _unexpected(self, failure: Failure) -> None:
+    def _unexpected(self, failure: Failure) -> Reply:
         log.failure("internal error in SMTP session with {client}", failure, client=self._client)
         self._txn = None
-        self._resume(replies.INTERNAL_ERROR)
-
-    def _resume(self, reply: Reply) -> None:
-        if self._disconnected:
-            return
-        self._reply(reply)
-        self._continue()
+        return replies.INTERNAL_ERROR
 
     def _reply(self, reply: Reply) -> None:
         self._out.append(_wire(reply))
-        if reply.code in _ERROR_CODES:
-            self._errors += 1
-            if self._errors >= self._settings.max_bad_commands:
-                log.info("too many errors from {client}", client=self._client)
-                self._out.append(_wire(replies.TOO_MANY_ERRORS))
-                self._closing = True
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self._disconnected or self._closing:
-            return
-        if self._waiting:
-            # We are the slow one (policy or spool): not the client's fault.
-            self._timer = self._clock.callLater(self._settings.idle_timeout, self._idle_timeout)
-            return
-        log.info("idle timeout for {client}", client=self._client)
-        self._out.append(_wire(replies.IDLE_TIMEOUT))
-        self._closing = True
-        self._flush()
+        if reply.code in _ERROR_CODES and self._count_error():
+            self._out.append(_wire(replies.TOO_MANY_ERRORS))
+            self._closing = True
 
     # --- state ---------------------------------------------------------------------------------
 
     def _session_info(self) -> SessionInfo:
         return SessionInfo(
-            hostname=self._settings.hostname,
+            hostname=self._hostname,
             client_address=self._client_address,
             helo=self._helo,
             tls=self._secure,
@@ -484,13 +403,13 @@ class SMTPSession(InputLoopSession):
         return (
             self._factory.tls is not None
             and not self._secure
-            and self._settings.role is not ListenerRole.SUBMISSIONS
+            and self._role is not ListenerRole.SUBMISSIONS
         )
 
     def _auth_listener(self) -> bool:
         """True if this listener does AUTH at all: submission, or port 25 when configured."""
         return self._factory.portal is not None and (
-            self._settings.role is not ListenerRole.MTA or self._settings.offer_auth
+            self._role is not ListenerRole.MTA or self._limits.offer_auth
         )
 
     def _can_auth(self) -> bool:
@@ -505,11 +424,11 @@ class SMTPSession(InputLoopSession):
         return ("UTF8SMTP" if smtputf8 else "ESMTP") + suffix
 
     def _new_message(self) -> MessageBuffer:
-        settings = self._settings
+        limits = self._limits
         return MessageBuffer(
-            max_size=settings.max_message_size,
-            max_line_length=settings.max_line_length,
-            max_received=settings.max_received_headers,
+            max_size=limits.max_message_size,
+            max_line_length=limits.max_line_length,
+            max_received=limits.max_received_headers,
         )
 
     # --- commands ------------------------------------------------------------------------------
@@ -553,7 +472,7 @@ class SMTPSession(InputLoopSession):
             return replies.SYNTAX_ERROR
         except AddressError as error:
             return error.reply
-        if request.size is not None and request.size > self._settings.max_message_size:
+        if request.size is not None and request.size > self._limits.max_message_size:
             return replies.MESSAGE_TOO_BIG  # RFC 1870 §6.1
         self._txn = None
         d = policy.check_sender(self._session_info(), request.sender)
@@ -579,7 +498,7 @@ class SMTPSession(InputLoopSession):
             return replies.NEED_MAIL
         if txn.chunking:
             return replies.BAD_SEQUENCE
-        if len(txn.recipients) >= self._settings.max_recipients:
+        if len(txn.recipients) >= self._limits.max_recipients:
             return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10
         try:
             request = parse_rcpt(
@@ -760,7 +679,7 @@ class SMTPSession(InputLoopSession):
         """
         utf8 = txn.mail.smtputf8  # RFC 6532: UTF-8 in header fields only with SMTPUTF8
         parts = []
-        if not self._settings.hide_client_address:
+        if not self._factory.hide_client_address:
             parts.append(f"from {_printable(self._helo or 'unknown', utf8)} ({self._client})")
         if self._secure:
             tls = describe_tls(self._transport)
@@ -768,7 +687,7 @@ class SMTPSession(InputLoopSession):
                 parts.append(f"({tls})")
         if self._auth_user is not None:
             parts.append(f"(Authenticated sender: {_printable(self._auth_user, utf8)})")
-        parts.append(f"by {self._settings.hostname} (mailsys) with {protocol} id {queue_id}")
+        parts.append(f"by {self._hostname} (mailsys) with {protocol} id {queue_id}")
         if len(txn.recipients) == 1:
             parts.append(f"for <{_printable(str(txn.recipients[0][0].recipient), utf8)}>")
         text = "\r\n\t".join(parts)
@@ -782,7 +701,7 @@ class SMTPSession(InputLoopSession):
             fields += f"Date: {_rfc5322_date(self._clock.seconds())}\r\n".encode("ascii")
         if not has_field(header, b"Message-ID"):
             # RFC 5322 §3.6.4: unique; the queue id is, and the host name makes it global.
-            fields += f"Message-ID: <{queue_id}@{self._settings.hostname}>\r\n".encode("ascii")
+            fields += f"Message-ID: <{queue_id}@{self._hostname}>\r\n".encode("ascii")
         return fields
 
     def _do_rset(self, argument: bytes) -> Reply:
@@ -839,7 +758,7 @@ class SMTPSession(InputLoopSession):
             return replies.SYNTAX_ERROR
         if mechanism not in _MECHANISMS:
             return replies.AUTH_UNKNOWN_MECHANISM
-        if self._factory.login_blocked(self._client_address):
+        if self._login.blocked():
             return self._auth_blocked()
         initial = parts[1] if len(parts) == 2 else None
         if mechanism == b"PLAIN":
@@ -870,14 +789,11 @@ class SMTPSession(InputLoopSession):
         if isinstance(decoded, Reply):
             return decoded
         try:
-            plain = decode_plain(decoded)  # RFC 4616 §2
+            login = self._login.plain(decoded)  # RFC 4616 §2
         except SASLError as exc:
             log.info("AUTH PLAIN from {client}: {reason}", client=self._client, reason=str(exc))
             return self._login_failed("")
-        if plain.authzid and plain.authzid.lower() != plain.authcid.lower():
-            # Acting for another user (RFC 4616 §2 authorization identity) is not offered.
-            return self._login_failed(plain.authcid)
-        return self._authenticate(plain.authcid, plain.password)
+        return login.addCallbacks(self._login_answer, self._login_error)
 
     def _login_username(self, line: bytes, *, initial: bool = False) -> Reply:
         decoded = self._sasl_decode(line, initial=initial)
@@ -893,50 +809,27 @@ class SMTPSession(InputLoopSession):
             return decoded
         return self._authenticate(user, decoded.decode("utf-8", "surrogateescape"))
 
-    def _authenticate(self, user: str, password: str) -> Reply | Deferred[Reply]:
-        if not user or not password:
-            return self._login_failed(user)
-        if self._factory.login_blocked(self._client_address, user):
-            return self._auth_blocked()
-        portal = self._factory.portal
-        assert portal is not None  # _do_auth checked _auth_listener()
-        d = maybeDeferred(login, portal, user, password)
-        return d.addCallbacks(self._logged_in, self._login_error, callbackArgs=(user,),
-                              errbackArgs=(user,))
-
-    def _logged_in(self, user: MailUser, login_name: str) -> Reply:
-        self._factory.login_succeeded(self._client_address, login_name)
-        self._auth_user = user.mailbox
-        log.info("AUTH {user} from {client}", user=user.mailbox, client=self._client)
-        return replies.AUTH_OK
-
-    def _login_error(self, failure: Failure, user: str) -> Reply | Deferred[Reply]:
-        if isinstance(failure.value, UnauthorizedLogin):
-            return self._login_failed(user)
-        log.failure("AUTH from {client}: cannot check the password", failure, client=self._client)
-        return replies.AUTH_TEMPORARY_FAILURE
+    def _authenticate(self, user: str, password: str) -> Deferred[Reply]:
+        return self._login.attempt(user, password).addCallbacks(
+            self._login_answer, self._login_error)
 
     def _login_failed(self, user: str) -> Deferred[Reply]:
-        """Count a failure and answer 535 after the throttle's delay, or 421 once blocked.
+        """Malformed credentials: a failed login like a wrong password, after the same delay,
+        so the answer does not tell them apart."""
+        return self._login.failed(user).addCallback(self._login_answer)
 
-        An unknown user, a wrong password and malformed credentials all end here, after the
-        same delay, so the answer does not tell them apart.
-        """
-        address = self._client_address
-        delay = self._factory.login_failed(address, user)
-        log.info("AUTH failed for {user!r} from {client}; answer in {delay}s",
-                 user=user, client=self._client, delay=delay)
-        d: Deferred[Reply] = Deferred()
+    def _login_answer(self, outcome: LoginOutcome) -> Reply:
+        if outcome is Refusal.BLOCKED:
+            return self._auth_blocked()
+        if outcome is Refusal.FAILED:
+            return replies.AUTH_INVALID  # RFC 4954 §6: 535 5.7.8
+        self._auth_user = outcome.mailbox
+        log.info("AUTH {user} from {client}", user=outcome.mailbox, client=self._client)
+        return replies.AUTH_OK
 
-        def answer() -> None:
-            self._auth_delay = None
-            if self._factory.login_blocked(address, user):
-                d.callback(self._auth_blocked())
-            else:
-                d.callback(replies.AUTH_INVALID)  # RFC 4954 §6: 535 5.7.8
-
-        self._auth_delay = self._clock.callLater(delay, answer)
-        return d
+    def _login_error(self, failure: Failure) -> Reply:
+        log.failure("AUTH from {client}: cannot check the password", failure, client=self._client)
+        return replies.AUTH_TEMPORARY_FAILURE
 
     def _auth_blocked(self) -> Reply:
         log.info("AUTH from {client} refused: too many failures", client=self._client)
@@ -948,36 +841,16 @@ class SMTPSession(InputLoopSession):
             return replies.SYNTAX_ERROR
         if self._secure:
             return replies.TLS_ALREADY_ACTIVE
-        tls = self._factory.tls
-        if not self._can_starttls() or tls is None:
+        if not self._can_starttls():
             return replies.NOT_IMPLEMENTED
         if self._helo is None:
             return replies.NEED_EHLO
         if not ITLSTransport.providedBy(self._transport):
             return replies.TLS_UNAVAILABLE
-        try:
-            context = tls.server_context()
-        except Exception:
-            log.failure("no TLS context for STARTTLS from {client}", client=self._client)
+        context = self._tls_context("STARTTLS")
+        if context is None:
             return replies.TLS_UNAVAILABLE
-        self._reply(replies.READY_TLS)
-        self._flush()
-        # RFC 3207 §4.2 (CVE-2011-0411): anything the client sent after STARTTLS in plaintext
-        # must not be executed inside TLS. Drop it.
-        dropped = len(self._buffer) - self._offset
-        self._buffer = b""
-        self._offset = 0
-        if dropped:
-            log.info("discarded {dropped} plaintext bytes after STARTTLS from {client}",
-                     dropped=dropped, client=self._client)
-        ITLSTransport(self._transport).startTLS(context)
-        # RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
-        self._secure = True
-        self._helo = None
-        self._esmtp = False
-        self._txn = None
-        self._auth_user = None
-        log.info("STARTTLS with {client}", client=self._client)
+        self._start_tls(context, _wire(replies.READY_TLS), "STARTTLS")
         return None
 
 
@@ -988,7 +861,8 @@ class SMTPServerFactory(ServerFactory):
 
     def __init__(
         self,
-        settings: SMTPSettings,
+        config: Config,
+        role: ListenerRole,
         policy: Policy,
         sink: IMessageSink,
         clock: IReactorTime,
@@ -997,7 +871,12 @@ class SMTPServerFactory(ServerFactory):
         portal: Portal | None = None,
         throttle: LoginLimiter | None = None,
     ) -> None:
-        self.settings = settings
+        self.config = config
+        self.role = role
+        self.hostname = config.server.hostname
+        # Submission privacy: the client's address stays out of the Received field.
+        self.hide_client_address = (role is not ListenerRole.MTA
+                                    and config.submission.hide_client_address)
         self.policy = policy
         self.sink = sink
         self.clock = clock
@@ -1008,17 +887,16 @@ class SMTPServerFactory(ServerFactory):
         self.throttle: LoginLimiter | None = throttle
         if portal is not None and throttle is None:
             self.throttle = LoginThrottle(clock)
-        self.connections = ConnectionCounter(
-            settings.max_connections, settings.max_connections_per_client
-        )
-        hostname = settings.hostname
+        smtp = config.smtp
+        self.connections = ConnectionCounter(smtp.max_connections, smtp.max_connections_per_client)
+        hostname = self.hostname
         self.greeting = _wire(
             replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
         )
         self.helo_reply = _wire(Reply(250, "", hostname))  # RFC 2034 §3: no enhanced code
         keywords = [
             "PIPELINING",  # RFC 2920
-            f"SIZE {settings.max_message_size}",  # RFC 1870
+            f"SIZE {smtp.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
@@ -1041,42 +919,12 @@ class SMTPServerFactory(ServerFactory):
         can be used."""
         return self._ehlo[offer_starttls, offer_auth]
 
-    def login_blocked(self, address: str, user: str | None = None) -> bool:
-        """True if ``address`` (as a whole, or for ``user`` when given) failed to log in too
-        often to be let try again now."""
-        return self.throttle is not None and self.throttle.blocked(address, user)
-
-    def login_failed(self, address: str, user: str = "") -> float:
-        """Count a failed login for ``user`` from ``address``; the seconds to wait before
-        saying so."""
-        if self.throttle is None:
-            return 0.0
-        self.throttle.failed(address, user)
-        return self.throttle.delay_for(address, user)
-
-    def login_succeeded(self, address: str, user: str) -> None:
-        """Forget the failed logins of ``address`` for ``user``."""
-        if self.throttle is not None:
-            self.throttle.succeeded(address, user)
-
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
         session = SMTPSession(self)
         session.factory = self
         return session
 
-    def admit(self, client_address: str) -> Reply | None:
-        """Count a new connection, or return the 421 it gets when over a limit."""
-        crowding = self.connections.admit(client_address)
-        if crowding is None:
-            return None
-        if crowding is Crowding.TOTAL:
-            return replies.TOO_MANY_CONNECTIONS
-        return replies.TOO_MANY_FROM_CLIENT
-
-    def release(self, client_address: str) -> None:
-        """Forget a connection counted by ``admit``."""
-        self.connections.release(client_address)
 
 
 def _recipients(txn: _Transaction) -> list[Recipient]:

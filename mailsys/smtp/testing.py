@@ -10,7 +10,6 @@ when the test says.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import classImplements, implementer
 
+from mailsys.auth.login import LoginLimiter
 from mailsys.auth.portal import MailRealm
 from mailsys.envelope import Envelope, TargetKind
 from mailsys.interfaces import IMessageSink, IRouter
@@ -32,11 +32,10 @@ from mailsys.routing import Destination, UnknownRecipient
 from mailsys.smtp.policy import InboundPolicy, Policy
 from mailsys.smtp.server import (
     ListenerRole,
-    LoginLimiter,
     SMTPServerFactory,
     SMTPSession,
-    SMTPSettings,
 )
+from mailsys.testing import make_config
 from mailsys.tls import TLSContextSource
 
 HOSTNAME = "mx.example.test"
@@ -159,7 +158,7 @@ class SessionDriver:
             peer = IPv4Address("TCP", client, 40000)
         self.factory = factory
         self.transport = TLSRecordingTransport(peer)
-        if factory.settings.role is ListenerRole.SUBMISSIONS:
+        if factory.role is ListenerRole.SUBMISSIONS:
             self.transport.tls_handle = FakeTLSConnection()  # TLS from the first byte
         session = factory.buildProtocol(peer)
         self.session: SMTPSession = session
@@ -205,13 +204,17 @@ def make_factory(
     tls: TLSContextSource | None = None,
     portal: Portal | None = None,
     throttle: LoginLimiter | None = None,
-    **limits: int | float | bool,
+    hide_client_address: bool = False,
+    **smtp: int | float | bool,
 ) -> SMTPServerFactory:
     """A factory for ``mx.example.test`` with a StaticRouter (alice, bob and postmaster of
-    example.test), a MemorySink and a Clock unless given; ``limits`` override SMTPSettings."""
-    settings = dataclasses.replace(SMTPSettings(HOSTNAME, role), **limits)  # type: ignore[arg-type]
+    example.test), a MemorySink and a Clock unless given; ``smtp`` are [smtp] values and
+    ``hide_client_address`` the [submission] one."""
+    config = make_config(HOSTNAME, smtp=smtp,
+                         submission={"hide_client_address": hide_client_address})
     return SMTPServerFactory(
-        settings,
+        config,
+        role,
         policy if policy is not None else InboundPolicy(StaticRouter({LOCAL_DOMAIN}, set(USERS))),
         sink if sink is not None else MemorySink(),
         clock if clock is not None else Clock(),

@@ -95,6 +95,18 @@ def test_login_disabled_before_starttls(imap: IMAPServer) -> None:
     client.logout()
 
 
+def test_line_too_long_ends_authenticate(imap: IMAPServer) -> None:
+    """imaplib on 993: an over-long AUTHENTICATE response gets BAD and ends the exchange; the
+    next command runs and the right password logs in."""
+    client = imaplib.IMAP4_SSL("127.0.0.1", imap.tls_port, ssl_context=imap.context(),
+                               timeout=30)
+    with pytest.raises(imaplib.IMAP4.error, match="too long"):
+        client.authenticate("PLAIN", lambda challenge: b"A" * 70_000)
+    _ok(client.noop())
+    client.login(USER, PASSWORD)
+    client.logout()
+
+
 def test_imaplib_mailbox_session(imap: IMAPServer) -> None:
     """Over 993: append, select, fetch, search, store, copy, move and expunge all work."""
     client = imap.implicit()

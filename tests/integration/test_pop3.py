@@ -166,6 +166,20 @@ def test_pop3_ssl_and_wrong_password(pop3: POP3Server) -> None:
     client.quit()
 
 
+def test_line_too_long_ends_auth_plain(pop3: POP3Server) -> None:
+    """poplib on 995: AUTH PLAIN, then a 5,000-byte line gets -ERR and ends the exchange; the
+    next line is a command again and the right password logs in."""
+    client = poplib.POP3_SSL("127.0.0.1", pop3.tls_port, timeout=30, context=pop3.context())
+    client._putcmd("AUTH PLAIN")
+    assert client._getline()[0].startswith(b"+")
+    with pytest.raises(poplib.error_proto, match="too long"):
+        client._shortcmd("A" * 5000)
+    assert client.capa()  # a command, not a SASL response
+    client.user(USER)
+    assert client.pass_(PASSWORD).startswith(b"+OK")
+    client.quit()
+
+
 def test_retr_dot_lines_byte_identical(pop3: POP3Server) -> None:
     """A message with "." lines at the start and at byte 16384 comes back byte-identical."""
     pop3.deliver(DOTTED, "1800000000.dots.host")

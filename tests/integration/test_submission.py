@@ -419,6 +419,23 @@ def test_cancelled_and_garbage_auth(shared: MailServer) -> None:
         assert client.login(USER, PASSWORD)[0] == 235
 
 
+def test_line_errors_end_the_auth_exchange(shared: MailServer) -> None:
+    """On 465, AUTH PLAIN then a 5,000-byte line gets 500 and ends the exchange: the NOOP after
+    it is a command (250), not credentials taken as a failed login."""
+    with smtplib.SMTP_SSL("127.0.0.1", shared.submissions_port, timeout=10,
+                          context=trusting(shared)) as client:
+        client.ehlo("laptop.test")
+        assert client.docmd("AUTH", "PLAIN") == (334, b"")
+        client.send(b"A" * 5000 + b"\r\n")
+        assert client.getreply()[0] == 500
+        assert client.noop()[0] == 250
+        assert client.docmd("AUTH", "PLAIN")[0] == 334
+        client.send(b"dGVzdA==\n")  # a bare LF
+        assert client.getreply()[0] == 500
+        assert client.noop()[0] == 250
+        assert client.login(USER, PASSWORD)[0] == 235
+
+
 # --- throttling ---------------------------------------------------------------------------------
 
 THROTTLE = """

@@ -16,8 +16,9 @@ from zope.interface import classImplements
 
 from mailsys.auth.portal import MailRealm
 from mailsys.auth.throttle import LoginThrottle
-from mailsys.imap.session import IMAPServerFactory, IMAPSession, IMAPSettings
+from mailsys.imap.session import IMAPServerFactory, IMAPSession
 from mailsys.mailbox.store import MailboxStore
+from mailsys.testing import make_config
 from tests.unit.mailbox_support import ImmediatePool, deliver, message
 
 USER = "demo@example.test"
@@ -57,10 +58,10 @@ class Server:
         checker = InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD.encode()})
         self.portal = Portal(MailRealm(), [checker])
         self.throttle = LoginThrottle(self.clock, max_failures=3)
-        values: dict[str, Any] = {"hostname": "mail.example.test"}
-        values.update(settings)
-        self.factory = IMAPServerFactory(IMAPSettings(**values), self.store, self.portal,
-                                         self.throttle, self.clock, FakeTLS())
+        implicit_tls = bool(settings.pop("implicit_tls", False))
+        config = make_config("mail.example.test", imap=settings)
+        self.factory = IMAPServerFactory(config, self.store, self.portal, self.throttle,
+                                         self.clock, FakeTLS(), implicit_tls=implicit_tls)
 
     @property
     def inbox(self) -> Path:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mailsys.config import Config, load
 from mailsys.connlimit import ConnectionCounter, Crowding
-from mailsys.imap.wiring import imap_factories
-from mailsys.pop3.wiring import pop3_factories
+from mailsys.imap.session import IMAPServerFactory
+from mailsys.pop3.server import POP3ServerFactory
+from mailsys.retrieval import mailbox_listeners
 from tests.unit import imap_support
 from tests.unit.test_pop3_session import Server as POP3Server
 
@@ -111,14 +113,16 @@ max_connections_per_client = 4
     return load(path)
 
 
-@pytest.mark.parametrize("wiring", [pop3_factories, imap_factories])
+@pytest.mark.parametrize("kind", [POP3ServerFactory, IMAPServerFactory])
 def test_plain_and_tls_listeners_share_one_counter(two_listener_config: Config,
-                                                   wiring: object) -> None:
+                                                   kind: type[Any]) -> None:
     """The STARTTLS/STLS and implicit-TLS listeners of a protocol count against one limit."""
-    listeners = wiring(two_listener_config, None, None, None, object(), None)  # type: ignore[operator]
+    unused: Any = None  # neither store, portal, throttle, clock nor TLS is used here
+    listeners: list[tuple[str, Any]] = mailbox_listeners(
+        kind, two_listener_config, unused, unused, unused, object(), unused)  # type: ignore[arg-type]
     plain = listeners[0][1]
     inner = listeners[1][1].wrappedFactory
     assert plain.connections is inner.connections
-    section = two_listener_config.pop3 if wiring is pop3_factories else two_listener_config.imap
+    section = kind.section_of(two_listener_config)
     assert plain.connections.max_total == section.max_connections
     assert plain.connections.max_per_client == section.max_connections_per_client

@@ -558,3 +558,26 @@ def test_disconnect_while_selected_unsubscribes(server: Server) -> None:
     deliver(server.inbox, message(2))
     server.store.notify_delivered(USER)
     assert client.output() == b""
+
+
+@pytest.mark.parametrize("login", [f"LOGIN {USER} wrong",
+                                   "AUTHENTICATE PLAIN " + base64.b64encode(b"\0x\0y").decode()])
+def test_leaving_during_the_delay_leaves_no_timer(server: Server, login: str) -> None:
+    """A client that leaves while its failed login's answer is delayed leaves no timer behind."""
+    client = server.connect()
+    client.cmd(login)
+    assert len(server.clock.getDelayedCalls()) == 2  # the idle timer and the delayed answer
+    client.lose()
+    assert server.clock.getDelayedCalls() == []
+
+
+def test_line_too_long_ends_the_authenticate_exchange(server: Server) -> None:
+    """An over-long line inside AUTHENTICATE ends it with BAD: the next line is a command, not
+    credentials, and no failed login is counted."""
+    client = server.connect()
+    assert client.cmd("AUTHENTICATE PLAIN") == "+ \r\n"
+    out = client.send(b"A" * 70000 + b"\r\n").decode()
+    assert out == f"{client.tag} BAD Command line too long\r\n"
+    assert client.status("NOOP") == "OK NOOP completed"
+    assert len(server.throttle) == 0
+    client.login()

@@ -13,9 +13,9 @@ from mailsys import config
 from mailsys.auth.portal import MailRealm
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import ConfigError
-from mailsys.imap import imap_factories
 from mailsys.imap.session import IMAPServerFactory
 from mailsys.mailbox.store import MailboxStore
+from mailsys.retrieval import mailbox_listeners
 from mailsys.tls import ServerTLS, ensure_self_signed
 from tests.unit.mailbox_support import ImmediatePool
 
@@ -71,11 +71,12 @@ def test_factories_wrap_implicit_tls(tmp_path: Path) -> None:
     ensure_self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "mail.example.test")
     tls = ServerTLS(tmp_path / "c.pem", tmp_path / "k.pem")
     clock = Clock()
-    factories = imap_factories(loaded, MailboxStore(tmp_path, ImmediatePool()),
-                               Portal(MailRealm()), LoginThrottle(clock), tls, clock)
+    factories = mailbox_listeners(IMAPServerFactory, loaded,
+                                  MailboxStore(tmp_path, ImmediatePool()), Portal(MailRealm()),
+                                  LoginThrottle(clock), tls, clock)
     assert [d for d, _ in factories] == ["tcp:2143:backlog=1024", "tcp:2993:backlog=1024"]
     plain, wrapped = factories[0][1], factories[1][1]
-    assert isinstance(plain, IMAPServerFactory) and not plain.settings.implicit_tls
+    assert isinstance(plain, IMAPServerFactory) and not plain.implicit_tls
     assert isinstance(wrapped, TLSMemoryBIOFactory)
     inner = wrapped.wrappedFactory
-    assert isinstance(inner, IMAPServerFactory) and inner.settings.implicit_tls
+    assert isinstance(inner, IMAPServerFactory) and inner.implicit_tls

@@ -22,7 +22,8 @@ from mailsys.auth.portal import MailRealm
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.mailbox.names import SEEN, parse_name
 from mailsys.mailbox.store import MailboxStore
-from mailsys.pop3.server import POP3ServerFactory, POP3Session, POP3Settings, uidl_of
+from mailsys.pop3.server import POP3ServerFactory, POP3Session, uidl_of
+from mailsys.testing import make_config
 from tests.unit.mailbox_support import ImmediatePool, deliver, message, result_of
 
 USER = "demo@example.test"
@@ -62,10 +63,10 @@ class Server:
         checker = InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD.encode()})
         self.portal = Portal(MailRealm(), [checker])
         self.throttle = LoginThrottle(self.clock, max_failures=3)
-        values: dict[str, Any] = {"hostname": "mail.example.test"}
-        values.update(settings)
-        self.factory = POP3ServerFactory(POP3Settings(**values), self.store, self.portal,
-                                         self.throttle, self.clock, FakeTLS())
+        implicit_tls = bool(settings.pop("implicit_tls", False))
+        config = make_config("mail.example.test", pop3=settings)
+        self.factory = POP3ServerFactory(config, self.store, self.portal, self.throttle,
+                                         self.clock, FakeTLS(), implicit_tls=implicit_tls)
 
     @property
     def inbox(self) -> Path:
@@ -697,3 +698,29 @@ def test_read_ahead_while_batch_pending(server: Server) -> None:
     pool.drain()
     assert unstuff(client.output()) == message(0)
     assert unstuff(b"+OK\r\n" + result_of(later)) == message(2)
+
+
+@pytest.mark.parametrize("login", [f"USER {USER}\r\nPASS wrong\r\n",
+                                   "AUTH PLAIN " + base64.b64encode(b"\0x\0y").decode() + "\r\n"])
+def test_leaving_during_the_delay_leaves_no_timer(server: Server, login: str) -> None:
+    """A client that leaves while its failed login's answer is delayed leaves no timer behind."""
+    client = server.connect()
+    client.send(login.encode())
+    assert len(server.clock.getDelayedCalls()) == 2  # the idle timer and the delayed answer
+    client.lose()
+    assert server.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("bad", [b"A" * 5000 + b"\r\n", b"A" * 3000, b"B" * 2049 + b"\r\n"])
+def test_line_too_long_ends_the_auth_exchange(server: Server, bad: bytes) -> None:
+    """An over-long line inside AUTH PLAIN ends the exchange: the next line is a command, not
+    credentials, and no failed login is counted."""
+    client = server.connect()
+    assert client.cmd("AUTH PLAIN") == "+ \r\n"
+    out = client.send(bad)
+    if not bad.endswith(b"\n"):
+        out += client.send(b"\r\n")
+    assert out == b"-ERR Command line too long\r\n"
+    assert client.cmd("NOOP") == "-ERR Command not valid in this state\r\n"
+    assert len(server.throttle) == 0
+    assert client.login().startswith("+OK")

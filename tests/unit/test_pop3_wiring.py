@@ -14,8 +14,8 @@ from mailsys.auth.portal import MailRealm
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import ConfigError
 from mailsys.mailbox.store import MailboxStore
-from mailsys.pop3 import pop3_factories
 from mailsys.pop3.server import POP3ServerFactory
+from mailsys.retrieval import mailbox_listeners
 from mailsys.tls import ServerTLS, ensure_self_signed
 from tests.unit.mailbox_support import ImmediatePool
 
@@ -76,11 +76,12 @@ def test_factories_wrap_implicit_tls(tmp_path: Path) -> None:
     ensure_self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "mail.example.test")
     tls = ServerTLS(tmp_path / "c.pem", tmp_path / "k.pem")
     clock = Clock()
-    factories = pop3_factories(loaded, MailboxStore(tmp_path, ImmediatePool()),
-                               Portal(MailRealm()), LoginThrottle(clock), tls, clock)
+    factories = mailbox_listeners(POP3ServerFactory, loaded,
+                                  MailboxStore(tmp_path, ImmediatePool()), Portal(MailRealm()),
+                                  LoginThrottle(clock), tls, clock)
     assert [d for d, _ in factories] == ["tcp:2110:backlog=1024", "tcp:2995:backlog=1024"]
     plain, wrapped = factories[0][1], factories[1][1]
-    assert isinstance(plain, POP3ServerFactory) and not plain.settings.implicit_tls
+    assert isinstance(plain, POP3ServerFactory) and not plain.implicit_tls
     assert isinstance(wrapped, TLSMemoryBIOFactory)
     inner = wrapped.wrappedFactory
-    assert isinstance(inner, POP3ServerFactory) and inner.settings.implicit_tls
+    assert isinstance(inner, POP3ServerFactory) and inner.implicit_tls

@@ -145,15 +145,20 @@ def test_authenticated_on_port_25_submits() -> None:
         250, 250]
 
 
-def test_settings_from_config_offer_auth() -> None:
-    """smtp.offer_auth turns AUTH on for port 25 only; submission offers it regardless."""
+def test_offer_auth_read_from_the_config_file() -> None:
+    """smtp.offer_auth, as the file says it, turns AUTH on for port 25 only; submission offers
+    it regardless."""
     from mailsys.config import from_mapping
-    from mailsys.smtp.server import SMTPSettings
 
     config = from_mapping({"smtp": {"offer_auth": True}}, Path("t.toml"), check_files=False)
-    assert SMTPSettings.from_config(config, ListenerRole.MTA).offer_auth
-    default = from_mapping({}, Path("t.toml"), check_files=False)
-    assert not SMTPSettings.from_config(default, ListenerRole.MTA).offer_auth
+    base = factory(ListenerRole.MTA)
+    configured = SMTPServerFactory(config, ListenerRole.MTA, base.policy, base.sink, base.clock,
+                                   base.tls, portal=base.portal, throttle=base.throttle)
+    for made, offered in ((configured, True), (factory(ListenerRole.MTA), False)):
+        driver = connect(made)
+        driver.send(b"EHLO x\r\n")
+        driver.send(b"STARTTLS\r\n")
+        assert (driver.send(b"EHLO x\r\n")[-1] == AUTH_LINE) is offered
     driver = connect(factory(ListenerRole.SUBMISSIONS, offer_auth=False))
     assert driver.send(b"EHLO x\r\n")[-1] == AUTH_LINE
 
@@ -501,3 +506,22 @@ def test_password_checks_happen_off_the_session(tmp_path: Path) -> None:
     held.release()  # the store checks the unknown user against its dummy hash
     clock_of(other).advance(1)
     assert other.lines() == [str(replies.AUTH_INVALID)]
+
+
+# --- an exchange in progress ends cleanly on a line error ----------------------------------------
+
+
+@pytest.mark.parametrize("start", [b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n",
+                                   b"AUTH LOGIN " + b64("alice@example.test").encode() + b"\r\n"])
+@pytest.mark.parametrize("bad", [b"A" * 5000 + b"\r\n", b"A" * 5000, b"dGVzdA==\n"])
+def test_line_error_ends_the_exchange(start: bytes, bad: bytes) -> None:
+    """An over-long line or a bare LF inside AUTH ends the exchange: the next line is a command,
+    not credentials, and no failed login is counted."""
+    throttle = LoginThrottle(Clock())
+    driver = secure(throttle=throttle)
+    assert driver.codes(start) == [334]
+    codes = driver.codes(bad + (b"\r\n" if not bad.endswith(b"\n") else b""))
+    assert codes == [500]
+    assert driver.codes(b"NOOP\r\n") == [250]
+    assert len(throttle) == 0
+    assert driver.codes(f"AUTH PLAIN {plain()}\r\n".encode()) == [235]

@@ -18,7 +18,7 @@ from mailsys.interfaces import IMessageSink, IRouter
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.smtp.policy import InboundPolicy, RecipientRejected, SessionInfo, SubmissionPolicy
-from mailsys.smtp.server import ListenerRole, SMTPSettings
+from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.smtp.testing import (
     LOCAL_DOMAIN,
     USERS,
@@ -701,8 +701,9 @@ def test_submission_requires_tls_then_auth() -> None:
     assert implicit.send(b"MAIL FROM:<alice@example.test>\r\n") == [str(replies.AUTH_REQUIRED)]
 
 
-def test_settings_from_config() -> None:
-    """SMTPSettings.from_config takes the host name and the [smtp] limits."""
+def test_factory_reads_its_config() -> None:
+    """The factory takes the host name, the [smtp] limits and [submission] privacy from the
+    config: no copy of the settings."""
     from pathlib import Path
 
     from mailsys.config import from_mapping
@@ -713,11 +714,20 @@ def test_settings_from_config() -> None:
          "submission": {"hide_client_address": True}},
         Path("test.toml"), check_files=False,
     )
-    mta = SMTPSettings.from_config(config, ListenerRole.MTA)
-    assert (mta.hostname, mta.role, mta.max_recipients, mta.idle_timeout) == (
-        "mail.example.test", ListenerRole.MTA, 7, 30.0)
+    base = make_factory()
+    mta = SMTPServerFactory(config, ListenerRole.MTA, base.policy, base.sink, Clock())
+    assert (mta.hostname, mta.role, mta.config.smtp.max_recipients) == (
+        "mail.example.test", ListenerRole.MTA, 7)
+    assert mta.greeting.startswith(b"220 mail.example.test ")
     assert not mta.hide_client_address
-    assert SMTPSettings.from_config(config, ListenerRole.SUBMISSION).hide_client_address
+    submission = SMTPServerFactory(config, ListenerRole.SUBMISSION, base.policy, base.sink,
+                                   Clock())
+    assert submission.hide_client_address
+    clock = Clock()
+    driver = SessionDriver(SMTPServerFactory(config, ListenerRole.MTA, base.policy, base.sink,
+                                             clock))
+    clock.advance(30)
+    assert driver.closed
 
 
 def test_inbound_policy_is_the_default() -> None:
