@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +22,10 @@ from mailsys.authn.spf import SPFChecker, SPFResult
 from mailsys.dns import CachingResolver
 
 _log = Logger()
+# Past this many seconds a check still waiting (on DNS) counts as temperror, whatever it is
+# waiting for: with ten SPF lookups against a dead server, the sum of timeouts would otherwise
+# keep the client waiting at the end of DATA for minutes.
+DEADLINE = 30.0
 
 
 def _plain(result: Any) -> dict[str, Any] | None:
@@ -88,8 +93,12 @@ class InboundChecks:
         dkim: bool = True,
         dmarc: bool = True,
         iprev: bool = True,
+        clock: IReactorTime | None = None,
+        deadline: float = DEADLINE,
     ) -> None:
         self.authserv_id = authserv_id
+        self._clock = clock
+        self.deadline = deadline
         self._spf = SPFChecker(resolver, receiver=authserv_id, now=now) if spf or dmarc else None
         self._dkim = DKIMVerifier(resolver, run_in_thread=run_in_thread) if dkim or dmarc else None
         self._dmarc = DMARCChecker(resolver) if dmarc else None
@@ -108,27 +117,50 @@ class InboundChecks:
         message, removed = strip_authentication_results(message, self.authserv_id)
         report = AuthnReport(removed=removed)
         work: list[Deferred[Any]] = []
+        late = f"no answer within {self.deadline:g} s"
+        sender = mailfrom or f"postmaster@{helo}"
+        sender_domain = sender.rpartition("@")[2].lower()
         if self._iprev is not None:
-            work.append(self._iprev.check(ip).addCallback(
-                lambda r: setattr(report, "iprev", r)))
+            work.append(self._bounded(self._iprev.check(ip), report, "iprev",
+                                      IprevResult("temperror", ip, problem=late)))
         if self._spf is not None:
-            work.append(self._spf.check_mailfrom(ip, mailfrom, helo).addCallback(
-                lambda r: setattr(report, "spf", r)))
+            work.append(self._bounded(
+                self._spf.check_mailfrom(ip, mailfrom, helo), report, "spf",
+                SPFResult("temperror", "mailfrom", sender_domain, sender, ip, problem=late)))
             if mailfrom and self.report_spf:
-                work.append(self._spf.check_helo(ip, helo).addCallback(
-                    lambda r: setattr(report, "helo", r)))
+                work.append(self._bounded(
+                    self._spf.check_helo(ip, helo), report, "helo",
+                    SPFResult("temperror", "helo", helo.lower(), f"postmaster@{helo}", ip,
+                              problem=late)))
         if self._dkim is not None:
-            work.append(self._dkim.verify(message).addCallback(
-                lambda r: setattr(report, "dkim", r)))
-        await gatherResults([d.addErrback(_logged) for d in work], consumeErrors=True)
+            # A DKIM verdict that came too late may have been a pass: temperror, so that a
+            # DMARC failure defers instead of refusing.
+            work.append(self._bounded(self._dkim.verify(message), report, "dkim",
+                                      [DKIMResult("temperror", problem=late)]))
+        await gatherResults(work, consumeErrors=True)
         if self._dmarc is not None:
             end = message.find(b"\r\n\r\n")
             header = message if end < 0 else message[:end + 2]
-            report.dmarc = await self._dmarc.check(author_domain(header), report.spf,
-                                                   report.dkim)
+            domain = author_domain(header)
+            await self._bounded(self._dmarc.check(domain, report.spf, report.dkim), report,
+                                "dmarc", DMARCResult("temperror", domain or "", problem=late))
         spf_shown = [r for r in (report.spf, report.helo) if r is not None and self.report_spf]
         report.header = authentication_results(
             self.authserv_id, spf=spf_shown,
             dkim=report.dkim if self.report_dkim else None,
             dmarc=report.dmarc, iprev=report.iprev)
         return report.header + message, report
+
+    def _bounded(self, work: Deferred[Any], report: AuthnReport, name: str,
+                 late: Any) -> Deferred[None]:
+        """``work``'s result into ``report.<name>``; past the deadline, or if the check
+        breaks (a bug, logged), ``late`` instead: a check never holds a message forever."""
+        if self._clock is not None:
+            work.addTimeout(self.deadline, self._clock)
+
+        def failed(failure: Failure) -> Any:
+            if not failure.check(TimeoutError, CancelledError):
+                _logged(failure)
+            return late
+
+        return work.addErrback(failed).addCallback(lambda r: setattr(report, name, r))

@@ -113,7 +113,7 @@ class Authn:
         if section.checks:
             assert self.resolver is not None and section.authserv_id is not None
             checks = InboundChecks(self.resolver, section.authserv_id,
-                                   run_in_thread=self._run_in_thread)
+                                   run_in_thread=self._run_in_thread, clock=self._reactor)
         signer = DKIMSigner(self.keys, run_in_thread=self._run_in_thread) if self.keys else None
         return MessageAuthentication(checks, signer, self.policies)
 

@@ -218,3 +218,19 @@ class SilentDNSTests(SynchronousTestCase):
         self.assertIn(b"dmarc=temperror", stored)
         self.assertEqual(decide(AuthnPolicy(), spf=report.spf, dkim=report.dkim,
                                 dmarc=report.dmarc, iprev=report.iprev).action, "accept")
+
+    def test_overall_deadline(self) -> None:
+        """However many lookups a check still has to make, at the deadline it is a temperror
+        and the message goes on."""
+        clock = Clock()
+        checks = InboundChecks(CachingResolver(_Silent(), clock, timeout=1000), "mx.here.test",
+                               run_in_thread=_now, clock=clock, deadline=5)
+        done = checks.check("192.0.2.1", "mx.example.test", "alice@example.test", MESSAGE)
+        clock.advance(5)
+        self.assertNoResult(done)  # DMARC has its own deadline, after the others
+        clock.advance(5)
+        _, report = self.successResultOf(done)
+        self.assertEqual(report.summary(), "iprev=temperror spf=temperror spf.helo=temperror "
+                                           "dmarc=temperror")
+        assert report.spf is not None
+        self.assertEqual(report.spf.problem, "no answer within 5 s")
