@@ -162,3 +162,23 @@ def test_signed_by_one_mailsys_passes_at_the_other(world: World) -> None:
     assert "dmarc=pass header.from=example.test" in header
     assert "spf=pass smtp.mailfrom=demo@example.test" in header
     wait_for_files(inbox, 1)
+
+
+def test_bounces_are_signed_too(world: World) -> None:
+    """The server's own bounce (from MAILER-DAEMON@mail.example.test) is DKIM-signed with
+    example.test's key before it is spooled."""
+    message = EmailMessage()
+    message["From"] = "demo@example.test"
+    message["To"] = "nobody@remote.test"
+    message["Subject"] = "to a stranger"
+    message.set_content("This one comes back.\n")
+    with smtplib.SMTP(world.sender.interface, world.sender.submission_port, timeout=30) as client:
+        client.starttls(context=_unverified())
+        client.login("demo@example.test", "demo")
+        client.send_message(message)
+    bounce = find_message(world.sender.inbox(), b"to a stranger", deadline=60)
+    data = bounce.read_bytes()
+    assert b"multipart/report" in data
+    assert data.startswith(b"Return-Path: <>")
+    header = data.split(b"\r\n\r\n")[0]
+    assert b"DKIM-Signature: v=1; a=rsa-sha256" in header and b"d=example.test" in header
