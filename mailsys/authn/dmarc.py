@@ -28,6 +28,10 @@ Disposition = Literal["none", "quarantine", "reject"]
 # RFC 9989 §4.10.1: a walk never asks more than 8 names (long names jump to 7 labels).
 MAX_WALK_LABELS = 7
 _POLICIES: tuple[Disposition, ...] = ("none", "quarantine", "reject")
+# One address, bare or in angle brackets after a plain display name; anything else (quotes,
+# comments, groups, lists) goes to email.utils' parser.
+_SIMPLE_FROM = re.compile(r'\s*(?:[^<>"@,;:\\()]*<\s*)?'
+                          r'[^<>"@,;:\\()\s]+@([^<>"@,;:\\()\s]+)\s*>?\s*')
 # A host name of two or more labels (RFC 1035 §2.3.1, with RFC 1123's leading digits).
 _DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
@@ -104,8 +108,12 @@ def author_domain(header: bytes) -> str | None:
                                              re.IGNORECASE | re.MULTILINE)]
     if len(froms) != 1:
         return None
-    addresses = [a for _, a in getaddresses([froms[0]]) if a]
-    domains = {a.rpartition("@")[2].strip().lower().removesuffix(".") for a in addresses}
+    simple = _SIMPLE_FROM.fullmatch(froms[0])
+    if simple is not None:  # "Name <a@b>" or "a@b": the common case, without the full parser
+        domains = {simple.group(1).lower().removesuffix(".")}
+    else:
+        addresses = [a for _, a in getaddresses([froms[0]]) if a]
+        domains = {a.rpartition("@")[2].strip().lower().removesuffix(".") for a in addresses}
     if len(domains) != 1:
         return None
     domain = domains.pop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase
@@ -147,3 +149,23 @@ class DMARCTests(SynchronousTestCase):
         assert record is not None
         self.assertEqual((record.p, record.sp, record.adkim, record.aspf),
                          (None, "reject", "s", "r"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["", "Alice ", "Alice Smith ", '"Smith, Alice" ', "(c) ", "=?utf-8?q?A?= "]),
+       st.sampled_from(["a@example.test", "a.b+c@Mail.Example.TEST", "a@example.test.",
+                        "@x.test", "a@b@c.test", "a@[192.0.2.1]", "a"]),
+       st.booleans())
+def test_author_domain_fast_path_agrees(name: str, address: str, angle: bool) -> None:
+    """The fast path for plain From fields finds what email.utils' parser finds."""
+    from email.utils import getaddresses
+
+    value = f"{name}<{address}>" if angle else f"{name}{address}" if not name else address
+    found = author_domain(f"From: {value}\r\n".encode())
+    parsed = [a for _, a in getaddresses([value]) if a]
+    domains = {a.rpartition("@")[2].strip().lower().removesuffix(".") for a in parsed}
+    expected = next(iter(domains)) if len(domains) == 1 else None
+    if expected is not None and (not expected or "." not in expected or "[" in expected
+                                 or "@" in expected):
+        expected = None
+    assert found == expected, (value, found, expected)
