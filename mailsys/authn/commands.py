@@ -67,8 +67,8 @@ def add_authn_commands(commands: Any, config_option: argparse.ArgumentParser,
     records.set_defaults(run=run_records)
     check = dns_actions.add_parser(
         "check", parents=[config_option],
-        help="ask DNS (relay.dns_servers, else the system's resolver) and say, record by "
-             "record, what is missing or differs from `dns records`")
+        help="ask DNS (authn.dns_servers, relay.dns_servers, else the system's resolver) and "
+             "say, record by record, what is missing or differs from `dns records`")
     check.add_argument("domain", metavar="DOMAIN")
     check.add_argument("--host", metavar="NAME")
     check.add_argument("--ipv4", metavar="ADDRESS")
@@ -277,7 +277,8 @@ def run_check(args: argparse.Namespace) -> int:
     _, expected = _fragment(args)
     servers = [DNSServer.parse(text) for text in args.dns_server or []]
     if not servers and Path(args.config).exists():
-        servers = list(load(args.config, check_files=False).relay.dns_servers)
+        config = load(args.config, check_files=False)
+        servers = list(config.authn.dns_servers or config.relay.dns_servers)
     from twisted.internet import reactor
 
     from mailsys.delivery.mx import make_resolver
