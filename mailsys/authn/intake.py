@@ -20,6 +20,7 @@ from mailsys.authn.checks import AuthnReport, InboundChecks
 from mailsys.authn.dkim import DKIMSigner
 from mailsys.authn.dmarc import author_domain
 from mailsys.authn.policy import Action, AuthnPolicy, Decision, combine, decide
+from mailsys.authn.results import strip_authentication_results
 from mailsys.replies import Reply
 
 log = Logger()
@@ -72,10 +73,13 @@ class MessageAuthentication:
     """Signing for submission listeners, checks and policy for inbound ones."""
 
     def __init__(self, checks: InboundChecks | None, signer: DKIMSigner | None,
-                 policies: PolicyTable | None = None) -> None:
+                 policies: PolicyTable | None = None, *, authserv_id: str | None = None) -> None:
         self.checks = checks
         self.signer = signer
         self.policies = policies or PolicyTable()
+        # With the checks off, fields claiming our authserv-id are still removed (RFC 8601 §5):
+        # a reader that trusts our id must never see a verdict we did not give.
+        self.authserv_id = authserv_id or (checks.authserv_id if checks is not None else None)
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -108,6 +112,8 @@ class MessageAuthentication:
 
     async def _inbound(self, facts: IntakeFacts, message: bytes) -> IntakeVerdict:
         if self.checks is None:
+            if self.authserv_id is not None:
+                message, _ = strip_authentication_results(message, self.authserv_id)
             return IntakeVerdict(message)
         try:
             stored, report = await self.checks.check(facts.client_address, facts.helo,

@@ -115,7 +115,8 @@ class Authn:
             checks = InboundChecks(self.resolver, section.authserv_id,
                                    run_in_thread=self._run_in_thread, clock=self._reactor)
         signer = DKIMSigner(self.keys, run_in_thread=self._run_in_thread) if self.keys else None
-        return MessageAuthentication(checks, signer, self.policies)
+        return MessageAuthentication(checks, signer, self.policies,
+                                     authserv_id=section.authserv_id)
 
     def reload(self) -> None:
         """Read the signing keys again (SIGHUP); a broken key keeps the old ones, and says so."""
@@ -134,7 +135,7 @@ class Authn:
     def wrap(self, sink: IMessageSink) -> IMessageSink:
         """The sink every listener and the notices hand messages to: authenticated and local
         mail is signed, the rest checked (AuthenticatingSink)."""
-        return AuthenticatingSink(sink, self.authentication, self._config.authn.checks)
+        return AuthenticatingSink(sink, self.authentication)
 
     def reloader(self) -> Service:
         """A service that reloads the keys on SIGHUP, after whatever else SIGHUP does."""

@@ -187,3 +187,13 @@ class CheckingSinkTests(SynchronousTestCase):
         self.assertEqual(envelope.recipients[0].folder, "Junk")
         self.assertEqual(envelope.authentication["dmarc"]["result"], "fail")
         self.assertEqual(envelope.size, len(message))
+
+
+class ChecksOffTests(SynchronousTestCase):
+    def test_forged_results_removed_with_checks_off(self) -> None:
+        """With the checks off, a field claiming our authserv-id is still removed."""
+        intake = MessageAuthentication(None, None, authserv_id="mx.here.test")
+        forged = b"Authentication-Results: mx.here.test; dmarc=pass\r\n" + MESSAGE
+        facts = IntakeFacts("192.0.2.66", "evil.test", "alice@example.test", ["bob@here.test"])
+        verdict = self.successResultOf(intake.inbound(facts, forged))
+        self.assertEqual((verdict.action, verdict.message), ("accept", MESSAGE))
