@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mailsys.replies import Reply
@@ -175,7 +175,9 @@ class Envelope:
         return [r for r in self.recipients if not r.status.is_final]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Shallow: every field but the recipients is a JSON value already (the authentication
+        # evidence too), and asdict's deep copy of it showed in each message's CPU.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["recipients"] = [r.to_dict() for r in self.recipients]
         data["version"] = FORMAT_VERSION
         return data
