@@ -6,17 +6,15 @@ and renamed into new/, and new/ is fsync'd (group commit) before the attempt cou
 
 The file name is derived from the queue id and the recipient, not drawn at random, so that a
 recovered message whose copy was written before a crash is recognised instead of written twice.
+Paths, names and the stored form are the Maildir format's rules (mailsys.mailbox.layout).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, succeed
@@ -25,9 +23,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsys.diskio import DiskPool, fsync_directory
+from mailsys.diskio import DiskPool
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.mailbox.layout import (
+    InvalidFolderNameError,
+    InvalidMailboxNameError,
+    create_maildir,
+    delivery_base,
+    escape_hostname,
+    folder_path,
+    local_host,
+    mailbox_path,
+    name_prefix,
+    new_name,
+    stored_form,
+    write_message,
+)
 from mailsys.replies import Reply
 
 log = Logger(namespace="mailsys.delivery.maildir")
@@ -37,37 +49,7 @@ REPLY_DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
 REPLY_TEMPORARY = Reply(451, "4.3.0", "Temporary local delivery failure, will retry")
 REPLY_NO_MAILBOX = Reply(550, "5.1.1", "No such mailbox")
 
-_SUBDIRS = ("cur", "new", "tmp")
 _PATH_CACHE_SIZE = 10_000
-
-
-class InvalidMailboxError(ValueError):
-    """A mailbox name that cannot name a Maildir (missing, malformed, or escaping the root)."""
-
-
-def escape_hostname(hostname: str) -> str:
-    """The host part of a Maildir name: '/' and ':' cannot appear in it (cr.yp.to/proto/maildir).
-
-    The spec's escapes are \\057 and \\072; the backslash itself is escaped first (as \\134) so
-    that the mapping stays unambiguous.
-    """
-    return hostname.replace("\\", "\\134").replace("/", "\\057").replace(":", "\\072")
-
-
-def unique_part(queue_id: str, recipient: Recipient) -> str:
-    """The middle of the Maildir name: the queue id and a short hash of the recipient.
-
-    One message can have several recipients with the same mailbox (two aliases of one user): the
-    hash covers the address as well, so each gets its own, still deterministic, copy.
-    """
-    key = f"{recipient.address}\0{recipient.mailbox or ''}".encode()
-    digest = hashlib.blake2s(key, digest_size=5).hexdigest().upper()
-    return f"Q{queue_id}R{digest}"
-
-
-def maildir_name(envelope: Envelope, recipient: Recipient, hostname: str) -> str:
-    """The deterministic Maildir base name "time.unique.host" of this recipient's copy."""
-    return f"{int(envelope.received_at)}.{unique_part(envelope.queue_id, recipient)}.{hostname}"
 
 
 def delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
@@ -79,7 +61,7 @@ def delivery_headers(envelope: Envelope, recipient: Recipient) -> bytes:
     """
     sender = _one_line(envelope.sender)
     address = _one_line(recipient.address)
-    return f"Return-Path: <{sender}>\nDelivered-To: {address}\n".encode()
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n".encode()
 
 
 def _one_line(text: str) -> str:
@@ -104,7 +86,7 @@ class MaildirWriter:
         # Called with the mailbox after each delivery (the mailbox store wakes open sessions).
         self._on_delivered = on_delivered
         # Fall back to the machine's name: the host part only needs to be stable per machine.
-        self._host = escape_hostname(hostname or socket.gethostname())
+        self._host = escape_hostname(hostname) if hostname else local_host()
         self._clock = clock
         # mailbox -> (Maildir, its new/ as a string): validated and joined once per mailbox,
         # since path handling is a visible share of a delivery's time on the reactor thread.
@@ -114,13 +96,9 @@ class MaildirWriter:
     def maildir_path(self, mailbox: str) -> Path:
         """The Maildir (INBOX) of canonical ``user@domain``.
 
-        Raises InvalidMailboxError for a name that is malformed or would leave the root.
+        Raises InvalidMailboxNameError for a name that is malformed or would leave the root.
         """
-        user, sep, domain = mailbox.rpartition("@")
-        domain = domain.lower()
-        if not sep or not _is_safe_component(user) or not _is_safe_component(domain):
-            raise InvalidMailboxError(f"not a usable mailbox name: {mailbox!r}")
-        return self.root / domain / user
+        return mailbox_path(self.root, mailbox)
 
     def _paths_of(self, mailbox: str) -> tuple[Path, str]:
         paths = self._paths.get(mailbox)
@@ -133,7 +111,8 @@ class MaildirWriter:
 
     def file_name(self, envelope: Envelope, recipient: Recipient) -> str:
         """The base name this writer uses for ``recipient``'s copy of ``envelope``."""
-        return maildir_name(envelope, recipient, self._host)
+        return delivery_base(envelope.received_at, envelope.queue_id, recipient.address,
+                             recipient.mailbox, self._host)
 
     def deliver(
         self,
@@ -152,11 +131,13 @@ class MaildirWriter:
         queue_id = envelope.queue_id
         try:
             if recipient.mailbox is None:
-                raise InvalidMailboxError("recipient has no mailbox")
+                raise InvalidMailboxNameError("recipient has no mailbox")
             maildir, new_dir = self._paths_of(recipient.mailbox)
-            if recipient.folder:
+            write = write_copy
+            if recipient.folder:  # e.g. Junk, when mail authentication says so
                 maildir, new_dir = _folder_paths(maildir, recipient.folder)
-        except InvalidMailboxError as e:
+                write = write_folder_copy
+        except InvalidMailboxNameError as e:
             log.error(
                 "{queue_id}: to=<{to}> invalid local mailbox {mailbox!r}: {error}",
                 queue_id=queue_id,
@@ -171,7 +152,7 @@ class MaildirWriter:
         # The copy and the fsync of new/ in one disk job: every hand-over to the reactor costs.
         d = self._pool.run_and_sync(
             new_dir,
-            write_copy,
+            write,
             maildir,
             base,
             header,
@@ -214,39 +195,6 @@ class MaildirWriter:
         return Attempt(at=now, status=status, host=HOST, reply=reply)
 
 
-def _folder_paths(maildir: Path, folder: str) -> tuple[Path, str]:
-    """A folder of the mailbox (Maildir++: ``.Name`` inside it), e.g. Junk for mail that
-    authentication marked; write_copy creates it when missing."""
-    if not folder or "/" in folder or folder.startswith(".") or "\0" in folder:
-        raise InvalidMailboxError(f"not a usable folder name: {folder!r}")
-    path = maildir / f".{folder}"
-    return path, os.path.join(path, "new")
-
-
-def _is_safe_component(name: str) -> bool:
-    """One path component that stays inside its parent and is not a Maildir++ folder or hidden."""
-    return bool(name) and not name.startswith(".") and "/" not in name and "\0" not in name
-
-
-def stored_name(base: str, stored: bytes) -> str:
-    """The full Maildir name: ``base`` plus Dovecot's ",S=<file size>,W=<wire size>" fields.
-
-    Readers (POP3 LIST, IMAP RFC822.SIZE) then know both sizes without opening the file; the wire
-    size counts CRLF line ends, the file has LF.
-    """
-    wire_size = len(stored) + stored.count(b"\n")
-    return f"{base},S={len(stored)},W={wire_size}"
-
-
-def to_stored_form(header: bytes, message: bytes) -> bytes:
-    """The bytes of a Maildir file: LF line ends, as mail readers expect of a Maildir.
-
-    The SMTP server refuses bare CR and LF, so every line of a spooled message ends in CRLF and
-    the conversion is exact; readers turn LF back into CRLF on the wire.
-    """
-    return header + message.replace(b"\r\n", b"\n")
-
-
 def write_copy(
     maildir: Path,
     base: str,
@@ -254,7 +202,7 @@ def write_copy(
     message_path: str | Path,
     recovered: RecoveredCopies | None = None,
 ) -> str | None:
-    """Disk thread: write ``header`` + the spool message into ``maildir/new/``, fsync'd.
+    """Disk thread: write ``header`` (CRLF lines) + the spool message into ``maildir/new/``.
 
     Returns the file name written, or None, writing nothing, if the copy is already there. All
     per-message file work is in this one call: reading the spool file, a stat, write + fsync in
@@ -262,34 +210,32 @@ def write_copy(
     deliveries share it.
     """
     root = os.fspath(maildir)
-    stored = to_stored_form(header, _read_file(message_path))
-    name = stored_name(base, stored)
-    new = f"{root}/new/{name}"
-    if _exists(new) or (recovered is not None and recovered.contains(root, base)):
+    stored = stored_form(_read_file(message_path), header)
+    name = new_name(base, stored)
+    if _exists(f"{root}/new/{name}") or (recovered is not None and recovered.contains(root, base)):
         return None
-    tmp = f"{root}/tmp/{name}"
-    # O_TRUNC, not O_EXCL: a leftover of this very name is an earlier try of this copy. O_SYNC:
-    # the write returns once data and inode are on disk, as write + fsync would, in one system
-    # call fewer (each gives up the GIL and must win it back from the reactor).
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_SYNC
-    try:
-        fd = os.open(tmp, flags, 0o600)
-    except FileNotFoundError:
-        create_maildir(maildir)
-        fd = os.open(tmp, flags, 0o600)
-    try:
-        try:
-            _write_all(fd, [stored])
-        finally:
-            os.close(fd)
-        os.rename(tmp, new)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_message(root, "new", name, stored, create=True)
     if recovered is not None:
         recovered.add(root, base)
     return name
+
+
+def _folder_paths(inbox: Path, folder: str) -> tuple[Path, str]:
+    """The Maildir of a folder of the mailbox and its new/ (Maildir++ ``.Name``)."""
+    try:
+        path = folder_path(inbox, folder)
+    except InvalidFolderNameError as exc:
+        raise InvalidMailboxNameError(str(exc)) from None
+    return path, os.path.join(path, "new")
+
+
+def write_folder_copy(maildir: Path, base: str, header: bytes, message_path: str | Path,
+                      recovered: RecoveredCopies | None = None) -> str | None:
+    """Disk thread: write_copy into a folder, created first (with its Maildir++ marker) if the
+    user has none yet."""
+    if not os.path.isdir(os.path.join(maildir, "tmp")):
+        create_maildir(maildir, subfolder=True)
+    return write_copy(maildir, base, header, message_path, recovered)
 
 
 def _read_file(path: str | Path) -> bytes:
@@ -310,19 +256,6 @@ def _read_file(path: str | Path) -> bytes:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        written = os.writev(fd, views)
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
 
 
 def _exists(path: str) -> bool:
@@ -356,20 +289,13 @@ class RecoveredCopies:
             known = _listed_prefixes(maildir)
             with self._lock:
                 known = self._by_maildir.setdefault(maildir, known)
-        return _name_prefix(base) in known
+        return name_prefix(base) in known
 
     def add(self, maildir: str, base: str) -> None:
         with self._lock:
             known = self._by_maildir.get(maildir)
             if known is not None:
-                known.add(_name_prefix(base))
-
-
-def _name_prefix(name: str) -> str:
-    """ "time.unique." of a Maildir name (whatever follows: host, ":2,flags", ",S=size")."""
-    time_part, _, rest = name.partition(".")
-    unique, _, _ = rest.partition(".")
-    return f"{time_part}.{unique}."
+                known.add(name_prefix(base))
 
 
 def _listed_prefixes(maildir: str) -> set[str]:
@@ -377,33 +303,7 @@ def _listed_prefixes(maildir: str) -> set[str]:
     for sub in ("new", "cur"):
         try:
             with os.scandir(f"{maildir}/{sub}") as entries:
-                prefixes.update(_name_prefix(entry.name) for entry in entries)
+                prefixes.update(name_prefix(entry.name) for entry in entries)
         except FileNotFoundError:
             continue
     return prefixes
-
-
-def create_maildir(maildir: Path) -> None:
-    """Disk thread: create the Maildir and its parents, durably (each new entry's parent fsync'd).
-
-    Without the parent fsyncs a crash could lose the whole new Maildir, and the first message in
-    it with it, even though new/ itself was fsync'd.
-    """
-    created: list[Path] = []
-    for directory in (maildir.parent.parent, maildir.parent, maildir):
-        try:
-            directory.mkdir(mode=0o700)
-            created.append(directory)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            created.append(directory)
-    for sub in _SUBDIRS:
-        try:
-            (maildir / sub).mkdir(mode=0o700)
-            created.append(maildir / sub)
-        except FileExistsError:
-            pass
-    for directory in {c.parent for c in created}:
-        fsync_directory(directory)

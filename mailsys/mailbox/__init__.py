@@ -4,7 +4,9 @@
   lock, change notification) — asynchronous, for protocol sessions.
 - ``folder``: Folder, the blocking work on one Maildir folder under its lock (sync, UIDs,
   reading, flags, deletion) — run in DiskPool threads.
-- ``uidlist``: the per-folder UID file. ``names``: Maildir file names and flag letters.
+- ``layout``: the Maildir on-disk format (paths, unique names, name fields and flags, the stored
+  form), shared with local delivery. ``names``: the file-name part of it protocol code reads.
+- ``uidlist``: the per-folder UID file.
 - ``wire``: CRLF wire form, wire sizes, POP3 dot-stuffing and TOP.
 """
 
@@ -19,6 +21,7 @@ from mailsys.mailbox.store import (
     MailboxInUseError,
     MailboxLock,
     MailboxStore,
+    NameTooLongError,
 )
 
 __all__ = [
@@ -33,5 +36,6 @@ __all__ = [
     "MailboxStore",
     "MessageInfo",
     "MessageVanishedError",
+    "NameTooLongError",
     "SyncResult",
 ]

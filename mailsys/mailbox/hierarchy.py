@@ -17,27 +17,35 @@ import threading
 from pathlib import Path
 
 from mailsys.diskio import fsync_directory
-from mailsys.mailbox.folder import Folder, create_folder_dirs
+from mailsys.mailbox.folder import Folder
 from mailsys.mailbox.keywords import KEYWORDS_NAME
-from mailsys.mailbox.names import parse_name, render_flags
-from mailsys.mailbox.store import HIERARCHY_SEPARATOR, INBOX, folder_directory
+from mailsys.mailbox.layout import (
+    HIERARCHY_SEPARATOR,
+    INBOX,
+    create_maildir,
+    folder_directory,
+    folder_names,
+    folder_path,
+    parse_name,
+)
+
+# folder_names is the layout's listing, named here too as the tree's callers have used it.
+__all__ = [
+    "SUBSCRIPTIONS_NAME",
+    "FolderHasChildrenError",
+    "create_folder_tree",
+    "delete_folder",
+    "folder_names",
+    "read_subscriptions",
+    "rename_folder",
+    "set_subscribed",
+]
 
 SUBSCRIPTIONS_NAME = "mailsys-subscriptions"
 
 
 class FolderHasChildrenError(Exception):
     """DELETE of a folder that has subfolders (delete those first, as Dovecot asks)."""
-
-
-def folder_names(inbox: Path) -> list[str]:
-    """Every folder below the INBOX (not the INBOX itself), sorted."""
-    try:
-        entries = list(os.scandir(inbox))
-    except FileNotFoundError:
-        return []
-    return sorted(entry.name[1:] for entry in entries
-                  if entry.name.startswith(".") and entry.name not in (".", "..")
-                  and entry.is_dir())
 
 
 def _children(inbox: Path, name: str) -> list[str]:
@@ -76,13 +84,14 @@ def rename_folder(inbox: Path, old: str, new: str) -> None:
     if not (inbox / old_directory).is_dir():
         raise FileNotFoundError(old)
     moves = [(old, new)] + [(child, new + child[len(old):]) for child in _children(inbox, old)]
-    for _, target in moves:
-        if (inbox / ("." + target)).exists():
+    # Every target's path first: an invalid or too long one (a child's name grows with the
+    # new prefix) raises InvalidFolderNameError or NameTooLongError before anything moves.
+    paths = [(folder_path(inbox, source), folder_path(inbox, target)) for source, target in moves]
+    for (_, target), (_, target_path) in zip(moves, paths, strict=True):
+        if target_path.exists():
             raise FileExistsError(target)
-    for _, target in moves:
-        folder_directory(target)  # InvalidFolderNameError before anything moves
-    for source, target in moves:
-        os.rename(inbox / ("." + source), inbox / ("." + target))
+    for source_path, target_path in paths:
+        os.rename(source_path, target_path)
     fsync_directory(inbox)
 
 
@@ -90,7 +99,7 @@ def _rename_inbox(inbox: Path, new_directory: str) -> None:
     target = inbox / new_directory
     if target.exists():
         raise FileExistsError(new_directory[1:])
-    create_folder_dirs(target, subfolder=True)
+    create_maildir(target, subfolder=True)
     Folder(target, subfolder=True).sync()  # its numbering starts before any message arrives
     keywords = inbox / KEYWORDS_NAME
     if keywords.exists():
@@ -103,10 +112,7 @@ def _rename_inbox(inbox: Path, new_directory: str) -> None:
             moved = name
             if sub == "cur" and parsed.uid is not None:
                 # The INBOX's UID means nothing in the new folder: drop ,U= (keep the sizes).
-                base = parsed.key
-                if parsed.size is not None and parsed.wire_size is not None:
-                    base += f",S={parsed.size},W={parsed.wire_size}"
-                moved = f"{base}:2,{render_flags(parsed.flags)}"
+                moved = parsed.without_uid()
             try:
                 os.rename(inbox / sub / name, target / sub / moved)
             except FileNotFoundError:
@@ -146,11 +152,12 @@ _subscription_lock = threading.Lock()
 
 def create_folder_tree(inbox: Path, name: str) -> None:
     """Create folder ``name`` and any missing parents (RFC 3501 §6.3.3: the server creates the
-    hierarchy a name implies). FileExistsError if ``name`` itself exists."""
+    hierarchy a name implies). FileExistsError if ``name`` itself exists; InvalidFolderNameError
+    (NameTooLongError when it would not fit a directory entry) before the disk is touched."""
     directory = folder_directory(name)
     if directory is None or (inbox / directory).exists():
         raise FileExistsError(name)
     levels = name.split(HIERARCHY_SEPARATOR)
     for depth in range(1, len(levels) + 1):
-        create_folder_dirs(inbox / ("." + HIERARCHY_SEPARATOR.join(levels[:depth])),
-                           subfolder=True)
+        create_maildir(folder_path(inbox, HIERARCHY_SEPARATOR.join(levels[:depth])),
+                       subfolder=True)

@@ -28,29 +28,46 @@ from mailsys.mailbox.folder import (
     Folder,
     MessageInfo,
     SyncResult,
-    create_folder_dirs,
+)
+from mailsys.mailbox.layout import (
+    HIERARCHY_SEPARATOR,
+    INBOX,
+    InvalidFolderNameError,
+    InvalidMailboxNameError,
+    NameTooLongError,
+    create_maildir,
+    folder_directory,
+    folder_names,
+    folder_path,
+    mailbox_path,
 )
 
 log = Logger(namespace="mailsys.mailbox")
 
+# The path rules are the Maildir format's (mailsys.mailbox.layout); sessions import them here.
+__all__ = [
+    "DEFAULT_FOLDERS",
+    "HIERARCHY_SEPARATOR",
+    "INBOX",
+    "FolderChanges",
+    "FolderView",
+    "InvalidFolderNameError",
+    "InvalidMailboxNameError",
+    "MailboxInUseError",
+    "MailboxLock",
+    "MailboxStore",
+    "NameTooLongError",
+    "folder_directory",
+    "mailbox_path",
+]
+
 T = TypeVar("T")
 
-INBOX = "INBOX"
 # Created with every new mailbox (RFC 6154 SPECIAL-USE names that clients recognise).
 DEFAULT_FOLDERS = ("Sent", "Drafts", "Trash", "Junk")
 # A mailbox whose INBOX holds this file has had its default folders created.
 INITIALISED_MARKER = "mailsys-initialised"
 POP3_LOCK_NAME = "mailsys-pop3.lock"
-# Maildir++ separates hierarchy levels with "." in directory names.
-HIERARCHY_SEPARATOR = "."
-
-
-class InvalidMailboxNameError(ValueError):
-    """A mailbox name that cannot name a Maildir under the root."""
-
-
-class InvalidFolderNameError(ValueError):
-    """A folder name that cannot be a Maildir++ folder."""
 
 
 class MailboxInUseError(Exception):
@@ -70,33 +87,6 @@ class FolderChanges:
     @property
     def any(self) -> bool:
         return bool(self.added or self.expunged or self.flags_changed or self.uidvalidity_changed)
-
-
-def mailbox_path(root: Path, mailbox: str) -> Path:
-    """``root/<domain>/<user>``: the INBOX Maildir of canonical ``user@domain``.
-
-    The same layout as mailsys.delivery.maildir.MaildirWriter.maildir_path.
-    """
-    user, at, domain = mailbox.rpartition("@")
-    domain = domain.lower()
-    for part in (user, domain):
-        if not at or not part or part.startswith(".") or "/" in part or "\0" in part:
-            raise InvalidMailboxNameError(f"not a usable mailbox name: {mailbox!r}")
-    return Path(root) / domain / user
-
-
-def folder_directory(name: str) -> str | None:
-    """The directory (under the INBOX) of folder ``name``, None for the INBOX itself.
-
-    Maildir++ names a folder ".Name", a subfolder ".Name.Sub" (so "." separates levels).
-    """
-    if name.upper() == INBOX:
-        return None
-    parts = name.split(HIERARCHY_SEPARATOR)
-    if (not name or any(not p for p in parts) or "/" in name or "\0" in name
-            or any(c in name for c in "\r\n") or parts[0].upper() == INBOX):
-        raise InvalidFolderNameError(f"not a usable folder name: {name!r}")
-    return "." + name
 
 
 class MailboxLock:
@@ -141,9 +131,7 @@ class MailboxStore:
 
     def folder_path(self, mailbox: str, folder: str = INBOX) -> Path:
         """The Maildir directory of ``folder`` in ``mailbox``."""
-        inbox = self.mailbox_path(mailbox)
-        directory = folder_directory(folder)
-        return inbox if directory is None else inbox / directory
+        return folder_path(self.mailbox_path(mailbox), folder)
 
     def folder(self, mailbox: str, folder: str = INBOX) -> Folder:
         """The blocking Folder object (for disk-thread work and tests)."""
@@ -185,9 +173,9 @@ class MailboxStore:
         inbox = self.mailbox_path(mailbox)
         if (inbox / INITIALISED_MARKER).exists():
             return
-        create_folder_dirs(inbox, subfolder=False)
+        create_maildir(inbox)
         for name in self.default_folders:
-            create_folder_dirs(inbox / ("." + name), subfolder=True)
+            create_maildir(folder_path(inbox, name), subfolder=True)
         (inbox / INITIALISED_MARKER).touch(mode=0o600)
         log.info("created mailbox {mailbox} with folders {folders}", mailbox=mailbox,
                  folders=", ".join(self.default_folders))
@@ -201,11 +189,7 @@ class MailboxStore:
 
         def work() -> list[str]:
             self._initialise(mailbox)
-            names = []
-            for entry in os.scandir(inbox):
-                if entry.name.startswith(".") and entry.name not in (".", "..") and entry.is_dir():
-                    names.append(entry.name[1:])
-            return [INBOX, *sorted(names)]
+            return [INBOX, *folder_names(inbox)]
 
         return self.pool.run(work)
 
@@ -223,7 +207,7 @@ class MailboxStore:
             self._initialise(mailbox)
             if (inbox / directory).exists():
                 raise FileExistsError(f"folder {name!r} exists")
-            create_folder_dirs(inbox / directory, subfolder=True)
+            create_maildir(inbox / directory, subfolder=True)
 
         return self.pool.run(work)
 

@@ -1,30 +1,33 @@
 """Adding messages to a folder: IMAP APPEND, and COPY/MOVE from another folder (blocking).
 
-A message enters a folder as a Maildir writer would add it (a new unique name, written in tmp/,
-fsync'd, renamed into place), then the folder is synced so that it gets the next UID, which is
-returned (RFC 4315 UIDPLUS). Copies get a fresh unique name with the size fields but never the
-source's ``,U=``: a UID is only meaningful in its own folder, and a stale one would mislead the
-target's next UID-file rebuild. Copies are hard links where the file system allows (a flag change
-renames and never rewrites, so sharing the inode is safe), as Dovecot does.
+A message enters a folder as local delivery adds one, by the rules of mailsys.mailbox.layout (a
+new unique name, written in tmp/, fsync'd, renamed into place), then the folder is synced so that
+it gets the next UID, which is returned (RFC 4315 UIDPLUS). Copies get a fresh unique name with
+the size fields but never the source's ``,U=``: a UID is only meaningful in its own folder, and a
+stale one would mislead the target's next UID-file rebuild. Copies are hard links where the file
+system allows (a flag change renames and never rewrites, so sharing the inode is safe), as
+Dovecot does.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
-import socket
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mailsys.diskio import fsync_directory, write_file_synced
+from mailsys.diskio import fsync_directory
 from mailsys.mailbox.folder import Folder, MessageInfo
-from mailsys.mailbox.names import parse_name, render_flags
+from mailsys.mailbox.layout import (
+    file_name,
+    format_base,
+    locate_message,
+    stored_form,
+    unique_name,
+    write_message,
+)
 from mailsys.mailbox.uidlist import UIDLIST_NAME
 from mailsys.mailbox.wire import wire_size
-
-_sequence = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -35,31 +38,11 @@ class Added:
     uids: tuple[tuple[int, int], ...]
 
 
-def unique_name() -> str:
-    """A Maildir unique name (cr.yp.to/proto/maildir: time.MusecPpidQn.host)."""
-    now = time.time()
-    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
-    return f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(_sequence)}.{host}"
-
-
-def stored_form(data: bytes) -> bytes:
-    """The bytes to store for a message a client sent: LF line ends, as our delivery writes,
-    when that is exact (every LF has its CR, no lone CR); otherwise the bytes as sent."""
-    crlf = data.count(b"\r\n")
-    if crlf and crlf == data.count(b"\n") and crlf == data.count(b"\r"):
-        return data.replace(b"\r\n", b"\n")
-    return data
-
-
 def _numbered(folder: Folder) -> None:
     """Give a folder its UID file before a message is put into cur/ behind sync's back:
     a cur/ message in a folder without one would look like a lost UID file."""
     if not (folder.path / UIDLIST_NAME).exists():
         folder.sync()
-
-
-def _file_name(key: str, size: int, wire: int, flags: frozenset[str]) -> str:
-    return f"{key},S={size},W={wire}:2,{render_flags(flags)}"
 
 
 def _uids_of(folder: Folder, keys: list[tuple[int, str]]) -> Added:
@@ -75,34 +58,10 @@ def append_message(folder: Folder, data: bytes, flags: frozenset[str],
     _numbered(folder)
     stored = stored_form(data)
     key = unique_name()
-    tmp = folder.path / "tmp" / key
-    write_file_synced(tmp, stored)
-    try:
-        if internal_date is not None:
-            os.utime(tmp, (internal_date, internal_date))
-        name = _file_name(key, len(stored), wire_size(stored), flags)
-        os.rename(tmp, folder.path / "cur" / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    name = file_name(format_base(key, size=len(stored), wire_size=wire_size(stored)), flags)
+    write_message(folder.path, "cur", name, stored, mtime=internal_date)
     fsync_directory(folder.path / "cur")
     return _uids_of(folder, [(0, key)])
-
-
-def _locate(folder: Folder, info: MessageInfo) -> str | None:
-    """The message's current path: its last known name, or found again by key."""
-    path = f"{folder.path}/cur/{info.name}"
-    if os.path.exists(path):
-        return path
-    for sub in ("cur", "new"):
-        try:
-            names = os.listdir(f"{folder.path}/{sub}")
-        except FileNotFoundError:
-            continue
-        for name in names:
-            if name.startswith(info.key) and parse_name(name).key == info.key:
-                return f"{folder.path}/{sub}/{name}"
-    return None
 
 
 def copy_messages(source: Folder, infos: Iterable[MessageInfo], target: Folder,
@@ -116,9 +75,10 @@ def copy_messages(source: Folder, infos: Iterable[MessageInfo], target: Folder,
     cur = target.path / "cur"
     for info in infos:
         name_key = unique_name()
-        name = _file_name(name_key, info.size, info.wire_size, flags_of(info))
+        name = file_name(format_base(name_key, size=info.size, wire_size=info.wire_size),
+                         flags_of(info))
         for _ in range(3):
-            path = _locate(source, info)
+            path = locate_message(source.path, info.name, info.key)
             if path is None:
                 break
             try:
@@ -128,7 +88,7 @@ def copy_messages(source: Folder, infos: Iterable[MessageInfo], target: Folder,
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                     raise
-                if not _copy_bytes(path, target, name_key, name, info.internal_date):
+                if not _copy_bytes(path, target, name, info.internal_date):
                     continue
             placed.append((info.uid, name_key))
             break
@@ -137,15 +97,12 @@ def copy_messages(source: Folder, infos: Iterable[MessageInfo], target: Folder,
     return _uids_of(target, placed)
 
 
-def _copy_bytes(path: str, target: Folder, key: str, name: str, mtime: float) -> bool:
+def _copy_bytes(path: str, target: Folder, name: str, mtime: float) -> bool:
     """Copy a file where hard links are not possible; False if the source vanished."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return False
-    tmp = target.path / "tmp" / key
-    write_file_synced(tmp, data)
-    os.utime(tmp, (mtime, mtime))
-    os.rename(tmp, target.path / "cur" / name)
+    write_message(target.path, "cur", name, data, mtime=mtime)
     return True

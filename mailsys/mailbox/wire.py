@@ -1,8 +1,9 @@
 """Messages as they go on the wire: CRLF line ends, POP3 dot-stuffing, sizes and TOP.
 
-A Maildir file may end its lines with CRLF (what our delivery writes) or bare LF (what most other
-delivery agents write). Clients see CRLF either way, and every size we report is the size with
-CRLF line ends (the "wire size"), so that POP3 LIST and IMAP RFC822.SIZE match what is sent.
+A Maildir file may end its lines with bare LF (the stored form our delivery and most other
+delivery agents write, mailsys.mailbox.layout) or CRLF (a client's message that would not convert
+exactly). Clients see CRLF either way, and every size we report is the size with CRLF line ends
+(the "wire size"), so that POP3 LIST and IMAP RFC822.SIZE match what is sent.
 The encoder here works on any chunking of the file: a "." line or a CRLF split across two chunks
 comes out exactly as if the file had been sent in one piece.
 """

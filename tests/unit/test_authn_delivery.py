@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.envelope import Envelope, RecipientStatus
+from mailsys.mailbox.layout import FOLDER_MARKER
 from tests.unit.test_spool import (
     ImmediateDiskPool,
     local_recipient,
@@ -31,6 +32,7 @@ def test_junk_copy_lands_in_the_junk_folder(tmp_path: Path) -> None:
     assert attempt.status is RecipientStatus.DELIVERED
     user = tmp_path / "maildirs" / "example.test" / "alice"
     assert len(list((user / ".Junk" / "new").iterdir())) == 1
+    assert (user / ".Junk" / FOLDER_MARKER).exists()  # a Maildir++ folder, as IMAP makes them
     assert not (user / "new").is_dir() or not list((user / "new").iterdir())
 
 

@@ -26,9 +26,9 @@ from mailsys.mailbox.keywords import (
     letter_of,
     read_keywords,
 )
-from mailsys.mailbox.names import FLAGGED, SEEN, parse_name
+from mailsys.mailbox.layout import FLAGGED, SEEN, NameTooLongError, parse_name, stored_form
 from mailsys.mailbox.store import MailboxStore
-from mailsys.mailbox.transfer import append_message, copy_messages, stored_form
+from mailsys.mailbox.transfer import append_message, copy_messages
 from tests.unit.mailbox_support import ImmediatePool, deliver, failure_of, message, result_of
 
 USER = "demo@example.test"
@@ -133,6 +133,27 @@ def test_create_rename_delete_folders(inbox: Path) -> None:
         delete_folder(inbox, "INBOX")
     assert folder_names(inbox) == ["Z", "Z.B"]
     assert os.listdir(inbox / "tmp") == []
+
+
+@pytest.mark.parametrize("name", ["n" * 10_240, ".".join(["level"] * 100)])
+def test_create_of_a_too_long_name_is_refused_before_the_disk(inbox: Path, name: str) -> None:
+    """CREATE of a 10 KB name or one 100 levels deep raises NameTooLongError, creating nothing."""
+    before = sorted(os.listdir(inbox))
+    with pytest.raises(NameTooLongError):
+        create_folder_tree(inbox, name)
+    assert sorted(os.listdir(inbox)) == before
+
+
+def test_rename_that_would_make_a_child_too_long_moves_nothing(inbox: Path) -> None:
+    """RENAME is refused with NameTooLongError if any subfolder's new name would not fit."""
+    child = "A." + "c" * 240
+    create_folder_tree(inbox, child)
+    with pytest.raises(NameTooLongError):
+        rename_folder(inbox, "A", "B" * 20)
+    assert folder_names(inbox) == ["A", child]
+    with pytest.raises(NameTooLongError):
+        rename_folder(inbox, "A", "B" * 300)
+    assert folder_names(inbox) == ["A", child]
 
 
 def test_rename_inbox_moves_messages_out(inbox: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailsys.mailbox.names import format_base, parse_name, render_flags
+from mailsys.mailbox.layout import format_base, parse_name, render_flags
 from mailsys.mailbox.wire import WireEncoder, encode_pop3, to_crlf, top_lines, wire_size
 
 

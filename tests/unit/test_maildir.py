@@ -14,18 +14,17 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from mailsys.delivery.maildir import (
-    InvalidMailboxError,
-    MaildirWriter,
-    delivery_headers,
-    escape_hostname,
-    maildir_name,
-    stored_name,
-    to_stored_form,
-)
+from mailsys.delivery.maildir import MaildirWriter, delivery_headers
 from mailsys.diskio import DiskPool
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
+from mailsys.mailbox.layout import (
+    InvalidMailboxNameError,
+    delivery_base,
+    escape_hostname,
+    new_name,
+    stored_form,
+)
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.spool import Spool
 from tests.unit.test_spool import (
@@ -157,7 +156,9 @@ def test_host_part_escapes_slash_and_colon(tmp_path: Path, pool: ImmediateDiskPo
     envelope = alice()
     name = writer.file_name(envelope, envelope.recipients[0])
     assert name.endswith(".odd\\057host\\072name")
-    assert maildir_name(envelope, envelope.recipients[0], "h").endswith(".h")
+    recipient = envelope.recipients[0]
+    assert delivery_base(envelope.received_at, envelope.queue_id, recipient.address,
+                         recipient.mailbox, "h").endswith(".h")
 
 
 def test_second_delivery_of_the_same_copy_writes_nothing(
@@ -246,7 +247,7 @@ def test_leftover_temp_file_is_overwritten(writer: MaildirWriter, message: Path)
         (maildir / sub).mkdir(parents=True)
     base = writer.file_name(envelope, envelope.recipients[0])
     header = delivery_headers(envelope, envelope.recipients[0])
-    name = stored_name(base, to_stored_form(header, BODY))
+    name = new_name(base, stored_form(BODY, header))
     (maildir / "tmp" / name).write_bytes(b"x" * 10_000)
     deliver(writer, envelope, message)
     assert (maildir / "new" / name).read_bytes().endswith(BODY_LF)
@@ -286,7 +287,7 @@ def test_unusable_mailbox_fails_permanently(
     assert str(attempt.reply).startswith("550 5.1.1")
     assert not writer.root.exists()
     if mailbox is not None:
-        with pytest.raises(InvalidMailboxError):
+        with pytest.raises(InvalidMailboxNameError):
             writer.maildir_path(mailbox)
 
 
@@ -411,4 +412,4 @@ def test_large_and_empty_messages_are_copied_whole(writer: MaildirWriter, tmp_pa
         new = writer.maildir_path(recipient.address) / "new"
         (name,) = files(new)
         stored = (new / name).read_bytes()
-        assert stored == to_stored_form(delivery_headers(envelope, recipient), spooled)
+        assert stored == stored_form(spooled, delivery_headers(envelope, recipient))
