@@ -19,6 +19,12 @@ from mailsys.auth.passwords import UnusableHashError, hash_scheme
 from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
 from mailsys.authn.commands import add_authn_commands
 from mailsys.config import LISTENER_KEYS, Config, ConfigError, load
+from mailsys.ownership import (
+    access_problem,
+    check_writer,
+    configured_account,
+    server_access_problems,
+)
 from mailsys.queue.commands import add_queue_commands
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
@@ -129,11 +135,20 @@ def _fail(message: str, status: int = EXIT_FAILED) -> int:
     return status
 
 
-def _store(args: argparse.Namespace) -> tuple[Config, UserStore]:
+def _store(args: argparse.Namespace, *, changing: bool = True) -> tuple[Config, UserStore]:
     # User management needs the routing and storage sections only: a TLS certificate that this
     # user may not read (or that does not exist yet) is no reason to refuse.
     config = load(args.config, check_files=False)
-    return config, UserStore(config.storage.users)
+    account = configured_account(config)
+    if changing and account is not None:
+        # Before any password prompt: a change the server could not read is refused at once.
+        check_writer(config.storage.users, account)
+        # The file's own mode is ours to set; the directories above it are the administrator's.
+        problem = access_problem(config.storage.users.parent, account, "x")
+        if problem is not None:
+            print(f"mailsys: warning: the server cannot read {config.storage.users}: {problem}",
+                  file=sys.stderr)
+    return config, UserStore(config.storage.users, account=account)
 
 
 def _check_local(config: Config, mailbox: str) -> None:
@@ -205,7 +220,7 @@ def _user_del(args: argparse.Namespace) -> int:
 
 
 def _user_list(args: argparse.Namespace) -> int:
-    _, store = _store(args)
+    _, store = _store(args, changing=False)
     for mailbox in store.list():
         print(mailbox)
     return EXIT_OK
@@ -263,10 +278,18 @@ def _import_line(config: Config, line: str) -> tuple[str, str, str | None]:
 def _check_config(args: argparse.Namespace) -> int:
     path: Path = args.path if args.path is not None else args.config
     config = load(path, check_files=True)
+    account = configured_account(config)
     listeners = sum(len(getattr(getattr(config, section), attr))
                     for section, attr in LISTENER_KEYS)
     domains = len(config.routing.local_domains)
-    print(f"{path}: ok ({_plural(listeners, 'listener')}, {_plural(domains, 'local domain')})")
+    problems = server_access_problems(config, account) if account is not None else []
+    for problem in problems:
+        print(f"mailsys: {path}: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_FAILED
+    runs_as = f", runs as {account}" if account is not None else ""
+    print(f"{path}: ok ({_plural(listeners, 'listener')}, {_plural(domains, 'local domain')}"
+          f"{runs_as})")
     return EXIT_OK
 
 

@@ -54,9 +54,16 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerSection:
-    """Identity of this mail system."""
+    """Identity of this mail system, and the account it runs as (mailsys.ownership).
+
+    ``user``/``group`` name the account twistd drops to (``--uid``/``--gid``), so that the
+    ``mailsys`` commands give the files they write to it; unset, files stay private to their
+    writer, as suits a server that runs as the administrator's own user.
+    """
 
     hostname: str = "localhost"
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
 from mailsys.imap.session import IMAPServerFactory
 from mailsys.mailbox.store import MailboxStore
+from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over
 from mailsys.pop3.server import POP3ServerFactory
 from mailsys.queue.control import ControlWatcher
 from mailsys.queue.dsn import DSNNotifier
@@ -170,12 +171,15 @@ class MailService(MultiService):
         return d
 
 
-def _prepare_tls(config: Config) -> ServerTLS | None:
+def _prepare_tls(config: Config, account: ServerAccount | None = None) -> ServerTLS | None:
     tls = config.tls
     if tls.certificate is None or tls.key is None:
         return None
     hostname = config.server.hostname
     if tls.create_self_signed and ensure_self_signed(tls.certificate, tls.key, hostname):
+        # Made as root before twistd drops privileges: the server must still read them later.
+        hand_over(tls.key, account, mode=SECRET_MODE if account is not None else None)
+        hand_over(tls.certificate, account)
         log.warn(
             "created a self-signed development certificate {certificate} for {hostname}; "
             "configure a real certificate for production",
@@ -214,10 +218,15 @@ def _reload_users(users: UserStore, pool: DiskPool) -> Deferred[None]:
     return d
 
 
-def build_service(config: Config, reactor: Any) -> MailService:
-    """Build the mail system for ``config``; nothing listens until the service starts."""
-    tls = _prepare_tls(config)
-    users = UserStore(config.storage.users, reload_on_lookup=False)
+def build_service(config: Config, reactor: Any, *,
+                  account: ServerAccount | None = None) -> MailService:
+    """Build the mail system for ``config``; nothing listens until the service starts.
+
+    ``account`` is the one the server will run as (mailsys.ownership): files made here, before
+    twistd drops privileges, are given to it.
+    """
+    tls = _prepare_tls(config, account)
+    users = UserStore(config.storage.users, reload_on_lookup=False, account=account)
     _ensure_demo_user(config, users)
     router = Router(config.routing, users)
     pool = DiskPool(reactor)

@@ -6,6 +6,10 @@ lines are kept when the file is rewritten. Changes take an exclusive lock on a s
 replace the file atomically, so the ``mailsys`` command and a running server never corrupt it; a
 running server sees the change within a second, without a restart, and at once where it would
 otherwise refuse a user (``verify_fresh``, and the SMTP policy's reload before a 550).
+
+The file and its lock follow mailsys.ownership: created 0640 with the server's group, rewritten
+keeping owner, group and mode. A server that cannot read a changed file keeps serving the last
+copy it read, and says so in one log line naming the file and its permissions.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from mailsys.auth.passwords import UnusableHashError, dummy_hash, hash_password, verify_password
-from mailsys.diskio import replace_file_synced
+from mailsys.ownership import (
+    ServerAccount,
+    describe,
+    open_lock_file,
+    process_account,
+    replace_file,
+)
 
 # How stale the in-memory copy may be: at most one stat() of the file per this many seconds.
 RELOAD_INTERVAL = 1.0
@@ -131,7 +141,8 @@ def _index(lines: list[_Line]) -> dict[str, _Entry]:
     return index
 
 
-_Signature = tuple[int, int, int, int] | None  # (st_dev, st_ino, st_size, st_mtime_ns)
+# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)
+_Signature = tuple[int, int, int, int, int] | None
 
 
 class UserStore:
@@ -146,9 +157,11 @@ class UserStore:
     _log = Logger()
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic, *,
-                 reload_on_lookup: bool = True) -> None:
+                 reload_on_lookup: bool = True, account: ServerAccount | None = None) -> None:
         self.path = Path(path)
         self._clock = clock
+        # The server's account: files written here are given its group (mailsys.ownership).
+        self._account = account
         # A server looks users up on the reactor thread (RCPT TO), where the stat and the read
         # of a reload must not run: it passes False and calls reload_if_changed from a thread.
         self._reload_on_lookup = reload_on_lookup
@@ -161,6 +174,8 @@ class UserStore:
         self._signature: _Signature = None
         self._generation = 0  # bumped by every update of the in-memory copy
         self._checked_at: float | None = None
+        # The (signature, error) of a file we could not read and have said so: said once only.
+        self._unreadable: tuple[_Signature, str] | None = None
         self.reload()
 
     @property
@@ -212,11 +227,11 @@ class UserStore:
             return False
 
     def reload(self) -> None:
-        """Read the file now (a missing file is an empty store)."""
+        """Read the file now (a missing file is an empty store); OSError if it cannot be read."""
         with self._state:
             self._checked_at = self._clock()
             generation = self._generation
-        self._load(generation)
+        self._load(generation, keep_last_good=False)
 
     def reload_if_changed(self) -> bool:
         """Reload if the file changed since it was read (blocking: run it in a thread).
@@ -234,8 +249,11 @@ class UserStore:
                 return reloaded
             # Another thread (the reload timer) may install a copy it read before ours: then
             # ours is dropped, and we look again rather than trust that older copy.
+            loaded = self._load(generation)
+            if loaded is None:
+                return False  # unreadable: the last good copy stays (logged once)
             reloaded = True
-            if self._load(generation):
+            if loaded:
                 return reloaded
 
     def verify_fresh(self, mailbox: str, password: str) -> bool:
@@ -269,12 +287,41 @@ class UserStore:
         if self._stat() != known:
             self._load(generation)
 
-    def _load(self, generation: int) -> bool:
+    def _load(self, generation: int, *, keep_last_good: bool = True) -> bool | None:
+        """Read and install the file; None if it cannot be read and the last copy is kept."""
         # stat before read: if the file is replaced in between, the older signature stored with
         # the newer content only causes one more reload later, never a missed change.
         signature = self._stat()
-        lines = self._read()
+        try:
+            lines = self._read()
+        except OSError as exc:
+            if not keep_last_good:
+                raise
+            self._report_unreadable(signature, exc)
+            return None
+        with self._state:
+            was_unreadable, self._unreadable = self._unreadable is not None, None
+        if was_unreadable:
+            self._log.info("user store {path}: readable again", path=str(self.path))
         return self._install(lines, signature, generation)
+
+    def _report_unreadable(self, signature: _Signature, exc: OSError) -> None:
+        """One log line per unreadable version of the file, not one per login or reload."""
+        reason = exc.strerror or str(exc)
+        with self._state:  # the reload timer and login threads may both get here
+            if self._unreadable == (signature, reason):
+                return
+            self._unreadable = (signature, reason)
+            count = len(self._index)
+        try:
+            permissions = describe(self.path)
+        except OSError:
+            permissions = "unknown permissions"
+        self._log.error(
+            "user store {path}: cannot read it: {reason} (the file is {permissions}, this "
+            "process runs as {account}); keeping the last good copy ({count} users)",
+            path=str(self.path), reason=reason, permissions=permissions,
+            account=process_account(), count=count)
 
     def _install(self, lines: _Lines, signature: _Signature, generation: int | None) -> bool:
         """Make ``lines`` the in-memory copy, unless another was installed meanwhile (False)."""
@@ -291,7 +338,8 @@ class UserStore:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime too: a chmod or chown that makes the file readable again changes only that.
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def _read(self) -> _Lines:
         try:
@@ -382,7 +430,7 @@ class UserStore:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._writing:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_lock_file(self.lock_path, self._account)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 lines = self._read()
@@ -393,13 +441,9 @@ class UserStore:
                 os.close(fd)  # closing the descriptor releases the flock
 
     def _write(self, data: bytes) -> None:
-        try:
-            replace_file_synced(self.path, data, mode=0o600)
-        except BaseException:
-            # replace_file_synced names its temporary file after our pid; do not leave it behind.
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.unlink(missing_ok=True)
-            raise
+        # Owner, group and mode by mailsys.ownership's rules; LockoutError before any change if
+        # the server could not read the result. The temporary file is removed on any failure.
+        replace_file(self.path, data, self._account)
 
 
 @dataclass

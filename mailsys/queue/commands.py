@@ -14,6 +14,7 @@ from typing import Any
 
 from mailsys.config import load
 from mailsys.envelope import Envelope, Recipient
+from mailsys.ownership import configured_account
 from mailsys.queue.control import (
     QueueToolError,
     list_envelopes,
@@ -56,7 +57,9 @@ def _spool(args: argparse.Namespace) -> Any:
 
 
 def _change(args: argparse.Namespace) -> int:
-    outcome = run_command(_spool(args), args.action, args.queue_id)
+    config = load(args.config, check_files=False)
+    outcome = run_command(config.storage.spool, args.action, args.queue_id,
+                          account=configured_account(config))
     if not outcome.ok:
         raise QueueToolError(outcome.message)
     print(outcome.message)

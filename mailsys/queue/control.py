@@ -12,6 +12,10 @@ Two paths, chosen by the spool lock (mailsys.queue.spool holds it while a server
   and edits the envelope files the way the spool does: a new file in tmp/, fsync, rename over
   the old one, fsync of queue/.
 
+Run as root, the tool gives what it creates (command files, control/, the lock, the spool
+directories) to the server's account and keeps the owner of every envelope it rewrites
+(mailsys.ownership), so that a server running as that account can use them.
+
 Listing and showing only read committed envelopes, which are always complete files.
 """
 
@@ -35,6 +39,13 @@ from twisted.python.failure import Failure
 
 from mailsys.diskio import DiskRunner, fsync_directory, write_file_synced
 from mailsys.envelope import Envelope
+from mailsys.ownership import (
+    ServerAccount,
+    hand_over,
+    make_directory,
+    match_owner,
+    open_lock_file,
+)
 from mailsys.queue.spool import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, decode_envelope, encode_envelope
 
 log = Logger(namespace="mailsys.queue.control")
@@ -73,10 +84,10 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def spool_lock(spool: Path) -> Iterator[bool]:
+def spool_lock(spool: Path, account: ServerAccount | None = None) -> Iterator[bool]:
     """Yield True holding the spool's lock (no server runs), or False if a server holds it."""
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(spool / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    make_directory(spool, account)
+    fd = open_lock_file(spool / "lock", account)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,7 +144,7 @@ def _check_id(queue_id: str) -> None:
 
 
 def run_command(spool: Path, action: str, queue_id: str | None,
-                deadline: float = REPLY_DEADLINE) -> Outcome:
+                deadline: float = REPLY_DEADLINE, account: ServerAccount | None = None) -> Outcome:
     """Apply ``action`` (flush, hold, release, delete) to one message (or, for flush, all):
     through the running server, or directly when none runs."""
     if action not in ACTIONS:
@@ -142,19 +153,21 @@ def run_command(spool: Path, action: str, queue_id: str | None,
         _check_id(queue_id)
     elif action != "flush":
         raise QueueToolError(f"{action} needs a queue id")
-    with spool_lock(spool) as locked:
+    with spool_lock(spool, account) as locked:
         if locked:
-            return apply_offline(spool, action, queue_id)
-    return _ask_server(spool, action, queue_id, deadline)
+            return apply_offline(spool, action, queue_id, account)
+    return _ask_server(spool, action, queue_id, deadline, account)
 
 
-def _ask_server(spool: Path, action: str, queue_id: str | None, deadline: float) -> Outcome:
+def _ask_server(spool: Path, action: str, queue_id: str | None, deadline: float,
+                account: ServerAccount | None = None) -> Outcome:
     control = spool / CONTROL_DIR
-    control.mkdir(mode=0o700, exist_ok=True)
+    make_directory(control, account)
     name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
     command = json.dumps({"action": action, "queue_id": queue_id}).encode()
     tmp = control / f".{name}.tmp"
     write_file_synced(tmp, command)
+    hand_over(tmp, account)  # the server must read it, and may remove it
     os.rename(tmp, control / (name + COMMAND_SUFFIX))
     reply = control / (name + REPLY_SUFFIX)
     end = time.monotonic() + deadline
@@ -181,7 +194,8 @@ def _ask_server(spool: Path, action: str, queue_id: str | None, deadline: float)
 # -- changing: no server runs --------------------------------------------------------------------
 
 
-def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
+def apply_offline(spool: Path, action: str, queue_id: str | None,
+                  account: ServerAccount | None = None) -> Outcome:
     """Edit the spool directly; the caller holds the spool lock."""
     queue = spool / "queue"
     if action == "delete":
@@ -206,7 +220,7 @@ def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
                 continue
             for recipient in envelope.open_recipients():
                 recipient.next_attempt = None
-        _rewrite(spool, envelope)
+        _rewrite(spool, envelope, account)
         changed += 1
     if changed:
         fsync_directory(queue)
@@ -216,10 +230,10 @@ def apply_offline(spool: Path, action: str, queue_id: str | None) -> Outcome:
     return Outcome(True, f"{what}: {done}")
 
 
-def _rewrite(spool: Path, envelope: Envelope) -> None:
+def _rewrite(spool: Path, envelope: Envelope, account: ServerAccount | None = None) -> None:
     """Replace one envelope as the spool does: tmp/, fsync, rename (queue/ synced by caller)."""
     tmp = spool / "tmp" / f"{envelope.queue_id}{ENVELOPE_SUFFIX}.tool{os.getpid()}"
-    (spool / "tmp").mkdir(mode=0o700, exist_ok=True)
+    make_directory(spool / "tmp", account)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     write_file_synced(tmp, encode_envelope(envelope))
@@ -227,6 +241,7 @@ def _rewrite(spool: Path, envelope: Envelope) -> None:
     if not target.exists():
         tmp.unlink()
         raise QueueToolError(f"no message {envelope.queue_id} in the queue")
+    match_owner(tmp, target)
     os.replace(tmp, target)
 
 

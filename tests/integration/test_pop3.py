@@ -332,7 +332,10 @@ def test_fetchmail_fetches_everything(pop3: POP3Server, tmp_path: Path, implicit
     rc.chmod(0o600)
     env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
            "FETCHMAILHOME": str(tmp_path)}
-    done = subprocess.run([fetchmail, "-f", str(rc), "--nodetach", "--nosyslog", "-v"],
+    # As root, fetchmail keeps one system-wide pid file whatever FETCHMAILHOME says, so two
+    # test runs side by side would refuse each other ("another foreground fetchmail is running").
+    done = subprocess.run([fetchmail, "-f", str(rc), "--nodetach", "--nosyslog", "-v",
+                           "--pidfile", str(tmp_path / "fetchmail.pid")],
                           env=env, capture_output=True, timeout=120, check=False)
     log = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
     assert done.returncode == 0, log

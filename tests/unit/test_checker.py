@@ -149,3 +149,25 @@ def test_empty_store_refuses_everyone(tmp_path: Path) -> None:
     result = _result(checker.requestAvatarId(UsernamePassword(b"a@example.test", b"x")))
     assert isinstance(result, Failure)
     assert isinstance(result.value, UnauthorizedLogin)
+
+
+def test_unreadable_user_file_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the users file cannot be read, logins are checked against the last good copy: a
+    known user gets in, a wrong password is refused, and nothing fails with an error."""
+    path = tmp_path / "users"
+    server = UserStore(path, reload_on_lookup=False)
+    UserStore(path).add("alice@example.test", "wonderland")
+    server.reload_if_changed()
+    UserStore(path).add("carol@example.test", "pw")
+
+    def denied() -> object:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(server, "_read", denied)
+    checker = UserStoreChecker(server, ThreadSpy())
+    ok = _result(checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"wonderland")))
+    assert ok == b"alice@example.test"
+    refused = _result(checker.requestAvatarId(UsernamePassword(b"carol@example.test", b"pw")))
+    assert isinstance(refused, Failure) and refused.check(UnauthorizedLogin)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import grp
 import io
+import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -314,3 +321,100 @@ def test_user_import_of_a_missing_file(workdir: Path, capsys: pytest.CaptureFixt
     status, _, err = run(capsys, "user", "import", str(workdir / "absent"))
     assert status == 1
     assert "absent" in one_line(err)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving files to another account needs root (CI runs as root)")
+
+
+@pytest.fixture
+def open_workdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Like workdir, but in a directory other accounts may enter, with [server] user nobody."""
+    path = Path(tempfile.mkdtemp(prefix="mailsys-cli-", dir="/tmp"))
+    path.chmod(0o755)
+    (path / "etc").mkdir()
+    (path / "etc" / "mailsys.toml").write_text(
+        '[server]\nuser = "nobody"\n' + CONFIG.replace(
+            'users = "var/users"', 'users = "var/users"\nspool = "var/spool"\n'
+                                   'maildirs = "maildirs"'))
+    monkeypatch.chdir(path)
+    yield path
+    shutil.rmtree(path)
+
+
+@needs_root
+def test_user_add_as_root_gives_the_file_to_the_servers_group(
+    open_workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run as root, user add leaves the file root:<server group> 0640, readable by the server."""
+    status, _, err = run(capsys, "user", "add", "a@example.test", "--password-stdin", stdin="x\n")
+    assert (status, err) == (0, "")
+    users = open_workdir / "var" / "users"
+    st = users.stat()
+    assert (st.st_uid, st.st_gid) == (0, pwd.getpwnam("nobody").pw_gid)
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    lock = (open_workdir / "var" / "users.lock").stat()
+    assert lock.st_uid == pwd.getpwnam("nobody").pw_uid  # the server's user may take the lock
+
+
+def test_user_change_by_a_third_user_is_refused_in_one_line(
+    open_workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who is neither root, the server's user nor in its group is refused before the
+    password is asked, in one line, and nothing is written."""
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(os, "getegid", lambda: 4242)
+    monkeypatch.setattr(os, "getgroups", lambda: [4242])
+    status, out, err = run(capsys, "user", "add", "a@example.test", "--password-stdin",
+                           stdin="x\n")
+    assert (status, out) == (1, "")
+    assert one_line(err).startswith("mailsys: refusing to change var/users as 4242: the "
+                                    "server's user nobody could not read the result")
+    assert not (open_workdir / "var").exists()
+    assert run(capsys, "user", "list")[0] == 0  # reading is fine
+
+
+@needs_root
+def test_check_config_reports_what_the_server_account_cannot_use(
+    open_workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config names each path the server's account could not read or write, and exits 1;
+    once the files are the account's, it says ok and whom the server runs as."""
+    nobody = pwd.getpwnam("nobody")
+    (open_workdir / "var" / "spool").mkdir(parents=True, mode=0o700)
+    (open_workdir / "var" / "users").write_text("")
+    (open_workdir / "var" / "users").chmod(0o600)
+    status, out, err = run(capsys, "check-config")
+    assert (status, out) == (1, "")
+    lines = err.splitlines()
+    path = "etc/mailsys.toml"
+    spool, users = open_workdir / "var" / "spool", open_workdir / "var" / "users"
+    assert lines == [
+        f"mailsys: {path}: storage.spool: nobody cannot read, write and enter {spool} "
+        "(root:root 0700)",
+        f"mailsys: {path}: storage.maildirs: {open_workdir / 'maildirs'} does not exist and "
+        f"nobody cannot create it in {open_workdir} (root:root 0755)",
+        f"mailsys: {path}: storage.users: nobody cannot read {users} (root:root 0600)",
+    ]
+    os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+    (open_workdir / "maildirs").mkdir()
+    os.chown(open_workdir / "maildirs", nobody.pw_uid, nobody.pw_gid)
+    os.chown(users, 0, nobody.pw_gid)
+    users.chmod(0o640)
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    assert run(capsys, "check-config") == (
+        0, f"{path}: ok (0 listeners, 2 local domains, runs as nobody:{group})\n", "")
+
+
+@needs_root
+def test_user_add_warns_when_the_server_cannot_reach_the_file(
+    open_workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A users file in a directory the server's account cannot enter is written, with one
+    warning line saying why the server will not read it."""
+    (open_workdir / "var").mkdir(mode=0o700)
+    status, out, err = run(capsys, "user", "add", "a@example.test", "--password-stdin",
+                           stdin="x\n")
+    assert (status, out) == (0, "added a@example.test\n")
+    assert one_line(err) == (f"mailsys: warning: the server cannot read var/users: nobody "
+                             f"cannot enter {open_workdir / 'var'} (root:root 0700)\n")

@@ -3,8 +3,11 @@ watches, direct edits of a stopped server's spool under its lock, and `mailsys q
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import shutil
 import sys
 import threading
 import time
@@ -17,6 +20,7 @@ from twisted.internet.task import Clock
 
 from mailsys import cli
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
+from mailsys.ownership import resolve_account
 from mailsys.queue.control import (
     CONTROL_DIR,
     ControlWatcher,
@@ -294,3 +298,55 @@ def test_queue_changes_and_errors(config: Path, capsys: pytest.CaptureFixture[st
         0, "A1: held\n")
     status, out, err = run_cli(capsys, "queue", "delete", "ZZ", "--config", str(config))
     assert (status, out, err) == (1, "", "mailsys: no message ZZ in the queue\n")
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="giving files to another account needs root (CI runs as root)")
+
+
+def _owner(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, st.st_mode & 0o777
+
+
+@needs_root
+def test_offline_rewrite_as_root_keeps_the_envelope_owner(stopped: Path) -> None:
+    """Root editing a stopped server's spool keeps each envelope's owner and mode, and what
+    it creates (tmp/, the lock) goes to the server's account."""
+    account = resolve_account("nobody")
+    assert account is not None
+    envelope = stopped / "queue" / "A1.env"
+    os.chown(envelope, account.uid, account.gid)
+    (stopped / "lock").unlink()
+    shutil.rmtree(stopped / "tmp")
+    assert run_command(stopped, "hold", "A1", account=account).ok
+    assert load_envelope(stopped, "A1").held
+    assert _owner(envelope) == (account.uid, account.gid, 0o600)
+    assert _owner(stopped / "lock")[:2] == (account.uid, account.gid)
+    assert _owner(stopped / "tmp")[:2] == (account.uid, account.gid)
+
+
+@needs_root
+def test_command_files_are_handed_to_the_servers_account(stopped: Path) -> None:
+    """Root's command file for a running server belongs to the server's account, which can then
+    read it; control/ made by the tool is the account's too."""
+    account = resolve_account("nobody")
+    assert account is not None
+    seen: list[tuple[int, int, int]] = []
+    with spool_lock(stopped):
+
+        def tool() -> None:
+            with contextlib.suppress(QueueToolError):
+                run_command(stopped, "hold", "A1", deadline=2, account=account)
+
+        thread = threading.Thread(target=tool)
+        thread.start()
+        end = time.monotonic() + 5
+        while not seen and time.monotonic() < end:
+            for path in (stopped / CONTROL_DIR).glob("*.cmd"):
+                with contextlib.suppress(FileNotFoundError):
+                    seen.append(_owner(path))
+            time.sleep(0.01)
+        thread.join(5)
+    assert seen and seen[0] == (account.uid, account.gid, 0o600)
+    assert _owner(stopped / CONTROL_DIR)[:2] == (account.uid, account.gid)

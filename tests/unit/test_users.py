@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from mailsys.auth import passwords
 from mailsys.auth.passwords import dummy_hash
@@ -433,3 +434,41 @@ def test_reload_if_changed_is_not_undone_by_an_older_concurrent_load(path: Path)
     assert server.reload_if_changed()
     assert raced
     assert server.exists("bob@example.test")
+
+
+def test_unreadable_file_keeps_the_last_good_copy_and_logs_once(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed file the server cannot read leaves the last good copy serving, and one log
+    line names the file and its permissions; once readable again, the change is seen."""
+    server = UserStore(path, reload_on_lookup=False)
+    UserStore(path).add("alice@example.test", "pw")
+    server.reload_if_changed()
+    UserStore(path).add("carol@example.test", "pw")
+
+    def denied() -> object:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(server, "_read", denied)
+    with capturedLogs() as events:
+        assert server.reload_if_changed() is False
+        assert server.reload_if_changed() is False
+        assert server.verify_fresh("alice@example.test", "pw")
+        assert not server.verify_fresh("carol@example.test", "pw")
+    lines = [formatEvent(e) for e in events]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"user store {path}: cannot read it: Permission denied (the file "
+                               "is ")
+    assert "0600" in lines[0] and "keeping the last good copy (1 users)" in lines[0]
+    monkeypatch.undo()
+    with capturedLogs() as events:
+        assert server.reload_if_changed() is True
+    assert [formatEvent(e) for e in events] == [f"user store {path}: readable again"]
+    assert server.verify_fresh("carol@example.test", "pw")
+
+
+def test_unreadable_file_at_start_is_an_error(path: Path) -> None:
+    """With no good copy to keep, a store that cannot read its file raises at construction."""
+    path.mkdir(parents=True)  # reading a directory fails like an unreadable file
+    with pytest.raises(IsADirectoryError):
+        UserStore(path, reload_on_lookup=False)
