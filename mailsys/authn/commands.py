@@ -19,6 +19,13 @@ from twisted.names import dns
 from mailsys.authn.dkim import KeyFileError, generate_key, load_key, public_record, txt_strings
 from mailsys.config import ConfigError, load
 from mailsys.dns import Answer, CachingResolver, DNSTemporaryError
+from mailsys.ownership import (
+    OwnershipError,
+    ServerAccount,
+    configured_account,
+    hand_over,
+    make_directory,
+)
 from mailsys.values import DNSServer
 
 DEFAULT_SELECTORS = {"rsa": "mail", "ed25519": "mail-ed"}
@@ -95,6 +102,16 @@ def _key_dir(args: argparse.Namespace) -> Path:
     return path.parent / "dkim"
 
 
+def _account(args: argparse.Namespace) -> ServerAccount | None:
+    path = Path(args.config)
+    if not path.exists():
+        return None
+    try:
+        return configured_account(load(path, check_files=False))
+    except (ConfigError, OwnershipError):
+        return None
+
+
 def key_path(key_dir: Path, domain: str, selector: str) -> Path:
     """Where the key of (domain, selector) lives: DIR/DOMAIN.SELECTOR.pem."""
     return key_dir / f"{domain}.{selector}.pem"
@@ -119,7 +136,8 @@ def run_genkey(args: argparse.Namespace) -> int:
     if algorithm == "rsa" and not 1024 <= args.bits <= 4096:
         raise AuthnCommandError("--bits must be between 1024 and 4096 (RFC 8301)")
     directory = _key_dir(args)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    account = _account(args)
+    make_directory(directory, account, 0o700)
     path = key_path(directory, domain, selector)
     pem, record = generate_key(algorithm, args.bits)
     try:
@@ -130,6 +148,8 @@ def run_genkey(args: argparse.Namespace) -> int:
         file.write(pem)
         file.flush()
         os.fsync(file.fileno())
+    # Run as root, the key goes to the account the server runs as, which must read it.
+    hand_over(path, account, mode=0o600)
     print(f"; wrote {path} (keep it secret: mode 0600)")
     print(f"; publish this record, then sign with selector {selector!r}:")
     print(f"{selector}._domainkey.{domain}. IN TXT ( {txt_strings(record)} )")

@@ -66,9 +66,11 @@ def _check_private(path: Path) -> None:
         mode = path.stat().st_mode
     except OSError as exc:
         raise KeyFileError(f"{path}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group read is the project's mode for secrets the server's group shares (0640,
+    # mailsys.ownership); anything for others is refused.
+    if mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
         raise KeyFileError(f"{path}: a private key must not be open to others "
-                           f"(mode {stat.S_IMODE(mode):04o}; chmod 600)")
+                           f"(mode {stat.S_IMODE(mode):04o}; chmod 600 or 640)")
 
 
 class Authn:

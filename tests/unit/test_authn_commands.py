@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -88,3 +89,18 @@ def test_genkey_uses_configured_key_dir(tmp_path: Path,
     config.write_text(f'[authn]\nkey_dir = "{tmp_path / "server-keys"}"\n')
     assert main(["dkim", "genkey", "example.test", "--config", str(config)]) == 0
     assert (tmp_path / "server-keys" / "example.test.mail.pem").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another account")
+def test_genkey_as_root_gives_the_key_to_the_server_account(tmp_path: Path) -> None:
+    """Run as root, genkey hands the key (0600) and its directory to [server] user/group, so
+    the server that drops privileges can read it."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    config = tmp_path / "mailsys.toml"
+    config.write_text(f'[server]\nuser = "nobody"\ngroup = {nobody.pw_gid}\n')
+    assert main(["dkim", "genkey", "example.test", "--config", str(config)]) == 0
+    key = tmp_path / "dkim" / "example.test.mail.pem"
+    assert (key.stat().st_uid, stat.S_IMODE(key.stat().st_mode)) == (nobody.pw_uid, 0o600)
+    assert key.parent.stat().st_uid == nobody.pw_uid

@@ -37,9 +37,12 @@ def test_configured_selectors_must_exist(tmp_path: Path) -> None:
 
 
 def test_key_open_to_others_refused(tmp_path: Path) -> None:
-    """A private key readable by group or others is refused (chmod 600)."""
+    """A private key readable by others is refused; group read (0640) is the project's mode
+    for secrets shared with the server's group."""
+    _write(key_file(tmp_path, "example.test", "ok"), "rsa", 0o640)
+    assert load_signing_keys(tmp_path, ["example.test"], {})["example.test"][0].selector == "ok"
     _write(key_file(tmp_path, "example.test", "mail"), "rsa", 0o644)
-    with pytest.raises(KeyFileError, match="chmod 600"):
+    with pytest.raises(KeyFileError, match="chmod 600 or 640"):
         load_signing_keys(tmp_path, ["example.test"], {})
 
 
