@@ -95,11 +95,13 @@ def test_genkey_uses_configured_key_dir(tmp_path: Path,
 def test_genkey_as_root_gives_the_key_to_the_server_account(tmp_path: Path) -> None:
     """Run as root, genkey hands the key (0600) and its directory to [server] user/group, so
     the server that drops privileges can read it."""
+    import grp
     import pwd
 
     nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
     config = tmp_path / "mailsys.toml"
-    config.write_text(f'[server]\nuser = "nobody"\ngroup = {nobody.pw_gid}\n')
+    config.write_text(f'[server]\nuser = "nobody"\ngroup = "{group}"\n')
     assert main(["dkim", "genkey", "example.test", "--config", str(config)]) == 0
     key = tmp_path / "dkim" / "example.test.mail.pem"
     assert (key.stat().st_uid, stat.S_IMODE(key.stat().st_mode)) == (nobody.pw_uid, 0o600)
