@@ -16,6 +16,7 @@ from mailsys.imap.responses import NIL, nstring, string
 
 MAX_DEPTH = 30  # deeper nesting is read as an opaque leaf
 MAX_PARTS = 5000  # per message; the rest of a multipart is ignored
+MISSING_DOMAIN = b"MISSING_DOMAIN"  # the host of an address that has none
 
 
 @dataclass
@@ -278,8 +279,12 @@ def envelope(part: Part) -> bytes:
         return nstring(value) if value is not None else NIL
 
     sender_from = part.field(b"from")
-    addresses = {name: part.field(name) for name in (b"sender", b"reply-to", b"to", b"cc",
-                                                     b"bcc")}
+    addresses = {name: part.field(name) for name in (b"sender", b"reply-to")}
+    for name in (b"to", b"cc", b"bcc"):
+        # A message with several To (or Cc, Bcc) fields breaks RFC 5322 §3.6, but its
+        # recipients are all of them: the lists are joined, as Dovecot joins them.
+        values = [unfold(value) for key, value in part.fields() if key.lower() == name]
+        addresses[name] = b", ".join(v for v in values if v) if values else None
     # RFC 3501 §7.4.2: Sender and Reply-To default to From.
     sender = addresses[b"sender"] if addresses[b"sender"] else sender_from
     reply_to = addresses[b"reply-to"] if addresses[b"reply-to"] else sender_from
@@ -414,10 +419,11 @@ def _addr_spec(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | N
         at = len(tokens) - 1 - tokens[::-1].index(("special", b"@"))
         local = b"".join(t for k, t in tokens[:at] if k in ("token", "quoted"))
         domain = b"".join(t for k, t in tokens[at + 1:] if k in ("token", "quoted"))
-        return local or None, domain or b""
+        return local or None, domain or MISSING_DOMAIN
     local = b"".join(t for k, t in tokens if k in ("token", "quoted"))
-    # A local part alone (no domain): host "" rather than NIL, which would mean a group.
-    return (local or None), (b"" if local else None)
+    # A local part alone (no domain): a placeholder host rather than NIL, which would mean a
+    # group (RFC 3501 §7.4.2); Dovecot's, so clients see one spelling.
+    return (local or None), (MISSING_DOMAIN if local else None)
 
 
 def address_list(value: bytes | None) -> bytes:
@@ -471,8 +477,12 @@ def body_structure(part: Part, extended: bool = True) -> bytes:
                                      _language(part), nstring(part.field(b"content-location"))])
         return out + b")"
     encoding = part.field(b"content-transfer-encoding")
+    params = part.params
+    if part.maintype == b"text" and param(params, b"charset") is None:
+        # RFC 2045 §5.2: a text part without a charset is us-ascii; say so, as Dovecot does.
+        params = [*params, (b"charset", b"us-ascii")]
     fields = [
-        string(part.maintype), string(part.subtype), _param_list(part.params),
+        string(part.maintype), string(part.subtype), _param_list(params),
         nstring(part.field(b"content-id")), nstring(part.field(b"content-description")),
         string(encoding.upper() if encoding else b"7BIT"), b"%d" % (part.end - part.body_start),
     ]
@@ -508,28 +518,33 @@ class Section:
         return not self.parts and self.text.startswith("HEADER")
 
 
-def _child(part: Part, number: int) -> Part | None:
+def _subpart(part: Part, as_message: bool, number: int) -> tuple[Part, bool] | None:
+    """Part ``number`` below ``part``: (the part, whether it stands for a whole message).
+
+    RFC 3501 §6.4.5: a message's parts are its multipart's children, or else its one part 1
+    (the message's own body); a message/rfc822 part's subparts are those of the message it
+    encapsulates; a multipart's are its children.
+    """
+    if not as_message and part.message is not None:
+        part, as_message = part.message, True
     if part.multipart:
-        return part.children[number - 1] if number <= len(part.children) else None
-    if part.message is not None:
-        inner = part.message
-        if inner.multipart:
-            return inner.children[number - 1] if number <= len(inner.children) else None
-        return inner if number == 1 else None
-    return part if number == 1 else None
+        if number > len(part.children):
+            return None
+        return part.children[number - 1], False
+    if number != 1:
+        return None
+    return part, False
 
 
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
-    part: Part | None = root
+    """The body part that part numbers ``numbers`` name in the message ``root``, or None."""
+    found: tuple[Part, bool] | None = (root, True)
     for number in numbers:
-        assert part is not None
-        if part is root or part.multipart or part.message is not None:
-            part = _child(part, number)
-        else:
-            part = part if number == 1 else None
-        if part is None:
+        assert found is not None
+        found = _subpart(found[0], found[1], number)
+        if found is None:
             return None
-    return part
+    return None if found is None else found[0]
 
 
 def section_bytes(root: Part, section: Section) -> bytes | None:

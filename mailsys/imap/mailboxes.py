@@ -25,9 +25,10 @@ from mailsys.imap.names import (
     special_use,
 )
 from mailsys.imap.parser import ParseError, Reader
-from mailsys.imap.responses import tagged, untagged
+from mailsys.imap.responses import NAME_TOO_LONG, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox import hierarchy
+from mailsys.mailbox.layout import NameTooLongError
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError
 
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 OK, NO = b"OK", b"NO"
 # RFC 3501 §6.3.10, RFC 9051 (DELETED, SIZE), RFC 7162 §3.1.7 (HIGHESTMODSEQ).
+# RFC 5258 §3 selection and return options (with RFC 6154 SPECIAL-USE, RFC 5819 STATUS).
+_SELECTION_OPTIONS = frozenset({b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"})
+_RECURSIVE_BASES = frozenset({b"SUBSCRIBED", b"SPECIAL-USE"})
+_RETURN_OPTIONS = frozenset({b"SUBSCRIBED", b"CHILDREN", b"STATUS", b"SPECIAL-USE"})
 STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELETED", "SIZE",
                 "HIGHESTMODSEQ")
 
@@ -65,6 +70,8 @@ class MailboxCommands(SessionParts):
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileExistsError):
                 return tagged(tag, NO, "Mailbox already exists", "ALREADYEXISTS")
+            if failure.check(NameTooLongError):
+                return tagged(tag, NO, *NAME_TOO_LONG)
             if failure.check(InvalidFolderNameError):
                 return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
             return failure
@@ -116,6 +123,9 @@ class MailboxCommands(SessionParts):
                 return tagged(tag, NO, "Target mailbox exists", "ALREADYEXISTS")
             if failure.check(FileNotFoundError):
                 return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+            if failure.check(NameTooLongError):
+                # RFC 5530 LIMIT: a child's name, grown by the new prefix, would not fit.
+                return tagged(tag, NO, *NAME_TOO_LONG)
             if failure.check(InvalidFolderNameError):
                 return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
             return failure
@@ -134,7 +144,11 @@ class MailboxCommands(SessionParts):
         name = self._mailbox_name(reader)
         reader.end()
         verb = "SUBSCRIBE" if subscribe else "UNSUBSCRIBE"
-        return self.run(hierarchy.set_subscribed, self._inbox(), name, subscribe).addCallback(
+        assert self._mailbox is not None
+        inbox = self._inbox()
+        # Listing first creates a new user's mailbox, where the subscriptions file goes.
+        return self._store.list_folders(self._mailbox).addCallback(
+            lambda _: self.run(hierarchy.set_subscribed, inbox, name, subscribe)).addCallback(
             lambda _: tagged(tag, OK, f"{verb} completed"))
 
     def _do_list(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
@@ -144,6 +158,13 @@ class MailboxCommands(SessionParts):
         if reader.peek_is(b"("):
             selection = [s.upper() for s in reader.paren_list(reader.atom)]
             reader.space()
+            unknown = set(selection) - _SELECTION_OPTIONS
+            if unknown:
+                # RFC 5258 §3: an unknown selection option is a syntax error.
+                raise ParseError("Unknown LIST selection option")
+            if b"RECURSIVEMATCH" in selection and not set(selection) & _RECURSIVE_BASES:
+                # RFC 5258 §3: RECURSIVEMATCH never stands alone (or with REMOTE only).
+                raise ParseError("RECURSIVEMATCH needs another selection option")
         reference = self._pattern(reader.astring())
         reader.space()
         if reader.peek_is(b"("):
@@ -160,6 +181,8 @@ class MailboxCommands(SessionParts):
             reader.expect(b"(")
             while not reader.accept(b")"):
                 option = reader.atom().upper()
+                if option not in _RETURN_OPTIONS:
+                    raise ParseError("Unknown LIST return option")  # RFC 5258 §3
                 returns.add(option)
                 if option == b"STATUS":
                     reader.space()
@@ -175,7 +198,8 @@ class MailboxCommands(SessionParts):
         special_only = b"SPECIAL-USE" in selection
         regexes = [pattern_regex(reference, pattern) for pattern in patterns]
         return self._listing(tag, "LIST", regexes, want_subscribed, subscribed_only,
-                             special_only, status_items)
+                             special_only, status_items,
+                             recursive=b"RECURSIVEMATCH" in selection and subscribed_only)
 
     def _do_lsub(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
         reader.space()
@@ -184,17 +208,18 @@ class MailboxCommands(SessionParts):
         pattern = self._pattern(reader.list_mailbox())
         reader.end()
         return self._listing(tag, "LSUB", [pattern_regex(reference, pattern)], True, True,
-                             False, [])
+                             False, [], recursive=True)
 
     def _pattern(self, raw: bytes) -> str:
         try:
             return decode_name(raw, utf8=self.utf8)
         except MailboxNameError:
-            raise ParseError("Invalid mailbox name") from None
+            # Not modified UTF-7: a pattern no mailbox name matches, still well-formed.
+            return raw.decode("utf-8", "replace")
 
     def _listing(self, tag: bytes, verb: str, regexes: list[re.Pattern[str]],
                  want_subscribed: bool, subscribed_only: bool, special_only: bool,
-                 status_items: list[str]) -> Deferred[bytes]:
+                 status_items: list[str], *, recursive: bool = False) -> Deferred[bytes]:
         assert self._mailbox is not None
         inbox = self._inbox()
 
@@ -213,19 +238,36 @@ class MailboxCommands(SessionParts):
                     everything.add(SEPARATOR.join(levels[:depth]))
             if subscribed_only:
                 everything |= subscribed
+            # RFC 3501 §6.3.9 (LSUB) and RFC 5258 §3.5 (RECURSIVEMATCH): a subscribed name the
+            # pattern does not match shows through its nearest ancestor that it does match
+            # (LSUB: as \Noselect unless subscribed itself; LIST: with CHILDINFO).
+            parents: set[str] = set()
+            if recursive:
+                for name in subscribed:
+                    if any(regex.match(name) for regex in regexes):
+                        continue
+                    levels = name.split(SEPARATOR)
+                    for depth in range(len(levels) - 1, 0, -1):
+                        ancestor = SEPARATOR.join(levels[:depth])
+                        if any(regex.match(ancestor) for regex in regexes):
+                            parents.add(ancestor)
+                            everything.add(ancestor)
+                            break
             ordered = sorted(everything, key=lambda n: (n != INBOX, n))
             lines: list[bytes] = []
             statuses: list[str] = []
             for name in ordered:
                 if not any(regex.match(name) for regex in regexes):
                     continue
-                if subscribed_only and name not in subscribed:
+                if subscribed_only and name not in subscribed and name not in parents:
                     continue
                 use = special_use(name)
                 if special_only and use is None:
                     continue
                 attributes = []
-                if name not in existing:
+                if verb == "LSUB" and name not in subscribed:
+                    attributes.append("\\Noselect")
+                elif name not in existing:
                     # RFC 9051 §7.3.1 (RFC 5258 §3): a name with no mailbox is \NonExistent;
                     # rev1 clients know an unselectable parent as \Noselect.
                     attributes.append("\\NonExistent" if subscribed_only or self.rev2
@@ -238,9 +280,11 @@ class MailboxCommands(SessionParts):
                         attributes.append(use)
                     if want_subscribed and name in subscribed:
                         attributes.append("\\Subscribed")
+                extended = (b' ("CHILDINFO" ("SUBSCRIBED"))' if verb == "LIST" and name in parents
+                            else b"")
                 lines.append(b"* " + verb.encode() + b" (" + " ".join(attributes).encode()
                              + b') "' + SEPARATOR.encode() + b'" '
-                             + encode_name(name, utf8=self.utf8) + b"\r\n")
+                             + encode_name(name, utf8=self.utf8) + extended + b"\r\n")
                 if status_items and name in existing:
                     statuses.append(name)
                     lines.append(b"")  # where its STATUS goes
@@ -316,7 +360,12 @@ class MailboxCommands(SessionParts):
         if selected is not None and selected.view.name == name:
             return succeed(render(selected.view, len(selected.recent)))
 
-        def opened(view: FolderView) -> bytes:
-            return render(view, sum(1 for info in view.messages if info.recent))
+        def opened(view: FolderView) -> bytes | Deferred[bytes]:
+            if "RECENT" not in items:
+                return render(view, 0)
+            # RFC 3501 §6.3.10: the messages with \Recent, which STATUS does not take.
+            return self.run(lambda: view.folder.recent_from(view.uidnext, claim=False)).addCallback(
+                lambda first: render(view, sum(1 for info in view.messages
+                                               if info.uid >= first)))
 
         return self._store.open_folder(self._mailbox, name).addCallback(opened)

@@ -21,7 +21,7 @@ from mailsys.imap import search as searching
 from mailsys.imap.fetchrun import FetchRun
 from mailsys.imap.flags import FlagError, has_keyword, letters_of, split_flags
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
-from mailsys.imap.responses import NO, OK, number_set, tagged, untagged
+from mailsys.imap.responses import EXPUNGE_ISSUED, NO, OK, number_set, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.folder import FlagChange, FlagResult, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords
@@ -112,8 +112,10 @@ class MessageCommands(SessionParts):
                 return tagged(tag, NO, "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
             if complete:
                 return tagged(tag, OK, f"{verb} completed")
-            # RFC 5530: some of the messages were expunged by another session.
-            return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
+            # RFC 2180 §4.1.2: FETCH responses for the messages that remain, and a tagged NO
+            # for the ones another session expunged (not yet reported: RFC 3501 §7.4.1 allows
+            # no EXPUNGE during FETCH); RFC 5530 EXPUNGEISSUED says why.
+            return tagged(tag, NO, *EXPUNGE_ISSUED)
 
         return run.start().addCallback(done)
 
@@ -215,7 +217,9 @@ class MessageCommands(SessionParts):
                     return tagged(tag, OK, "Conditional STORE failed",
                                   f"MODIFIED {number_set(numbers).decode()}")
                 if len(present) < len(targets):
-                    return tagged(tag, NO, "Some messages were expunged", "EXPUNGEISSUED")
+                    # RFC 3501 §6.4.6 "NO - store error", RFC 5530 EXPUNGEISSUED: the others
+                    # were changed and reported; the expunge itself comes after the command.
+                    return tagged(tag, NO, *EXPUNGE_ISSUED)
                 return tagged(tag, OK, f"{verb} completed")
 
             return view.store_flags(changes, unchanged_since=unchanged_since).addCallback(

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 import re
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import IO, TypeVar
 
 T = TypeVar("T")
 
@@ -30,6 +31,9 @@ _LIST_ATOM = re.compile(rb"[^\x00-\x20\x7f-\xff(){\"\\]+")
 _NUMBER = re.compile(rb"\d{1,19}")
 _SEQUENCE = re.compile(rb"[0-9*:,]+")
 MAX_NUMBER = 2**63 - 1
+# A literal larger than this is written to an unlinked temporary file as it arrives instead of
+# being held in memory (an APPEND of a large message; only APPEND takes one, see Reader).
+SPOOL_THRESHOLD = 1024 * 1024
 STAR = -1  # "*" in a sequence set: the largest number in use
 
 
@@ -42,11 +46,30 @@ class Rejection(enum.Enum):
     LITERAL_TOO_BIG = "Literal too large"
 
 
+@dataclass(eq=False)
+class SpooledLiteral:
+    """A literal's bytes in an unlinked temporary file (rewound once complete)."""
+
+    file: IO[bytes]
+    size: int
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass(frozen=True)
 class Command:
-    """One whole command: its lines (CRLF-joined) with every literal's bytes inline."""
+    """One whole command: its lines (CRLF-joined) with every literal's bytes inline, except
+    literals over the spool threshold: they are in ``spooled``, by the offset in ``data``
+    where their bytes would have been (there ``data`` holds none of them)."""
 
     data: bytes
+    spooled: dict[int, SpooledLiteral] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Drop the command's temporary files (idempotent)."""
+        for literal in self.spooled.values():
+            literal.close()
 
 
 @dataclass(frozen=True)
@@ -80,9 +103,17 @@ class Framer:
     """Cuts received bytes into commands. Feed it with ``feed``; take events with
     ``next_event`` (commands) or ``next_line`` (IDLE's DONE, SASL responses)."""
 
-    def __init__(self, max_line: int, max_literal: int) -> None:
+    def __init__(self, max_line: int, max_literal: int,
+                 spool_threshold: int = SPOOL_THRESHOLD,
+                 may_spool: Callable[[], bool] = lambda: True) -> None:
         self.max_line = max_line  # also the limit on a command's text outside its literals
         self.max_literal = max_literal  # the most literal bytes one command may carry
+        self.spool_threshold = spool_threshold
+        # Whether a literal may go to disk now; when not (before login), a larger one than
+        # the threshold is refused as too big instead.
+        self.may_spool = may_spool
+        self._spooled: dict[int, SpooledLiteral] = {}
+        self._spooling: SpooledLiteral | None = None  # the literal being written to a file
         self._buffer = b""
         self._offset = 0
         self._parts: list[bytes] = []
@@ -122,10 +153,17 @@ class Framer:
         self._discard_command = self._skip_line = False
         return dropped
 
-    def _reset(self) -> None:
+    def _reset(self, *, keep_spooled: bool = False) -> None:
         self._parts = []
         self._text = 0
         self._literals = 0
+        if not keep_spooled:
+            for literal in self._spooled.values():
+                literal.close()
+            if self._spooling is not None:
+                self._spooling.close()
+        self._spooled = {}
+        self._spooling = None
 
     def _take(self, count: int) -> bytes:
         start = self._offset
@@ -168,8 +206,18 @@ class Framer:
         while True:
             if self._literal_left:
                 chunk = self._take(self._literal_left)
-                self._parts.append(chunk)
                 self._literal_left -= len(chunk)
+                spooling = self._spooling
+                if spooling is None:
+                    self._parts.append(chunk)
+                else:
+                    # An unlinked file, buffered writes and no fsync: the page cache takes it
+                    # at memory speed; the bytes only need to outlive this command.
+                    spooling.file.write(chunk)
+                    if not self._literal_left:
+                        spooling.file.flush()
+                        spooling.file.seek(0)
+                        self._spooling = None
                 if self._literal_left:
                     return None
             if self._discard_left:
@@ -204,12 +252,15 @@ class Framer:
             if marker is None:
                 self._parts.append(line)
                 data = b"".join(self._parts)
-                self._reset()
-                return Command(data)
+                spooled = self._spooled
+                self._reset(keep_spooled=True)
+                return Command(data, spooled)
             size = int(marker.group(1))
             synchronizing = not marker.group(2)
             self._literals += size
-            if self._literals > self.max_literal:
+            limit = self.max_literal if self.may_spool() else min(self.max_literal,
+                                                                   self.spool_threshold)
+            if self._literals > limit:
                 tag = tag_of(self._parts[0] if self._parts else line)
                 self._reset()
                 if not synchronizing:
@@ -219,6 +270,11 @@ class Framer:
                 return Rejected(tag, Rejection.LITERAL_TOO_BIG, synchronizing)
             self._parts.append(line + b"\r\n")
             self._literal_left = size
+            if size > self.spool_threshold:
+                offset = sum(len(part) for part in self._parts)
+                # Closed with its command (Command.close) or when the command is dropped.
+                self._spooling = SpooledLiteral(tempfile.TemporaryFile(), size)  # noqa: SIM115
+                self._spooled[offset] = self._spooling
             if synchronizing:
                 return ContinueLiteral(size)
 
@@ -274,9 +330,11 @@ def _sequence_number(text: bytes) -> int:
 class Reader:
     """Reads a command's arguments in order; every method raises ParseError on bad syntax."""
 
-    def __init__(self, data: bytes, position: int = 0) -> None:
+    def __init__(self, data: bytes, position: int = 0,
+                 spooled: dict[int, SpooledLiteral] | None = None) -> None:
         self.data = data
         self.position = position
+        self.spooled = spooled or {}
 
     def at_end(self) -> bool:
         return self.position >= len(self.data)
@@ -359,6 +417,8 @@ class Reader:
             raise ParseError("Expected a literal")
         size = int(match.group(2))
         start = match.end()
+        if start in self.spooled:
+            raise ParseError("Literal too large for this command")
         if start + size > len(self.data):
             raise ParseError("Literal shorter than announced")
         value = self.data[start:start + size]
@@ -368,17 +428,27 @@ class Reader:
         self.position = start + size
         return value
 
+    def _at_literal(self) -> bool:
+        """A literal or literal8 starts here ("~" alone is an atom character, RFC 3501 §9)."""
+        return self.peek_is(b"{") or self.peek_is(b"~{")
+
+    def message_literal(self) -> bytes | SpooledLiteral:
+        """An APPEND message: a literal or literal8, which may have been spooled to a file."""
+        match = _LITERAL.match(self.data, self.position)
+        if match is not None and match.end() in self.spooled:
+            self.position = match.end()
+            return self.spooled[match.end()]
+        return self.literal()
+
     def string(self) -> bytes:
-        char = self.peek()
-        if char == 0x22:
+        if self.peek() == 0x22:
             return self.quoted()
-        if char in (0x7B, 0x7E):
+        if self._at_literal():
             return self.literal()
         raise ParseError("Expected a string")
 
     def astring(self) -> bytes:
-        char = self.peek()
-        if char in (0x22, 0x7B, 0x7E):
+        if self.peek() == 0x22 or self._at_literal():
             return self.string()
         return self._match(_ASTRING_ATOM, "an atom or string")
 
@@ -390,8 +460,7 @@ class Reader:
 
     def list_mailbox(self) -> bytes:
         """A LIST pattern: an atom that may hold "%" and "*", or a string."""
-        char = self.peek()
-        if char in (0x22, 0x7B, 0x7E):
+        if self.peek() == 0x22 or self._at_literal():
             return self.string()
         return self._match(_LIST_ATOM, "a mailbox pattern")
 

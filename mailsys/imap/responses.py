@@ -84,3 +84,27 @@ def number_set(values: list[int]) -> bytes:
         start = previous = value
     out.append(b"%d" % start if start == previous else b"%d:%d" % (start, previous))
     return b",".join(out)
+
+
+class RefusedError(Exception):
+    """A well-formed command that cannot be done as asked: answered ``NO [code] text``.
+
+    Raised while a command's arguments are read (a mailbox name no mailbox can have, RFC 3501
+    §5.1); the text is safe to show the client.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# RFC 3501 §5.1: a name no mailbox can have (not modified UTF-7, RFC 3501 §5.1.3).
+INVALID_NAME = ("Invalid mailbox name", "CANNOT")
+# A name longer than the store can hold (RFC 5530 LIMIT).
+NAME_TOO_LONG = ("Mailbox name too long", "LIMIT")
+# A FETCH or STORE that named messages another session expunged (RFC 5530, RFC 2180 §4.1.2).
+# The words are the ones Dovecot, Zimbra and CommuniGate use, which clients and test tools
+# recognise as "retry after NOOP" rather than a failure.
+EXPUNGE_ISSUED = ("Some of the requested messages no longer exist (they have been deleted)",
+                  "EXPUNGEISSUED")

@@ -19,7 +19,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mailsys.imap.bodystructure import Part, param, parse_message
+from mailsys.imap.bodystructure import (
+    MISSING_DOMAIN,
+    Part,
+    param,
+    parse_addresses,
+    parse_message,
+    unfold,
+)
 from mailsys.imap.fetch import Need
 from mailsys.imap.headercache import HEADERS
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
@@ -33,6 +40,9 @@ CHARSETS = ("UTF-8", "US-ASCII")
 _FLAG_KEYS = {"ANSWERED": REPLIED, "DELETED": TRASHED, "DRAFT": DRAFT, "FLAGGED": FLAGGED,
               "SEEN": SEEN}
 _HEADER_KEYS = {"BCC": b"bcc", "CC": b"cc", "FROM": b"from", "SUBJECT": b"subject", "TO": b"to"}
+# How deep parentheses, NOT and OR may nest: RFC 3501 §6.4.4 sets no limit, but every level is a
+# stack frame here and in matching; deeper input is a syntax error (BAD), never a RecursionError.
+MAX_NESTING = 100
 
 
 class BadCharsetError(ParseError):
@@ -297,6 +307,37 @@ class HeaderContains(Key):
 
 
 @dataclass
+class AddressContains(HeaderContains):
+    """FROM, TO, CC, BCC: the field's text contains the string, or its addresses do once
+    parsed, as ``name <local@domain>`` (RFC 3501 §6.4.4 "contains the specified string"): an
+    address whose field text is split by comments, angle brackets or a group still matches
+    by its whole address, as in Dovecot."""
+
+    def match(self, message: Candidate, context: Context) -> bool:
+        if HeaderContains.match(self, message, context):
+            return True
+        part = message.message(Need.HEADER)
+        if part is None or not self.text:
+            return False
+        wanted = self.name.lower()
+        for name, value in part.fields():
+            if name.lower() != wanted:
+                continue
+            words = []
+            for address in parse_addresses(unfold(value)):
+                if address.name:
+                    words.append(decode_header(address.name))
+                if address.mailbox is not None and address.host not in (None, MISSING_DOMAIN):
+                    words.append(f"<{address.mailbox.decode('utf-8', 'replace')}@"
+                                 f"{address.host.decode('utf-8', 'replace')}>")
+                elif address.mailbox is not None:
+                    words.append(address.mailbox.decode("utf-8", "replace"))
+            if self.text in " ".join(words).casefold():
+                return True
+        return False
+
+
+@dataclass
 class BodyContains(Key):
     text: str
     with_header: bool  # TEXT: the header too
@@ -370,7 +411,7 @@ def parse_search(reader: Reader, *, uid: bool, allow_charset: bool = True) -> Ke
             raise BadCharsetError(charset)
         reader.space()
     while True:
-        keys.append(_key(reader, uid))
+        keys.append(_key(reader, uid, 0))
         if reader.at_end():
             break
         reader.space()
@@ -404,12 +445,14 @@ def _number(reader: Reader) -> int:
     return reader.number()
 
 
-def _key(reader: Reader, uid: bool) -> Key:
+def _key(reader: Reader, uid: bool, depth: int) -> Key:
+    if depth > MAX_NESTING:
+        raise ParseError("Search keys nested too deeply")
     if reader.accept(b"("):
-        keys = [_key(reader, uid)]
+        keys = [_key(reader, uid, depth + 1)]
         while not reader.accept(b")"):
             reader.space()
-            keys.append(_key(reader, uid))
+            keys.append(_key(reader, uid, depth + 1))
         return All(keys)
     char = reader.peek()
     if char is not None and (0x30 <= char <= 0x39 or char in (0x2A, 0x24)):
@@ -431,8 +474,10 @@ def _key(reader: Reader, uid: bool) -> Key:
         reader.space()
         keyword = Keyword(reader.atom().decode("utf-8", "replace"))
         return keyword if name == "KEYWORD" else Not(keyword)
+    if name == "SUBJECT":
+        return HeaderContains(b"subject", _string(reader))
     if name in _HEADER_KEYS:
-        return HeaderContains(_HEADER_KEYS[name], _string(reader))
+        return AddressContains(_HEADER_KEYS[name], _string(reader))
     if name == "HEADER":
         reader.space()
         field_name = reader.astring()
@@ -460,12 +505,12 @@ def _key(reader: Reader, uid: bool) -> Key:
         return ModSeq(reader.number())
     if name == "NOT":
         reader.space()
-        return Not(_key(reader, uid))
+        return Not(_key(reader, uid, depth + 1))
     if name == "OR":
         reader.space()
-        left = _key(reader, uid)
+        left = _key(reader, uid, depth + 1)
         reader.space()
-        return Or(left, _key(reader, uid))
+        return Or(left, _key(reader, uid, depth + 1))
     raise ParseError(f"Unknown search key {name[:40]}")
 
 

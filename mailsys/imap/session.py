@@ -56,10 +56,20 @@ from mailsys.imap.parser import (
     Rejection,
     tag_of,
 )
-from mailsys.imap.responses import BAD, NO, OK, tagged, untagged
+from mailsys.imap.responses import (
+    BAD,
+    INVALID_NAME,
+    NAME_TOO_LONG,
+    NO,
+    OK,
+    RefusedError,
+    tagged,
+    untagged,
+)
 from mailsys.imap.transfers import TransferCommands
 from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
+from mailsys.mailbox.layout import NameTooLongError, folder_directory
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
@@ -165,7 +175,9 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
         super().__init__(factory, max_bad_commands=self._limits.max_bad_commands)
         self._factory = factory
         self._store = factory.store
-        self._framer = Framer(self._limits.max_command_length, self._limits.max_literal_size)
+        # Literals over the spool threshold go to disk, after login only (an APPEND's).
+        self._framer = Framer(self._limits.max_command_length, self._limits.max_literal_size,
+                              may_spool=lambda: self._state in _AUTHED)
         self._state = State.NOT_AUTHENTICATED
         self._mailbox: str | None = None
         self._selected: Selected | None = None
@@ -318,10 +330,14 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
             else:
                 self._answer(tagged(tag, BAD, event.reason.value))
         elif isinstance(event, Command):
-            self._dispatch(event.data)
+            self._dispatch(event.data, event)
         return True
 
-    def _dispatch(self, data: bytes) -> None:
+    def _dispatch(self, data: bytes, command: Command | None = None) -> None:
+        if command is not None and command.spooled:
+            # A large literal's temporary file lives as long as its command.
+            self._dispatch_spooled(data, command)
+            return
         reader = Reader(data)
         try:
             tag = reader.tag()
@@ -356,6 +372,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
             result = spec.handler(tag, reader, uid)
         except searching.BadCharsetError:
             result = tagged(tag, NO, "Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        except RefusedError as exc:
+            result = tagged(tag, NO, exc.message, exc.code)
         except ParseError as exc:
             result = tagged(tag, BAD, str(exc) or "Syntax error")
         except Exception:
@@ -363,6 +381,36 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
                         client=self._client)
             result = tagged(tag, NO, "Internal server error", "SERVERBUG")
         self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
+
+    def _dispatch_spooled(self, data: bytes, command: Command) -> None:
+        """A command with a literal the Framer spooled to a file: only APPEND takes one (the
+        others get BAD); the files are closed once the command is answered."""
+        reader = Reader(data, spooled=command.spooled)
+        tag = tag_of(data)
+        try:
+            reader.tag()
+            reader.space()
+            name = reader.atom().upper()
+            if name != b"APPEND" or self._state not in _AUTHED:
+                raise ParseError("Only APPEND takes a literal this large")
+            result = self._do_append(tag, reader, False)
+        except RefusedError as exc:
+            result = tagged(tag, NO, exc.message, exc.code)
+        except ParseError as exc:
+            result = (tagged(tag, BAD, str(exc) or "Syntax error") if tag
+                      else untagged("BAD Missing or invalid tag"))
+        except Exception:
+            log.failure("imap APPEND failed for {client}", client=self._client)
+            result = tagged(tag, NO, "Internal server error", "SERVERBUG")
+        if isinstance(result, Deferred):
+            def closed(value: object) -> object:
+                command.close()
+                return value
+
+            result.addBoth(closed)
+        else:
+            command.close()
+        self._deliver(tag, result, True)
 
     def _news_waiting(self) -> bool:
         """The selected mailbox may have changed since the client last heard."""
@@ -466,10 +514,21 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
 
     def _mailbox_name(self, reader: Reader) -> str:
         """A mailbox argument as the store names it (modified UTF-7 or UTF-8 decoded)."""
+        raw = reader.astring()
         try:
-            return canonical(decode_name(reader.astring(), utf8=self.utf8))
+            name = canonical(decode_name(raw, utf8=self.utf8))
         except MailboxNameError:
-            raise ParseError("Invalid mailbox name") from None
+            # Well-formed as an astring: no mailbox has this name (NO, as Dovecot; not BAD).
+            raise RefusedError(*INVALID_NAME) from None
+        # The store's own rule (mailsys.mailbox.layout): a folder is one directory ".name"
+        # holding every level, so a name past NAME_MAX bytes can never be a mailbox.
+        try:
+            folder_directory(name)
+        except NameTooLongError:
+            raise RefusedError(*NAME_TOO_LONG) from None
+        except InvalidFolderNameError:
+            pass  # each command answers this in its own way (NONEXISTENT, CANNOT, TRYCREATE)
+        return name
 
     # --- any state -----------------------------------------------------------------------------
 
@@ -657,14 +716,18 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
         verb = "EXAMINE" if readonly else "SELECT"
 
         def opened(view: FolderView) -> Deferred[bytes]:
-            return self.run(read_keywords, view.path).addCallback(
-                lambda keywords: answer(view, keywords))
+            def work() -> tuple[list[str], int]:
+                # RFC 3501 §6.3.2: EXAMINE leaves \Recent to the next session; SELECT takes it.
+                return (read_keywords(view.path),
+                        view.folder.recent_from(view.uidnext, claim=not readonly))
 
-        def answer(view: FolderView, keywords: list[str]) -> bytes:
+            return self.run(work).addCallback(lambda found: answer(view, *found))
+
+        def answer(view: FolderView, keywords: list[str], first_recent: int) -> bytes:
             if self._disconnected:
                 return b""
             unsubscribe = self._store.subscribe(mailbox, view.name, self._changed)
-            recent = {info.uid for info in view.messages if info.recent}
+            recent = {info.uid for info in view.messages if info.uid >= first_recent}
             rev2 = self.rev2
             selected = Selected(view, readonly, keywords, recent, unsubscribe,
                                 exists=len(view.messages), show_recent=not rev2)
@@ -754,7 +817,18 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
         selected.dirty = False
         before = selected.view.messages
 
-        def refreshed(changes: Any) -> Deferred[None] | None:
+        def claim(changes: Any) -> Any:
+            if not changes.added or changes.uidvalidity_changed:
+                return (changes, selected.view.uidnext)
+            # RFC 3501 §2.3.2: the first session told of a new message sees it \Recent; a
+            # read-only one leaves it recent for the next.
+            view = selected.view
+            return self.run(lambda: view.folder.recent_from(
+                view.uidnext, claim=not selected.readonly)).addCallback(
+                lambda first: (changes, first))
+
+        def refreshed(found: tuple[Any, int]) -> Deferred[None] | None:
+            changes, first_recent = found
             if self._selected is not selected or self._disconnected:
                 return None
             view = selected.view
@@ -771,7 +845,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
                     selected.exists -= 1  # the client counts each EXPUNGE itself
                 selected.recent.difference_update(changes.expunged)
             for info in changes.added:
-                if info.recent:
+                if info.uid >= first_recent:
                     selected.recent.add(info.uid)
             if len(view.messages) != selected.exists or changes.added:
                 selected.exists = len(view.messages)
@@ -814,7 +888,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
             self._deselect()
             self._close()
 
-        return selected.view.refresh().addCallback(refreshed).addErrback(failed)
+        return selected.view.refresh().addCallback(claim).addCallback(refreshed).addErrback(
+            failed)
 
     def _flags_response(self, seq: int, info: MessageInfo, *, uid: bool) -> bytes:
         """``* seq FETCH ([UID u] FLAGS (...) [MODSEQ (m)])`` for a flag change; RFC 7162 §3.1:

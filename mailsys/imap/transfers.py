@@ -15,15 +15,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsys.imap.binary import seven_bit_form
 from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
 from mailsys.imap.names import canonical
-from mailsys.imap.parser import ParseError, Reader, SequenceSet
+from mailsys.imap.parser import ParseError, Reader, SequenceSet, SpooledLiteral
 from mailsys.imap.responses import MONTHS, NO, OK, number_set, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.folder import Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
 from mailsys.mailbox.store import InvalidFolderNameError
-from mailsys.mailbox.transfer import Added, append_message, copy_messages
+from mailsys.mailbox.transfer import Added, append_file, append_message, copy_messages
 
 if TYPE_CHECKING:
     pass
@@ -60,10 +61,13 @@ class TransferCommands(SessionParts):
             reader.position += 6
             if not reader.peek_is(b"~"):
                 raise ParseError("UTF8 APPEND data must be a literal8")
-            data = reader.literal()
+            data = reader.message_literal()
             reader.expect(b")")
         else:
-            data = reader.literal()  # a literal, or a literal8 (RFC 3516 §4.4)
+            binary = reader.peek_is(b"~")
+            data = reader.message_literal()  # a literal, or a literal8 (RFC 3516 §4.4)
+            if binary and isinstance(data, bytes):
+                data = seven_bit_form(data)
         try:
             letters, keywords = split_flags(flags)
         except FlagError:
@@ -124,8 +128,8 @@ class TransferCommands(SessionParts):
             target = self._store.folder(self._mailbox, name)
         except InvalidFolderNameError:
             return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-        if move and target.path == selected.view.path:
-            return tagged(tag, NO, "Cannot move a message into its own mailbox", "CANNOT")
+        # RFC 6851 §3.3 sets no exception for the selected mailbox: a MOVE into it gives the
+        # messages new UIDs (COPYUID) and expunges the old ones, as a COPY and EXPUNGE would.
         targets = self._targets(numbers, uid)
         if not targets:
             return tagged(tag, OK, f"{verb} completed")
@@ -186,7 +190,7 @@ def parse_date_time(value: bytes) -> float:
 class _Appended:
     """One message of an APPEND command, parsed."""
 
-    data: bytes
+    data: bytes | SpooledLiteral  # a large one is in a temporary file (parser.Framer)
     letters: frozenset[str]
     keywords: list[str]
     date: float | None
@@ -208,7 +212,10 @@ def _append(folder: Folder, messages: list[_Appended]) -> Added:
     try:
         for message in messages:
             letters = message.letters | letters_of(message.keywords, slots)
-            added = append_message(folder, message.data, letters, message.date)
+            if isinstance(message.data, SpooledLiteral):
+                added = append_file(folder, message.data.file, letters, message.date)
+            else:
+                added = append_message(folder, message.data, letters, message.date)
             uidvalidity = added.uidvalidity
             uids.extend(added.uids)
     except BaseException:

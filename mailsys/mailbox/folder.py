@@ -35,7 +35,14 @@ from typing import BinaryIO
 from twisted.logger import Logger
 
 from mailsys.diskio import fsync_directory
-from mailsys.mailbox.names import MaildirName, format_base, parse_name, render_flags
+from mailsys.mailbox.layout import (
+    MaildirName,
+    create_maildir,
+    file_name,
+    find_message,
+    format_base,
+    parse_name,
+)
 from mailsys.mailbox.uidlist import (
     JOURNAL_NAME,
     MAX_MODSEQ,
@@ -56,9 +63,14 @@ from mailsys.mailbox.wire import wire_size
 log = Logger(namespace="mailsys.mailbox")
 
 LOCK_NAME = "mailsys-uidlist.lock"
+# The first UID that no read-write session has been told of yet: messages from it on carry
+# \Recent for the next session that selects the folder (RFC 3501 §2.3.2).
+RECENT_NAME = "mailsys-recent"
+# In the INBOX directory: the last UIDVALIDITY given to any folder of the mailbox, so that a
+# folder deleted and created again gets a greater one even within the same second. (Not the
+# per-folder floor file of mailsys.mailbox.uidlist, which lives in each folder.)
+LAST_UIDVALIDITY_NAME = "mailsys-uidvalidity-last"
 # Maildir++: every folder below the INBOX holds an empty file of this name.
-FOLDER_MARKER = "maildirfolder"
-SUBDIRS = ("cur", "new", "tmp")
 _READ_CHUNK = 256 * 1024
 
 
@@ -235,33 +247,6 @@ def _process_lock(directory: Path) -> threading.Lock:
         return lock
 
 
-def create_folder_dirs(directory: Path, *, subfolder: bool) -> None:
-    """Create a Maildir (cur/ new/ tmp/, and the Maildir++ marker for a subfolder), durably."""
-    created = False
-    try:
-        directory.mkdir(mode=0o700)
-        created = True
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        created = True
-    for sub in SUBDIRS:
-        try:
-            (directory / sub).mkdir(mode=0o700)
-            created = True
-        except FileExistsError:
-            pass
-    if subfolder:
-        marker = directory / FOLDER_MARKER
-        if not marker.exists():
-            marker.touch(mode=0o600)
-            created = True
-    if created:
-        fsync_directory(directory)
-        fsync_directory(directory.parent)
-
-
 def new_uidvalidity(previous: int | None, now: float) -> int:
     """A UIDVALIDITY for a (re)numbered folder: the time, and always above ``previous``.
 
@@ -303,7 +288,7 @@ class Folder:
             try:
                 fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             except FileNotFoundError:
-                create_folder_dirs(self.path, subfolder=self.subfolder)
+                create_maildir(self.path, subfolder=self.subfolder)
                 fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -369,7 +354,9 @@ class Folder:
                     and not any(item.sub == "cur" for item in found.values())):
                 # Never numbered before (a new folder, or mail delivered before any session):
                 # sessions move every message they number into cur/.
-                uids = UidList(new_uidvalidity(None, self._clock()), 1)
+                uids = UidList(self._fresh_uidvalidity(), 1)
+                # A new folder's messages are all \Recent (RFC 3501 §2.3.2).
+                self._write_recent(1)
             elif damage is None and floor is not None and not found:
                 # An emptied folder whose UID file was lost.
                 uids = UidList(floor[0], floor[1],
@@ -433,6 +420,53 @@ class Folder:
             self._write(state, messages)
         return SyncResult(state.uidvalidity, state.uidnext, messages, rebuilt, renumbered,
                           state.highest_modseq)
+
+    def _fresh_uidvalidity(self) -> int:
+        """A UIDVALIDITY for a folder numbered for the first time: greater than any other
+        this mailbox has given (RFC 3501 §2.3.1.1: a mailbox deleted and created again must
+        not reuse its UIDVALIDITY, or a client's cache shows the wrong messages)."""
+        inbox = self.path.parent if self.subfolder else self.path
+        fd = os.open(inbox / LAST_UIDVALIDITY_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # shared by every folder of the mailbox
+            raw = os.read(fd, 64).strip()
+            last = int(raw) if raw.isdigit() else None
+            value = new_uidvalidity(last, self._clock())
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, b"%d\n" % value)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return value
+
+    def recent_from(self, seen_up_to: int, *, claim: bool) -> int:
+        """The first UID that is still \\Recent (RFC 3501 §2.3.2); with ``claim`` (a
+        read-write session that has now been told of every UID below ``seen_up_to``) the
+        messages below ``seen_up_to`` stop being recent for every later session.
+
+        Under the folder's lock, so two sessions never both get \\Recent for one message.
+        """
+        if self.subfolder and not self.path.is_dir():
+            return seen_up_to  # deleted meanwhile: taking the lock would create it again
+        with self.locked():
+            try:
+                raw = (self.path / RECENT_NAME).read_bytes().strip()
+            except FileNotFoundError:
+                # A folder numbered before \Recent was kept: its messages are not new, and
+                # the ones that arrive from now on are.
+                self._write_recent(seen_up_to)
+                return seen_up_to
+            first = int(raw) if raw.isdigit() else seen_up_to
+            if claim and seen_up_to > first:
+                self._write_recent(seen_up_to)
+        return first
+
+    def _write_recent(self, first: int) -> None:
+        # Not fsync'd: after a crash messages may be \Recent once more, which is harmless.
+        tmp = self.path / (RECENT_NAME + ".tmp")
+        tmp.write_bytes(b"%d\n" % first)
+        os.replace(tmp, self.path / RECENT_NAME)
 
     def _modseq_start(self, floor: Floor | None, damaged: UidList | None) -> int:
         """Where the mod-sequences of a rebuilt UID file resume: above any a client saw.
@@ -510,7 +544,7 @@ class Folder:
                 # In cur/ a missing or stale ,U= comes from another Maildir writer, a copied
                 # file or a renumbering; left alone it would mislead the next rebuild.
                 base = format_base(key, size=item.size, wire_size=entry.wire_size, uid=entry.uid)
-                target = f"{base}:2,{render_flags(parsed.flags)}"
+                target = file_name(base, parsed.flags)
                 try:
                     os.rename(f"{root}/{item.sub}/{name}", cur + target)
                     name = target
@@ -536,7 +570,7 @@ class Folder:
             try:
                 entries = list(os.scandir(f"{root}/{sub}"))
             except FileNotFoundError:
-                create_folder_dirs(self.path, subfolder=self.subfolder)
+                create_maildir(self.path, subfolder=self.subfolder)
                 continue
             for entry in entries:
                 name = entry.name
@@ -635,16 +669,7 @@ class Folder:
 
     def _find(self, key: str) -> str | None:
         """The current path of the message with ``key``, by a directory scan (slow path)."""
-        root = os.fspath(self.path)
-        for sub in ("cur", "new"):
-            try:
-                names = os.listdir(f"{root}/{sub}")
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if name.startswith(key) and parse_name(name).key == key:
-                    return f"{root}/{sub}/{name}"
-        return None
+        return find_message(self.path, key)
 
     def open_message(self, info: MessageInfo) -> BinaryIO:
         """An open binary file of the message; MessageVanishedError if it was expunged.

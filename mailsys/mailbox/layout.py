@@ -132,6 +132,12 @@ def locate_message(directory: Path, name: str, key: str) -> str | None:
     path = f"{directory}/cur/{name}"
     if os.path.exists(path):
         return path
+    return find_message(directory, key)
+
+
+def find_message(directory: Path | str, key: str) -> str | None:
+    """Disk thread: the path of the message with ``key`` in cur/ or new/ of Maildir
+    ``directory``, by a directory scan (the slow path); None if it is gone."""
     for sub in ("cur", "new"):
         try:
             names = os.listdir(f"{directory}/{sub}")

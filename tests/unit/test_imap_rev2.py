@@ -277,7 +277,9 @@ def test_multiappend_stores_all_and_answers_a_uid_set(server: Server) -> None:
     assert re.search(rb"a OK \[APPENDUID \d+ 1:2\]", out), out
     client.select()
     out = client.cmd("FETCH 1:* FLAGS").encode()
-    assert b"* 1 FETCH (FLAGS (\\Seen Work))" in out and b"* 2 FETCH (FLAGS (\\Flagged))" in out
+    # RFC 3501 §2.3.2: appended messages are new, and this is the first session to see them.
+    assert (b"* 1 FETCH (FLAGS (\\Seen Work \\Recent))" in out
+            and b"* 2 FETCH (FLAGS (\\Flagged \\Recent))" in out)
 
 
 def test_multiappend_with_an_empty_message_stores_nothing(server: Server) -> None:

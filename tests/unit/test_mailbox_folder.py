@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import pytest
 
 from mailsys.mailbox import folder as folder_module
 from mailsys.mailbox.folder import (
+    RECENT_NAME,
     Folder,
     MessageVanishedError,
-    create_folder_dirs,
     new_uidvalidity,
 )
+from mailsys.mailbox.layout import create_maildir
 from mailsys.mailbox.names import SEEN, parse_name
 from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist, write_state
 from tests.unit.mailbox_support import WallClock, deliver, forget_folder_caches, message
@@ -27,7 +29,7 @@ def clock() -> WallClock:
 
 @pytest.fixture
 def folder(tmp_path: Path, clock: WallClock) -> Folder:
-    create_folder_dirs(tmp_path / "inbox", subfolder=False)
+    create_maildir(tmp_path / "inbox", subfolder=False)
     return Folder(tmp_path / "inbox", clock=clock)
 
 
@@ -302,7 +304,7 @@ def test_read_prefix_stops_early(folder: Folder) -> None:
 def test_concurrent_sessions_never_share_a_uid(tmp_path: Path) -> None:
     """Two sessions syncing one folder at the same time while mail arrives agree on every UID."""
     path = tmp_path / "inbox"
-    create_folder_dirs(path, subfolder=False)
+    create_maildir(path, subfolder=False)
     seen: list[dict[str, int]] = []
     errors: list[BaseException] = []
 
@@ -354,3 +356,35 @@ def test_wire_size_reads_a_file_larger_than_its_scan_said(folder: Folder) -> Non
     (folder.path / "new" / "grown").write_bytes(body)
     item = folder_module._Found("new", "grown", parse_name("grown"), 10, 0.0)
     assert folder._wire_size(item) == 300_000
+
+
+def test_recent_from_is_taken_once_and_never_recreates_a_deleted_folder(tmp_path: Path) -> None:
+    """\\Recent (RFC 3501 §2.3.2): the first claim gets every new UID, the next none; a folder
+    without the record (numbered by an older server) starts with nothing recent; asking about
+    a deleted subfolder does not create it again."""
+    inbox = tmp_path / "inbox"
+    deliver(inbox, message(1))
+    folder = Folder(inbox)
+    result = folder.sync()
+    assert folder.recent_from(result.uidnext, claim=False) == 1
+    assert folder.recent_from(result.uidnext, claim=True) == 1
+    assert folder.recent_from(result.uidnext, claim=True) == result.uidnext
+    (inbox / RECENT_NAME).unlink()
+    assert folder.recent_from(5, claim=False) == 5
+    gone = Folder(inbox / ".Gone", subfolder=True)
+    assert gone.recent_from(1, claim=True) == 1 and not gone.path.exists()
+
+
+def test_new_folders_of_a_mailbox_get_ever_greater_uidvalidity(tmp_path: Path) -> None:
+    """Folders numbered within the same second get distinct, growing UIDVALIDITY values, so a
+    folder deleted and created again never reuses one (RFC 3501 §2.3.1.1)."""
+    inbox = tmp_path / "inbox"
+    values = []
+    for name in ("INBOX", ".A", ".A", ".B"):
+        path = inbox if name == "INBOX" else inbox / name
+        if path.exists() and name != "INBOX":
+            shutil.rmtree(path)
+        deliver(path, message(1))
+        folder = Folder(path, subfolder=name != "INBOX", clock=lambda: 1_700_000_000.0)
+        values.append(folder.sync().uidvalidity)
+    assert values == sorted(values) and len(set(values)) == 4

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mailsys.mailbox import folder as folder_module
-from mailsys.mailbox.folder import Folder, MessageInfo, adding, create_folder_dirs
+from mailsys.mailbox.folder import Folder, MessageInfo, adding
+from mailsys.mailbox.layout import create_maildir
 from mailsys.mailbox.names import FLAGGED, SEEN, parse_name
 from mailsys.mailbox.uidlist import (
     JOURNAL_NAME,
@@ -26,7 +27,7 @@ from tests.unit.mailbox_support import WallClock, deliver, forget_folder_caches,
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Folder:
-    create_folder_dirs(tmp_path / "inbox", subfolder=False)
+    create_maildir(tmp_path / "inbox", subfolder=False)
     return Folder(tmp_path / "inbox", clock=WallClock())
 
 

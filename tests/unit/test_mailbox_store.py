@@ -18,7 +18,7 @@ from mailsys.mailbox import (
     MailboxInUseError,
     MailboxStore,
 )
-from mailsys.mailbox.folder import FOLDER_MARKER
+from mailsys.mailbox.layout import FOLDER_MARKER
 from mailsys.mailbox.names import SEEN
 from mailsys.mailbox.store import POP3_LOCK_NAME, folder_directory
 from tests.unit.mailbox_support import ImmediatePool, deliver, failure_of, message, result_of

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsys.mailbox.folder import Folder, create_folder_dirs
+from mailsys.mailbox.folder import Folder
 from mailsys.mailbox.hierarchy import (
     FolderHasChildrenError,
     create_folder_tree,
@@ -26,7 +26,14 @@ from mailsys.mailbox.keywords import (
     letter_of,
     read_keywords,
 )
-from mailsys.mailbox.layout import FLAGGED, SEEN, NameTooLongError, parse_name, stored_form
+from mailsys.mailbox.layout import (
+    FLAGGED,
+    SEEN,
+    NameTooLongError,
+    create_maildir,
+    parse_name,
+    stored_form,
+)
 from mailsys.mailbox.store import MailboxStore
 from mailsys.mailbox.transfer import append_message, copy_messages
 from tests.unit.mailbox_support import ImmediatePool, deliver, failure_of, message, result_of
@@ -37,7 +44,7 @@ USER = "demo@example.test"
 @pytest.fixture
 def inbox(tmp_path: Path) -> Path:
     path = tmp_path / "inbox"
-    create_folder_dirs(path, subfolder=False)
+    create_maildir(path, subfolder=False)
     return path
 
 
@@ -64,7 +71,7 @@ def test_stored_form_keeps_bytes_that_would_not_round_trip() -> None:
 def test_append_to_a_never_opened_folder_starts_its_numbering(tmp_path: Path) -> None:
     """The first APPEND to a new folder gets UID 1 without a UID-file rebuild."""
     path = tmp_path / ".New"
-    create_folder_dirs(path, subfolder=True)
+    create_maildir(path, subfolder=True)
     added = append_message(Folder(path, subfolder=True), b"x\r\n", frozenset())
     assert added.uids == ((0, 1),)
     assert Folder(path, subfolder=True).sync().rebuilt is None
@@ -77,7 +84,7 @@ def test_copy_links_with_fresh_names_and_new_uids(inbox: Path, tmp_path: Path) -
         deliver(inbox, message(i), mtime=1_700_000_000 + i)
     infos = list(source.sync().messages)
     target_path = tmp_path / ".Trash"
-    create_folder_dirs(target_path, subfolder=True)
+    create_maildir(target_path, subfolder=True)
     target = Folder(target_path, subfolder=True)
     added = copy_messages(source, infos[1:], target, lambda info: info.flags | {FLAGGED})
     assert added.uids == ((2, 1), (3, 2))
@@ -94,7 +101,7 @@ def test_copy_skips_vanished_messages(inbox: Path, tmp_path: Path) -> None:
     deliver(inbox, message(1))
     info = source.sync().messages[0]
     source.delete([info])
-    create_folder_dirs(tmp_path / ".T", subfolder=True)
+    create_maildir(tmp_path / ".T", subfolder=True)
     assert copy_messages(source, [info], Folder(tmp_path / ".T", subfolder=True),
                          lambda i: i.flags).uids == ()
 
