@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType
 
 from mailsys.values import (
     DNSServer,
@@ -35,7 +35,26 @@ from mailsys.values import (
 )
 
 DEFAULT_BACKLOG = 1024
+_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _LISTENER_TYPES = ("tcp", "tcp6", "unix")
+
+
+# A size in bytes written as text ("500K", "100M", "2G", "none"); 0 means no limit.
+ByteSize = NewType("ByteSize", int)
+
+
+def parse_size(text: str) -> ByteSize:
+    """Bytes from "500", "100K", "25M", "2G" (powers of 1024); 0 for "none" (no limit).
+
+    Raises ValueError for anything else.
+    """
+    if text.strip().lower() in ("none", "unlimited"):
+        return ByteSize(0)
+    match = _SIZE_TEXT.match(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 500K, 100M, 2G or none)")
+    return ByteSize(int(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 class ConfigError(Exception):
@@ -73,6 +92,15 @@ class StorageSection:
     spool: Path = Path("var/spool")
     maildirs: Path = Path("maildirs")
     users: Path = Path("var/users")
+    # Free space the spool's file system keeps: below it MAIL FROM gets 452 4.3.1 ("100M";
+    # "none" turns the check off). Unset: three times smtp.max_message_size.
+    spool_min_free: ByteSize | None = None
+
+    def spool_floor(self, max_message_size: int) -> int:
+        """The free-space floor in bytes (0: no floor)."""
+        if self.spool_min_free is None:
+            return 3 * max_message_size
+        return self.spool_min_free
 
 
 @dataclass(frozen=True)
@@ -272,6 +300,19 @@ AUTHN_DMARC_POLICIES = ("honour", *AUTHN_POLICIES)
 
 
 @dataclass(frozen=True)
+class QuotaSection:
+    """Per-mailbox limits (mailsys.delivery.quota): a default for every mailbox, overridden per
+    user (canonical address); none by default. Sizes as "500K", "100M", "2G" or "none"."""
+
+    storage: ByteSize | None = None  # None or 0: no limit
+    messages: int | None = None
+    # A notice goes to the user's INBOX when a delivery takes the mailbox past this share.
+    warn_percent: int = 90
+    storage_per_user: Mapping[str, ByteSize] = field(default_factory=dict)  # 0: no limit
+    messages_per_user: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, as loaded from ``path``."""
 
@@ -288,6 +329,7 @@ class Config:
     relay: RelaySection = field(default_factory=RelaySection)
     authn: AuthnSection = field(default_factory=AuthnSection)
     dev: DevSection = field(default_factory=DevSection)
+    quota: QuotaSection = field(default_factory=QuotaSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -303,6 +345,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "relay": RelaySection,
     "authn": AuthnSection,
     "dev": DevSection,
+    "quota": QuotaSection,
 }
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -315,6 +358,7 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
     TLSPolicy: TLSPolicy.parse,
     IPVersion: IPVersion.parse,
     DNSServer: DNSServer.parse,
+    ByteSize: parse_size,
 }
 
 
@@ -728,9 +772,16 @@ def _check_authn(config: Config, check_files: bool) -> AuthnSection:
     return replace(authn, authserv_id=authserv_id, key_dir=key_dir)
 
 
+def _check_quota(config: Config, check_files: bool) -> QuotaSection:
+    if config.quota.warn_percent > 100:
+        raise ConfigError(config.path, "quota.warn_percent", "must be 1-100")
+    return config.quota
+
+
 # Run in this order after the listeners are checked; the first problem is reported.
 _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
     "server": _check_server,
+    "quota": _check_quota,
     "tls": _check_tls,
     "pop3": _check_pop3,
     "imap": _check_imap,

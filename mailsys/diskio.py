@@ -8,6 +8,7 @@ fsync of a directory makes every rename done before it durable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections import deque
@@ -310,6 +311,15 @@ class _DirectorySync:
                 self._cond.notify_all()
         if this.error is not None:
             raise OSError(this.error.errno, this.error.strerror, self.directory)
+
+
+# The errors that mean "no space": the file system is full, or the writer's disk quota is.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(error: BaseException | None) -> bool:
+    """True if ``error`` says the file system (or the owner's disk quota) has no room left."""
+    return isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS
 
 
 def fsync_directory(directory: str | Path) -> None:

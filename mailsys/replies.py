@@ -79,6 +79,15 @@ SPOOL_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try a
 LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+# Storage (RFC 3463 §3.3 X.3.1 mail system full, §3.2 X.2.2 mailbox full; RFC 5321 §4.2.2 452
+# "insufficient system storage"; RFC 1870 §6.1 for a declared SIZE that does not fit now).
+SYSTEM_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, try again later")
+# What the queue records for a local copy that could not be written for lack of space.
+DELIVERY_SYSTEM_FULL = Reply(452, "4.3.1", "Mail system full, will retry")
+DELIVERY_MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, will retry")
+# A recipient still over quota when its message expires (RFC 3463 X.2.2, permanent form).
+MAILBOX_FULL_EXPIRED = Reply(552, "5.2.2", "Mailbox full: delivery time expired")
 
 # 5xx: syntax and sequence
 COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Command not recognized")

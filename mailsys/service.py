@@ -27,21 +27,23 @@ from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
 from mailsys.config import Config
 from mailsys.delivery.maildir import MaildirWriter
+from mailsys.delivery.quota import MailboxQuota, QuotaRules
 from mailsys.delivery.wiring import build_relay
 from mailsys.diskio import DiskPool
 from mailsys.envelope import TargetKind
+from mailsys.imap.quota import set_quota
 from mailsys.imap.session import IMAPServerFactory
 from mailsys.mailbox.store import MailboxStore
 from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over
 from mailsys.pop3.server import POP3ServerFactory
-from mailsys.queue.control import ControlWatcher
+from mailsys.queue.control import ControlSocketService, ControlWatcher
 from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
 from mailsys.retrieval import mailbox_listeners
 from mailsys.routing import Router
-from mailsys.smtp.policy import InboundPolicy, SubmissionPolicy
+from mailsys.smtp.policy import InboundPolicy, StorageFloor, SubmissionPolicy
 from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
 
@@ -53,6 +55,8 @@ TLS_CHECK_INTERVAL = 60.0
 MAILBOX_POLL_INTERVAL = 2.0
 # How often the spool's control/ directory is checked for queue tool commands, in seconds.
 QUEUE_CONTROL_INTERVAL = 1.0
+# How often the spool's free space is looked at (statvfs, in a disk thread), in seconds.
+FREE_SPACE_INTERVAL = 1.0
 # How often a running server looks whether the user file changed.
 USERS_RELOAD_INTERVAL = RELOAD_INTERVAL
 
@@ -233,8 +237,12 @@ def build_service(config: Config, reactor: Any, *,
     spool = Spool(config.storage.spool, pool)
     # --- mailbox store (POP3, IMAP) ---
     mailboxes = MailboxStore(config.storage.maildirs, pool)
+    # Per-mailbox quotas (mailsys.delivery.quota): None when no mailbox has a limit.
+    rules = QuotaRules.from_section(config.quota)
+    quota = (MailboxQuota(rules, config.storage.maildirs, config.server.hostname)
+             if rules.any else None)
     maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
-                            on_delivered=mailboxes.notify_delivered)
+                            on_delivered=mailboxes.notify_delivered, quota=quota)
     # --- mail authentication (mailsys.authn): one caching resolver, shared with the relay ---
     authn = Authn(config, reactor)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
@@ -264,6 +272,16 @@ def build_service(config: Config, reactor: Any, *,
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
     control = ControlWatcher(config.storage.spool, runner, pool)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
+    # ... and through a unix socket, which needs no free space in the spool; mode 0660 with the
+    # server's group, so that root and the group's members may use it.
+    socket_group = account.gid if account is not None else None
+    Service.setServiceParent(
+        ControlSocketService(config.storage.spool, runner, reactor, group=socket_group), service)
+    # The spool's free-space floor: below it every SMTP listener answers MAIL with 452 4.3.1.
+    floor = config.storage.spool_floor(config.smtp.max_message_size)
+    storage = StorageFloor(config.storage.spool, floor, pool.run) if floor > 0 else None
+    if storage is not None:
+        TimerService(FREE_SPACE_INTERVAL, storage.refresh).setServiceParent(service)
     # `mailsys user add|passwd|del` while serving: the file is looked at in a disk thread, so
     # that RCPT TO lookups on the reactor only ever read memory.
     TimerService(USERS_RELOAD_INTERVAL, _reload_users, users, pool).setServiceParent(service)
@@ -285,12 +303,23 @@ def build_service(config: Config, reactor: Any, *,
     def reload_users() -> Deferred[bool]:
         return pool.run(users.reload_if_changed)
 
+    # A recipient whose mailbox is at its quota is refused at RCPT (mailsys.smtp.policy).
+    def mailbox_full(mailbox: str) -> Deferred[bool]:
+        if quota is None or quota.limits_for(mailbox) is None:
+            return succeed(False)
+        return pool.run(quota.is_full, mailbox)
+
+    full = mailbox_full if quota is not None else None
+
     for role, description in _listeners(config):
-        policy = (InboundPolicy(router, senders=router, reload_users=reload_users)
+        policy = (InboundPolicy(router, senders=router, reload_users=reload_users,
+                                mailbox_full=full)
                   if role is ListenerRole.MTA
-                  else SubmissionPolicy(router, senders=router, reload_users=reload_users))
+                  else SubmissionPolicy(router, senders=router, reload_users=reload_users,
+                                        mailbox_full=full))
         factory: IProtocolFactory = SMTPServerFactory(
-            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle
+            config, role, policy, sink, reactor, tls, portal=portal, throttle=throttle,
+            storage=storage,
         )
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
@@ -304,6 +333,7 @@ def build_service(config: Config, reactor: Any, *,
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor):
+        set_quota(imap_factory, quota)  # RFC 9208 QUOTA, APPEND's [OVERQUOTA]
         service.add_listener("imap", description, imap_factory)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)

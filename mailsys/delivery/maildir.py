@@ -11,6 +11,7 @@ Paths, names and the stored form are the Maildir format's rules (mailsys.mailbox
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -23,7 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsys.diskio import DiskPool
+from mailsys import replies
+from mailsys.delivery.quota import MailboxFullError, MailboxQuota
+from mailsys.diskio import DiskPool, is_no_space
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.mailbox.layout import (
@@ -48,6 +51,9 @@ HOST = "maildir"
 REPLY_DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
 REPLY_TEMPORARY = Reply(451, "4.3.0", "Temporary local delivery failure, will retry")
 REPLY_NO_MAILBOX = Reply(550, "5.1.1", "No such mailbox")
+# RFC 3463: X.2.2 the recipient's mailbox is over its quota; X.3.1 the file system is full.
+REPLY_MAILBOX_FULL = replies.DELIVERY_MAILBOX_FULL
+REPLY_SYSTEM_FULL = replies.DELIVERY_SYSTEM_FULL
 
 _PATH_CACHE_SIZE = 10_000
 
@@ -80,8 +86,11 @@ class MaildirWriter:
         clock: IReactorTime | None = None,
         *,
         on_delivered: Callable[[str], None] | None = None,
+        quota: MailboxQuota | None = None,
     ) -> None:
         self.root = Path(root)
+        # Per-mailbox limits (mailsys.delivery.quota); None: no mailbox has any.
+        self._quota = quota
         self._pool = pool
         # Called with the mailbox after each delivery (the mailbox store wakes open sessions).
         self._on_delivered = on_delivered
@@ -149,16 +158,17 @@ class MaildirWriter:
 
         base = self.file_name(envelope, recipient)
         header = delivery_headers(envelope, recipient)
+        copy = (maildir, base, header, message_path,
+                self._recovered_copies if recovered else None)
+        limits = None if self._quota is None else self._quota.limits_for(recipient.mailbox)
         # The copy and the fsync of new/ in one disk job: every hand-over to the reactor costs.
-        d = self._pool.run_and_sync(
-            new_dir,
-            write,
-            maildir,
-            base,
-            header,
-            message_path,
-            self._recovered_copies if recovered else None,
-        )
+        if self._quota is None or limits is None:
+            d = self._pool.run_and_sync(new_dir, write, *copy)
+        else:
+            size = envelope.size + len(header)
+            d = self._pool.run_and_sync(new_dir, functools.partial(
+                self._quota.deliver, present=functools.partial(copy_present, maildir, base)),
+                recipient.mailbox, limits, size, write, *copy)
 
         def delivered(name: str | None) -> Attempt:
             if name is None:
@@ -179,6 +189,20 @@ class MaildirWriter:
             return self._attempt(RecipientStatus.DELIVERED, REPLY_DELIVERED)
 
         def failed(failure: Failure) -> Attempt:
+            # Storage errors are expected events: one line each, no traceback.
+            error = failure.value
+            if isinstance(error, MailboxFullError):
+                log.info("{queue_id}: to=<{to}> mailbox full ({usage}) in {maildir}, will retry",
+                         queue_id=queue_id, to=recipient.address, maildir=str(maildir),
+                         usage=error.describe())
+                return self._attempt(RecipientStatus.DEFERRED, REPLY_MAILBOX_FULL)
+            if isinstance(error, OSError):
+                log.warn("{queue_id}: to=<{to}> maildir delivery failed, will retry: {path}: "
+                         "{error}", queue_id=queue_id, to=recipient.address,
+                         path=str(getattr(error, "filename", None) or maildir),
+                         error=f"[Errno {error.errno}] {error.strerror}")
+                reply = REPLY_SYSTEM_FULL if is_no_space(error) else REPLY_TEMPORARY
+                return self._attempt(RecipientStatus.DEFERRED, reply)
             log.failure(
                 "{queue_id}: to=<{to}> maildir delivery to {maildir} failed, will retry",
                 failure,
@@ -296,6 +320,11 @@ class RecoveredCopies:
             known = self._by_maildir.get(maildir)
             if known is not None:
                 known.add(name_prefix(base))
+
+
+def copy_present(maildir: Path, base: str) -> bool:
+    """Disk thread: True if the copy named ``base`` is in new/ or cur/ (read, flagged or not)."""
+    return name_prefix(base) in _listed_prefixes(os.fspath(maildir))
 
 
 def _listed_prefixes(maildir: str) -> set[str]:

@@ -41,6 +41,7 @@ from mailsys.auth.portal import MailUser
 from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.config import Config, IMAPSection
 from mailsys.connlimit import Crowding
+from mailsys.delivery.quota import MailboxQuota
 from mailsys.imap import search as searching
 from mailsys.imap.flags import RECENT, has_keyword, names_of
 from mailsys.imap.mailboxes import MailboxCommands
@@ -56,6 +57,7 @@ from mailsys.imap.parser import (
     Rejection,
     tag_of,
 )
+from mailsys.imap.quota import QuotaCommands
 from mailsys.imap.responses import (
     BAD,
     INVALID_NAME,
@@ -159,7 +161,8 @@ class _Spec:
     updates_with_uid: bool = True
 
 
-class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSession):
+class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaCommands,
+                  ServerSession):
     """One IMAP connection. Input is framed into lines and literals by a Framer and handled in
     order (mailsys.inputloop)."""
 
@@ -219,6 +222,8 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
             b"COPY": _Spec(self._do_copy, _SELECTED),
             b"MOVE": _Spec(self._do_move, _SELECTED),
         }
+        for name, handler in self._quota_commands().items():  # RFC 9208 (mailsys.imap.quota)
+            self._commands[name] = _Spec(handler, _AUTHED)
         self._uid_commands = {b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE"}
 
     # --- helpers -------------------------------------------------------------------------------
@@ -478,6 +483,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
                      "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
                      "UTF8=ACCEPT", "STATUS=SIZE", "CONDSTORE",
                      f"APPENDLIMIT={self._limits.max_literal_size}"]
+            caps += self._quota_capabilities()
         return " ".join(caps)
 
     @property
@@ -943,6 +949,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, ServerSess
 class IMAPServerFactory(MailboxServerFactory[IMAPSection]):
     """Builds IMAP sessions for one listener."""
 
+    quota: MailboxQuota | None = None  # per-mailbox limits (mailsys.imap.quota.set_quota)
     protocol_name = "imap"
 
     @classmethod

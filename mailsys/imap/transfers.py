@@ -9,7 +9,7 @@ import calendar
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -19,6 +19,7 @@ from mailsys.imap.binary import seven_bit_form
 from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
 from mailsys.imap.names import canonical
 from mailsys.imap.parser import ParseError, Reader, SequenceSet, SpooledLiteral
+from mailsys.imap.quota import quota_refusal
 from mailsys.imap.responses import MONTHS, NO, OK, number_set, tagged, untagged
 from mailsys.imap.sessionparts import SessionParts
 from mailsys.mailbox.folder import Folder, MessageInfo
@@ -43,6 +44,7 @@ class TransferCommands(SessionParts):
     _added_to: Callable[[str], None]
     _targets: Callable[[SequenceSet, bool], list[tuple[int, MessageInfo]]]
     _expunge: Callable[[list[MessageInfo]], Deferred[None]]
+    _quota_guard: Callable[..., Any]  # mailsys.imap.quota.QuotaCommands
 
     # --- APPEND ---------------------------------------------------------------------------------
 
@@ -102,8 +104,10 @@ class TransferCommands(SessionParts):
             return tagged(tag, OK, "APPEND completed",
                           f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
 
+        size = sum(message.size for message in messages)
+        store = self._quota_guard(_append, size, len(messages))  # RFC 9208 [OVERQUOTA]
         return self._store.list_folders(mailbox).addCallback(
-            lambda _: self.run(_append, folder, messages)
+            lambda _: self.run(store, folder, messages)
         ).addCallbacks(appended, lambda failure: _refusal(tag, failure))
 
     def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
@@ -153,12 +157,19 @@ class TransferCommands(SessionParts):
             return self._expunge([info for info in infos if info.uid in moved]).addCallback(
                 lambda _: tagged(tag, OK, f"{verb} completed"))
 
-        return self.run(_copy, source, infos, target, list(selected.keywords)).addCallbacks(
+        # A MOVE within the mailbox takes no more room; a COPY counts against the quota.
+        store = _copy if move else self._quota_guard(
+            _copy, sum(info.size for info in infos), len(infos))
+        return self.run(store, source, infos, target, list(selected.keywords)).addCallbacks(
             copied, lambda failure: _refusal(tag, failure))
 
 
 def _refusal(tag: bytes, failure: Failure) -> bytes | Failure:
-    """The NO for a target folder that is gone or out of keyword letters; else the failure."""
+    """The NO for a target folder that is gone or out of keyword letters, or for a mailbox over
+    its quota; else the failure."""
+    over = quota_refusal(tag, failure)
+    if over is not None:
+        return over
     if failure.check(FileNotFoundError):
         # RFC 3501 §6.3.11, §6.4.7: TRYCREATE tells the client to CREATE and retry.
         return tagged(tag, NO, "No such mailbox", "TRYCREATE")
@@ -194,6 +205,12 @@ class _Appended:
     letters: frozenset[str]
     keywords: list[str]
     date: float | None
+
+    @property
+    def size(self) -> int:
+        """The message's size as the client sent it, wherever its bytes are."""
+        data = self.data
+        return data.size if isinstance(data, SpooledLiteral) else len(data)
 
 
 def _append(folder: Folder, messages: list[_Appended]) -> Added:

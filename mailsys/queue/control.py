@@ -3,11 +3,14 @@ runs or not, without ever corrupting the spool.
 
 Two paths, chosen by the spool lock (mailsys.queue.spool holds it while a server runs):
 
-- **A server runs** (the lock is taken): the tool writes a command file into ``control/`` under
-  the spool directory (written aside, then renamed: the server never reads half a command). The
-  server's ``ControlWatcher`` looks there once a second (one listing of a nearly always empty
-  directory, in a disk thread), applies the command through the QueueRunner, which owns every
-  envelope it holds, and answers with a reply file next to it. Only the runner writes envelopes.
+- **A server runs** (the lock is taken): the tool connects to the server's unix socket
+  ``control.sock`` in the spool directory and sends one JSON line; the server applies it through
+  the QueueRunner, which owns every envelope it holds, and answers with one JSON line. This needs
+  no free space at all, so the tools work on a full spool, when they are needed most. Where the
+  socket cannot be reached (a server of an older version, a path too long for a socket), the
+  tool writes a command file into ``control/`` instead (written aside, then renamed: the server
+  never reads half a command); the server's ``ControlWatcher`` looks there once a second and
+  answers with a reply file next to it. Only the runner writes envelopes.
 - **No server runs**: the tool takes the spool lock itself (so a server cannot start meanwhile)
   and edits the envelope files the way the spool does: a new file in tmp/, fsync, rename over
   the old one, fsync of queue/.
@@ -27,17 +30,23 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from typing_extensions import override
 
-from mailsys.diskio import DiskRunner, fsync_directory, write_file_synced
+from mailsys.diskio import DiskRunner, fsync_directory, is_no_space, write_file_synced
 from mailsys.envelope import Envelope
 from mailsys.ownership import (
     ServerAccount,
@@ -51,6 +60,9 @@ from mailsys.queue.spool import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, decode_envelope
 log = Logger(namespace="mailsys.queue.control")
 
 CONTROL_DIR = "control"
+CONTROL_SOCKET = "control.sock"
+# Linux's sun_path holds 108 bytes with the terminating NUL.
+SOCKET_PATH_MAX = 107
 COMMAND_SUFFIX = ".cmd"
 REPLY_SUFFIX = ".reply"
 ACTIONS = ("flush", "hold", "release", "delete")
@@ -155,20 +167,73 @@ def run_command(spool: Path, action: str, queue_id: str | None,
         raise QueueToolError(f"{action} needs a queue id")
     with spool_lock(spool, account) as locked:
         if locked:
-            return apply_offline(spool, action, queue_id, account)
-    return _ask_server(spool, action, queue_id, deadline, account)
-
-
-def _ask_server(spool: Path, action: str, queue_id: str | None, deadline: float,
-                account: ServerAccount | None = None) -> Outcome:
-    control = spool / CONTROL_DIR
-    make_directory(control, account)
-    name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
+            try:
+                return apply_offline(spool, action, queue_id, account)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise QueueToolError(
+                        f"the spool file system is full ({spool}): free some space on it, "
+                        f"or start the server (it needs none for {action}), then retry"
+                    ) from None
+                raise
     command = json.dumps({"action": action, "queue_id": queue_id}).encode()
+    answer = _ask_socket(spool, command, deadline)
+    if answer is not None:
+        return answer
+    return _ask_server(spool, action, queue_id, command, deadline, account)
+
+
+def _ask_socket(spool: Path, command: bytes, deadline: float) -> Outcome | None:
+    """The running server's answer through its control socket; None if there is no socket to
+    talk to (then the tool falls back to a command file)."""
+    path = os.fspath(spool / CONTROL_SOCKET)
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(deadline)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None  # no server listening there (an old socket file, or none)
+        except PermissionError:
+            raise QueueToolError(
+                f"no permission to use {path}: run the queue command as root or as a member "
+                "of the mail server's group") from None
+        try:
+            sock.sendall(command + b"\r\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise QueueToolError(
+                f"the server did not answer on {path} within {deadline:g}s") from None
+    if not data.strip():
+        raise QueueToolError(f"the server closed {path} without an answer (see its log)")
+    return Outcome.from_json(data)
+
+
+def _ask_server(spool: Path, action: str, queue_id: str | None, command: bytes,
+                deadline: float, account: ServerAccount | None = None) -> Outcome:
+    control = spool / CONTROL_DIR
+    name = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
     tmp = control / f".{name}.tmp"
-    write_file_synced(tmp, command)
-    hand_over(tmp, account)  # the server must read it, and may remove it
-    os.rename(tmp, control / (name + COMMAND_SUFFIX))
+    try:
+        make_directory(control, account)
+        write_file_synced(tmp, command)
+        hand_over(tmp, account)  # the server must read it, and may remove it
+        os.rename(tmp, control / (name + COMMAND_SUFFIX))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_no_space(exc):
+            raise QueueToolError(
+                f"the spool file system is full ({spool}) and the server's control socket "
+                f"{spool / CONTROL_SOCKET} does not answer: free some space on it, or restart "
+                "the server (it opens the socket at start-up), then retry") from None
+        raise
     reply = control / (name + REPLY_SUFFIX)
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -295,36 +360,44 @@ class ControlWatcher:
             await self._disk.run(_answer, self._control, name, outcome)
 
     def _apply(self, data: bytes | None) -> Deferred[Outcome]:
-        try:
-            if data is None:
-                raise ValueError("unreadable command")
-            raw = json.loads(data)
-            action, queue_id = raw["action"], raw.get("queue_id")
-            if action not in ACTIONS or (queue_id is None and action != "flush"):
-                raise ValueError(f"bad command {raw!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            return succeed(Outcome(False, f"refused: {exc}"))
-        if action == "flush":
-            count = self._runner.flush(queue_id)
-            if queue_id is not None and count == 0:
-                return succeed(Outcome(False, f"no message {queue_id} to flush (held or gone)"))
-            return succeed(Outcome(True, f"{queue_id or f'{count} message(s)'}: due now"))
-        operation = {"hold": self._runner.hold, "release": self._runner.release,
-                     "delete": self._runner.delete}[action]
-        done = {"hold": "held", "release": "released", "delete": "deleted"}[action]
-        d: Deferred[bool] = maybeDeferred(operation, queue_id)
+        return apply_command(self._runner, data)
 
-        def answered(found: bool) -> Outcome:
-            if not found:
-                return Outcome(False, f"no message {queue_id} in the queue")
-            return Outcome(True, f"{queue_id}: {done}")
 
-        def failed(failure: Failure) -> Outcome:
-            log.failure("queue control {action} {queue_id}", failure, action=action,
-                        queue_id=queue_id)
-            return Outcome(False, f"{queue_id}: {action} failed (see the server log)")
+def apply_command(runner: QueueControl, data: bytes | None) -> Deferred[Outcome]:
+    """Apply one command (a JSON document) to the running queue; never fails.
 
-        return d.addCallbacks(answered, failed)
+    One body for the socket and the command files.
+    """
+    try:
+        if data is None:
+            raise ValueError("unreadable command")
+        raw = json.loads(data)
+        action, queue_id = raw["action"], raw.get("queue_id")
+        if action not in ACTIONS or (queue_id is None and action != "flush"):
+            raise ValueError(f"bad command {raw!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        return succeed(Outcome(False, f"refused: {exc}"))
+    if action == "flush":
+        count = runner.flush(queue_id)
+        if queue_id is not None and count == 0:
+            return succeed(Outcome(False, f"no message {queue_id} to flush (held or gone)"))
+        return succeed(Outcome(True, f"{queue_id or f'{count} message(s)'}: due now"))
+    operation = {"hold": runner.hold, "release": runner.release,
+                 "delete": runner.delete}[action]
+    done = {"hold": "held", "release": "released", "delete": "deleted"}[action]
+    d: Deferred[bool] = maybeDeferred(operation, queue_id)
+
+    def answered(found: bool) -> Outcome:
+        if not found:
+            return Outcome(False, f"no message {queue_id} in the queue")
+        return Outcome(True, f"{queue_id}: {done}")
+
+    def failed(failure: Failure) -> Outcome:
+        log.failure("queue control {action} {queue_id}", failure, action=action,
+                    queue_id=queue_id)
+        return Outcome(False, f"{queue_id}: {action} failed (see the server log)")
+
+    return d.addCallbacks(answered, failed)
 
 
 def _take_commands(control: Path) -> list[tuple[str, bytes | None]]:
@@ -333,7 +406,8 @@ def _take_commands(control: Path) -> list[tuple[str, bytes | None]]:
     try:
         entries = sorted(os.listdir(control))
     except FileNotFoundError:
-        control.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(OSError):  # a full disk: tools use the socket meanwhile
+            control.mkdir(mode=0o700, exist_ok=True)
         return []
     now = time.time()
     commands: list[tuple[str, bytes | None]] = []
@@ -365,3 +439,102 @@ def _answer(control: Path, name: str, outcome: Outcome) -> None:
         tmp.unlink()
         write_file_synced(tmp, outcome.to_json())
     os.rename(tmp, control / (name + REPLY_SUFFIX))
+
+
+# -- the server's side: the control socket -------------------------------------------------------
+
+
+class ControlConnection(LineOnlyReceiver):
+    """One tool's connection: one JSON command line in, one JSON outcome line out, closed."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 4096
+
+    def __init__(self, runner: QueueControl) -> None:
+        self._runner = runner
+        self._busy = False
+
+    @override
+    def lineReceived(self, line: bytes) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        d = apply_command(self._runner, line.strip())
+
+        def answer(outcome: Outcome) -> None:
+            log.info("queue control (socket): {message}", message=outcome.message)
+            if self.transport is not None:
+                self.transport.write(outcome.to_json() + b"\n")
+                self.transport.loseConnection()
+
+        d.addCallback(answer)
+        d.addErrback(lambda f: log.failure("queue control (socket) failed", f))
+
+    @override
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class ControlSocketFactory(Factory):
+    """Builds a ControlConnection per tool connection."""
+
+    noisy = False
+
+    def __init__(self, runner: QueueControl) -> None:
+        self._runner = runner
+
+    @override
+    def buildProtocol(self, addr: Any) -> ControlConnection:
+        return ControlConnection(self._runner)
+
+
+class ControlSocketService(Service):
+    """Listens on ``<spool>/control.sock`` while the server runs.
+
+    Started after the spool is recovered (so this process holds the spool lock, and a socket
+    file left there is a dead server's, safe to replace). The socket is mode 0660: root and,
+    with ``group`` (a gid), the members of the mail server's group may use the queue tools.
+    ``group`` is the hook for a configured server group: pass its gid here.
+    """
+
+    def __init__(self, spool: Path, runner: QueueControl, reactor: Any,
+                 group: int | None = None) -> None:
+        self.path = Path(spool) / CONTROL_SOCKET
+        self._factory = ControlSocketFactory(runner)
+        self._reactor = reactor
+        self._group = group
+        self._port: IListeningPort | None = None
+
+    @override
+    def startService(self) -> None:
+        Service.startService(self)
+        path = os.fspath(self.path)
+        if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+            log.warn("control socket path {path} is too long for a unix socket; queue tools "
+                     "will use command files", path=path)
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._port = self._reactor.listenUNIX(path, self._factory, mode=0o660,
+                                                  wantPID=False)
+            if self._group is not None:
+                os.chown(path, -1, self._group)
+        except Exception as exc:  # the server runs on without it: tools fall back to files
+            log.error("cannot open the control socket {path}: {error}; queue tools will use "
+                      "command files", path=path, error=exc)
+
+    @override
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        stopping: Deferred[object] = maybeDeferred(port.stopListening)
+
+        def remove(result: object) -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+        return stopping.addBoth(remove)

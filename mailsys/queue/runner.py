@@ -28,7 +28,7 @@ from typing_extensions import override
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.queue.spool import Spool
-from mailsys.replies import Reply
+from mailsys.replies import MAILBOX_FULL, MAILBOX_FULL_EXPIRED, Reply
 
 log = Logger(namespace="mailsys.queue.runner")
 
@@ -349,6 +349,9 @@ class QueueRunner(Service):
                         recipient.record(attempt)
                         expired = (EXPIRED if recipient.kind in self._agents
                                    else WITHOUT_AGENT[recipient.kind][1])
+                        if attempt.reply.enhanced == MAILBOX_FULL.enhanced:
+                            # RFC 3463 X.2.2: still over quota, now for good.
+                            expired = MAILBOX_FULL_EXPIRED
                         attempt = Attempt(at=now, status=RecipientStatus.FAILED,
                                           host=attempt.host, reply=expired)
                         next_attempt = None
@@ -513,7 +516,15 @@ class QueueRunner(Service):
             self._forget(entry)
             return
         # The attempts are still recorded in memory; the next round's update writes them.
-        log.failure("{queue_id}: could not rewrite the envelope", failure, queue_id=queue_id)
+        error = failure.value
+        if isinstance(error, OSError):
+            # A storage error (a full spool, most likely): one line, no traceback.
+            log.error("{queue_id}: could not rewrite the envelope: {path}: [Errno {errno}] "
+                      "{error}", queue_id=queue_id, path=str(error.filename or ""),
+                      errno=error.errno, error=error.strerror)
+        else:
+            log.failure("{queue_id}: could not rewrite the envelope", failure,
+                        queue_id=queue_id)
         self._round_done(entry)
 
     def _forget(self, entry: _Entry) -> None:

@@ -16,6 +16,12 @@ deleted is expensive (ext4 without a journal scans past every inode freed in the
 with a journal, freeing and allocating still dirty bitmaps and inode tables), so remove() renames
 a finished message's files into free/ and commit() overwrites them in place. A removed message
 is therefore gone for good: nothing may read its files after remove() was called.
+
+What free/ keeps is the inode, not the space: remove() truncates each file it moves there, so a
+file waiting for reuse holds no data blocks, and the pool is bounded in bytes as well as in files
+(for a file whose truncation failed). A commit that meets a full file system (ENOSPC, EDQUOT)
+gives the whole pool back and tries once more; a failed commit removes what it wrote at once,
+in the same disk job, so nothing of it stays in tmp/ taking the scarce space.
 """
 
 from __future__ import annotations
@@ -40,7 +46,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsys.diskio import DirectorySyncError, DiskPool, fsync_directory, write_file_synced
+from mailsys.diskio import (
+    DirectorySyncError,
+    DiskPool,
+    fsync_directory,
+    is_no_space,
+    write_file_synced,
+)
 from mailsys.envelope import FORMAT_VERSION, Envelope
 from mailsys.interfaces import ISpool
 
@@ -50,6 +62,9 @@ MESSAGE_SUFFIX = ".msg"
 ENVELOPE_SUFFIX = ".env"
 # At most this many files wait in free/; beyond it a removed message's files are unlinked.
 FREE_FILES_LIMIT = 1024
+# At most this many bytes of data wait in free/ (files whose truncation failed); beyond it a
+# removed message's files are unlinked. Truncated files count zero.
+FREE_BYTES_LIMIT = 1024 * 1024
 
 
 class SpoolError(Exception):
@@ -133,10 +148,8 @@ class Spool:
         # Moved to free/ by remove() but not reusable before an fsync of queue/ begun after the
         # move: the next commit's makes them so.
         self._removed: list[tuple[str, int]] = []
-        # Upper bounds of the sizes of the message and envelope files of each message this
-        # process committed: when new bytes are at least as long as a reused file, the commit
-        # need not truncate it (an ftruncate costs as much as the write).
-        self._sizes: dict[str, tuple[int, int]] = {}
+        # Bytes held by files in free/ and in _removed (those whose truncation failed).
+        self._free_bytes = 0
         self._free_serial = itertools.count()
         self._id_lock = threading.Lock()
         self._last_micros = 0
@@ -179,7 +192,11 @@ class Spool:
         queue_id = envelope.queue_id
         # Serialise here, on the caller's thread: the envelope is not ours to read from a thread.
         env_bytes = encode_envelope(envelope)
-        self._sizes[queue_id] = (len(message), len(env_bytes))
+        return self._commit(queue_id, env_bytes, message, retry=True)
+
+    def _commit(
+        self, queue_id: str, env_bytes: bytes, message: bytes, *, retry: bool
+    ) -> Deferred[None]:
         # Files whose move out of queue/ is done: this commit's fsync of queue/ makes it durable.
         removed, self._removed = self._removed, []
         d = self._pool.run_and_sync(
@@ -197,11 +214,22 @@ class Spool:
             self._free.extend(removed)
 
         def failed(failure: Failure) -> Failure | Deferred[None]:
-            log.failure("{queue_id}: commit failed", failure, queue_id=queue_id)
-            self._sizes.pop(queue_id, None)
             if not failure.check(DirectorySyncError):
                 self._removed.extend(removed)  # nothing was synced: the next commit will
+                if retry and is_no_space(failure.value):
+                    # The files kept for reuse are the only space the spool can give back
+                    # itself: give all of it, then try this message once more.
+                    log.warn("{queue_id}: spool full ({error}); dropping {count} file(s) kept "
+                             "for reuse and trying again", queue_id=queue_id,
+                             error=_error_text(failure.value),
+                             count=len(self._free) + len(self._removed))
+                    dropped = self.drop_free()
+                    return dropped.addCallback(
+                        lambda _: self._commit(queue_id, env_bytes, message, retry=False))
+                _log_commit_failure(queue_id, self._queue, failure)
                 return failure
+            _log_commit_failure(queue_id, self._queue, failure)
+            self._free_bytes -= sum(max(size, 0) for _, size in removed)
             # The files are in queue/ but not durable: the message is not acknowledged, so it
             # must not be delivered either (the client will send it again). The removed files
             # stay unused: their moves may not be durable either (recover() clears free/).
@@ -222,7 +250,32 @@ class Spool:
         if not self._free:
             return None
         name, size = self._free.pop()
+        self._free_bytes -= max(size, 0)
         return self._free_prefix + name, size
+
+    def drop_free(self) -> Deferred[None]:
+        """Unlink every file kept for reuse (free/ and the moves not yet synced), in a disk thread.
+
+        Unlinking is always safe, whether or not the move into free/ is durable yet: the message
+        was finished, and recover() empties free/ anyway.
+        """
+        names = [name for name, _ in self._free] + [name for name, _ in self._removed]
+        self._free.clear()
+        self._removed.clear()
+        self._free_bytes = 0
+        prefix = self._free_prefix
+
+        def unlink_all() -> None:
+            for name in names:
+                _unlink_quietly(prefix + name)
+
+        d: Deferred[None] = self._pool.run(unlink_all)
+        return d
+
+    @property
+    def free_files(self) -> int:
+        """How many files wait in free/ for reuse (for tests and metrics)."""
+        return len(self._free) + len(self._removed)
 
     def _write_and_rename(
         self,
@@ -262,10 +315,6 @@ class Spool:
         """
         queue_id = envelope.queue_id
         env_bytes = encode_envelope(envelope)
-        sizes = self._sizes.get(queue_id)
-        if sizes is not None:
-            # The larger of the two: the rename may or may not happen.
-            self._sizes[queue_id] = (sizes[0], max(sizes[1], len(env_bytes)))
         # The temp file lives in tmp/ so that a crash between write and rename leaves garbage only
         # where recover() clears it; the serial keeps two updates in flight from colliding.
         tmp = self.tmp_dir / f"{queue_id}{ENVELOPE_SUFFIX}.u{next(self._update_serial)}"
@@ -296,15 +345,15 @@ class Spool:
         rename, otherwise a power loss could bring back the old name over new bytes, and deliver
         one message's bytes as another's: the next commit's fsync of queue/ does it.
         """
-        msg_size, env_size = self._sizes.pop(queue_id, (-1, -1))
-        if len(self._free) + len(self._removed) + 2 > FREE_FILES_LIMIT:
+        if (len(self._free) + len(self._removed) + 2 > FREE_FILES_LIMIT
+                or self._free_bytes > FREE_BYTES_LIMIT):
             return self._pool.run_batched(self._unlink_pair, queue_id)
         env_name, msg_name = f"{next(self._free_serial)}", f"{next(self._free_serial)}"
-        sizes = {env_name: env_size, msg_name: msg_size}
         d = self._pool.run_batched(self._recycle_pair, queue_id, [env_name, msg_name])
 
-        def moved(names: list[str]) -> None:
-            self._removed.extend((name, sizes[name]) for name in names)
+        def moved(kept: list[tuple[str, int]]) -> None:
+            self._removed.extend(kept)
+            self._free_bytes += sum(max(size, 0) for _, size in kept)
 
         return d.addCallback(moved)
 
@@ -312,15 +361,32 @@ class Spool:
         _unlink_quietly(self._queue + queue_id + ENVELOPE_SUFFIX)
         _unlink_quietly(self._queue + queue_id + MESSAGE_SUFFIX)
 
-    def _recycle_pair(self, queue_id: str, names: list[str]) -> list[str]:
-        """Disk thread: move the envelope, then the message, into free/; the names moved."""
+    def _recycle_pair(self, queue_id: str, names: list[str]) -> list[tuple[str, int]]:
+        """Disk thread: move the envelope, then the message, into free/ and truncate each; the
+        names moved, each with its size now (0 once truncated, -1 if unknown).
+
+        The truncation gives the data blocks back while the inode waits for reuse. It follows
+        the rename in the same thread, so on a journalling file system it cannot become durable
+        without the rename (metadata changes commit in order): a crash never brings back a
+        queue/ name over an emptied file.
+        """
         moved = []
         for suffix, name in zip((ENVELOPE_SUFFIX, MESSAGE_SUFFIX), names, strict=True):
+            path = self._free_prefix + name
             try:
-                os.rename(self._queue + queue_id + suffix, self._free_prefix + name)
+                os.rename(self._queue + queue_id + suffix, path)
             except FileNotFoundError:
                 continue
-            moved.append(name)
+            try:
+                os.truncate(path, 0)
+                size = 0
+            except OSError:
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    _unlink_quietly(path)
+                    continue
+            moved.append((name, size))
         return moved
 
     # -- reading (CLI and start-up) ------------------------------------------------------------
@@ -375,7 +441,7 @@ class Spool:
         # queue/ (a rename half done), and overwriting it would destroy a committed message.
         self._free.clear()
         self._removed.clear()
-        self._sizes.clear()
+        self._free_bytes = 0
         for entry in os.scandir(self.free_dir):
             _remove_entry(entry)
 
@@ -460,7 +526,14 @@ def _place(data: bytes, free: tuple[str, int] | None, new: str, owned: list[str]
             return path
         except FileNotFoundError:
             owned.pop()  # gone (a queue tool?): fall back to a new file
-    write_file_synced(new, data)  # O_EXCL: a FileExistsError here means the file is not ours
+    try:
+        write_file_synced(new, data)  # O_EXCL: a FileExistsError here means the file is not ours
+    except FileExistsError:
+        raise
+    except BaseException:
+        # Created but not written (ENOSPC half-way): ours, and garbage now.
+        _unlink_quietly(new)
+        raise
     owned.append(new)
     return new
 
@@ -483,6 +556,24 @@ def _overwrite_synced(path: str, data: bytes, size: int) -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def _error_text(error: BaseException | None) -> str:
+    """An OSError as one short line: its strerror (no path, the caller names that)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    return repr(error)
+
+
+def _log_commit_failure(queue_id: str, path: str, failure: Failure) -> None:
+    """A storage error is one line (queue id, path, error); anything else keeps its traceback."""
+    if failure.check(OSError):
+        error = failure.value
+        where = getattr(error, "filename", None) or path
+        log.error("{queue_id}: commit failed: {path}: {error}", queue_id=queue_id,
+                  path=str(where), error=_error_text(error))
+    else:
+        log.failure("{queue_id}: commit failed", failure, queue_id=queue_id)
 
 
 def _unlink_quietly(path: str | Path) -> None:

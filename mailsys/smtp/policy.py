@@ -9,11 +9,14 @@ The session itself (sequence, syntax, limits) is mailsys.smtp.server's business.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsys import replies
@@ -21,6 +24,8 @@ from mailsys.address import Mailbox
 from mailsys.interfaces import IRouter
 from mailsys.replies import Reply
 from mailsys.routing import Destination, UnknownRecipient
+
+log = Logger(namespace="mailsys.smtp.policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,14 @@ class RouterPolicy:
     aliases, as ``senders`` decides; without ``senders`` only the user's own address (any case).
     The null sender is allowed there: mail clients submit read receipts with it (RFC 8098 §3).
 
+    ``mailbox_full``, when given, says (with a Deferred) whether a local mailbox has reached its
+    quota: a recipient that resolves to that one mailbox is then refused at RCPT with 452 4.2.2
+    (RFC 3463 X.2.2). Refusing there, for mail from outside and submissions alike, keeps the
+    message with its sender's server, which retries and in the end tells its own user: we
+    accept no mail we would only bounce later to a sender that may be forged (backscatter). A
+    recipient that expands to several mailboxes (an alias) is accepted; each full mailbox then
+    defers in the queue with 4.2.2 and bounces with 5.2.2 if it stays full.
+
     ``reload_users``, when given, brings the router's user store up to date with its file (in a
     disk thread, never on the reactor) and is called before an unknown local recipient is
     refused: a 550 is permanent (RFC 5321 §4.2.1), so it must not be said of a user just added
@@ -97,8 +110,10 @@ class RouterPolicy:
         postmaster_domain: str | None = None,
         senders: SenderOwnership | None = None,
         reload_users: Callable[[], Deferred[Any]] | None = None,
+        mailbox_full: Callable[[str], Deferred[bool]] | None = None,
     ) -> None:
         self._router = router
+        self._mailbox_full = mailbox_full
         self._postmaster_domain = postmaster_domain
         self._senders = senders
         self._reload_users = reload_users
@@ -162,6 +177,26 @@ class RouterPolicy:
     ) -> Deferred[list[Destination]]:
         if not local and not self.may_relay(session):
             return fail(RecipientRejected(replies.RELAY_DENIED))
+        d = self._route_reloading(address)
+        if self._mailbox_full is None:
+            return d
+        return d.addCallback(self._refuse_full)
+
+    def _refuse_full(self, destinations: list[Destination]) -> Any:
+        """The destinations, or RecipientRejected(452 4.2.2) for one local mailbox at quota."""
+        assert self._mailbox_full is not None
+        if len(destinations) != 1 or destinations[0].mailbox is None:
+            return destinations
+        full = self._mailbox_full(destinations[0].mailbox)
+
+        def decided(is_full: bool) -> list[Destination]:
+            if is_full:
+                raise RecipientRejected(replies.MAILBOX_FULL)
+            return destinations
+
+        return full.addCallback(decided)
+
+    def _route_reloading(self, address: str) -> Deferred[list[Destination]]:
         d = self._route(address)
         if self._reload_users is None:
             return d
@@ -250,3 +285,73 @@ class SubmissionPolicy(RouterPolicy):
         if session.authenticated_user is None:
             return fail(RecipientRejected(replies.AUTH_REQUIRED))
         return super().check_recipient(session, recipient)
+
+
+class StorageGate(Protocol):
+    """What an SMTP listener asks at MAIL FROM before a transaction starts: is there room?"""
+
+    def refusal(self, size: int | None) -> Reply | None:
+        """None if a message (of the declared ``size``, when given) may come, else the reply."""
+
+
+class StorageFloor:
+    """Refuses new mail early while the spool's file system is below its free-space floor.
+
+    Postfix's queue_minfree, for every listener alike: below the floor MAIL FROM gets
+    452 4.3.1, and a declared SIZE that would take the free space below it gets the same at
+    once (RFC 1870 §6.1), instead of reading a whole message only to fail its commit.
+
+    The free space is a cached number, refreshed by ``refresh()`` (a timer calls it) with
+    statvfs in a disk thread. statvfs does no I/O on a local file system (it reads the
+    superblock's counters, about a microsecond), but on NFS or FUSE it is a round trip that
+    can hang, so it never runs on the reactor; MAIL FROM only reads the last answer. The state
+    is logged once when it starts and once when it ends.
+    """
+
+    def __init__(
+        self, directory: Path, floor: int, run: Callable[..., Deferred[Any]]
+    ) -> None:
+        self.directory = Path(directory)
+        self.floor = floor
+        self._run = run
+        self.free: int | None = None  # bytes available to us; None before the first look
+        self.below_floor = False
+
+    def refresh(self) -> Deferred[None]:
+        """Look at the free space once (in a disk thread); never fails (errors are logged)."""
+        d: Deferred[int] = self._run(available_bytes, self.directory)
+
+        def failed(failure: Failure) -> None:
+            log.warn("cannot see the free space of {path}: {error}", path=str(self.directory),
+                     error=failure.getErrorMessage())
+
+        return d.addCallbacks(self.update, failed)
+
+    def update(self, free: int) -> None:
+        """Take a new free-space figure; log when the low state starts or ends."""
+        self.free = free
+        low = free < self.floor
+        if low and not self.below_floor:
+            log.warn("spool file system {path} below its free-space floor ({free} < {floor} "
+                     "bytes): refusing new mail with 452 4.3.1 until space returns",
+                     path=str(self.directory), free=free, floor=self.floor)
+        elif self.below_floor and not low:
+            log.info("spool file system {path} has room again ({free} >= {floor} bytes): "
+                     "accepting mail", path=str(self.directory), free=free, floor=self.floor)
+        self.below_floor = low
+
+    def refusal(self, size: int | None) -> Reply | None:
+        free = self.free
+        if free is None:
+            return None
+        if self.below_floor:
+            return replies.SYSTEM_FULL  # RFC 3463 §3.4 X.3.1: mail system full
+        if size is not None and free - size < self.floor:
+            return replies.SYSTEM_FULL  # RFC 1870 §6.1: the declared size does not fit now
+        return None
+
+
+def available_bytes(directory: Path) -> int:
+    """Blocking: the bytes an unprivileged writer may still use on ``directory``'s file system."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize

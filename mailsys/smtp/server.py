@@ -37,13 +37,14 @@ from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
+from mailsys.diskio import is_no_space
 from mailsys.envelope import Envelope, Recipient
 from mailsys.interfaces import IMessageSink, MessageRefusedError
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.session import ServerSession
 from mailsys.smtp.message import MessageBuffer, has_field, header_section
-from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo
+from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
 from mailsys.transports import send_now
 
@@ -474,6 +475,10 @@ class SMTPSession(ServerSession):
             return error.reply
         if request.size is not None and request.size > self._limits.max_message_size:
             return replies.MESSAGE_TOO_BIG  # RFC 1870 §6.1
+        storage = self._factory.storage
+        refusal = storage.refusal(request.size) if storage is not None else None
+        if refusal is not None:
+            return refusal  # RFC 5321 §4.2.2 452, RFC 3463 4.3.1: no room for the message now
         self._txn = None
         d = policy.check_sender(self._session_info(), request.sender)
         return d.addCallbacks(self._sender_checked, self._lookup_failed, callbackArgs=(request,))
@@ -663,6 +668,12 @@ class SMTPSession(ServerSession):
                      queue_id=envelope.queue_id, sender=envelope.sender, client=self._client,
                      reply=str(refusal.reply), reason=refusal.reason)
             return refusal.reply
+        if is_no_space(failure.value):
+            # The spool logged the path and error; RFC 3463 X.3.1: mail system full.
+            log.info("{queue_id}: from=<{sender}> size={size} client={client} not accepted: "
+                     "spool full", queue_id=envelope.queue_id, sender=envelope.sender,
+                     size=envelope.size, client=self._client)
+            return replies.SYSTEM_FULL
         log.failure(
             "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} client={client} "
             "not accepted: spool failure",
@@ -870,6 +881,7 @@ class SMTPServerFactory(ServerFactory):
         *,
         portal: Portal | None = None,
         throttle: LoginLimiter | None = None,
+        storage: StorageGate | None = None,
     ) -> None:
         self.config = config
         self.role = role
@@ -877,6 +889,8 @@ class SMTPServerFactory(ServerFactory):
         # Submission privacy: the client's address stays out of the Received field.
         self.hide_client_address = (role is not ListenerRole.MTA
                                     and config.submission.hide_client_address)
+        # Free-space floor of the spool (mailsys.smtp.policy.StorageFloor), asked at MAIL FROM.
+        self.storage = storage
         self.policy = policy
         self.sink = sink
         self.clock = clock

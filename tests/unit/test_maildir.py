@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -294,16 +295,22 @@ def test_unusable_mailbox_fails_permanently(
 def test_disk_errors_are_temporary(
     writer: MaildirWriter, message: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full disk defers the recipient with 451 4.3.0 and leaves no temp file behind."""
+    """A full disk defers the recipient with 452 4.3.1 (RFC 3463: mail system full), logs one
+    line with the queue id, the path and the error, and leaves no temp file behind."""
 
     def full(fd: int) -> None:
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device", "/the/maildir")
 
     monkeypatch.setattr(os, "fsync", full)
-    attempt = deliver(writer, alice(), message)
+    with capturedLogs() as events:
+        attempt = deliver(writer, alice(), message)
     monkeypatch.undo()
     assert attempt.status is RecipientStatus.DEFERRED
-    assert str(attempt.reply).startswith("451 4.3.0")
+    assert str(attempt.reply).startswith("452 4.3.1")
+    lines = [formatEvent(e) for e in events]
+    assert len(lines) == 1 and all(e.get("log_failure") is None for e in events)
+    assert "0189ABCDEF012A1B2C3" in lines[0] and "/the/maildir" in lines[0]
+    assert "No space left on device" in lines[0]
     maildir = writer.maildir_path("alice@example.test")
     assert files(maildir / "tmp") == [] and files(maildir / "new") == []
 

@@ -4,10 +4,12 @@ watches, direct edits of a stopped server's spool under its lock, and `mailsys q
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -17,12 +19,16 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from mailsys import cli
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.ownership import resolve_account
+from mailsys.queue import control
 from mailsys.queue.control import (
     CONTROL_DIR,
+    CONTROL_SOCKET,
+    ControlConnection,
     ControlWatcher,
     QueueToolError,
     list_envelopes,
@@ -298,6 +304,72 @@ def test_queue_changes_and_errors(config: Path, capsys: pytest.CaptureFixture[st
         0, "A1: held\n")
     status, out, err = run_cli(capsys, "queue", "delete", "ZZ", "--config", str(config))
     assert (status, out, err) == (1, "", "mailsys: no message ZZ in the queue\n")
+
+
+# --- the control socket -------------------------------------------------------------------------
+
+
+def test_tool_talks_to_the_server_over_its_socket_and_writes_nothing(running: Server) -> None:
+    """With a server listening on control.sock, the tool's command goes over the socket, is
+    applied by the runner and answered; no control file is written (a full disk is no bar)."""
+    path = running.spool.directory / CONTROL_SOCKET
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(10)
+    box: list[Any] = []
+    tool = threading.Thread(target=lambda: box.append(_outcome("hold", "A1", running)))
+    tool.start()
+    try:
+        connection, _ = listener.accept()
+        with connection:
+            data = b""
+            while not data.endswith(b"\n"):
+                data += connection.recv(4096)
+            protocol = ControlConnection(running.runner)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(data)
+            running.clock.advance(0)
+            connection.sendall(transport.value())
+            assert transport.disconnecting
+    finally:
+        tool.join(10)
+        listener.close()
+    assert (box[0].ok, box[0].message) == (True, "A1: held")
+    assert running.runner.envelope("A1").held  # type: ignore[union-attr]
+    assert not (running.spool.directory / CONTROL_DIR).exists()
+
+
+def test_full_spool_without_a_socket_fails_with_one_line(
+    running: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running server whose socket cannot be reached, on a full spool: the tool says in one
+    line what to do, and leaves no file behind."""
+
+    def full(path: Any, data: Any, mode: int = 0o600) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(control, "write_file_synced", full)
+    with pytest.raises(QueueToolError) as refused:
+        run_command(running.spool.directory, "flush", None, deadline=1)
+    message = str(refused.value)
+    assert "\n" not in message and "is full" in message and "free some space" in message
+    assert list((running.spool.directory / CONTROL_DIR).iterdir()) == []
+
+
+def test_full_spool_without_a_server_fails_with_one_line(
+    stopped: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server and a full spool: the direct edit fails with one line saying what to do."""
+
+    def full(path: Any, data: Any, mode: int = 0o600) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(control, "write_file_synced", full)
+    with pytest.raises(QueueToolError, match=r"is full .* free some space"):
+        run_command(stopped, "hold", "A1")
+    assert not load_envelope(stopped, "A1").held
 
 
 needs_root = pytest.mark.skipif(

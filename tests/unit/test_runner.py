@@ -574,3 +574,29 @@ def test_a_bug_at_the_end_of_a_round_does_not_leave_the_message_stuck(
     clock.advance(DEFAULT_RETRY_SCHEDULE[0])
     assert len(agent.calls) == 2 and on_disk(spool, envelope.queue_id) is None
     assert runner.stopService().called
+
+
+@implementer(IDeliveryAgent)
+class FullMailboxAgent:
+    """A local agent whose recipient's mailbox stays over quota."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def deliver(self, envelope: Envelope, recipient: Any, message_path: Path, *,
+                recovered: bool = False) -> Deferred[Attempt]:
+        return succeed(Attempt(at=self.clock.seconds(), status=DEFERRED, host="maildir",
+                               reply=Reply(452, "4.2.2", "Mailbox full, will retry")))
+
+
+def test_mailbox_still_full_at_max_lifetime_fails_with_5_2_2(spool: Spool, clock: Clock) -> None:
+    """A recipient deferred for a full mailbox until its message expires fails with 552 5.2.2
+    (RFC 3463 X.2.2), not the generic 5.4.7."""
+    runner = make_runner(spool, clock, (TargetKind.LOCAL, FullMailboxAgent(clock)),
+                         retry_schedule=(60, 300), max_lifetime=1000.0)
+    envelope = commit(spool, local_recipient("a@example.test"))
+    runner.enqueue(envelope)
+    clock.advance(1000)
+    recipient = envelope.recipients[0]
+    assert recipient.status is FAILED
+    assert str(recipient.attempts[-1].reply) == "552 5.2.2 Mailbox full: delivery time expired"

@@ -366,10 +366,10 @@ def test_removed_files_are_overwritten_by_a_later_commit(spool: Spool) -> None:
     )
 
 
-def test_reused_files_are_truncated_only_when_shrinking(
+def test_files_kept_for_reuse_hold_no_data(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Bytes at least as long as a reused file's need no ftruncate; shorter ones get one."""
+    """remove() truncates the files it keeps in free/, so a commit over them needs no ftruncate."""
     truncated: list[int] = []
     real = os.ftruncate
 
@@ -378,17 +378,73 @@ def test_reused_files_are_truncated_only_when_shrinking(
         real(fd, length)
 
     monkeypatch.setattr(os, "ftruncate", spy)
-    result_of(spool.commit(make_envelope("E4"), b"x" * 100))
+    result_of(spool.commit(make_envelope("E4"), b"x" * 100_000))
     result_of(spool.remove("E4"))
+    assert [os.stat(spool.free_dir / n).st_size for n in files(spool.free_dir)] == [0, 0]
+    assert sum(os.stat(spool.free_dir / n).st_blocks for n in files(spool.free_dir)) == 0
     result_of(spool.commit(make_envelope("E1"), b"s" * 100))  # its sync frees E4's files
-    result_of(spool.commit(make_envelope("E5"), b"y" * 200))
-    assert truncated == []
-    assert spool.message_path("E5").read_bytes() == b"y" * 200
-    result_of(spool.remove("E5"))
-    result_of(spool.commit(make_envelope("E2"), b"s" * 300))
     result_of(spool.commit(make_envelope("E6"), b"z" * 50))
-    assert truncated == [50]
+    assert truncated == []
     assert spool.message_path("E6").read_bytes() == b"z" * 50
+
+
+def test_free_files_are_bounded_in_bytes(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files that could not be truncated count their bytes; past the bound remove() unlinks."""
+    monkeypatch.setattr(spool_module, "FREE_BYTES_LIMIT", 1000)
+
+    def cannot(path: Any, length: int) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "truncate", cannot)
+    for queue_id in ("E4", "E5"):
+        result_of(spool.commit(make_envelope(queue_id), b"x" * 2000))
+    result_of(spool.remove("E4"))
+    assert len(files(spool.free_dir)) == 2
+    result_of(spool.remove("E5"))  # the pool already holds more than its bound
+    assert len(files(spool.free_dir)) == 2 and files(spool.queue_dir) == []
+
+
+def test_full_file_system_drops_the_pool_and_retries_once(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit meeting ENOSPC unlinks every file kept for reuse and is tried once more."""
+    for queue_id in ("E1", "E2"):
+        result_of(spool.commit(make_envelope(queue_id), b"x"))
+    result_of(spool.remove("E1"))
+    result_of(spool.remove("E2"))
+    assert spool.free_files == 4
+    real = diskio.write_file_synced
+    calls: list[str] = []
+
+    def full_once(path: Path, data: Any, mode: int = 0o600) -> None:
+        calls.append(str(path))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(path, data, mode)
+
+    monkeypatch.setattr(spool_module, "write_file_synced", full_once)
+    monkeypatch.setattr(spool_module, "_overwrite_synced",
+                        lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    result_of(spool.commit(make_envelope("E3"), b"y"))
+    assert spool.message_path("E3").read_bytes() == b"y"
+    assert files(spool.free_dir) == [] and files(spool.tmp_dir) == [] and spool.free_files == 0
+
+
+def test_full_file_system_twice_fails_and_leaves_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the retry meets ENOSPC too, the commit fails; a half-written file is removed at once."""
+
+    def half_written(path: Path, data: Any, mode: int = 0o600) -> None:
+        Path(path).write_bytes(b"part")  # created, then the disk filled
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "write_file_synced", half_written)
+    failure = failure_of(spool.commit(make_envelope("C9"), b"data" * 1000))
+    assert failure.check(OSError) and failure.value.errno == 28
+    assert files(spool.tmp_dir) == [] and files(spool.queue_dir) == []
 
 
 def test_reused_envelope_file_is_cut_to_an_update_that_may_have_grown_it(
@@ -460,7 +516,7 @@ def test_a_commit_failing_before_its_sync_leaves_removed_files_to_the_next(
     result_of(spool.remove("E18"))
 
     def failing(path: Path, data: Any, mode: int = 0o600) -> None:
-        raise OSError(28, "No space left on device")
+        raise OSError(5, "Input/output error")  # not ENOSPC, which drops the pool
 
     with monkeypatch.context() as patch:
         patch.setattr(spool_module, "write_file_synced", failing)
