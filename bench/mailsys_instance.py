@@ -18,6 +18,8 @@ from bench.processes import alive, descendants, register_stop, terminate, unregi
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "example.test"
+# Mail authentication asks DNS; off unless the benchmark serves a lab zone (--authn).
+AUTHN_OFF = "[authn]\nchecks = false"
 RECIPIENT = f"demo@{DOMAIN}"
 
 _CONFIG = """\
@@ -36,6 +38,8 @@ max_connections_per_client = 100
 
 [routing]
 local_domains = ["{domain}"]
+
+{authn}
 
 [dev]
 demo_user = "{recipient}"
@@ -90,10 +94,12 @@ class MailsysInstance:
     name = "mailsys"
 
     def __init__(self, root: Path, port: int, host: str = LOOPBACK,
-                 profile: Path | None = None, journey: bool | None = None) -> None:
+                 profile: Path | None = None, journey: bool | None = None,
+                 authn: str = AUTHN_OFF) -> None:
         self.root = root
         # Message journey recording ([journey] enabled); None: the configuration's default.
         self.journey = journey
+        self.authn = authn
         # With a path, twistd runs mailsys under cProfile and saves its stats there at exit.
         self.profile = profile
         self.host = require_loopback(host)
@@ -114,7 +120,8 @@ class MailsysInstance:
         (self.root / "var").mkdir()
         self.config_path.write_text(
             _CONFIG.format(
-                root=self.root, port=self.port, host=self.host, domain=DOMAIN, recipient=RECIPIENT
+                root=self.root, port=self.port, host=self.host, domain=DOMAIN, recipient=RECIPIENT,
+                authn=self.authn,
             )
             + f'\n[journey]\npath = "{self.root}/var/journey.sqlite"\n'
             + ("" if self.journey is None else f"enabled = {str(self.journey).lower()}\n")

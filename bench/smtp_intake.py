@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,15 +36,20 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from bench.loopback import BenchError, free_port  # noqa: E402
-from bench.mailsys_instance import MailsysInstance, print_profile  # noqa: E402
+from bench.loopback import LOOPBACK, BenchError, free_port  # noqa: E402
+from bench.mailsys_instance import AUTHN_OFF, MailsysInstance, print_profile  # noqa: E402
 from bench.postfix_instance import (  # noqa: E402
     RECIPIENT,
     SMTP_SOURCE,
     PostfixInstance,
     require_tools,
 )
-from bench.processes import MemorySampler, cpu_seconds, install_exit_handlers  # noqa: E402
+from bench.processes import (  # noqa: E402
+    MemorySampler,
+    cpu_seconds,
+    install_exit_handlers,
+    register_stop,
+)
 
 SENDER = "sender@bench.test"
 HELO_NAME = "bench.test"
@@ -121,11 +127,51 @@ class Report:
 
 
 def make_server(kind: str, root: Path, port: int, profile: bool = False,
-                journey: bool | None = None) -> Server:
+                journey: bool | None = None, authn_dns: int | None = None) -> Server:
     if kind == "postfix":
         return PostfixInstance(root, port)
+    authn = AUTHN_OFF if authn_dns is None else (
+        f'[authn]\nchecks = true\ndns_servers = ["{LOOPBACK}:{authn_dns}"]\n')
     return MailsysInstance(root, port, profile=root / "mailsys.prof" if profile else None,
-                           journey=journey)
+                           journey=journey, authn=authn)
+
+
+# What the lab DNS says about the load's sender (smtp-source -M bench.test -f sender@bench.test
+# from 127.0.0.1) for --authn: an SPF pass, a DMARC record, forward-confirmed reverse DNS.
+AUTHN_ZONE = {
+    "bench.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"], "A": ["127.0.0.1"]},
+    "_dmarc.bench.test": {"TXT": ["v=DMARC1; p=reject"]},
+    "1.0.0.127.in-addr.arpa": {"PTR": ["bench.test"]},
+}
+
+
+def start_lab_dns(workdir: Path) -> tuple[int, Callable[[], None]]:
+    """``python -m mailsys.labdns`` on a free loopback port with AUTHN_ZONE; (port, stop)."""
+    zone = workdir / "authn-zone.json"
+    zone.write_text(json.dumps(AUTHN_ZONE))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailsys.labdns", "--zone", str(zone), "--port", str(port),
+         "--interface", LOOPBACK],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if b"serving" not in line:
+        process.kill()
+        process.wait()
+        raise BenchError(f"lab DNS did not start: {line!r}")
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    return port, stop
 
 
 def count_files(directory: Path) -> int:
@@ -326,7 +372,8 @@ def drive(server: Server, sessions: int, args: argparse.Namespace, workdir: Path
 def run_once(kind: str, sessions: int, args: argparse.Namespace) -> RunResult:
     """A fresh server in a fresh temp dir, one load run, the server stopped by pid."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-s{sessions}-", dir=args.tmpdir))
-    server = make_server(kind, root, free_port(), profile=args.profile, journey=args.journey)
+    server = make_server(kind, root, free_port(), profile=args.profile, journey=args.journey,
+                         authn_dns=args.authn_dns)
     ok = False
     try:
         try:
@@ -519,6 +566,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--journey", choices=("on", "off"), default=None,
                         help="message journey recording in mailsys ([journey] enabled; "
                         "default: the configuration's default, off)")
+    parser.add_argument("--authn", action="store_true",
+                        help="mailsys with its inbound checks on (iprev, SPF for MAIL FROM and "
+                        "HELO, DKIM, DMARC) against a lab DNS on loopback")
     parser.add_argument("--profile", action="store_true",
                         help="run mailsys under cProfile (reactor thread only; slower) and "
                         "print where its time went after each run")
@@ -560,6 +610,7 @@ def meta(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
         "sessions": args.session_counts,
         "size": args.size,
         "repeat": args.repeat,
+        "mailsys_authentication_checks": bool(args.authn),
         "connections": "reused per session (-d)" if args.reuse_connections else "one per message",
         "load_generator": " ".join(
             [
@@ -642,6 +693,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.session_counts}, servers {kinds}, temp dirs on {fs}, "
         f"fsync {fsync_ms['median']:.2f} ms (p90 {fsync_ms['p90']:.2f})"
     )
+    args.authn_dns = None
+    stop_dns: Callable[[], None] | None = None
+    if args.authn:
+        args.authn_dns, stop_dns = start_lab_dns(Path(tempfile.mkdtemp(prefix="bench-dns-")))
+        register_stop(stop_dns)
     try:
         for sessions in args.session_counts:
             for repeat in range(args.repeat):
@@ -678,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: servers stopped", file=sys.stderr)
         return 130
     finally:
+        if stop_dns is not None:
+            stop_dns()
         if report.runs or report.failures:
             print(f"\nresults: {save(report, args.results_dir)}")
     if report.failures:

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from mailsys.auth.passwords import UnusableHashError, hash_scheme
 from mailsys.auth.users import InvalidMailboxError, UserStore, UserStoreError, canonical_mailbox
+from mailsys.authn.commands import add_authn_commands
 from mailsys.config import LISTENER_KEYS, Config, ConfigError, load
 from mailsys.journey.trace import add_trace_command
 from mailsys.lab.commands import add_lab_commands
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_commands(commands, config_option, _Parser)
     add_trace_command(commands, config_option, _Parser)
     add_lab_commands(commands, _Parser)
+    add_authn_commands(commands, config_option, _Parser)
 
     check = commands.add_parser("check-config", parents=[config_option],
                                 help="check a configuration file and summarise it")

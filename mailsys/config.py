@@ -315,6 +315,42 @@ class DevSection:
 
 
 @dataclass(frozen=True)
+class AuthnSection:
+    """Mail authentication (mailsys.authn): SPF, DKIM, DMARC and iprev checks on the inbound
+    (port 25) listeners, whatever the client's address, never on submission; DKIM signing of
+    submitted mail and of the server's own notices.
+
+    Per check: "none" (the Authentication-Results header only), "junk" (to the recipient's Junk
+    folder) or "reject" (550 5.7.x at the end of DATA); DMARC also takes "honour", the default:
+    what the sender's domain publishes (p=reject refuses, p=quarantine goes to Junk). A DNS
+    failure never refuses permanently.
+    """
+
+    checks: bool = True
+    authserv_id: str | None = None  # default: server.hostname
+    dmarc: str = "honour"
+    spf: str = "none"
+    dkim: str = "none"
+    iprev: str = "none"
+    # recipient domain -> {"dmarc" | "spf" | "dkim" | "iprev": policy}: that domain's own
+    domains: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # DNS for the checks (and for the relay's MX lookups, one cache for both); default: the
+    # relay's dns_servers, else /etc/resolv.conf.
+    dns_servers: tuple[DNSServer, ...] = ()
+    dns_timeout: float = 10.0
+    sign: bool = True
+    # DOMAIN.SELECTOR.pem files, as `mailsys dkim genkey` writes them; default: dkim/ beside
+    # this file.
+    key_dir: Path | None = None
+    # domain -> selectors to sign with; default: every key of a local domain in key_dir.
+    selectors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+AUTHN_POLICIES = ("none", "junk", "reject")
+AUTHN_DMARC_POLICIES = ("honour", *AUTHN_POLICIES)
+
+
+@dataclass(frozen=True)
 class QuotaSection:
     """Per-mailbox limits (mailsys.delivery.quota): a default for every mailbox, overridden per
     user (canonical address); none by default. Sizes as "500K", "100M", "2G" or "none"."""
@@ -345,6 +381,7 @@ class Config:
     journey: JourneySection = field(default_factory=JourneySection)
     pickup: PickupSection = field(default_factory=PickupSection)
     web: WebSection = field(default_factory=WebSection)
+    authn: AuthnSection = field(default_factory=AuthnSection)
     dev: DevSection = field(default_factory=DevSection)
     quota: QuotaSection = field(default_factory=QuotaSection)
 
@@ -363,6 +400,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "journey": JourneySection,
     "pickup": PickupSection,
     "web": WebSection,
+    "authn": AuthnSection,
     "dev": DevSection,
     "quota": QuotaSection,
 }
@@ -806,6 +844,43 @@ def _check_web(config: Config, check_files: bool) -> WebSection:
         raise ConfigError(path, "web.client_hostname",
                           f"not a valid host name: {web.client_hostname!r}")
     return web
+def _check_authn(config: Config, check_files: bool) -> AuthnSection:
+    path, authn = config.path, config.authn
+    for name in ("spf", "dkim", "iprev"):
+        if getattr(authn, name) not in AUTHN_POLICIES:
+            raise ConfigError(path, f"authn.{name}", f"must be one of {', '.join(AUTHN_POLICIES)}")
+    if authn.dmarc not in AUTHN_DMARC_POLICIES:
+        raise ConfigError(path, "authn.dmarc",
+                          f"must be one of {', '.join(AUTHN_DMARC_POLICIES)}")
+    for domain, table in authn.domains.items():
+        key = f"authn.domains.{_quote(domain)}"
+        if not _HOSTNAME.match(domain):
+            raise ConfigError(path, key, "not a valid domain")
+        for name, value in table.items():
+            allowed = AUTHN_DMARC_POLICIES if name == "dmarc" else AUTHN_POLICIES
+            if name not in ("dmarc", "spf", "dkim", "iprev"):
+                raise ConfigError(path, f"{key}.{name}",
+                                  "unknown check (known: dkim, dmarc, iprev, spf)")
+            if value not in allowed:
+                raise ConfigError(path, f"{key}.{name}", f"must be one of {', '.join(allowed)}")
+    authserv_id = authn.authserv_id or config.server.hostname
+    if not _HOSTNAME.match(authserv_id):
+        raise ConfigError(path, "authn.authserv_id", f"not a valid host name: {authserv_id!r}")
+    key_dir = authn.key_dir if authn.key_dir is not None else path.parent / "dkim"
+    for domain, selectors in authn.selectors.items():
+        key = f"authn.selectors.{_quote(domain)}"
+        if not _HOSTNAME.match(domain):
+            raise ConfigError(path, key, "not a valid domain")
+        for selector in selectors:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", selector):
+                raise ConfigError(path, key, f"not a valid selector: {selector!r}")
+            file = key_dir / f"{domain}.{selector}.pem"
+            if check_files:
+                try:
+                    file.open("rb").close()
+                except OSError as exc:
+                    raise ConfigError(path, key, f"cannot read {file}: {exc.strerror}") from None
+    return replace(authn, authserv_id=authserv_id, key_dir=key_dir)
 
 
 def _check_quota(config: Config, check_files: bool) -> QuotaSection:
@@ -829,4 +904,7 @@ _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
     "journey": _check_journey,
     "pickup": _check_pickup,
     "web": _check_web,
+
+
+    "authn": _check_authn,
 }

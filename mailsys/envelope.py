@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mailsys.replies import Reply
@@ -110,6 +110,9 @@ class Recipient:
     # Delivery status notifications already sent about this recipient (RFC 3461 §4.1 names:
     # "DELAY", "FAILURE", "SUCCESS"), so a restart never sends one twice nor loses one.
     notices: tuple[str, ...] = ()
+    # The folder of the recipient's mailbox this copy goes to (a Maildir++ name: "Junk" when
+    # mail authentication says so); None is the INBOX.
+    folder: str | None = None
 
     def record(self, attempt: Attempt, next_attempt: float | None = None) -> None:
         """Append an attempt and take its status as the recipient's."""
@@ -137,6 +140,7 @@ class Recipient:
             attempts=[Attempt.from_dict(a) for a in data.get("attempts", [])],
             next_attempt=data.get("next_attempt"),
             notices=tuple(data.get("notices", ())),
+            folder=data.get("folder"),
         )
 
 
@@ -158,6 +162,9 @@ class Envelope:
     protocol: str = "ESMTP"
     auth_user: str | None = None
     held: bool = False
+    # The results of mail authentication at intake with their evidence (DNS answers used, the
+    # SPF term that matched, DKIM d= and s=, the DMARC record): plain data, for the journey.
+    authentication: dict[str, Any] | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -168,7 +175,9 @@ class Envelope:
         return [r for r in self.recipients if not r.status.is_final]
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Shallow: every field but the recipients is a JSON value already (the authentication
+        # evidence too), and asdict's deep copy of it showed in each message's CPU.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["recipients"] = [r.to_dict() for r in self.recipients]
         data["version"] = FORMAT_VERSION
         return data
@@ -192,4 +201,5 @@ class Envelope:
             protocol=str(data.get("protocol", "ESMTP")),
             auth_user=data.get("auth_user"),
             held=bool(data.get("held", False)),
+            authentication=data.get("authentication"),
         )

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from mailsys.envelope import Attempt, Destination, Envelope, Recipient
+from mailsys.replies import Reply
 
 
 class IRouter(Interface):
@@ -40,8 +41,19 @@ class IMessageSink(Interface):
         """Make ``message`` and its envelope durable, then schedule it.
 
         Returns a Deferred that fires only after everything is fsync'd and committed; it fails if
-        the message could not be stored, and then nothing of it remains.
+        the message could not be stored, and then nothing of it remains. It fails with
+        MessageRefusedError when a check on the way (mail authentication) refuses the message.
         """
+
+
+class MessageRefusedError(Exception):
+    """A sink's verdict on a message, not a storage failure: the session answers ``reply``
+    (5xx refused, 4xx try again later), and nothing of the message is kept."""
+
+    def __init__(self, reply: Reply, reason: str = "") -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.reason = reason
 
 
 class ISpool(Interface):

@@ -1,17 +1,26 @@
-"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA, CNAME, TXT and PTR records,
-served by twisted.names on a loopback port, or handed directly to code that wants an IResolver.
+"""A small in-memory DNS for labs and tests: a zone of MX, A, AAAA, CNAME, TXT, PTR, SRV and
+TLSA records, served by twisted.names on a loopback port, or handed directly to code that wants an
+IResolver.
 
 The zone is a mapping (or a JSON file) from names to their records:
 
-    {"remote.test":     {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]]},
+    {"remote.test":     {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]],
+                         "TXT": ["v=spf1 mx -all", ["two strings ", "of one record"]]},
      "mx1.remote.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
      "www.remote.test": {"CNAME": "mx1.remote.test"},
      "_dmarc.remote.test": {"TXT": ["v=DMARC1; p=reject"]},
      "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.remote.test"]},
      "nullmx.test":     {"MX": [[0, "."]]},
+     "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.remote.test"]},
+     "_25._tcp.mx1.remote.test": {"TLSA": [[3, 1, 1, "0123abcd..."]]},
+     "_imaps._tcp.remote.test": {"SRV": [[0, 1, 993, "mx1.remote.test"]]},
      "broken.test":     {"error": "servfail"}}
 
 A name not in the zone is NXDOMAIN; a name without the asked type is an empty answer (NODATA).
+Both negative answers carry an SOA in the authority section whose minimum is the TTL, so a cache
+can keep them as RFC 2308 says. A TXT record is a string or a list of strings (its
+character-strings); an SRV record is [priority, weight, port, target]; a TLSA record is
+[usage, selector, matching type, hex data] (RFC 6698).
 "error" may be "servfail", "refused" or "timeout". CNAMEs are followed the way a recursive server
 does: the answer holds the chain and the records of its end. Used directly, ``Zone`` fails with
 the exceptions twisted.names' client raises for the same answers, so it is a faithful stand-in
@@ -40,6 +49,8 @@ ZoneData = dict[str, dict[str, Any]]
 # RFC 1034 §3.6.2: chains should be short; a loop must not make us spin.
 MAX_CNAME_CHAIN = 8
 TTL = 60
+# RFC 6698 §7.1: TLSA has no record class in twisted.names; it travels as an UnknownRecord.
+TLSA = 52
 
 _ERRORS = ("servfail", "refused", "timeout")
 
@@ -69,10 +80,17 @@ def _check(data: Mapping[str, Any]) -> ZoneData:
                 checked[kind] = [str(address) for address in value]
             elif kind == "CNAME":
                 checked[kind] = str(value)
-            elif kind in ("TXT", "PTR"):
-                if isinstance(value, str):
-                    value = [value]
-                checked[kind] = [str(item) for item in value]
+            elif kind == "TXT":
+                # One record may be written alone, as a string (the lab zone does).
+                records = [value] if isinstance(value, str) else value
+                checked[kind] = [_txt(raw_name, record) for record in records]
+            elif kind == "PTR":
+                targets = [value] if isinstance(value, str) else value
+                checked[kind] = [str(target) for target in targets]
+            elif kind == "TLSA":
+                checked[kind] = [_tlsa(raw_name, record) for record in value]
+            elif kind == "SRV":
+                checked[kind] = [(int(p), int(w), int(port), str(t)) for p, w, port, t in value]
             elif kind == "ERROR":
                 if value not in _ERRORS:
                     raise ZoneError(f"{raw_name}: error must be one of {', '.join(_ERRORS)}")
@@ -81,6 +99,27 @@ def _check(data: Mapping[str, Any]) -> ZoneData:
                 raise ZoneError(f"{raw_name}: unsupported record type {kind}")
         zone[name] = checked
     return zone
+
+
+def _txt(name: str, record: Any) -> tuple[bytes, ...]:
+    strings = [record] if isinstance(record, (str, bytes)) else list(record)
+    encoded = tuple(s if isinstance(s, bytes) else str(s).encode("utf-8") for s in strings)
+    # RFC 1035 §3.3: a character-string is at most 255 octets; longer text is split, as
+    # zone file tools do, so a lab can write a long record as one string.
+    split: list[bytes] = []
+    for string in encoded:
+        split.extend(string[i:i + 255] for i in range(0, len(string), 255))
+        if not string:
+            split.append(b"")
+    return tuple(split)
+
+
+def _tlsa(name: str, record: Any) -> bytes:
+    try:
+        usage, selector, matching, data = record
+        return bytes([int(usage), int(selector), int(matching)]) + bytes.fromhex(str(data))
+    except (TypeError, ValueError) as exc:
+        raise ZoneError(f"{name}: TLSA is [usage, selector, matching type, hex data]") from exc
 
 
 class Zone(common.ResolverBase):
@@ -115,7 +154,7 @@ class Zone(common.ResolverBase):
             if records is None:
                 if answers:
                     return answers, [], []  # the chain leads out of the zone
-                raise error.DNSNameError(f"{current}: no such domain")
+                raise error.DNSNameError(_negative(current, dns.ENAME))
             failure = records.get("ERROR")
             if failure == "servfail":
                 raise error.DNSServerError(f"{current}: server failure")
@@ -128,7 +167,10 @@ class Zone(common.ResolverBase):
                 answers.append(_rr(current, dns.Record_CNAME(target, TTL)))
                 current = _name(target)
                 continue
-            answers.extend(_records(current, records, type))
+            found = _records(current, records, type)
+            answers.extend(found)
+            if not found and not answers:
+                return [], [_soa(current)], []  # NODATA, with the SOA that says for how long
             return answers, [], []
         return answers, [], []  # a loop: what we have; the client notices the chain never ends
 
@@ -143,25 +185,39 @@ def _records(name: str, records: dict[str, Any], type: int) -> list[dns.RRHeader
         found.extend(_rr(name, dns.Record_A(a, TTL)) for a in records.get("A", []))
     if type in (dns.AAAA, dns.ALL_RECORDS):
         found.extend(_rr(name, dns.Record_AAAA(a, TTL)) for a in records.get("AAAA", []))
-    if type in (dns.TXT, dns.ALL_RECORDS):
-        found.extend(_rr(name, dns.Record_TXT(*_chunks(text), ttl=TTL))
-                     for text in records.get("TXT", []))
-    if type in (dns.PTR, dns.ALL_RECORDS):
-        found.extend(_rr(name, dns.Record_PTR(host, TTL)) for host in records.get("PTR", []))
     if type == dns.CNAME and "CNAME" in records:
         found.append(_rr(name, dns.Record_CNAME(records["CNAME"], TTL)))
+    if type in (dns.TXT, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_TXT(*t, ttl=TTL)) for t in records.get("TXT", []))
+    if type in (dns.PTR, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_PTR(p, TTL)) for p in records.get("PTR", []))
+    if type in (dns.SRV, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.Record_SRV(p, w, port, t, TTL))
+                     for p, w, port, t in records.get("SRV", []))
+    if type in (TLSA, dns.ALL_RECORDS):
+        found.extend(_rr(name, dns.UnknownRecord(t, TTL), TLSA) for t in records.get("TLSA", []))
     return found
 
 
-def _chunks(text: str) -> list[bytes]:
-    """One TXT record's text as character-strings of at most 255 octets (RFC 1035 §3.3.14);
-    readers join them back (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
-    data = text.encode("utf-8")
-    return [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+def _rr(name: str, record: Any, type: int | None = None) -> dns.RRHeader:
+    kind = record.TYPE if type is None else type
+    return dns.RRHeader(name.encode("ascii"), kind, dns.IN, TTL, record, auth=True)
 
 
-def _rr(name: str, record: Any) -> dns.RRHeader:
-    return dns.RRHeader(name.encode("ascii"), record.TYPE, dns.IN, TTL, record, auth=True)
+def _soa(name: str) -> dns.RRHeader:
+    # The lab has no delegations; the SOA's owner is the name's parent zone as a guess a reader
+    # recognises. RFC 2308 §5: the negative TTL is min(SOA TTL, SOA minimum).
+    apex = name.split(".", 1)[1] if "." in name else name
+    record = dns.Record_SOA(mname=f"ns.{apex}", rname=f"hostmaster.{apex}", serial=1,
+                            minimum=TTL, ttl=TTL)
+    return dns.RRHeader(apex.encode("ascii"), dns.SOA, dns.IN, TTL, record, auth=True)
+
+
+def _negative(name: str, rcode: int) -> dns.Message:
+    """The message twisted.names' client hands to DNSNameError: the rcode and the SOA."""
+    message = dns.Message(rCode=rcode, auth=True)
+    message.authority = [_soa(name)]
+    return message
 
 
 class FileZone(Zone):
@@ -202,7 +258,7 @@ class _Served(common.ResolverBase):
         try:
             return succeed(self._zone.answer(_name(name), type))
         except error.DNSNameError as exc:
-            return fail(error.DomainError(str(exc)))
+            return fail(_NoSuchName(str(exc), [_soa(_name(name))]))
         except error.DNSQueryTimeoutError:
             return Deferred()  # never answered: the client's own timeout decides
         except error.DNSQueryRefusedError as exc:
@@ -211,13 +267,39 @@ class _Served(common.ResolverBase):
             return fail(error.ResolverError(str(exc)))
 
 
+class _NoSuchName(error.DomainError):
+    """NXDOMAIN, with the SOA a real server puts in the authority section (RFC 2308 §2.1)."""
+
+    def __init__(self, text: str, authority: list[dns.RRHeader]) -> None:
+        super().__init__(text)
+        self.authority = authority
+
+
+class _LabServerFactory(server.DNSServerFactory):
+    """twisted.names' server, answering NXDOMAIN with its SOA so that caches may keep it."""
+
+    def __init__(self, authorities: list[Any]) -> None:
+        server.DNSServerFactory.__init__(self, authorities=authorities)
+
+    def gotResolverError(self, failure: Failure, protocol: Any, message: Any,  # noqa: N802
+                         address: Any) -> None:
+        exc = failure.value
+        if not isinstance(exc, _NoSuchName):
+            server.DNSServerFactory.gotResolverError(self, failure, protocol, message, address)
+            return
+        untyped: Any = self  # twisted.names' server is not annotated
+        response = untyped._responseFromMessage(message=message, rCode=dns.ENAME,
+                                                authority=exc.authority)
+        untyped.sendReply(protocol, response, address)
+
+
 def serve(zone: Zone, port: int, interface: str, reactor: Any) -> tuple[Any, Any]:
     """Serve ``zone`` on UDP and TCP ``interface:port``; returns the two listening ports.
 
     With port 0 a free UDP port is chosen and TCP takes the same number; if that is taken for
     TCP, another UDP port is tried (a bounded number of times).
     """
-    factory = server.DNSServerFactory(authorities=[_Served(zone)])
+    factory = _LabServerFactory(authorities=[_Served(zone)])
     factory.noisy = False  # Twisted's "Starting factory" and "Starting protocol" say nothing
     for _ in range(20 if port == 0 else 1):
         protocol = dns.DNSDatagramProtocol(factory)

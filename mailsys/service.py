@@ -28,6 +28,7 @@ from mailsys import sdnotify
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
+from mailsys.authn.wiring import Authn
 from mailsys.config import Config
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
@@ -338,14 +339,18 @@ def build_service(config: Config, reactor: Any, *,
     maildir = MaildirWriter(config.storage.maildirs, pool, config.server.hostname,
                             on_delivered=mailboxes.notify_delivered, quota=quota,
                             journey=journey)
+    # --- mail authentication (mailsys.authn): one caching resolver, shared with the relay ---
+    authn = Authn(config, reactor)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
-    relay = build_relay(config, pool, reactor, journey)
+    relay = build_relay(config, pool, reactor, journey, authn.resolver)
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
     if relay is not None:
         agents[TargetKind.RELAY] = relay
     runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
                          max_lifetime=config.relay.max_lifetime, journey=journey)
-    sink = QueueSink(spool, runner, journey)
+    # Every listener and the notices hand over through it: submitted and local mail is signed
+    # (DKIM), mail from clients that did not authenticate is checked (SPF, DKIM, DMARC, iprev).
+    sink = authn.wrap(QueueSink(spool, runner, journey))
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     # One registry per service, never prometheus_client's global one: two services in one
     # process (tests) must not share counters.
@@ -365,6 +370,7 @@ def build_service(config: Config, reactor: Any, *,
     service.metrics = metrics
     if config.tls.certificate is not None:
         _watch_certificate(metrics, config.tls.certificate, pool, reactor, service)
+    authn.reloader().setServiceParent(service)  # DKIM keys read again on SIGHUP
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)

@@ -32,9 +32,12 @@ from mailsys.interfaces import IDeliveryAgent
 from mailsys.journey.events import NULL_RECORDER
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.mailbox.layout import (
+    InvalidFolderNameError,
     InvalidMailboxNameError,
+    create_maildir,
     delivery_base,
     escape_hostname,
+    folder_path,
     local_host,
     mailbox_path,
     name_prefix,
@@ -143,6 +146,10 @@ class MaildirWriter:
             if recipient.mailbox is None:
                 raise InvalidMailboxNameError("recipient has no mailbox")
             maildir, new_dir = self._paths_of(recipient.mailbox)
+            write = write_copy
+            if recipient.folder:  # e.g. Junk, when mail authentication says so
+                maildir, new_dir = _folder_paths(maildir, recipient.folder)
+                write = write_folder_copy
         except InvalidMailboxNameError as e:
             log.error(
                 "{queue_id}: to=<{to}> invalid local mailbox {mailbox!r}: {error}",
@@ -160,12 +167,12 @@ class MaildirWriter:
         limits = None if self._quota is None else self._quota.limits_for(recipient.mailbox)
         # The copy and the fsync of new/ in one disk job: every hand-over to the reactor costs.
         if self._quota is None or limits is None:
-            d = self._pool.run_and_sync(new_dir, write_copy, *copy)
+            d = self._pool.run_and_sync(new_dir, write, *copy)
         else:
             size = envelope.size + len(header)
             d = self._pool.run_and_sync(new_dir, functools.partial(
                 self._quota.deliver, present=functools.partial(copy_present, maildir, base)),
-                recipient.mailbox, limits, size, write_copy, *copy)
+                recipient.mailbox, limits, size, write, *copy)
 
         def delivered(name: str | None) -> Attempt:
             if name is None:
@@ -243,6 +250,24 @@ def write_copy(
     if recovered is not None:
         recovered.add(root, base)
     return name
+
+
+def _folder_paths(inbox: Path, folder: str) -> tuple[Path, str]:
+    """The Maildir of a folder of the mailbox and its new/ (Maildir++ ``.Name``)."""
+    try:
+        path = folder_path(inbox, folder)
+    except InvalidFolderNameError as exc:
+        raise InvalidMailboxNameError(str(exc)) from None
+    return path, os.path.join(path, "new")
+
+
+def write_folder_copy(maildir: Path, base: str, header: bytes, message_path: str | Path,
+                      recovered: RecoveredCopies | None = None) -> str | None:
+    """Disk thread: write_copy into a folder, created first (with its Maildir++ marker) if the
+    user has none yet."""
+    if not os.path.isdir(os.path.join(maildir, "tmp")):
+        create_maildir(maildir, subfolder=True)
+    return write_copy(maildir, base, header, message_path, recovered)
 
 
 def _read_file(path: str | Path) -> bytes:

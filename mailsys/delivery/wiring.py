@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IResolver
+
 from mailsys.config import Config
 from mailsys.delivery.mx import MXResolver, make_resolver
 from mailsys.delivery.nexthop import NextHops
@@ -30,8 +32,11 @@ def smarthost_password(config: Config) -> str | None:
 
 
 def build_relay(config: Config, pool: DiskPool, reactor: Any,
-                journey: IJourneyRecorder = NULL_RECORDER) -> RelayAgent | None:
-    """The relay agent for ``config``, or None when ``relay.enabled`` is false."""
+                journey: IJourneyRecorder = NULL_RECORDER,
+                resolver: IResolver | None = None) -> RelayAgent | None:
+    """The relay agent for ``config``, or None when ``relay.enabled`` is false. ``resolver``
+    is the shared caching one (mailsys.dns), so MX answers are asked once for all deliveries
+    and shared with mail authentication; without it, a client of its own."""
     relay = config.relay
     if not relay.enabled:
         return None
@@ -48,7 +53,8 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any,
         NextHops(relay.transport, relay.smarthost, relay.port),
         TLSPolicies(relay.tls_policy, relay.tls_policy_per_domain),
         ClientTLS(relay.tls_ca_file),
-        MXResolver(make_resolver(servers, reactor), relay.ip_version),
+        MXResolver(resolver if resolver is not None else make_resolver(servers, reactor),
+                   relay.ip_version),
         TCPDialer(reactor, settings.timeouts, relay.connect_timeout,
                   relay.bind_address, relay.bind_address6),
         pool,

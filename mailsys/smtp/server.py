@@ -39,7 +39,7 @@ from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.diskio import is_no_space
 from mailsys.envelope import Envelope, Recipient
-from mailsys.interfaces import IMessageSink
+from mailsys.interfaces import IMessageSink, MessageRefusedError
 from mailsys.journey.events import NULL_RECORDER, SessionJourney
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
@@ -734,6 +734,13 @@ class SMTPSession(ServerSession):
         return replies.QUEUED.with_text(f"{replies.QUEUED.text} as {envelope.queue_id}")
 
     def _spool_failed(self, failure: Failure, envelope: Envelope) -> Reply:
+        refusal = failure.value
+        if isinstance(refusal, MessageRefusedError):
+            # A check's verdict (mail authentication), not a storage failure.
+            log.info("{queue_id}: reject from=<{sender}> client={client}: {reply}; {reason}",
+                     queue_id=envelope.queue_id, sender=envelope.sender, client=self._client,
+                     reply=str(refusal.reply), reason=refusal.reason)
+            return refusal.reply
         if is_no_space(failure.value):
             # The spool logged the path and error; RFC 3463 X.3.1: mail system full.
             log.info("{queue_id}: from=<{sender}> size={size} client={client} not accepted: "

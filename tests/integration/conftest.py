@@ -30,6 +30,12 @@ RELAY_DISABLED = """
 [relay]
 enabled = false
 """
+# Nor do they check mail authentication, which asks DNS, unless a test gives a lab DNS
+# (tests/integration/test_authn.py).
+AUTHN_DISABLED = """
+[authn]
+checks = false
+"""
 
 
 def free_port() -> int:
@@ -82,6 +88,7 @@ class MailServer:
     local_domains: tuple[str, ...] = ("example.test", "lab.test")
     aliases: str = ""  # more lines for [routing.aliases]
     relay_config: str = RELAY_DISABLED  # the whole [relay] section
+    authn_config: str = AUTHN_DISABLED  # the whole [authn] section
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -139,6 +146,7 @@ local_domains = {json.dumps(list(self.local_domains))}
 "team@example.test" = ["demo@example.test", "second@example.test"]
 {self.aliases}
 {self.relay_config}
+{self.authn_config}
 
 [dev]
 demo_user = "demo@example.test"

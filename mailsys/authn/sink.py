@@ -1,0 +1,116 @@
+"""Mail authentication as a link in the chain from SMTP intake to the queue: message sinks in
+front of the durable one. SigningSink signs (submission listeners, and the server's own notices:
+bounces, delay warnings), so the signature covers exactly the bytes stored and relayed;
+CheckingSink checks what arrives on the inbound listeners and refuses, marks for Junk or
+passes on, with the Authentication-Results field on top."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsys.authn.intake import IntakeFacts, IntakeVerdict, MessageAuthentication
+from mailsys.envelope import Envelope
+from mailsys.interfaces import IMessageSink, MessageRefusedError
+
+log = Logger(namespace="mailsys.authn")
+
+
+@implementer(IMessageSink)
+class SigningSink:
+    """Signs (DKIM, with the keys of the From domain) and passes on to ``inner``."""
+
+    def __init__(self, inner: IMessageSink, authentication: MessageAuthentication) -> None:
+        self._inner = inner
+        self._authentication = authentication
+
+    def new_queue_id(self) -> str:
+        queue_id: str = self._inner.new_queue_id()
+        return queue_id
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+        """Fires when ``inner`` has stored the signed message; signing trouble never stops it
+        (the message then goes unsigned, and the log says why)."""
+
+        def store(signed: bytes) -> object:
+            envelope.size = len(signed)
+            return self._inner.submit(envelope, signed)
+
+        return self._authentication.sign(message, envelope.queue_id).addCallback(store)
+
+
+@implementer(IMessageSink)
+class CheckingSink:
+    """For the inbound listeners: the checks, the Authentication-Results field, the verdict.
+
+    Refused or deferred mail fails with MessageRefusedError (nothing is stored); junk marks the
+    copies of the recipients concerned for their Junk folder; every stored message keeps the
+    evidence on its envelope.
+    """
+
+    def __init__(self, inner: IMessageSink, authentication: MessageAuthentication) -> None:
+        self._inner = inner
+        self._authentication = authentication
+
+    def new_queue_id(self) -> str:
+        queue_id: str = self._inner.new_queue_id()
+        return queue_id
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+        facts = IntakeFacts(
+            client_address=envelope.client_address,
+            helo=envelope.client_helo,
+            sender=envelope.sender,
+            # Policy follows the domain the client addressed, before alias expansion.
+            recipients=list(dict.fromkeys(r.original for r in envelope.recipients)),
+            queue_id=envelope.queue_id,
+        )
+
+        def decided(verdict: IntakeVerdict) -> object:
+            if verdict.report is None and verdict.action == "accept":
+                # Checks off: only forged fields of ours were removed; nothing to record.
+                envelope.size = len(verdict.message)
+                return self._inner.submit(envelope, verdict.message)
+            log.info("{queue_id}: authentication {summary}: {action}{reason}",
+                     queue_id=envelope.queue_id,
+                     summary=verdict.report.summary() if verdict.report else "none",
+                     action=verdict.action,
+                     reason=f" ({verdict.reason})" if verdict.reason else "")
+            if verdict.action in ("reject", "defer"):
+                assert verdict.reply is not None
+                raise MessageRefusedError(verdict.reply, verdict.reason)
+            junk = set(verdict.junk)
+            for recipient in envelope.recipients:
+                if recipient.original in junk:
+                    recipient.folder = "Junk"
+            envelope.authentication = verdict.evidence()
+            envelope.size = len(verdict.message)
+            return self._inner.submit(envelope, verdict.message)
+
+        return self._authentication.inbound(facts, message).addCallback(decided)
+
+
+@implementer(IMessageSink)
+class AuthenticatingSink:
+    """One sink in front of the queue for every listener: mail that an authenticated user
+    submitted, or that the server made itself (notices), is signed; mail from a client that
+    did not authenticate - whatever its address, loopback included - is checked (with the
+    checks off, only forged Authentication-Results fields of ours are removed)."""
+
+    def __init__(self, inner: IMessageSink, authentication: MessageAuthentication) -> None:
+        self._inner = inner
+        self._signing = SigningSink(inner, authentication)
+        self._checking = CheckingSink(inner, authentication)
+
+    def new_queue_id(self) -> str:
+        queue_id: str = self._inner.new_queue_id()
+        return queue_id
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+        submitted = envelope.auth_user is not None or envelope.protocol == "local"
+        target = self._signing if submitted else self._checking
+        result: Any = target.submit(envelope, message)
+        return cast(Deferred[object], result)
