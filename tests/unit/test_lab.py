@@ -98,7 +98,10 @@ def test_labdns_answers_txt_and_ptr() -> None:
     assert max(len(part) for rr in answers for part in rr.payload.data) == 255
     answers, _, _ = zone.answer("2.2.0.127.in-addr.arpa", dns.PTR)
     assert [str(rr.payload.name) for rr in answers] == ["mail.a.test"]
-    assert zone.answer("a.test", dns.MX) == ([], [], [])
+    # A name with no record of the type asked: no answer, the SOA in the authority section
+    # (RFC 2308 §2.2 NODATA), so resolvers can cache the absence.
+    answers, authority, _ = zone.answer("a.test", dns.MX)
+    assert answers == [] and [rr.type for rr in authority] == [dns.SOA]
 
 
 def test_host_config_loads_with_verify_policy_and_own_address(tmp_path: Path) -> None:
