@@ -40,6 +40,20 @@ def spool_writable(spool: Path, disk: DiskRunner) -> Check:
     return Check("spool", lambda: disk.run(writable))
 
 
+def files_usable(wanted: Sequence[tuple[Path, int]], disk: DiskRunner) -> Check:
+    """Every file and directory the server needs is there and this process may use it as it
+    must (the users file, certificate and key readable; the Maildirs writable): after twistd
+    drops privileges, this process is the server's account, so an admin command that left a
+    file it cannot read shows here before a user meets it."""
+
+    def usable() -> bool:
+        # A directory to write in that is not there yet is made on first use (the Maildirs).
+        return all(os.access(path, mode) for path, mode in wanted
+                   if mode == os.R_OK or os.path.exists(path))
+
+    return Check("files", lambda: disk.run(usable))
+
+
 def listeners_bound(bound: Callable[[], bool]) -> Check:
     """Every configured listener is bound."""
     return Check("listeners", lambda: succeed(bound()))

@@ -3,6 +3,7 @@ watch. service.py calls ``build_web``; the pages themselves are mailsys.web.site
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ from twisted.internet.defer import Deferred
 from mailsys.config import Config
 from mailsys.diskio import DiskRunner
 from mailsys.web.autoconfig import served_domains, services
-from mailsys.web.health import Check, Readiness, dns_answering, listeners_bound, spool_writable
+from mailsys.web.health import (
+    Check,
+    Readiness,
+    dns_answering,
+    files_usable,
+    listeners_bound,
+    spool_writable,
+)
 from mailsys.web.metrics import Metrics
 from mailsys.web.mtasts import MTASTSPolicy
 from mailsys.web.site import WebSettings, WebSite, build_site
@@ -36,7 +44,11 @@ def web_settings(config: Config) -> WebSettings:
 def build_web(config: Config, bound: Callable[[], bool], disk: DiskRunner, metrics: Metrics,
               reactor: Any) -> WebSite:
     """The Site of the HTTP listener; readiness asks DNS only when relay is on."""
-    checks: list[Check] = [spool_writable(config.storage.spool, disk), listeners_bound(bound)]
+    wanted = [(config.storage.maildirs, os.W_OK | os.X_OK), (config.storage.users, os.R_OK)]
+    wanted += [(path, os.R_OK) for path in (config.tls.certificate, config.tls.key)
+               if path is not None]
+    checks: list[Check] = [spool_writable(config.storage.spool, disk), files_usable(wanted, disk),
+                           listeners_bound(bound)]
     if config.relay.enabled:
         from mailsys.delivery.mx import make_resolver
 

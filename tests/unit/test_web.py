@@ -4,7 +4,9 @@ metrics text cached under scrapes, and the [web] config section."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -19,7 +21,7 @@ from mailsys.config import ConfigError, from_mapping
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus, TargetKind
 from mailsys.replies import Reply
 from mailsys.web.autoconfig import autodiscover_address, services
-from mailsys.web.health import Check, Readiness, dns_answering
+from mailsys.web.health import Check, Readiness, dns_answering, files_usable
 from mailsys.web.metrics import Metrics, MetricsText, attempt_observer, queue_state
 from mailsys.web.site import WebRoot
 from mailsys.web.wiring import web_settings
@@ -123,6 +125,21 @@ def test_readyz_reports_each_check() -> None:
     request = get(root([ok, bad]), "/readyz")
     assert request.responseCode == 503
     assert body(request) == b"spool: ok\ndns: failed\nnot ready\n"
+
+
+def test_readyz_fails_while_a_needed_file_is_unusable(tmp_path: Path) -> None:
+    """The files check fails while the users file is missing or unreadable to this process,
+    and passes again once it is back."""
+
+    class Now:
+        def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+            return succeed(fn(*args))
+
+    users = tmp_path / "users"
+    check = files_usable([(tmp_path, os.W_OK | os.X_OK), (users, os.R_OK)], Now())
+    assert body(get(root([check]), "/readyz")) == b"files: failed\nnot ready\n"
+    users.write_text("")
+    assert body(get(root([check]), "/readyz")) == b"files: ok\nready\n"
 
 
 def test_readiness_check_that_hangs_times_out() -> None:
