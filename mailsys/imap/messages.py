@@ -56,6 +56,7 @@ class MessageCommands:
         }
 
     def _targets(self, numbers: SequenceSet, uid: bool) -> list[tuple[int, MessageInfo]]:
+        """(sequence number, message) in the selected mailbox (see Selected.targets)."""
         selected = self._ctx.selected
         assert selected is not None
         return selected.targets(numbers, uid)
