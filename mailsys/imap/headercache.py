@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
 from mailsys.mailbox.wire import to_crlf
@@ -67,6 +68,16 @@ class HeaderCache:
         both = (header, header.lower())
         self.put(key, both)
         return both
+
+    def each_header_and_lower(self, folder: Folder, infos: Iterable[MessageInfo]
+                              ) -> Iterator[tuple[bytes, bytes] | None]:
+        """Disk thread: ``header_and_lower`` of each of ``infos`` in turn, with the folder's
+        part of the key computed once (a header search walks every message of a folder)."""
+        path = os.fspath(folder.path)
+        entries = self._entries
+        for info in infos:
+            cached = entries.get((path, info.key, info.size))
+            yield cached if cached is not None else self.header_and_lower(folder, info)
 
     def put(self, key: tuple[str, str, int], both: tuple[bytes, bytes]) -> None:
         size = 2 * len(both[0])

@@ -271,13 +271,15 @@ class HeaderContains(Key):
         self._marker = b"\n" + self._start
         self._ascii = self.text.isascii()
         self._needle = self.text.encode("ascii", "replace")
+        # A plain ASCII header without the string cannot hold it in the field either.
+        self.skips_plain_misses = self._ascii and bool(self.text)
 
     def match(self, message: Candidate, context: Context) -> bool:
         both = message.header_and_lower()
         if both is None:
             return False
         header, lower = both
-        if (self._ascii and self.text and self._needle not in lower and lower.isascii()
+        if (self.skips_plain_misses and self._needle not in lower and lower.isascii()
                 and b"=?" not in lower):
             # Nowhere in a plain ASCII header: not in the field either (the common miss, one
             # scan in C instead of walking the fields in Python).
@@ -519,3 +521,28 @@ def run(key: Key, candidates: list[Candidate], context: Context) -> list[Candida
     return [c for c in candidates if key.match(c, context)]
 
 
+def run_over(key: Key, messages: list[MessageInfo], first_seq: int, recent: frozenset[int],
+             folder: Folder | None, context: Context) -> list[Candidate]:
+    """Disk thread: the matches of ``key`` among ``messages``, numbered from ``first_seq``.
+
+    A plain-ASCII search of one header field (SEARCH SUBJECT x, the common header search)
+    rejects most messages on one byte search of their cached header, so it builds a
+    candidate only for the messages that pass that test; any other program runs over a
+    candidate per message.
+    """
+    if type(key) is HeaderContains and key.skips_plain_misses and folder is not None:
+        needle = key._needle
+        found: list[Candidate] = []
+        headers = HEADERS.each_header_and_lower(folder, messages)
+        for seq, (info, both) in enumerate(zip(messages, headers, strict=True), first_seq):
+            if both is None:
+                continue  # expunged: matches nothing (as Candidate.header_and_lower says)
+            lower = both[1]
+            if needle not in lower and lower.isascii() and b"=?" not in lower:
+                continue
+            candidate = Candidate(seq, info, info.uid in recent, folder)
+            if key.match(candidate, context):
+                found.append(candidate)
+        return found
+    return run(key, [Candidate(seq, info, info.uid in recent, folder)
+                     for seq, info in enumerate(messages, first_seq)], context)
