@@ -293,6 +293,8 @@ def test_search_keys(server: Server) -> None:
     assert search("SUBJECT hello") == [1]
     assert search("SUBJECT zebra") == []  # in no header at all
     assert search("SUBJECT gr") == [2]  # only in the decoded encoded-word
+    assert search("SUBJECT alice") == []  # in the header, but in another field
+    assert search("SUBJECT BIG") == [3]  # case-insensitive, numbered past the misses
     assert search("CHARSET UTF-8 SUBJECT {5}\r\ngrüß".replace("{5}", "{6}")) == [2]
     assert search("BODY banana") == [2]
     assert search("TEXT carol") == [3]
