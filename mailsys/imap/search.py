@@ -15,6 +15,7 @@ import codecs
 import email.header
 import email.utils
 import quopri
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -268,11 +269,14 @@ class HeaderContains(Key):
 
     def __post_init__(self) -> None:
         self._start = self.name.lower() + b":"
-        self._marker = b"\n" + self._start
         self._ascii = self.text.isascii()
         self._needle = self.text.encode("ascii", "replace")
         # A plain ASCII header without the string cannot hold it in the field either.
         self.skips_plain_misses = self._ascii and bool(self.text)
+        # Each occurrence of the field, its value in group 1: it runs to the first CRLF not
+        # followed by SP or HTAB (RFC 5322 §2.2.3 folding); a lone CR is part of it.
+        self.fields = re.compile(rb"(?:\A|\n)" + re.escape(self._start)
+                                 + rb"([^\r]*(?:\r(?:(?!\n)|\n(?=[ \t]))[^\r]*)*)")
 
     def match(self, message: Candidate, context: Context) -> bool:
         both = message.header_and_lower()
@@ -284,27 +288,16 @@ class HeaderContains(Key):
             # Nowhere in a plain ASCII header: not in the field either (the common miss, one
             # scan in C instead of walking the fields in Python).
             return False
-        position = 0 if lower.startswith(self._start) else lower.find(self._marker)
-        while position >= 0:
-            begin = lower.index(b":", position) + 1
-            end = begin
-            while True:  # the value runs to the first line end not followed by SP or HTAB
-                end = lower.find(b"\r\n", end)
-                if end < 0:
-                    end = len(lower)
-                    break
-                if lower[end + 2:end + 3] not in (b" ", b"\t"):
-                    break
-                end += 2
+        for found in self.fields.finditer(lower):
             if not self.text:
                 return True
+            begin, end = found.span(1)
             value = lower[begin:end]
             if self._ascii and value.isascii() and b"=?" not in value:
                 if self._needle in value:
                     return True
             elif self.text in decode_header(header[begin:end]).casefold():
                 return True
-            position = lower.find(self._marker, end)
         return False
 
 
@@ -526,19 +519,23 @@ def run_over(key: Key, messages: list[MessageInfo], first_seq: int, recent: froz
     """Disk thread: the matches of ``key`` among ``messages``, numbered from ``first_seq``.
 
     A plain-ASCII search of one header field (SEARCH SUBJECT x, the common header search)
-    rejects most messages on one byte search of their cached header, so it builds a
-    candidate only for the messages that pass that test; any other program runs over a
-    candidate per message.
+    decides a plain-ASCII header (most are) with byte searches of its cached lower-cased
+    form, and builds a candidate only for a match or a header that needs decoding; any other
+    program runs over a candidate per message.
     """
     if type(key) is HeaderContains and key.skips_plain_misses and folder is not None:
-        needle = key._needle
+        needle, fields = key._needle, key.fields
         found: list[Candidate] = []
         headers = HEADERS.each_header_and_lower(folder, messages)
         for seq, (info, both) in enumerate(zip(messages, headers, strict=True), first_seq):
             if both is None:
                 continue  # expunged: matches nothing (as Candidate.header_and_lower says)
             lower = both[1]
-            if needle not in lower and lower.isascii() and b"=?" not in lower:
+            if lower.isascii() and b"=?" not in lower:
+                # Plain ASCII: the field holds the string or not, no decoding to do.
+                if needle in lower and any(needle in value
+                                           for value in fields.findall(lower)):
+                    found.append(Candidate(seq, info, info.uid in recent, folder))
                 continue
             candidate = Candidate(seq, info, info.uid in recent, folder)
             if key.match(candidate, context):

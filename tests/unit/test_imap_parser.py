@@ -207,3 +207,14 @@ def test_whole_body_renderer_declines_parts_and_ranges() -> None:
     for text in (b"BODY.PEEK[1]", b"BODY.PEEK[]<0.10>", b"(BODY.PEEK[] ENVELOPE)",
                  b"BODY.PEEK[HEADER]", b"(UID FLAGS)", b"BINARY.PEEK[]"):
         assert whole_body_renderer(parse_fetch_items(Reader(text)), with_uid=False) is None
+
+
+def test_header_field_values_follow_folding_and_lone_cr() -> None:
+    """A header search sees each occurrence of the field, folded lines and lone CRs included."""
+    from mailsys.imap.search import HeaderContains
+
+    key = HeaderContains(b"subject", "x")
+    lower = (b"subject: a\r\n b\rc\r\nto: subject: no\r\nx-subject: no\r\n"
+             b"subject:\t2\r\n\r\n")
+    assert [lower[a:b] for a, b in (m.span(1) for m in key.fields.finditer(lower))] == [
+        b" a\r\n b\rc", b"\t2"]
