@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
 
 from mailsys.mailbox.folder import Folder, MessageInfo, MessageVanishedError
 from mailsys.mailbox.wire import to_crlf
@@ -69,15 +68,20 @@ class HeaderCache:
         self.put(key, both)
         return both
 
-    def each_header_and_lower(self, folder: Folder, infos: Iterable[MessageInfo]
-                              ) -> Iterator[tuple[bytes, bytes] | None]:
-        """Disk thread: ``header_and_lower`` of each of ``infos`` in turn, with the folder's
-        part of the key computed once (a header search walks every message of a folder)."""
+    def lowers(self, folder: Folder, infos: list[MessageInfo]) -> list[bytes | None]:
+        """Disk thread: the lower-cased header of each of ``infos``, None for one expunged;
+        the folder's part of the key computed once (a header search walks every message)."""
         path = os.fspath(folder.path)
         entries = self._entries
+        out: list[bytes | None] = []
         for info in infos:
             cached = entries.get((path, info.key, info.size))
-            yield cached if cached is not None else self.header_and_lower(folder, info)
+            if cached is None:
+                both = self.header_and_lower(folder, info)
+                out.append(None if both is None else both[1])
+            else:
+                out.append(cached[1])
+        return out
 
     def put(self, key: tuple[str, str, int], both: tuple[bytes, bytes]) -> None:
         size = 2 * len(both[0])
