@@ -305,6 +305,33 @@ def bounce(run: Run) -> str:
     return f"{recipient} refused with 550; the bounce reached {sender}"
 
 
+def delay_then_bounce(run: Run) -> str:
+    alpha, beta = run.host(0), run.host(1)
+    sender = alpha.users[1].address
+    recipient = f"fail-451@{beta.domain}"
+    msg = run.message(sender, recipient, "to an address that always says later",
+                      "beta answers 451 for this recipient, every time.")
+    message_id = run.submit(alpha, 1, msg)
+    run.show(alpha, message_id)
+    run.wait_event(alpha, message_id,
+                   lambda e: e.kind == "delivery.attempt" and e.fields.get("status") == "deferred",
+                   "the deferred attempt")
+    # The lab's delay_warning is 30 minutes of queue time, its max_lifetime one day.
+    run.advance(3600, "1h")
+    run.wait_event(alpha, message_id,
+                   lambda e: e.kind == "dsn.created" and e.fields.get("relation") == "delay",
+                   "the delay notice")
+    run.advance(86400, "1d")
+    run.wait_event(alpha, message_id,
+                   lambda e: e.kind == "delivery.attempt" and e.fields.get("status") == "failed",
+                   "the expiry")
+    run.wait_event(alpha, message_id,
+                   lambda e: e.kind == "dsn.created" and e.fields.get("relation") == "bounce",
+                   "the bounce")
+    return (f"{recipient} deferred; {sender} got a delay notice after 1h and a bounce when "
+            "the message expired after 1d of queue time")
+
+
 def spoofed_from(run: Run) -> str:
     alpha, beta, gamma = run.host(0), run.host(1), run.host(2) if len(run.plan.hosts) > 2 \
         else run.host(0)
@@ -432,6 +459,13 @@ SCENARIOS: tuple[Scenario, ...] = (
                  "the sender's server returns a delivery status notification to the envelope "
                  "sender (RFC 3464, RFC 5321 §6.1)",
              ), bounce),
+    Scenario("delay-then-bounce", "fail-451@beta.test always says later: a delay notice, "
+             "then a bounce when the message expires, on the hurried clock", (
+                 "the sender keeps retrying a 4xx; after a while it tells its user the mail is "
+                 "delayed (RFC 3461 §4.1 delay notice, RFC 3464)",
+                 "it gives up at its maximum queue lifetime (RFC 5321 §4.5.4.1: at least 4-5 "
+                 "days in real life; one day in the lab) and bounces (5.4.7)",
+             ), delay_then_bounce),
     Scenario("spoofed-from", "a client at gamma's address claims to be ceo@alpha.test; "
              "DMARC p=reject refuses it", (
                  "SPF of alpha.test lists only alpha's address: the client's fails (RFC 7208)",

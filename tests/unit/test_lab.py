@@ -42,7 +42,7 @@ def test_plan_defaults() -> None:
     (3, "10.0.0.0/24", "must be inside 127.0.0.0/8"),
     (3, "::1/128", "must be inside 127.0.0.0/8"),
     (3, "lab", "is not a network"),
-    (3, "127.0.2.0/30", "the lab needs 4"),
+    (3, "127.0.2.0/30", "the lab needs 5"),
 ])
 def test_plan_refuses_bad_input(domains: int, net: str, message: str) -> None:
     """Bad --domains and --net values are one line naming the option."""
