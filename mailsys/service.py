@@ -354,7 +354,7 @@ def build_service(config: Config, reactor: Any, *,
                          max_lifetime=config.relay.max_lifetime, journey=journey)
     # Every listener and the notices hand over through it: submitted and local mail is signed
     # (DKIM), mail from clients that did not authenticate is checked (SPF, DKIM, DMARC, iprev).
-    sink = authn.wrap(QueueSink(spool, runner, journey))
+    sink = authn.wrap(lab.sink(QueueSink(spool, runner, journey)))
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     # One registry per service, never prometheus_client's global one: two services in one
     # process (tests) must not share counters.

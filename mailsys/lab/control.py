@@ -48,7 +48,8 @@ FAULT_TEXT = {
     "greylist": "greylist: each first RCPT gets 451 4.7.1, a retry after 15 s passes",
     "slow": "slow: MAIL and RCPT are answered 8 s late",
     "tls-broken": "tls-broken: its certificate names another host; verifying senders defer",
-    "dns-servfail": "dns-servfail: the lab DNS answers SERVFAIL for its names; senders defer",
+    "dns-servfail": "dns-servfail: the lab DNS answers SERVFAIL for its names; senders defer "
+                    "(and remember the failure up to 30 s after a clear, RFC 2308 §7.1)",
     "clear": "clear: no fault",
 }
 START_DEADLINE = 30.0  # seconds for every process to listen

@@ -34,6 +34,7 @@ from mailsys.lab.zone import DKIM_SELECTOR, dkim_key_path
 DEADLINE = 60.0  # seconds for a whole scenario
 POLL = 0.1
 CLIENT_TIMEOUT = 20.0
+JOURNEY_SETTLE = 5.0  # seconds to wait for a journey not yet written
 
 
 class ScenarioFailedError(Exception):
@@ -204,6 +205,11 @@ class Run:
             self.say(f"journey on {host.hostname} (mailsys trace --config {host.config_path} "
                      f"'{query}'):")
             buffer = io.StringIO()
+            # The server writes its journey in batches (mailsys.journey.writer): give the last
+            # steps a moment to reach the store.
+            settle = time.monotonic() + JOURNEY_SETTLE
+            while not self.journeys(host, query) and time.monotonic() < min(settle, self.end):
+                time.sleep(POLL)
             journeys = self.journeys(host, query)
             if journeys:
                 render_text(journeys, 0, buffer)
@@ -280,6 +286,8 @@ def retry_then_deliver(run: Run) -> str:
     # The first retry is 30 s of queue time after the attempt (the lab's retry_schedule).
     run.advance(60, "1m")
     run.wait_delivered(beta, recipient, message_id)
+    run.wait_event(beta, message_id, lambda e: e.kind == "delivery.maildir",
+                   "the Maildir delivery")
     return f"deferred with {deferred.fields.get('reply')}, delivered at the retry"
 
 
@@ -302,6 +310,8 @@ def bounce(run: Run) -> str:
         return run.delivered(alpha, sender, bounce_id) is not None if bounce_id else False
 
     run.wait(returned, f"the bounce in {sender}'s mailbox")
+    run.wait_event(alpha, message_id, lambda e: e.kind == "delivery.maildir",
+                   "the bounce's Maildir delivery")
     return f"{recipient} refused with 550; the bounce reached {sender}"
 
 
@@ -378,6 +388,8 @@ def dkim_tampered(run: Run) -> str:
     run.show(beta, message_id)
     data = run.wait_delivered(beta, recipient, message_id)
     results = _auth_results(data)
+    run.wait_event(beta, message_id, lambda e: e.kind == "delivery.maildir",
+                   "the Maildir delivery")
     if not _has(results, "dkim=fail", "spf=pass", "dmarc=pass"):
         raise ScenarioFailedError(f"expected dkim=fail with spf=pass, dmarc=pass: {results}")
     return ("delivered with dkim=fail (the body hash does not match) and dmarc=pass through "

@@ -10,10 +10,14 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IServiceCollection
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
 from mailsys.config import Config
 from mailsys.diskio import DiskRunner
+from mailsys.envelope import Envelope
+from mailsys.interfaces import IMessageSink
 from mailsys.lab.clock import CLOCK_POLL_INTERVAL, ClockFollower, HurriedClock
 from mailsys.lab.faults import FAULT_POLL_INTERVAL, FaultFollower, FaultPolicy
 from mailsys.smtp.policy import Policy
@@ -36,6 +40,12 @@ class LabServing:
             return self._reactor  # type: ignore[no-any-return]
         return self._clock.clock
 
+    def sink(self, sink: IMessageSink) -> IMessageSink:
+        """``sink`` with arrival times put on the queue's clock, when it is hurried."""
+        if self._clock is None:
+            return sink
+        return QueueTimeSink(sink, self._clock.clock)
+
     def policy(self, policy: Policy, *, inbound: bool) -> Policy:
         """``policy`` with the lab's faults in front, when the server has a fault file."""
         if self._faults is None:
@@ -48,3 +58,28 @@ class LabServing:
             TimerService(CLOCK_POLL_INTERVAL, self._clock.refresh).setServiceParent(parent)
         if self._faults is not None:
             TimerService(FAULT_POLL_INTERVAL, self._faults.refresh).setServiceParent(parent)
+
+
+@implementer(IMessageSink)
+class QueueTimeSink:
+    """Puts a message's arrival time on the hurried clock before it is queued.
+
+    Intake stamps ``received_at`` with the real clock; the queue measures age (the delay notice,
+    max_lifetime) on its own. Without this, a message arriving after `lab clock advance 1d`
+    would look a day old and expire at once. Notices the queue makes itself are stamped with
+    its clock already: a time nearer the queue's now than the real now is left alone.
+    """
+
+    def __init__(self, inner: IMessageSink, clock: HurriedClock) -> None:
+        self._inner = inner
+        self._clock = clock
+
+    def new_queue_id(self) -> str:
+        queue_id: str = self._inner.new_queue_id()
+        return queue_id
+
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
+        real, queue = self._clock.real.seconds(), self._clock.seconds()
+        if abs(envelope.received_at - real) < abs(envelope.received_at - queue):
+            envelope.received_at += queue - real
+        return self._inner.submit(envelope, message)

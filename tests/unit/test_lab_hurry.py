@@ -29,7 +29,7 @@ from mailsys.lab.faults import (
     write_fault,
 )
 from mailsys.lab.plan import make_plan
-from mailsys.lab.serving import LabServing
+from mailsys.lab.serving import LabServing, QueueTimeSink
 from mailsys.lab.zone import build_zone, dkim_key_path, dkim_records
 from mailsys.replies import Reply
 from mailsys.routing import Destination
@@ -222,3 +222,29 @@ def test_zone_fallback_mx_and_servfail(tmp_path: Path) -> None:
     assert zone["mail.beta.test"] == {"error": "servfail"}
     assert zone["3.9.0.127.in-addr.arpa"] == {"PTR": ["mail.beta.test"]}
     assert zone["alpha.test"]["MX"] == [[10, "mail.alpha.test"]]
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def new_queue_id(self) -> str:
+        return "Q1"
+
+    def submit(self, envelope: Any, message: bytes) -> Deferred[None]:
+        self.times.append(envelope.received_at)
+        return succeed(None)
+
+
+def test_arrival_times_go_on_the_queue_clock() -> None:
+    """After the clock is advanced a day, mail arriving now is stamped with the queue's now (so
+    it is not a day old at once); a notice the queue stamped itself is left as it is."""
+    real = Clock()
+    real.advance(1000)
+    clock = HurriedClock(real, ClockSetting(offset=86400))
+    inner = _Recording()
+    sink = QueueTimeSink(inner, clock)  # type: ignore[arg-type]
+    assert sink.new_queue_id() == "Q1"
+    sink.submit(type("E", (), {"received_at": 999.0})(), b"")  # type: ignore[arg-type]
+    sink.submit(type("E", (), {"received_at": 87400.0})(), b"")  # type: ignore[arg-type]
+    assert inner.times == [999.0 + 86400, 87400.0]
