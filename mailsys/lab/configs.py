@@ -65,6 +65,10 @@ listen_tls = {listen(ports.imaps)}
 listen = {listen(ports.pop3)}
 listen_tls = {listen(ports.pop3s)}
 
+[web]
+# HTTP: /livez, /readyz and /metrics (and the pages the web room grows).
+listen = {listen(ports.web)}
+
 [routing]
 local_domains = ["{host.domain}"]
 

@@ -551,7 +551,7 @@ def render_table(plan: LabPlan, header: bool = True) -> str:
         f"every host listens on its address: smtp {ports.smtp} (port 25's role), "
         f"submission {ports.submission} (STARTTLS), submissions {ports.submissions} (TLS),",
         f"  imap {ports.imap} (STARTTLS), imaps {ports.imaps}, pop3 {ports.pop3} (STLS), "
-        f"pop3s {ports.pop3s}",
+        f"pop3s {ports.pop3s}, web {ports.web} (HTTP: /livez, /readyz, /metrics)",
     ]
     if plan.fallback is not None:
         lines.append(f"{plan.fallback.domain} has two MX: mx1.{plan.fallback.domain} "

@@ -43,13 +43,14 @@ class Ports:
     imaps: int = 5993
     pop3: int = 5110
     pop3s: int = 5995
+    web: int = 5080
     dns: int = 5053
 
     def mail(self) -> dict[str, int]:
-        """The mail listeners by name, in the order the table shows them."""
+        """Every listener of a lab server by name, in the order the table shows them."""
         return {"smtp": self.smtp, "submission": self.submission,
                 "submissions": self.submissions, "imap": self.imap, "imaps": self.imaps,
-                "pop3": self.pop3, "pop3s": self.pop3s}
+                "pop3": self.pop3, "pop3s": self.pop3s, "web": self.web}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from mailsys.journey.events import JourneyEvent
 from mailsys.journey.store import JourneyStore, JourneyStoreError
 from mailsys.journey.trace import Journey, find_journeys, render_text
 from mailsys.lab.control import Lab
+from mailsys.lab.faults import read_fault
 from mailsys.lab.plan import LabError, LabHost, LabPlan
 from mailsys.lab.zone import DKIM_SELECTOR, dkim_key_path
 
@@ -343,10 +344,7 @@ def delay_then_bounce(run: Run) -> str:
 
 
 def spoofed_from(run: Run) -> str:
-    alpha, beta, gamma = run.host(0), run.host(1), run.host(2) if len(run.plan.hosts) > 2 \
-        else run.host(0)
-    if gamma is alpha:
-        raise LabError("spoofed-from needs a lab of 3 domains or more")
+    alpha, beta, gamma = run.host(0), run.host(1), run.host(2)
     forged = f"ceo@{alpha.domain}"
     recipient = beta.users[1].address
     msg = run.message(forged, recipient, "urgent: pay this invoice",
@@ -517,6 +515,11 @@ def run_scenario(lab: Lab, name: str, out: IO[str]) -> bool:
     plan, _ = lab.running_plan()
     run = Run(lab, plan, out)
     run.say(f"scenario {scenario.name}: {scenario.summary}")
+    for host in plan.hosts:
+        fault = read_fault(host.fault_path).name
+        if fault != "clear":
+            run.say(f"note: the fault {fault} is on {host.domain}; the scenario may not go as "
+                    f"planned (`mailsys lab fault {host.domain} clear`)")
     run.say("watch for:")
     for line in scenario.lesson:
         run.say(f"  - {line}")
