@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from mailsys import replies
 from mailsys.address import parse_mailbox
+from mailsys.config import ConfigError, load
 from mailsys.lab.clock import (
     ClockFollower,
     ClockSetting,
@@ -248,3 +249,28 @@ def test_arrival_times_go_on_the_queue_clock() -> None:
     sink.submit(type("E", (), {"received_at": 999.0})(), b"")  # type: ignore[arg-type]
     sink.submit(type("E", (), {"received_at": 87400.0})(), b"")  # type: ignore[arg-type]
     assert inner.times == [999.0 + 86400, 87400.0]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('faults = 5\n', "lab.faults: must be a non-empty path string"),
+    ('meteor = 1\n', "lab.meteor: unknown key"),
+])
+def test_lab_section_errors_are_one_line(tmp_path: Path, body: str, message: str) -> None:
+    """A bad [lab] value is one line naming the file and the key."""
+    path = tmp_path / "mailsys.toml"
+    path.write_text("[lab]\n" + body)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load(path, check_files=False)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_lab_section_names_both_files(tmp_path: Path) -> None:
+    """[lab] faults and clock are read as paths; absent, both are None."""
+    path = tmp_path / "mailsys.toml"
+    path.write_text('[lab]\nfaults = "/srv/lab/alpha.test/fault.json"\n'
+                    'clock = "/srv/lab/clock.json"\n')
+    lab = load(path, check_files=False).lab
+    assert lab.faults == Path("/srv/lab/alpha.test/fault.json")
+    assert lab.clock == Path("/srv/lab/clock.json")
+    path.write_text("")
+    assert load(path, check_files=False).lab.faults is None
