@@ -47,6 +47,9 @@ def add_lab_commands(commands: Any, parser_class: type[argparse.ArgumentParser])
     up.add_argument("--net", default=DEFAULT_NETWORK, metavar="CIDR",
                     help=f"the loopback network of the lab's addresses (default: "
                          f"{DEFAULT_NETWORK})")
+    up.add_argument("--time-scale", type=float, default=1.0, metavar="N",
+                    help="run the queues' clock N times as fast (retries, delay notices and "
+                         "expiry come sooner); `lab clock` changes it later")
     up.set_defaults(run=_up)
     status = actions.add_parser("status", parents=[directory],
                                 help="say what runs; exit 0 up, 1 partly up, 3 down")
@@ -96,7 +99,7 @@ def _run(action: str, args: argparse.Namespace) -> int:
     lab = Lab(args.dir)
     try:
         if action == "up":
-            lab.up(args.domains, args.net)
+            lab.up(args.domains, args.net, args.time_scale)
             return 0
         if action == "status":
             return lab.status()

@@ -242,8 +242,11 @@ class Lab:
 
     # -- up --------------------------------------------------------------------------------------
 
-    def up(self, domains: int, network: str) -> LabPlan:
-        """Start the lab; on any failure stop what was started and raise LabError."""
+    def up(self, domains: int, network: str, time_scale: float = 1.0) -> LabPlan:
+        """Start the lab, its queues' clock running ``time_scale`` times as fast; on any
+        failure stop what was started and raise LabError."""
+        if not 1 <= time_scale <= MAX_RATE:
+            raise LabError(f"--time-scale must be 1-{MAX_RATE:g} (queue seconds per second)")
         plan = self.plan(domains, network)
         with _locked(self.directory):
             state = LabState.read(self.state_path)
@@ -252,6 +255,8 @@ class Lab:
             state = LabState(domains, str(plan.network))
             self._check_ports(plan)
             self._prepare(plan)
+            if time_scale != 1.0:
+                write_setting(plan.clock_path, ClockSetting().with_rate(time_scale, time.time()))
             try:
                 self._start(plan, state)
             except BaseException:

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from mailsys import replies
+from mailsys import cli, replies
 from mailsys.address import parse_mailbox
 from mailsys.config import ConfigError, load
 from mailsys.lab.clock import (
@@ -274,3 +274,12 @@ def test_lab_section_names_both_files(tmp_path: Path) -> None:
     assert lab.clock == Path("/srv/lab/clock.json")
     path.write_text("")
     assert load(path, check_files=False).lab.faults is None
+
+
+def test_up_refuses_a_time_scale_out_of_range(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`lab up --time-scale 0` is one line naming the option; nothing is started."""
+    assert cli.main(["lab", "up", "--time-scale", "0", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--time-scale must be 1-3600" in err
+    assert not (tmp_path / "lab.json").exists()
