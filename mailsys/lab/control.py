@@ -579,6 +579,10 @@ def render_table(plan: LabPlan, header: bool = True) -> str:
             f"  mutt -e 'set ssl_ca_certificates_file={plan.ca_file}' "
             f"-f 'imaps://{recipient.address.replace('@', '%40')}@{second.address}:{ports.imaps}/'"
             f"   (password {recipient.password})",
+            f"  Thunderbird: import {plan.ca_file} (Settings, Certificates, Authorities), then "
+            f"a manual account {sender.address} / {sender.password}: IMAP {first.address} port "
+            f"{ports.imaps} SSL/TLS, SMTP {first.address} port {ports.submissions} SSL/TLS, "
+            "normal password",
             f"  dig @{plan.dns_address} -p {ports.dns} MX {second.domain}",
         ]
     lines.append(f"stop it with: mailsys lab down --dir {plan.directory}")

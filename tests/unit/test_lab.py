@@ -187,5 +187,7 @@ def test_table_names_hosts_users_ca_and_commands(tmp_path: Path) -> None:
     table = render_table(plan)
     for needle in ("mail.gamma.test", "127.0.2.4", "bob@beta.test (bob-beta)", str(plan.ca_file),
                    "swaks --server 127.0.2.2:5587 --tls --tls-verify", "mutt ",
-                   "mailsys lab down --dir"):
+                   "mailsys lab down --dir", "Thunderbird: import",
+                   "IMAP 127.0.2.2 port 5993 SSL/TLS", "mx1.gamma.test (preference 10",
+                   "mailsys lab scenario list"):
         assert needle in table
