@@ -531,6 +531,7 @@ class SMTPSession(ServerSession):
         storage = self._factory.storage
         refusal = storage.refusal(request.size) if storage is not None else None
         if refusal is not None:
+            self._count_refusal(refusal)  # the free-space floor's refusals are refusals too
             return refusal  # RFC 5321 §4.2.2 452, RFC 3463 4.3.1: no room for the message now
         self._txn = None
         d = policy.check_sender(self._session_info(), request.sender)
