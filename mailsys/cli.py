@@ -32,6 +32,7 @@ from mailsys.ownership import (
     server_access_problems,
 )
 from mailsys.queue.commands import add_queue_commands
+from mailsys.queue.control import QueueToolError, request_reload
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
 # The configuration when --config is not given, as for `mailsys-sendmail`.
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_command(commands, config_option, _Parser)
     add_lab_commands(commands, _Parser)
     add_authn_commands(commands, config_option, _Parser)
+
+    reload = commands.add_parser(
+        "reload", parents=[config_option],
+        help="make the running server read its configuration again (as SIGHUP does)")
+    reload.set_defaults(run=_reload)
 
     check = commands.add_parser("check-config", parents=[config_option],
                                 help="check a configuration file and summarise it")
@@ -316,6 +322,20 @@ def _import_line(config: Config, line: str) -> tuple[str, str, str | None]:
         raise CommandError(f"{mailbox} has no password hash")
     hash_scheme(hashed)  # refuses what the server could not check
     return mailbox, hashed, extra if colon else None
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Ask the server running on the configuration's spool to reload, through its control
+    socket (mailsys.queue.control), and print its answer: reloaded, or why not."""
+    config = load(args.config, check_files=False)
+    try:
+        outcome = request_reload(config.storage.spool, account=configured_account(config))
+    except QueueToolError as exc:
+        raise CommandError(str(exc)) from None
+    if not outcome.ok:
+        raise CommandError(outcome.message)
+    print(outcome.message)
+    return EXIT_OK
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -349,6 +349,17 @@ class RelayAgent(Service):
         # Every client connected and not yet closed, so that stopping can end them all.
         self._clients: weakref.WeakSet[SMTPClient] = weakref.WeakSet()
 
+    def reconfigure(self, other: RelayAgent) -> None:
+        """Take ``other``'s settings, next hops, TLS policies, trust and dialer for the next
+        deliveries (a reload, mailsys.reload); deliveries under way finish with what they
+        started with, and connections open now are not touched."""
+        self.settings = other.settings
+        self._next_hops = other._next_hops
+        self._tls_policies = other._tls_policies
+        self._client_tls = other._client_tls
+        self._mx = other._mx
+        self._dialer = other._dialer
+
     # -- service ---------------------------------------------------------------------------------
 
     @override

@@ -967,13 +967,8 @@ class SMTPServerFactory(ServerFactory):
         journey: IJourneyRecorder = NULL_RECORDER,
         storage: StorageGate | None = None,
     ) -> None:
-        self.config = config
         self.journey = journey
         self.role = role
-        self.hostname = config.server.hostname
-        # Submission privacy: the client's address stays out of the Received field.
-        self.hide_client_address = (role is not ListenerRole.MTA
-                                    and config.submission.hide_client_address)
         # Free-space floor of the spool (mailsys.smtp.policy.StorageFloor), asked at MAIL FROM.
         self.storage = storage
         self.policy = policy
@@ -989,6 +984,20 @@ class SMTPServerFactory(ServerFactory):
             self.throttle = LoginThrottle(clock)
         smtp = config.smtp
         self.connections = ConnectionCounter(smtp.max_connections, smtp.max_connections_per_client)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve the next sessions with ``config`` (a reload, mailsys.reload); a session already
+        open keeps the limits it started with."""
+        self.config = config
+        self.hostname = config.server.hostname
+        # Submission privacy: the client's address stays out of the Received field.
+        self.hide_client_address = (self.role is not ListenerRole.MTA
+                                    and config.submission.hide_client_address)
+        smtp = config.smtp
+        # The counts of open connections stay; only the limits change.
+        self.connections.max_total = smtp.max_connections
+        self.connections.max_per_client = smtp.max_connections_per_client
         hostname = self.hostname
         self.greeting = _wire(
             replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
