@@ -24,7 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailsys import sdnotify
+from mailsys import logwriter, sdnotify
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
@@ -198,7 +198,7 @@ class MailService(MultiService):
             reactor = self._reactor
             # The configuration, the certificate, the DKIM keys and the users, all read again;
             # `mailsys reload` asks the same through the control socket.
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(running.reload))
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_hangup, running))
         MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
@@ -222,6 +222,12 @@ class MailService(MultiService):
         if journey is not None:
             d.addBoth(lambda result: journey.stopService().addCallback(lambda _: result))
         return d
+
+
+def _hangup(running: RunningConfig) -> None:
+    """SIGHUP: the log file reopened (after logrotate moved it), the configuration reloaded."""
+    logwriter.reopen_log_file()
+    running.reload()
 
 
 def _prepare_tls(config: Config, account: ServerAccount | None = None) -> ServerTLS | None:
