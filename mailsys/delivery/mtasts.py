@@ -377,14 +377,15 @@ class PolicyFetcher:
     def fetch(self, domain: str) -> Deferred[str]:
         """The policy's text; fails with PolicyError (HTTP status, type, size, TLS, time)."""
         d = defer.ensureDeferred(self._fetch(domain))
-        d.addTimeout(self._timeout, self._reactor)
+
+        def timed_out(result: object, timeout: float) -> Failure:
+            return Failure(PolicyError(f"no policy from mta-sts.{domain} within {timeout:g}s"))
+
+        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timed_out)
 
         def failed(failure: Failure) -> Failure:
             if failure.check(PolicyError):
                 return failure
-            if failure.check(defer.TimeoutError, defer.CancelledError):
-                return Failure(PolicyError(f"no policy from mta-sts.{domain} within "
-                                           f"{self._timeout:g}s"))
             return Failure(PolicyError(f"fetch from mta-sts.{domain} failed: "
                                        f"{_reason(failure)}"))
 
@@ -404,7 +405,7 @@ class PolicyFetcher:
         types = response.headers.getRawHeaders(b"content-type") or [b""]
         if types[0].split(b";")[0].strip().lower() != b"text/plain":
             raise PolicyError(f"{url} is {types[0].decode('latin-1')!r}, not text/plain")
-        if response.length is not None and response.length > MAX_POLICY_BYTES:
+        if isinstance(response.length, int) and response.length > MAX_POLICY_BYTES:
             raise PolicyError(f"policy larger than {MAX_POLICY_BYTES} bytes")
         # Cancelled by the deadline (a server that sends slowly or not at all): stop reading.
         finished: Deferred[bytes] = Deferred(lambda _: body.stop())
