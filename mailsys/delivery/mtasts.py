@@ -57,6 +57,9 @@ _ID = re.compile(r"[A-Za-z0-9]{1,32}\Z")
 _TXT_FIELD = re.compile(r"\s*([A-Za-z0-9_.-]+)=([^;]*)\s*\Z")
 MODES = ("enforce", "testing", "none")
 CACHE_DIR = "mta-sts"
+# After a failed fetch, the same TXT id is not fetched again for this long: a policy host that
+# is down or hangs costs one attempt per interval, not one per message.
+RETRY_AFTER = 300.0
 
 
 class PolicyError(Exception):
@@ -170,6 +173,8 @@ class PolicyCache:
         self._directory = directory
         self._clock = clock
         self._policies: dict[str, CachedPolicy | None] = {}
+        # domain -> (TXT id, time before which a failed fetch is not tried again)
+        self._failed: dict[str, tuple[str, float]] = {}
         self._pending: dict[str, list[Deferred[Policy | None]]] = {}
 
     def policy_for(self, domain: str) -> Deferred[Policy | None]:
@@ -211,13 +216,18 @@ class PolicyCache:
             return usable
         if cached is not None and usable is not None and cached.record_id == current:
             return usable
+        failed = self._failed.get(domain)
+        if failed is not None and failed[0] == current and now < failed[1]:
+            return usable
         try:
             text = await self._fetch(domain)
             policy = parse_policy(text)
         except PolicyError as exc:
+            self._failed[domain] = (current, self._clock.seconds() + RETRY_AFTER)
             log.warn("MTA-STS policy of {domain} not used: {error}; {what}", domain=domain,
                      error=str(exc), what=_fallback(usable))
             return usable
+        self._failed.pop(domain, None)
         entry = CachedPolicy(current, now, policy)
         self._policies[domain] = entry
         log.info("MTA-STS policy of {domain} fetched: id {id}, mode {mode}, mx {mx}, "

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 
 from mailsys.delivery.mtasts import (
     MAX_AGE_LIMIT,
+    RETRY_AFTER,
     Policy,
     PolicyCache,
     PolicyError,
@@ -152,12 +153,29 @@ def test_failures_keep_a_cached_policy_and_without_one_mean_none(tmp_path: Path)
     setup.fetches.error = "policy larger than 65536 bytes"
     assert setup.policy() is None
     setup.fetches.error = None
+    setup.clock.advance(RETRY_AFTER)
     assert setup.policy() == parse_policy(POLICY)
     setup.set_txt("v=STSv1; id=two")
     setup.fetches.error = "no policy from mta-sts.remote.test within 30s"
     assert setup.policy() == parse_policy(POLICY)
     setup.set_txt(None)
     assert setup.policy() == parse_policy(POLICY)
+
+
+def test_failed_fetch_is_not_repeated_for_every_message(tmp_path: Path) -> None:
+    """After a failed fetch the same id is fetched again only after RETRY_AFTER; a new id at
+    once."""
+    setup = Setup(tmp_path)
+    setup.fetches.error = "connection refused"
+    assert setup.policy() is None and setup.policy() is None
+    assert len(setup.fetches.calls) == 1
+    setup.clock.advance(RETRY_AFTER + 1)
+    setup.policy()
+    assert len(setup.fetches.calls) == 2
+    setup.set_txt("v=STSv1; id=two")
+    setup.fetches.error = None
+    assert setup.policy() == parse_policy(POLICY)
+    assert len(setup.fetches.calls) == 3
 
 
 def test_cached_policy_survives_a_restart(tmp_path: Path) -> None:
