@@ -61,11 +61,18 @@ class RunningConfig:
         self._read = read
         self._disk = disk
         self._parts: list[tuple[str, Apply]] = []
+        # Parts that read files of their own (certificate, keys, users): read again with the
+        # running configuration when a new file is refused, so a renewed certificate is still
+        # taken up by the SIGHUP its renewal hook sends.
+        self._file_parts: list[tuple[str, Apply]] = []
         self._running: list[Deferred[ReloadResult]] | None = None
 
-    def follow(self, name: str, apply: Apply) -> None:
-        """Call ``apply(new_config)`` on every successful reload; ``name`` is for the log."""
+    def follow(self, name: str, apply: Apply, *, files: bool = False) -> None:
+        """Call ``apply(new_config)`` on every successful reload; ``name`` is for the log.
+        With ``files``, also ``apply(current)`` when the new file is refused."""
         self._parts.append((name, apply))
+        if files:
+            self._file_parts.append((name, apply))
 
     def reload(self) -> Deferred[ReloadResult]:
         """Read the file again and use it if it is good; never fails.
@@ -93,7 +100,20 @@ class RunningConfig:
         failure.trap(ConfigError)
         error = str(failure.value)
         log.error("configuration not reloaded, the running one stays: {error}", error=error)
+        self._apply(self._file_parts, self.current)
         return ReloadResult(False, f"not reloaded: {error}")
+
+    def _apply(self, parts: list[tuple[str, Apply]], config: Config) -> list[str]:
+        """Hand ``config`` to each part; the names of those that raised (logged)."""
+        failed = []
+        for name, apply in parts:
+            try:
+                apply(config)
+            except Exception:
+                log.failure("configuration reload: {part} could not take the new values",
+                            part=name)
+                failed.append(name)
+        return failed
 
     def _failed(self, failure: Failure) -> ReloadResult:
         log.failure("configuration reload failed; the running one stays", failure)
@@ -106,14 +126,7 @@ class RunningConfig:
             log.warn("configuration: {what} changed; that takes a restart, the running value "
                      "stays until then", what=what)
         self.current = new
-        failed = []
-        for name, apply in self._parts:
-            try:
-                apply(new)
-            except Exception:
-                log.failure("configuration reload: {part} could not take the new values",
-                            name=name, part=name)
-                failed.append(name)
+        failed = self._apply(self._parts, new)
         changed = changed_sections(old, new)
         log.info("configuration reloaded from {path}: {changed}", path=str(new.path),
                  changed=", ".join(changed) if changed else "nothing changed")

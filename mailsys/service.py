@@ -356,9 +356,9 @@ def _follow_reloads(running: RunningConfig, router: Router, runner: QueueRunner,
             # A renewed certificate too; a broken one keeps the old, logged, and its paths.
             if not tls.reload():
                 tls.certificate, tls.key = before
-        running.follow("tls", certificate)
-    running.follow("dkim keys", authn.reload)
-    running.follow("users", lambda new: _reload_users(users, pool))
+        running.follow("tls", certificate, files=True)
+    running.follow("dkim keys", authn.reload, files=True)
+    running.follow("users", lambda new: _reload_users(users, pool), files=True)
 
 
 def build_service(config: Config, reactor: Any, *,

@@ -116,6 +116,7 @@ def test_reload_command_applies_and_names_listeners_needing_a_restart(
     server = imap.mail
     old_port = server.smtp_port
     server.aliases = NEW_ALIAS
+    server.smtp_extra = "max_message_size = 123456"
     server.write_config()
     text = server.config_path.read_text()
     server.config_path.write_text(text.replace(f"tcp:{imap.port}:", f"tcp:{imap.port + 1}:", 1))
@@ -125,6 +126,9 @@ def test_reload_command_applies_and_names_listeners_needing_a_restart(
     assert "needs a restart: listener imap.listen" in result.stdout
     assert "imap.listen" in server.log() and "takes a restart" in server.log()
     assert server.smtp_port == old_port
+    with smtplib.SMTP(server.interface, server.smtp_port, timeout=30) as client:
+        client.ehlo("client.test")
+        assert client.esmtp_features["size"] == "123456"  # a new limit for a new session
     _send(server, "helpdesk@example.test", "after mailsys reload")
     wait_for(lambda: len(server.inbox_files()) == 1, deadline=30, message="the delivery")
     client = imap.starttls()  # the old IMAP endpoint still serves until a restart

@@ -65,8 +65,9 @@ def test_good_file_reaches_every_part() -> None:
 
 
 def test_broken_file_changes_nothing_and_logs_one_line() -> None:
-    """A file that does not load keeps the running configuration, calls no part, and is one
-    error line with the file, the key and the reason."""
+    """A file that does not load keeps the running configuration, calls no part but those
+    reading files of their own (with the running configuration), and is one error line with
+    the file, the key and the reason."""
     old = make_config("mx.example.test")
 
     def read() -> Config:
@@ -75,7 +76,9 @@ def test_broken_file_changes_nothing_and_logs_one_line() -> None:
 
     running = RunningConfig(old, read, Inline())
     called: list[Config] = []
+    files: list[Config] = []
     running.follow("a", called.append)
+    running.follow("certificate", files.append, files=True)
     events, observer = _errors()
     try:
         result = _result(running.reload())
@@ -84,6 +87,7 @@ def test_broken_file_changes_nothing_and_logs_one_line() -> None:
     assert not result.ok
     assert "smtp.max_recipients" in result.message
     assert running.current is old and called == []
+    assert files == [old]  # files of its own (a renewed certificate) are still read again
     assert len(events) == 1
     assert events[0]["error"].startswith("/etc/mailsys.toml: smtp.max_recipients: must be")
 
