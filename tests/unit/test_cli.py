@@ -266,6 +266,16 @@ def test_config_from_the_environment(workdir: Path, monkeypatch: pytest.MonkeyPa
     assert run(capsys, "check-config")[1].startswith("etc/mailsys.toml: ok")
 
 
+def test_reload_without_a_running_server(workdir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`mailsys reload` with no server on the spool says so in one line and exits 1."""
+    (workdir / "etc" / "mailsys.toml").write_text(CONFIG.replace(
+        'users = "var/users"\n', f'users = "var/users"\nspool = "{workdir / "spool"}"\n'))
+    status, out, err = run(capsys, "reload")
+    assert (status, out) == (1, "")
+    assert one_line(err).startswith("mailsys: no server is running on the spool")
+
+
 def test_config_path_order() -> None:
     """--config first, then a non-empty $MAILSYS_CONFIG, then etc/mailsys.toml."""
     assert cli.config_path(Path("/a.toml"), {"MAILSYS_CONFIG": "/b.toml"}) == Path("/a.toml")
