@@ -16,7 +16,6 @@ from twisted.logger import (
     Logger,
     LogLevel,
     capturedLogs,
-    eventFromJSON,
     formatEventAsClassicLogText,
     formatTime,
     timeFormatRFC3339,
@@ -257,7 +256,8 @@ def test_twisted_chatter_is_left_out() -> None:
 
 def test_json_format_is_one_object_per_line() -> None:
     """--log-format json writes each event as one JSON object on one line: time, level,
-    namespace, the formatted text and the event's own fields, which eventFromJSON reads back."""
+    namespace, the formatted text, a failure's traceback, the event's own fields and the
+    format; a value JSON cannot hold is its repr."""
     out, reactor = io.StringIO(), FakeReactor(running=False)
     writer = BatchedLogWriter(out, reactor, logwriter.JSON)
     logger = Logger(namespace="mailsys.test", observer=writer)
@@ -272,8 +272,18 @@ def test_json_format_is_one_object_per_line() -> None:
     assert first["text"] == "queued Q1\nsecond line" and first["queue_id"] == "Q1"
     assert first["level"] == "info" and first["namespace"] == "mailsys.test"
     assert first["time"].startswith(time.strftime("%Y-"))
-    assert eventFromJSON(lines[0])["log_format"] == "queued {queue_id}\nsecond line"
+    assert first["log_format"] == "queued {queue_id}\nsecond line"
+    assert "log_logger" not in first and "log_time" not in first
     assert second["level"] == "critical" and "ValueError: broken" in second["traceback"]
+
+
+def test_json_values_json_cannot_hold_are_their_repr() -> None:
+    """A field holding an object (a Failure's parts, an address) is written as its repr."""
+    out = io.StringIO()
+    BatchedLogWriter(out, FakeReactor(running=False), logwriter.JSON)(
+        {**event("peer {peer}"), "peer": ("127.0.0.1", 25), "thing": object()})
+    record = json.loads(out.getvalue())
+    assert record["peer"] == ["127.0.0.1", 25] and record["thing"].startswith("<object")
 
 
 def test_json_keys_of_ours_win_over_event_fields() -> None:
