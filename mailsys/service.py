@@ -361,6 +361,29 @@ def _follow_reloads(running: RunningConfig, router: Router, runner: QueueRunner,
     running.follow("users", lambda new: _reload_users(users, pool), files=True)
 
 
+def _follow_limits(running: RunningConfig, throttle: LoginThrottle,
+                   quota: MailboxQuota | None) -> None:
+    """Login throttling and mailbox quotas take reloaded values; quotas turned on where none
+    were (no quota object was built) take a restart."""
+
+    def login_limits(new: Config) -> None:
+        auth = new.auth
+        throttle.base_delay, throttle.max_delay = auth.throttle_base_delay, auth.throttle_max_delay
+        throttle.max_failures = auth.throttle_max_failures
+        throttle.max_address_failures = auth.throttle_max_address_failures
+        throttle.window = auth.throttle_window
+
+    def quotas(new: Config) -> None:
+        rules = QuotaRules.from_section(new.quota)
+        if quota is not None:
+            quota.rules = rules  # one reference swapped: a disk thread sees old or new rules
+        elif rules.any:
+            log.warn("configuration: [quota] limits were added; they take a restart")
+
+    running.follow("login throttle", login_limits)
+    running.follow("quota", quotas)
+
+
 def build_service(config: Config, reactor: Any, *,
                   account: ServerAccount | None = None) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts.
@@ -513,6 +536,7 @@ def build_service(config: Config, reactor: Any, *,
         TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)
 
     _follow_reloads(running, router, runner, relay, tls, authn, users, pool, reactor, journey)
+    _follow_limits(running, throttle, quota)
 
     # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy ---
     if config.web.listen:
