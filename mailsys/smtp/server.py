@@ -134,6 +134,9 @@ class SMTPSession(ServerSession):
         self._factory = factory
         self._role = factory.role
         self._hostname = factory.hostname
+        # What EHLO advertises, as of this session's start: after a reload (mailsys.reload) a
+        # second EHLO (after STARTTLS) still names the SIZE this session enforces.
+        self._ehlo_replies = factory.ehlo_replies
         self._policy = factory.policy
         self._sink = factory.sink
         self._mode = _Mode.COMMAND
@@ -484,7 +487,7 @@ class SMTPSession(ServerSession):
         self._helo = helo
         self._esmtp = True
         self._record_helo("EHLO", helo)
-        self._out.append(self._factory.ehlo_reply(self._can_starttls(), self._can_auth()))
+        self._out.append(self._ehlo_replies[self._can_starttls(), self._can_auth()])
         return None
 
     def _do_helo(self, argument: bytes) -> Reply | None:
@@ -1013,7 +1016,7 @@ class SMTPServerFactory(ServerFactory):
             "DSN",  # RFC 3461
         ]
         auth = "AUTH " + " ".join(m.decode("ascii") for m in _MECHANISMS)  # RFC 4954 §3
-        self._ehlo = {
+        self.ehlo_replies: dict[tuple[bool, bool], bytes] = {
             (starttls, offer_auth): _wire(Reply(250, "", "\n".join(
                 [hostname, *keywords]
                 + (["STARTTLS"] if starttls else [])
@@ -1026,7 +1029,7 @@ class SMTPServerFactory(ServerFactory):
     def ehlo_reply(self, offer_starttls: bool, offer_auth: bool = False) -> bytes:
         """The EHLO reply on the wire, with STARTTLS (RFC 3207) and AUTH (RFC 4954) when they
         can be used."""
-        return self._ehlo[offer_starttls, offer_auth]
+        return self.ehlo_replies[offer_starttls, offer_auth]
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:

@@ -12,6 +12,8 @@ from mailsys.config import Config, from_mapping
 from mailsys.delivery.quota import MailboxQuota
 from mailsys.envelope import TargetKind
 from mailsys.service import build_service
+from mailsys.smtp.testing import HOSTNAME, SessionDriver, make_factory
+from mailsys.testing import make_config
 
 
 def config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
@@ -60,3 +62,17 @@ def test_a_reload_reaches_every_part(tmp_path: Path) -> None:
     quota = next(agent for agent in service.runner._agents.values()
                  if getattr(agent, "_quota", None) is not None)._quota
     assert isinstance(quota, MailboxQuota) and quota.rules.default.storage == 2000
+
+
+def test_an_open_smtp_session_keeps_its_limits() -> None:
+    """An SMTP session open during a reload keeps the SIZE it advertised and enforces on a
+    second EHLO; a session opened after it gets the new one."""
+    factory = make_factory(max_message_size=1000)
+    before = SessionDriver(factory)
+    assert "250-SIZE 1000" in before.send(b"EHLO client.test\r\n")
+    factory.reconfigure(make_config(HOSTNAME, smtp={"max_message_size": 2000}))
+    assert "250-SIZE 1000" in before.send(b"EHLO client.test\r\n")
+    lines = before.send(b"MAIL FROM:<a@remote.test> SIZE=1500\r\n")
+    assert lines[-1].startswith("552")
+    after = SessionDriver(factory)
+    assert "250-SIZE 2000" in after.send(b"EHLO client.test\r\n")
