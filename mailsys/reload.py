@@ -35,7 +35,10 @@ RESTART_SECTIONS = ("server", "storage", "pickup", "journey", "dev", "web")
 # Single values taken at start-up only: whether the relay, the TLS certificate or the inbound
 # checks exist at all decides which parts are built.
 RESTART_KEYS = (("relay", "enabled"), ("authn", "checks"), ("authn", "sign"),
-                ("authn", "dns_servers"), ("relay", "dns_servers"))
+                ("authn", "dns_servers"), ("relay", "dns_servers"), ("relay", "delay_warning"))
+# Of [authn], a reload takes the signing keys (key_dir, selectors); the checks' policies, the
+# authserv-id and the DNS timeout are built into the checks at start-up.
+AUTHN_RELOADED = ("key_dir", "selectors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +164,11 @@ def needs_restart(old: Config, new: Config) -> list[str]:
             found.append(f"{section}.{key}")
     if (old.tls.certificate is None) != (new.tls.certificate is None):
         found.append("tls.certificate (TLS on or off)")
+    authn_changed = any(
+        getattr(old.authn, field.name) != getattr(new.authn, field.name)
+        for field in dataclasses.fields(old.authn) if field.name not in AUTHN_RELOADED)
+    if authn_changed and not any(key.startswith("authn.") for key in found):
+        found.append("[authn] checks and their policies")
     return found
 
 

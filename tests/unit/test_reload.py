@@ -136,3 +136,7 @@ def test_listener_and_storage_changes_need_a_restart() -> None:
     moved = replace(old, storage=replace(old.storage, spool=Path("/elsewhere")),
                     relay=replace(old.relay, enabled=not old.relay.enabled))
     assert needs_restart(old, moved) == ["[storage]", "relay.enabled"]
+    keys = replace(old, authn=replace(old.authn, key_dir=Path("/keys")))
+    assert needs_restart(old, keys) == []  # the signing keys are read again
+    policies = replace(old, authn=replace(old.authn, dmarc="reject"))
+    assert needs_restart(old, policies) == ["[authn] checks and their policies"]
