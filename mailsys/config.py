@@ -259,6 +259,13 @@ class RelaySection:
     # several addresses sends from the one its SPF record, PTR and peers' Received lines name.
     bind_address: str | None = None
     bind_address6: str | None = None
+    # RFC 8461 MTA-STS for mail over MX: a destination's policy is fetched, cached under the
+    # spool and enforced (mailsys.delivery.mtasts); a tls_policy_per_domain entry overrides it.
+    mta_sts: bool = True
+    # The deadline of one policy fetch (DNS, TLS, HTTP), in seconds.
+    mta_sts_timeout: float = 30.0
+    # Labs and tests only: the HTTPS port of mta-sts.<domain> (RFC 8461 §3.3 fixes 443).
+    mta_sts_lab_https_port: int = 443
 
 
 @dataclass(frozen=True)
@@ -763,6 +770,8 @@ def _check_relay(config: Config, check_files: bool) -> RelaySection:
     relay = config.relay
     if relay.port > 65535:
         raise ConfigError(path, "relay.port", "must be 1-65535")
+    if relay.mta_sts_lab_https_port > 65535:
+        raise ConfigError(path, "relay.mta_sts_lab_https_port", "must be 1-65535")
     for domain in relay.tls_policy_per_domain:
         if not _HOSTNAME.match(domain.removeprefix(".")):
             raise ConfigError(path, f"relay.tls_policy_per_domain.{_quote(domain)}",

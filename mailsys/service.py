@@ -24,12 +24,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailsys import sdnotify
+from mailsys import logwriter, sdnotify
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
-from mailsys.config import Config
+from mailsys.config import Config, load
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
 from mailsys.delivery.wiring import build_relay
@@ -46,12 +46,13 @@ from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over, make_direct
 from mailsys.pickup.maildrop import prepare_directory
 from mailsys.pickup.watcher import PickupWatcher
 from mailsys.pop3.server import POP3ServerFactory
-from mailsys.queue.control import ControlSocketService, ControlWatcher
+from mailsys.queue.control import ControlSocketService, ControlWatcher, Outcome
 from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
-from mailsys.retrieval import mailbox_listeners
+from mailsys.reload import RunningConfig
+from mailsys.retrieval import MailboxServerFactory, mailbox_listeners
 from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, StorageFloor, SubmissionPolicy
 from mailsys.smtp.server import ListenerRole, SMTPServerFactory
@@ -155,6 +156,8 @@ class MailService(MultiService):
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
         self.metrics: Metrics | None = None
+        # The configuration it runs with and its reload (mailsys.reload), on SIGHUP.
+        self.configuration: RunningConfig | None = None
 
     def all_bound(self) -> bool:
         """Every listener is bound (readiness, and systemd's READY=1)."""
@@ -190,10 +193,12 @@ class MailService(MultiService):
         if envelopes:
             log.info("spool recovery: {count} message(s) to deliver", count=len(envelopes))
         self.runner.load(envelopes)
-        if self.tls is not None:
-            tls = self.tls
+        running = self.configuration
+        if running is not None:
             reactor = self._reactor
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
+            # The configuration, the certificate, the DKIM keys and the users, all read again;
+            # `mailsys reload` asks the same through the control socket.
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_hangup, running))
         MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
@@ -217,6 +222,12 @@ class MailService(MultiService):
         if journey is not None:
             d.addBoth(lambda result: journey.stopService().addCallback(lambda _: result))
         return d
+
+
+def _hangup(running: RunningConfig) -> None:
+    """SIGHUP: the log file reopened (after logrotate moved it), the configuration reloaded."""
+    logwriter.reopen_log_file()
+    running.reload()
 
 
 def _prepare_tls(config: Config, account: ServerAccount | None = None) -> ServerTLS | None:
@@ -314,6 +325,65 @@ def _count_sessions(factory: IProtocolFactory, metrics: Metrics, protocol: str) 
     inner.metrics = ListenerMetrics(metrics, listener, protocol)
 
 
+def _follow(running: RunningConfig, protocol: str, factory: IProtocolFactory,
+            seen: set[int]) -> None:
+    """A POP3 or IMAP listener's factory takes new configurations; a factory serving several
+    endpoints is followed once (``seen``: the ids of those followed already)."""
+    inner: Any = factory.wrappedFactory if isinstance(factory, TLSMemoryBIOFactory) else factory
+    if isinstance(inner, MailboxServerFactory) and id(inner) not in seen:
+        seen.add(id(inner))
+        running.follow(f"{protocol} listener", inner.reconfigure)
+
+
+def _follow_reloads(running: RunningConfig, router: Router, runner: QueueRunner,
+                    relay: Any, tls: ServerTLS | None, authn: Authn, users: UserStore,
+                    pool: DiskPool, reactor: Any, journey: IJourneyRecorder) -> None:
+    """What a reload hands the new configuration to, besides the listeners (mailsys.reload)."""
+    running.follow("routing", lambda new: router.reconfigure(new.routing))
+    running.follow("queue", lambda new: runner.reschedule(new.relay.retry_schedule,
+                                                          new.relay.max_lifetime))
+    if relay is not None:
+        def relay_settings(new: Config) -> None:
+            rebuilt = build_relay(new, pool, reactor, journey, authn.resolver)
+            if rebuilt is not None:  # relay.enabled turned off takes a restart
+                relay.reconfigure(rebuilt)
+        running.follow("relay", relay_settings)
+    if tls is not None:
+        def certificate(new: Config) -> None:
+            before = tls.certificate, tls.key
+            if new.tls.certificate is not None and new.tls.key is not None:
+                tls.certificate, tls.key = new.tls.certificate, new.tls.key
+            # A renewed certificate too; a broken one keeps the old, logged, and its paths.
+            if not tls.reload():
+                tls.certificate, tls.key = before
+        running.follow("tls", certificate, files=True)
+    running.follow("dkim keys", authn.reload, files=True)
+    running.follow("users", lambda new: _reload_users(users, pool), files=True)
+
+
+def _follow_limits(running: RunningConfig, throttle: LoginThrottle,
+                   quota: MailboxQuota | None) -> None:
+    """Login throttling and mailbox quotas take reloaded values; quotas turned on where none
+    were (no quota object was built) take a restart."""
+
+    def login_limits(new: Config) -> None:
+        auth = new.auth
+        throttle.base_delay, throttle.max_delay = auth.throttle_base_delay, auth.throttle_max_delay
+        throttle.max_failures = auth.throttle_max_failures
+        throttle.max_address_failures = auth.throttle_max_address_failures
+        throttle.window = auth.throttle_window
+
+    def quotas(new: Config) -> None:
+        rules = QuotaRules.from_section(new.quota)
+        if quota is not None:
+            quota.rules = rules  # one reference swapped: a disk thread sees old or new rules
+        elif rules.any:
+            log.warn("configuration: [quota] limits were added; they take a restart")
+
+    running.follow("login throttle", login_limits)
+    running.follow("quota", quotas)
+
+
 def build_service(config: Config, reactor: Any, *,
                   account: ServerAccount | None = None) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts.
@@ -370,18 +440,23 @@ def build_service(config: Config, reactor: Any, *,
     service.metrics = metrics
     if config.tls.certificate is not None:
         _watch_certificate(metrics, config.tls.certificate, pool, reactor, service)
-    authn.reloader().setServiceParent(service)  # DKIM keys read again on SIGHUP
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
-    control = ControlWatcher(config.storage.spool, runner, pool)
+    running = service.configuration = RunningConfig(config, lambda: load(config.path), pool)
+
+    def reload() -> Deferred[Outcome]:
+        return running.reload().addCallback(lambda result: Outcome(result.ok, result.message))
+
+    control = ControlWatcher(config.storage.spool, runner, pool, reload=reload)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
     # ... and through a unix socket, which needs no free space in the spool; mode 0660 with the
     # server's group, so that root and the group's members may use it.
     socket_group = account.gid if account is not None else None
     Service.setServiceParent(
-        ControlSocketService(config.storage.spool, runner, reactor, group=socket_group), service)
+        ControlSocketService(config.storage.spool, runner, reactor, group=socket_group,
+                             reload=reload), service)
     # The spool's free-space floor: below it every SMTP listener answers MAIL with 452 4.3.1.
     floor = config.storage.spool_floor(config.smtp.max_message_size)
     storage = StorageFloor(config.storage.spool, floor, pool.run) if floor > 0 else None
@@ -438,23 +513,30 @@ def build_service(config: Config, reactor: Any, *,
             assert tls is not None  # config.py refuses listen_tls without a certificate
             factory = TLSMemoryBIOFactory(CurrentCertificateCreator(tls), False, factory)
         service.add_listener(role.value, description, factory)
+        running.follow(f"{listener} listener", smtp.reconfigure)
 
     # --- POP3 (mailsys.pop3) ---
+    followed: set[int] = set()
     for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor, journey):
         _count_sessions(pop3_factory, metrics, "pop3")
         service.add_listener("pop3", description, pop3_factory)
+        _follow(running, "pop3", pop3_factory, followed)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor, journey):
         _count_sessions(imap_factory, metrics, "imap")
         set_quota(imap_factory, quota)  # RFC 9208 QUOTA, APPEND's [OVERQUOTA]
         service.add_listener("imap", description, imap_factory)
+        _follow(running, "imap", imap_factory, followed)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)
 
     if tls is not None:
         TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)
+
+    _follow_reloads(running, router, runner, relay, tls, authn, users, pool, reactor, journey)
+    _follow_limits(running, throttle, quota)
 
     # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy ---
     if config.web.listen:

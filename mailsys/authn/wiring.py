@@ -120,11 +120,16 @@ class Authn:
         return MessageAuthentication(checks, signer, self.policies,
                                      authserv_id=section.authserv_id)
 
-    def reload(self) -> None:
-        """Read the signing keys again (SIGHUP); a broken key keeps the old ones, and says so."""
+    def reload(self, config: Config | None = None) -> None:
+        """Read the signing keys again (SIGHUP), from ``config``'s key directory and selectors
+        when given (a configuration reload); a broken key keeps the old ones, and says so."""
+        previous = self._config
+        if config is not None:
+            self._config = config
         try:
             keys = self._load_keys()
         except KeyFileError as exc:
+            self._config = previous
             log.error("DKIM keys not reloaded, the old ones stay: {error}", error=str(exc))
             return
         self.keys = keys

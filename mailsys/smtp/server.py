@@ -134,6 +134,9 @@ class SMTPSession(ServerSession):
         self._factory = factory
         self._role = factory.role
         self._hostname = factory.hostname
+        # What EHLO advertises, as of this session's start: after a reload (mailsys.reload) a
+        # second EHLO (after STARTTLS) still names the SIZE this session enforces.
+        self._ehlo_replies = factory.ehlo_replies
         self._policy = factory.policy
         self._sink = factory.sink
         self._mode = _Mode.COMMAND
@@ -484,7 +487,7 @@ class SMTPSession(ServerSession):
         self._helo = helo
         self._esmtp = True
         self._record_helo("EHLO", helo)
-        self._out.append(self._factory.ehlo_reply(self._can_starttls(), self._can_auth()))
+        self._out.append(self._ehlo_replies[self._can_starttls(), self._can_auth()])
         return None
 
     def _do_helo(self, argument: bytes) -> Reply | None:
@@ -531,6 +534,7 @@ class SMTPSession(ServerSession):
         storage = self._factory.storage
         refusal = storage.refusal(request.size) if storage is not None else None
         if refusal is not None:
+            self._count_refusal(refusal)  # the free-space floor's refusals are refusals too
             return refusal  # RFC 5321 §4.2.2 452, RFC 3463 4.3.1: no room for the message now
         self._txn = None
         d = policy.check_sender(self._session_info(), request.sender)
@@ -966,13 +970,8 @@ class SMTPServerFactory(ServerFactory):
         journey: IJourneyRecorder = NULL_RECORDER,
         storage: StorageGate | None = None,
     ) -> None:
-        self.config = config
         self.journey = journey
         self.role = role
-        self.hostname = config.server.hostname
-        # Submission privacy: the client's address stays out of the Received field.
-        self.hide_client_address = (role is not ListenerRole.MTA
-                                    and config.submission.hide_client_address)
         # Free-space floor of the spool (mailsys.smtp.policy.StorageFloor), asked at MAIL FROM.
         self.storage = storage
         self.policy = policy
@@ -988,6 +987,20 @@ class SMTPServerFactory(ServerFactory):
             self.throttle = LoginThrottle(clock)
         smtp = config.smtp
         self.connections = ConnectionCounter(smtp.max_connections, smtp.max_connections_per_client)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve the next sessions with ``config`` (a reload, mailsys.reload); a session already
+        open keeps the limits it started with."""
+        self.config = config
+        self.hostname = config.server.hostname
+        # Submission privacy: the client's address stays out of the Received field.
+        self.hide_client_address = (self.role is not ListenerRole.MTA
+                                    and config.submission.hide_client_address)
+        smtp = config.smtp
+        # The counts of open connections stay; only the limits change.
+        self.connections.max_total = smtp.max_connections
+        self.connections.max_per_client = smtp.max_connections_per_client
         hostname = self.hostname
         self.greeting = _wire(
             replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
@@ -1003,7 +1016,7 @@ class SMTPServerFactory(ServerFactory):
             "DSN",  # RFC 3461
         ]
         auth = "AUTH " + " ".join(m.decode("ascii") for m in _MECHANISMS)  # RFC 4954 §3
-        self._ehlo = {
+        self.ehlo_replies: dict[tuple[bool, bool], bytes] = {
             (starttls, offer_auth): _wire(Reply(250, "", "\n".join(
                 [hostname, *keywords]
                 + (["STARTTLS"] if starttls else [])
@@ -1016,7 +1029,7 @@ class SMTPServerFactory(ServerFactory):
     def ehlo_reply(self, offer_starttls: bool, offer_auth: bool = False) -> bytes:
         """The EHLO reply on the wire, with STARTTLS (RFC 3207) and AUTH (RFC 4954) when they
         can be used."""
-        return self._ehlo[offer_starttls, offer_auth]
+        return self.ehlo_replies[offer_starttls, offer_auth]
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:
