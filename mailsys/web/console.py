@@ -81,6 +81,9 @@ POLL_INTERVAL = 0.5
 KEEPALIVE_INTERVAL = 15.0
 # Event streams open at once; more are refused with 503 (each polls the store).
 MAX_STREAMS = 32
+# A stream is closed after this long; the browser's EventSource reconnects by itself and goes
+# on after the Last-Event-ID it saw, so a forgotten tab does not hold a stream for days.
+STREAM_LIFETIME = 600.0
 _SECURITY_HEADERS = {
     # Scripts, styles and images only from this page (no inline script: an injected one would
     # not run even if escaping failed); no framing (clickjacking); forms post only here.
@@ -216,7 +219,7 @@ class ConsolePages:
         if len(parts) == 3:
             if parts[2] != b"events":
                 return self._error(request, 404, "No such page.", session=session)
-            return self._events(request, text, viewer)
+            return self._events(request, text, viewer, session.token)
         return self._journey(request, session, admin, text)
 
     # -- sessions and protection -----------------------------------------------------------------
@@ -375,9 +378,11 @@ class ConsolePages:
         d.addCallbacks(show, lambda failure: self._failed(request, failure, None, api=True))
         return NOT_DONE_YET
 
-    def _events(self, request: Request, queue_id: str, viewer: str | None) -> bytes | int:
+    def _events(self, request: Request, queue_id: str, viewer: str | None,
+                token: str) -> bytes | int:
         """Server-Sent Events (HTML Living Standard §9.2): one ``step`` event per new step,
-        its id the event's, so a reconnecting browser resumes after Last-Event-ID."""
+        its id the event's, so a reconnecting browser resumes after Last-Event-ID. The stream
+        ends when the session does (logout, expiry) and after STREAM_LIFETIME."""
         if self._reader is None:
             return self._error(request, 404, "recording is off", api=True)
         if self.streams >= MAX_STREAMS:
@@ -395,8 +400,14 @@ class ConsolePages:
         self.streams += 1
         clock = self._c.reactor
 
+        opened = clock.seconds()
+
         def poll() -> None:
             if state["busy"] or _gone(request):
+                return
+            if state["started"] and (not self._c.sessions.alive(token) or
+                                     clock.seconds() - opened > STREAM_LIFETIME):
+                request.finish()
                 return
             state["busy"] = True
             d = self._c.disk.run(reader.call, reading.steps_after, queue_id,

@@ -81,6 +81,15 @@ class Sessions:
         session.seen = now
         return session
 
+    def alive(self, token: str) -> bool:
+        """True if the session of ``token`` has not ended, without counting this as a use (an
+        open live view does not keep a session alive by itself)."""
+        session = self._sessions.get(token)
+        if session is None:
+            return False
+        now = self._clock.seconds()
+        return now - session.seen <= self._idle and now - session.started <= self._lifetime
+
     def end(self, token: str | None) -> None:
         """Forget the session of ``token`` (logout)."""
         if token:

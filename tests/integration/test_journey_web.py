@@ -164,7 +164,8 @@ def test_journey_to_a_local_and_a_remote_recipient_in_trace_and_over_http(
 
 def test_live_steps_arrive_over_server_sent_events(
         console: tuple[MailServer, WebClient, int]) -> None:
-    """An event stream opened on a delivered message receives the IMAP read done afterwards."""
+    """An event stream opened on a delivered message receives the IMAP read done afterwards,
+    and ends at logout."""
     server, client, imap_port = console
     client.login()
     submit(server, message("Live", "<live@client.example.test>"), [ADMIN])
@@ -185,6 +186,9 @@ def test_live_steps_arrive_over_server_sent_events(
         fetch = next(e for e in events if e["kind"] == "imap.fetch")
         assert fetch["stage"] == "reader" and fetch["text"].startswith(ADMIN)
         assert "RFC 9051" in fetch["rule"]
+        # Logging out ends the live view too.
+        assert client.post("/logout", {"csrf": client.csrf()}).status == 200
+        assert stream.ended()
     finally:
         stream.close()
 

@@ -161,6 +161,15 @@ class EventStream:
                 return received
         raise AssertionError(f"the stream ended or timed out with {received}")
 
+    def ended(self, deadline: float = 10.0) -> bool:
+        """True once the server closes the stream (read to its end within ``deadline``)."""
+        self.connection.sock.settimeout(deadline)  # type: ignore[union-attr]
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if not self.response.read1(65536):
+                return True
+        return False
+
     def close(self) -> None:
         self.connection.close()
 

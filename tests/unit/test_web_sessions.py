@@ -33,8 +33,14 @@ def test_a_session_is_found_by_its_token_until_idle_or_too_old() -> None:
     clock.advance(61.0)
     assert sessions.find(idle.token) is None
     ended = sessions.create("demo@example.test")
+    assert sessions.alive(ended.token)
     sessions.end(ended.token)
-    assert sessions.find(ended.token) is None
+    assert sessions.find(ended.token) is None and not sessions.alive(ended.token)
+    watched = sessions.create("demo@example.test")
+    clock.advance(59.0)
+    assert sessions.alive(watched.token)  # alive() is no use: it does not restart idle time
+    clock.advance(2.0)
+    assert not sessions.alive(watched.token)
     assert sessions.find(None) is None and sessions.find("") is None
     assert sessions.find("not-a-token") is None
 
