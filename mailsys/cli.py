@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("address", metavar="ADDRESS", help="the mailbox, user@domain")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
+    add.add_argument("--admin", action="store_true",
+                     help="make the user an administrator of the web page")
     add.set_defaults(run=_user_add)
     passwd = user_commands.add_parser("passwd", parents=[config_option],
                                       help="change a user's password")
@@ -93,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     delete = user_commands.add_parser("del", parents=[config_option], help="delete a user")
     delete.add_argument("address", metavar="ADDRESS")
     delete.set_defaults(run=_user_del)
+    admin = user_commands.add_parser(
+        "admin", parents=[config_option],
+        help="make a user an administrator of the web page (on) or not (off)")
+    admin.add_argument("address", metavar="ADDRESS")
+    admin.add_argument("state", choices=("on", "off"), metavar="on|off")
+    admin.set_defaults(run=_user_admin)
     listing = user_commands.add_parser("list", parents=[config_option], help="list the users")
     listing.set_defaults(run=_user_list)
     importing = user_commands.add_parser(
@@ -245,8 +253,15 @@ def _user_add(args: argparse.Namespace) -> int:
     _check_local(config, mailbox)
     if store.exists(mailbox):  # ask before the password prompt; add() checks again under lock
         raise CommandError(f"{mailbox} already exists")
-    store.add(mailbox, _read_password(args.password_stdin))
-    print(f"added {mailbox}")
+    store.add(mailbox, _read_password(args.password_stdin), admin=args.admin)
+    print(f"added {mailbox}{' (administrator)' if args.admin else ''}")
+    return EXIT_OK
+
+
+def _user_admin(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    mailbox = store.set_admin(args.address, args.state == "on")
+    print(f"{mailbox} is {'now' if args.state == 'on' else 'no longer'} an administrator")
     return EXIT_OK
 
 

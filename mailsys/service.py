@@ -57,6 +57,7 @@ from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, StorageFloor, SubmissionPolicy
 from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
+from mailsys.web.console import Console
 from mailsys.web.metrics import (
     CountingSink,
     ListenerMetrics,
@@ -251,9 +252,11 @@ def _ensure_demo_user(config: Config, users: UserStore) -> None:
     dev = config.dev
     if dev.demo_user is None or dev.demo_password is None or users.exists(dev.demo_user):
         return
-    users.add(dev.demo_user, dev.demo_password)
+    # The demo user is the web page's administrator, so `make run` gives a page to log in to.
+    users.add(dev.demo_user, dev.demo_password, admin=True)
     log.warn(
-        "created the demo user {user} with password {password!r} (development default; "
+        "created the demo user {user} with password {password!r}, an administrator of the "
+        "web page (development default; "
         "remove [dev] from the config for production)",
         user=dev.demo_user, password=dev.demo_password,
     )
@@ -538,9 +541,14 @@ def build_service(config: Config, reactor: Any, *,
     _follow_reloads(running, router, runner, relay, tls, authn, users, pool, reactor, journey)
     _follow_limits(running, throttle, quota)
 
-    # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy ---
+    # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy, and
+    # the journey pages behind a login (the same portal and throttle as the mail protocols) ---
     if config.web.listen:
-        site = build_web(config, service.all_bound, pool, metrics, reactor)
+        console = Console(users=users, portal=portal, throttle=throttle, disk=pool,
+                          reactor=reactor,
+                          journey_path=config.journey.path if config.journey.enabled else None,
+                          spool=config.storage.spool, queue=runner)
+        site = build_web(config, service.all_bound, pool, metrics, reactor, console)
         for description in config.web.listen:
             service.add_listener("web", description, site)
     return service

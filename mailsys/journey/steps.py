@@ -10,7 +10,8 @@ smtp.tls                  tls (version and cipher), implicit (TLS from the first
 smtp.ehlo                 command (EHLO/HELO), name, reply
 smtp.auth                 user, mechanism, reply (never the SASL exchange)
 smtp.mail / smtp.rcpt     sender / recipient, reply (refused ones too), txn
-smtp.data                 command (DATA/BDAT), size, reply, txn, and the queue id once queued
+smtp.data                 command (DATA/BDAT), size, reply, txn, subject (as sent), and the
+                          queue id once queued
 smtp.close                reason (lost connection after DATA, closed without QUIT), messages;
                           not emitted for a session that ends with QUIT
 spool.commit              sender, recipients, size: the message is durable; routes: for each

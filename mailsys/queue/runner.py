@@ -549,6 +549,11 @@ class QueueRunner(Service):
         self._round_ended()
 
     def _round_done(self, entry: _Entry) -> None:
+        if entry.delete_requested:
+            # A queue tool's delete arrived while the round's notices or envelope rewrite were
+            # under way, after _finish_round looked: it is done now, not lost.
+            self._remove(entry)
+            return
         entry.busy = False
         try:
             self._schedule(entry)

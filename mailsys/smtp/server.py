@@ -45,7 +45,13 @@ from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.session import ServerSession, SessionMetrics
-from mailsys.smtp.message import MessageBuffer, has_field, header_section, message_id_of
+from mailsys.smtp.message import (
+    MessageBuffer,
+    field_value,
+    has_field,
+    header_section,
+    message_id_of,
+)
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
 from mailsys.transports import send_now
@@ -704,25 +710,29 @@ class SMTPSession(ServerSession):
         except Exception:
             log.failure("cannot prepare a message from {client}", client=self._client)
             return replies.SPOOL_FAILED
-        message_id = None
+        message_id = subject = None
         if self._journey.recording:
             # The client's field, or the one added for it (never a copy of the whole message).
-            message_id = message_id_of(header_section(content)) or message_id_of(added)
+            header = header_section(content)
+            message_id = message_id_of(header) or message_id_of(added)
+            # The Subject as sent (encoded words and all), for the web page's list of messages.
+            raw_subject = field_value(header, b"Subject")
+            subject = None if raw_subject is None else raw_subject.decode("utf-8", "replace")
         d = maybeDeferred(self._sink.submit, envelope, message)
         answer = d.addCallbacks(
             self._queued, self._spool_failed, callbackArgs=(envelope,), errbackArgs=(envelope,)
         )
         if self._journey.recording:
-            answer.addCallback(self._record_data, envelope, message_id, txn.chunking)
+            answer.addCallback(self._record_data, envelope, message_id, txn.chunking, subject)
         return answer
 
     def _record_data(self, reply: Reply, envelope: Envelope, message_id: str | None,
-                     chunking: bool) -> Reply:
+                     chunking: bool, subject: str | None) -> Reply:
         queued = reply.code == 250
         self._journey.emit("smtp.data", envelope.queue_id if queued else None,
                            message_id if queued else None,
                            command="BDAT" if chunking else "DATA", size=envelope.size,
-                           reply=str(reply))
+                           reply=str(reply), subject=subject)
         return reply
 
     def _queued(self, _: object, envelope: Envelope) -> Reply:

@@ -468,3 +468,26 @@ def test_user_add_warns_when_the_server_cannot_reach_the_file(
     assert (status, out) == (0, "added a@example.test\n")
     assert one_line(err) == (f"mailsys: warning: the server cannot read var/users: nobody "
                              f"cannot enter {open_workdir / 'var'} (root:root 0700)\n")
+
+
+def test_user_add_admin_and_user_admin_on_off(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """user add --admin makes an administrator of the web page; user admin USER on|off changes
+    it for an existing user; an unknown user is one line and status 1."""
+    status, out, _ = run(capsys, "user", "add", "boss@example.test", "--admin",
+                         "--password-stdin", stdin="pw\n")
+    assert (status, out) == (0, "added boss@example.test (administrator)\n")
+    run(capsys, "user", "add", "plain@example.test", "--password-stdin", stdin="pw\n")
+    assert store(workdir).is_admin("boss@example.test")
+    assert not store(workdir).is_admin("plain@example.test")
+    status, out, _ = run(capsys, "user", "admin", "plain@example.test", "on")
+    assert (status, out) == (0, "plain@example.test is now an administrator\n")
+    status, out, _ = run(capsys, "user", "admin", "boss@example.test", "off")
+    assert (status, out) == (0, "boss@example.test is no longer an administrator\n")
+    assert store(workdir).is_admin("plain@example.test")
+    assert not store(workdir).is_admin("boss@example.test")
+    status, _, err = run(capsys, "user", "admin", "nobody@example.test", "on")
+    assert status == 1 and "no such user: nobody@example.test" in one_line(err)
+    status, _, _ = run(capsys, "user", "admin", "boss@example.test", "maybe")
+    assert status == 2
