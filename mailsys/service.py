@@ -30,6 +30,7 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
 from mailsys.config import Config
+from mailsys.defence.intake import IntakeDefence
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
 from mailsys.delivery.wiring import build_relay
@@ -151,6 +152,9 @@ class MailService(MultiService):
         # The journey writer (mailsys.journey.writer), not a child: it starts before anything
         # emits and stops after everything else has, so the last steps are written too.
         self.journey: JourneyWriter | None = None
+        # The intake defences of the SMTP listeners; a configuration read again is given to
+        # each (IntakeDefence.reconfigure): the allow and block lists live there.
+        self.defences: list[IntakeDefence] = []
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
@@ -419,6 +423,15 @@ def build_service(config: Config, reactor: Any, *,
 
     full = mailbox_full if quota is not None else None
 
+    # --- intake defences (mailsys.defence): one for the MTA listeners, one shared by 587 and
+    # 465 (per-user limits count across both) ---
+    defences = {
+        inbound: IntakeDefence(config.defence, reactor, resolver=authn.resolver,
+                               hostname=config.server.hostname, inbound=inbound)
+        for inbound in (True, False)
+    }
+    service.defences = list(defences.values())
+
     for role, description in _listeners(config):
         policy = (InboundPolicy(router, senders=router, reload_users=reload_users,
                                 mailbox_full=full)
@@ -431,6 +444,7 @@ def build_service(config: Config, reactor: Any, *,
             config, role, policy, counted, reactor, tls, portal=portal, throttle=throttle,
             journey=journey,
             storage=storage,
+            defence=defences[role is ListenerRole.MTA],
         )
         smtp.metrics = ListenerMetrics(metrics, listener, "smtp")
         factory: IProtocolFactory = smtp

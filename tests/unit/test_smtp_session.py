@@ -537,15 +537,16 @@ def test_connection_limits() -> None:
     every session a sender that completed a transaction, so is the newcomer's."""
     factory = make_factory(max_connections=3, max_connections_per_client=2)
     first = SessionDriver(factory, "192.0.2.1")
-    SessionDriver(factory, "192.0.2.1")
+    second = SessionDriver(factory, "192.0.2.1")
     third = SessionDriver(factory, "192.0.2.1")
     assert third.lines() == [str(replies.TOO_MANY_FROM_CLIENT)]
     assert third.closed
     third.lose()
     other = SessionDriver(factory, "192.0.2.2")
     assert other.lines()[0].startswith("220 ")
-    for session in factory.connections._sheddable.copy():  # noqa: SLF001 - all real senders
-        factory.connections.completed(session)
+    for sender in (first, second, other):  # real senders now: never shed
+        assert sender.codes(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                            b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")[-1] == 250
     fourth = SessionDriver(factory, "192.0.2.3")
     assert fourth.lines() == [str(replies.TOO_MANY_CONNECTIONS)]
     first.lose()
