@@ -446,6 +446,7 @@ def build_service(config: Config, reactor: Any, *,
             storage=storage,
             defence=defences[role is ListenerRole.MTA],
         )
+        smtp.threads = pool  # long lines of submitted mail are re-encoded in its threads
         smtp.metrics = ListenerMetrics(metrics, listener, "smtp")
         factory: IProtocolFactory = smtp
         if role is ListenerRole.SUBMISSIONS:

@@ -39,7 +39,7 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
 from mailsys.defence.intake import ClientDefence, IntakeDefence, MessageDetails, MessageVerdict
-from mailsys.diskio import is_no_space
+from mailsys.diskio import DiskRunner, is_no_space
 from mailsys.envelope import Envelope, Recipient
 from mailsys.interfaces import IMessageSink, MessageRefusedError
 from mailsys.journey.events import NULL_RECORDER, SessionJourney
@@ -47,6 +47,7 @@ from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.session import ServerSession, SessionMetrics
+from mailsys.smtp.linelimit import fit_lines
 from mailsys.smtp.message import MessageBuffer, has_field, header_section, message_id_of
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
@@ -761,11 +762,24 @@ class SMTPSession(ServerSession):
                                size=buffer.octets, reply=str(buffer.error))
             self._count_refusal(buffer.error)
             return buffer.error
+        content = buffer.message()
+        if buffer.long_lines and self._auth_user is not None:
+            # Submitted mail is signed next: sign what will be sent, so re-encode the lines
+            # over RFC 5321's limit now rather than at the relay (mailsys.smtp.linelimit).
+            threads = self._factory.threads
+            if threads is None:
+                content = fit_lines(content)
+            else:
+                fitted: Deferred[bytes] = threads.run(fit_lines, content)
+                return fitted.addCallback(self._prepared, txn)
+        return self._prepared(content, txn)
+
+    def _prepared(self, content: bytes, txn: _Transaction) -> Reply | Deferred[Reply]:
+        """The message's content is final: add our fields and hand it on."""
         try:
             queue_id = self._sink.new_queue_id()
             mail = txn.mail
             protocol = self._protocol_name(mail.smtputf8)
-            content = buffer.message()
             added = b"" if self._auth_user is None else self._submission_fields(queue_id, content)
             received = self._received(queue_id, txn, protocol)
             message = received + added + content
@@ -1095,6 +1109,8 @@ class SMTPServerFactory(ServerFactory):
         # The intake defences (mailsys.defence): consulted at connect, HELO, MAIL, RCPT and
         # the end of DATA; None: none (tests of the bare engine).
         self.defence = defence
+        # Threads for CPU work on a whole message (re-encoding long lines); None: inline.
+        self.threads: DiskRunner | None = None
         self.journey = journey
         self.role = role
         self.hostname = config.server.hostname
