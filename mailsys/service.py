@@ -31,6 +31,7 @@ from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
 from mailsys.config import Config
 from mailsys.defence.intake import IntakeDefence
+from mailsys.defence.spamfilter import RspamdFilter
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
 from mailsys.delivery.wiring import build_relay
@@ -425,9 +426,17 @@ def build_service(config: Config, reactor: Any, *,
 
     # --- intake defences (mailsys.defence): one for the MTA listeners, one shared by 587 and
     # 465 (per-user limits count across both) ---
+    section = config.defence
+    content_filter = None
+    if section.spam_filter is not None:
+        content_filter = RspamdFilter(section.spam_filter, reactor,
+                                      timeout=section.spam_filter_timeout,
+                                      on_failure=section.spam_filter_failure,
+                                      junk=section.spam_filter_junk)
     defences = {
-        inbound: IntakeDefence(config.defence, reactor, resolver=authn.resolver,
-                               hostname=config.server.hostname, inbound=inbound)
+        inbound: IntakeDefence(section, reactor, resolver=authn.resolver,
+                               hostname=config.server.hostname, inbound=inbound,
+                               content_filter=content_filter if inbound else None)
         for inbound in (True, False)
     }
     service.defences = list(defences.values())

@@ -57,6 +57,7 @@ class MessageVerdict:
     reply: Reply | None = None
     fields: bytes = b""
     junk: bool = False
+    marks: tuple[str, ...] = ()  # checks that could not be made (written into the message)
 
 
 ACCEPT = MessageVerdict()
@@ -305,7 +306,11 @@ class ClientDefence:
     # --- decisions ----------------------------------------------------------------------------
 
     def _filtered(self, verdict: MessageVerdict) -> MessageVerdict:
-        if verdict.reply is not None:
+        for mark in verdict.marks:
+            self.mark(mark)
+            self.decided("spamfilter", "unchecked", "content filter unavailable",
+                         **({"reply": str(verdict.reply)} if verdict.reply else {}))
+        if verdict.reply is not None and not verdict.marks:
             self.decided("spamfilter", "refuse", "content filter", reply=str(verdict.reply))
         elif verdict.junk:
             self.decided("spamfilter", "junk", "content filter")

@@ -19,6 +19,7 @@ from mailsys.defence.helo import helo_problem
 from mailsys.defence.intake import IntakeDefence
 from mailsys.defence.lists import Access, AccessLists
 from mailsys.defence.ratelimit import Buckets, client_network
+from mailsys.defence.spamfilter import RspamdFilter, parse_answer
 from mailsys.dns.cache import CachingResolver
 from mailsys.journey.events import MemoryRecorder
 from mailsys.labdns import Zone
@@ -347,3 +348,35 @@ def test_patient_client_greeted_after_the_pause() -> None:
     clock.advance(2)
     assert driver.lines() == ["220 mx.example.test ESMTP mailsys"]
     assert driver.codes(TRANSACTION + MESSAGE)[-1] == 250
+
+
+# --- the spam filter's answers ---------------------------------------------------------------
+
+# Answers recorded from rspamd 3.4's /checkv2 (Debian bookworm), shortened.
+RSPAMD_REJECT = (b'{"is_skipped":true,"score":15.0,"required_score":15.0,"action":"reject",'
+                 b'"symbols":{"GTUBE":{"name":"GTUBE","score":0.0}},'
+                 b'"messages":{"smtp_message":"Gtube pattern"}}')
+RSPAMD_ADD_HEADER = (b'{"is_skipped":false,"score":7.0,"required_score":15.0,'
+                     b'"action":"add header","symbols":{}}')
+RSPAMD_CLEAN = b'{"is_skipped":false,"score":0.0,"required_score":15.0,"action":"no action"}'
+
+
+@pytest.mark.parametrize(("body", "reply", "junk", "field"), [
+    (RSPAMD_REJECT, replies.SPAM_REJECTED, False, b""),
+    (b'{"action":"soft reject","score":9}', replies.SPAM_DEFERRED, False, b""),
+    (RSPAMD_ADD_HEADER, None, True, b"X-Spam: Yes\r\nX-Spam-Status: Yes, score=7.00"),
+    (RSPAMD_CLEAN, None, False, b"X-Spam-Status: No, score=0.00 required=15.00"),
+])
+def test_rspamd_actions(body: bytes, reply: Any, junk: bool, field: bytes) -> None:
+    """rspamd's action maps to a refusal, the Junk folder with X-Spam, or a score field."""
+    verdict = RspamdFilter("http://127.0.0.1:1", Clock()).verdict(body)
+    assert verdict.reply == reply and verdict.junk == junk
+    assert verdict.fields.startswith(field)
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"score": 1}', b"x" * (2 * 1024 * 1024),
+                                  b'{"action": "reject", "score": "high"}'])
+def test_rspamd_garbage_is_a_failure(body: bytes) -> None:
+    """An answer that is not rspamd's JSON is a filter failure, never a verdict."""
+    with pytest.raises(ValueError):
+        parse_answer(body)
