@@ -30,6 +30,7 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
 from mailsys.config import Config
+from mailsys.defence.greylist import Greylist
 from mailsys.defence.intake import IntakeDefence
 from mailsys.defence.spamfilter import RspamdFilter
 from mailsys.delivery.maildir import MaildirWriter
@@ -433,10 +434,18 @@ def build_service(config: Config, reactor: Any, *,
                                       timeout=section.spam_filter_timeout,
                                       on_failure=section.spam_filter_failure,
                                       junk=section.spam_filter_junk)
+    greylist = None
+    if section.enabled and section.greylisting:
+        greylist = Greylist(section.greylist_path, reactor, pool, delay=section.greylist_delay,
+                            retention=section.greylist_retention,
+                            max_entries=section.max_clients_tracked)
+        greylist.load()  # before the reactor runs: what the last run kept
+        Service.setServiceParent(greylist, service)  # saved each minute and at stop
     defences = {
         inbound: IntakeDefence(section, reactor, resolver=authn.resolver,
                                hostname=config.server.hostname, inbound=inbound,
-                               content_filter=content_filter if inbound else None)
+                               content_filter=content_filter if inbound else None,
+                               greylist=greylist if inbound else None)
         for inbound in (True, False)
     }
     service.defences = list(defences.values())

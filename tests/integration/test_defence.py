@@ -217,3 +217,37 @@ def test_dnsbl_listed_client_refused_and_timeout_marks(
     assert isinstance(files, list)
     content = files[0].read_bytes()
     assert b"X-Mailsys-Defence: dnsbl=slow.test timeout" in content
+
+
+def test_greylisting_delays_then_remembers_across_a_restart(
+        server_factory: Callable[..., MailServer]) -> None:
+    """Greylisting on: a new triplet gets 450 4.7.1, the retry after the delay is accepted,
+    and after a restart the known sender passes at once while a new one waits."""
+    server = server_factory(extra_config=STRANGERS + "greylisting = true\n"
+                                                     "greylist_delay = 2.0\n")
+    server.start()
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as greylisted:
+        send_from("127.0.0.9", server, "first try")
+    ((code, text),) = greylisted.value.recipients.values()
+    assert (code, text[:5]) == (450, b"4.7.1")
+    tried = time.monotonic()
+
+    def retry() -> bool:
+        """A real MTA's retry: refused until the delay has passed."""
+        try:
+            send_from("127.0.0.9", server, "second try")
+        except smtplib.SMTPRecipientsRefused:
+            return False
+        return True
+
+    wait_for(retry, deadline=20, interval=0.5, message="the retry to be accepted")
+    assert time.monotonic() - tried >= 1.5
+    wait_for(lambda: server.inbox_files(), deadline=20, message="the retried message")
+    server.stop()
+    server.start()
+    send_from("127.0.0.9", server, "known sender")
+    wait_for(lambda: len(server.inbox_files()) == 2, deadline=20, message="the known sender")
+    with (pytest.raises(smtplib.SMTPRecipientsRefused),
+          smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30, local_hostname="client.test",
+                       source_address=("127.0.0.9", 0)) as client):
+        client.sendmail("new@remote.test", ["demo@example.test"], b"Subject: new\r\n\r\nx\r\n")

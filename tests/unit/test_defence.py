@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from twisted.names import common
 from mailsys import replies
 from mailsys.config import DefenceSection
 from mailsys.defence.dnsbl import DNSLists, parse_zones, query_name
+from mailsys.defence.greylist import Greylist
 from mailsys.defence.helo import helo_problem
 from mailsys.defence.intake import IntakeDefence
 from mailsys.defence.lists import Access, AccessLists
@@ -25,6 +27,7 @@ from mailsys.journey.events import MemoryRecorder
 from mailsys.labdns import Zone
 from mailsys.smtp.server import ListenerRole
 from mailsys.smtp.testing import MemorySink, SessionDriver, make_factory
+from tests.unit.test_spool import ImmediateDiskPool
 
 CLIENT = "192.0.2.10"
 ZONE = {
@@ -380,3 +383,51 @@ def test_rspamd_garbage_is_a_failure(body: bytes) -> None:
     """An answer that is not rspamd's JSON is a filter failure, never a verdict."""
     with pytest.raises(ValueError):
         parse_answer(body)
+
+
+# --- greylisting -----------------------------------------------------------------------------
+
+
+def test_greylist_triplet_delay_and_known_senders(tmp_path: Path) -> None:
+    """A new triplet is refused until the delay has passed; then its sender and network are
+    known, and their mail to any recipient passes at once."""
+    clock = Clock()
+    greylist = Greylist(tmp_path / "greylist.json", clock, ImmediateDiskPool(), delay=300)
+    assert not greylist.check("192.0.2.10", "s@remote.test", "alice@example.test")
+    clock.advance(100)
+    assert not greylist.check("192.0.2.10", "s@remote.test", "alice@example.test")
+    clock.advance(200)
+    # Another address of the same /24 retrying (a pool of outgoing servers) passes.
+    assert greylist.check("192.0.2.77", "s@remote.test", "alice@example.test")
+    assert greylist.check("192.0.2.10", "s@remote.test", "bob@example.test")
+    assert not greylist.check("198.51.100.1", "s@remote.test", "bob@example.test")
+
+
+def test_greylist_survives_a_restart(tmp_path: Path) -> None:
+    """The tables are saved when the service stops and read at the next start."""
+    clock = Clock()
+    path = tmp_path / "greylist.json"
+    first = Greylist(path, clock, ImmediateDiskPool(), delay=300)
+    first.startService()
+    first.check("192.0.2.10", "known@remote.test", "alice@example.test")
+    first.check("192.0.2.10", "waiting@remote.test", "alice@example.test")
+    clock.advance(300)
+    assert first.check("192.0.2.10", "known@remote.test", "alice@example.test")
+    first.stopService()
+    second = Greylist(path, clock, ImmediateDiskPool(), delay=300)
+    second.load()
+    assert second.check("192.0.2.10", "known@remote.test", "carol@example.test")
+    assert second.check("192.0.2.10", "waiting@remote.test", "alice@example.test")
+
+
+def test_greylisting_in_the_session() -> None:
+    """With greylisting, the first RCPT of a new triplet gets 450 4.7.1."""
+    clock = Clock()
+    greylist = Greylist(Path("/nonexistent/greylist.json"), clock, ImmediateDiskPool())
+    defence = IntakeDefence(section(), clock, resolver=None, hostname="mx.example.test",
+                            inbound=True, greylist=greylist)
+    factory = make_factory(clock=clock, defence=defence)
+    driver = SessionDriver(factory, CLIENT)
+    driver.lines()
+    assert driver.send(TRANSACTION)[-2:] == [str(replies.GREYLISTED),
+                                             str(replies.NO_VALID_RECIPIENTS)]
