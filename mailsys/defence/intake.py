@@ -365,7 +365,8 @@ class ClientDefence:
                 score += section.helo_weight
                 reasons.append(problem)
         iprev = self._iprev_result
-        if iprev is not None and iprev.result == "fail" and section.fcrdns != "none":
+        if (iprev is not None and iprev.result in ("fail", "permerror")
+                and section.fcrdns != "none"):
             if section.fcrdns == "reject":
                 return self._refuse("fcrdns", iprev.problem or "no confirmed name",
                                     replies.NO_REVERSE_DNS)

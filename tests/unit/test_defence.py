@@ -24,6 +24,7 @@ from mailsys.defence.ratelimit import Buckets, client_network
 from mailsys.defence.spamfilter import RspamdFilter, parse_answer
 from mailsys.dns.cache import CachingResolver
 from mailsys.journey.events import MemoryRecorder
+from mailsys.journey.steps import describe
 from mailsys.labdns import Zone
 from mailsys.smtp.server import ListenerRole
 from mailsys.smtp.testing import MemorySink, SessionDriver, make_factory
@@ -227,6 +228,18 @@ def test_dnsbl_listed_client_refused_naming_the_list() -> None:
     assert ("dnsbl", "refuse") in decisions(journey)
 
 
+def test_defence_decision_in_the_journey() -> None:
+    """A refusal is a journey step that says which check, why, and the rule behind it."""
+    factory, _, journey = defended(dnsbl={"bl.test": 1.0})
+    driver = SessionDriver(factory, CLIENT)
+    driver.lines()
+    driver.send(b"EHLO c.test\r\nMAIL FROM:<s@remote.test>\r\n")
+    (event,) = [e for e in journey.events if e.kind == "defence"]
+    step = describe(event)
+    assert step.text.startswith("intake defence dnsbl: refuse, listed by bl.test (554 5.7.1")
+    assert step.rule.startswith("DNS blocklist, RFC 5782; 5.7.1")
+
+
 def test_dnswl_allowlisted_client_skips_the_other_checks() -> None:
     """A client on a DNS allowlist is not refused though a blocklist lists it."""
     factory, _, journey = defended(dnsbl={"bl.test": 1.0}, dnswl=("wl.test",))
@@ -284,6 +297,30 @@ def test_helo_scored_with_a_list_reaches_the_threshold() -> None:
     driver.lines()
     lines = driver.send(b"EHLO bad!name\r\nMAIL FROM:<s@remote.test>\r\n")
     assert lines[-1].startswith("554 5.7.1 ")
+
+
+RDNS_ZONE = {
+    **ZONE,
+    "10.2.0.192.in-addr.arpa": {"PTR": ["host.remote.test"]},
+    "host.remote.test": {"A": ["192.0.2.10"]},
+    "11.2.0.192.in-addr.arpa": {"PTR": ["liar.remote.test"]},
+    "liar.remote.test": {"A": ["198.51.100.1"]},
+}
+
+
+@pytest.mark.parametrize(("client", "policy", "code"), [
+    ("192.0.2.10", "reject", 250),
+    ("192.0.2.11", "reject", 550),
+    ("192.0.2.13", "reject", 550),  # no PTR at all
+    ("192.0.2.11", "score", 554),  # fcrdns_weight 1.0 reaches the threshold
+    ("192.0.2.11", "none", 250),
+])
+def test_forward_confirmed_reverse_dns(client: str, policy: str, code: int) -> None:
+    """Without forward-confirmed reverse DNS a client is refused or scored, by policy."""
+    factory, _, _ = defended(zone=RDNS_ZONE, fcrdns=policy, fcrdns_weight=1.0)
+    driver = SessionDriver(factory, client)
+    driver.lines()
+    assert driver.codes(b"EHLO c.test\r\nMAIL FROM:<s@remote.test>\r\n")[-1] == code
 
 
 def test_access_lists() -> None:
