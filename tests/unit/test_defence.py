@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.names import common
 
 from mailsys import replies
-from mailsys.config import DefenceSection
+from mailsys.config import ConfigError, DefenceSection, from_mapping
 from mailsys.defence.dnsbl import DNSLists, parse_zones, query_name
 from mailsys.defence.greylist import Greylist
 from mailsys.defence.helo import helo_problem
@@ -468,3 +468,37 @@ def test_greylisting_in_the_session() -> None:
     driver.lines()
     assert driver.send(TRANSACTION)[-2:] == [str(replies.GREYLISTED),
                                              str(replies.NO_VALID_RECIPIENTS)]
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"block_networks": ["203.0.113.0/33"]},
+     "x.toml: defence.block_networks: not an address or network: '203.0.113.0/33'"),
+    ({"dnsbl": {"bl.test=127.0.0.[9..2]": 1.0}},
+     'x.toml: defence.dnsbl."bl.test=127.0.0.[9..2]": the range is empty'),
+    ({"dnsbl": {"bl.test=10.0.0.2": 1.0}},
+     'x.toml: defence.dnsbl."bl.test=10.0.0.2": must be a zone, zone=127.a.b.c or '
+     "zone=127.a.b.[c..d]"),
+    ({"helo": "maybe"}, "x.toml: defence.helo: must be one of none, score, reject"),
+    ({"spam_filter": "https://rspamd:11333"},
+     "x.toml: defence.spam_filter: must be http://host[:port], got 'https://rspamd:11333'"),
+    ({"ipv6_prefix": 129}, "x.toml: defence.ipv6_prefix: must be 1-128"),
+    ({"block_senders": ["@"]},
+     "x.toml: defence.block_senders: not an address, @domain or domain: '@'"),
+    ({"connections_per_minute": 0},
+     "x.toml: defence.connections_per_minute: must be a positive integer, got 0"),
+])
+def test_bad_defence_settings_are_one_line(table: dict[str, Any], message: str) -> None:
+    """A bad [defence] value stops start-up with one line naming the file, key and reason."""
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"defence": table}, "x.toml")
+    assert str(info.value) == message
+
+
+def test_defence_settings_normalised() -> None:
+    """Networks are normalised once, when the file is read."""
+    loaded = from_mapping({"defence": {"allow_networks": ["192.0.2.7/24", "2001:DB8::1"]}},
+                          "x.toml")
+    assert loaded.defence.allow_networks == ("192.0.2.0/24", "2001:db8::1/128")
