@@ -12,6 +12,7 @@ and marks it. ``check`` never fails and never blocks the reactor.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -91,12 +92,18 @@ class DNSLists:
     """Looks client addresses up in block and allow zones through one caching resolver."""
 
     def __init__(self, resolver: CachingResolver, clock: IReactorTime, zones: Sequence[Zone],
-                 allow_zones: Sequence[str] = (), *, timeout: float = 5.0) -> None:
+                 allow_zones: Sequence[str] = (), *, timeout: float = 5.0,
+                 max_entries: int = 10_000) -> None:
         self._resolver = resolver
         self._clock = clock
         self.zones = list(zones)
         self.allow_zones = [zone.lower().rstrip(".") for zone in allow_zones]
         self.timeout = timeout
+        self.max_entries = max_entries
+        # address -> (result, when it expires): a client that connects again while every
+        # answer's TTL lasts costs one dictionary look-up, not a lookup per zone (the DNS
+        # cache holds the answers themselves; this holds what they add up to).
+        self._results: OrderedDict[str, tuple[ListResult, float]] = OrderedDict()
 
     @property
     def active(self) -> bool:
@@ -104,6 +111,12 @@ class DNSLists:
 
     def check(self, address: str) -> Deferred[ListResult]:
         """Every zone asked at once; fires within ``timeout`` seconds, never with a failure."""
+        known = self._results.get(address)
+        if known is not None:
+            if known[1] > self._clock.seconds():
+                self._results.move_to_end(address)
+                return succeed(known[0])
+            del self._results[address]
         order = sorted({z.zone for z in self.zones} | set(self.allow_zones))
         names = [query_name(address, zone) for zone in order]
         if not order or None in names:
@@ -112,7 +125,18 @@ class DNSLists:
         done: Deferred[list[tuple[bool, Answer | None]]] = DeferredList(
             lookups, consumeErrors=True)
         return done.addCallback(
-            lambda outcomes: self._result(dict(zip(order, outcomes, strict=True))))
+            lambda outcomes: self._keep(address, dict(zip(order, outcomes, strict=True))))
+
+    def _keep(self, address: str, outcomes: dict[str, tuple[bool, Answer | None]]) -> ListResult:
+        result = self._result(outcomes)
+        answers = [answer for _, answer in outcomes.values() if answer is not None]
+        if not result.failed and answers:
+            ttl = min(answer.ttl for answer in answers)
+            if ttl > 0:
+                self._results[address] = (result, self._clock.seconds() + ttl)
+                if len(self._results) > self.max_entries:
+                    self._results.popitem(last=False)
+        return result
 
     def _ask(self, name: str) -> Deferred[Answer | None]:
         """The A answer for ``name``, or None when none came within the timeout."""

@@ -4,9 +4,9 @@ is forging or broken. What follows (score or refuse) is the intake policy's busi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Iterable
 
 # Host names as seen in the wild: letters, digits, hyphens and underscores (Windows hosts send
 # them), dot-separated labels of at most 63 octets; a final dot is tolerated.
@@ -28,13 +28,17 @@ def literal_address(helo: str) -> str | None:
         return None
 
 
-def helo_problem(helo: str, our_names: Iterable[str], our_addresses: Iterable[str]) -> str | None:
-    """Why ``helo`` is a bad greeting, or None when it is acceptable."""
-    address = literal_address(helo)
-    if address is not None:
-        if address in set(our_addresses):
-            return "HELO names our own address"
-        return None
+@functools.lru_cache(maxsize=1024)
+def helo_problem(helo: str, our_names: tuple[str, ...],
+                 our_addresses: tuple[str, ...]) -> str | None:
+    """Why ``helo`` is a bad greeting, or None when it is acceptable (cached: the same
+    clients greet the same way)."""
+    if not helo[:1].isalpha() or helo[-1:].isdigit() or ":" in helo:
+        address = literal_address(helo)  # a name starting with a letter is never one
+        if address is not None:
+            if address in our_addresses:
+                return "HELO names our own address"
+            return None
     if not _NAME.match(helo):
         return "HELO is neither a host name nor an address literal"
     if helo.lower().rstrip(".") in {name.lower() for name in our_names}:

@@ -13,6 +13,8 @@ import enum
 import ipaddress
 from collections.abc import Iterable
 
+from mailsys.defence.ratelimit import parse_address
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -29,12 +31,9 @@ def in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     """True when ``address`` is in one of ``networks`` (an IPv4-mapped address as IPv4)."""
     if not networks:
         return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = parse_address(address)
+    if ip is None:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return any(ip in network for network in networks if network.version == ip.version)
 
 

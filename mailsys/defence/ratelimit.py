@@ -11,21 +11,33 @@ bucket has likely drained anyway). Touched on the reactor thread only.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
 
 
-def client_network(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
-    """The network ``address`` is counted in, as text ("192.0.2.7", "2001:db8:1:2::/64");
-    anything that is not an IP address (a UNIX socket) is its own key."""
+@functools.lru_cache(maxsize=4096)
+def parse_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` as an IP address (an IPv4-mapped one as IPv4), or None; cached, as the same
+    clients come back (parsing costs more than the rest of a connection's checks)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return address
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=4096)
+def client_network(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """The network ``address`` is counted in, as text ("192.0.2.7", "2001:db8:1:2::/64");
+    anything that is not an IP address (a UNIX socket) is its own key."""
+    ip = parse_address(address)
+    if ip is None:
+        return address
     prefix = ipv4_prefix if ip.version == 4 else ipv6_prefix
     if prefix >= ip.max_prefixlen:
         return str(ip)
