@@ -32,6 +32,7 @@ from mailsys.authn.wiring import Authn
 from mailsys.config import Config
 from mailsys.defence.greylist import Greylist
 from mailsys.defence.intake import IntakeDefence
+from mailsys.defence.reload import DefenceReloader
 from mailsys.defence.spamfilter import RspamdFilter
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
@@ -449,6 +450,10 @@ def build_service(config: Config, reactor: Any, *,
         for inbound in (True, False)
     }
     service.defences = list(defences.values())
+    # SIGHUP reads [defence] again (lists, limits, policies); chained after the TLS and DKIM
+    # reloads.
+    Service.setServiceParent(DefenceReloader(config.path, service.defences, pool, reactor),
+                             service)
 
     for role, description in _listeners(config):
         policy = (InboundPolicy(router, senders=router, reload_users=reload_users,

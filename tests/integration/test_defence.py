@@ -6,7 +6,9 @@ addresses so that each plays a different network."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
 import smtplib
 import socket
 import subprocess
@@ -251,3 +253,28 @@ def test_greylisting_delays_then_remembers_across_a_restart(
           smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30, local_hostname="client.test",
                        source_address=("127.0.0.9", 0)) as client):
         client.sendmail("new@remote.test", ["demo@example.test"], b"Subject: new\r\n\r\nx\r\n")
+
+
+def test_lists_read_again_on_sighup(server_factory: Callable[..., MailServer]) -> None:
+    """A sender added to block_senders in the file is refused after SIGHUP, without a restart;
+    a file with a mistake leaves the lists as they were."""
+    server = server_factory(extra_config=STRANGERS)
+    server.start()
+    send_from("127.0.0.10", server, "before")
+    server.extra_config = STRANGERS + 'block_senders = ["@remote.test"]\n'
+    server.write_config()
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: "intake defences read again" in server.log(), deadline=20,
+             message="the reload")
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send_from("127.0.0.10", server, "after")
+    assert refused.value.smtp_code == 554
+    server.extra_config = STRANGERS + "helo = 'sometimes'\n"
+    server.write_config()
+    os.kill(server.process.pid, signal.SIGHUP)
+    wait_for(lambda: "intake defences unchanged" in server.log(), deadline=20,
+             message="the refused reload")
+    assert "defence.helo: must be one of none, score, reject" in server.log()
+    with pytest.raises(smtplib.SMTPSenderRefused):
+        send_from("127.0.0.10", server, "still blocked")
