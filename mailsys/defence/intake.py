@@ -306,8 +306,7 @@ class ClientDefence:
     # --- decisions ----------------------------------------------------------------------------
 
     def _filtered(self, verdict: MessageVerdict) -> MessageVerdict:
-        for mark in verdict.marks:
-            self.mark(mark)
+        for _ in verdict.marks:
             self.decided("spamfilter", "unchecked", "content filter unavailable",
                          **({"reply": str(verdict.reply)} if verdict.reply else {}))
         if verdict.reply is not None and not verdict.marks:
@@ -317,7 +316,9 @@ class ClientDefence:
         return self._marked(verdict)
 
     def _marked(self, verdict: MessageVerdict) -> MessageVerdict:
-        marks = list(self.marks)
+        """The verdict with the session's marks (a DNS list that timed out) and this message's
+        own (a filter that was down) written into the message."""
+        marks = self.marks + [m for m in verdict.marks if m not in self.marks]
         if not marks:
             return verdict
         field_ = MARK_FIELD + b": " + "; ".join(marks).encode("ascii", "replace") + b"\r\n"
