@@ -109,14 +109,22 @@ class DNSLists:
     def active(self) -> bool:
         return bool(self.zones or self.allow_zones)
 
+    def cached(self, address: str) -> ListResult | None:
+        """What the lists said about ``address`` while their answers' TTLs last, or None."""
+        known = self._results.get(address)
+        if known is None:
+            return None
+        if known[1] > self._clock.seconds():
+            self._results.move_to_end(address)
+            return known[0]
+        del self._results[address]
+        return None
+
     def check(self, address: str) -> Deferred[ListResult]:
         """Every zone asked at once; fires within ``timeout`` seconds, never with a failure."""
-        known = self._results.get(address)
+        known = self.cached(address)
         if known is not None:
-            if known[1] > self._clock.seconds():
-                self._results.move_to_end(address)
-                return succeed(known[0])
-            del self._results[address]
+            return succeed(known)
         order = sorted({z.zone for z in self.zones} | set(self.allow_zones))
         names = [query_name(address, zone) for zone in order]
         if not order or None in names:

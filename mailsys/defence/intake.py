@@ -18,7 +18,7 @@ then HELO, reverse DNS and the DNS lists add to one score (or refuse, by policy)
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,19 +154,21 @@ class IntakeDefence:
                                (rates.user_recipients, section.submission_recipients_per_hour)):
             buckets.set_limit(limit, section.max_clients_tracked)
 
-    def client(self, address: str, emit: Emit, *, local_address: str = "") -> ClientDefence:
-        """The defences of one connection from ``address``."""
+    def client(self, address: str, emit: Emit, *,
+               local_address: Callable[[], str] = str) -> ClientDefence:
+        """The defences of one connection from ``address``; ``local_address`` says the
+        address it reached (asked only when a HELO is an address literal)."""
         return ClientDefence(self, address, emit, local_address)
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class ClientDefence:
     """One connection's defences (see the module docstring for the order of checks)."""
 
     defence: IntakeDefence
     address: str
     emit: Emit
-    local_address: str = ""
+    local_address: Callable[[], str] = str
     network: str = ""
     exempt: bool = False
     allowed: bool = False  # an allowlist let the client skip the other checks
@@ -180,6 +182,7 @@ class ClientDefence:
     _scored: bool = False
     _transaction_allowed: bool = False
     _sender: str = ""
+    _unknown: bool = False  # a recipient of this session was unknown: watch the harvest limit
 
     def __post_init__(self) -> None:
         defence = self.defence
@@ -210,9 +213,14 @@ class ClientDefence:
             self.allowed = True
             self.decided("lists", "allow", "client network allowlisted")
             return None
-        if defence.dns_lists is not None:
-            self._lists = defence.dns_lists.check(self.address)
-            self._lists.addCallback(self._lists_answered)
+        lists = defence.dns_lists
+        if lists is not None:
+            known = lists.cached(self.address)
+            if known is not None:
+                self._lists_answered(known)  # a client seen before: no lookup, no Deferred
+            else:
+                self._lists = lists.check(self.address)
+                self._lists.addCallback(self._lists_answered)
         if defence.iprev is not None:
             self._iprev = defence.iprev.check(self.address)
             self._iprev.addCallbacks(self._iprev_answered, self._iprev_failed)
@@ -228,7 +236,8 @@ class ClientDefence:
         self._sender = sender
         self._transaction_allowed = False
         if user is not None:
-            if defence.rates.user_messages.over(user):
+            # Messages are counted at MAIL, as attempts (Postfix's anvil counts them so too).
+            if not defence.rates.user_messages.hit(user):
                 return self._refuse("ratelimit", "messages per hour of " + user,
                                     replies.RATE_USER_MESSAGES)
             return None
@@ -245,7 +254,7 @@ class ClientDefence:
             return None
         if self.allowed:
             return None
-        if defence.rates.messages.over(self.network):
+        if not defence.rates.messages.hit(self.network):
             return self._refuse("ratelimit", "messages per hour", replies.RATE_MESSAGES)
         if self._scored:
             return self._score_refusal()
@@ -269,7 +278,9 @@ class ClientDefence:
             return None
         if self.exempt or not defence.inbound:
             return None
-        if rates.unknown.over(self.network):
+        # Over the limit at connect: refused then; so only a session with unknown recipients
+        # of its own (or beside others of its network) can have crossed it since.
+        if self._unknown and rates.unknown.over(self.network):
             return self._refuse("harvest", "unknown recipients per hour",
                                 replies.RATE_UNKNOWN_RECIPIENTS)
         if self.allowed or self._transaction_allowed:
@@ -285,23 +296,20 @@ class ClientDefence:
         """A RCPT was refused as unknown: counted towards the harvest limit."""
         if self.exempt or not self.defence.inbound:
             return
+        self._unknown = True
         if not self.defence.rates.unknown.hit(self.network):
             self.decided("harvest", "limit", "unknown recipients per hour")
 
-    def message(self, message: bytes, details: MessageDetails) -> (
-            MessageVerdict | Deferred[MessageVerdict]):
-        """The end of DATA: count the message, ask the spam filter, add the marks."""
+    def message(self, message: bytes, details: Callable[[], MessageDetails],
+                user: str | None) -> MessageVerdict | Deferred[MessageVerdict]:
+        """The end of DATA: ask the spam filter (``details`` made only then), add the marks."""
         defence = self.defence
-        if details.user is not None:
-            defence.rates.user_messages.hit(details.user)
+        if user is not None or self.exempt or not defence.inbound:
             return ACCEPT
-        if self.exempt or not defence.inbound:
-            return ACCEPT
-        defence.rates.messages.hit(self.network)
         content_filter = defence.content_filter
         if content_filter is None or self.allowed or self._transaction_allowed:
-            return self._marked(ACCEPT)
-        return content_filter.check(message, details).addCallback(self._filtered)
+            return self._marked(ACCEPT) if self.marks else ACCEPT
+        return content_filter.check(message, details()).addCallback(self._filtered)
 
     # --- decisions ----------------------------------------------------------------------------
 
@@ -356,8 +364,10 @@ class ClientDefence:
         score = 0.0
         reasons: list[str] = []
         if section.helo != "none" and self.helo:
-            problem = helo_problem(self.helo, (self.defence.hostname,),
-                                   (self.local_address,) if self.local_address else ())
+            helo = self.helo
+            # Our own address matters only for an address literal (or a bare address).
+            local = self.local_address() if helo[:1] in "[0123456789" or ":" in helo else ""
+            problem = helo_problem(helo, (self.defence.hostname,), (local,) if local else ())
             if problem is not None:
                 if section.helo == "reject":
                     return self._refuse("helo", problem,

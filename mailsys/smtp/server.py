@@ -213,9 +213,8 @@ class SMTPSession(ServerSession):
                            listener=self._role.value)
         defence = self._factory.defence
         if defence is not None:
-            local = str(getattr(self._transport.getHost(), "host", ""))
             self._defence = client = defence.client(self._client_address, self._journey.emit,
-                                                    local_address=local)
+                                                    local_address=self._local_address)
             refusal = client.connected()
             if refusal is not None:
                 self._send_now(_wire(refusal))
@@ -230,6 +229,10 @@ class SMTPSession(ServerSession):
                 self._pregreet = self._clock.callLater(pause, self._greeting_paused)
                 return
         self._transport.write(self._factory.greeting)
+
+    def _local_address(self) -> str:
+        """The address the client reached (what a HELO naming our own address would name)."""
+        return str(getattr(self._transport.getHost(), "host", ""))
 
     def _greeting_paused(self) -> None:
         self._pregreet = None
@@ -808,10 +811,12 @@ class SMTPSession(ServerSession):
         defence = self._defence
         if defence is None:
             return self._submit(envelope, message, message_id, txn.chunking)
-        details = MessageDetails(self._client_address, self._helo or "", envelope.sender,
-                                 tuple(str(r.recipient) for r, _ in txn.recipients), queue_id,
-                                 self._auth_user)
-        verdict = defence.message(message, details)
+        def details() -> MessageDetails:
+            return MessageDetails(self._client_address, self._helo or "", envelope.sender,
+                                  tuple(str(r.recipient) for r, _ in txn.recipients), queue_id,
+                                  self._auth_user)
+
+        verdict = defence.message(message, details, self._auth_user)
         if isinstance(verdict, MessageVerdict):
             return self._judged(verdict, envelope, message, len(received), message_id,
                                 txn.chunking)

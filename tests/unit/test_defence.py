@@ -174,7 +174,7 @@ def test_submission_per_user_limits() -> None:
     client = defence.client(CLIENT, lambda *a, **k: None)
     assert client.connected() is None
     assert client.mail("alice@example.test", "alice@example.test") is None
-    client.message(b"x", _details("alice@example.test"))
+    client.message(b"x", lambda: _details("alice@example.test"), "alice@example.test")
     assert client.mail("alice@example.test", "alice@example.test") == \
         replies.RATE_USER_MESSAGES
     other = defence.client(CLIENT, lambda *a, **k: None)
