@@ -774,8 +774,15 @@ class SMTPSession(ServerSession):
                 content = fit_lines(content)
             else:
                 fitted: Deferred[bytes] = threads.run(fit_lines, content)
+                fitted.addErrback(self._not_fitted, content)
                 return fitted.addCallback(self._prepared, txn)
         return self._prepared(content, txn)
+
+    def _not_fitted(self, failure: Failure, content: bytes) -> bytes:
+        # Never a reason to refuse: the relay makes it fit when it sends it.
+        log.failure("cannot re-encode the long lines of a message from {client}", failure,
+                    client=self._client)
+        return content
 
     def _prepared(self, content: bytes, txn: _Transaction) -> Reply | Deferred[Reply]:
         """The message's content is final: add our fields and hand it on."""
@@ -811,6 +818,7 @@ class SMTPSession(ServerSession):
         defence = self._defence
         if defence is None:
             return self._submit(envelope, message, message_id, txn.chunking)
+
         def details() -> MessageDetails:
             return MessageDetails(self._client_address, self._helo or "", envelope.sender,
                                   tuple(str(r.recipient) for r, _ in txn.recipients), queue_id,
