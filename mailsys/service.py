@@ -30,6 +30,9 @@ from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
 from mailsys.config import Config, load
+from mailsys.defence.greylist import Greylist
+from mailsys.defence.intake import IntakeDefence
+from mailsys.defence.spamfilter import RspamdFilter
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
 from mailsys.delivery.wiring import build_relay
@@ -153,6 +156,9 @@ class MailService(MultiService):
         # The journey writer (mailsys.journey.writer), not a child: it starts before anything
         # emits and stops after everything else has, so the last steps are written too.
         self.journey: JourneyWriter | None = None
+        # The intake defences of the SMTP listeners; a configuration read again is given to
+        # each (IntakeDefence.reconfigure): the allow and block lists live there.
+        self.defences: list[IntakeDefence] = []
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
@@ -497,6 +503,37 @@ def build_service(config: Config, reactor: Any, *,
 
     full = mailbox_full if quota is not None else None
 
+    # --- intake defences (mailsys.defence): one for the MTA listeners, one shared by 587 and
+    # 465 (per-user limits count across both) ---
+    section = config.defence
+    content_filter = None
+    if section.spam_filter is not None:
+        content_filter = RspamdFilter(section.spam_filter, reactor,
+                                      timeout=section.spam_filter_timeout,
+                                      on_failure=section.spam_filter_failure,
+                                      junk=section.spam_filter_junk)
+    greylist = None
+    if section.enabled and section.greylisting:
+        greylist = Greylist(section.greylist_path, reactor, pool, delay=section.greylist_delay,
+                            retention=section.greylist_retention,
+                            max_entries=section.max_clients_tracked)
+        greylist.load()  # before the reactor runs: what the last run kept
+        Service.setServiceParent(greylist, service)  # saved each minute and at stop
+    defences = {
+        inbound: IntakeDefence(section, reactor, resolver=authn.resolver,
+                               hostname=config.server.hostname, inbound=inbound,
+                               content_filter=content_filter if inbound else None,
+                               greylist=greylist if inbound else None)
+        for inbound in (True, False)
+    }
+    service.defences = list(defences.values())
+
+    def defence_settings(new: Config) -> None:
+        for defence in service.defences:  # lists, limits and policies; the counts are kept
+            defence.reconfigure(new.defence)
+
+    running.follow("intake defences", defence_settings)
+
     for role, description in _listeners(config):
         policy = (InboundPolicy(router, senders=router, reload_users=reload_users,
                                 mailbox_full=full)
@@ -509,7 +546,9 @@ def build_service(config: Config, reactor: Any, *,
             config, role, policy, counted, reactor, tls, portal=portal, throttle=throttle,
             journey=journey,
             storage=storage,
+            defence=defences[role is ListenerRole.MTA],
         )
+        smtp.threads = pool  # long lines of submitted mail are re-encoded in its threads
         smtp.metrics = ListenerMetrics(metrics, listener, "smtp")
         factory: IProtocolFactory = smtp
         if role is ListenerRole.SUBMISSIONS:

@@ -86,7 +86,10 @@ class Authn:
         self._run_in_thread = run_in_thread
         servers = section.dns_servers or config.relay.dns_servers
         self.resolver: CachingResolver | None = None
-        if section.checks or config.relay.enabled:
+        defence = config.defence
+        if (section.checks or config.relay.enabled
+                or (defence.enabled and (defence.dnsbl or defence.dnswl
+                                         or defence.fcrdns != "none"))):
             upstream = make_resolver([(s.host, s.port) for s in servers], reactor)
             self.resolver = CachingResolver(upstream, reactor, timeout=section.dns_timeout)
         self.keys = self._load_keys()

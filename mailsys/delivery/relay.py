@@ -17,6 +17,7 @@ import ipaddress
 import weakref
 from collections import deque
 from dataclasses import dataclass, field, replace
+from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -56,6 +57,7 @@ from mailsys.smtp.client import (
     TLSFailedError,
     Transaction,
 )
+from mailsys.smtp.linelimit import file_has_long_line, fit_lines
 from mailsys.values import NextHop, RouteKind, TLSPolicy
 
 log = Logger(namespace="mailsys.delivery.relay")
@@ -140,13 +142,17 @@ class TCPDialer:
 
 class SpoolFileSource:
     """A queued message read in chunks by disk threads, so a large message never blocks the
-    reactor. Reads are sequential (the client awaits each), so one file object is safe."""
+    reactor. Reads are sequential (the client awaits each), so one file object is safe.
+
+    A message stored with lines over RFC 5321's 998 octets (intake takes them) is re-encoded to
+    fit before it is sent (mailsys.smtp.linelimit), in the same disk thread."""
 
     def __init__(self, path: Path, disk: DiskRunner) -> None:
         self._path = path
         self._disk = disk
         self._file: IO[bytes] | None = None
         self._closed = False
+        self.refitted = False  # long lines were re-encoded to fit
 
     def read(self, size: int) -> Deferred[bytes]:
         d: Deferred[bytes] = self._disk.run(self._read, size)
@@ -156,7 +162,12 @@ class SpoolFileSource:
         if self._closed:
             raise ValueError("source closed")
         if self._file is None:
-            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+            file: IO[bytes] = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+            if file_has_long_line(file):
+                with file:
+                    file = BytesIO(fit_lines(file.read()))
+                self.refitted = True
+            self._file = file
         return self._file.read(size)
 
     def close(self) -> None:
