@@ -86,7 +86,10 @@ class Authn:
         self._run_in_thread = run_in_thread
         servers = section.dns_servers or config.relay.dns_servers
         self.resolver: CachingResolver | None = None
-        if section.checks or config.relay.enabled:
+        defence = config.defence
+        if (section.checks or config.relay.enabled
+                or (defence.enabled and (defence.dnsbl or defence.dnswl
+                                         or defence.fcrdns != "none"))):
             upstream = make_resolver([(s.host, s.port) for s in servers], reactor)
             self.resolver = CachingResolver(upstream, reactor, timeout=section.dns_timeout)
         self.keys = self._load_keys()
@@ -120,11 +123,16 @@ class Authn:
         return MessageAuthentication(checks, signer, self.policies,
                                      authserv_id=section.authserv_id)
 
-    def reload(self) -> None:
-        """Read the signing keys again (SIGHUP); a broken key keeps the old ones, and says so."""
+    def reload(self, config: Config | None = None) -> None:
+        """Read the signing keys again (SIGHUP), from ``config``'s key directory and selectors
+        when given (a configuration reload); a broken key keeps the old ones, and says so."""
+        previous = self._config
+        if config is not None:
+            self._config = config
         try:
             keys = self._load_keys()
         except KeyFileError as exc:
+            self._config = previous
             log.error("DKIM keys not reloaded, the old ones stay: {error}", error=str(exc))
             return
         self.keys = keys

@@ -10,9 +10,13 @@ smtp.tls                  tls (version and cipher), implicit (TLS from the first
 smtp.ehlo                 command (EHLO/HELO), name, reply
 smtp.auth                 user, mechanism, reply (never the SASL exchange)
 smtp.mail / smtp.rcpt     sender / recipient, reply (refused ones too), txn
-smtp.data                 command (DATA/BDAT), size, reply, txn, and the queue id once queued
+smtp.data                 command (DATA/BDAT), size, reply, txn, subject (as sent), and the
+                          queue id once queued
 smtp.close                reason (lost connection after DATA, closed without QUIT), messages;
                           not emitted for a session that ends with QUIT
+defence                   check (ratelimit, harvest, pregreet, dnsbl, dnswl, helo, fcrdns, lists,
+                          greylist, spamfilter, score), action (refuse, allow, accept, junk,
+                          unchecked, limit), reason, client, reply, score
 spool.commit              sender, recipients, size: the message is durable; routes: for each
                           recipient the routing decision, shown as a step of its own
 route                     recipient, original (as in RCPT TO), target (local, relay), mailbox
@@ -293,6 +297,28 @@ def _imap_expunge(f: Fields) -> Step:
                 "EXPUNGE, RFC 9051 §6.4.3")
 
 
+_DEFENCE_RULES = {
+    "ratelimit": "rate limit per client network or user",
+    "harvest": "directory harvest limit: unknown recipients per client network",
+    "pregreet": "the client must wait for the greeting, RFC 5321 §4.2.1 (postscreen's test)",
+    "dnsbl": "DNS blocklist, RFC 5782",
+    "dnswl": "DNS allowlist, RFC 5782",
+    "helo": "the HELO/EHLO name, RFC 5321 §4.1.1.1",
+    "fcrdns": "forward-confirmed reverse DNS, RFC 8601 §3",
+    "lists": "allow and block lists of the configuration",
+    "greylist": "greylisting, RFC 6647",
+    "spamfilter": "the content filter (rspamd)",
+    "score": "HELO, reverse DNS and DNS lists scored together",
+}
+
+
+def _defence(f: Fields) -> Step:
+    check = _f(f, "check")
+    reply = f" {_reply(f)}" if f.get("reply") else ""
+    return Step(f"intake defence {check}: {_f(f, 'action')}, {_f(f, 'reason', '')}{reply}",
+                reply_rule(_DEFENCE_RULES.get(check, ""), str(f.get("reply") or "")))
+
+
 def _reply(f: Fields) -> str:
     reply = f.get("reply")
     return f"({reply})" if reply else ""
@@ -307,6 +333,7 @@ _CATALOG: dict[str, Callable[[Fields], Step]] = {
     "smtp.rcpt": _rcpt,
     "smtp.data": _data,
     "smtp.close": _close,
+    "defence": _defence,
     "spool.commit": _commit,
     "route": _route,
     "relay.mx": _mx,
