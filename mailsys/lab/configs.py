@@ -66,7 +66,7 @@ listen = {listen(ports.pop3)}
 listen_tls = {listen(ports.pop3s)}
 
 [web]
-# HTTP: /livez, /readyz and /metrics (and the pages the web room grows).
+# HTTP: the journey page (log in with a lab address), /livez, /readyz and /metrics.
 listen = {listen(ports.web)}
 
 [routing]

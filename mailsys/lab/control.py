@@ -556,7 +556,7 @@ def render_table(plan: LabPlan, header: bool = True) -> str:
         f"every host listens on its address: smtp {ports.smtp} (port 25's role), "
         f"submission {ports.submission} (STARTTLS), submissions {ports.submissions} (TLS),",
         f"  imap {ports.imap} (STARTTLS), imaps {ports.imaps}, pop3 {ports.pop3} (STLS), "
-        f"pop3s {ports.pop3s}, web {ports.web} (HTTP: /livez, /readyz, /metrics)",
+        f"pop3s {ports.pop3s}, web {ports.web} (HTTP: the journey page, /readyz, /metrics)",
     ]
     if plan.fallback is not None:
         lines.append(f"{plan.fallback.domain} has two MX: mx1.{plan.fallback.domain} "
@@ -564,7 +564,9 @@ def render_table(plan: LabPlan, header: bool = True) -> str:
                      f"{plan.fallback.hostname} (20)")
     lines += [
         f"journeys: mailsys trace --config {plan.hosts[0].config_path} ADDRESS (each domain "
-        "has its own)",
+        "has its own),",
+        f"  or the journey page http://{plan.hosts[0].address}:{plan.ports.web}/ (log in with "
+        "a lab address and its password)",
         f"scenarios: mailsys lab scenario list --dir {plan.directory}",
     ]
     if len(plan.hosts) >= 2:

@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -134,6 +135,15 @@ def test_lab_up_prints_the_table(running_lab: RunningLab) -> None:
         assert needle in out
     status = lab("status", "--dir", str(running_lab.directory))
     assert status.returncode == 0 and f"lab in {running_lab.directory}: up" in status.stdout
+
+
+def test_each_lab_server_serves_the_journey_page(running_lab: RunningLab) -> None:
+    """Port 5080 of a lab server answers /readyz and offers the journey page's login."""
+    base = f"http://{running_lab.address(2)}:5080"
+    with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
+        assert answer.status == 200
+    with urllib.request.urlopen(f"{base}/login", timeout=10) as answer:
+        assert answer.status == 200 and b'name="password"' in answer.read()
 
 
 def ask(server: str, name: str, kind: int) -> list[Any]:
