@@ -157,6 +157,43 @@ class DKIMTests(SynchronousTestCase):
         message = self.signed(MESSAGE.replace(b"Subject: Lunch\r\n", b""))
         self.assertEqual([r.result for r in self.verify(message)], ["pass", "pass"])
 
+    def test_verify_signature_over_absent_header(self) -> None:
+        """A signature whose h= names a field the message lacks passes (the absent field is
+        hashed as nothing, RFC 6376 §5.4) and fails once that field is added."""
+        header = dkimpy.DKIM(MESSAGE).sign(
+            b"rsa1", b"example.test", self.keys[0].pem, canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[b"from", b"subject", b"reply-to", b"list-id"])
+        self.assertIn(b"reply-to", header.lower())
+        self.assertEqual(self.verify(header + MESSAGE)[0].result, "pass")
+        added = header + MESSAGE.replace(b"Subject:", b"Reply-To: m@evil.test\r\nSubject:")
+        self.assertEqual(self.verify(added)[0].result, "fail")
+
+    def test_over_long_key_record(self) -> None:
+        """A key record of thousands of octets (many TXT strings) is a permerror, not a
+        crash or a hang."""
+        message = self.signed(keys=[self.keys[0]])
+        huge = {"rsa1._domainkey.example.test": {
+            "TXT": ["v=DKIM1; k=rsa; p=" + "A" * 20000]}}
+        result = self.verify(message, huge)[0]
+        self.assertEqual(result.result, "permerror")
+        self.assertTrue(result.problem)
+
+    def test_malformed_signature_tags(self) -> None:
+        """Signatures with bad tag values (a non-numeric l=, a b= that is not base64, an
+        unknown c=, a future version) are each a result, never an exception."""
+        good = sign_message(MESSAGE, [self.keys[0]])
+        variants = {
+            b"l=abc": good.replace(b"v=1;", b"v=1; l=abc;", 1),
+            b"b=***": re.sub(rb"b=[^;]*$", b"b=***\r\n", good.rstrip(b"\r\n"), flags=re.S),
+            b"c=odd": good.replace(b"c=relaxed/relaxed", b"c=odd/strange"),
+            b"v=2": good.replace(b"v=1;", b"v=2;", 1),
+            b"x<t": good.replace(b"v=1;", b"v=1; x=1;", 1),
+        }
+        for name, field in variants.items():
+            results = self.verify(field + MESSAGE)
+            self.assertEqual(len(results), 1, name)
+            self.assertIn(results[0].result, ("permerror", "fail"), name)
+
     def test_body_length(self) -> None:
         """l= longer than the body is a permerror; shorter leaves content unsigned: policy."""
         signer = dkimpy.DKIM(MESSAGE)
