@@ -46,7 +46,7 @@ class IprevChecker:
             ip = ip.ipv4_mapped
         outcome = IprevResult("fail", str(ip))
         try:
-            answer = await self._resolver.query_answer(reverse_name(str(ip)), dns.PTR)
+            answer = await self._resolver.answer(reverse_name(str(ip)), dns.PTR)
         except DNSTemporaryError as exc:
             outcome.evidence.append(str(exc))
             outcome.result, outcome.problem = "temperror", f"PTR lookup: {exc.reason}"
@@ -61,7 +61,7 @@ class IprevChecker:
         kind = dns.A if ip.version == 4 else dns.AAAA
         for name in names[:MAX_NAMES]:
             try:
-                addresses = await self._resolver.query_answer(name, kind)
+                addresses = await self._resolver.answer(name, kind)
             except DNSTemporaryError as exc:
                 outcome.evidence.append(str(exc))
                 temporary = f"address lookup: {exc.reason}"

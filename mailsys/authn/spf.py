@@ -243,7 +243,7 @@ class SPFChecker:
 
     async def _ask(self, context: _Context, name: str, type: int) -> Answer:
         try:
-            answer = await self._resolver.query_answer(name, type)
+            answer = await self._resolver.answer(name, type)
         except DNSTemporaryError as exc:
             context.evidence.append(f"{exc}")
             raise _TempError(str(exc)) from None
@@ -304,7 +304,7 @@ class SPFChecker:
         A DNS error on the PTR query makes no names; one on a name's addresses skips that name.
         """
         try:
-            answer = await self._resolver.query_answer(reverse_name(str(context.ip)), dns.PTR)
+            answer = await self._resolver.answer(reverse_name(str(context.ip)), dns.PTR)
         except DNSTemporaryError as exc:
             context.evidence.append(str(exc))
             return []
