@@ -231,12 +231,15 @@ def without_b_value(value: bytes) -> bytes:
     return b"".join(parts)
 
 
-def hash_headers(hasher: Any, policy: Any, canonical: list[tuple[bytes, bytes]],
+def hash_headers(hasher: Any, policy: Any, headers: Sequence[tuple[bytes, bytes]],
                  include: Sequence[bytes], field: tuple[bytes, bytes]) -> None:
     """Feed ``hasher`` the signed header fields (RFC 6376 §5.4.2: each name taken from the
-    bottom up, a name listed once more than present hashed as nothing) and then the signature
-    field with an empty b=, without its line end (§3.7), as dkim.hash_headers does."""
-    for name, value in dkim.select_headers(canonical, list(include)):
+    bottom up, a name listed once more than present hashed as nothing), canonicalized by
+    ``policy``, and then the signature field with an empty b=, without its line end (§3.7),
+    as dkim.hash_headers does. Only the fields signed are canonicalized: a message with forty
+    Received fields does not pay for them."""
+    selected = select_headers(headers, include)
+    for name, value in policy.canonicalize_headers(selected):
         hasher.update(name)
         hasher.update(b":")
         hasher.update(value)
@@ -244,6 +247,23 @@ def hash_headers(hasher: Any, policy: Any, canonical: list[tuple[bytes, bytes]],
     hasher.update(name)
     hasher.update(b":")
     hasher.update(value.rstrip())
+
+
+def select_headers(headers: Sequence[tuple[bytes, bytes]], include: Sequence[bytes]
+                   ) -> list[tuple[bytes, bytes]]:
+    """The fields ``include`` names (lower case), in its order, each occurrence of a name
+    taken from the bottom up (RFC 6376 §5.4.2), as dkim.select_headers picks them; field
+    names carry no white space (the parser's names are printable characters only), so the
+    choice does not depend on the canonicalization."""
+    positions: dict[bytes, list[int]] = {}
+    for index, (name, _) in enumerate(headers):
+        positions.setdefault(name.lower(), []).append(index)
+    chosen = []
+    for name in include:
+        found = positions.get(name)
+        if found:
+            chosen.append(headers[found.pop()])
+    return chosen
 
 
 def _header_policy(policy: Any) -> Any:
@@ -338,16 +358,15 @@ def _valid_key_name(selector: str, domain: str) -> bool:
 def _verify_all(message: bytes, parsed: tuple[list[tuple[bytes, bytes]], int],
                 signatures: Sequence[_Signature], min_key_bits: int) -> None:
     """The CPU part, in a thread: canonicalize, hash, check each signature. ``parsed`` is the
-    header section already parsed and its length; each canonical form is made once for all
+    header section already parsed and its length; each canonical body is made once for all
     signatures."""
     headers, body = _with_body(message, *parsed)
     fields = [(name, value) for name, value in headers if name.lower() == b"dkim-signature"]
     bodies: dict[bytes, bytes] = {}  # canonical body per c= body algorithm
-    canonical_fields: dict[bytes, list[tuple[bytes, bytes]]] = {}  # per c= header algorithm
     for signature in signatures:
         try:
-            _verify_one(headers, body, bodies, canonical_fields, fields[signature.index],
-                        signature, min_key_bits)
+            _verify_one(headers, body, bodies, fields[signature.index], signature,
+                        min_key_bits)
         except dkim.DKIMException as exc:
             signature.result.result = "permerror"
             signature.result.problem = str(exc)[:200]
@@ -407,7 +426,6 @@ def _public_key(record: bytes, algorithm: bytes) -> tuple[Any, int]:
 
 
 def _verify_one(headers: list[tuple[bytes, bytes]], body: bytes, bodies: dict[bytes, bytes],
-                canonical_fields: dict[bytes, list[tuple[bytes, bytes]]],
                 field: tuple[bytes, bytes], signature: _Signature, min_key_bits: int) -> None:
     """One signature (RFC 6376 §6.1.3): dkimpy canonicalizes and hashes the header fields;
     the body hash and the public-key step are ours (OpenSSL through cryptography, some ten
@@ -457,12 +475,7 @@ def _verify_one(headers: list[tuple[bytes, bytes]], body: bytes, bodies: dict[by
     # second From added on top breaks the signature even when From was signed only once.
     include.append(b"from")
     hasher = new_hash()
-    header_policy = _header_policy(policy)
-    canonical_headers = canonical_fields.get(policy.header_algorithm.name)
-    if canonical_headers is None:
-        canonical_headers = canonical_fields[policy.header_algorithm.name] = \
-            header_policy.canonicalize_headers(headers)
-    hash_headers(hasher, header_policy, canonical_headers, include, field)
+    hash_headers(hasher, _header_policy(policy), headers, include, field)
     digest = hasher.digest()
     try:
         if algorithm == b"ed25519-sha256":
@@ -540,7 +553,6 @@ def sign_message(message: bytes, keys: Sequence[SigningKey], now: float | None =
     include = [name.encode() for name in SIGNED_HEADERS if name.encode() in present]
     include.append(b"from")  # over-signed: a second From cannot be added unnoticed
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
-    canonical = relaxed_headers(headers)
     stamp = str(int(time.time() if now is None else now)).encode()
     fields = b""
     for key in keys:
@@ -553,7 +565,7 @@ def sign_message(message: bytes, keys: Sequence[SigningKey], now: float | None =
         unsigned = dkim.fold(b"; ".join(b"=".join(t) for t in tags), namelen=15)
         hasher = hashlib.sha256()
         # RFC 6376 §3.7: the signed header fields, then this field with an empty b=.
-        hash_headers(hasher, _FastRelaxed, canonical, include,
+        hash_headers(hasher, _FastRelaxed, headers, include,
                      (b"DKIM-Signature", b" " + unsigned))
         digest = hasher.digest()
         if key.algorithm == "rsa-sha256":
