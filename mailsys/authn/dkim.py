@@ -144,6 +144,9 @@ class DKIMVerifier:
 
 
 _WSP_RUN = re.compile(rb"[ \t]+")
+_SPACES = re.compile(rb"\s+")
+_FOLD = re.compile(rb"\r?\n[ \t]")
+_COLON = re.compile(rb"\s*:\s*")
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -306,7 +309,7 @@ def _header_section(message: bytes) -> bytes:
 
 
 def _unfold(value: bytes) -> bytes:
-    return re.sub(rb"\r?\n[ \t]", b" ", value)
+    return _FOLD.sub(b" ", value)
 
 
 def _signatures(headers: Sequence[tuple[bytes, bytes]], limit: int,
@@ -329,7 +332,7 @@ def _signatures(headers: Sequence[tuple[bytes, bytes]], limit: int,
         result.selector = tags.get(b"s", b"").decode("ascii", "replace")
         result.algorithm = tags.get(b"a", b"").decode("ascii", "replace").lower()
         result.identity = tags.get(b"i", b"").decode("ascii", "replace")
-        result.header_b = re.sub(rb"\s+", b"", tags.get(b"b", b""))[:HEADER_B_LENGTH].decode(
+        result.header_b = _SPACES.sub(b"", tags.get(b"b", b""))[:HEADER_B_LENGTH].decode(
             "ascii", "replace")
         missing = [t.decode() for t in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
                    if t not in tags]
@@ -348,10 +351,12 @@ def _signatures(headers: Sequence[tuple[bytes, bytes]], limit: int,
     return found
 
 
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_KEY_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
 def _valid_key_name(selector: str, domain: str) -> bool:
-    label = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    name = rf"{label}(?:\.{label})*"
-    return bool(re.fullmatch(name, selector) and re.fullmatch(name, domain)
+    return bool(_KEY_NAME.fullmatch(selector) and _KEY_NAME.fullmatch(domain)
                 and "." in domain)
 
 
@@ -398,7 +403,7 @@ def _public_key(record: bytes, algorithm: bytes) -> tuple[Any, int]:
     hashes = tags.get(b"h")
     if hashes is not None and algorithm.split(b"-")[1] not in hashes.split(b":"):
         raise dkim.KeyFormatError("key does not allow this hash (h=)")
-    data = re.sub(rb"\s+", b"", tags.get(b"p", b""))
+    data = _SPACES.sub(b"", tags.get(b"p", b""))
     if not data:
         raise dkim.KeyFormatError("key revoked (empty p=)")  # RFC 6376 §3.6.1
     try:
@@ -462,15 +467,15 @@ def _verify_one(headers: list[tuple[bytes, bytes]], body: bytes, bodies: dict[by
             return
         signed_body = canonical[:int(length)]
     try:
-        expected = base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"]), validate=True)
-        value = base64.b64decode(re.sub(rb"\s+", b"", tags[b"b"]), validate=True)
+        expected = base64.b64decode(_SPACES.sub(b"", tags[b"bh"]), validate=True)
+        value = base64.b64decode(_SPACES.sub(b"", tags[b"b"]), validate=True)
     except ValueError:
         result.result, result.problem = "permerror", "b= or bh= is not base64"
         return
     if new_hash(signed_body).digest() != expected:
         result.result, result.problem = "fail", "body hash did not verify"
         return
-    include = [h.lower() for h in re.split(rb"\s*:\s*", tags[b"h"].strip())]
+    include = [h.lower() for h in _COLON.split(tags[b"h"].strip())]
     # As dkimpy does (its bug 644046): an extra From above the signed one is hashed too, so a
     # second From added on top breaks the signature even when From was signed only once.
     include.append(b"from")

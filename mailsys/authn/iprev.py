@@ -10,7 +10,7 @@ from typing import Literal
 from twisted.internet.defer import Deferred
 from twisted.names import dns
 
-from mailsys.dns import CachingResolver, DNSTemporaryError, reverse_name
+from mailsys.dns import CachingResolver, DNSTemporaryError, ip_address, reverse_name
 
 IprevResultName = Literal["pass", "fail", "temperror", "permerror"]
 # Like RFC 7208 §4.6.4's PTR limit: a reverse zone listing hundreds of names costs 10 lookups.
@@ -39,7 +39,7 @@ class IprevChecker:
 
     async def _check(self, ip_text: str) -> IprevResult:
         try:
-            ip = ipaddress.ip_address(ip_text.strip("[]"))
+            ip = ip_address(ip_text.strip("[]"))
         except ValueError:
             return IprevResult("permerror", ip_text, problem="not an IP address")
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -67,7 +67,7 @@ class IprevChecker:
                 temporary = f"address lookup: {exc.reason}"
                 continue
             outcome.evidence.append(addresses.describe())
-            if any(ipaddress.ip_address(a) == ip for a in addresses.addresses()):
+            if any(ip_address(a) == ip for a in addresses.addresses()):
                 outcome.result, outcome.name = "pass", name
                 return outcome
         if temporary:

@@ -10,6 +10,7 @@ IResolver, so code written for twisted.names (the relay's MX lookups) can share 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -154,9 +155,17 @@ class Answer:
         return f"{question}: {', '.join(shown)}"
 
 
+@functools.lru_cache(maxsize=4096)
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``ipaddress.ip_address(text)``, remembered: the checks of one message parse the
+    client's address and the addresses of its names half a dozen times (raises ValueError)."""
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=4096)
 def reverse_name(address: str) -> str:
     """The in-addr.arpa or ip6.arpa name of an address (RFC 1035 §3.5, RFC 3596 §2.5)."""
-    return ipaddress.ip_address(address).reverse_pointer
+    return ip_address(address).reverse_pointer
 
 
 def valid_name(name: str) -> bool:
