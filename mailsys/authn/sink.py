@@ -16,7 +16,7 @@ from zope.interface import implementer
 from mailsys.authn.intake import IntakeFacts, IntakeVerdict, MessageAuthentication, Signing
 from mailsys.envelope import Envelope
 from mailsys.interfaces import IMessageSink, MessageRefusedError
-from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.events import NULL_RECORDER, NullRecorder
 from mailsys.journey.interfaces import IJourneyRecorder
 
 log = Logger(namespace="mailsys.authn")
@@ -106,6 +106,8 @@ class CheckingSink:
         """The journey: each check with its evidence, then the verdict (also for a refused
         message, whose queue id then names only these steps and the refusal)."""
         journey = self._journey
+        if isinstance(journey, NullRecorder):  # recording off: build no fields for nothing
+            return
         report = verdict.report
         if report is not None:
             for kind, fields in report.steps():
