@@ -24,6 +24,8 @@ from mailsys.config import Config
 from mailsys.delivery.mx import make_resolver
 from mailsys.dns import CachingResolver
 from mailsys.interfaces import IMessageSink
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 
 log = Logger(namespace="mailsys.authn")
 
@@ -79,8 +81,10 @@ class Authn:
     and the reload of the signing keys."""
 
     def __init__(self, config: Config, reactor: Any,
-                 run_in_thread: ThreadRunner = deferToThread) -> None:
+                 run_in_thread: ThreadRunner = deferToThread,
+                 journey: IJourneyRecorder = NULL_RECORDER) -> None:
         section = config.authn
+        self._journey = journey
         self._config = config
         self._reactor = reactor
         self._run_in_thread = run_in_thread
@@ -145,7 +149,7 @@ class Authn:
     def wrap(self, sink: IMessageSink) -> IMessageSink:
         """The sink every listener and the notices hand messages to: authenticated and local
         mail is signed, the rest checked (AuthenticatingSink)."""
-        return AuthenticatingSink(sink, self.authentication)
+        return AuthenticatingSink(sink, self.authentication, self._journey)
 
     def reloader(self) -> Service:
         """A service that reloads the keys on SIGHUP, after whatever else SIGHUP does."""
