@@ -4,16 +4,13 @@ the MessageAuthentication the SMTP listeners use."""
 
 from __future__ import annotations
 
-import signal
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.application.service import Service
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from typing_extensions import override
 
 from mailsys.authn.checks import InboundChecks
 from mailsys.authn.dkim import DKIMSigner, KeyFileError, SigningKey, ThreadRunner, load_key
@@ -150,31 +147,6 @@ class Authn:
         """The sink every listener and the notices hand messages to: authenticated and local
         mail is signed, the rest checked (AuthenticatingSink)."""
         return AuthenticatingSink(sink, self.authentication, self._journey)
-
-    def reloader(self) -> Service:
-        """A service that reloads the keys on SIGHUP, after whatever else SIGHUP does."""
-        return _ReloadOnHangup(self.reload, self._reactor)
-
-
-class _ReloadOnHangup(Service):
-    """Chains onto the SIGHUP handler installed before it (the TLS certificate reload)."""
-
-    def __init__(self, reload: Callable[[], None], reactor: Any) -> None:
-        self._reload = reload
-        self._reactor = reactor
-
-    @override
-    def startService(self) -> None:
-        Service.startService(self)
-        reactor = self._reactor
-        before = signal.getsignal(signal.SIGHUP)
-
-        def hangup(signum: int, frame: Any) -> None:
-            if callable(before):
-                before(signum, frame)
-            reactor.callFromThread(self._reload)
-
-        signal.signal(signal.SIGHUP, hangup)
 
 
 def _policy(dmarc: str, spf: str, dkim: str, iprev: str) -> AuthnPolicy:
