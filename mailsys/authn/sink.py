@@ -7,8 +7,6 @@ evidence, as journey steps of the message (``authn.*``, mailsys.journey.steps)."
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -36,11 +34,11 @@ class SigningSink:
         queue_id: str = self._inner.new_queue_id()
         return queue_id
 
-    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
         """Fires when ``inner`` has stored the signed message; signing trouble never stops it
         (the message then goes unsigned, and the log says why)."""
 
-        def store(signing: Signing) -> object:
+        def store(signing: Signing) -> Deferred[None]:
             if self._authentication.signer is not None:  # with signing off, nothing to say
                 self._journey.emit("authn.sign", envelope.queue_id, **signing.step())
             envelope.size = len(signing.message)
@@ -68,7 +66,7 @@ class CheckingSink:
         queue_id: str = self._inner.new_queue_id()
         return queue_id
 
-    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
         facts = IntakeFacts(
             client_address=envelope.client_address,
             helo=envelope.client_helo,
@@ -78,7 +76,7 @@ class CheckingSink:
             queue_id=envelope.queue_id,
         )
 
-        def decided(verdict: IntakeVerdict) -> object:
+        def decided(verdict: IntakeVerdict) -> Deferred[None]:
             if verdict.report is None and verdict.action == "accept":
                 # Checks off: only forged fields of ours were removed; nothing to record.
                 envelope.size = len(verdict.message)
@@ -135,8 +133,7 @@ class AuthenticatingSink:
         queue_id: str = self._inner.new_queue_id()
         return queue_id
 
-    def submit(self, envelope: Envelope, message: bytes) -> Deferred[object]:  # type: ignore[override]
+    def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
         submitted = envelope.auth_user is not None or envelope.protocol == "local"
         target = self._signing if submitted else self._checking
-        result: Any = target.submit(envelope, message)
-        return cast(Deferred[object], result)
+        return target.submit(envelope, message)
