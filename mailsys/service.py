@@ -420,7 +420,7 @@ def build_service(config: Config, reactor: Any, *,
                             on_delivered=mailboxes.notify_delivered, quota=quota,
                             journey=journey)
     # --- mail authentication (mailsys.authn): one caching resolver, shared with the relay ---
-    authn = Authn(config, reactor)
+    authn = Authn(config, reactor, journey=journey)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
     relay = build_relay(config, pool, reactor, journey, authn.resolver)
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}

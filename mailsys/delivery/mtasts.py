@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol as WireProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.python.failure import Failure
@@ -311,7 +312,7 @@ class _LimitedBody(WireProtocol):
         if stop is not None:
             stop()
 
-    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 - Protocol
         if self._finished.called:
             return
         if reason.check(ResponseDone):
