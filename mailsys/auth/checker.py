@@ -1,7 +1,8 @@
 """The twisted.cred credentials checker that checks a user name and password against the UserStore.
 
 Password hashing is slow on purpose, so it runs in a thread handed in by the caller (the service's
-DiskPool.run or a deferToThread wrapper), never on the reactor thread.
+DiskPool.run or a deferToThread wrapper), never on the reactor thread. A credential cache
+(mailsys.auth.credcache), when given, answers a password already found right without hashing.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Any
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
+from mailsys.auth.credcache import CredentialCache
 from mailsys.auth.users import InvalidMailboxError, UserStore, canonical_mailbox
 
 RunInThread = Callable[..., Deferred[Any]]
@@ -30,9 +32,11 @@ class UserStoreChecker:
 
     credentialInterfaces = (IUsernamePassword,)  # noqa: N815 - twisted.cred's attribute name
 
-    def __init__(self, store: UserStore, run_in_thread: RunInThread) -> None:
+    def __init__(self, store: UserStore, run_in_thread: RunInThread,
+                 cache: CredentialCache | None = None) -> None:
         self._store = store
         self._run_in_thread = run_in_thread
+        self._cache = cache
 
     def requestAvatarId(  # noqa: N802 - twisted.cred's method name
         self, credentials: IUsernamePassword
@@ -53,15 +57,25 @@ class UserStoreChecker:
         if mailbox is None:
             # Not a name the store can hold: no reload could make it a user.
             d = self._run_in_thread(self._store.verify, username, password)
-        else:
-            d = self._run_in_thread(self._store.verify_fresh, mailbox, password)
+            return d.addCallback(_refuse)
+        cache = self._cache
+        if cache is not None and cache.matches(mailbox, password, self._store.get_hash(mailbox),
+                                               self._store.generation):
+            return succeed(mailbox.encode("utf-8"))
+        matched = self._run_in_thread(self._store.matching_hash, mailbox, password)
 
-        def checked(ok: bool) -> bytes | tuple[()]:
-            if not ok or mailbox is None:
+        def checked(stored: str | None) -> bytes | tuple[()]:
+            if stored is None:
                 raise UnauthorizedLogin("invalid user name or password")
+            if cache is not None:
+                cache.remember(mailbox, password, stored, self._store.generation)
             return mailbox.encode("utf-8")
 
-        return d.addCallback(checked)
+        return matched.addCallback(checked)
+
+
+def _refuse(ok: bool) -> bytes | tuple[()]:
+    raise UnauthorizedLogin("invalid user name or password")
 
 
 def avatar_mailbox(avatar_id: bytes) -> str:
