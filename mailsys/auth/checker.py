@@ -14,6 +14,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys.auth.credcache import CredentialCache
@@ -37,6 +38,9 @@ class UserStoreChecker:
         self._store = store
         self._run_in_thread = run_in_thread
         self._cache = cache
+        # Checks running now, by cache key, with the logins waiting for the same answer: many
+        # connections a client opens at once with one password pay one hash between them.
+        self._in_flight: dict[tuple[str, bytes], list[Deferred[str | None]]] = {}
 
     def requestAvatarId(  # noqa: N802 - twisted.cred's method name
         self, credentials: IUsernamePassword
@@ -59,10 +63,13 @@ class UserStoreChecker:
             d = self._run_in_thread(self._store.verify, username, password)
             return d.addCallback(_refuse)
         cache = self._cache
-        if cache is not None and cache.matches(mailbox, password, self._store.get_hash(mailbox),
-                                               self._store.generation):
+        if cache is None:
+            matched = self._run_in_thread(self._store.matching_hash, mailbox, password)
+        elif cache.matches(mailbox, password, self._store.get_hash(mailbox),
+                           self._store.generation):
             return succeed(mailbox.encode("utf-8"))
-        matched = self._run_in_thread(self._store.matching_hash, mailbox, password)
+        else:
+            matched = self._shared_check(cache.key_of(mailbox, password), mailbox, password)
 
         def checked(stored: str | None) -> bytes | tuple[()]:
             if stored is None:
@@ -72,6 +79,29 @@ class UserStoreChecker:
             return mailbox.encode("utf-8")
 
         return matched.addCallback(checked)
+
+    def _shared_check(self, key: tuple[str, bytes], mailbox: str,
+                      password: str) -> Deferred[str | None]:
+        """The stored hash ``password`` matches (or None), from the check of the same
+        credentials already running if there is one, else from a new one."""
+        waiting: Deferred[str | None] = Deferred()
+        others = self._in_flight.get(key)
+        if others is not None:
+            others.append(waiting)
+            return waiting
+        self._in_flight[key] = [waiting]
+        check: Deferred[str | None] = self._run_in_thread(self._store.matching_hash, mailbox,
+                                                          password)
+
+        def answer(result: object) -> None:
+            for d in self._in_flight.pop(key, []):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)  # type: ignore[arg-type]
+
+        check.addBoth(answer)
+        return waiting
 
 
 def _refuse(ok: bool) -> bytes | tuple[()]:

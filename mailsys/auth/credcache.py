@@ -77,7 +77,7 @@ class CredentialCache:
         self._see(generation)
         if not self.enabled or stored_hash is None:
             return False
-        key = self._key_of(mailbox, password)
+        key = self.key_of(mailbox, password)
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -102,7 +102,7 @@ class CredentialCache:
         self._see(generation)
         if generation < self._generation:
             return
-        key = self._key_of(mailbox, password)
+        key = self.key_of(mailbox, password)
         self._entries.pop(key, None)
         self._entries[key] = _Entry(stored_hash, self._clock() + self._ttl)
         self._drop_expired()
@@ -128,7 +128,8 @@ class CredentialCache:
                 return
             del self._entries[key]
 
-    def _key_of(self, mailbox: str, password: str) -> tuple[str, bytes]:
+    def key_of(self, mailbox: str, password: str) -> tuple[str, bytes]:
+        """The key of these credentials here: the mailbox and a keyed hash of the password."""
         digest = hmac.new(self._key, password.encode("utf-8", "surrogateescape"),
                           hashlib.sha256).digest()
         return mailbox, digest

@@ -54,7 +54,7 @@ def test_the_password_is_not_kept_in_the_clear() -> None:
 def test_keys_differ_between_processes() -> None:
     """Two caches (two processes) key the same password differently: a random key each."""
     first, second = _cache(Clock()), _cache(Clock())
-    assert first._key_of("a@example.test", "pw") != second._key_of("a@example.test", "pw")
+    assert first.key_of("a@example.test", "pw") != second.key_of("a@example.test", "pw")
 
 
 def test_an_entry_expires_after_its_ttl() -> None:
@@ -188,3 +188,24 @@ def test_checker_sees_a_new_password_before_the_reload_timer(tmp_path: Path) -> 
     assert _login(checker, "alice@example.test", "new") == b"alice@example.test"
     result = _login(checker, "alice@example.test", "old")
     assert isinstance(result, Failure)
+
+
+def test_concurrent_logins_with_one_password_share_one_check(users: UserStore) -> None:
+    """Logins arriving while the same credentials are being checked wait for that check."""
+    pending: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def held(func: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append((func, args, d))
+        return d
+
+    checker = UserStoreChecker(users, held, _cache(Clock()))
+    results: list[object] = []
+    for password in ("wonderland", "wonderland", "wonderland", "wrong"):
+        checker.requestAvatarId(UsernamePassword(b"alice@example.test", password.encode())
+                                ).addBoth(results.append)
+    assert len(pending) == 2  # one check per distinct password
+    for func, args, d in pending:
+        d.callback(func(*args))
+    assert results[:3] == [b"alice@example.test"] * 3
+    assert isinstance(results[3], Failure) and isinstance(results[3].value, UnauthorizedLogin)
