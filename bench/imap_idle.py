@@ -208,7 +208,7 @@ def submit(smtp_port: int) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
-    limit = raise_nofile(args.clients * 2 + 1000)
+    limit = raise_nofile(args.clients + 2000)  # each side: one socket per client, and more
     root = workdir / "mailsys"
     root.mkdir()
     server = IdleServer(root, free_port(), free_port(), args.clients)

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailsys.diskio import DiskRunner
 from mailsys.mailbox.folder import (
@@ -122,6 +123,10 @@ class MailboxStore:
         self._subscribers: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._stamps: dict[tuple[str, str], tuple[int, int]] = {}
         self._polling = False
+        # Folder syncs for views' refreshes, by folder path: the one running, and the one that
+        # every refresh asked for meanwhile will share (see sync_shared).
+        self._sync_running: dict[str, Deferred[SyncResult]] = {}
+        self._sync_next: dict[str, tuple[Folder, str, list[Deferred[SyncResult]]]] = {}
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -139,6 +144,52 @@ class MailboxStore:
         inbox = self.mailbox_path(mailbox)
         return Folder(inbox if directory is None else inbox / directory,
                       subfolder=directory is not None, clock=self._clock)
+
+    def sync_shared(self, folder: Folder, name: str) -> Deferred[SyncResult]:
+        """``folder.sync()`` in a disk thread, shared with the other refreshes of that folder.
+
+        When a delivery wakes every session watching a folder (thousands of IDLE clients), each
+        asks for a sync; one sync serves them all. A sync already running may have read the
+        directory before the change the caller reacts to, so a caller never joins it: it joins
+        the next one, which starts when the running one ends and serves every caller that came
+        meanwhile. A folder removed meanwhile is not recreated (FileNotFoundError naming
+        ``name``, the folder's name for the client).
+        """
+        key = os.fspath(folder.path)
+        waiting: Deferred[SyncResult] = Deferred()
+        if key in self._sync_running:
+            pending = self._sync_next.get(key)
+            if pending is None:
+                self._sync_next[key] = (folder, name, [waiting])
+            else:
+                pending[2].append(waiting)
+            return waiting
+        self._start_sync(key, folder, name, [waiting])
+        return waiting
+
+    def _start_sync(self, key: str, folder: Folder, name: str,
+                    waiters: list[Deferred[SyncResult]]) -> None:
+        def work() -> SyncResult:
+            # A folder deleted or renamed meanwhile must not be recreated by syncing it.
+            if folder.subfolder and not folder.path.is_dir():
+                raise FileNotFoundError(f"folder {name!r} is gone")
+            return folder.sync()
+
+        running: Deferred[SyncResult] = self.pool.run(work)
+        self._sync_running[key] = running
+
+        def done(result: Any) -> None:
+            del self._sync_running[key]
+            queued = self._sync_next.pop(key, None)
+            if queued is not None:
+                self._start_sync(key, *queued)
+            for d in waiters:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        running.addBoth(done)
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -371,15 +422,7 @@ class FolderView:
             self.messages = list(result.messages)
             return FolderChanges(added, expunged, changed)
 
-        folder = self.folder
-
-        def work() -> SyncResult:
-            # A folder deleted or renamed meanwhile must not be recreated by syncing it.
-            if folder.subfolder and not folder.path.is_dir():
-                raise FileNotFoundError(f"folder {self.name!r} is gone")
-            return folder.sync()
-
-        return self.store.pool.run(work).addCallback(synced)
+        return self.store.sync_shared(self.folder, self.name).addCallback(synced)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
         """The message's bytes as stored (fails with MessageVanishedError if expunged)."""
