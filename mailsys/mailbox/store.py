@@ -127,6 +127,9 @@ class MailboxStore:
         # every refresh asked for meanwhile will share (see sync_shared).
         self._sync_running: dict[str, Deferred[SyncResult]] = {}
         self._sync_next: dict[str, tuple[Folder, str, list[Deferred[SyncResult]]]] = {}
+        # \Recent claims by folder path: those waiting for the claim batch running to end.
+        self._claims_running: set[str] = set()
+        self._claims_next: dict[str, tuple[Folder, list[tuple[int, bool, Deferred[int]]]]] = {}
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -188,6 +191,38 @@ class MailboxStore:
                     d.errback(result)
                 else:
                     d.callback(result)
+
+        running.addBoth(done)
+
+    def recent_from_shared(self, folder: Folder, seen_up_to: int, *,
+                           claim: bool) -> Deferred[int]:
+        """``folder.recent_from`` in a disk thread, in one batch with the other sessions'
+        claims on that folder (``Folder.recent_from_many``), in the order they were asked."""
+        key = os.fspath(folder.path)
+        waiting: Deferred[int] = Deferred()
+        pending = self._claims_next.get(key)
+        if pending is None:
+            pending = self._claims_next[key] = (folder, [])
+        pending[1].append((seen_up_to, claim, waiting))
+        if key not in self._claims_running:
+            self._start_claims(key)
+        return waiting
+
+    def _start_claims(self, key: str) -> None:
+        folder, claims = self._claims_next.pop(key)
+        self._claims_running.add(key)
+        requests = [(seen_up_to, claim) for seen_up_to, claim, _ in claims]
+        running: Deferred[list[int]] = self.pool.run(folder.recent_from_many, requests)
+
+        def done(result: Any) -> None:
+            self._claims_running.discard(key)
+            if key in self._claims_next:
+                self._start_claims(key)
+            for n, (_, _, d) in enumerate(claims):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result[n])
 
         running.addBoth(done)
 

@@ -242,3 +242,23 @@ def test_refreshes_of_one_folder_share_a_sync_started_after_they_asked(tmp_path:
     pool.run_next()  # one more sync for the other 49
     assert all(len(result_of(d).added) == 1 for d in rest)
     assert pool.jobs == []
+
+
+def test_recent_claims_of_many_sessions_share_one_disk_job(tmp_path: Path) -> None:
+    """Claims on one folder that arrive while a claim batch runs are answered by one more disk
+    job, in the order they were asked: only the first read-write session gets \\Recent."""
+    store = MailboxStore(tmp_path / "maildirs", ImmediatePool())
+    deliver(store.mailbox_path(USER), message(1))
+    view = result_of(store.open_folder(USER))
+    pool = HeldPool()
+    store.pool = pool  # type: ignore[assignment]
+    uidnext = view.uidnext
+    first = store.recent_from_shared(view.folder, uidnext, claim=False)
+    rest = [store.recent_from_shared(view.folder, uidnext, claim=True) for _ in range(20)]
+    assert len(pool.jobs) == 1
+    pool.run_next()
+    assert result_of(first) == 1
+    assert len(pool.jobs) == 1
+    pool.run_next()
+    answers = [result_of(d) for d in rest]
+    assert answers == [1] + [uidnext] * 19
