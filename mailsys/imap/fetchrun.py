@@ -9,7 +9,6 @@ and use one format string per response.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -17,13 +16,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys.imap import fetch as fetching
+from mailsys.imap.context import CommandContext, Selected
 from mailsys.mailbox.folder import MessageInfo, adding
 from mailsys.mailbox.names import SEEN
 
 _ADD_SEEN = adding({SEEN})  # RFC 3501 §6.4.5: BODY[] sets \Seen, keeping the other flags
 
-if TYPE_CHECKING:
-    from mailsys.imap.session import IMAPSession, Selected
 
 FETCH_BATCH_BYTES = 1024 * 1024
 FETCH_BATCH_COUNT = 500
@@ -34,10 +32,10 @@ class FetchRun:
     """Answers one FETCH: reads messages in batches in disk threads (one batch ahead) and
     writes their responses, pausing while the client is slow to read (a push producer)."""
 
-    def __init__(self, session: IMAPSession, selected: Selected,
+    def __init__(self, ctx: CommandContext, selected: Selected,
                  targets: list[tuple[int, MessageInfo]], items: list[fetching.FetchItem],
                  *, with_uid: bool, report_modseq: bool = False) -> None:
-        self._session = session
+        self._ctx = ctx
         self._selected = selected
         self._items = items
         self._with_uid = with_uid
@@ -83,7 +81,7 @@ class FetchRun:
         return batches
 
     def start(self) -> Deferred[bool]:
-        self._session.consumer.registerProducer(self, True)
+        self._ctx.consumer().registerProducer(self, True)
         self._pump()
         return self._done
 
@@ -102,7 +100,7 @@ class FetchRun:
             else:
                 self._reading = True
                 infos = [info for _, info in self._batches[index]]
-                self._session.run(fetching.load, self._selected.view.folder, infos,
+                self._ctx.run(fetching.load, self._selected.view.folder, infos,
                                   self._need).addCallbacks(
                     lambda data, i=index: self._arrived(i, data), self._failed)
         if (not self._writing and not self._paused
@@ -118,7 +116,7 @@ class FetchRun:
         self._reading = self._writing = False
         if not self._finished:
             self._finished = True
-            self._session.consumer.unregisterProducer()
+            self._ctx.consumer().unregisterProducer()
             self._done.errback(failure)
 
     def _write_batch(self, index: int) -> None:
@@ -150,7 +148,7 @@ class FetchRun:
             now = {info.uid: info for info in updated}
             # The journey: the first FETCH of each body (RFC 3501 §6.4.5: it sets \Seen).
             for info in updated:
-                self._session.record("imap.fetch", info, self._selected.view.name,
+                self._ctx.record("imap.fetch", info, self._selected.view.name,
                                      item=self._read_item)
             self._emit([(seq, now.get(info.uid, info), body) for seq, info, body in present],
                        set(now))
@@ -172,7 +170,7 @@ class FetchRun:
                                            with_uid=self._with_uid))
             except fetching.UnknownCTEError:
                 self.unknown_cte = True  # the session answers NO [UNKNOWN-CTE]
-        self._session.write(b"".join(out))
+        self._ctx.write(b"".join(out))
 
     def _emit_fast(self, batch: list[tuple[int, MessageInfo]]) -> None:
         """Metadata-only responses: one format string each, flag lists looked up once per
@@ -191,15 +189,15 @@ class FetchRun:
                 flags = cached if cached is not None else lists.setdefault(
                     info.flags, selected.flags(info))
             out.append(fast(seq, info, flags))
-        self._session.write(b"".join(out))
+        self._ctx.write(b"".join(out))
 
     def _finish(self) -> None:
         if self._finished:
             return
         self._finished = True
-        self._session.consumer.unregisterProducer()
+        self._ctx.consumer().unregisterProducer()
         if self._seen_changed:
-            self._session._notify(self._selected.view.name)
+            self._ctx.notify(self._selected.view.name)
         self._done.callback(self._complete)
 
     # IPushProducer (a zope interface, hence no @override).

@@ -2,20 +2,18 @@
 (RFC 3501 §6.3.8 with RFC 5258 LIST-EXTENDED, RFC 6154 SPECIAL-USE, RFC 5819 LIST-STATUS),
 LSUB and STATUS.
 
-``MailboxCommands`` is mixed into IMAPSession (mailsys.imap.session), which provides the
-connection, the selected mailbox and the helpers declared below.
+``MailboxCommands`` is a command group: it works through a ``CommandContext``
+(mailsys.imap.context) and registers its commands in the session's dispatch table.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 
+from mailsys.imap.context import AUTHED, CommandContext, CommandSpec
 from mailsys.imap.names import (
     SEPARATOR,
     MailboxNameError,
@@ -25,17 +23,23 @@ from mailsys.imap.names import (
     special_use,
 )
 from mailsys.imap.parser import ParseError, Reader
-from mailsys.imap.responses import NAME_TOO_LONG, tagged, untagged
-from mailsys.imap.sessionparts import SessionParts
+from mailsys.imap.responses import (
+    ALREADY_EXISTS,
+    HAS_CHILDREN,
+    INBOX_EXISTS,
+    INBOX_UNDELETABLE,
+    INVALID_NAME,
+    NAME_TOO_LONG,
+    NONEXISTENT,
+    TARGET_EXISTS,
+    completed,
+    untagged,
+)
 from mailsys.mailbox import hierarchy
 from mailsys.mailbox.layout import NameTooLongError
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import INBOX, FolderView, InvalidFolderNameError
 
-if TYPE_CHECKING:
-    pass
-
-OK, NO = b"OK", b"NO"
 # RFC 3501 §6.3.10, RFC 9051 (DELETED, SIZE), RFC 7162 §3.1.7 (HIGHESTMODSEQ).
 # RFC 5258 §3 selection and return options (with RFC 6154 SPECIAL-USE, RFC 5819 STATUS).
 _SELECTION_OPTIONS = frozenset({b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"})
@@ -45,92 +49,100 @@ STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "DELET
                 "HIGHESTMODSEQ")
 
 
-class MailboxCommands(SessionParts):
+class MailboxCommands:
     """The mailbox-tree commands of an IMAP session."""
 
-    # Provided by IMAPSession, besides SessionParts.
-    _deselect: Callable[[], None]
+    def __init__(self, ctx: CommandContext) -> None:
+        self._ctx = ctx
 
-    def _inbox(self) -> Path:
-        assert self._mailbox is not None
-        return self._store.mailbox_path(self._mailbox)
+    def commands(self) -> dict[bytes, CommandSpec]:
+        """This group's entries of the dispatch table (all in the authenticated states)."""
+        return {
+            b"CREATE": CommandSpec(self._do_create, AUTHED),
+            b"DELETE": CommandSpec(self._do_delete, AUTHED),
+            b"RENAME": CommandSpec(self._do_rename, AUTHED),
+            b"SUBSCRIBE": CommandSpec(self._do_subscribe, AUTHED),
+            b"UNSUBSCRIBE": CommandSpec(self._do_unsubscribe, AUTHED),
+            b"LIST": CommandSpec(self._do_list, AUTHED),
+            b"LSUB": CommandSpec(self._do_lsub, AUTHED),
+            b"STATUS": CommandSpec(self._do_status, AUTHED),
+        }
 
     def _do_create(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         reader.end()
         if name == INBOX:
-            return tagged(tag, NO, "INBOX always exists", "ALREADYEXISTS")
-        assert self._mailbox is not None
-        inbox = self._inbox()
+            return INBOX_EXISTS.to(tag)
+        inbox = self._ctx.inbox()
 
         def created(_: object) -> bytes:
-            return tagged(tag, OK, "CREATE completed")
+            return completed(tag, "CREATE")
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileExistsError):
-                return tagged(tag, NO, "Mailbox already exists", "ALREADYEXISTS")
+                return ALREADY_EXISTS.to(tag)
             if failure.check(NameTooLongError):
-                return tagged(tag, NO, *NAME_TOO_LONG)
+                return NAME_TOO_LONG.to(tag)
             if failure.check(InvalidFolderNameError):
-                return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
+                return INVALID_NAME.to(tag)
             return failure
 
-        return self._store.list_folders(self._mailbox).addCallback(
-            lambda _: self.run(hierarchy.create_folder_tree, inbox, name)).addCallbacks(
+        return self._ctx.store.list_folders(self._ctx.user).addCallback(
+            lambda _: self._ctx.run(hierarchy.create_folder_tree, inbox, name)).addCallbacks(
             created, failed)
 
     def _do_delete(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         reader.end()
         if name == INBOX:
-            return tagged(tag, NO, "The INBOX cannot be deleted", "CANNOT")
-        if self._selected is not None and self._selected.view.name == name:
-            self._deselect()
+            return INBOX_UNDELETABLE.to(tag)
+        if self._ctx.selected is not None and self._ctx.selected.view.name == name:
+            self._ctx.deselect()
 
         def deleted(_: object) -> bytes:
-            self._notify(name)
-            return tagged(tag, OK, "DELETE completed")
+            self._ctx.notify(name)
+            return completed(tag, "DELETE")
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileNotFoundError, InvalidFolderNameError):
-                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+                return NONEXISTENT.to(tag)
             if failure.check(hierarchy.FolderHasChildrenError):
-                return tagged(tag, NO, "Mailbox has children; delete them first", "INUSE")
+                return HAS_CHILDREN.to(tag)
             return failure
 
-        return self.run(hierarchy.delete_folder, self._inbox(), name).addCallbacks(
+        return self._ctx.run(hierarchy.delete_folder, self._ctx.inbox(), name).addCallbacks(
             deleted, failed)
 
     def _do_rename(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
         reader.space()
-        old = self._mailbox_name(reader)
+        old = self._ctx.mailbox_name(reader)
         reader.space()
-        new = self._mailbox_name(reader)
+        new = self._ctx.mailbox_name(reader)
         reader.end()
-        selected = self._selected
+        selected = self._ctx.selected
         if selected is not None and (selected.view.name == old or
                                      selected.view.name.startswith(old + SEPARATOR)):
-            self._deselect()
+            self._ctx.deselect()
 
         def renamed(_: object) -> bytes:
-            self._notify(old)
-            return tagged(tag, OK, "RENAME completed")
+            self._ctx.notify(old)
+            return completed(tag, "RENAME")
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileExistsError):
-                return tagged(tag, NO, "Target mailbox exists", "ALREADYEXISTS")
+                return TARGET_EXISTS.to(tag)
             if failure.check(FileNotFoundError):
-                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+                return NONEXISTENT.to(tag)
             if failure.check(NameTooLongError):
                 # RFC 5530 LIMIT: a child's name, grown by the new prefix, would not fit.
-                return tagged(tag, NO, *NAME_TOO_LONG)
+                return NAME_TOO_LONG.to(tag)
             if failure.check(InvalidFolderNameError):
-                return tagged(tag, NO, "Invalid mailbox name", "CANNOT")
+                return INVALID_NAME.to(tag)
             return failure
 
-        return self.run(hierarchy.rename_folder, self._inbox(), old, new).addCallbacks(
+        return self._ctx.run(hierarchy.rename_folder, self._ctx.inbox(), old, new).addCallbacks(
             renamed, failed)
 
     def _do_subscribe(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
@@ -141,15 +153,14 @@ class MailboxCommands(SessionParts):
 
     def _subscription(self, tag: bytes, reader: Reader, subscribe: bool) -> Deferred[bytes]:
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         reader.end()
         verb = "SUBSCRIBE" if subscribe else "UNSUBSCRIBE"
-        assert self._mailbox is not None
-        inbox = self._inbox()
+        inbox = self._ctx.inbox()
         # Listing first creates a new user's mailbox, where the subscriptions file goes.
-        return self._store.list_folders(self._mailbox).addCallback(
-            lambda _: self.run(hierarchy.set_subscribed, inbox, name, subscribe)).addCallback(
-            lambda _: tagged(tag, OK, f"{verb} completed"))
+        return self._ctx.store.list_folders(self._ctx.user).addCallback(
+            lambda _: self._ctx.run(hierarchy.set_subscribed, inbox, name, subscribe)).addCallback(
+            lambda _: completed(tag, verb))
 
     def _do_list(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         # RFC 3501 §6.3.8, with RFC 5258 LIST-EXTENDED, RFC 6154 and RFC 5819 LIST-STATUS.
@@ -191,8 +202,8 @@ class MailboxCommands(SessionParts):
         reader.end()
         if patterns == [""] and not selection:
             # RFC 3501 §6.3.8: the hierarchy delimiter and root.
-            self.write(untagged(f'LIST (\\Noselect) "{SEPARATOR}" ""'))
-            return tagged(tag, OK, "LIST completed")
+            self._ctx.write(untagged(f'LIST (\\Noselect) "{SEPARATOR}" ""'))
+            return completed(tag, "LIST")
         subscribed_only = b"SUBSCRIBED" in selection
         want_subscribed = subscribed_only or b"SUBSCRIBED" in returns
         special_only = b"SPECIAL-USE" in selection
@@ -212,7 +223,7 @@ class MailboxCommands(SessionParts):
 
     def _pattern(self, raw: bytes) -> str:
         try:
-            return decode_name(raw, utf8=self.utf8)
+            return decode_name(raw, utf8=self._ctx.utf8)
         except MailboxNameError:
             # Not modified UTF-7: a pattern no mailbox name matches, still well-formed.
             return raw.decode("utf-8", "replace")
@@ -220,12 +231,11 @@ class MailboxCommands(SessionParts):
     def _listing(self, tag: bytes, verb: str, regexes: list[re.Pattern[str]],
                  want_subscribed: bool, subscribed_only: bool, special_only: bool,
                  status_items: list[str], *, recursive: bool = False) -> Deferred[bytes]:
-        assert self._mailbox is not None
-        inbox = self._inbox()
+        inbox = self._ctx.inbox()
 
         def listed(names: list[str]) -> Deferred[bytes]:
             if want_subscribed:
-                return self.run(hierarchy.read_subscriptions, inbox).addCallback(
+                return self._ctx.run(hierarchy.read_subscriptions, inbox).addCallback(
                     lambda subs: answer(names, set(names) if subs is None else set(subs)))
             return answer(names, set())
 
@@ -270,7 +280,7 @@ class MailboxCommands(SessionParts):
                 elif name not in existing:
                     # RFC 9051 §7.3.1 (RFC 5258 §3): a name with no mailbox is \NonExistent;
                     # rev1 clients know an unselectable parent as \Noselect.
-                    attributes.append("\\NonExistent" if subscribed_only or self.rev2
+                    attributes.append("\\NonExistent" if subscribed_only or self._ctx.rev2
                                       else "\\Noselect")
                 if verb == "LIST":
                     prefix = name + SEPARATOR
@@ -284,17 +294,17 @@ class MailboxCommands(SessionParts):
                             else b"")
                 lines.append(b"* " + verb.encode() + b" (" + " ".join(attributes).encode()
                              + b') "' + SEPARATOR.encode() + b'" '
-                             + encode_name(name, utf8=self.utf8) + extended + b"\r\n")
+                             + encode_name(name, utf8=self._ctx.utf8) + extended + b"\r\n")
                 if status_items and name in existing:
                     statuses.append(name)
                     lines.append(b"")  # where its STATUS goes
             if not status_items:
-                self.write(b"".join(lines))
-                return succeed(tagged(tag, OK, f"{verb} completed"))
+                self._ctx.write(b"".join(lines))
+                return succeed(completed(tag, verb))
             return self._list_statuses(lines, statuses, status_items).addCallback(
-                lambda _: tagged(tag, OK, f"{verb} completed"))
+                lambda _: completed(tag, verb))
 
-        return self._store.list_folders(self._mailbox).addCallback(listed)
+        return self._ctx.store.list_folders(self._ctx.user).addCallback(listed)
 
     def _list_statuses(self, lines: list[bytes], names: list[str], items: list[str]
                        ) -> Deferred[None]:
@@ -307,7 +317,7 @@ class MailboxCommands(SessionParts):
         def done(results: list[bytes]) -> None:
             for slot, line in zip(slots, results, strict=True):
                 lines[slot] = line
-            self.write(b"".join(lines))
+            self._ctx.write(b"".join(lines))
 
         return d.addCallback(done)
 
@@ -318,29 +328,28 @@ class MailboxCommands(SessionParts):
             if item not in STATUS_ITEMS:
                 raise ParseError(f"Unknown STATUS item {item[:20]}")
         if "HIGHESTMODSEQ" in items:
-            self._condstore_used()  # RFC 7162 §3.1: a CONDSTORE-enabling command
+            self._ctx.condstore_used()  # RFC 7162 §3.1: a CONDSTORE-enabling command
         return items
 
     def _do_status(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         reader.space()
         items = self._status_items(reader)
         reader.end()
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileNotFoundError, InvalidFolderNameError):
-                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+                return NONEXISTENT.to(tag)
             return failure
 
         def answer(line: bytes) -> bytes:
-            self.write(line)
-            return tagged(tag, OK, "STATUS completed")
+            self._ctx.write(line)
+            return completed(tag, "STATUS")
 
         return self._status_line(name, items).addCallbacks(answer, failed)
 
     def _status_line(self, name: str, items: list[str]) -> Deferred[bytes]:
-        assert self._mailbox is not None
 
         def render(view: FolderView, recent: int) -> bytes:
             messages = view.messages
@@ -353,10 +362,10 @@ class MailboxCommands(SessionParts):
                 "HIGHESTMODSEQ": view.highest_modseq,
             }
             body = " ".join(f"{item} {values[item]}" for item in items)
-            return (b"* STATUS " + encode_name(name, utf8=self.utf8) + b" ("
+            return (b"* STATUS " + encode_name(name, utf8=self._ctx.utf8) + b" ("
                     + body.encode() + b")\r\n")
 
-        selected = self._selected
+        selected = self._ctx.selected
         if selected is not None and selected.view.name == name:
             return succeed(render(selected.view, len(selected.recent)))
 
@@ -364,8 +373,9 @@ class MailboxCommands(SessionParts):
             if "RECENT" not in items:
                 return render(view, 0)
             # RFC 3501 §6.3.10: the messages with \Recent, which STATUS does not take.
-            return self.run(lambda: view.folder.recent_from(view.uidnext, claim=False)).addCallback(
+            return self._ctx.run(
+                lambda: view.folder.recent_from(view.uidnext, claim=False)).addCallback(
                 lambda first: render(view, sum(1 for info in view.messages
                                                if info.uid >= first)))
 
-        return self._store.open_folder(self._mailbox, name).addCallback(opened)
+        return self._ctx.store.open_folder(self._ctx.user, name).addCallback(opened)

@@ -1,5 +1,5 @@
 """FETCH, STORE, SEARCH and EXPUNGE (and their UID forms): the commands on the messages of the
-selected mailbox, as a mixin of IMAPSession.
+selected mailbox, as a command group over a ``CommandContext`` (mailsys.imap.context).
 
 FETCH runs through mailsys.imap.fetchrun, SEARCH through mailsys.imap.search; STORE changes
 flags against each file's current name under the folder's lock, conditionally with
@@ -8,9 +8,7 @@ UNCHANGEDSINCE (RFC 7162 §3.1.3).
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
@@ -18,68 +16,50 @@ from twisted.python.failure import Failure
 from mailsys.imap import esearch
 from mailsys.imap import fetch as fetching
 from mailsys.imap import search as searching
+from mailsys.imap.context import SELECTED, CommandContext, CommandSpec
 from mailsys.imap.fetchrun import FetchRun
 from mailsys.imap.flags import FlagError, has_keyword, letters_of, split_flags
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
-from mailsys.imap.responses import EXPUNGE_ISSUED, NO, OK, number_set, tagged, untagged
-from mailsys.imap.sessionparts import SessionParts
+from mailsys.imap.responses import (
+    EXPUNGE_ISSUED,
+    OK,
+    READ_ONLY,
+    TOO_MANY_KEYWORDS,
+    UNKNOWN_CTE,
+    completed,
+    number_set,
+    tagged,
+    untagged,
+)
 from mailsys.mailbox.folder import FlagChange, FlagResult, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords
 from mailsys.mailbox.names import TRASHED
-from mailsys.mailbox.store import FolderView
-
-if TYPE_CHECKING:
-    from mailsys.imap.session import IMAPSession
 
 # SEARCH hands the disk threads this many messages at a time when it reads whole messages, and
 # fifty times as many when headers (cached after the first search) are enough.
 SEARCH_BATCH = 1000
 
 
-class MessageCommands(SessionParts):
+class MessageCommands:
     """The commands on the selected mailbox's messages."""
 
-    # Provided by IMAPSession, besides SessionParts.
-    _flags_response: Callable[..., bytes]
-    _delete_quietly: Callable[[FolderView, list[MessageInfo]], Deferred[list[int]]]
+    def __init__(self, ctx: CommandContext) -> None:
+        self._ctx = ctx
 
-    # --- messages of the selected mailbox --------------------------------------------------
+    def commands(self) -> dict[bytes, CommandSpec]:
+        """This group's entries of the dispatch table (all in the selected state)."""
+        return {
+            b"EXPUNGE": CommandSpec(self._do_expunge, SELECTED, takes_uid=True),
+            b"SEARCH": CommandSpec(self._do_search, SELECTED, updates=False, takes_uid=True),
+            b"FETCH": CommandSpec(self._do_fetch, SELECTED, updates=False, takes_uid=True),
+            b"STORE": CommandSpec(self._do_store, SELECTED, updates=False, takes_uid=True),
+        }
 
     def _targets(self, numbers: SequenceSet, uid: bool) -> list[tuple[int, MessageInfo]]:
-        """(sequence number, message) for a sequence set or UID set, in mailbox order."""
-        selected = self._selected
+        """(sequence number, message) in the selected mailbox (see Selected.targets)."""
+        selected = self._ctx.selected
         assert selected is not None
-        messages = selected.view.messages
-        if not messages:
-            return []
-        if numbers.saved:
-            # RFC 5182 §2.1: "$" is the saved UIDs, for UID and sequence-number commands alike.
-            saved = selected.saved
-            return [(n, info) for n, info in enumerate(messages, 1) if info.uid in saved]
-        if uid:
-            uids = selected.uids()
-            ranges = numbers.resolve(uids[-1])
-            if len(ranges) == 1:  # the common "1:*" or "n:m": one slice, in order
-                start = bisect.bisect_left(uids, ranges[0][0])
-                end = bisect.bisect_right(uids, ranges[0][1])
-                return list(zip(range(start + 1, end + 1), messages[start:end], strict=True))
-            positions: set[int] = set()
-            for low, high in ranges:
-                start = bisect.bisect_left(uids, low)
-                end = bisect.bisect_right(uids, high)
-                positions.update(range(start, end))
-            return [(p + 1, messages[p]) for p in sorted(positions)]
-        largest = len(messages)
-        ranges = numbers.resolve(largest)
-        if any(high > largest for _, high in ranges):
-            raise ParseError("Invalid message sequence number")
-        if len(ranges) == 1:
-            low, high = ranges[0]
-            return list(zip(range(low, high + 1), messages[low - 1:high], strict=True))
-        positions = set()
-        for low, high in ranges:
-            positions.update(range(low - 1, high))
-        return [(p + 1, messages[p]) for p in sorted(positions)]
+        return selected.targets(numbers, uid)
 
     def _do_fetch(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.space()
@@ -90,32 +70,32 @@ class MessageCommands(SessionParts):
         if reader.accept(b" "):
             changed_since = _modifier(reader, b"CHANGEDSINCE")  # RFC 7162 §3.1.4.1
         reader.end()
-        selected = self._selected
+        selected = self._ctx.selected
         assert selected is not None
         modseq = fetching.FetchItem("MODSEQ")
         if changed_since is not None and modseq not in items:
             items = [*items, modseq]  # RFC 7162 §3.1.4.1: MODSEQ is implied
         if modseq in items:
-            self._condstore_used()
+            self._ctx.condstore_used()
         targets = self._targets(numbers, uid)
         if changed_since is not None:
             targets = [(n, info) for n, info in targets if info.modseq > changed_since]
         verb = "UID FETCH" if uid else "FETCH"
         if not targets:
-            return tagged(tag, OK, f"{verb} completed")
-        run = FetchRun(cast("IMAPSession", self), selected, targets, items, with_uid=uid,
-                       report_modseq=self.condstore)
+            return completed(tag, verb)
+        run = FetchRun(self._ctx, selected, targets, items, with_uid=uid,
+                       report_modseq=self._ctx.condstore)
 
         def done(complete: bool) -> bytes:
             if run.unknown_cte:
                 # RFC 3516 §5 / RFC 9051 §7.1: the part's encoding is one we cannot undo.
-                return tagged(tag, NO, "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
+                return UNKNOWN_CTE.to(tag)
             if complete:
-                return tagged(tag, OK, f"{verb} completed")
+                return completed(tag, verb)
             # RFC 2180 §4.1.2: FETCH responses for the messages that remain, and a tagged NO
             # for the ones another session expunged (not yet reported: RFC 3501 §7.4.1 allows
             # no EXPUNGE during FETCH); RFC 5530 EXPUNGEISSUED says why.
-            return tagged(tag, NO, *EXPUNGE_ISSUED)
+            return EXPUNGE_ISSUED.to(tag)
 
         return run.start().addCallback(done)
 
@@ -141,20 +121,20 @@ class MessageCommands(SessionParts):
             while reader.accept(b" "):
                 raw.append(reader.flag())
         reader.end()
-        selected = self._selected
+        selected = self._ctx.selected
         assert selected is not None
         verb = "UID STORE" if uid else "STORE"
         if selected.readonly:
-            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+            return READ_ONLY.to(tag)
         try:
             letters, keywords = split_flags(f.decode("utf-8", "replace") for f in raw)
         except FlagError:
             raise ParseError("Invalid flag") from None
         if unchanged_since is not None:
-            self._condstore_used()
+            self._ctx.condstore_used()
         targets = self._targets(numbers, uid)
         if not targets:
-            return tagged(tag, OK, f"{verb} completed")
+            return completed(tag, verb)
         view = selected.view
 
         def apply(keyword_slots: list[str]) -> Deferred[bytes]:
@@ -162,7 +142,7 @@ class MessageCommands(SessionParts):
                 selected.keywords = keyword_slots
                 selected.flag_cache.clear()
                 names = selected.flag_names()
-                self.write(untagged(b"FLAGS (" + names + b")")
+                self._ctx.write(untagged(b"FLAGS (" + names + b")")
                            + untagged(b"OK [PERMANENTFLAGS (" + names + b" \\*)] Flags"))
             wanted = frozenset(letters) | letters_of(keywords, selected.keywords)
             slots = list(selected.keywords)
@@ -185,10 +165,10 @@ class MessageCommands(SessionParts):
             def stored(result: FlagResult) -> bytes:
                 before = {info.uid: info for _, info in targets}
                 if any(new.modseq != before[new.uid].modseq for new in result.updated):
-                    self._notify(view.name)
+                    self._ctx.notify(view.name)
                 for new in result.updated:
                     if new.flags != before[new.uid].flags:
-                        self.record("imap.flags", new, view.name,
+                        self._ctx.record("imap.flags", new, view.name,
                                     operation=action.replace(b".SILENT", b"").decode(),
                                     flags=[f.decode("utf-8", "replace") for f in raw])
                 present = {info.uid: info for info in result.updated}
@@ -205,15 +185,15 @@ class MessageCommands(SessionParts):
                                                     or current.flags != info.flags):
                             # Changed since the session last said: the view now has the
                             # current state, so the client hears of it here.
-                            lines.append(self._flags_response(position + 1, current, uid=True))
+                            lines.append(self._ctx.flags_response(position + 1, current, uid=True))
                         continue
                     if not silent:
-                        lines.append(self._flags_response(position + 1, now, uid=uid))
-                    elif self.condstore and now.modseq != info.modseq:
+                        lines.append(self._ctx.flags_response(position + 1, now, uid=uid))
+                    elif self._ctx.condstore and now.modseq != info.modseq:
                         # RFC 7162 §3.1.3: even .SILENT tells the new mod-sequence.
                         lines.append(b"* %d FETCH (UID %d MODSEQ (%d))\r\n" % (
                             position + 1, now.uid, now.modseq))
-                self.write(b"".join(lines))
+                self._ctx.write(b"".join(lines))
                 if refused:
                     # RFC 7162 §3.1.3: the messages that failed UNCHANGEDSINCE, as UIDs for
                     # UID STORE and as sequence numbers for STORE.
@@ -224,26 +204,26 @@ class MessageCommands(SessionParts):
                 if len(present) < len(targets):
                     # RFC 3501 §6.4.6 "NO - store error", RFC 5530 EXPUNGEISSUED: the others
                     # were changed and reported; the expunge itself comes after the command.
-                    return tagged(tag, NO, *EXPUNGE_ISSUED)
-                return tagged(tag, OK, f"{verb} completed")
+                    return EXPUNGE_ISSUED.to(tag)
+                return completed(tag, verb)
 
             return view.store_flags(changes, unchanged_since=unchanged_since).addCallback(
                 stored)
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(TooManyKeywordsError):
-                return tagged(tag, NO, "Too many keywords in this mailbox", "LIMIT")
+                return TOO_MANY_KEYWORDS.to(tag)
             return failure
 
         if keywords and any(_letter(selected.keywords, k) is None for k in keywords):
-            d: Deferred[list[str]] = self.run(define_keywords, view.folder, keywords)
+            d: Deferred[list[str]] = self._ctx.run(define_keywords, view.folder, keywords)
         else:
             d = succeed(selected.keywords)
         applied: Deferred[Any] = d.addCallback(apply)
         return cast(Deferred[bytes], applied.addErrback(failed))
 
     def _do_search(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
-        selected = self._selected
+        selected = self._ctx.selected
         assert selected is not None
         # RFC 5182 §2.1: a SEARCH that asked to SAVE and failed leaves "$" empty.
         saving = b"SAVE" in reader.data[:reader.data.find(b")") + 1].upper()
@@ -252,16 +232,16 @@ class MessageCommands(SessionParts):
             returns = esearch.parse_return(reader)
             saving = returns is not None and "SAVE" in returns
             key = searching.parse_search(reader, uid=uid,
-                                         allow_charset="UTF8=ACCEPT" not in self._enabled)
+                                         allow_charset="UTF8=ACCEPT" not in self._ctx.enabled)
         except ParseError:
             if saving:
                 selected.saved = frozenset()
             raise
-        if returns is None and self.rev2:
+        if returns is None and self._ctx.rev2:
             returns = esearch.DEFAULT  # RFC 9051 §6.4.4: the answer is always ESEARCH
         with_modseq = searching.uses_modseq(key)
         if with_modseq:
-            self._condstore_used()
+            self._ctx.condstore_used()
         messages = selected.view.messages
         recent = selected.recent
         need = key.need
@@ -278,15 +258,17 @@ class MessageCommands(SessionParts):
                 # RFC 7162 §3.1.6: with a MODSEQ key, the highest mod-sequence of the matches.
                 tail = (b" (MODSEQ %d)" % max(modseqs.values())
                         if with_modseq and numbers else b"")
-                self.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + tail + b"\r\n")
+                self._ctx.write(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + tail
+                                + b"\r\n")
             else:
                 if "SAVE" in returns:
                     selected.saved = esearch.saved(returns, [c.info.uid for c in found])
                 if esearch.wants_response(returns):
                     highest = (max(modseqs[n] for n in esearch.reported(returns, numbers))
                                if with_modseq and numbers else None)
-                    self.write(esearch.response(tag, returns, numbers, uid=uid, modseq=highest))
-            return tagged(tag, OK, "UID SEARCH completed" if uid else "SEARCH completed")
+                    self._ctx.write(esearch.response(tag, returns, numbers, uid=uid,
+                                                     modseq=highest))
+            return completed(tag, "UID SEARCH" if uid else "SEARCH")
 
         if need is fetching.Need.NOTHING:
             return answer(searching.run(key, candidates, context))
@@ -295,7 +277,7 @@ class MessageCommands(SessionParts):
         batch = SEARCH_BATCH if need is fetching.Need.WHOLE else 50 * SEARCH_BATCH
         chunks = [candidates[i:i + batch] for i in range(0, len(candidates), batch)]
         d: Deferred[list[list[searching.Candidate]]] = gatherResults(
-            [self.run(searching.run, key, chunk, context) for chunk in chunks])
+            [self._ctx.run(searching.run, key, chunk, context) for chunk in chunks])
         return d.addCallback(lambda parts: answer([c for part in parts for c in part]))
 
     def _do_expunge(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
@@ -304,10 +286,10 @@ class MessageCommands(SessionParts):
             reader.space()
             numbers = reader.sequence_set()  # RFC 4315 §2.1 UID EXPUNGE
         reader.end()
-        selected = self._selected
+        selected = self._ctx.selected
         assert selected is not None
         if selected.readonly:
-            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+            return READ_ONLY.to(tag)
         candidates = (selected.view.messages if numbers is None else
                       [info for _, info in self._targets(numbers, uid=True)])
         doomed = [info for info in candidates if TRASHED in info.flags]
@@ -315,27 +297,10 @@ class MessageCommands(SessionParts):
 
         def expunged(_: None) -> bytes:
             for info in doomed:
-                self.record("imap.expunge", info, folder)
-            return tagged(tag, OK, "EXPUNGE completed")
+                self._ctx.record("imap.expunge", info, folder)
+            return completed(tag, "EXPUNGE")
 
-        return self._expunge(doomed).addCallback(expunged)
-
-    def _expunge(self, doomed: list[MessageInfo]) -> Deferred[None]:
-        """Delete messages of the selected mailbox and send their EXPUNGE responses."""
-        selected = self._selected
-        assert selected is not None
-        if not doomed:
-            return succeed(None)
-        before = selected.view.messages
-        positions = {info.uid: n for n, info in enumerate(before, 1)}
-
-        def deleted(uids: list[int]) -> None:
-            seqs = sorted((positions[u] for u in uids if u in positions), reverse=True)
-            self.write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
-            selected.recent.difference_update(uids)
-            selected.exists -= len(seqs)
-
-        return self._delete_quietly(selected.view, doomed).addCallback(deleted)
+        return self._ctx.expunge(doomed).addCallback(expunged)
 
 
 def _modifier(reader: Reader, name: bytes) -> int:

@@ -1,10 +1,13 @@
 r"""The IMAP server engine: one ``IMAPSession`` per connection, from greeting to LOGOUT.
 
-This module owns the dialogue (RFC 3501 IMAP4rev1 and the extensions listed in CAPABILITY): the
-states (not authenticated, authenticated, selected, logout), login (LOGIN, AUTHENTICATE PLAIN
-with SASL-IR, STARTTLS), the mailbox commands, and telling a session what other sessions and
-deliveries changed (EXISTS, EXPUNGE and FETCH FLAGS, RFC 3501 §7). Commands are handled strictly
-one at a time, in order; one waiting for the disk holds those pipelined behind it.
+This module owns the dialogue (RFC 3501 IMAP4rev1 and the extensions listed in CAPABILITY): lines
+and literals, the states (not authenticated, authenticated, selected, logout), login (LOGIN,
+AUTHENTICATE PLAIN with SASL-IR, STARTTLS), ENABLE, SELECT and CLOSE, IDLE, and telling a session
+what other sessions and deliveries changed (EXISTS, EXPUNGE and FETCH FLAGS, RFC 3501 §7). The
+other commands live in command groups (mailsys.imap.mailboxes, messages, transfers, quota) that
+share one ``CommandContext`` (mailsys.imap.context) with the session and fill its dispatch
+table. Commands are handled strictly one at a time, in order; one waiting for the disk holds
+those pipelined behind it.
 
 A client that sends ENABLE IMAP4rev2 gets RFC 9051 behaviour from then on: no RECENT and no
 \Recent, SELECT with a LIST response and OK [CLOSED], ESEARCH answers, UTF-8 mailbox names
@@ -22,10 +25,6 @@ session holds its lock. A POP3 session's deletions then reach IMAP sessions as E
 
 from __future__ import annotations
 
-import bisect
-import enum
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -43,10 +42,20 @@ from mailsys.config import Config, IMAPSection
 from mailsys.connlimit import Crowding
 from mailsys.delivery.quota import MailboxQuota
 from mailsys.imap import search as searching
-from mailsys.imap.flags import RECENT, has_keyword, names_of
+from mailsys.imap.context import (
+    ANY,
+    AUTHED,
+    NOT_AUTHED,
+    SELECTED,
+    CommandContext,
+    CommandSpec,
+    Selected,
+    State,
+)
+from mailsys.imap.flags import has_keyword
 from mailsys.imap.mailboxes import MailboxCommands
 from mailsys.imap.messages import MessageCommands
-from mailsys.imap.names import SEPARATOR, MailboxNameError, canonical, decode_name, encode_name
+from mailsys.imap.names import SEPARATOR, encode_name
 from mailsys.imap.parser import (
     Command,
     ContinueLiteral,
@@ -59,20 +68,45 @@ from mailsys.imap.parser import (
 )
 from mailsys.imap.quota import QuotaCommands
 from mailsys.imap.responses import (
+    AUTH_CANCELLED,
+    AUTH_FAILED,
+    AUTH_MALFORMED,
     BAD,
-    INVALID_NAME,
-    NAME_TOO_LONG,
-    NO,
+    BAD_CHARSET,
+    BAD_MISSING_TAG,
+    BYE_AUTOLOGOUT,
+    BYE_INTERNAL_ERROR,
+    BYE_LOGGING_OUT,
+    BYE_LOGIN_BLOCKED,
+    BYE_MAILBOX_GONE,
+    BYE_TOO_MANY_CONNECTIONS,
+    BYE_TOO_MANY_INVALID,
+    BYE_UIDS_RESET,
+    EXPECTED_DONE,
+    LITERAL_TOO_BIG,
+    LOGIN_BLOCKED,
+    MISSING_COMMAND,
+    NONEXISTENT,
     OK,
+    OK_CLOSED,
+    PRIVACY_REQUIRED,
+    SERVER_BUG,
+    TLS_ACTIVE,
+    TLS_UNAVAILABLE,
+    UID_NEEDS_COMMAND,
+    UNKNOWN_COMMAND,
+    UNKNOWN_UID_COMMAND,
+    UNSUPPORTED_MECHANISM,
     RefusedError,
+    completed,
+    syntax_error,
     tagged,
     untagged,
+    wrong_state,
 )
 from mailsys.imap.transfers import TransferCommands
 from mailsys.journey.events import SessionJourney
-from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
-from mailsys.mailbox.layout import NameTooLongError, delivered_queue_id, folder_directory
 from mailsys.mailbox.names import SEEN, TRASHED
 from mailsys.mailbox.store import FolderView, InvalidFolderNameError
 from mailsys.retrieval import MailboxServerFactory
@@ -89,83 +123,9 @@ _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTOR
 
 
 
-class State(enum.Enum):
-    NOT_AUTHENTICATED = "not authenticated"
-    AUTHENTICATED = "authenticated"
-    SELECTED = "selected"
-    LOGOUT = "logout"
-
-
-_ANY = frozenset(State) - {State.LOGOUT}
-_AUTHED = frozenset({State.AUTHENTICATED, State.SELECTED})
-_SELECTED = frozenset({State.SELECTED})
-_NOT_AUTHED = frozenset({State.NOT_AUTHENTICATED})
-
-
-@dataclass
-class Selected:
-    """The selected mailbox: the session's view, and what it has told the client."""
-
-    view: FolderView
-    readonly: bool
-    keywords: list[str]
-    recent: set[int]
-    unsubscribe: Callable[[], None]
-    exists: int = 0  # the message count the client was last told
-    dirty: bool = False  # the folder may have changed since the last refresh
-    _uids: list[int] = field(default_factory=list)
-    _uids_of: list[MessageInfo] | None = None
-    flag_cache: dict[tuple[frozenset[str], bool], bytes] = field(default_factory=dict)
-    # RFC 9051 §2.3.2: IMAP4rev2 has no \Recent flag; fixed for the selection's life because
-    # ENABLE is refused while a mailbox is selected.
-    show_recent: bool = True
-    saved: frozenset[int] = frozenset()  # the UIDs of "$" (RFC 5182 §2.1), empty at SELECT
-
-    def uids(self) -> list[int]:
-        """The UIDs in sequence order (rebuilt when the view's list changed)."""
-        if self._uids_of is not self.view.messages:
-            self._uids = [info.uid for info in self.view.messages]
-            self._uids_of = self.view.messages
-        return self._uids
-
-    def position(self, uid: int) -> int | None:
-        """The 0-based position of ``uid`` in the view, or None."""
-        uids = self.uids()
-        index = bisect.bisect_left(uids, uid)
-        return index if index < len(uids) and uids[index] == uid else None
-
-    def flags(self, info: MessageInfo) -> bytes:
-        """The message's flag list (without parentheses), \\Recent included."""
-        recent = self.show_recent and info.uid in self.recent
-        key = (info.flags, recent)
-        cached = self.flag_cache.get(key)
-        if cached is None:
-            names = names_of(info.flags, self.keywords)
-            if recent:
-                names.append(RECENT)
-            cached = self.flag_cache[key] = " ".join(names).encode("utf-8", "replace")
-        return cached
-
-    def flag_names(self) -> bytes:
-        names = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft", "$Forwarded"]
-        names += [k for k in self.keywords if k]
-        return " ".join(names).encode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class _Spec:
-    handler: Callable[[bytes, Reader, bool], bytes | Deferred[bytes] | None]
-    states: frozenset[State]
-    # RFC 3501 §7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (their UID forms
-    # may): changes are reported at the end of every other command.
-    updates: bool = True
-    updates_with_uid: bool = True
-
-
-class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaCommands,
-                  ServerSession):
+class IMAPSession(ServerSession):
     """One IMAP connection. Input is framed into lines and literals by a Framer and handled in
-    order (mailsys.inputloop)."""
+    order (mailsys.inputloop); commands go to the command groups through one dispatch table."""
 
     # A literal or a pipelined batch of commands may be large: buffer more before pausing.
     max_buffer_while_waiting = 256 * 1024
@@ -178,68 +138,68 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         self._limits = factory.section  # the [imap] section, read directly
         super().__init__(factory, max_bad_commands=self._limits.max_bad_commands)
         self._factory = factory
-        self._store = factory.store
         # Literals over the spool threshold go to disk, after login only (an APPEND's).
         self._framer = Framer(self._limits.max_command_length, self._limits.max_literal_size,
-                              may_spool=lambda: self._state in _AUTHED)
+                              may_spool=lambda: self._state is State.AUTHENTICATED)
+        # Never SELECTED: that state is "authenticated with a mailbox selected" (see state).
         self._state = State.NOT_AUTHENTICATED
-        self._mailbox: str | None = None
-        self._selected: Selected | None = None
         self._close_after_reply = False
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
-        self._notifying = False  # our own change notification: not news to us
-        self._enabled: set[str] = set()  # ENABLEd extensions (RFC 5161), upper case
-        self._journey = SessionJourney(factory.journey)
-        self._commands: dict[bytes, _Spec] = {
-            b"CAPABILITY": _Spec(self._do_capability, _ANY),
-            b"NOOP": _Spec(self._do_noop, _ANY),
-            b"LOGOUT": _Spec(self._do_logout, _ANY, updates=False),
-            b"ID": _Spec(self._do_id, _ANY),
-            b"STARTTLS": _Spec(self._do_starttls, _NOT_AUTHED, updates=False),
-            b"LOGIN": _Spec(self._do_login, _NOT_AUTHED, updates=False),
-            b"AUTHENTICATE": _Spec(self._do_authenticate, _NOT_AUTHED, updates=False),
+        self._ctx = CommandContext(factory.store, SessionJourney(factory.journey), self._write,
+                                   lambda: self.consumer)
+        self._quota = QuotaCommands(self._ctx, factory.quota)  # RFC 9208
+        self._transfers = TransferCommands(self._ctx, self._quota)
+        self._commands: dict[bytes, CommandSpec] = {
+            b"CAPABILITY": CommandSpec(self._do_capability, ANY),
+            b"NOOP": CommandSpec(self._do_noop, ANY),
+            b"LOGOUT": CommandSpec(self._do_logout, ANY, updates=False),
+            b"ID": CommandSpec(self._do_id, ANY),
+            b"STARTTLS": CommandSpec(self._do_starttls, NOT_AUTHED, updates=False),
+            b"LOGIN": CommandSpec(self._do_login, NOT_AUTHED, updates=False),
+            b"AUTHENTICATE": CommandSpec(self._do_authenticate, NOT_AUTHED, updates=False),
             # RFC 5161 §3.1 / RFC 9051 §6.3.1: ENABLE is valid in the authenticated state only.
-            b"ENABLE": _Spec(self._do_enable, frozenset({State.AUTHENTICATED})),
-            b"NAMESPACE": _Spec(self._do_namespace, _AUTHED),
-            b"SELECT": _Spec(self._do_select, _AUTHED, updates=False),
-            b"EXAMINE": _Spec(self._do_examine, _AUTHED, updates=False),
-            b"CREATE": _Spec(self._do_create, _AUTHED),
-            b"DELETE": _Spec(self._do_delete, _AUTHED),
-            b"RENAME": _Spec(self._do_rename, _AUTHED),
-            b"SUBSCRIBE": _Spec(self._do_subscribe, _AUTHED),
-            b"UNSUBSCRIBE": _Spec(self._do_unsubscribe, _AUTHED),
-            b"LIST": _Spec(self._do_list, _AUTHED),
-            b"LSUB": _Spec(self._do_lsub, _AUTHED),
-            b"STATUS": _Spec(self._do_status, _AUTHED),
-            b"APPEND": _Spec(self._do_append, _AUTHED),
-            b"IDLE": _Spec(self._do_idle, _AUTHED, updates=False),
-            b"CHECK": _Spec(self._do_check, _SELECTED),
-            b"CLOSE": _Spec(self._do_close, _SELECTED, updates=False),
-            b"UNSELECT": _Spec(self._do_unselect, _SELECTED, updates=False),
-            b"EXPUNGE": _Spec(self._do_expunge, _SELECTED),
-            b"SEARCH": _Spec(self._do_search, _SELECTED, updates=False),
-            b"FETCH": _Spec(self._do_fetch, _SELECTED, updates=False),
-            b"STORE": _Spec(self._do_store, _SELECTED, updates=False),
-            b"COPY": _Spec(self._do_copy, _SELECTED),
-            b"MOVE": _Spec(self._do_move, _SELECTED),
+            b"ENABLE": CommandSpec(self._do_enable, frozenset({State.AUTHENTICATED})),
+            b"NAMESPACE": CommandSpec(self._do_namespace, AUTHED),
+            b"SELECT": CommandSpec(self._do_select, AUTHED, updates=False),
+            b"EXAMINE": CommandSpec(self._do_examine, AUTHED, updates=False),
+            b"IDLE": CommandSpec(self._do_idle, AUTHED, updates=False),
+            b"CHECK": CommandSpec(self._do_check, SELECTED),
+            b"CLOSE": CommandSpec(self._do_close, SELECTED, updates=False),
+            b"UNSELECT": CommandSpec(self._do_unselect, SELECTED, updates=False),
+            **MailboxCommands(self._ctx).commands(),
+            **MessageCommands(self._ctx).commands(),
+            **self._transfers.commands(),
+            **self._quota.commands(),
         }
-        for name, handler in self._quota_commands().items():  # RFC 9208 (mailsys.imap.quota)
-            self._commands[name] = _Spec(handler, _AUTHED)
-        self._uid_commands = {b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE"}
+        self._uid_commands = {name for name, spec in self._commands.items() if spec.takes_uid}
 
     # --- helpers -------------------------------------------------------------------------------
 
     @property
     def state(self) -> State:
+        """The session's state (RFC 3501 §3)."""
+        if self._state is State.AUTHENTICATED and self._ctx.selected is not None:
+            return State.SELECTED
         return self._state
 
-    def run(self, func: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """Blocking work in the store's disk pool."""
-        return self._store.pool.run(func, *args)
+    @property
+    def user(self) -> str | None:
+        """The logged-in user's mailbox, or None before login."""
+        return self._ctx.mailbox
+
+    @property
+    def rev2(self) -> bool:
+        """The client sent ENABLE IMAP4rev2: RFC 9051 behaviour."""
+        return self._ctx.rev2
+
+    @property
+    def condstore(self) -> bool:
+        """CONDSTORE is on for this session (RFC 7162 §3.1)."""
+        return self._ctx.condstore
 
     def write(self, data: bytes) -> None:
-        """Output to the client (FETCH runs and the mailbox commands write through this)."""
+        """Output to the client."""
         self._write(data)
 
     # --- connection events (Twisted) -----------------------------------------------------------
@@ -252,8 +212,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     @override
     def _refusal(self, crowding: Crowding) -> bytes:
-        # RFC 3501 §7.1.5: BYE as the greeting refuses the connection; RFC 5530 §3.
-        return untagged("BYE [UNAVAILABLE] Too many connections, try again later")
+        return BYE_TOO_MANY_CONNECTIONS
 
     @override
     def _greet(self) -> None:
@@ -263,9 +222,9 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     @override
     def _session_ended(self) -> None:
-        self._deselect()
+        self._ctx.deselect()
         log.info("imap disconnect from {client} user={user}", client=self._client,
-                 user=self._mailbox)
+                 user=self._ctx.mailbox)
 
     @override
     def _idle_is_ours(self) -> bool:
@@ -275,8 +234,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     @override
     def _timed_out(self) -> None:
-        # RFC 3501 §5.4: an inactivity autologout, announced by an untagged BYE.
-        self.write(untagged("BYE Autologout; idle for too long"))
+        self.write(BYE_AUTOLOGOUT)
         self._close()
 
     def _timeout(self) -> float:
@@ -304,7 +262,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     @override
     def _internal_error_answer(self) -> bytes:
-        return untagged("BYE Internal server error")
+        return BYE_INTERNAL_ERROR
 
     @override
     def _step(self) -> bool:
@@ -319,7 +277,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                 # the next line is a command again.
                 tag, self._sasl_tag = self._sasl_tag, None
                 assert tag is not None
-                self._answer(tagged(tag, BAD, line.reason.value))
+                self._answer(syntax_error(tag, line.reason.value))
             else:
                 self._sasl_line(line)
             return True
@@ -332,10 +290,9 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         elif isinstance(event, Rejected):
             tag = event.tag or b"*"
             if event.reason is Rejection.LITERAL_TOO_BIG:
-                # RFC 4469 §7 / RFC 7889: TOOBIG; the literal was not read (or was dropped).
-                self._answer(tagged(tag, NO, "Literal too large", "TOOBIG"))
+                self._answer(LITERAL_TOO_BIG.to(tag))
             else:
-                self._answer(tagged(tag, BAD, event.reason.value))
+                self._answer(syntax_error(tag, event.reason.value))
         elif isinstance(event, Command):
             self._dispatch(event.data, event)
         return True
@@ -352,8 +309,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
             name = reader.atom().upper()
         except ParseError:
             tag = tag_of(data)
-            self._answer(tagged(tag, BAD, "Missing command") if tag else
-                         untagged("BAD Missing or invalid tag"))
+            self._answer(MISSING_COMMAND.to(tag) if tag else BAD_MISSING_TAG)
             return
         uid = False
         if name == b"UID":
@@ -361,32 +317,32 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                 reader.space()
                 name = reader.atom().upper()
             except ParseError:
-                self._answer(tagged(tag, BAD, "UID needs a command"))
+                self._answer(UID_NEEDS_COMMAND.to(tag))
                 return
             if name not in self._uid_commands:
-                self._answer(tagged(tag, BAD, "Unknown UID command"))
+                self._answer(UNKNOWN_UID_COMMAND.to(tag))
                 return
             uid = True
         spec = self._commands.get(name)
         if spec is None:
-            self._answer(tagged(tag, BAD, "Unknown command"))
+            self._answer(UNKNOWN_COMMAND.to(tag))
             return
-        if self._state not in spec.states:
-            self._answer(tagged(tag, BAD, f"{name.decode()} not allowed "
-                                          f"in the {self._state.value} state"))
+        state = self.state
+        if state not in spec.states:
+            self._answer(wrong_state(tag, name, state.value))
             return
         try:
             result = spec.handler(tag, reader, uid)
         except searching.BadCharsetError:
-            result = tagged(tag, NO, "Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+            result = BAD_CHARSET.to(tag)
         except RefusedError as exc:
-            result = tagged(tag, NO, exc.message, exc.code)
+            result = exc.refusal.to(tag)
         except ParseError as exc:
-            result = tagged(tag, BAD, str(exc) or "Syntax error")
+            result = syntax_error(tag, str(exc))
         except Exception:
             log.failure("imap {command} failed for {client}", command=name.decode(),
                         client=self._client)
-            result = tagged(tag, NO, "Internal server error", "SERVERBUG")
+            result = SERVER_BUG.to(tag)
         self._deliver(tag, result, spec.updates_with_uid if uid else spec.updates)
 
     def _dispatch_spooled(self, data: bytes, command: Command) -> None:
@@ -398,17 +354,16 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
             reader.tag()
             reader.space()
             name = reader.atom().upper()
-            if name != b"APPEND" or self._state not in _AUTHED:
+            if name != b"APPEND" or self.state not in AUTHED:
                 raise ParseError("Only APPEND takes a literal this large")
-            result = self._do_append(tag, reader, False)
+            result = self._transfers.append(tag, reader, False)
         except RefusedError as exc:
-            result = tagged(tag, NO, exc.message, exc.code)
+            result = exc.refusal.to(tag)
         except ParseError as exc:
-            result = (tagged(tag, BAD, str(exc) or "Syntax error") if tag
-                      else untagged("BAD Missing or invalid tag"))
+            result = syntax_error(tag, str(exc)) if tag else BAD_MISSING_TAG
         except Exception:
             log.failure("imap APPEND failed for {client}", client=self._client)
-            result = tagged(tag, NO, "Internal server error", "SERVERBUG")
+            result = SERVER_BUG.to(tag)
         if isinstance(result, Deferred):
             def closed(value: object) -> object:
                 command.close()
@@ -421,7 +376,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     def _news_waiting(self) -> bool:
         """The selected mailbox may have changed since the client last heard."""
-        selected = self._selected
+        selected = self._ctx.selected
         if selected is None:
             return False
         if selected.view.behind:
@@ -450,7 +405,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         def unexpected(failure: Failure) -> bytes:
             log.failure("imap command failed for {client}", failure,
                         client=self._client)
-            return tagged(tag, NO, "Internal server error", "SERVERBUG")
+            return SERVER_BUG.to(tag)
 
         chain: Deferred[Any] = result.addCallback(with_updates)
         self._await(chain.addErrback(unexpected), self._answer)
@@ -461,7 +416,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
             return
         self.write(line)
         if line.split(b" ", 2)[1:2] == [BAD] and self._count_error():
-            self.write(untagged("BYE Too many invalid commands"))
+            self.write(BYE_TOO_MANY_INVALID)
             self._close()
             return
         if self._close_after_reply and not self._closing:
@@ -485,84 +440,34 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                      "LIST-EXTENDED", "LIST-STATUS", "ESEARCH", "SEARCHRES", "BINARY",
                      "UTF8=ACCEPT", "STATUS=SIZE", "CONDSTORE",
                      f"APPENDLIMIT={self._limits.max_literal_size}"]
-            caps += self._quota_capabilities()
+            caps += self._quota.capabilities()
         return " ".join(caps)
-
-    @property
-    @override
-    def rev2(self) -> bool:
-        """The client sent ENABLE IMAP4rev2: RFC 9051 behaviour."""
-        return "IMAP4REV2" in self._enabled
-
-    @property
-    @override
-    def utf8(self) -> bool:
-        """Mailbox names travel in UTF-8 (RFC 9051 §5.1, RFC 6855 §3), not modified UTF-7."""
-        return self.rev2 or "UTF8=ACCEPT" in self._enabled
-
-    @property
-    @override
-    def condstore(self) -> bool:
-        """A CONDSTORE-enabling command was seen (RFC 7162 §3.1)."""
-        return "CONDSTORE" in self._enabled
-
-    @override
-    def _condstore_used(self) -> None:
-        """A CONDSTORE-enabling command: turn CONDSTORE on for the rest of the connection.
-
-        RFC 7162 §3.1: when that happens with a mailbox selected, the client is told the
-        mailbox's HIGHESTMODSEQ at once (a SELECT (CONDSTORE) reports it itself).
-        """
-        if self.condstore:
-            return
-        self._enabled.add("CONDSTORE")
-        if self._selected is not None:
-            self.write(untagged(b"OK [HIGHESTMODSEQ %d] Highest"
-                                % self._selected.view.highest_modseq))
-
-    def _mailbox_name(self, reader: Reader) -> str:
-        """A mailbox argument as the store names it (modified UTF-7 or UTF-8 decoded)."""
-        raw = reader.astring()
-        try:
-            name = canonical(decode_name(raw, utf8=self.utf8))
-        except MailboxNameError:
-            # Well-formed as an astring: no mailbox has this name (NO, as Dovecot; not BAD).
-            raise RefusedError(*INVALID_NAME) from None
-        # The store's own rule (mailsys.mailbox.layout): a folder is one directory ".name"
-        # holding every level, so a name past NAME_MAX bytes can never be a mailbox.
-        try:
-            folder_directory(name)
-        except NameTooLongError:
-            raise RefusedError(*NAME_TOO_LONG) from None
-        except InvalidFolderNameError:
-            pass  # each command answers this in its own way (NONEXISTENT, CANNOT, TRYCREATE)
-        return name
 
     # --- any state -----------------------------------------------------------------------------
 
     def _do_capability(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         reader.end()
         self.write(untagged(f"CAPABILITY {self._capabilities()}"))
-        return tagged(tag, OK, "CAPABILITY completed")
+        return completed(tag, "CAPABILITY")
 
     def _do_noop(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         reader.end()
-        if self._selected is not None:
-            self._selected.dirty = True  # NOOP is how clients poll (RFC 3501 §6.1.2)
-        return tagged(tag, OK, "NOOP completed")
+        if self._ctx.selected is not None:
+            self._ctx.selected.dirty = True  # NOOP is how clients poll (RFC 3501 §6.1.2)
+        return completed(tag, "NOOP")
 
     def _do_check(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         reader.end()
-        assert self._selected is not None
-        self._selected.dirty = True
-        return tagged(tag, OK, "CHECK completed")
+        assert self._ctx.selected is not None
+        self._ctx.selected.dirty = True
+        return completed(tag, "CHECK")
 
     def _do_logout(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         reader.end()
         self._state = State.LOGOUT
         self._close_after_reply = True
-        self.write(untagged("BYE Logging out"))
-        return tagged(tag, OK, "LOGOUT completed")
+        self.write(BYE_LOGGING_OUT)
+        return completed(tag, "LOGOUT")
 
     def _do_id(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         # RFC 2971: the client's identification (NIL or a list of pairs), then ours.
@@ -578,7 +483,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                      fields=fields)
         reader.end()
         self.write(untagged('ID ("name" "mailsys" "vendor" "mailsys")'))
-        return tagged(tag, OK, "ID completed")
+        return completed(tag, "ID")
 
     def _do_enable(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         # RFC 5161 §3.1: ENABLED lists what this command newly enabled; unknown names are
@@ -591,29 +496,29 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         enabled = []
         for raw in names:
             name = raw.upper().decode("ascii", "replace")
-            if name in _ENABLEABLE and name not in self._enabled:
-                self._enabled.add(name)
+            if name in _ENABLEABLE and name not in self._ctx.enabled:
+                self._ctx.enabled.add(name)
                 enabled.append(_ENABLEABLE[name])
         self.write(untagged(" ".join(["ENABLED", *enabled])))
-        return tagged(tag, OK, "ENABLE completed")
+        return completed(tag, "ENABLE")
 
     def _do_namespace(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         reader.end()
         # RFC 2342: one personal namespace, no prefix, "." between levels.
         self.write(untagged(f'NAMESPACE (("" "{SEPARATOR}")) NIL NIL'))
-        return tagged(tag, OK, "NAMESPACE completed")
+        return completed(tag, "NAMESPACE")
 
     # --- not authenticated ---------------------------------------------------------------------
 
     def _do_starttls(self, tag: bytes, reader: Reader, uid: bool) -> bytes | None:
         reader.end()
         if self._secure:
-            return tagged(tag, BAD, "TLS is already active")
+            return TLS_ACTIVE.to(tag)
         if not self._tls_offered():
-            return tagged(tag, NO, "TLS is not available")
+            return TLS_UNAVAILABLE.to(tag)
         context = self._tls_context("STARTTLS")
         if context is None:
-            return tagged(tag, NO, "TLS is not available")
+            return TLS_UNAVAILABLE.to(tag)
         self._start_tls(context, tagged(tag, OK, "Begin TLS negotiation now"), "STARTTLS")
         return None
 
@@ -624,8 +529,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         password = reader.astring()
         reader.end()
         if not self._plaintext_ok():
-            return tagged(tag, NO, "Plaintext authentication disallowed without TLS",
-                          "PRIVACYREQUIRED")
+            return PRIVACY_REQUIRED.to(tag)
         return self._authenticate(tag, user.decode("utf-8", "surrogateescape"),
                                   password.decode("utf-8", "surrogateescape"))
 
@@ -638,10 +542,9 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
             initial = reader.data[reader.position:]  # RFC 4959 SASL-IR
             reader.position = len(reader.data)
         if mechanism != b"PLAIN":
-            return tagged(tag, NO, "Unsupported authentication mechanism", "CANNOT")
+            return UNSUPPORTED_MECHANISM.to(tag)
         if not self._plaintext_ok():
-            return tagged(tag, NO, "Plaintext authentication disallowed without TLS",
-                          "PRIVACYREQUIRED")
+            return PRIVACY_REQUIRED.to(tag)
         if initial is None:
             self._sasl_tag = tag
             self.write(b"+ \r\n")  # RFC 4616: PLAIN starts with an empty challenge
@@ -655,14 +558,13 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     def _sasl_response(self, tag: bytes, line: bytes) -> bytes | Deferred[bytes]:
         if line.strip() == b"*":
-            # RFC 3501 §6.2.2: a cancelled exchange is answered BAD.
-            return tagged(tag, BAD, "Authentication cancelled")
+            return AUTH_CANCELLED.to(tag)
         try:
             login = self._login.plain(decode_base64(line))
         except SASLError as exc:
             log.info("imap bad AUTHENTICATE PLAIN from {client}: {reason}",
                      client=self._client, reason=str(exc))
-            return tagged(tag, BAD, "Malformed authentication response")
+            return AUTH_MALFORMED.to(tag)
         return login.addCallback(self._login_answer, tag)
 
     def _authenticate(self, tag: bytes, user: str, password: str) -> Deferred[bytes]:
@@ -672,14 +574,14 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         if outcome is Refusal.BLOCKED:
             # RFC 3501 §7.1.5: the server says BYE before it closes the connection.
             self._close_after_reply = True
-            self.write(untagged("BYE Too many failed logins; try again later"))
-            return tagged(tag, NO, "Too many failed logins", "UNAVAILABLE")
+            self.write(BYE_LOGIN_BLOCKED)
+            return LOGIN_BLOCKED.to(tag)
         if outcome is Refusal.FAILED:
-            return tagged(tag, NO, "Authentication failed", "AUTHENTICATIONFAILED")
+            return AUTH_FAILED.to(tag)
         return self._logged_in(tag, outcome)
 
     def _logged_in(self, tag: bytes, user: MailUser) -> bytes:
-        self._mailbox = user.mailbox
+        self._ctx.mailbox = user.mailbox
         self._state = State.AUTHENTICATED
         self._reset_idle_timer()  # the authenticated session's idle time (RFC 3501 §5.4)
         log.info("imap login {user} from {client}", user=user.mailbox,
@@ -687,13 +589,6 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         return tagged(tag, OK, "Logged in", f"CAPABILITY {self._capabilities()}")
 
     # --- selecting ------------------------------------------------------------------------------
-
-    def _deselect(self) -> None:
-        selected, self._selected = self._selected, None
-        if selected is not None:
-            selected.unsubscribe()
-        if self._state is State.SELECTED:
-            self._state = State.AUTHENTICATED
 
     def _do_select(self, tag: bytes, reader: Reader, uid: bool) -> Deferred[bytes]:
         return self._open(tag, reader, readonly=False)
@@ -703,7 +598,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     def _open(self, tag: bytes, reader: Reader, readonly: bool) -> Deferred[bytes]:
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         condstore = False
         if reader.accept(b" "):
             # RFC 4466 select parameters; RFC 7162 §3.1.8: CONDSTORE is the one we know.
@@ -713,13 +608,12 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                 condstore = True
         reader.end()
         if condstore:
-            self._enabled.add("CONDSTORE")
+            self._ctx.enabled.add("CONDSTORE")
         # RFC 3501 §6.3.1: SELECT first deselects; a failed SELECT leaves none selected.
-        if self._selected is not None and self.rev2:
-            # RFC 9051 §7.1: the previous mailbox's updates end here.
-            self.write(untagged("OK [CLOSED] Previous mailbox closed"))
-        self._deselect()
-        mailbox = self._mailbox
+        if self._ctx.selected is not None and self._ctx.rev2:
+            self.write(OK_CLOSED)
+        self._ctx.deselect()
+        mailbox = self._ctx.mailbox
         assert mailbox is not None
         verb = "EXAMINE" if readonly else "SELECT"
 
@@ -729,18 +623,17 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                 return (read_keywords(view.path),
                         view.folder.recent_from(view.uidnext, claim=not readonly))
 
-            return self.run(work).addCallback(lambda found: answer(view, *found))
+            return self._ctx.run(work).addCallback(lambda found: answer(view, *found))
 
         def answer(view: FolderView, keywords: list[str], first_recent: int) -> bytes:
             if self._disconnected:
                 return b""
-            unsubscribe = self._store.subscribe(mailbox, view.name, self._changed)
+            unsubscribe = self._ctx.store.subscribe(mailbox, view.name, self._changed)
             recent = {info.uid for info in view.messages if info.uid >= first_recent}
-            rev2 = self.rev2
+            rev2 = self._ctx.rev2
             selected = Selected(view, readonly, keywords, recent, unsubscribe,
                                 exists=len(view.messages), show_recent=not rev2)
-            self._selected = selected
-            self._state = State.SELECTED
+            self._ctx.selected = selected  # the state is SELECTED from here
             flags = selected.flag_names()
             out = [untagged(b"FLAGS (" + flags + b")"),
                    untagged(b"OK [PERMANENTFLAGS (" + (b"" if readonly else flags + b" \\*")
@@ -759,55 +652,47 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                     out.append(untagged(b"OK [UNSEEN %d] First unseen" % unseen))
             out.append(untagged(b"OK [UIDVALIDITY %d] UIDs valid" % view.uidvalidity))
             out.append(untagged(b"OK [UIDNEXT %d] Predicted next UID" % view.uidnext))
-            if self.condstore:
+            if self._ctx.condstore:
                 # RFC 7162 §3.1.2.1.
                 out.append(untagged(b"OK [HIGHESTMODSEQ %d] Highest" % view.highest_modseq))
             self.write(b"".join(out))
             log.info("imap {verb} {user} {folder} messages={count}", verb=verb,
                      user=mailbox, folder=view.name, count=len(view.messages))
-            return tagged(tag, OK, f"{verb} completed",
-                          "READ-ONLY" if readonly else "READ-WRITE")
+            return completed(tag, verb, "READ-ONLY" if readonly else "READ-WRITE")
 
         def failed(failure: Failure) -> bytes | Failure:
             if failure.check(FileNotFoundError, InvalidFolderNameError):
-                return tagged(tag, NO, "No such mailbox", "NONEXISTENT")
+                return NONEXISTENT.to(tag)
             return failure
 
-        return self._store.open_folder(mailbox, name).addCallbacks(opened, failed)
+        return self._ctx.store.open_folder(mailbox, name).addCallbacks(opened, failed)
 
     def _do_close(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.end()
-        selected = self._selected
+        selected = self._ctx.selected
         assert selected is not None
-        self._deselect()
+        self._ctx.deselect()
         if selected.readonly:
-            return tagged(tag, OK, "CLOSE completed")
+            return completed(tag, "CLOSE")
         # RFC 3501 §6.4.2: CLOSE expunges silently.
         doomed = [info for info in selected.view.messages if TRASHED in info.flags]
         if not doomed:
-            return tagged(tag, OK, "CLOSE completed")
-        return self._delete_quietly(selected.view, doomed).addCallback(
-            lambda _: tagged(tag, OK, "CLOSE completed"))
+            return completed(tag, "CLOSE")
+        return self._ctx.delete_quietly(selected.view, doomed).addCallback(
+            lambda _: completed(tag, "CLOSE"))
 
     def _do_unselect(self, tag: bytes, reader: Reader, uid: bool) -> bytes:
         reader.end()
-        self._deselect()  # RFC 3691: like CLOSE, without the expunge
-        return tagged(tag, OK, "UNSELECT completed")
-
-    def _delete_quietly(self, view: FolderView, infos: list[MessageInfo]) -> Deferred[list[int]]:
-        self._notifying = True
-        try:
-            return view.delete(infos)
-        finally:
-            self._notifying = False
+        self._ctx.deselect()  # RFC 3691: like CLOSE, without the expunge
+        return completed(tag, "UNSELECT")
 
     # --- change reports (RFC 3501 §7.3.1, §7.4.1) --------------------------------------------
 
     def _changed(self) -> None:
         """The store says our folder may have changed (a delivery, another session)."""
-        if self._notifying or self._selected is None:
+        if self._ctx.notifying or self._ctx.selected is None:
             return
-        self._selected.dirty = True
+        self._ctx.selected.dirty = True
         if self._idle_tag is not None and not self._waiting:
             # RFC 2177: while idling, news goes out at once.
             self._waiting = True
@@ -819,7 +704,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
 
     def _report_changes(self) -> Deferred[None]:
         """Refresh the view and tell the client what changed: EXPUNGE, EXISTS, RECENT, FLAGS."""
-        selected = self._selected
+        selected = self._ctx.selected
         if selected is None:
             return succeed(None)
         selected.dirty = False
@@ -831,17 +716,17 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
             # RFC 3501 §2.3.2: the first session told of a new message sees it \Recent; a
             # read-only one leaves it recent for the next.
             view = selected.view
-            return self.run(lambda: view.folder.recent_from(
+            return self._ctx.run(lambda: view.folder.recent_from(
                 view.uidnext, claim=not selected.readonly)).addCallback(
                 lambda first: (changes, first))
 
         def refreshed(found: tuple[Any, int]) -> Deferred[None] | None:
             changes, first_recent = found
-            if self._selected is not selected or self._disconnected:
+            if self._ctx.selected is not selected or self._disconnected:
                 return None
             view = selected.view
             if changes.uidvalidity_changed:
-                self.write(untagged("BYE The mailbox's UIDs were reset; please reconnect"))
+                self.write(BYE_UIDS_RESET)
                 self._close()
                 return None
             out: list[bytes] = []
@@ -870,7 +755,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                 for info in changes.flags_changed:
                     position = selected.position(info.uid)
                     if position is not None:
-                        lines.append(self._flags_response(position + 1, info, uid=True))
+                        lines.append(self._ctx.flags_response(position + 1, info, uid=True))
                 self.write(b"".join(lines))
 
             if not unknown:
@@ -883,32 +768,21 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
                 self.write(untagged(b"FLAGS (" + selected.flag_names() + b")"))
                 report_flags()
 
-            return cast(Deferred[None], self.run(read_keywords, view.path).addCallback(reload))
+            return cast(Deferred[None], self._ctx.run(read_keywords, view.path).addCallback(reload))
 
         def failed(failure: Failure) -> None:
-            if self._selected is not selected:
+            if self._ctx.selected is not selected:
                 return
             if failure.check(FileNotFoundError):
-                self.write(untagged("BYE The selected mailbox was deleted or renamed"))
+                self.write(BYE_MAILBOX_GONE)
             else:
-                log.failure("imap refresh failed for {user}", failure, user=self._mailbox)
-                self.write(untagged("BYE Internal server error"))
-            self._deselect()
+                log.failure("imap refresh failed for {user}", failure, user=self._ctx.mailbox)
+                self.write(BYE_INTERNAL_ERROR)
+            self._ctx.deselect()
             self._close()
 
         return selected.view.refresh().addCallback(claim).addCallback(refreshed).addErrback(
             failed)
-
-    def _flags_response(self, seq: int, info: MessageInfo, *, uid: bool) -> bytes:
-        """``* seq FETCH ([UID u] FLAGS (...) [MODSEQ (m)])`` for a flag change; RFC 7162 §3.1:
-        with CONDSTORE on, UID and MODSEQ are always in it."""
-        selected = self._selected
-        assert selected is not None
-        if not self.condstore:
-            uid_part = b"UID %d " % info.uid if uid else b""
-            return b"* %d FETCH (%sFLAGS (%s))\r\n" % (seq, uid_part, selected.flags(info))
-        return b"* %d FETCH (UID %d FLAGS (%s) MODSEQ (%d))\r\n" % (
-            seq, info.uid, selected.flags(info), info.modseq)
 
     # --- IDLE (RFC 2177) ------------------------------------------------------------------------
 
@@ -916,7 +790,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         reader.end()
         self._idle_tag = tag
         self.write(b"+ idling\r\n")
-        if self._selected is not None and self._selected.dirty:
+        if self._ctx.selected is not None and self._ctx.selected.dirty:
             self._changed()
         return None
 
@@ -926,33 +800,7 @@ class IMAPSession(MailboxCommands, MessageCommands, TransferCommands, QuotaComma
         if line.strip().upper() == b"DONE":
             self._answer(tagged(tag, OK, "IDLE terminated"))
         else:
-            self._answer(tagged(tag, BAD, "Expected DONE"))
-
-    # --- mailboxes ------------------------------------------------------------------------------
-
-    def record(self, kind: str, info: MessageInfo, folder: str, **fields: Any) -> None:
-        """A step in the journey of a message this server delivered (others have none)."""
-        queue_id = delivered_queue_id(info.key)
-        if queue_id is not None:
-            self._journey.emit(kind, queue_id, user=self._mailbox, folder=folder, uid=info.uid,
-                               **fields)
-
-    def _notify(self, folder: str) -> None:
-        """Tell the other sessions on ``folder`` that it changed. If it is our own selected
-        folder and the change was not made through our view (APPEND, COPY into it), we refresh
-        too."""
-        assert self._mailbox is not None
-        self._notifying = True
-        try:
-            self._store.notify_changed(self._mailbox, folder)
-        finally:
-            self._notifying = False
-
-    def _added_to(self, folder: str) -> None:
-        self._notify(folder)
-        if self._selected is not None and self._selected.view.name == folder:
-            self._selected.dirty = True
-
+            self._answer(EXPECTED_DONE.to(tag))
 
 
 class IMAPServerFactory(MailboxServerFactory[IMAPSection]):

@@ -1,34 +1,38 @@
-"""APPEND (with MULTIAPPEND), COPY and MOVE: messages entering a folder, as a mixin of
-IMAPSession. The blocking work (mailsys.mailbox.transfer) runs in the store's disk threads;
-answers carry UIDPLUS's APPENDUID and COPYUID (RFC 4315 §3).
+"""APPEND (with MULTIAPPEND), COPY and MOVE: messages entering a folder, as a command group
+over a ``CommandContext`` (mailsys.imap.context). The blocking work (mailsys.mailbox.transfer)
+runs in the store's disk threads; answers carry UIDPLUS's APPENDUID and COPYUID (RFC 4315 §3).
 """
 
 from __future__ import annotations
 
 import calendar
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsys.imap.binary import seven_bit_form
+from mailsys.imap.context import AUTHED, SELECTED, CommandContext, CommandSpec
 from mailsys.imap.flags import FlagError, letters_of, names_of, split_flags
 from mailsys.imap.names import canonical
-from mailsys.imap.parser import ParseError, Reader, SequenceSet, SpooledLiteral
-from mailsys.imap.quota import quota_refusal
-from mailsys.imap.responses import MONTHS, NO, OK, number_set, tagged, untagged
-from mailsys.imap.sessionparts import SessionParts
+from mailsys.imap.parser import ParseError, Reader, SpooledLiteral
+from mailsys.imap.quota import QuotaCommands, quota_refusal
+from mailsys.imap.responses import (
+    EMPTY_MESSAGE,
+    MONTHS,
+    READ_ONLY,
+    TOO_MANY_TARGET_KEYWORDS,
+    TRYCREATE,
+    completed,
+    number_set,
+    untagged,
+)
 from mailsys.mailbox.folder import Folder, MessageInfo
 from mailsys.mailbox.keywords import TooManyKeywordsError, define_keywords, read_keywords
 from mailsys.mailbox.store import InvalidFolderNameError
 from mailsys.mailbox.transfer import Added, append_file, append_message, copy_messages
-
-if TYPE_CHECKING:
-    pass
 
 log = Logger(namespace="mailsys.imap")
 
@@ -37,14 +41,20 @@ _DATE_TIME = re.compile(
     r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 
 
-class TransferCommands(SessionParts):
-    """The commands that put messages into a folder."""
+class TransferCommands:
+    """The commands that put messages into a folder (within the quota's limits)."""
 
-    # Provided by IMAPSession, besides SessionParts.
-    _added_to: Callable[[str], None]
-    _targets: Callable[[SequenceSet, bool], list[tuple[int, MessageInfo]]]
-    _expunge: Callable[[list[MessageInfo]], Deferred[None]]
-    _quota_guard: Callable[..., Any]  # mailsys.imap.quota.QuotaCommands
+    def __init__(self, ctx: CommandContext, quota: QuotaCommands) -> None:
+        self._ctx = ctx
+        self._quota = quota
+
+    def commands(self) -> dict[bytes, CommandSpec]:
+        """This group's entries of the dispatch table."""
+        return {
+            b"APPEND": CommandSpec(self.append, AUTHED),
+            b"COPY": CommandSpec(self._do_copy, SELECTED, takes_uid=True),
+            b"MOVE": CommandSpec(self._do_move, SELECTED, takes_uid=True),
+        }
 
     # --- APPEND ---------------------------------------------------------------------------------
 
@@ -76,38 +86,37 @@ class TransferCommands(SessionParts):
             raise ParseError("Invalid flag in APPEND") from None
         return _Appended(data, frozenset(letters), keywords, date)
 
-    def _do_append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
+    def append(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         reader.space()
         messages = [self._append_item(reader)]
         while reader.accept(b" "):
             messages.append(self._append_item(reader))  # RFC 3502 MULTIAPPEND
         reader.end()
         if any(not message.data for message in messages):
-            return tagged(tag, NO, "Cannot store an empty message")
-        assert self._mailbox is not None
+            return EMPTY_MESSAGE.to(tag)
+        mailbox = self._ctx.user
         try:
-            folder = self._store.folder(self._mailbox, name)
+            folder = self._ctx.store.folder(mailbox, name)
         except InvalidFolderNameError:
-            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
-        mailbox = self._mailbox
+            return TRYCREATE.to(tag)
 
         def appended(added: Added) -> bytes:
-            self._added_to(canonical(name))
+            self._ctx.added_to(canonical(name))
             uids = [new for _, new in added.uids]
             log.info("imap APPEND {user} {folder} uids={uids}", user=mailbox, folder=name,
                      uids=number_set(uids).decode())
             if len(uids) != len(messages):
-                return tagged(tag, OK, "APPEND completed")
+                return completed(tag, "APPEND")
             # RFC 4315 §3: APPENDUID uidvalidity uid-set (a set for MULTIAPPEND).
-            return tagged(tag, OK, "APPEND completed",
-                          f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
+            return completed(tag, "APPEND",
+                             f"APPENDUID {added.uidvalidity} {number_set(uids).decode()}")
 
         size = sum(message.size for message in messages)
-        store = self._quota_guard(_append, size, len(messages))  # RFC 9208 [OVERQUOTA]
-        return self._store.list_folders(mailbox).addCallback(
-            lambda _: self.run(store, folder, messages)
+        store = self._quota.guard(_append, size, len(messages))  # RFC 9208 [OVERQUOTA]
+        return self._ctx.store.list_folders(mailbox).addCallback(
+            lambda _: self._ctx.run(store, folder, messages)
         ).addCallbacks(appended, lambda failure: _refusal(tag, failure))
 
     def _do_copy(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
@@ -121,27 +130,27 @@ class TransferCommands(SessionParts):
         reader.space()
         numbers = reader.sequence_set()
         reader.space()
-        name = self._mailbox_name(reader)
+        name = self._ctx.mailbox_name(reader)
         reader.end()
-        selected = self._selected
-        assert selected is not None and self._mailbox is not None
+        selected = self._ctx.selected
+        assert selected is not None
         verb = ("UID " if uid else "") + ("MOVE" if move else "COPY")
         if move and selected.readonly:
-            return tagged(tag, NO, "Mailbox is read-only", "READ-ONLY")
+            return READ_ONLY.to(tag)
         try:
-            target = self._store.folder(self._mailbox, name)
+            target = self._ctx.store.folder(self._ctx.user, name)
         except InvalidFolderNameError:
-            return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+            return TRYCREATE.to(tag)
         # RFC 6851 §3.3 sets no exception for the selected mailbox: a MOVE into it gives the
         # messages new UIDs (COPYUID) and expunges the old ones, as a COPY and EXPUNGE would.
-        targets = self._targets(numbers, uid)
+        targets = selected.targets(numbers, uid)
         if not targets:
-            return tagged(tag, OK, f"{verb} completed")
+            return completed(tag, verb)
         infos = [info for _, info in targets]
         source = selected.view.folder
 
         def copied(added: Added) -> bytes | Deferred[bytes]:
-            self._added_to(canonical(name))
+            self._ctx.added_to(canonical(name))
             code = None
             if added.uids:
                 # RFC 4315 §3: COPYUID uidvalidity source-uids target-uids, in pairs.
@@ -149,21 +158,21 @@ class TransferCommands(SessionParts):
                         f"{number_set([s for s, _ in added.uids]).decode()} "
                         f"{number_set([t for _, t in added.uids]).decode()}")
             if not move:
-                return tagged(tag, OK, f"{verb} completed", code)
+                return completed(tag, verb, code)
             if code is not None:
                 # RFC 6851 §4.3: COPYUID comes in an untagged OK before the EXPUNGEs.
-                self.write(untagged(f"OK [{code}] Moved"))
+                self._ctx.write(untagged(f"OK [{code}] Moved"))
             moved = {s for s, _ in added.uids}
             for info in infos:
                 if info.uid in moved:
-                    self.record("imap.move", info, selected.view.name, to=canonical(name))
-            return self._expunge([info for info in infos if info.uid in moved]).addCallback(
-                lambda _: tagged(tag, OK, f"{verb} completed"))
+                    self._ctx.record("imap.move", info, selected.view.name, to=canonical(name))
+            return self._ctx.expunge([info for info in infos if info.uid in moved]).addCallback(
+                lambda _: completed(tag, verb))
 
         # A MOVE within the mailbox takes no more room; a COPY counts against the quota.
-        store = _copy if move else self._quota_guard(
+        store = _copy if move else self._quota.guard(
             _copy, sum(info.size for info in infos), len(infos))
-        return self.run(store, source, infos, target, list(selected.keywords)).addCallbacks(
+        return self._ctx.run(store, source, infos, target, list(selected.keywords)).addCallbacks(
             copied, lambda failure: _refusal(tag, failure))
 
 
@@ -174,10 +183,9 @@ def _refusal(tag: bytes, failure: Failure) -> bytes | Failure:
     if over is not None:
         return over
     if failure.check(FileNotFoundError):
-        # RFC 3501 §6.3.11, §6.4.7: TRYCREATE tells the client to CREATE and retry.
-        return tagged(tag, NO, "No such mailbox", "TRYCREATE")
+        return TRYCREATE.to(tag)  # RFC 3501 §6.3.11, §6.4.7
     if failure.check(TooManyKeywordsError):
-        return tagged(tag, NO, "Too many keywords in the target mailbox", "LIMIT")
+        return TOO_MANY_TARGET_KEYWORDS.to(tag)
     return failure
 
 

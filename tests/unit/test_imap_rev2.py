@@ -83,7 +83,7 @@ def test_rev2_new_mail_reports_exists_without_recent(server: Server) -> None:
     """A delivery reaches a rev2 session as EXISTS with no RECENT."""
     client = filled(server, 1, enable=REV2)
     deliver(server.inbox, message(2))
-    server.store.notify_delivered(client.session._mailbox or "")
+    server.store.notify_delivered(client.session.user or "")
     out = client.ok("NOOP")
     assert "* 2 EXISTS" in out and "RECENT" not in out
 
