@@ -31,6 +31,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +235,33 @@ def stage_message(maildir: Path | str, sub: str, name: str, stored: bytes, *,
             raise
 
     return Staged([fd], publish, discard)
+
+
+def write_streamed(maildir: Path | str, sub: str, key: str, chunks: Iterable[bytes],
+                   name: Callable[[], str], *, mtime: float | None = None) -> str:
+    """Disk thread: ``write_message`` for a message that comes in chunks (a large APPEND
+    literal, never whole in memory): written as tmp/<key>, fsync'd, then renamed into ``sub``
+    under ``name()``, asked after the last chunk because the size fields are known only then.
+    Returns the file's name."""
+    root = os.fspath(maildir)
+    tmp = f"{root}/tmp/{key}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
+        final = name()
+        os.rename(tmp, f"{root}/{sub}/{final}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return final
 
 
 def _write_all(fd: int, data: bytes) -> None:
