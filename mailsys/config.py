@@ -227,6 +227,13 @@ class AuthSection:
     # (password spraying) until the window passes after the last one.
     throttle_max_address_failures: int = 100
     throttle_window: float = 15 * 60.0
+    # Successful password checks remembered (mailsys.auth.credcache), so a client logging in
+    # again with the same password skips the hash: for cache_ttl seconds, at most cache_size
+    # users and passwords (Dovecot's auth_cache_ttl and auth_cache_size). A changed users file
+    # drops it; cache = false checks every password.
+    cache: bool = True
+    cache_ttl: float = 3600.0
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from mailsys import logwriter, sdnotify
+from mailsys.auth.credcache import CredentialCache
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
@@ -486,7 +487,10 @@ def build_service(config: Config, reactor: Any, *,
 
     # --- logins: one portal and one throttle for SMTP AUTH, POP3 and IMAP, so a password guesser
     # cannot start afresh by switching protocols ---
-    portal = build_portal(users, auth_pool.run)
+    credentials = (CredentialCache(reactor.seconds, ttl=config.auth.cache_ttl,
+                                   max_entries=config.auth.cache_size)
+                   if config.auth.cache else None)
+    portal = build_portal(users, auth_pool.run, credentials)
     throttle = LoginThrottle(
         reactor,
         base_delay=config.auth.throttle_base_delay,

@@ -224,6 +224,12 @@ class UserStore:
         with self._state:
             return sorted(self._index)
 
+    @property
+    def generation(self) -> int:
+        """The number of the in-memory copy: it grows each time the file is read again."""
+        with self._state:
+            return self._generation
+
     def get_hash(self, mailbox: str) -> str | None:
         """The stored ``{SCHEME}hash`` of ``mailbox``, or None if it is not a user here."""
         try:
@@ -303,14 +309,22 @@ class UserStore:
         this user's hash changed, so a failure costs the same for known and unknown users:
         one password check and one stat().
         """
+        return self.matching_hash(mailbox, password) is not None
+
+    def matching_hash(self, mailbox: str, password: str) -> str | None:
+        """``verify_fresh``, answering with the stored hash ``password`` matched, or None.
+
+        The credential cache (mailsys.auth.credcache) remembers the hash a password was found
+        right for, so that a later change of the password is seen at once.
+        """
         stored = self.get_hash(mailbox)
         if self._verify_stored(mailbox, stored, password):
-            return True
+            return stored
         self.reload_if_changed()
         current = self.get_hash(mailbox)
         if current is None or current == stored:
-            return False
-        return self._verify_stored(mailbox, current, password)
+            return None
+        return current if self._verify_stored(mailbox, current, password) else None
 
     def _maybe_reload(self) -> None:
         """Reload if the file changed, looking at most once per RELOAD_INTERVAL."""
