@@ -458,6 +458,17 @@ class DefenceSection:
 
 
 @dataclass(frozen=True)
+class LabSection:
+    """A server of the teaching lab (mailsys.lab): files `mailsys lab` writes and the server
+    reads. Absent outside a lab; each part is off unless named."""
+
+    # Faults the teacher injects (`mailsys lab fault`), and `fail-NNN@` recipients.
+    faults: Path | None = None
+    # The hurried queue clock (`mailsys lab clock`): an offset and a rate.
+    clock: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, as loaded from ``path``."""
 
@@ -478,6 +489,7 @@ class Config:
     authn: AuthnSection = field(default_factory=AuthnSection)
     dev: DevSection = field(default_factory=DevSection)
     quota: QuotaSection = field(default_factory=QuotaSection)
+    lab: LabSection = field(default_factory=LabSection)
     defence: DefenceSection = field(default_factory=DefenceSection)
 
 
@@ -498,6 +510,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "authn": AuthnSection,
     "dev": DevSection,
     "quota": QuotaSection,
+    "lab": LabSection,
     "defence": DefenceSection,
 }
 

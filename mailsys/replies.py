@@ -152,6 +152,19 @@ ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")  # RFC 4954
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 §6
 
+# The teaching lab's faults (mailsys.lab.faults): a lab server says plainly that it was told to.
+LAB_TEMPFAIL = Reply(451, "4.3.2", "Lab fault: this server refuses mail for now, try again later")
+LAB_REJECT = Reply(550, "5.7.1", "Lab fault: this server refuses all mail")
+LAB_GREYLISTED = Reply(451, "4.7.1", "Greylisted: first attempt from this sender, try again later")
+
+
+def lab_chosen(code: int) -> Reply:
+    """The reply a lab ``fail-NNN@`` recipient asks for (RFC 3463: the class follows the code)."""
+    cls = code // 100
+    enhanced = f"{cls}.0.0" if cls in (2, 4, 5) else ""
+    return Reply(code, enhanced, f"Lab: the reply fail-{code} asks for")
+
+
 # Intake defences (mailsys.defence): past a rate limit 421 4.7.0 (closing) or 450 4.7.1 (try
 # this again later), a policy refusal 554/550 5.7.1 (RFC 3463 §3.8 X.7.1: delivery not
 # authorized). Texts name the reason, never the internals.

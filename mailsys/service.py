@@ -45,6 +45,7 @@ from mailsys.interfaces import IMessageSink
 from mailsys.journey.events import NULL_RECORDER
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.journey.writer import JourneyWriter
+from mailsys.lab.serving import LabServing
 from mailsys.mailbox.store import MailboxStore
 from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over, make_directory
 from mailsys.pickup.maildrop import prepare_directory
@@ -426,11 +427,14 @@ def build_service(config: Config, reactor: Any, *,
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
     if relay is not None:
         agents[TargetKind.RELAY] = relay
-    runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
+    # The teaching lab's hurried queue clock and faults ([lab], mailsys.lab); inert elsewhere.
+    lab = LabServing(config, reactor, pool)
+    runner = QueueRunner(spool, agents, clock=lab.queue_clock,
+                         retry_schedule=config.relay.retry_schedule,
                          max_lifetime=config.relay.max_lifetime, journey=journey)
     # Every listener and the notices hand over through it: submitted and local mail is signed
     # (DKIM), mail from clients that did not authenticate is checked (SPF, DKIM, DMARC, iprev).
-    sink = authn.wrap(QueueSink(spool, runner, journey))
+    sink = authn.wrap(lab.sink(QueueSink(spool, runner, journey)))
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     # One registry per service, never prometheus_client's global one: two services in one
     # process (tests) must not share counters.
@@ -438,7 +442,8 @@ def build_service(config: Config, reactor: Any, *,
     runner.observer = attempt_observer(metrics)
     metrics.watch_queue(queue_state(runner.envelopes))
     runner.notifier = DSNNotifier(
-        CountingSink(sink, notices(metrics)), router, pool, config.server.hostname, reactor,
+        CountingSink(sink, notices(metrics)), router, pool, config.server.hostname,
+        lab.queue_clock,
         delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
         max_returned_size=config.smtp.max_message_size, journey=journey,
     )
@@ -450,6 +455,7 @@ def build_service(config: Config, reactor: Any, *,
     service.metrics = metrics
     if config.tls.certificate is not None:
         _watch_certificate(metrics, config.tls.certificate, pool, reactor, service)
+    lab.add_services(service)
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
@@ -547,7 +553,8 @@ def build_service(config: Config, reactor: Any, *,
         listener = "smtp" if role is ListenerRole.MTA else role.value
         counted = CountingSink(sink, accepted_by(metrics, listener))
         smtp = SMTPServerFactory(
-            config, role, policy, counted, reactor, tls, portal=portal, throttle=throttle,
+            config, role, lab.policy(policy, inbound=role is ListenerRole.MTA), counted,
+            reactor, tls, portal=portal, throttle=throttle,
             journey=journey,
             storage=storage,
             defence=defences[role is ListenerRole.MTA],
