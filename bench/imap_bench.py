@@ -113,6 +113,8 @@ def imap_greeting(host: str, port: int) -> str:
 class DovecotIMAP(DovecotInstance):
     """bench's private Dovecot, serving IMAP instead of POP3 (dovecot-imapd)."""
 
+    extra_config = ""  # settings appended to the configuration (bench/imap_login.py)
+
     def start(self, timeout: float = 30.0) -> None:
         for sub in ("run", "state", "home"):
             (self.root / sub).mkdir(exist_ok=True)
@@ -121,7 +123,7 @@ class DovecotIMAP(DovecotInstance):
         # both servers pay for one password check per login.
         self.config_path.write_text(_DOVECOT_IMAP.format(
             root=self.root, host=self.host, port=self.port, uid=MAIL_UID, gid=MAIL_GID,
-            password_hash=hash_password(PASSWORD)))
+            password_hash=hash_password(PASSWORD)) + self.extra_config)
         self._log = (self.root / "stdout.log").open("wb")
         self._stop_token = register_stop(self.stop)
         self._process = subprocess.Popen(

@@ -95,8 +95,9 @@ class MailsysInstance:
 
     def __init__(self, root: Path, port: int, host: str = LOOPBACK,
                  profile: Path | None = None, journey: bool | None = None,
-                 authn: str = AUTHN_OFF) -> None:
+                 authn: str = AUTHN_OFF, defence: str = "") -> None:
         self.root = root
+        self.defence = defence  # a [defence] section, or "" for the configuration's default
         # Message journey recording ([journey] enabled); None: the configuration's default.
         self.journey = journey
         self.authn = authn
@@ -125,6 +126,7 @@ class MailsysInstance:
             )
             + f'\n[journey]\npath = "{self.root}/var/journey.sqlite"\n'
             + ("" if self.journey is None else f"enabled = {str(self.journey).lower()}\n")
+            + self.defence
         )
 
     def start(self, timeout: float = 60.0) -> None:

@@ -127,13 +127,35 @@ class Report:
 
 
 def make_server(kind: str, root: Path, port: int, profile: bool = False,
-                journey: bool | None = None, authn_dns: int | None = None) -> Server:
+                journey: bool | None = None, authn_dns: int | None = None,
+                authn_checks: bool = False, defences: bool | None = None) -> Server:
     if kind == "postfix":
         return PostfixInstance(root, port)
     authn = AUTHN_OFF if authn_dns is None else (
-        f'[authn]\nchecks = true\ndns_servers = ["{LOOPBACK}:{authn_dns}"]\n')
+        f"[authn]\nchecks = {str(authn_checks).lower()}\n"
+        f'dns_servers = ["{LOOPBACK}:{authn_dns}"]\n')
     return MailsysInstance(root, port, profile=root / "mailsys.prof" if profile else None,
-                           journey=journey, authn=authn)
+                           journey=journey, authn=authn, defence=defence_section(defences))
+
+
+# --defences on: every intake defence that costs per message, applied to the load's address
+# (127.0.0.1 is exempt by default), with limits the load stays under: the rate limits per
+# client network counted at connect, MAIL, RCPT and end of DATA, a DNS blocklist (whose
+# negative answer for 127.0.0.1 the shared cache keeps), the HELO check.
+DEFENCES_ON = """
+[defence]
+exempt_networks = []
+connections_per_minute = 10000000
+messages_per_hour = 10000000
+recipients_per_hour = 10000000
+dnsbl = { "bl.bench.test" = 1.0 }
+"""
+
+
+def defence_section(defences: bool | None) -> str:
+    if defences is None:
+        return ""
+    return DEFENCES_ON if defences else "[defence]\nenabled = false\n"
 
 
 # What the lab DNS says about the load's sender (smtp-source -M bench.test -f sender@bench.test
@@ -373,7 +395,8 @@ def run_once(kind: str, sessions: int, args: argparse.Namespace) -> RunResult:
     """A fresh server in a fresh temp dir, one load run, the server stopped by pid."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-s{sessions}-", dir=args.tmpdir))
     server = make_server(kind, root, free_port(), profile=args.profile, journey=args.journey,
-                         authn_dns=args.authn_dns)
+                         authn_dns=args.authn_dns, authn_checks=args.authn,
+                         defences=args.defences)
     ok = False
     try:
         try:
@@ -569,6 +592,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--authn", action="store_true",
                         help="mailsys with its inbound checks on (iprev, SPF for MAIL FROM and "
                         "HELO, DKIM, DMARC) against a lab DNS on loopback")
+    parser.add_argument("--defences", choices=("on", "off"), default=None,
+                        help="mailsys's intake defences applied to the load (on: rate limits, "
+                        "a DNS blocklist answered from the cache, the HELO check; off: "
+                        "[defence] enabled = false; default: the configuration's, which "
+                        "exempts loopback)")
     parser.add_argument("--profile", action="store_true",
                         help="run mailsys under cProfile (reactor thread only; slower) and "
                         "print where its time went after each run")
@@ -580,6 +608,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.journey = None if args.journey is None else args.journey == "on"
+    args.defences = None if args.defences is None else args.defences == "on"
     try:
         args.session_counts = [int(s) for s in args.sessions.split(",") if s.strip()]
     except ValueError:
@@ -611,6 +640,8 @@ def meta(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any]:
         "size": args.size,
         "repeat": args.repeat,
         "mailsys_authentication_checks": bool(args.authn),
+        "mailsys_defences": {None: "configuration default (loopback exempt)", True: "on",
+                             False: "off"}[args.defences],
         "connections": "reused per session (-d)" if args.reuse_connections else "one per message",
         "load_generator": " ".join(
             [
@@ -695,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.authn_dns = None
     stop_dns: Callable[[], None] | None = None
-    if args.authn:
+    if args.authn or args.defences:
         args.authn_dns, stop_dns = start_lab_dns(Path(tempfile.mkdtemp(prefix="bench-dns-")))
         register_stop(stop_dns)
     try:

@@ -3,13 +3,17 @@ manage the queue (``mailsys queue``, mailsys.queue.commands) with or without one
 
 Every failure is one line on stderr, ``mailsys: <what went wrong>``, never a traceback. Exit
 status: 0 success, 1 the operation failed (unknown user, wrong domain, I/O error), 2 the command
-line or the configuration is wrong.
+line or the configuration is wrong, 141 standard output's reader went away (`| head`), quietly.
+
+The configuration is --config, else $MAILSYS_CONFIG, else etc/mailsys.toml.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +32,18 @@ from mailsys.ownership import (
     server_access_problems,
 )
 from mailsys.queue.commands import add_queue_commands
+from mailsys.queue.control import QueueToolError, request_reload
 
 DEFAULT_CONFIG = Path("etc/mailsys.toml")
+# The configuration when --config is not given, as for `mailsys-sendmail`.
+CONFIG_ENV = "MAILSYS_CONFIG"
+_CONFIG_HELP = f"configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what `yes | head` reports for yes
 
 
 class CommandError(Exception):
@@ -60,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     # overwriting an earlier explicit value.
     config_option = _Parser(add_help=False)
     config_option.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS,
-                               metavar="PATH",
-                               help=f"configuration file (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+                               metavar="PATH", help=_CONFIG_HELP)
+    # None until main() resolves it: --config, else $MAILSYS_CONFIG, else etc/mailsys.toml.
+    parser.add_argument("--config", "-c", type=Path, default=None, metavar="PATH",
+                        help=_CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=_Parser)
 
@@ -74,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("address", metavar="ADDRESS", help="the mailbox, user@domain")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of standard input")
+    add.add_argument("--admin", action="store_true",
+                     help="make the user an administrator of the web page")
     add.set_defaults(run=_user_add)
     passwd = user_commands.add_parser("passwd", parents=[config_option],
                                       help="change a user's password")
@@ -84,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     delete = user_commands.add_parser("del", parents=[config_option], help="delete a user")
     delete.add_argument("address", metavar="ADDRESS")
     delete.set_defaults(run=_user_del)
+    admin = user_commands.add_parser(
+        "admin", parents=[config_option],
+        help="make a user an administrator of the web page (on) or not (off)")
+    admin.add_argument("address", metavar="ADDRESS")
+    admin.add_argument("state", choices=("on", "off"), metavar="on|off")
+    admin.set_defaults(run=_user_admin)
     listing = user_commands.add_parser("list", parents=[config_option], help="list the users")
     listing.set_defaults(run=_user_list)
     importing = user_commands.add_parser(
@@ -101,12 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_commands(commands, _Parser)
     add_authn_commands(commands, config_option, _Parser)
 
+    reload = commands.add_parser(
+        "reload", parents=[config_option],
+        help="make the running server read its configuration again (as SIGHUP does)")
+    reload.set_defaults(run=_reload)
+
     check = commands.add_parser("check-config", parents=[config_option],
                                 help="check a configuration file and summarise it")
     check.add_argument("path", metavar="PATH", nargs="?", type=Path,
-                       help="the file to check (default: --config, or etc/mailsys.toml)")
+                       help="the file to check (default: the configuration)")
     check.set_defaults(run=_check_config)
     return parser
+
+
+def config_path(given: Path | None, environ: dict[str, str] | None = None) -> Path:
+    """--config, else $MAILSYS_CONFIG, else etc/mailsys.toml."""
+    if given is not None:
+        return given
+    environ = dict(os.environ) if environ is None else environ
+    from_environment = environ.get(CONFIG_ENV)
+    return Path(from_environment) if from_environment else DEFAULT_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.config = config_path(args.config)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        status = run(args)
+        # Written out now, inside the handlers: a reader that went away (`mailsys ... | head`)
+        # would otherwise be reported by the interpreter at exit.
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except CommandError as exc:
         return _fail(str(exc), exc.status)
     except ConfigError as exc:
@@ -126,12 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     except (UserStoreError, ValueError) as exc:  # ValueError: InvalidMailboxError and the like
         return _fail(str(exc))
     except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            return _reader_gone()
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: still one line, as promised, with enough to report it
         return _fail(f"internal error: {type(exc).__name__}: {exc}", 70)  # EX_SOFTWARE
+
+
+def _reader_gone() -> int:
+    """Standard output's reader left (`mailsys queue list | head`): nothing is wrong, so
+    nothing is said. What is still buffered for it goes to /dev/null, so that the interpreter's
+    own flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no real file (tests): nothing is left to flush
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _fail(message: str, status: int = EXIT_FAILED) -> int:
@@ -200,8 +253,15 @@ def _user_add(args: argparse.Namespace) -> int:
     _check_local(config, mailbox)
     if store.exists(mailbox):  # ask before the password prompt; add() checks again under lock
         raise CommandError(f"{mailbox} already exists")
-    store.add(mailbox, _read_password(args.password_stdin))
-    print(f"added {mailbox}")
+    store.add(mailbox, _read_password(args.password_stdin), admin=args.admin)
+    print(f"added {mailbox}{' (administrator)' if args.admin else ''}")
+    return EXIT_OK
+
+
+def _user_admin(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    mailbox = store.set_admin(args.address, args.state == "on")
+    print(f"{mailbox} is {'now' if args.state == 'on' else 'no longer'} an administrator")
     return EXIT_OK
 
 
@@ -277,6 +337,20 @@ def _import_line(config: Config, line: str) -> tuple[str, str, str | None]:
         raise CommandError(f"{mailbox} has no password hash")
     hash_scheme(hashed)  # refuses what the server could not check
     return mailbox, hashed, extra if colon else None
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Ask the server running on the configuration's spool to reload, through its control
+    socket (mailsys.queue.control), and print its answer: reloaded, or why not."""
+    config = load(args.config, check_files=False)
+    try:
+        outcome = request_reload(config.storage.spool, account=configured_account(config))
+    except QueueToolError as exc:
+        raise CommandError(str(exc)) from None
+    if not outcome.ok:
+        raise CommandError(outcome.message)
+    print(outcome.message)
+    return EXIT_OK
 
 
 def _check_config(args: argparse.Namespace) -> int:

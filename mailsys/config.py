@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NewType
 
 from mailsys.values import (
+    DNSListKey,
     DNSServer,
     IPVersion,
     NextHop,
@@ -127,13 +128,21 @@ class SMTPSection:
     # RFC 5321 §4.5.3.1.4 sets 512 octets for a command line; extensions (SIZE, DSN's ORCPT and
     # ENVID, AUTH=) lengthen MAIL and RCPT, so we allow more, as Postfix does.
     max_command_length: int = 2048
-    # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
-    max_line_length: int = 1000
+    # RFC 5321 §4.5.3.1.6 sets 1000 octets including CRLF for a text line; sloppy but real
+    # senders exceed it, so longer lines are taken up to this bound, stored as received and
+    # re-encoded when relayed (mailsys.delivery.longlines), as Postfix accepts them.
+    max_line_length: int = 65536
     # RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
     idle_timeout: float = 300.0
     max_bad_commands: int = 10
     max_connections: int = 500
     max_connections_per_client: int = 20
+    # Near the cap (this percentage of max_connections), a session that has not completed a
+    # transaction may stay silent only stress_idle_timeout seconds, and at the cap the one silent
+    # longest is closed to admit a newcomer (Postfix's stress mode): idle connections held
+    # from a few addresses cannot lock real senders out.
+    stress_percent: int = 80
+    stress_idle_timeout: float = 10.0
     max_received_headers: int = 50
     offer_auth: bool = False
 
@@ -218,6 +227,13 @@ class AuthSection:
     # (password spraying) until the window passes after the last one.
     throttle_max_address_failures: int = 100
     throttle_window: float = 15 * 60.0
+    # Successful password checks remembered (mailsys.auth.credcache), so a client logging in
+    # again with the same password skips the hash: for cache_ttl seconds, at most cache_size
+    # users and passwords (Dovecot's auth_cache_ttl and auth_cache_size). A changed users file
+    # drops it; cache = false checks every password.
+    cache: bool = True
+    cache_ttl: float = 3600.0
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -259,6 +275,13 @@ class RelaySection:
     # several addresses sends from the one its SPF record, PTR and peers' Received lines name.
     bind_address: str | None = None
     bind_address6: str | None = None
+    # RFC 8461 MTA-STS for mail over MX: a destination's policy is fetched, cached under the
+    # spool and enforced (mailsys.delivery.mtasts); a tls_policy_per_domain entry overrides it.
+    mta_sts: bool = True
+    # The deadline of one policy fetch (DNS, TLS, HTTP), in seconds.
+    mta_sts_timeout: float = 30.0
+    # Labs and tests only: the HTTPS port of mta-sts.<domain> (RFC 8461 §3.3 fixes 443).
+    mta_sts_lab_https_port: int = 443
 
 
 @dataclass(frozen=True)
@@ -363,6 +386,88 @@ class QuotaSection:
     messages_per_user: Mapping[str, int] = field(default_factory=dict)
 
 
+DEFENCE_POLICIES = ("none", "score", "reject")
+SPAM_FILTER_FAILURES = ("accept", "defer")
+
+
+@dataclass(frozen=True)
+class DefenceSection:
+    """Intake defences (mailsys.defence) of the MTA listeners (port 25), with defaults fit for
+    a server on the open internet; submission listeners keep only the connection rate and the
+    per-user limits. Lists here are read again with the configuration.
+
+    Rates count per client network: the address cut to ``ipv4_prefix``/``ipv6_prefix`` bits.
+    Past a limit the client gets 421 4.7.0 (connections) or 450 4.7.1 (messages, recipients),
+    never a silent drop. ``exempt_networks`` (Postfix's mynetworks) skip every check.
+    """
+
+    enabled: bool = True
+    exempt_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    # The memory bound: client networks (and users) whose counts are kept, least recent
+    # forgotten first.
+    max_clients_tracked: int = 50_000
+    connections_per_minute: int = 60
+    messages_per_hour: int = 1000
+    recipients_per_hour: int = 2000
+    # Recipients refused as unknown (a directory harvest): past this the client's RCPTs get
+    # 450 4.7.1 and it is told to go away.
+    failed_recipients_per_hour: int = 30
+    # Authenticated submission, per user (587 and 465).
+    submission_messages_per_hour: int = 1000
+    submission_recipients_per_hour: int = 5000
+    # Seconds the greeting waits after a "220-" first line (postscreen's pregreet test); a
+    # client that talks before the greeting ends gets 554. Unset: greet at once, and only a
+    # client talking before even the first line is caught.
+    greeting_pause: float | None = None
+    # DNS blocklist zones with their weight: "zone" (any 127.0.0.0/8 answer but Spamhaus's
+    # error codes 127.255.255.x), "zone=127.0.0.4" or "zone=127.0.0.[2..11]".
+    dnsbl: Mapping[str, float] = field(default_factory=dict)
+    # DNS allowlist zones: a listed client skips the other checks.
+    dnswl: tuple[str, ...] = ()
+    # A client whose weights add up to this is refused with 554 5.7.1.
+    dnsbl_threshold: float = 1.0
+    # Seconds a DNS list may take; after that the mail flows, marked.
+    dnsbl_timeout: float = 5.0
+    # A HELO naming us (our host name or address) or neither a valid name nor an address
+    # literal: "none", "score" (adds helo_weight) or "reject" (550 5.7.1 at MAIL).
+    helo: str = "reject"
+    helo_weight: float = 1.0
+    # No forward-confirmed reverse DNS (RFC 8601 §3 iprev): "none", "score" or "reject".
+    fcrdns: str = "none"
+    fcrdns_weight: float = 0.5
+    # Senders ("user@domain", "@domain" or "domain" with its subdomains) and networks.
+    allow_senders: tuple[str, ...] = ()
+    block_senders: tuple[str, ...] = ()
+    allow_networks: tuple[str, ...] = ()
+    block_networks: tuple[str, ...] = ()
+    # Greylisting (client /24 or /64, sender, recipient), off by default.
+    greylisting: bool = False
+    greylist_delay: float = 300.0
+    # How long a triplet that passed, and a client network that passed, are remembered.
+    greylist_retention: float = 36 * 86400.0
+    greylist_path: Path = Path("var/greylist.json")
+    # rspamd's HTTP address ("http://127.0.0.1:11333"); unset: no spam filter.
+    spam_filter: str | None = None
+    spam_filter_timeout: float = 10.0
+    # A filter that is down or slow: "accept" (marked) or "defer" (451 4.7.1).
+    spam_filter_failure: str = "accept"
+    # "add header" and "rewrite subject" verdicts: to the Junk folder (else only the header).
+    spam_filter_junk: bool = True
+
+
+@dataclass(frozen=True)
+class LabSection:
+    """A server of the teaching lab (mailsys.lab): files `mailsys lab` writes and the server
+    reads. Absent outside a lab; each part is off unless named."""
+
+    # Faults the teacher injects (`mailsys lab fault`), and `fail-NNN@` recipients.
+    faults: Path | None = None
+    # The hurried queue clock (`mailsys lab clock`): an offset and a rate.
+    clock: Path | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, as loaded from ``path``."""
@@ -384,6 +489,8 @@ class Config:
     authn: AuthnSection = field(default_factory=AuthnSection)
     dev: DevSection = field(default_factory=DevSection)
     quota: QuotaSection = field(default_factory=QuotaSection)
+    lab: LabSection = field(default_factory=LabSection)
+    defence: DefenceSection = field(default_factory=DefenceSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -403,6 +510,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "authn": AuthnSection,
     "dev": DevSection,
     "quota": QuotaSection,
+    "lab": LabSection,
+    "defence": DefenceSection,
 }
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -763,6 +872,8 @@ def _check_relay(config: Config, check_files: bool) -> RelaySection:
     relay = config.relay
     if relay.port > 65535:
         raise ConfigError(path, "relay.port", "must be 1-65535")
+    if relay.mta_sts_lab_https_port > 65535:
+        raise ConfigError(path, "relay.mta_sts_lab_https_port", "must be 1-65535")
     for domain in relay.tls_policy_per_domain:
         if not _HOSTNAME.match(domain.removeprefix(".")):
             raise ConfigError(path, f"relay.tls_policy_per_domain.{_quote(domain)}",
@@ -883,15 +994,70 @@ def _check_authn(config: Config, check_files: bool) -> AuthnSection:
     return replace(authn, authserv_id=authserv_id, key_dir=key_dir)
 
 
+def _check_smtp(config: Config, check_files: bool) -> SMTPSection:
+    if config.smtp.stress_percent > 100:
+        raise ConfigError(config.path, "smtp.stress_percent", "must be 1-100")
+    return config.smtp
+
+
 def _check_quota(config: Config, check_files: bool) -> QuotaSection:
     if config.quota.warn_percent > 100:
         raise ConfigError(config.path, "quota.warn_percent", "must be 1-100")
     return config.quota
 
 
+
+
+def _check_defence(config: Config, check_files: bool) -> DefenceSection:
+    path, defence = config.path, config.defence
+    if defence.ipv4_prefix > 32:
+        raise ConfigError(path, "defence.ipv4_prefix", "must be 1-32")
+    if defence.ipv6_prefix > 128:
+        raise ConfigError(path, "defence.ipv6_prefix", "must be 1-128")
+    networks: dict[str, Any] = {}
+    for name in ("exempt_networks", "allow_networks", "block_networks"):
+        normalised = []
+        for text in getattr(defence, name):
+            try:
+                normalised.append(str(ipaddress.ip_network(text, strict=False)))
+            except ValueError:
+                raise ConfigError(path, f"defence.{name}",
+                                  f"not an address or network: {text!r}") from None
+        networks[name] = tuple(normalised)
+    for name in ("allow_senders", "block_senders"):
+        for text in getattr(defence, name):
+            domain = text.rpartition("@")[2]
+            if not _HOSTNAME.match(domain.removeprefix(".")):
+                raise ConfigError(path, f"defence.{name}",
+                                  f"not an address, @domain or domain: {text!r}")
+    for key in defence.dnsbl:
+        try:
+            zone = DNSListKey.parse(key).zone
+        except ValueError as exc:
+            raise ConfigError(path, f"defence.dnsbl.{_quote(key)}", str(exc)) from None
+        if not _HOSTNAME.match(zone):
+            raise ConfigError(path, f"defence.dnsbl.{_quote(key)}", f"not a valid zone: {zone!r}")
+    for zone in defence.dnswl:
+        if not _HOSTNAME.match(zone):
+            raise ConfigError(path, "defence.dnswl", f"not a valid zone: {zone!r}")
+    for name in ("helo", "fcrdns"):
+        if getattr(defence, name) not in DEFENCE_POLICIES:
+            raise ConfigError(path, f"defence.{name}",
+                              f"must be one of {', '.join(DEFENCE_POLICIES)}")
+    if defence.spam_filter_failure not in SPAM_FILTER_FAILURES:
+        raise ConfigError(path, "defence.spam_filter_failure",
+                          f"must be one of {', '.join(SPAM_FILTER_FAILURES)}")
+    if defence.spam_filter is not None and not re.fullmatch(
+            r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?/?", defence.spam_filter):
+        raise ConfigError(path, "defence.spam_filter",
+                          f"must be http://host[:port], got {defence.spam_filter!r}")
+    return replace(defence, **networks)
+
+
 # Run in this order after the listeners are checked; the first problem is reported.
 _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
     "server": _check_server,
+    "smtp": _check_smtp,
     "quota": _check_quota,
     "tls": _check_tls,
     "pop3": _check_pop3,
@@ -907,4 +1073,5 @@ _CHECKERS: dict[str, Callable[[Config, bool], Any]] = {
 
 
     "authn": _check_authn,
+    "defence": _check_defence,
 }

@@ -1,13 +1,18 @@
-"""Disk work off the reactor thread: a dedicated thread pool and group-committed directory fsyncs.
+"""Disk work off the reactor thread: a dedicated thread pool, group-committed data and directory
+fsyncs.
 
 The reactor never waits on a disk. Blocking file work runs in ``DiskPool`` threads; many renames
 into one directory share a single directory fsync (group commit), because on most file systems one
-fsync of a directory makes every rename done before it durable.
+fsync of a directory makes every rename done before it durable. Files written by the jobs of one
+batch are made durable together too (``Staged``): their writeback is started for all of them at
+once, so that the journal commit the first fdatasync waits for carries the others' blocks as well,
+and the fdatasyncs after it find nothing left to commit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import threading
@@ -15,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -48,6 +53,85 @@ class DirectorySyncError(OSError):
     """
 
     result: Any = None
+
+
+@dataclass(slots=True)
+class Staged(Generic[T]):
+    """Files written but not yet durable, and the step that publishes them once they are.
+
+    A job run by ``DiskPool.run_and_sync`` may return one instead of its result: the pool then
+    makes the data of ``fds`` durable together with the other staged jobs of its batch, closes
+    the descriptors, and calls ``publish`` (typically renames) whose result is the job's; if the
+    data cannot be made durable, it calls ``discard`` (remove what was written) and the job fails
+    with that error. ``finish`` does the same for one job, on the calling thread.
+    """
+
+    fds: list[int]
+    publish: Callable[[], T]
+    discard: Callable[[], None]
+
+
+def finish(staged: Staged[T]) -> T:
+    """Blocking: make one staged job's files durable, close them, publish (or discard)."""
+    (error,) = _sync_staged([staged])
+    if error is not None:
+        raise error
+    return staged.publish()
+
+
+def _sync_staged(batch: list[Staged[Any]]) -> list[OSError | None]:
+    """Disk thread: make the data of every staged job durable; close every descriptor.
+
+    Writeback is started for every file first, then each is fdatasync'd: the first waits for a
+    journal commit that holds every file's new blocks, the others for no more commits. The
+    jobs whose files could not be made durable are discarded and their error returned.
+    """
+    for staged in batch:
+        for fd in staged.fds:
+            _start_writeback(fd)
+    errors: list[OSError | None] = []
+    for staged in batch:
+        error: OSError | None = None
+        for fd in staged.fds:
+            try:
+                if error is None:
+                    os.fdatasync(fd)
+            except OSError as e:
+                error = e
+            finally:
+                os.close(fd)
+        staged.fds = []
+        if error is not None:
+            with contextlib.suppress(OSError):
+                staged.discard()
+        errors.append(error)
+    return errors
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int], None] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    call.restype = ctypes.c_int
+
+    def start(fd: int) -> None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: fdatasync still decides durability
+
+    return start
+
+
+_writeback = _load_sync_file_range()
+
+
+def _start_writeback(fd: int) -> None:
+    if _writeback is not None:
+        _writeback(fd)
 
 
 @dataclass(slots=True)
@@ -135,22 +219,36 @@ class DiskPool:
             self._work_ready.notify()
         return d
 
+    @overload
+    def run_and_sync(self, directory: str | Path, func: Callable[..., Staged[T]], *args: Any,
+                     urgent: bool = False) -> Deferred[T]: ...
+
+    @overload
+    def run_and_sync(self, directory: str | Path, func: Callable[..., Staged[T] | None],
+                     *args: Any, urgent: bool = False) -> Deferred[T | None]: ...
+
+    @overload
+    def run_and_sync(self, directory: str | Path, func: Callable[..., T], *args: Any,
+                     urgent: bool = False) -> Deferred[T]: ...
+
     def run_and_sync(
         self,
         directory: str | Path,
-        func: Callable[..., T],
+        func: Callable[..., Any],
         *args: Any,
         urgent: bool = False,
-    ) -> Deferred[T]:
+    ) -> Deferred[Any]:
         """Run ``func(*args)`` in a disk thread, then make what it did in ``directory`` durable.
 
         Fires with ``func``'s result once an fsync of ``directory`` begun after ``func``
         returned has ended; jobs of one batch, and threads syncing the same directory at the
         same time, share that fsync. If ``func`` raises, nothing is synced and the Deferred
         fails with its exception; if the fsync fails, with DirectorySyncError. ``urgent`` jobs
-        (a client waits for them) go before all others.
+        (a client waits for them) go before all others. When ``func`` returns a ``Staged``,
+        its files are made durable with those of the other jobs of the batch, then published,
+        before the directory is synced; the Deferred fires with what publishing returned.
         """
-        d: Deferred[T] = Deferred()
+        d: Deferred[Any] = Deferred()
         self._submit_batched(_Job(d, func, args, {}, self._directory_sync(directory)), urgent)
         return d
 
@@ -219,8 +317,9 @@ class DiskPool:
                     self._running_plain -= 1
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        """Disk thread: run ``jobs``, then sync the directories they changed, then report."""
-        syncs: dict[_DirectorySync, list[_Job]] = {}
+        """Disk thread: run ``jobs``, make the files they staged durable together and publish
+        them, then sync the directories they changed, then report."""
+        staged: list[_Job] = []
         for job in jobs:
             try:
                 job.result = job.func(*job.args, **job.kwargs)
@@ -228,7 +327,21 @@ class DiskPool:
             except BaseException:
                 job.result = Failure()
                 continue
-            if job.sync is not None:
+            if isinstance(job.result, Staged):
+                staged.append(job)
+        if staged:
+            errors = _sync_staged([job.result for job in staged])
+            for job, error in zip(staged, errors, strict=True):
+                if error is not None:
+                    job.ok, job.result = False, Failure(error)
+                    continue
+                try:
+                    job.result = job.result.publish()
+                except BaseException:
+                    job.ok, job.result = False, Failure()
+        syncs: dict[_DirectorySync, list[_Job]] = {}
+        for job in jobs:
+            if job.ok and job.sync is not None:
                 syncs.setdefault(job.sync, []).append(job)
         for sync, synced in syncs.items():
             try:

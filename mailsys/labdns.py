@@ -319,13 +319,18 @@ def serve(zone: Zone, port: int, interface: str, reactor: Any) -> tuple[Any, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mailsys.labdns --zone FILE --port N [--interface 127.0.0.1]``."""
+    """``python -m mailsys.labdns --zone FILE --port N [--interface 127.0.0.1] [--ttl S]``."""
+    global TTL  # the one setting of a one-zone server process
     parser = argparse.ArgumentParser(prog="python -m mailsys.labdns",
                                      description="Serve a JSON zone file for a mail lab.")
     parser.add_argument("--zone", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--ttl", type=int, default=TTL,
+                        help=f"the TTL of every answer, positive and negative (default {TTL}); "
+                             "a lab uses a short one, so a changed zone is seen at once")
     args = parser.parse_args(argv)
+    TTL = max(0, args.ttl)
     from twisted.internet import reactor
 
     zone = FileZone(args.zone)

@@ -151,3 +151,39 @@ AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")  # RFC 4954 §4
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 §6
+
+# The teaching lab's faults (mailsys.lab.faults): a lab server says plainly that it was told to.
+LAB_TEMPFAIL = Reply(451, "4.3.2", "Lab fault: this server refuses mail for now, try again later")
+LAB_REJECT = Reply(550, "5.7.1", "Lab fault: this server refuses all mail")
+LAB_GREYLISTED = Reply(451, "4.7.1", "Greylisted: first attempt from this sender, try again later")
+
+
+def lab_chosen(code: int) -> Reply:
+    """The reply a lab ``fail-NNN@`` recipient asks for (RFC 3463: the class follows the code)."""
+    cls = code // 100
+    enhanced = f"{cls}.0.0" if cls in (2, 4, 5) else ""
+    return Reply(code, enhanced, f"Lab: the reply fail-{code} asks for")
+
+
+# Intake defences (mailsys.defence): past a rate limit 421 4.7.0 (closing) or 450 4.7.1 (try
+# this again later), a policy refusal 554/550 5.7.1 (RFC 3463 §3.8 X.7.1: delivery not
+# authorized). Texts name the reason, never the internals.
+SHED_IDLE = Reply(421, "4.7.0", "Server busy, closing idle connection; try again later")
+RATE_CONNECTIONS = Reply(
+    421, "4.7.0", "Too many connections from your network, try again later")
+RATE_MESSAGES = Reply(450, "4.7.1", "Too many messages from your network, try again later")
+RATE_RECIPIENTS = Reply(450, "4.7.1", "Too many recipients from your network, try again later")
+RATE_UNKNOWN_RECIPIENTS = Reply(
+    421, "4.7.0", "Too many unknown recipients from your network, closing connection")
+RATE_USER_MESSAGES = Reply(450, "4.7.1", "Sending rate limit reached, try again later")
+RATE_USER_RECIPIENTS = Reply(450, "4.7.1", "Recipient rate limit reached, try again later")
+PREGREET = Reply(554, "5.5.1", "Protocol error: talked before the greeting")
+CLIENT_LISTED = Reply(554, "5.7.1", "Service unavailable; client blocked using a DNS list")
+CLIENT_BLOCKED = Reply(554, "5.7.1", "Access denied: client network blocked")
+SENDER_BLOCKED = Reply(554, "5.7.1", "Sender address rejected: access denied")
+HELO_REJECTED = Reply(550, "5.7.1", "HELO rejected")
+NO_REVERSE_DNS = Reply(550, "5.7.1", "Client host has no forward-confirmed reverse DNS name")
+GREYLISTED = Reply(450, "4.7.1", "Greylisted, please try again later")
+SPAM_REJECTED = Reply(554, "5.7.1", "Message rejected as spam")
+SPAM_DEFERRED = Reply(451, "4.7.1", "Message deferred by the content filter, try again later")
+FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Content filter unavailable, try again later")

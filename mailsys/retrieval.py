@@ -65,6 +65,16 @@ class MailboxServerFactory(ServerFactory, Generic[SectionT]):
             )
         self.connections = connections
 
+    def reconfigure(self, config: Config) -> None:
+        """Serve the next sessions with ``config`` (a reload, mailsys.reload); a session already
+        open keeps the section it started with. The connection counter, shared by the plain
+        and the TLS listener, keeps its counts."""
+        self.config = config
+        self.section = self.section_of(config)
+        self.hostname = config.server.hostname
+        self.connections.max_total = self.section.max_connections
+        self.connections.max_per_client = self.section.max_connections_per_client
+
     @classmethod
     def section_of(cls, config: Config) -> SectionT:
         """The protocol's section of ``config``."""

@@ -74,6 +74,12 @@ class Router:
 
     def __init__(self, routing: RoutingSection, users: Mailboxes) -> None:
         self._users = users
+        self.reconfigure(routing)
+
+    def reconfigure(self, routing: RoutingSection) -> None:
+        """Resolve by ``routing`` from now on (a reload, mailsys.reload): every table is
+        replaced here, on the reactor thread, so no lookup sees half of the old and half of
+        the new."""
         self._separator = routing.subaddress_separator
         self._local_domains = [_domain(d) for d in routing.local_domains]
         self._domain_aliases = {_domain(k): _domain(v) for k, v in routing.domain_aliases.items()}

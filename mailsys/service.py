@@ -24,12 +24,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailsys import sdnotify
+from mailsys import logwriter, sdnotify
+from mailsys.auth.credcache import CredentialCache
 from mailsys.auth.portal import build_portal
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.auth.users import RELOAD_INTERVAL, UserStore
 from mailsys.authn.wiring import Authn
-from mailsys.config import Config
+from mailsys.config import Config, load
+from mailsys.defence.greylist import Greylist
+from mailsys.defence.intake import IntakeDefence
+from mailsys.defence.spamfilter import RspamdFilter
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.delivery.quota import MailboxQuota, QuotaRules
 from mailsys.delivery.wiring import build_relay
@@ -41,21 +45,24 @@ from mailsys.interfaces import IMessageSink
 from mailsys.journey.events import NULL_RECORDER
 from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.journey.writer import JourneyWriter
+from mailsys.lab.serving import LabServing
 from mailsys.mailbox.store import MailboxStore
 from mailsys.ownership import SECRET_MODE, ServerAccount, hand_over, make_directory
 from mailsys.pickup.maildrop import prepare_directory
 from mailsys.pickup.watcher import PickupWatcher
 from mailsys.pop3.server import POP3ServerFactory
-from mailsys.queue.control import ControlSocketService, ControlWatcher
+from mailsys.queue.control import ControlSocketService, ControlWatcher, Outcome
 from mailsys.queue.dsn import DSNNotifier
 from mailsys.queue.runner import QueueRunner
 from mailsys.queue.sink import QueueSink
 from mailsys.queue.spool import Spool
-from mailsys.retrieval import mailbox_listeners
+from mailsys.reload import RunningConfig
+from mailsys.retrieval import MailboxServerFactory, mailbox_listeners
 from mailsys.routing import Router
 from mailsys.smtp.policy import InboundPolicy, StorageFloor, SubmissionPolicy
 from mailsys.smtp.server import ListenerRole, SMTPServerFactory
 from mailsys.tls import CurrentCertificateCreator, ServerTLS, ensure_self_signed
+from mailsys.web.console import Console
 from mailsys.web.metrics import (
     CountingSink,
     ListenerMetrics,
@@ -151,10 +158,15 @@ class MailService(MultiService):
         # The journey writer (mailsys.journey.writer), not a child: it starts before anything
         # emits and stops after everything else has, so the last steps are written too.
         self.journey: JourneyWriter | None = None
+        # The intake defences of the SMTP listeners; a configuration read again is given to
+        # each (IntakeDefence.reconfigure): the allow and block lists live there.
+        self.defences: list[IntakeDefence] = []
         self.tls = tls
         self._reactor = reactor
         self._listeners: list[tuple[str, Listener]] = []
         self.metrics: Metrics | None = None
+        # The configuration it runs with and its reload (mailsys.reload), on SIGHUP.
+        self.configuration: RunningConfig | None = None
 
     def all_bound(self) -> bool:
         """Every listener is bound (readiness, and systemd's READY=1)."""
@@ -190,10 +202,12 @@ class MailService(MultiService):
         if envelopes:
             log.info("spool recovery: {count} message(s) to deliver", count=len(envelopes))
         self.runner.load(envelopes)
-        if self.tls is not None:
-            tls = self.tls
+        running = self.configuration
+        if running is not None:
             reactor = self._reactor
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(tls.reload))
+            # The configuration, the certificate, the DKIM keys and the users, all read again;
+            # `mailsys reload` asks the same through the control socket.
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_hangup, running))
         MultiService.startService(self)
         for description, _ in self._listeners:
             log.info("listening on {description}", description=description)
@@ -219,6 +233,12 @@ class MailService(MultiService):
         return d
 
 
+def _hangup(running: RunningConfig) -> None:
+    """SIGHUP: the log file reopened (after logrotate moved it), the configuration reloaded."""
+    logwriter.reopen_log_file()
+    running.reload()
+
+
 def _prepare_tls(config: Config, account: ServerAccount | None = None) -> ServerTLS | None:
     tls = config.tls
     if tls.certificate is None or tls.key is None:
@@ -240,9 +260,11 @@ def _ensure_demo_user(config: Config, users: UserStore) -> None:
     dev = config.dev
     if dev.demo_user is None or dev.demo_password is None or users.exists(dev.demo_user):
         return
-    users.add(dev.demo_user, dev.demo_password)
+    # The demo user is the web page's administrator, so `make run` gives a page to log in to.
+    users.add(dev.demo_user, dev.demo_password, admin=True)
     log.warn(
-        "created the demo user {user} with password {password!r} (development default; "
+        "created the demo user {user} with password {password!r}, an administrator of the "
+        "web page (development default; "
         "remove [dev] from the config for production)",
         user=dev.demo_user, password=dev.demo_password,
     )
@@ -314,6 +336,65 @@ def _count_sessions(factory: IProtocolFactory, metrics: Metrics, protocol: str) 
     inner.metrics = ListenerMetrics(metrics, listener, protocol)
 
 
+def _follow(running: RunningConfig, protocol: str, factory: IProtocolFactory,
+            seen: set[int]) -> None:
+    """A POP3 or IMAP listener's factory takes new configurations; a factory serving several
+    endpoints is followed once (``seen``: the ids of those followed already)."""
+    inner: Any = factory.wrappedFactory if isinstance(factory, TLSMemoryBIOFactory) else factory
+    if isinstance(inner, MailboxServerFactory) and id(inner) not in seen:
+        seen.add(id(inner))
+        running.follow(f"{protocol} listener", inner.reconfigure)
+
+
+def _follow_reloads(running: RunningConfig, router: Router, runner: QueueRunner,
+                    relay: Any, tls: ServerTLS | None, authn: Authn, users: UserStore,
+                    pool: DiskPool, reactor: Any, journey: IJourneyRecorder) -> None:
+    """What a reload hands the new configuration to, besides the listeners (mailsys.reload)."""
+    running.follow("routing", lambda new: router.reconfigure(new.routing))
+    running.follow("queue", lambda new: runner.reschedule(new.relay.retry_schedule,
+                                                          new.relay.max_lifetime))
+    if relay is not None:
+        def relay_settings(new: Config) -> None:
+            rebuilt = build_relay(new, pool, reactor, journey, authn.resolver)
+            if rebuilt is not None:  # relay.enabled turned off takes a restart
+                relay.reconfigure(rebuilt)
+        running.follow("relay", relay_settings)
+    if tls is not None:
+        def certificate(new: Config) -> None:
+            before = tls.certificate, tls.key
+            if new.tls.certificate is not None and new.tls.key is not None:
+                tls.certificate, tls.key = new.tls.certificate, new.tls.key
+            # A renewed certificate too; a broken one keeps the old, logged, and its paths.
+            if not tls.reload():
+                tls.certificate, tls.key = before
+        running.follow("tls", certificate, files=True)
+    running.follow("dkim keys", authn.reload, files=True)
+    running.follow("users", lambda new: _reload_users(users, pool), files=True)
+
+
+def _follow_limits(running: RunningConfig, throttle: LoginThrottle,
+                   quota: MailboxQuota | None) -> None:
+    """Login throttling and mailbox quotas take reloaded values; quotas turned on where none
+    were (no quota object was built) take a restart."""
+
+    def login_limits(new: Config) -> None:
+        auth = new.auth
+        throttle.base_delay, throttle.max_delay = auth.throttle_base_delay, auth.throttle_max_delay
+        throttle.max_failures = auth.throttle_max_failures
+        throttle.max_address_failures = auth.throttle_max_address_failures
+        throttle.window = auth.throttle_window
+
+    def quotas(new: Config) -> None:
+        rules = QuotaRules.from_section(new.quota)
+        if quota is not None:
+            quota.rules = rules  # one reference swapped: a disk thread sees old or new rules
+        elif rules.any:
+            log.warn("configuration: [quota] limits were added; they take a restart")
+
+    running.follow("login throttle", login_limits)
+    running.follow("quota", quotas)
+
+
 def build_service(config: Config, reactor: Any, *,
                   account: ServerAccount | None = None) -> MailService:
     """Build the mail system for ``config``; nothing listens until the service starts.
@@ -340,17 +421,20 @@ def build_service(config: Config, reactor: Any, *,
                             on_delivered=mailboxes.notify_delivered, quota=quota,
                             journey=journey)
     # --- mail authentication (mailsys.authn): one caching resolver, shared with the relay ---
-    authn = Authn(config, reactor)
+    authn = Authn(config, reactor, journey=journey)
     # --- relay (mailsys.delivery.relay): None when relay.enabled is false ---
     relay = build_relay(config, pool, reactor, journey, authn.resolver)
     agents: dict[TargetKind, Any] = {TargetKind.LOCAL: maildir}
     if relay is not None:
         agents[TargetKind.RELAY] = relay
-    runner = QueueRunner(spool, agents, clock=reactor, retry_schedule=config.relay.retry_schedule,
+    # The teaching lab's hurried queue clock and faults ([lab], mailsys.lab); inert elsewhere.
+    lab = LabServing(config, reactor, pool)
+    runner = QueueRunner(spool, agents, clock=lab.queue_clock,
+                         retry_schedule=config.relay.retry_schedule,
                          max_lifetime=config.relay.max_lifetime, journey=journey)
     # Every listener and the notices hand over through it: submitted and local mail is signed
     # (DKIM), mail from clients that did not authenticate is checked (SPF, DKIM, DMARC, iprev).
-    sink = authn.wrap(QueueSink(spool, runner, journey))
+    sink = authn.wrap(lab.sink(QueueSink(spool, runner, journey)))
     # --- delivery status notifications (mailsys.queue.dsn), queued through the sink ---
     # One registry per service, never prometheus_client's global one: two services in one
     # process (tests) must not share counters.
@@ -358,7 +442,8 @@ def build_service(config: Config, reactor: Any, *,
     runner.observer = attempt_observer(metrics)
     metrics.watch_queue(queue_state(runner.envelopes))
     runner.notifier = DSNNotifier(
-        CountingSink(sink, notices(metrics)), router, pool, config.server.hostname, reactor,
+        CountingSink(sink, notices(metrics)), router, pool, config.server.hostname,
+        lab.queue_clock,
         delay_warning=config.relay.delay_warning, max_lifetime=config.relay.max_lifetime,
         max_returned_size=config.smtp.max_message_size, journey=journey,
     )
@@ -370,18 +455,24 @@ def build_service(config: Config, reactor: Any, *,
     service.metrics = metrics
     if config.tls.certificate is not None:
         _watch_certificate(metrics, config.tls.certificate, pool, reactor, service)
-    authn.reloader().setServiceParent(service)  # DKIM keys read again on SIGHUP
+    lab.add_services(service)
     Service.setServiceParent(runner, service)
     if relay is not None:
         Service.setServiceParent(relay, service)
     # `mailsys queue flush|hold|release|delete` on a running server (mailsys.queue.control).
-    control = ControlWatcher(config.storage.spool, runner, pool)
+    running = service.configuration = RunningConfig(config, lambda: load(config.path), pool)
+
+    def reload() -> Deferred[Outcome]:
+        return running.reload().addCallback(lambda result: Outcome(result.ok, result.message))
+
+    control = ControlWatcher(config.storage.spool, runner, pool, reload=reload)
     TimerService(QUEUE_CONTROL_INTERVAL, control.poll).setServiceParent(service)
     # ... and through a unix socket, which needs no free space in the spool; mode 0660 with the
     # server's group, so that root and the group's members may use it.
     socket_group = account.gid if account is not None else None
     Service.setServiceParent(
-        ControlSocketService(config.storage.spool, runner, reactor, group=socket_group), service)
+        ControlSocketService(config.storage.spool, runner, reactor, group=socket_group,
+                             reload=reload), service)
     # The spool's free-space floor: below it every SMTP listener answers MAIL with 452 4.3.1.
     floor = config.storage.spool_floor(config.smtp.max_message_size)
     storage = StorageFloor(config.storage.spool, floor, pool.run) if floor > 0 else None
@@ -396,7 +487,10 @@ def build_service(config: Config, reactor: Any, *,
 
     # --- logins: one portal and one throttle for SMTP AUTH, POP3 and IMAP, so a password guesser
     # cannot start afresh by switching protocols ---
-    portal = build_portal(users, auth_pool.run)
+    credentials = (CredentialCache(reactor.seconds, ttl=config.auth.cache_ttl,
+                                   max_entries=config.auth.cache_size)
+                   if config.auth.cache else None)
+    portal = build_portal(users, auth_pool.run, credentials)
     throttle = LoginThrottle(
         reactor,
         base_delay=config.auth.throttle_base_delay,
@@ -419,6 +513,37 @@ def build_service(config: Config, reactor: Any, *,
 
     full = mailbox_full if quota is not None else None
 
+    # --- intake defences (mailsys.defence): one for the MTA listeners, one shared by 587 and
+    # 465 (per-user limits count across both) ---
+    section = config.defence
+    content_filter = None
+    if section.spam_filter is not None:
+        content_filter = RspamdFilter(section.spam_filter, reactor,
+                                      timeout=section.spam_filter_timeout,
+                                      on_failure=section.spam_filter_failure,
+                                      junk=section.spam_filter_junk)
+    greylist = None
+    if section.enabled and section.greylisting:
+        greylist = Greylist(section.greylist_path, reactor, pool, delay=section.greylist_delay,
+                            retention=section.greylist_retention,
+                            max_entries=section.max_clients_tracked)
+        greylist.load()  # before the reactor runs: what the last run kept
+        Service.setServiceParent(greylist, service)  # saved each minute and at stop
+    defences = {
+        inbound: IntakeDefence(section, reactor, resolver=authn.resolver,
+                               hostname=config.server.hostname, inbound=inbound,
+                               content_filter=content_filter if inbound else None,
+                               greylist=greylist if inbound else None)
+        for inbound in (True, False)
+    }
+    service.defences = list(defences.values())
+
+    def defence_settings(new: Config) -> None:
+        for defence in service.defences:  # lists, limits and policies; the counts are kept
+            defence.reconfigure(new.defence)
+
+    running.follow("intake defences", defence_settings)
+
     for role, description in _listeners(config):
         policy = (InboundPolicy(router, senders=router, reload_users=reload_users,
                                 mailbox_full=full)
@@ -428,37 +553,52 @@ def build_service(config: Config, reactor: Any, *,
         listener = "smtp" if role is ListenerRole.MTA else role.value
         counted = CountingSink(sink, accepted_by(metrics, listener))
         smtp = SMTPServerFactory(
-            config, role, policy, counted, reactor, tls, portal=portal, throttle=throttle,
+            config, role, lab.policy(policy, inbound=role is ListenerRole.MTA), counted,
+            reactor, tls, portal=portal, throttle=throttle,
             journey=journey,
             storage=storage,
+            defence=defences[role is ListenerRole.MTA],
         )
+        smtp.threads = pool  # long lines of submitted mail are re-encoded in its threads
         smtp.metrics = ListenerMetrics(metrics, listener, "smtp")
         factory: IProtocolFactory = smtp
         if role is ListenerRole.SUBMISSIONS:
             assert tls is not None  # config.py refuses listen_tls without a certificate
             factory = TLSMemoryBIOFactory(CurrentCertificateCreator(tls), False, factory)
         service.add_listener(role.value, description, factory)
+        running.follow(f"{listener} listener", smtp.reconfigure)
 
     # --- POP3 (mailsys.pop3) ---
+    followed: set[int] = set()
     for description, pop3_factory in mailbox_listeners(POP3ServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor, journey):
         _count_sessions(pop3_factory, metrics, "pop3")
         service.add_listener("pop3", description, pop3_factory)
+        _follow(running, "pop3", pop3_factory, followed)
     # --- IMAP (mailsys.imap): the same portal and throttle as POP3 and SMTP AUTH ---
     for description, imap_factory in mailbox_listeners(IMAPServerFactory, config, mailboxes,
                                                        portal, throttle, tls, reactor, journey):
         _count_sessions(imap_factory, metrics, "imap")
         set_quota(imap_factory, quota)  # RFC 9208 QUOTA, APPEND's [OVERQUOTA]
         service.add_listener("imap", description, imap_factory)
+        _follow(running, "imap", imap_factory, followed)
     # Sessions hear of in-process deliveries at once; this catches other processes' changes.
     TimerService(MAILBOX_POLL_INTERVAL, mailboxes.poll).setServiceParent(service)
 
     if tls is not None:
         TimerService(TLS_CHECK_INTERVAL, tls.reload_if_changed).setServiceParent(service)
 
-    # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy ---
+    _follow_reloads(running, router, runner, relay, tls, authn, users, pool, reactor, journey)
+    _follow_limits(running, throttle, quota)
+
+    # --- HTTP (mailsys.web): health, metrics, client autoconfiguration, MTA-STS policy, and
+    # the journey pages behind a login (the same portal and throttle as the mail protocols) ---
     if config.web.listen:
-        site = build_web(config, service.all_bound, pool, metrics, reactor)
+        console = Console(users=users, portal=portal, throttle=throttle, disk=pool,
+                          reactor=reactor,
+                          journey_path=config.journey.path if config.journey.enabled else None,
+                          spool=config.storage.spool, queue=runner)
+        site = build_web(config, service.all_bound, pool, metrics, reactor, console)
         for description in config.web.listen:
             service.add_listener("web", description, site)
     return service

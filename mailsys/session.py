@@ -89,7 +89,9 @@ class ServerSession(InputLoopSession):
         self._max_bad_commands = max_bad_commands
         self._client_address = ""
         self._client = "[unknown]"  # the address as the log shows it
-        self._admitted = False  # counted by the connection limits (released when lost)
+        self._admitted = False  # admitted: opened, logged, its end reported
+        self._counted = False  # counted by the connection limits (released when lost or shed)
+        self._last_input = 0.0  # when the client last sent something (shedding picks by it)
         self._secure = False
         self._errors = 0  # client errors, up to max_bad_commands
         self._login = LoginFlow(factory.portal, factory.throttle, self._clock, "",
@@ -122,6 +124,15 @@ class ServerSession(InputLoopSession):
 
     def _session_ended(self) -> None:
         """An admitted session's connection is gone: release what it holds, log its line."""
+
+    def _sheddable(self) -> bool:
+        """True if the connection limits may close this session to make room near the cap
+        (mailsys.connlimit); SMTP says so until a transaction completes."""
+        return False
+
+    def _shed_answer(self) -> bytes:
+        """What a session closed to make room is told."""
+        raise NotImplementedError
 
     def _reset_after_tls(self) -> None:
         """TLS has started: forget what was learnt in plaintext."""
@@ -168,7 +179,9 @@ class ServerSession(InputLoopSession):
         self._client_address = str(getattr(peer, "host", ""))
         self._client = self._client_label(self._client_address)
         self._login.client_address = self._client_address
-        crowding = self._connections.admit(self._client_address)
+        self._last_input = self._clock.seconds()
+        crowding = self._connections.admit(self._client_address,
+                                           self if self._sheddable() else None)
         if crowding is not None:
             self.log.info("{prefix}refused connection from {client}: {why}",
                           prefix=self.log_prefix, client=self._client, why=crowding.value)
@@ -177,6 +190,7 @@ class ServerSession(InputLoopSession):
             self._transport.loseConnection()
             return
         self._admitted = True
+        self._counted = True
         if self._metrics is not None:
             self._metrics.opened()
         self._secure = self._implicit_tls() or ISSLTransport.providedBy(transport)
@@ -192,7 +206,9 @@ class ServerSession(InputLoopSession):
         if not self._admitted:
             return  # refused at the greeting: nothing was counted, opened or logged in
         self._admitted = False
-        self._connections.release(self._client_address)
+        if self._counted:
+            self._counted = False
+            self._connections.release(self._client_address, self)
         if self._metrics is not None:
             self._metrics.closed()
         self._login.cancel()  # a throttled failure's answer is not given to nobody
@@ -200,6 +216,26 @@ class ServerSession(InputLoopSession):
             self._timer.cancel()
         self._timer = None
         self._session_ended()
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self._last_input = self._clock.seconds()
+        super().dataReceived(data)
+
+    def idle_since(self) -> float:
+        """When the client last sent something (mailsys.connlimit.Sheddable)."""
+        return self._last_input
+
+    def shed(self) -> None:
+        """Closed to make room near the connection cap; the counter already forgot us
+        (mailsys.connlimit.Sheddable)."""
+        self._counted = False
+        if self._disconnected or self._closing:
+            return
+        self.log.info("{prefix}shed idle connection from {client}: listener near its cap",
+                      prefix=self.log_prefix, client=self._client)
+        self._send_now(self._shed_answer())
+        self._close()
 
     @override
     def _step_failed(self) -> None:

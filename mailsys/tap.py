@@ -22,16 +22,22 @@ DEFAULT_CONFIG = "etc/mailsys.toml"
 class Options(usage.Options):
     """Command line of ``twistd mailsys``."""
 
-    synopsis = "[--config PATH]"
+    synopsis = "[--config PATH] [--log-format text|json]"
     longdesc = "Run the mailsys mail system (SMTP, submission, queue, delivery)."
     optParameters = [  # noqa: N815 - usage.Options' name
         ["config", "c", DEFAULT_CONFIG, "Path to the TOML configuration file."],
+        ["log-format", None, logwriter.TEXT,
+         "text (twistd's lines) or json (one JSON object per line, for log shippers)."],
     ]
 
     def postOptions(self) -> None:  # noqa: N802 - usage.Options hook
         parent = getattr(self, "parent", None)  # twistd's ServerOptions, when run by twistd
+        if self["log-format"] not in logwriter.LOG_FORMATS:
+            print(f"mailsys: --log-format: {self['log-format']!r} is not one of "
+                  f"{', '.join(logwriter.LOG_FORMATS)}", file=sys.stderr)
+            raise SystemExit(2)
         if parent is not None:
-            logwriter.use_for_twistd(parent)
+            logwriter.use_for_twistd(parent, self["log-format"])
         try:
             self["loaded"] = config_module.load(self["config"])
             self["account"] = _server_account(self["loaded"], parent)

@@ -190,3 +190,36 @@ def _is_ip(text: str) -> bool:
 def _is_hostname(text: str) -> bool:
     labels = text.split(".")
     return 0 < len(text) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+_DNS_LIST_KEY = re.compile(r"^([^=]+?)(?:=127\.(\d{1,3})\.(\d{1,3})\."
+                           r"(?:(\d{1,3})|\[(\d{1,3})\.\.(\d{1,3})\]))?$")
+
+
+@dataclass(frozen=True)
+class DNSListKey:
+    """A DNS list as configured: "zone", "zone=127.a.b.c" or "zone=127.a.b.[c..d]" (the
+    answers that count; postscreen's notation)."""
+
+    zone: str
+    prefix: tuple[int, int] | None = None  # (a, b) of 127.a.b.c; None: any answer
+    low: int = 0
+    high: int = 255
+
+    @classmethod
+    def parse(cls, text: str) -> DNSListKey:
+        match = _DNS_LIST_KEY.match(text)
+        if match is None:
+            raise ValueError("must be a zone, zone=127.a.b.c or zone=127.a.b.[c..d]")
+        name, a, b, single, low, high = match.groups()
+        zone = name.lower().rstrip(".")
+        if a is None:
+            return cls(zone)
+        octets = [int(x) for x in (a, b, single, low, high) if x is not None]
+        if any(octet > 255 for octet in octets):
+            raise ValueError("an octet is over 255")
+        if single is not None:
+            return cls(zone, (int(a), int(b)), int(single), int(single))
+        if int(low) > int(high):
+            raise ValueError("the range is empty")
+        return cls(zone, (int(a), int(b)), int(low), int(high))

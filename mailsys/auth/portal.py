@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
 from mailsys.auth.checker import RunInThread, UserStoreChecker, avatar_mailbox
+from mailsys.auth.credcache import CredentialCache
 from mailsys.auth.users import UserStore
 
 
@@ -51,9 +52,11 @@ class MailRealm:
         raise NotImplementedError("MailRealm only provides IMailUser")
 
 
-def build_portal(users: UserStore, run_in_thread: RunInThread) -> Portal:
-    """A portal checking passwords against ``users`` in ``run_in_thread`` (e.g. DiskPool.run)."""
-    return Portal(MailRealm(), [UserStoreChecker(users, run_in_thread)])
+def build_portal(users: UserStore, run_in_thread: RunInThread,
+                 cache: CredentialCache | None = None) -> Portal:
+    """A portal checking passwords against ``users`` in ``run_in_thread`` (e.g. DiskPool.run),
+    answering from ``cache`` a password already found right."""
+    return Portal(MailRealm(), [UserStoreChecker(users, run_in_thread, cache)])
 
 
 def login(portal: Portal, username: str | bytes, password: str | bytes) -> Deferred[MailUser]:

@@ -7,6 +7,10 @@ replace the file atomically, so the ``mailsys`` command and a running server nev
 running server sees the change within a second, without a restart, and at once where it would
 otherwise refuse a user (``verify_fresh``, and the SMTP policy's reload before a 550).
 
+An administrator of the web page is marked by ``mailsys_admin=yes`` among the line's extra fields
+(Dovecot's sixth field after the hash, space-separated key=value pairs); Dovecot passes fields it
+does not know along and ignores them, so the file stays shareable.
+
 The file and its lock follow mailsys.ownership: created 0640 with the server's group, rewritten
 keeping owner, group and mode. A server that cannot read a changed file keeps serving the last
 copy it read, and says so in one log line naming the file and its permissions.
@@ -34,6 +38,11 @@ from mailsys.ownership import (
     process_account,
     replace_file,
 )
+
+# The extra field that marks an administrator of the web page.
+ADMIN_FIELD = "mailsys_admin=yes"
+# After the hash: uid, gid, gecos, home, shell, extra fields (Dovecot's passwd-file order).
+_EXTRA_COLUMNS = 6
 
 # How stale the in-memory copy may be: at most one stat() of the file per this many seconds.
 RELOAD_INTERVAL = 1.0
@@ -94,6 +103,25 @@ class _Entry:
     mailbox: str
     hash: str
     extra: str | None  # the text after the second ":" — uid:gid:gecos:home:shell:extra_fields
+
+    @property
+    def admin(self) -> bool:
+        """True if the extra fields mark the user an administrator of the web page."""
+        if not self.extra:
+            return False
+        columns = self.extra.split(":", _EXTRA_COLUMNS - 1)
+        return len(columns) == _EXTRA_COLUMNS and ADMIN_FIELD in columns[-1].split()
+
+    def set_admin(self, admin: bool) -> None:
+        """Add or remove the administrator field, keeping every other field as it was."""
+        columns = (self.extra or "").split(":", _EXTRA_COLUMNS - 1)
+        columns += [""] * (_EXTRA_COLUMNS - len(columns))
+        fields = [item for item in columns[-1].split() if item != ADMIN_FIELD]
+        if admin:
+            fields.append(ADMIN_FIELD)
+        columns[-1] = " ".join(fields)
+        extra = ":".join(columns)
+        self.extra = None if not extra.strip(":") else extra
 
 
 # A line of the file: an _Entry, or any other line (comment, blank, unreadable) kept as text.
@@ -196,6 +224,12 @@ class UserStore:
         with self._state:
             return sorted(self._index)
 
+    @property
+    def generation(self) -> int:
+        """The number of the in-memory copy: it grows each time the file is read again."""
+        with self._state:
+            return self._generation
+
     def get_hash(self, mailbox: str) -> str | None:
         """The stored ``{SCHEME}hash`` of ``mailbox``, or None if it is not a user here."""
         try:
@@ -206,6 +240,17 @@ class UserStore:
         with self._state:
             entry = self._index.get(name)
             return entry.hash if entry is not None else None
+
+    def is_admin(self, mailbox: str) -> bool:
+        """True if ``mailbox`` is a user here marked as an administrator of the web page."""
+        try:
+            name = canonical_mailbox(mailbox)
+        except InvalidMailboxError:
+            return False
+        self._maybe_reload()
+        with self._state:
+            entry = self._index.get(name)
+            return entry is not None and entry.admin
 
     def verify(self, mailbox: str, password: str) -> bool:
         """True if ``password`` is ``mailbox``'s password (blocking: run it in a thread).
@@ -264,14 +309,22 @@ class UserStore:
         this user's hash changed, so a failure costs the same for known and unknown users:
         one password check and one stat().
         """
+        return self.matching_hash(mailbox, password) is not None
+
+    def matching_hash(self, mailbox: str, password: str) -> str | None:
+        """``verify_fresh``, answering with the stored hash ``password`` matched, or None.
+
+        The credential cache (mailsys.auth.credcache) remembers the hash a password was found
+        right for, so that a later change of the password is seen at once.
+        """
         stored = self.get_hash(mailbox)
         if self._verify_stored(mailbox, stored, password):
-            return True
+            return stored
         self.reload_if_changed()
         current = self.get_hash(mailbox)
         if current is None or current == stored:
-            return False
-        return self._verify_stored(mailbox, current, password)
+            return None
+        return current if self._verify_stored(mailbox, current, password) else None
 
     def _maybe_reload(self) -> None:
         """Reload if the file changed, looking at most once per RELOAD_INTERVAL."""
@@ -350,14 +403,30 @@ class UserStore:
 
     # -- changing (blocking) -------------------------------------------------------------------
 
-    def add(self, mailbox: str, password: str) -> str:
-        """Add a user with ``password``; return the canonical name. UserExistsError if present."""
+    def add(self, mailbox: str, password: str, *, admin: bool = False) -> str:
+        """Add a user with ``password``; return the canonical name. UserExistsError if present.
+
+        ``admin`` marks the user an administrator of the web page.
+        """
         name = canonical_mailbox(mailbox)
         hashed = hash_password(_check_password(password))  # slow: done before taking the lock
         with self._changing() as lines:
             if any(isinstance(line, _Entry) and line.mailbox == name for line in lines):
                 raise UserExistsError(f"{name} already exists")
-            lines.append(_Entry(name, hashed, None))
+            entry = _Entry(name, hashed, None)
+            entry.set_admin(admin)
+            lines.append(entry)
+        return name
+
+    def set_admin(self, mailbox: str, admin: bool) -> str:
+        """Mark an existing user an administrator of the web page, or not; the canonical name."""
+        name = canonical_mailbox(mailbox)
+        with self._changing() as lines:
+            entries = [line for line in lines if isinstance(line, _Entry) and line.mailbox == name]
+            if not entries:
+                raise UnknownUserError(f"no such user: {name}")
+            for entry in entries:
+                entry.set_admin(admin)
         return name
 
     def set_password(self, mailbox: str, password: str) -> str:

@@ -52,6 +52,7 @@ class AuthnReport:
     iprev: IprevResult | None = None
     header: bytes = b""
     removed: int = 0  # Authentication-Results fields with our authserv-id taken out
+    dkim_checked: bool = False  # DKIM was looked at (an empty ``dkim`` means no signature)
 
     def evidence(self) -> dict[str, Any]:
         """Plain data (JSON-ready) for the message's record: results with their evidence."""
@@ -63,6 +64,24 @@ class AuthnReport:
             "iprev": _plain(self.iprev),
             "removed_forged_results": self.removed,
         }
+
+    def steps(self) -> list[tuple[str, dict[str, Any]]]:
+        """The journey events of these results, in the order the checks are read: iprev, SPF
+        (MAIL FROM, then HELO), each DKIM signature (or its absence), DMARC. Each carries
+        its evidence (the DNS answers used) for ``mailsys trace`` (mailsys.journey.steps)."""
+        steps: list[tuple[str, dict[str, Any]]] = []
+        if self.iprev is not None:
+            steps.append(("authn.iprev", _plain(self.iprev) or {}))
+        for spf in (self.spf, self.helo):
+            if spf is not None:
+                steps.append(("authn.spf", _plain(spf) or {}))
+        if self.dkim:
+            steps.extend(("authn.dkim", _plain(r) or {}) for r in self.dkim)
+        elif self.dkim_checked:
+            steps.append(("authn.dkim", {"result": "none"}))
+        if self.dmarc is not None:
+            steps.append(("authn.dmarc", _plain(self.dmarc) or {}))
+        return steps
 
     def summary(self) -> str:
         """One line for the log: each method and its result."""
@@ -133,6 +152,7 @@ class InboundChecks:
                     SPFResult("temperror", "helo", helo.lower(), f"postmaster@{helo}", ip,
                               problem=late)))
         if self._dkim is not None:
+            report.dkim_checked = True
             # A DKIM verdict that came too late may have been a pass: temperror, so that a
             # DMARC failure defers instead of refusing.
             work.append(self._bounded(self._dkim.verify(message), report, "dkim",

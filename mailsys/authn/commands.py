@@ -18,6 +18,7 @@ from twisted.names import dns
 
 from mailsys.authn.dkim import KeyFileError, generate_key, load_key, public_record, txt_strings
 from mailsys.config import ConfigError, load
+from mailsys.defence.dnsbl import Zone, parse_zones, query_name
 from mailsys.dns import Answer, CachingResolver, DNSTemporaryError
 from mailsys.ownership import (
     OwnershipError,
@@ -84,6 +85,9 @@ def add_authn_commands(commands: Any, config_option: argparse.ArgumentParser,
     check.add_argument("--reports", metavar="ADDRESS")
     check.add_argument("--dns-server", action="append", metavar="IP[:PORT]",
                        help="ask this server instead of the configured ones (repeatable)")
+    check.add_argument("--dnsbl", action="append", metavar="ZONE",
+                       help="also look our sending addresses up in this DNS blocklist "
+                            "(repeatable; default: [defence] dnsbl of the configuration)")
     check.set_defaults(run=run_check)
 
 
@@ -296,9 +300,16 @@ def run_check(args: argparse.Namespace) -> int:
     """Compare what DNS says with what `dns records` would publish; 1 if anything is off."""
     _, expected = _fragment(args)
     servers = [DNSServer.parse(text) for text in args.dns_server or []]
-    if not servers and Path(args.config).exists():
+    zones = parse_zones({zone: 1.0 for zone in args.dnsbl or []})
+    senders = [a for a in (args.ipv4, args.ipv6) if a]
+    if Path(args.config).exists():
         config = load(args.config, check_files=False)
-        servers = list(config.authn.dns_servers or config.relay.dns_servers)
+        if not servers:
+            servers = list(config.authn.dns_servers or config.relay.dns_servers)
+        if not zones:
+            zones = parse_zones(config.defence.dnsbl)
+        senders += [a for a in (config.relay.bind_address, config.relay.bind_address6)
+                    if a and a not in senders]
     from twisted.internet import reactor
 
     from mailsys.delivery.mx import make_resolver
@@ -307,6 +318,7 @@ def run_check(args: argparse.Namespace) -> int:
                                reactor, timeout=10)
     lines: list[str] = []
     failures: list[int] = []
+    checked: list[int] = []
 
     async def ask() -> None:
         for record in expected:
@@ -315,6 +327,14 @@ def run_check(args: argparse.Namespace) -> int:
                 failures.append(1)
             lines.append(f"{verdict:<8} {record.kind:<5} {record.owner(_domain(args.domain))}"
                          f"  {detail}")
+        # A common reason mail bounces: our own sending address on a blocklist.
+        for address in senders:
+            for zone in zones:
+                verdict, name, detail = await _check_listing(resolver, address, zone)
+                checked.append(1)
+                if verdict != "ok":
+                    failures.append(1)
+                lines.append(f"{verdict:<8} DNSBL {name}  {detail}")
 
     def stop(_: object) -> None:
         reactor.stop()
@@ -326,9 +346,26 @@ def run_check(args: argparse.Namespace) -> int:
     reactor.run()
     for line in lines:
         print(line.rstrip())
-    summary = (f"{len(expected) - len(failures)} of {len(expected)} records as expected")
+    total = len(expected) + len(checked)
+    summary = f"{total - len(failures)} of {total} records as expected"
     print(summary)
     return 1 if failures else 0
+
+
+async def _check_listing(resolver: CachingResolver, address: str,
+                         zone: Zone) -> tuple[str, str, str]:
+    """("ok" | "listed" | "error", the name asked, what was found) for one sending address."""
+    name = query_name(address, zone.zone)
+    if name is None:
+        return "error", address, "not an IP address"
+    try:
+        answer: Answer = await resolver.query_answer(name, dns.A)
+    except DNSTemporaryError as exc:
+        return "error", name, exc.reason
+    found = [a for a in answer.addresses() if zone.counts(a)]
+    if found:
+        return "listed", name, f"{address} is listed by {zone.zone} ({', '.join(found)})"
+    return "ok", name, f"{address} not listed by {zone.zone}"
 
 
 def _strings(data: str) -> str:

@@ -168,7 +168,7 @@ class DMARCChecker:
     async def _records(self, domain: str, evidence: list[str]) -> list[DMARCRecord]:
         name = f"_dmarc.{domain}"
         try:
-            answer = await self._resolver.query_answer(name, dns.TXT)
+            answer = await self._resolver.answer(name, dns.TXT)
         except DNSTemporaryError as exc:
             evidence.append(str(exc))
             raise _TemporaryError(f"DMARC record lookup: {exc.reason}") from None
@@ -266,7 +266,7 @@ class DMARCChecker:
         """RFC 9989 §3.2.9: a name with no A, AAAA or MX records that does not exist."""
         for kind in (dns.A, dns.AAAA, dns.MX):
             try:
-                answer = await self._resolver.query_answer(domain, kind)
+                answer = await self._resolver.answer(domain, kind)
             except DNSTemporaryError as exc:
                 evidence.append(str(exc))
                 raise _TemporaryError(f"existence of {domain}: {exc.reason}") from None

@@ -57,6 +57,25 @@ class IntakeVerdict:
         return data
 
 
+@dataclass
+class Signing:
+    """What signing a submitted message did: the message to store, the From domain, the keys
+    that signed it as (d=, s=, a=), or why it went unsigned."""
+
+    message: bytes
+    domain: str | None = None
+    signatures: list[tuple[str, str, str]] = field(default_factory=list)
+    problem: str = ""
+
+    def step(self) -> dict[str, Any]:
+        """The journey fields of the signing step (mailsys.journey.steps, ``authn.sign``)."""
+        return {"domain": self.domain, "signed": bool(self.signatures),
+                "selectors": [s for _, s, _ in self.signatures],
+                "algorithms": [a for _, _, a in self.signatures],
+                "signing_domains": [d for d, _, _ in self.signatures],
+                "problem": self.problem}
+
+
 @dataclass(frozen=True)
 class PolicyTable:
     """The policy of each recipient domain: the default, or the domain's own."""
@@ -86,22 +105,30 @@ class MessageAuthentication:
     def sign(self, message: bytes, queue_id: str = "") -> Deferred[bytes]:
         """``message`` with DKIM-Signature fields on top for its From domain's keys; unsigned
         when the domain has none or signing fails (logged: mail is never held back for it)."""
+        return self.signing(message, queue_id).addCallback(lambda signed: signed.message)
+
+    def signing(self, message: bytes, queue_id: str = "") -> Deferred[Signing]:
+        """As :meth:`sign`, with what was done: the domain, the keys used, or why none."""
         return Deferred.fromCoroutine(self._sign(message, queue_id))
 
-    async def _sign(self, message: bytes, queue_id: str) -> bytes:
+    async def _sign(self, message: bytes, queue_id: str) -> Signing:
         if self.signer is None:
-            return message
+            return Signing(message, problem="signing is off")
         end = message.find(b"\r\n\r\n")
         domain = author_domain(message if end < 0 else message[:end + 2])
-        if domain is None or not self.signer.keys_for(domain):
-            return message
+        if domain is None:
+            return Signing(message, problem="no single From address to sign for")
+        keys = self.signer.keys_for(domain)
+        if not keys:
+            return Signing(message, domain, problem=f"no DKIM key for {domain}")
         try:
             fields = await self.signer.sign(message, domain)
-        except Exception:
+        except Exception as exc:
             log.failure("{queue_id}: DKIM signing for {domain} failed; sent unsigned",
                         queue_id=queue_id, domain=domain)
-            return message
-        return fields + message
+            return Signing(message, domain, problem=f"signing failed ({exc.__class__.__name__})")
+        return Signing(fields + message, domain,
+                       [(k.domain, k.selector, k.algorithm) for k in keys])
 
     # -- inbound ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Literal
 from twisted.internet.defer import Deferred
 from twisted.names import dns
 
-from mailsys.dns import CachingResolver, DNSTemporaryError, reverse_name
+from mailsys.dns import CachingResolver, DNSTemporaryError, ip_address, reverse_name
 
 IprevResultName = Literal["pass", "fail", "temperror", "permerror"]
 # Like RFC 7208 §4.6.4's PTR limit: a reverse zone listing hundreds of names costs 10 lookups.
@@ -39,14 +39,14 @@ class IprevChecker:
 
     async def _check(self, ip_text: str) -> IprevResult:
         try:
-            ip = ipaddress.ip_address(ip_text.strip("[]"))
+            ip = ip_address(ip_text.strip("[]"))
         except ValueError:
             return IprevResult("permerror", ip_text, problem="not an IP address")
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         outcome = IprevResult("fail", str(ip))
         try:
-            answer = await self._resolver.query_answer(reverse_name(str(ip)), dns.PTR)
+            answer = await self._resolver.answer(reverse_name(str(ip)), dns.PTR)
         except DNSTemporaryError as exc:
             outcome.evidence.append(str(exc))
             outcome.result, outcome.problem = "temperror", f"PTR lookup: {exc.reason}"
@@ -61,13 +61,13 @@ class IprevChecker:
         kind = dns.A if ip.version == 4 else dns.AAAA
         for name in names[:MAX_NAMES]:
             try:
-                addresses = await self._resolver.query_answer(name, kind)
+                addresses = await self._resolver.answer(name, kind)
             except DNSTemporaryError as exc:
                 outcome.evidence.append(str(exc))
                 temporary = f"address lookup: {exc.reason}"
                 continue
             outcome.evidence.append(addresses.describe())
-            if any(ipaddress.ip_address(a) == ip for a in addresses.addresses()):
+            if any(ip_address(a) == ip for a in addresses.addresses()):
                 outcome.result, outcome.name = "pass", name
                 return outcome
         if temporary:

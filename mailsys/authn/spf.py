@@ -20,7 +20,7 @@ from typing import Literal
 from twisted.internet.defer import Deferred
 from twisted.names import dns
 
-from mailsys.dns import Answer, CachingResolver, DNSTemporaryError, reverse_name
+from mailsys.dns import Answer, CachingResolver, DNSTemporaryError, ip_address, reverse_name
 from mailsys.dns.cache import valid_name
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -161,7 +161,7 @@ class SPFChecker:
         local = local or "postmaster"
         domain = domain.lower().removesuffix(".")
         try:
-            ip: IP = ipaddress.ip_address(ip_text.strip("[]"))
+            ip: IP = ip_address(ip_text.strip("[]"))
         except ValueError:
             return SPFResult("permerror", identity, domain, sender, ip_text,
                              problem=f"not an IP address: {ip_text!r}")
@@ -243,7 +243,7 @@ class SPFChecker:
 
     async def _ask(self, context: _Context, name: str, type: int) -> Answer:
         try:
-            answer = await self._resolver.query_answer(name, type)
+            answer = await self._resolver.answer(name, type)
         except DNSTemporaryError as exc:
             context.evidence.append(f"{exc}")
             raise _TempError(str(exc)) from None
@@ -304,7 +304,7 @@ class SPFChecker:
         A DNS error on the PTR query makes no names; one on a name's addresses skips that name.
         """
         try:
-            answer = await self._resolver.query_answer(reverse_name(str(context.ip)), dns.PTR)
+            answer = await self._resolver.answer(reverse_name(str(context.ip)), dns.PTR)
         except DNSTemporaryError as exc:
             context.evidence.append(str(exc))
             return []
@@ -317,7 +317,7 @@ class SPFChecker:
                 addresses = await self._addresses(context, name)
             except _TempError:
                 continue
-            if any(ipaddress.ip_address(a) == context.ip for a in addresses.addresses()):
+            if any(ip_address(a) == context.ip for a in addresses.addresses()):
                 validated.append(name)
         return validated
 
@@ -545,10 +545,15 @@ def _checkable(domain: str) -> bool:
     return "." in domain and valid_name(domain) and not domain.startswith("[")
 
 
+@functools.lru_cache(maxsize=4096)
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=False)
+
+
 def _in_any(ip: IP, addresses: list[str], mech: _Mechanism) -> bool:
     prefix = mech.cidr4 if ip.version == 4 else mech.cidr6
     for address in addresses:
-        network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+        network = _network(f"{address}/{prefix}")
         if network.version == ip.version and ip in network:
             return True
     return False

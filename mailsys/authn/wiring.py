@@ -4,16 +4,13 @@ the MessageAuthentication the SMTP listeners use."""
 
 from __future__ import annotations
 
-import signal
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from twisted.application.service import Service
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from typing_extensions import override
 
 from mailsys.authn.checks import InboundChecks
 from mailsys.authn.dkim import DKIMSigner, KeyFileError, SigningKey, ThreadRunner, load_key
@@ -24,6 +21,8 @@ from mailsys.config import Config
 from mailsys.delivery.mx import make_resolver
 from mailsys.dns import CachingResolver
 from mailsys.interfaces import IMessageSink
+from mailsys.journey.events import NULL_RECORDER
+from mailsys.journey.interfaces import IJourneyRecorder
 
 log = Logger(namespace="mailsys.authn")
 
@@ -79,14 +78,19 @@ class Authn:
     and the reload of the signing keys."""
 
     def __init__(self, config: Config, reactor: Any,
-                 run_in_thread: ThreadRunner = deferToThread) -> None:
+                 run_in_thread: ThreadRunner = deferToThread,
+                 journey: IJourneyRecorder = NULL_RECORDER) -> None:
         section = config.authn
+        self._journey = journey
         self._config = config
         self._reactor = reactor
         self._run_in_thread = run_in_thread
         servers = section.dns_servers or config.relay.dns_servers
         self.resolver: CachingResolver | None = None
-        if section.checks or config.relay.enabled:
+        defence = config.defence
+        if (section.checks or config.relay.enabled
+                or (defence.enabled and (defence.dnsbl or defence.dnswl
+                                         or defence.fcrdns != "none"))):
             upstream = make_resolver([(s.host, s.port) for s in servers], reactor)
             self.resolver = CachingResolver(upstream, reactor, timeout=section.dns_timeout)
         self.keys = self._load_keys()
@@ -120,11 +124,16 @@ class Authn:
         return MessageAuthentication(checks, signer, self.policies,
                                      authserv_id=section.authserv_id)
 
-    def reload(self) -> None:
-        """Read the signing keys again (SIGHUP); a broken key keeps the old ones, and says so."""
+    def reload(self, config: Config | None = None) -> None:
+        """Read the signing keys again (SIGHUP), from ``config``'s key directory and selectors
+        when given (a configuration reload); a broken key keeps the old ones, and says so."""
+        previous = self._config
+        if config is not None:
+            self._config = config
         try:
             keys = self._load_keys()
         except KeyFileError as exc:
+            self._config = previous
             log.error("DKIM keys not reloaded, the old ones stay: {error}", error=str(exc))
             return
         self.keys = keys
@@ -137,32 +146,7 @@ class Authn:
     def wrap(self, sink: IMessageSink) -> IMessageSink:
         """The sink every listener and the notices hand messages to: authenticated and local
         mail is signed, the rest checked (AuthenticatingSink)."""
-        return AuthenticatingSink(sink, self.authentication)
-
-    def reloader(self) -> Service:
-        """A service that reloads the keys on SIGHUP, after whatever else SIGHUP does."""
-        return _ReloadOnHangup(self.reload, self._reactor)
-
-
-class _ReloadOnHangup(Service):
-    """Chains onto the SIGHUP handler installed before it (the TLS certificate reload)."""
-
-    def __init__(self, reload: Callable[[], None], reactor: Any) -> None:
-        self._reload = reload
-        self._reactor = reactor
-
-    @override
-    def startService(self) -> None:
-        Service.startService(self)
-        reactor = self._reactor
-        before = signal.getsignal(signal.SIGHUP)
-
-        def hangup(signum: int, frame: Any) -> None:
-            if callable(before):
-                before(signum, frame)
-            reactor.callFromThread(self._reload)
-
-        signal.signal(signal.SIGHUP, hangup)
+        return AuthenticatingSink(sink, self.authentication, self._journey)
 
 
 def _policy(dmarc: str, spf: str, dkim: str, iprev: str) -> AuthnPolicy:

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from mailsys import replies
 from mailsys.delivery.quota import MailboxFullError, MailboxQuota
-from mailsys.diskio import DiskPool, is_no_space
+from mailsys.diskio import DiskPool, Staged, finish, is_no_space
 from mailsys.envelope import Attempt, Envelope, Recipient, RecipientStatus
 from mailsys.interfaces import IDeliveryAgent
 from mailsys.journey.events import NULL_RECORDER
@@ -42,8 +42,8 @@ from mailsys.mailbox.layout import (
     mailbox_path,
     name_prefix,
     new_name,
+    stage_message,
     stored_form,
-    write_message,
 )
 from mailsys.replies import Reply
 
@@ -167,7 +167,10 @@ class MaildirWriter:
         limits = None if self._quota is None else self._quota.limits_for(recipient.mailbox)
         # The copy and the fsync of new/ in one disk job: every hand-over to the reactor costs.
         if self._quota is None or limits is None:
-            d = self._pool.run_and_sync(new_dir, write, *copy)
+            # An INBOX copy is staged: its data is made durable with the other copies of the
+            # disk pool's batch (group commit), then renamed into new/.
+            stage = stage_copy if write is write_copy else write
+            d = self._pool.run_and_sync(new_dir, stage, *copy)
         else:
             size = envelope.size + len(header)
             d = self._pool.run_and_sync(new_dir, functools.partial(
@@ -241,15 +244,33 @@ def write_copy(
     tmp/, rename into new/. The directory fsync of new/ is left to the caller so that concurrent
     deliveries share it.
     """
+    staged = stage_copy(maildir, base, header, message_path, recovered)
+    return staged if staged is None else finish(staged)
+
+
+def stage_copy(
+    maildir: Path,
+    base: str,
+    header: bytes,
+    message_path: str | Path,
+    recovered: RecoveredCopies | None = None,
+) -> Staged[str] | None:
+    """Disk thread: ``write_copy`` in two steps (mailsys.diskio.Staged): the file is written in
+    tmp/ now, renamed into new/ once the pool made it durable with the others of its batch."""
     root = os.fspath(maildir)
     stored = stored_form(_read_file(message_path), header)
     name = new_name(base, stored)
     if _exists(f"{root}/new/{name}") or (recovered is not None and recovered.contains(root, base)):
         return None
-    write_message(root, "new", name, stored, create=True)
-    if recovered is not None:
-        recovered.add(root, base)
-    return name
+    staged = stage_message(root, "new", name, stored, create=True)
+
+    def publish() -> str:
+        staged.publish()
+        if recovered is not None:
+            recovered.add(root, base)
+        return name
+
+    return Staged(staged.fds, publish, staged.discard)
 
 
 def _folder_paths(inbox: Path, folder: str) -> tuple[Path, str]:

@@ -17,6 +17,7 @@ import ipaddress
 import weakref
 from collections import deque
 from dataclasses import dataclass, field, replace
+from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -36,6 +37,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
+from mailsys.delivery.mtasts import PolicyCache
 from mailsys.delivery.mx import MailHost, MXLookupError, MXResolver
 from mailsys.delivery.nexthop import NextHops, Route
 from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
@@ -55,6 +57,7 @@ from mailsys.smtp.client import (
     TLSFailedError,
     Transaction,
 )
+from mailsys.smtp.linelimit import file_has_long_line, fit_lines
 from mailsys.values import NextHop, RouteKind, TLSPolicy
 
 log = Logger(namespace="mailsys.delivery.relay")
@@ -67,6 +70,9 @@ CONNECTION_FAILED = Reply(451, "4.4.2", "Connection failed")
 TLS_NOT_OFFERED = Reply(451, "4.7.4", "TLS is required but the server does not offer STARTTLS")
 TLS_REFUSED = Reply(451, "4.7.4", "TLS is required but the server refused STARTTLS")
 TLS_FAILED = Reply(451, "4.7.5", "TLS failed")
+# RFC 8461 §5: with an "enforce" policy, MX hosts outside its mx patterns are not used; when none
+# is left the mail waits (a temporary failure), as for a TLS failure.
+MTA_STS_NO_HOST = Reply(451, "4.7.5", "No MX host allowed by the domain's MTA-STS policy")
 AUTH_WITHOUT_TLS = Reply(451, "4.7.0", "Not sending the smarthost password without TLS")
 AUTH_FAILED = Reply(451, "4.7.0", "Authentication at the smarthost failed")
 SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery interrupted: mail system shutting down")
@@ -136,13 +142,17 @@ class TCPDialer:
 
 class SpoolFileSource:
     """A queued message read in chunks by disk threads, so a large message never blocks the
-    reactor. Reads are sequential (the client awaits each), so one file object is safe."""
+    reactor. Reads are sequential (the client awaits each), so one file object is safe.
+
+    A message stored with lines over RFC 5321's 998 octets (intake takes them) is re-encoded to
+    fit before it is sent (mailsys.smtp.linelimit), in the same disk thread."""
 
     def __init__(self, path: Path, disk: DiskRunner) -> None:
         self._path = path
         self._disk = disk
         self._file: IO[bytes] | None = None
         self._closed = False
+        self.refitted = False  # long lines were re-encoded to fit
 
     def read(self, size: int) -> Deferred[bytes]:
         d: Deferred[bytes] = self._disk.run(self._read, size)
@@ -152,7 +162,12 @@ class SpoolFileSource:
         if self._closed:
             raise ValueError("source closed")
         if self._file is None:
-            self._file = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+            file: IO[bytes] = open(self._path, "rb")  # noqa: SIM115 - closed by close()
+            if file_has_long_line(file):
+                with file:
+                    file = BytesIO(fit_lines(file.read()))
+                self.refitted = True
+            self._file = file
         return self._file.read(size)
 
     def close(self) -> None:
@@ -333,9 +348,12 @@ class RelayAgent(Service):
         disk: DiskRunner,
         clock: IReactorTime,
         journey: IJourneyRecorder = NULL_RECORDER,
+        mta_sts: PolicyCache | None = None,
     ) -> None:
         self.settings = settings
         self._journey = journey
+        # RFC 8461 policies of destination domains (mailsys.delivery.mtasts); None: not used.
+        self._mta_sts = mta_sts
         self._next_hops = next_hops
         self._tls_policies = tls_policies
         self._client_tls = client_tls
@@ -348,6 +366,18 @@ class RelayAgent(Service):
         self._flush_call: IDelayedCall | None = None
         # Every client connected and not yet closed, so that stopping can end them all.
         self._clients: weakref.WeakSet[SMTPClient] = weakref.WeakSet()
+
+    def reconfigure(self, other: RelayAgent) -> None:
+        """Take ``other``'s settings, next hops, TLS policies, trust and dialer for the next
+        deliveries (a reload, mailsys.reload); deliveries under way finish with what they
+        started with, and connections open now are not touched."""
+        self.settings = other.settings
+        self._next_hops = other._next_hops
+        self._tls_policies = other._tls_policies
+        self._client_tls = other._client_tls
+        self._mx = other._mx
+        self._dialer = other._dialer
+        self._mta_sts = other._mta_sts
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -438,6 +468,8 @@ class RelayAgent(Service):
         self._journey.emit("relay.mx", queue_id, domain=route.hop.name,
                            answers=[f"{h.preference} {h.name}" for h in hosts],
                            implicit=any(h.implicit for h in hosts))
+        hosts, sts_tls = await self._apply_mta_sts(route, hosts, queue_id)
+        effective = sts_tls or self.tls_policy(route)
         last: _HostFailedError | None = None
         lookup_failures: list[MXLookupError] = []
         for host in hosts:
@@ -451,9 +483,9 @@ class RelayAgent(Service):
             for address in addresses:
                 try:
                     return await self._connect(route, host, address, job, tls=True,
-                                               after=last)
+                                               after=last, tls_policy=sts_tls)
                 except TLSFailedError as exc:
-                    if self.tls_policy(route) is not TLSPolicy.OPPORTUNISTIC:
+                    if effective is not TLSPolicy.OPPORTUNISTIC:
                         last = _HostFailedError(TLS_FAILED.with_text(
                             f"{TLS_FAILED.text} with {host.name}[{address}]: {exc.reason}"
                         ))
@@ -472,12 +504,45 @@ class RelayAgent(Service):
             raise (temporary or lookup_failures)[0]
         raise _HostFailedError(NO_CONNECTION)  # pragma: no cover - hosts() is never empty
 
+    async def _apply_mta_sts(self, route: Route, hosts: list[MailHost],
+                             queue_id: str) -> tuple[list[MailHost], TLSPolicy | None]:
+        """RFC 8461 §5 for mail over MX: the hosts to try and the TLS policy the domain's
+        MTA-STS policy asks for (None: the configured one). A tls_policy_per_domain entry for
+        the domain overrides MTA-STS; "testing" only logs what "enforce" would refuse."""
+        hop = route.hop
+        if (self._mta_sts is None or hop.kind is not RouteKind.MX
+                or self._tls_policies.has_entry(hop.name)):
+            return hosts, None
+        policy = await self._mta_sts.policy_for(hop.name)
+        if policy is None or policy.mode == "none":
+            return hosts, None
+        outside = [host.name for host in hosts if not policy.allows(host.name)]
+        if policy.mode == "testing":
+            if outside:
+                log.info("{queue_id}: MTA-STS policy of {domain} (testing): would not use MX "
+                         "{hosts}, not in its mx patterns; delivering as usual",
+                         queue_id=queue_id, domain=hop.name, hosts=", ".join(outside))
+            return hosts, None
+        if outside:
+            log.info("{queue_id}: MTA-STS policy of {domain} (enforce): not using MX {hosts}, "
+                     "not in its mx patterns", queue_id=queue_id, domain=hop.name,
+                     hosts=", ".join(outside))
+        allowed = [host for host in hosts if policy.allows(host.name)]
+        if not allowed:
+            raise _HostFailedError(MTA_STS_NO_HOST.with_text(
+                f"{MTA_STS_NO_HOST.text} ({hop.name}: {', '.join(outside)} not in "
+                f"mx {' '.join(policy.mx)})"))
+        log.info("{queue_id}: MTA-STS policy of {domain} (enforce): verified TLS with {hosts}",
+                 queue_id=queue_id, domain=hop.name,
+                 hosts=", ".join(host.name for host in allowed))
+        return allowed, TLSPolicy.VERIFY
+
     async def _connect(
         self, route: Route, host: MailHost, address: str, job: _Job, *, tls: bool,
-        after: _HostFailedError | None = None,
+        after: _HostFailedError | None = None, tls_policy: TLSPolicy | None = None,
     ) -> _Session:
         hop = route.hop
-        policy = self.tls_policy(route)
+        policy = tls_policy or self.tls_policy(route)
         creator = None
         if hop.implicit_tls:
             creator = self._creator(policy, host.name)

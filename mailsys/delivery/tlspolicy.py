@@ -45,6 +45,14 @@ class TLSPolicies:
             target[name] = value
 
     def for_domain(self, domain: str) -> TLSPolicy:
+        policy = self._entry(domain)
+        return policy if policy is not None else self.default
+
+    def has_entry(self, domain: str) -> bool:
+        """Whether a per-domain entry names ``domain`` (it then overrides MTA-STS)."""
+        return self._entry(domain) is not None
+
+    def _entry(self, domain: str) -> TLSPolicy | None:
         domain = domain.lower().removesuffix(".")
         policy = self._exact.get(domain)
         if policy is not None:
@@ -54,7 +62,7 @@ class TLSPolicies:
             policy = self._suffixes.get("." + ".".join(labels[index:]))
             if policy is not None:
                 return policy
-        return self.default
+        return None
 
 
 @implementer(IOpenSSLClientConnectionCreator)

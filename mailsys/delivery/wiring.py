@@ -11,11 +11,13 @@ from typing import Any
 from twisted.internet.interfaces import IResolver
 
 from mailsys.config import Config
+from mailsys.delivery.mtasts import CACHE_DIR, PolicyCache, PolicyFetcher
 from mailsys.delivery.mx import MXResolver, make_resolver
 from mailsys.delivery.nexthop import NextHops
 from mailsys.delivery.relay import RelayAgent, RelaySettings, TCPDialer
 from mailsys.delivery.tlspolicy import ClientTLS, TLSPolicies
 from mailsys.diskio import DiskPool
+from mailsys.dns.cache import CachingResolver
 from mailsys.journey.events import NULL_RECORDER
 from mailsys.journey.interfaces import IJourneyRecorder
 
@@ -48,11 +50,19 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any,
         smarthost_username=relay.smarthost_username,
         smarthost_password=smarthost_password(config),
     )
+    client_tls = ClientTLS(relay.tls_ca_file)
+    mta_sts = None
+    # RFC 8461 needs the TXT answers and the policy host's address from the shared resolver.
+    if relay.mta_sts and isinstance(resolver, CachingResolver):
+        fetcher = PolicyFetcher(reactor, resolver, client_tls.verifying,
+                                timeout=relay.mta_sts_timeout, port=relay.mta_sts_lab_https_port)
+        mta_sts = PolicyCache(resolver, fetcher.fetch, pool, config.storage.spool / CACHE_DIR,
+                              reactor)
     return RelayAgent(
         settings,
         NextHops(relay.transport, relay.smarthost, relay.port),
         TLSPolicies(relay.tls_policy, relay.tls_policy_per_domain),
-        ClientTLS(relay.tls_ca_file),
+        client_tls,
         MXResolver(resolver if resolver is not None else make_resolver(servers, reactor),
                    relay.ip_version),
         TCPDialer(reactor, settings.timeouts, relay.connect_timeout,
@@ -60,4 +70,5 @@ def build_relay(config: Config, pool: DiskPool, reactor: Any,
         pool,
         reactor,
         journey,
+        mta_sts=mta_sts,
     )

@@ -10,6 +10,7 @@ from mailsys.dns.cache import (
     CachingResolver,
     DNSTemporaryError,
     TLSARecord,
+    ip_address,
     reverse_name,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "CachingResolver",
     "DNSTemporaryError",
     "TLSARecord",
+    "ip_address",
     "reverse_name",
 ]

@@ -714,10 +714,11 @@ class IMAPSession(ServerSession):
             if not changes.added or changes.uidvalidity_changed:
                 return (changes, selected.view.uidnext)
             # RFC 3501 §2.3.2: the first session told of a new message sees it \Recent; a
-            # read-only one leaves it recent for the next.
+            # read-only one leaves it recent for the next. Asked in one batch with the other
+            # sessions the same delivery woke.
             view = selected.view
-            return self._ctx.run(lambda: view.folder.recent_from(
-                view.uidnext, claim=not selected.readonly)).addCallback(
+            return view.store.recent_from_shared(
+                view.folder, view.uidnext, claim=not selected.readonly).addCallback(
                 lambda first: (changes, first))
 
         def refreshed(found: tuple[Any, int]) -> Deferred[None] | None:

@@ -32,6 +32,7 @@ MAX_ITEMS = 50
 
 # The fields whose values are mail addresses: the store indexes them for ``mailsys trace ADDRESS``.
 ADDRESS_FIELDS = ("sender", "recipient", "original", "user", "mailbox", "recipients", "targets")
+_ADDRESS_NAMES = frozenset(ADDRESS_FIELDS)
 
 FieldValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
@@ -109,25 +110,60 @@ def clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     # This runs for every event in the writer thread, holding the GIL the reactor needs: the
     # common case (names seen before and allowed, short text and numbers) is one pass that
     # builds nothing.
-    if type(fields) is dict and _SAFE_NAMES.get(tuple(fields)) is True:
+    if type(fields) is dict and _safe_names(tuple(fields)):
         for value in fields.values():
             kind = type(value)
             if kind is str:
                 if len(value) > MAX_TEXT:
                     break
+            elif kind is list:
+                # Lists of addresses, routes, hosts: kept as they are when already plain.
+                if not _plain_list(value):
+                    break
             elif not (value is None or kind is int or kind is bool or kind is float):
                 break
         else:
             return fields
-    cleaned = _clean_slowly(fields)
-    if len(_SAFE_NAMES) < 4096:  # emitters use a few dozen shapes; odd ones are not kept
-        _SAFE_NAMES[tuple(fields)] = (len(fields) <= MAX_FIELDS
-                                      and all(name in cleaned for name in fields))
-    return cleaned
+    return _clean_slowly(fields)
 
 
 # The name tuples of fields seen before, and whether every name in them is kept as it is.
 _SAFE_NAMES: dict[tuple[Any, ...], bool] = {}
+
+
+def _safe_names(names: tuple[Any, ...]) -> bool:
+    """Whether a dict with these names (in this order) keeps every name as it is."""
+    safe = _SAFE_NAMES.get(names)
+    if safe is None:
+        safe = len(names) <= MAX_FIELDS and all(
+            type(name) is str and _allowed_name(name) == name for name in names)
+        if len(_SAFE_NAMES) < 4096:  # emitters use a few dozen shapes; odd ones are not kept
+            _SAFE_NAMES[names] = safe
+    return safe
+
+
+def _plain_list(items: list[Any]) -> bool:
+    """Whether ``_clean_value`` would keep the list ``items`` as it is (the common case)."""
+    if len(items) > MAX_ITEMS:
+        return False
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if len(item) > MAX_TEXT:
+                return False
+        elif kind is dict:
+            if not _safe_names(tuple(item)):
+                return False
+            for value in item.values():
+                kind = type(value)
+                if kind is str:
+                    if len(value) > MAX_TEXT:
+                        return False
+                elif not (value is None or kind is int or kind is bool or kind is float):
+                    return False
+        elif not (item is None or kind is int or kind is bool or kind is float):
+            return False
+    return True
 
 
 def _clean_slowly(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,9 +228,11 @@ def _clean_value(value: Any, depth: int) -> Any:
 def addresses_of(fields: Mapping[str, Any]) -> set[str]:
     """The mail addresses named by ``fields`` (lower-cased), for the address index."""
     found: set[str] = set()
-    for name in ADDRESS_FIELDS:
-        value = fields.get(name)
-        if value is None:
+    names = _ADDRESS_NAMES
+    # Over the event's few fields rather than every address field name: most events name
+    # one address or none, and this runs for each of them in the writer thread.
+    for name, value in fields.items():
+        if value is None or name not in names:
             continue
         for item in value if isinstance(value, list) else (value,):
             if isinstance(item, str) and "@" in item:

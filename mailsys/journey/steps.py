@@ -10,9 +10,13 @@ smtp.tls                  tls (version and cipher), implicit (TLS from the first
 smtp.ehlo                 command (EHLO/HELO), name, reply
 smtp.auth                 user, mechanism, reply (never the SASL exchange)
 smtp.mail / smtp.rcpt     sender / recipient, reply (refused ones too), txn
-smtp.data                 command (DATA/BDAT), size, reply, txn, and the queue id once queued
+smtp.data                 command (DATA/BDAT), size, reply, txn, subject (as sent), and the
+                          queue id once queued
 smtp.close                reason (lost connection after DATA, closed without QUIT), messages;
                           not emitted for a session that ends with QUIT
+defence                   check (ratelimit, harvest, pregreet, dnsbl, dnswl, helo, fcrdns, lists,
+                          greylist, spamfilter, score), action (refuse, allow, accept, junk,
+                          unchecked, limit), reason, client, reply, score
 spool.commit              sender, recipients, size: the message is durable; routes: for each
                           recipient the routing decision, shown as a step of its own
 route                     recipient, original (as in RCPT TO), target (local, relay), mailbox
@@ -21,6 +25,19 @@ relay.connect             host, address, port, preference, error, after (why the
                           it failed)
 relay.tls                 host, tls (version and cipher, "" for none), verified, policy, error
 relay.reply               host, command, reply
+authn.iprev               result, ip, name (the confirmed one), problem, evidence (DNS answers)
+authn.spf                 result, identity (mailfrom, helo), domain, sender, ip, mechanism (the
+                          term that decided), explanation, problem, lookups, void_lookups,
+                          evidence
+authn.dkim                result (none: no signature), domain (d=), selector (s=), algorithm,
+                          identity (i=), header_b, key_bits, problem, evidence; one per signature
+authn.dmarc               result, from_domain, policy, record, record_domain,
+                          organizational_domain, spf_aligned, dkim_aligned, aligned_dkim_domain,
+                          problem, evidence
+authn.verdict             action (accept, junk, defer, reject), reason, junk (recipients), reply,
+                          removed_forged_results
+authn.sign                domain (of From), signed, signing_domains, selectors, algorithms,
+                          problem (why unsigned)
 delivery.attempt          recipient, agent, status (delivered, deferred, failed), host, reply,
                           next_attempt (epoch seconds)
 delivery.maildir          recipient, mailbox, folder, file, written (False: found from before a
@@ -293,6 +310,136 @@ def _imap_expunge(f: Fields) -> Step:
                 "EXPUNGE, RFC 9051 §6.4.3")
 
 
+_DEFENCE_RULES = {
+    "ratelimit": "rate limit per client network or user",
+    "harvest": "directory harvest limit: unknown recipients per client network",
+    "pregreet": "the client must wait for the greeting, RFC 5321 §4.2.1 (postscreen's test)",
+    "dnsbl": "DNS blocklist, RFC 5782",
+    "dnswl": "DNS allowlist, RFC 5782",
+    "helo": "the HELO/EHLO name, RFC 5321 §4.1.1.1",
+    "fcrdns": "forward-confirmed reverse DNS, RFC 8601 §3",
+    "lists": "allow and block lists of the configuration",
+    "greylist": "greylisting, RFC 6647",
+    "spamfilter": "the content filter (rspamd)",
+    "score": "HELO, reverse DNS and DNS lists scored together",
+}
+
+
+def _defence(f: Fields) -> Step:
+    check = _f(f, "check")
+    reply = f" {_reply(f)}" if f.get("reply") else ""
+    return Step(f"intake defence {check}: {_f(f, 'action')}, {_f(f, 'reason', '')}{reply}",
+                reply_rule(_DEFENCE_RULES.get(check, ""), str(f.get("reply") or "")))
+
+
+# -- mail authentication (mailsys.authn) ---------------------------------------------------------
+
+# How much of one DNS answer a text line shows (a DKIM key record is some 400 characters);
+# the JSON output and the store keep it whole.
+_EVIDENCE_SHOWN = 100
+
+
+def _evidence(f: Fields) -> str:
+    """'; DNS: answer | answer' from the ``evidence`` field, each answer shortened."""
+    items = f.get("evidence")
+    if not isinstance(items, list) or not items:
+        return ""
+    shown = [str(item) if len(str(item)) <= _EVIDENCE_SHOWN
+             else str(item)[:_EVIDENCE_SHOWN - 1] + "…" for item in items]
+    return "; DNS: " + " | ".join(shown)
+
+
+def _problem(f: Fields) -> str:
+    return f" ({f['problem']})" if f.get("problem") else ""
+
+
+# RFC 7208 §2.6: what each SPF result means.
+_SPF_RESULTS = {"none": "§2.6.1", "neutral": "§2.6.2", "pass": "§2.6.3", "fail": "§2.6.4",
+                "softfail": "§2.6.5", "temperror": "§2.6.6", "permerror": "§2.6.7"}
+
+
+def _spf(f: Fields) -> Step:
+    result = _f(f, "result")
+    identity = "HELO" if f.get("identity") == "helo" else "MAIL FROM"
+    decided = f", decided by {f['mechanism']}" if f.get("mechanism") else ""
+    counted = f", {f['lookups']} lookups" if f.get("lookups") else ""
+    return Step(f"SPF {result} for {identity} {_f(f, 'domain')} from {_f(f, 'ip')}{decided}"
+                f"{counted}{_problem(f)}{_evidence(f)}",
+                f"SPF {identity} identity, RFC 7208 §2.3-2.4; {result}: "
+                f"RFC 7208 {_SPF_RESULTS.get(result, '§2.6')}")
+
+
+def _dkim(f: Fields) -> Step:
+    result = _f(f, "result")
+    if result == "none":
+        return Step("DKIM: no signature", "dkim=none, RFC 8601 §2.7.1")
+    bits = f", {f['key_bits']}-bit key" if f.get("key_bits") else ""
+    rule = {"pass": "RFC 6376 §6.1.3", "fail": "RFC 6376 §6.1.3",
+            "temperror": "key lookup failed, RFC 6376 §6.1.2",
+            "policy": "RFC 8301 §3; RFC 8601 §2.7.1"}.get(
+        result, "RFC 6376 §6.1.1-6.1.2; RFC 8601 §2.7.1")
+    if f.get("algorithm") == "ed25519-sha256":
+        rule += "; Ed25519, RFC 8463"
+    return Step(f"DKIM {result}: signature d={_f(f, 'domain')} s={_f(f, 'selector')} "
+                f"({_f(f, 'algorithm')}{bits}){_problem(f)}{_evidence(f)}", rule)
+
+
+def _dmarc(f: Fields) -> Step:
+    result = _f(f, "result")
+    aligned = [name for name, field in (("SPF", "spf_aligned"), ("DKIM", "dkim_aligned"))
+               if f.get(field)]
+    via = f", aligned by {' and '.join(aligned)}" if aligned else ""
+    if f.get("aligned_dkim_domain"):
+        via += f" (d={f['aligned_dkim_domain']})"
+    record = (f", record at _dmarc.{_f(f, 'record_domain')}: {f['record']}" if f.get("record")
+              else "")
+    org = (f", organizational domain {f['organizational_domain']}"
+           if f.get("organizational_domain") else "")
+    policy = f", policy {f['policy']}" if result == "fail" else ""
+    return Step(f"DMARC {result} for From {_f(f, 'from_domain')}{via}{policy}{record}{org}"
+                f"{_problem(f)}{_evidence(f)}",
+                "identifier alignment, RFC 9989 §4.4; policy discovery by tree walk, §4.10")
+
+
+def _iprev(f: Fields) -> Step:
+    result = _f(f, "result")
+    name = f" is {f['name']}" if f.get("name") else ""
+    return Step(f"iprev {result}: {_f(f, 'ip')}{name}{_problem(f)}{_evidence(f)}",
+                "forward-confirmed reverse DNS, RFC 8601 §3")
+
+
+def _verdict(f: Fields) -> Step:
+    action = _f(f, "action", "accept")
+    reason = f" ({f['reason']})" if f.get("reason") else ""
+    removed = f.get("removed_forged_results")
+    forged = (f"; {removed} forged Authentication-Results field(s) of ours removed"
+              if isinstance(removed, int) and removed else "")
+    text = {
+        "accept": "authentication verdict: accepted",
+        "junk": f"authentication verdict: to the Junk folder of {_f(f, 'junk')}",
+        "defer": f"authentication verdict: refused for now {_reply(f)}",
+        "reject": f"authentication verdict: refused {_reply(f)}",
+    }.get(action, f"authentication verdict: {action}")
+    rule = ("a DNS failure only defers, never refuses: temperror, RFC 7208 §8.6"
+            if action == "defer" else "the policy of [authn] and the sender's DMARC record")
+    if forged:
+        rule += "; forged results removed, RFC 8601 §5"
+    return Step(f"{text.rstrip()}{reason}{forged}", rule)
+
+
+def _sign(f: Fields) -> Step:
+    if not f.get("signed"):
+        return Step(f"not DKIM-signed{_problem(f)}", "")
+    selectors = f.get("selectors") or []
+    algorithms = f.get("algorithms") or []
+    domains = f.get("signing_domains") or []
+    parts = [f"d={d} s={s} ({a})" for d, s, a in zip(domains, selectors, algorithms, strict=False)]
+    rule = "DKIM signing, RFC 6376 §5"
+    if "ed25519-sha256" in algorithms:
+        rule += "; Ed25519, RFC 8463"
+    return Step(f"DKIM-signed for From {_f(f, 'domain')}: {', '.join(parts)}", rule)
+
+
 def _reply(f: Fields) -> str:
     reply = f.get("reply")
     return f"({reply})" if reply else ""
@@ -307,12 +454,19 @@ _CATALOG: dict[str, Callable[[Fields], Step]] = {
     "smtp.rcpt": _rcpt,
     "smtp.data": _data,
     "smtp.close": _close,
+    "defence": _defence,
     "spool.commit": _commit,
     "route": _route,
     "relay.mx": _mx,
     "relay.connect": _relay_connect,
     "relay.tls": _relay_tls,
     "relay.reply": _relay_reply,
+    "authn.iprev": _iprev,
+    "authn.spf": _spf,
+    "authn.dkim": _dkim,
+    "authn.dmarc": _dmarc,
+    "authn.verdict": _verdict,
+    "authn.sign": _sign,
     "delivery.attempt": _attempt,
     "delivery.maildir": _maildir,
     "dsn.created": _dsn,

@@ -78,6 +78,9 @@ class JourneyWriter(Service):
         self._store_failed = False
         self.dropped = 0  # events not recorded: backlog full, or the store failed
         self.written = 0
+        # CPU time of the writer thread spent writing and pruning (time.thread_time): the
+        # recording's cost to the process, logged when the writer stops.
+        self.cpu_seconds = 0.0
 
     # -- IJourneyRecorder ------------------------------------------------------------------------
 
@@ -141,6 +144,7 @@ class JourneyWriter(Service):
                 self._wake.wait(self._flush_interval)
                 self._wake.clear()
                 stopping = self._stopping
+                started = time.thread_time()
                 self._write_pending(store)
                 now = self._wall_clock()
                 if store is not None and now - last_prune >= self._prune_interval:
@@ -148,10 +152,15 @@ class JourneyWriter(Service):
                     self._prune(store, now)
                 if stopping:
                     self._write_pending(store)
+                self.cpu_seconds += time.thread_time() - started
+                if stopping:
                     break
         finally:
             if store is not None:
                 store.close()
+            log.info("journey: writer stopped; {written} events written, {dropped} dropped, "
+                     "{cpu:.3f} s of writer thread CPU", written=self.written,
+                     dropped=self.dropped, cpu=self.cpu_seconds)
             stopped = self._stopped
             if stopped is not None:
                 self._reactor.callFromThread(stopped.callback, None)

@@ -1,6 +1,8 @@
 """One mailsys configuration per lab domain: its listeners on the host's own address, its
 certificate from the lab CA, relay through the lab DNS with verified TLS, leaving from its own
-address (relay.bind_address), and its two users.
+address (relay.bind_address), mail authentication checked against the lab DNS and signed with
+the domain's DKIM key, the journey recorded, the lab's fault file and hurried clock, and its two
+users.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from mailsys.lab.plan import LabHost, LabPlan
 
 # Teaching wants retries seen in minutes, not hours; the hurried clock is for the rest.
 RETRY_SCHEDULE = (30.0, 60.0, 120.0, 300.0, 600.0)
+# The delay notice after 30 minutes and the bounce after a day of queue time: `lab clock
+# advance 1h` shows the first, `lab clock advance 1d` the second.
+DELAY_WARNING = 1800.0
+MAX_LIFETIME = 86400.0
 
 
 def _endpoint(port: int, address: str) -> str:
@@ -59,6 +65,10 @@ listen_tls = {listen(ports.imaps)}
 listen = {listen(ports.pop3)}
 listen_tls = {listen(ports.pop3s)}
 
+[web]
+# HTTP: the journey page (log in with a lab address), /livez, /readyz and /metrics.
+listen = {listen(ports.web)}
+
 [routing]
 local_domains = ["{host.domain}"]
 
@@ -72,7 +82,26 @@ tls_ca_file = "{plan.ca_file}"
 bind_address = "{address}"
 ip_version = "ipv4"
 retry_schedule = [{retry}]
+delay_warning = {DELAY_WARNING:g}
+max_lifetime = {MAX_LIFETIME:g}
 connect_timeout = 10
+
+[authn]
+# SPF, DKIM, DMARC and iprev for real, against the lab DNS (the relay's dns_servers); the
+# domain's DKIM key, published in the lab zone, signs what its users submit.
+checks = true
+key_dir = "{host.dkim_directory}"
+dns_timeout = 5
+
+[journey]
+# Every step of every message, for `mailsys trace` and the lab's scenarios.
+enabled = true
+path = "{d / 'journey.sqlite'}"
+
+[lab]
+# Faults from `mailsys lab fault {host.domain} ...`, and the queue clock `mailsys lab clock` moves.
+faults = "{host.fault_path}"
+clock = "{plan.clock_path}"
 """
 
 

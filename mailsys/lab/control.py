@@ -25,15 +25,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mailsys.lab.ca import LabCA
+from mailsys.lab.ca import HostFiles, LabCA
+from mailsys.lab.clock import (
+    CLOCK_POLL_INTERVAL,
+    MAX_RATE,
+    ClockSetting,
+    describe,
+    read_setting,
+    write_setting,
+)
 from mailsys.lab.configs import ensure_users, write_config
-from mailsys.lab.plan import LabError, LabPlan, Ports, make_plan
-from mailsys.lab.zone import build_zone, dkim_records, write_zone
+from mailsys.lab.faults import FAULT_POLL_INTERVAL, FAULTS, read_fault, write_fault
+from mailsys.lab.plan import LabError, LabHost, LabPlan, Ports, make_plan
+from mailsys.lab.zone import build_zone, dkim_records, policy_id_of, read_zone, write_zone
 
 STATE_VERSION = 1
+# What `lab fault` says it did, and `lab status` shows.
+FAULT_TEXT = {
+    "down": "down: its server is stopped; senders retry (RFC 5321 §4.5.4.1)",
+    "tempfail": "tempfail: port 25 answers MAIL with 451 4.3.2; senders retry",
+    "reject": "reject: port 25 answers MAIL with 550 5.7.1; senders bounce",
+    "greylist": "greylist: each first RCPT gets 451 4.7.1, a retry after 15 s passes",
+    "slow": "slow: MAIL and RCPT are answered 8 s late",
+    "tls-broken": "tls-broken: its certificate names another host; verifying senders defer",
+    "dns-servfail": "dns-servfail: the lab DNS answers SERVFAIL for its names; senders defer "
+                    "(and remember the failure up to 30 s after a clear, RFC 2308 §7.1)",
+    "clear": "clear: no fault",
+}
 START_DEADLINE = 30.0  # seconds for every process to listen
 STOP_DEADLINE = 15.0  # seconds after SIGTERM before SIGKILL
 POLL = 0.05
+# The lab DNS's TTL: short, so a fault on a domain's names is seen within seconds by servers
+# that cached the names before.
+DNS_TTL = 2
+# A change of a file the servers read each second is in effect after this long.
+SETTLE = max(FAULT_POLL_INTERVAL, CLOCK_POLL_INTERVAL) * 1.5
 
 
 @dataclass
@@ -216,8 +242,11 @@ class Lab:
 
     # -- up --------------------------------------------------------------------------------------
 
-    def up(self, domains: int, network: str) -> LabPlan:
-        """Start the lab; on any failure stop what was started and raise LabError."""
+    def up(self, domains: int, network: str, time_scale: float = 1.0) -> LabPlan:
+        """Start the lab, its queues' clock running ``time_scale`` times as fast; on any
+        failure stop what was started and raise LabError."""
+        if not 1 <= time_scale <= MAX_RATE:
+            raise LabError(f"--time-scale must be 1-{MAX_RATE:g} (queue seconds per second)")
         plan = self.plan(domains, network)
         with _locked(self.directory):
             state = LabState.read(self.state_path)
@@ -226,6 +255,8 @@ class Lab:
             state = LabState(domains, str(plan.network))
             self._check_ports(plan)
             self._prepare(plan)
+            if time_scale != 1.0:
+                write_setting(plan.clock_path, ClockSetting().with_rate(time_scale, time.time()))
             try:
                 self._start(plan, state)
             except BaseException:
@@ -273,35 +304,28 @@ class Lab:
                            f"{problem.strerror or problem}{hint}")
 
     def _prepare(self, plan: LabPlan) -> None:
-        """CA and certificates, zone, configs and users: everything on disk before any start."""
+        """CA and certificates, DKIM keys, zone, configs and users: everything on disk before
+        any start. A lab starts without faults, on the real clock."""
         ca = LabCA(plan.ca_directory)
         ca.ensure()
         for host in plan.hosts:
             tls = ca.issue(host.hostname, host.address, host.directory / "tls")
             write_config(plan, host, tls)
             ensure_users(host)
+            write_fault(host.fault_path, "clear")
+        write_setting(plan.clock_path, ClockSetting())
         write_zone(plan, build_zone(plan, dkim_records(plan)))
 
-    def _start(self, plan: LabPlan, state: LabState) -> None:
-        # Each process is recorded as soon as it exists, so `lab down` finds it whatever
-        # happens next.
-        dns = _spawn(
-            "dns",
-            [sys.executable, "-m", "mailsys.labdns", "--zone", str(plan.zone_path),
-             "--port", str(plan.ports.dns), "--interface", plan.dns_address],
-            plan.directory, plan.dns_log_path, [(plan.dns_address, plan.ports.dns)])
-        state.processes.append(dns)
-        state.write(self.state_path)
-        for host in plan.hosts:
-            process = _spawn(
-                host.domain,
-                [*_twistd(), "-n", "--pidfile=", "mailsys", "--config", str(host.config_path)],
-                host.directory, host.log_path,
-                [(host.address, port) for port in plan.ports.mail().values()])
-            state.processes.append(process)
-            state.write(self.state_path)
-        end = time.monotonic() + START_DEADLINE  # for the whole lab, not per port
-        for process in state.processes:
+    def _spawn_host(self, plan: LabPlan, host: LabHost) -> LabProcess:
+        return _spawn(
+            host.domain,
+            [*_twistd(), "-n", "--pidfile=", "mailsys", "--config", str(host.config_path)],
+            host.directory, host.log_path,
+            [(host.address, port) for port in plan.ports.mail().values()])
+
+    def _wait_serving(self, plan: LabPlan, processes: list[LabProcess]) -> None:
+        end = time.monotonic() + START_DEADLINE  # for all of them, not per port
+        for process in processes:
             log = plan.dns_log_path if process.name == "dns" else plan.host(
                 process.name).log_path
             for address, port in process.listens:
@@ -312,6 +336,22 @@ class Lab:
                     why = "exited" if not process.running() else "is not listening"
                     raise LabError(f"{process.name}'s server {why} at start-up "
                                    f"({address}:{port}): {_last_line(log)} (see {log})")
+
+    def _start(self, plan: LabPlan, state: LabState) -> None:
+        # Each process is recorded as soon as it exists, so `lab down` finds it whatever
+        # happens next.
+        dns = _spawn(
+            "dns",
+            [sys.executable, "-m", "mailsys.labdns", "--zone", str(plan.zone_path),
+             "--port", str(plan.ports.dns), "--interface", plan.dns_address,
+             "--ttl", str(DNS_TTL)],
+            plan.directory, plan.dns_log_path, [(plan.dns_address, plan.ports.dns)])
+        state.processes.append(dns)
+        state.write(self.state_path)
+        for host in plan.hosts:
+            state.processes.append(self._spawn_host(plan, host))
+            state.write(self.state_path)
+        self._wait_serving(plan, state.processes)
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -327,9 +367,11 @@ class Lab:
             self._say(f"lab in {self.directory}: down ({state.domains} domains on "
                       f"{state.network}); `mailsys lab up --dir {self.directory}` starts it")
             return 3
-        stopped = [p for p in state.processes if not p.running()]
-        summary = "up" if not stopped else (
-            f"partly up: {', '.join(p.name for p in stopped)} not running")
+        names = {p.name for p in state.processes}
+        stopped = [p.name for p in state.processes if not p.running()]
+        stopped += [h.domain for h in plan.hosts if h.domain not in names]
+        faults = {h.domain: read_fault(h.fault_path).name for h in plan.hosts}
+        summary = "up" if not stopped else f"partly up: {', '.join(stopped)} not running"
         self._say(f"lab in {self.directory}: {summary}")
         for process in state.processes:
             if process.running():
@@ -339,7 +381,17 @@ class Lab:
                 condition = "NOT RUNNING"
             where = ", ".join(f"{a}:{port}" for a, port in process.listens)
             self._say(f"  {process.name:<14} pid {process.pid:<8} {condition:<12} {where}")
-        if stopped:
+        for domain in stopped:
+            if domain not in names:
+                self._say(f"  {domain:<14} {'':<12} NOT RUNNING (stopped by the down fault)")
+        for domain, fault in faults.items():
+            if fault != "clear":
+                self._say(f"fault on {domain}: {FAULT_TEXT[fault]}")
+        self._say(describe(read_setting(plan.clock_path)))
+        if stopped and all(faults.get(name) == "down" for name in stopped):
+            self._say(f"`mailsys lab fault DOMAIN clear --dir {self.directory}` starts a "
+                      "server the down fault stopped")
+        elif stopped:
             self._say(f"`mailsys lab down --dir {self.directory}` then `mailsys lab up` "
                       "restarts it")
         else:
@@ -364,7 +416,19 @@ class Lab:
     def _stop(self, state: LabState) -> int:
         """SIGTERM every live process, SIGKILL those still there after STOP_DEADLINE; then
         check that their ports are closed. Returns how many were running."""
-        live = [p for p in state.processes if p.running()]
+        try:
+            count = self._stop_some(state.processes)
+        except LabError:
+            state.processes = [p for p in state.processes if p.running()]
+            state.write(self.state_path)
+            raise
+        state.processes = []
+        state.write(self.state_path)
+        return count
+
+    def _stop_some(self, processes: list[LabProcess]) -> int:
+        """Stop ``processes`` by pid and wait until their ports are closed; how many ran."""
+        live = [p for p in processes if p.running()]
         for process in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
@@ -376,14 +440,100 @@ class Lab:
             _wait(lambda: not any(p.running() for p in live), STOP_DEADLINE)
         still = [p.name for p in live if p.running()]
         if still:
-            state.processes = [p for p in state.processes if p.running()]
-            state.write(self.state_path)
             raise LabError(f"could not stop {', '.join(still)}; run `mailsys lab down` again")
-        ports = [a for p in state.processes for a in p.listens]
+        ports = [a for p in processes for a in p.listens]
         _wait(lambda: not any(_listening(a, port) for a, port in ports), STOP_DEADLINE)
-        state.processes = []
-        state.write(self.state_path)
         return len(live)
+
+
+    # -- faults ----------------------------------------------------------------------------------
+
+    def running_plan(self) -> tuple[LabPlan, LabState]:
+        """The plan and state of the lab running here; LabError when there is none."""
+        state = LabState.read(self.state_path)
+        if state is None or not state.processes:
+            raise LabError(f"no lab is up in {self.directory}; `mailsys lab up --dir "
+                           f"{self.directory}` starts one")
+        return self.plan(state.domains, state.network), state
+
+    def fault(self, domain: str, name: str) -> str:
+        """Put ``name`` on ``domain`` (one fault at a time: the one before is undone first);
+        returns the line said to the teacher."""
+        if name not in FAULTS:
+            raise LabError(f"unknown fault {name!r} (one of {', '.join(FAULTS)})")
+        with _locked(self.directory):
+            plan, state = self.running_plan()
+            host = plan.host(domain.lower().removesuffix("."))
+            before = read_fault(host.fault_path).name
+            if before == name:
+                return f"{host.domain}: {name} already"
+            write_fault(host.fault_path, name)
+            try:
+                if "dns-servfail" in (before, name):
+                    self._write_zone(plan)
+                if before in ("down", "tls-broken") or name in ("down", "tls-broken"):
+                    self._restart(plan, state, host, name)
+            except BaseException:
+                write_fault(host.fault_path, before)
+                raise
+            time.sleep(SETTLE)  # the servers read the file each second
+        return f"{host.domain}: {FAULT_TEXT[name]}"
+
+    def _write_zone(self, plan: LabPlan) -> None:
+        servfail = [h.domain for h in plan.hosts
+                    if read_fault(h.fault_path).name == "dns-servfail"]
+        zone = build_zone(plan, dkim_records(plan), policy_id_of(read_zone(plan), plan),
+                          servfail=servfail)
+        write_zone(plan, zone)
+
+    def _restart(self, plan: LabPlan, state: LabState, host: LabHost, fault: str) -> None:
+        """Stop ``host``'s server; unless the fault is ``down``, start it again with the
+        certificate the fault asks for."""
+        old = [p for p in state.processes if p.name == host.domain]
+        self._stop_some(old)
+        state.processes = [p for p in state.processes if p.name != host.domain]
+        state.write(self.state_path)
+        if fault == "down":
+            return
+        ca = LabCA(plan.ca_directory)
+        if fault == "tls-broken":
+            # A certificate from the lab CA for another name: senders that verify (RFC 7672
+            # and RFC 8461 both ask for the MX name) refuse it.
+            tls = ca.issue(f"wrong-name.{host.domain}", plan.dead_address,
+                           host.directory / "tls-broken")
+        else:
+            tls = HostFiles(host.directory / "tls" / "cert.pem", host.directory / "tls" / "key.pem")
+        write_config(plan, host, tls)
+        process = self._spawn_host(plan, host)
+        state.processes.append(process)
+        state.write(self.state_path)
+        self._wait_serving(plan, [process])
+
+    # -- the hurried clock -----------------------------------------------------------------------
+
+    def clock(self, action: str, amount: float | None = None) -> str:
+        """``advance`` the queue clock by ``amount`` seconds, set its ``rate``, ``reset`` it to
+        real time, or ``show`` it; returns the line said."""
+        plan, _ = self.running_plan()
+        setting = read_setting(plan.clock_path)
+        now = time.time()
+        if action == "advance":
+            assert amount is not None
+            if amount <= 0:
+                raise LabError("the clock only goes forward: give a positive duration")
+            setting = setting.advanced(amount)
+        elif action == "rate":
+            assert amount is not None
+            if not 1 <= amount <= MAX_RATE:
+                raise LabError(f"the rate must be 1-{MAX_RATE:g} (queue seconds per second)")
+            setting = setting.with_rate(amount, now)
+        elif action == "reset":
+            setting = ClockSetting()
+        if action != "show":
+            with _locked(self.directory):
+                write_setting(plan.clock_path, setting)
+            time.sleep(SETTLE)  # the servers read the file each second
+        return describe(setting, now)
 
 
 def render_table(plan: LabPlan, header: bool = True) -> str:
@@ -406,7 +556,18 @@ def render_table(plan: LabPlan, header: bool = True) -> str:
         f"every host listens on its address: smtp {ports.smtp} (port 25's role), "
         f"submission {ports.submission} (STARTTLS), submissions {ports.submissions} (TLS),",
         f"  imap {ports.imap} (STARTTLS), imaps {ports.imaps}, pop3 {ports.pop3} (STLS), "
-        f"pop3s {ports.pop3s}",
+        f"pop3s {ports.pop3s}, web {ports.web} (HTTP: the journey page, /readyz, /metrics)",
+    ]
+    if plan.fallback is not None:
+        lines.append(f"{plan.fallback.domain} has two MX: mx1.{plan.fallback.domain} "
+                     f"(preference 10, {plan.dead_address}, switched off) and "
+                     f"{plan.fallback.hostname} (20)")
+    lines += [
+        f"journeys: mailsys trace --config {plan.hosts[0].config_path} ADDRESS (each domain "
+        "has its own),",
+        f"  or the journey page http://{plan.hosts[0].address}:{plan.ports.web}/ (log in with "
+        "a lab address and its password)",
+        f"scenarios: mailsys lab scenario list --dir {plan.directory}",
     ]
     if len(plan.hosts) >= 2:
         first, second = plan.hosts[0], plan.hosts[1]
@@ -420,6 +581,10 @@ def render_table(plan: LabPlan, header: bool = True) -> str:
             f"  mutt -e 'set ssl_ca_certificates_file={plan.ca_file}' "
             f"-f 'imaps://{recipient.address.replace('@', '%40')}@{second.address}:{ports.imaps}/'"
             f"   (password {recipient.password})",
+            f"  Thunderbird: import {plan.ca_file} (Settings, Certificates, Authorities), then "
+            f"a manual account {sender.address} / {sender.password}: IMAP {first.address} port "
+            f"{ports.imaps} SSL/TLS, SMTP {first.address} port {ports.submissions} SSL/TLS, "
+            "normal password",
             f"  dig @{plan.dns_address} -p {ports.dns} MX {second.domain}",
         ]
     lines.append(f"stop it with: mailsys lab down --dir {plan.directory}")

@@ -43,13 +43,14 @@ class Ports:
     imaps: int = 5993
     pop3: int = 5110
     pop3s: int = 5995
+    web: int = 5080
     dns: int = 5053
 
     def mail(self) -> dict[str, int]:
-        """The mail listeners by name, in the order the table shows them."""
+        """Every listener of a lab server by name, in the order the table shows them."""
         return {"smtp": self.smtp, "submission": self.submission,
                 "submissions": self.submissions, "imap": self.imap, "imaps": self.imaps,
-                "pop3": self.pop3, "pop3s": self.pop3s}
+                "pop3": self.pop3, "pop3s": self.pop3s, "web": self.web}
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,18 @@ class LabHost:
     @property
     def log_path(self) -> Path:
         return self.directory / "twistd.log"
+
+    @property
+    def fault_path(self) -> Path:
+        return self.directory / "fault.json"
+
+    @property
+    def dkim_directory(self) -> Path:
+        return self.directory / "dkim"
+
+    @property
+    def journey_path(self) -> Path:
+        return self.directory / "journey.sqlite"
 
     def inbox(self, address: str) -> Path:
         """The new/ directory of a user's Maildir."""
@@ -103,6 +116,22 @@ class LabPlan:
     @property
     def dns_log_path(self) -> Path:
         return self.directory / "dns" / "dns.log"
+
+    @property
+    def clock_path(self) -> Path:
+        return self.directory / "clock.json"
+
+    @property
+    def fallback(self) -> LabHost | None:
+        """The domain with two MX hosts, for the mx-fallback lesson: the last of three or more.
+        Its first MX (``mx1.DOMAIN``, preference 10) is at ``dead_address``, where nothing ever
+        listens; its own server is the second (preference 20)."""
+        return self.hosts[-1] if len(self.hosts) >= 3 else None
+
+    @property
+    def dead_address(self) -> str:
+        """The lab network's last address: never given to a host, so nothing listens there."""
+        return str(self.network.broadcast_address - 1)
 
     @property
     def ca_directory(self) -> Path:
@@ -139,9 +168,9 @@ def make_plan(directory: Path, domains: int = DEFAULT_DOMAINS,
         raise LabError(f"--domains must be 1-{len(DOMAIN_LABELS)}, got {domains}")
     net = parse_network(network)
     addresses = [str(a) for a in net.hosts()]
-    if len(addresses) < domains + 1:
+    if len(addresses) < domains + 2:
         raise LabError(f"--net {network} has {len(addresses)} addresses; the lab needs "
-                       f"{domains + 1} (one for DNS, one per domain)")
+                       f"{domains + 2} (one for DNS, one per domain, one switched-off MX)")
     directory = Path(directory).absolute()
     hosts = []
     for index, label in enumerate(DOMAIN_LABELS[:domains]):

@@ -449,6 +449,16 @@ class Folder:
         """
         if self.subfolder and not self.path.is_dir():
             return seen_up_to  # deleted meanwhile: taking the lock would create it again
+        try:
+            raw = (self.path / RECENT_NAME).read_bytes().strip()
+        except FileNotFoundError:
+            raw = b""
+        if raw.isdigit() and int(raw) >= seen_up_to:
+            # Nothing this session was told of is recent any more, and the first recent UID
+            # only grows: the answer under the lock could only be as large, and means the
+            # same to the caller. Without the lock, the thousands of sessions that a delivery
+            # wakes after the first has claimed the message do not wait for each other.
+            return int(raw)
         with self.locked():
             try:
                 raw = (self.path / RECENT_NAME).read_bytes().strip()
@@ -461,6 +471,30 @@ class Folder:
             if claim and seen_up_to > first:
                 self._write_recent(seen_up_to)
         return first
+
+    def recent_from_many(self, requests: list[tuple[int, bool]]) -> list[int]:
+        """``recent_from(seen_up_to, claim=claim)`` for each request in order, as if one after
+        the other, under one lock and with one read and at most one write of the file: the
+        sessions a delivery wakes all ask at once."""
+        if self.subfolder and not self.path.is_dir():
+            return [seen_up_to for seen_up_to, _ in requests]
+        with self.locked():
+            try:
+                raw = (self.path / RECENT_NAME).read_bytes().strip()
+            except FileNotFoundError:
+                raw = b""
+            if raw.isdigit():
+                first = stored = int(raw)
+                answers = []
+                for seen_up_to, claim in requests:
+                    answers.append(first)
+                    if claim and seen_up_to > first:
+                        first = seen_up_to
+                if first != stored:
+                    self._write_recent(first)
+                return answers
+        # No file, or an unreadable one: rare; each request as recent_from answers it.
+        return [self.recent_from(seen_up_to, claim=claim) for seen_up_to, claim in requests]
 
     def _write_recent(self, first: int) -> None:
         # Not fsync'd: after a crash messages may be \Recent once more, which is harmless.

@@ -31,10 +31,11 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsys.diskio import fsync_directory
+from mailsys.diskio import Staged, finish, fsync_directory
 from mailsys.mailbox.wire import wire_size
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -193,12 +194,18 @@ def write_message(maildir: Path | str, sub: str, name: str, stored: bytes, *,
     missing Maildir is created first (an INBOX's first delivery); never for a folder, which a
     missing tmp/ means was deleted meanwhile.
     """
+    finish(stage_message(maildir, sub, name, stored, mtime=mtime, create=create))
+
+
+def stage_message(maildir: Path | str, sub: str, name: str, stored: bytes, *,
+                  mtime: float | None = None, create: bool = False) -> Staged[None]:
+    """Disk thread: ``write_message`` in two steps, for a disk pool that makes the files of
+    several deliveries durable together (mailsys.diskio.Staged): tmp/<name> is written now;
+    once its data is on disk, publishing renames it into ``sub``."""
     root = os.fspath(maildir)
     tmp = f"{root}/tmp/{name}"
-    # O_TRUNC, not O_EXCL: a leftover of this very name is an earlier try of this copy. O_SYNC:
-    # the write returns once data and inode are on disk, as write + fsync would, in one system
-    # call fewer (each gives up the GIL and must win it back from the reactor).
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_SYNC
+    # O_TRUNC, not O_EXCL: a leftover of this very name is an earlier try of this copy.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
         fd = os.open(tmp, flags, 0o600)
     except FileNotFoundError:
@@ -206,18 +213,55 @@ def write_message(maildir: Path | str, sub: str, name: str, stored: bytes, *,
             raise
         create_maildir(Path(root))
         fd = os.open(tmp, flags, 0o600)
+
+    def discard() -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+    try:
+        _write_all(fd, stored)
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+    except BaseException:
+        os.close(fd)
+        discard()
+        raise
+
+    def publish() -> None:
+        try:
+            os.rename(tmp, f"{root}/{sub}/{name}")
+        except BaseException:
+            discard()
+            raise
+
+    return Staged([fd], publish, discard)
+
+
+def write_streamed(maildir: Path | str, sub: str, key: str, chunks: Iterable[bytes],
+                   name: Callable[[], str], *, mtime: float | None = None) -> str:
+    """Disk thread: ``write_message`` for a message that comes in chunks (a large APPEND
+    literal, never whole in memory): written as tmp/<key>, fsync'd, then renamed into ``sub``
+    under ``name()``, asked after the last chunk because the size fields are known only then.
+    Returns the file's name."""
+    root = os.fspath(maildir)
+    tmp = f"{root}/tmp/{key}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            _write_all(fd, stored)
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
         finally:
             os.close(fd)
         if mtime is not None:
             os.utime(tmp, (mtime, mtime))
-        os.rename(tmp, f"{root}/{sub}/{name}")
+        final = name()
+        os.rename(tmp, f"{root}/{sub}/{final}")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return final
 
 
 def _write_all(fd: int, data: bytes) -> None:

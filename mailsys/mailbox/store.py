@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailsys.diskio import DiskRunner
 from mailsys.mailbox.folder import (
@@ -122,6 +123,13 @@ class MailboxStore:
         self._subscribers: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._stamps: dict[tuple[str, str], tuple[int, int]] = {}
         self._polling = False
+        # Folder syncs for views' refreshes, by folder path: the one running, and the one that
+        # every refresh asked for meanwhile will share (see sync_shared).
+        self._sync_running: dict[str, Deferred[SyncResult]] = {}
+        self._sync_next: dict[str, tuple[Folder, str, list[Deferred[SyncResult]]]] = {}
+        # \Recent claims by folder path: those waiting for the claim batch running to end.
+        self._claims_running: set[str] = set()
+        self._claims_next: dict[str, tuple[Folder, list[tuple[int, bool, Deferred[int]]]]] = {}
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -139,6 +147,84 @@ class MailboxStore:
         inbox = self.mailbox_path(mailbox)
         return Folder(inbox if directory is None else inbox / directory,
                       subfolder=directory is not None, clock=self._clock)
+
+    def sync_shared(self, folder: Folder, name: str) -> Deferred[SyncResult]:
+        """``folder.sync()`` in a disk thread, shared with the other refreshes of that folder.
+
+        When a delivery wakes every session watching a folder (thousands of IDLE clients), each
+        asks for a sync; one sync serves them all. A sync already running may have read the
+        directory before the change the caller reacts to, so a caller never joins it: it joins
+        the next one, which starts when the running one ends and serves every caller that came
+        meanwhile. A folder removed meanwhile is not recreated (FileNotFoundError naming
+        ``name``, the folder's name for the client).
+        """
+        key = os.fspath(folder.path)
+        waiting: Deferred[SyncResult] = Deferred()
+        if key in self._sync_running:
+            pending = self._sync_next.get(key)
+            if pending is None:
+                self._sync_next[key] = (folder, name, [waiting])
+            else:
+                pending[2].append(waiting)
+            return waiting
+        self._start_sync(key, folder, name, [waiting])
+        return waiting
+
+    def _start_sync(self, key: str, folder: Folder, name: str,
+                    waiters: list[Deferred[SyncResult]]) -> None:
+        def work() -> SyncResult:
+            # A folder deleted or renamed meanwhile must not be recreated by syncing it.
+            if folder.subfolder and not folder.path.is_dir():
+                raise FileNotFoundError(f"folder {name!r} is gone")
+            return folder.sync()
+
+        running: Deferred[SyncResult] = self.pool.run(work)
+        self._sync_running[key] = running
+
+        def done(result: Any) -> None:
+            del self._sync_running[key]
+            queued = self._sync_next.pop(key, None)
+            if queued is not None:
+                self._start_sync(key, *queued)
+            for d in waiters:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        running.addBoth(done)
+
+    def recent_from_shared(self, folder: Folder, seen_up_to: int, *,
+                           claim: bool) -> Deferred[int]:
+        """``folder.recent_from`` in a disk thread, in one batch with the other sessions'
+        claims on that folder (``Folder.recent_from_many``), in the order they were asked."""
+        key = os.fspath(folder.path)
+        waiting: Deferred[int] = Deferred()
+        pending = self._claims_next.get(key)
+        if pending is None:
+            pending = self._claims_next[key] = (folder, [])
+        pending[1].append((seen_up_to, claim, waiting))
+        if key not in self._claims_running:
+            self._start_claims(key)
+        return waiting
+
+    def _start_claims(self, key: str) -> None:
+        folder, claims = self._claims_next.pop(key)
+        self._claims_running.add(key)
+        requests = [(seen_up_to, claim) for seen_up_to, claim, _ in claims]
+        running: Deferred[list[int]] = self.pool.run(folder.recent_from_many, requests)
+
+        def done(result: Any) -> None:
+            self._claims_running.discard(key)
+            if key in self._claims_next:
+                self._start_claims(key)
+            for n, (_, _, d) in enumerate(claims):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result[n])
+
+        running.addBoth(done)
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -371,15 +457,7 @@ class FolderView:
             self.messages = list(result.messages)
             return FolderChanges(added, expunged, changed)
 
-        folder = self.folder
-
-        def work() -> SyncResult:
-            # A folder deleted or renamed meanwhile must not be recreated by syncing it.
-            if folder.subfolder and not folder.path.is_dir():
-                raise FileNotFoundError(f"folder {self.name!r} is gone")
-            return folder.sync()
-
-        return self.store.pool.run(work).addCallback(synced)
+        return self.store.sync_shared(self.folder, self.name).addCallback(synced)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
         """The message's bytes as stored (fails with MessageVanishedError if expunged)."""

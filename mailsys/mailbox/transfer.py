@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -26,6 +26,7 @@ from mailsys.mailbox.layout import (
     stored_form,
     unique_name,
     write_message,
+    write_streamed,
 )
 from mailsys.mailbox.uidlist import UIDLIST_NAME
 from mailsys.mailbox.wire import WireEncoder, wire_size
@@ -73,29 +74,21 @@ def append_file(folder: Folder, source: IO[bytes], flags: frozenset[str],
     parser spooled to disk): copied in chunks, never whole in memory, and stored as sent."""
     _numbered(folder)
     key = unique_name()
-    tmp = folder.path / "tmp" / key
     encoder = WireEncoder(stuff_dots=False)
     size = wire = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            while chunk := source.read(_COPY_CHUNK):
-                size += len(chunk)
-                wire += len(encoder.feed(chunk))
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            wire += len(encoder.finish())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if internal_date is not None:
-            os.utime(tmp, (internal_date, internal_date))
-        os.rename(tmp, folder.path / "cur" / file_name(
-            format_base(key, size=size, wire_size=wire), flags))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal size, wire
+        while chunk := source.read(_COPY_CHUNK):
+            size += len(chunk)
+            wire += len(encoder.feed(chunk))
+            yield chunk
+        wire += len(encoder.finish())
+
+    def name() -> str:
+        return file_name(format_base(key, size=size, wire_size=wire), flags)
+
+    write_streamed(folder.path, "cur", key, chunks(), name, mtime=internal_date)
     fsync_directory(folder.path / "cur")
     return _uids_of(folder, [(0, key)])
 

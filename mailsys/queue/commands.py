@@ -75,13 +75,13 @@ def _list(args: argparse.Namespace) -> int:
         write(f"{envelope.queue_id}  {age(now - envelope.received_at):>6}  "
               f"{envelope.size:>9}  <{envelope.sender}>{flags}\n")
         for recipient in envelope.recipients:
-            write(f"    {_recipient_line(recipient, now)}\n")
+            write(f"    {recipient_line(recipient, now)}\n")
     count = len(envelopes)
     write(f"{count} message{'s' if count != 1 else ''} in the queue\n")
     return EXIT_OK
 
 
-def _recipient_line(recipient: Recipient, now: float) -> str:
+def recipient_line(recipient: Recipient, now: float) -> str:
     parts = [f"<{recipient.address}>", recipient.status.value,
              f"attempts={len(recipient.attempts)}"]
     if recipient.next_attempt is not None and not recipient.status.is_final:

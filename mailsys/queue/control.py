@@ -32,7 +32,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +66,8 @@ SOCKET_PATH_MAX = 107
 COMMAND_SUFFIX = ".cmd"
 REPLY_SUFFIX = ".reply"
 ACTIONS = ("flush", "hold", "release", "delete")
+# Not a queue action: read the configuration again (mailsys.reload), asked by `mailsys reload`.
+RELOAD = "reload"
 # How long a tool waits for a running server's answer (it looks once a second).
 REPLY_DEADLINE = 15.0
 # Replies nobody collected (the tool was interrupted) are removed after this long.
@@ -313,6 +315,30 @@ def _rewrite(spool: Path, envelope: Envelope, account: ServerAccount | None = No
 # -- the server's side ---------------------------------------------------------------------------
 
 
+Reload = Callable[[], Deferred[Outcome]]
+
+
+def request_reload(spool: Path, deadline: float = REPLY_DEADLINE,
+                   account: ServerAccount | None = None) -> Outcome:
+    """Ask the server running on ``spool`` to read its configuration again; its answer.
+
+    Through the control socket, else a command file: the same way as the queue commands, so
+    the same people may (root and the server's group) and it reaches the one process that
+    holds the spool, with its answer (reloaded, or why not) coming back to the tool. A signal
+    to a process found by a pid file could neither say whether the file was good nor be sure
+    the pid is still the server's.
+    """
+    with spool_lock(spool, account) as locked:
+        if locked:
+            raise QueueToolError(f"no server is running on the spool {spool}; the configuration "
+                                 "is read when it starts")
+    command = json.dumps({"action": RELOAD}).encode()
+    answer = _ask_socket(spool, command, deadline)
+    if answer is not None:
+        return answer
+    return _ask_server(spool, RELOAD, None, command, deadline, account)
+
+
 class QueueControl(Protocol):
     """What the watcher asks of the runner (mailsys.queue.runner.QueueRunner)."""
 
@@ -328,10 +354,12 @@ class QueueControl(Protocol):
 class ControlWatcher:
     """Applies the queue tools' command files to the running queue (``poll`` on a timer)."""
 
-    def __init__(self, spool: Path, runner: QueueControl, disk: DiskRunner) -> None:
+    def __init__(self, spool: Path, runner: QueueControl, disk: DiskRunner,
+                 reload: Reload | None = None) -> None:
         self._control = spool / CONTROL_DIR
         self._runner = runner
         self._disk = disk
+        self._reload = reload
         self._busy = False
 
     def poll(self) -> Deferred[None]:
@@ -360,11 +388,13 @@ class ControlWatcher:
             await self._disk.run(_answer, self._control, name, outcome)
 
     def _apply(self, data: bytes | None) -> Deferred[Outcome]:
-        return apply_command(self._runner, data)
+        return apply_command(self._runner, data, self._reload)
 
 
-def apply_command(runner: QueueControl, data: bytes | None) -> Deferred[Outcome]:
-    """Apply one command (a JSON document) to the running queue; never fails.
+def apply_command(runner: QueueControl, data: bytes | None,
+                  reload: Reload | None = None) -> Deferred[Outcome]:
+    """Apply one command (a JSON document) to the running queue, or reload the configuration;
+    never fails.
 
     One body for the socket and the command files.
     """
@@ -373,6 +403,10 @@ def apply_command(runner: QueueControl, data: bytes | None) -> Deferred[Outcome]
             raise ValueError("unreadable command")
         raw = json.loads(data)
         action, queue_id = raw["action"], raw.get("queue_id")
+        if action == RELOAD:
+            if reload is None:
+                return succeed(Outcome(False, "this server does not reload its configuration"))
+            return reload()
         if action not in ACTIONS or (queue_id is None and action != "flush"):
             raise ValueError(f"bad command {raw!r}")
     except (ValueError, KeyError, TypeError) as exc:
@@ -450,8 +484,9 @@ class ControlConnection(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 4096
 
-    def __init__(self, runner: QueueControl) -> None:
+    def __init__(self, runner: QueueControl, reload: Reload | None = None) -> None:
         self._runner = runner
+        self._reload = reload
         self._busy = False
 
     @override
@@ -459,7 +494,7 @@ class ControlConnection(LineOnlyReceiver):
         if self._busy:
             return
         self._busy = True
-        d = apply_command(self._runner, line.strip())
+        d = apply_command(self._runner, line.strip(), self._reload)
 
         def answer(outcome: Outcome) -> None:
             log.info("queue control (socket): {message}", message=outcome.message)
@@ -481,12 +516,13 @@ class ControlSocketFactory(Factory):
 
     noisy = False
 
-    def __init__(self, runner: QueueControl) -> None:
+    def __init__(self, runner: QueueControl, reload: Reload | None = None) -> None:
         self._runner = runner
+        self._reload = reload
 
     @override
     def buildProtocol(self, addr: Any) -> ControlConnection:
-        return ControlConnection(self._runner)
+        return ControlConnection(self._runner, self._reload)
 
 
 class ControlSocketService(Service):
@@ -499,9 +535,9 @@ class ControlSocketService(Service):
     """
 
     def __init__(self, spool: Path, runner: QueueControl, reactor: Any,
-                 group: int | None = None) -> None:
+                 group: int | None = None, reload: Reload | None = None) -> None:
         self.path = Path(spool) / CONTROL_SOCKET
-        self._factory = ControlSocketFactory(runner)
+        self._factory = ControlSocketFactory(runner, reload)
         self._reactor = reactor
         self._group = group
         self._port: IListeningPort | None = None

@@ -130,6 +130,14 @@ class QueueRunner(Service):
 
     # -- what the rest of the system calls -----------------------------------------------------
 
+    def reschedule(self, retry_schedule: Sequence[float], max_lifetime: float | None) -> None:
+        """Use a new retry schedule and lifetime from the next attempt on (a reload); an attempt
+        already scheduled keeps its time."""
+        if not retry_schedule or min(retry_schedule) <= 0:
+            raise ValueError("retry_schedule needs at least one positive delay")
+        self._retry_schedule = tuple(float(s) for s in retry_schedule)
+        self._max_lifetime = max_lifetime
+
     def load(self, envelopes: Iterable[Envelope]) -> None:
         """Take over the envelopes found by ``Spool.recover()`` at start-up (before starting).
 
@@ -541,6 +549,11 @@ class QueueRunner(Service):
         self._round_ended()
 
     def _round_done(self, entry: _Entry) -> None:
+        if entry.delete_requested:
+            # A queue tool's delete arrived while the round's notices or envelope rewrite were
+            # under way, after _finish_round looked: it is done now, not lost.
+            self._remove(entry)
+            return
         entry.busy = False
         try:
             self._schedule(entry)

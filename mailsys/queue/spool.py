@@ -49,6 +49,7 @@ from zope.interface import implementer
 from mailsys.diskio import (
     DirectorySyncError,
     DiskPool,
+    Staged,
     fsync_directory,
     is_no_space,
     write_file_synced,
@@ -284,27 +285,43 @@ class Spool:
         message: bytes,
         free_msg: tuple[str, int] | None,
         free_env: tuple[str, int] | None,
-    ) -> None:
-        """Disk thread: write both files durably (over free/ files handed to this call, each with
-        an upper bound of its size, or new in tmp/), then rename them into queue/, message first
-        and envelope last, so that a committed envelope always has its message.
+    ) -> Staged[None]:
+        """Disk thread: write both files (over free/ files handed to this call, each with an
+        upper bound of its size, or new in tmp/); once the pool has made them durable, together
+        with the other commits of its batch, rename them into queue/, message first and envelope
+        last, so that a committed envelope always has its message.
 
         On failure, removes exactly what this call owns (never another writer's files).
         """
         owned: list[str] = []
+        fds: list[int] = []
         committed_msg = self._queue + queue_id + MESSAGE_SUFFIX
         committed_env = self._queue + queue_id + ENVELOPE_SUFFIX
-        try:
-            msg = _place(message, free_msg, self._tmp + queue_id + MESSAGE_SUFFIX, owned)
-            env = _place(env_bytes, free_env, self._tmp + queue_id + ENVELOPE_SUFFIX, owned)
-            os.rename(msg, committed_msg)
-            owned[0] = committed_msg
-            os.rename(env, committed_env)
-            owned[1] = committed_env
-        except BaseException:
+
+        def discard() -> None:
             for path in reversed(owned):
                 _unlink_quietly(path)
+
+        try:
+            msg = _place(message, free_msg, self._tmp + queue_id + MESSAGE_SUFFIX, owned, fds)
+            env = _place(env_bytes, free_env, self._tmp + queue_id + ENVELOPE_SUFFIX, owned, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            discard()
             raise
+
+        def publish() -> None:
+            try:
+                os.rename(msg, committed_msg)
+                owned[0] = committed_msg
+                os.rename(env, committed_env)
+                owned[1] = committed_env
+            except BaseException:
+                discard()
+                raise
+
+        return Staged(fds, publish, discard)
 
     # -- update and remove ---------------------------------------------------------------------
 
@@ -513,21 +530,23 @@ class Spool:
             self._lock_fd = None
 
 
-def _place(data: bytes, free: tuple[str, int] | None, new: str, owned: list[str]) -> str:
-    """Disk thread: ``data`` written durably over the free file, or else in a new file.
+def _place(data: bytes, free: tuple[str, int] | None, new: str, owned: list[str],
+           fds: list[int]) -> str:
+    """Disk thread: ``data`` written over the free file, or else in a new file; not yet durable.
 
-    The path written is appended to ``owned`` once it belongs to this commit.
+    The path written is appended to ``owned`` once it belongs to this commit, its open
+    descriptor to ``fds`` (for the pool to fdatasync and close).
     """
     if free is not None:
         path, size = free
         owned.append(path)
         try:
-            _overwrite_synced(path, data, size)
+            fds.append(_overwrite(path, data, size))
             return path
         except FileNotFoundError:
             owned.pop()  # gone (a queue tool?): fall back to a new file
     try:
-        write_file_synced(new, data)  # O_EXCL: a FileExistsError here means the file is not ours
+        fd = _write_new(new, data)  # O_EXCL: a FileExistsError here means the file is not ours
     except FileExistsError:
         raise
     except BaseException:
@@ -535,27 +554,43 @@ def _place(data: bytes, free: tuple[str, int] | None, new: str, owned: list[str]
         _unlink_quietly(new)
         raise
     owned.append(new)
+    fds.append(fd)
     return new
 
 
-def _overwrite_synced(path: str, data: bytes, size: int) -> None:
-    """Replace the contents of an existing file in place (no new inode), durably.
+def _write_new(path: str, data: bytes) -> int:
+    """Create ``path`` exclusively and write ``data``; the open descriptor (not yet synced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _overwrite(path: str, data: bytes, size: int) -> int:
+    """Replace the contents of an existing file in place (no new inode); the open descriptor,
+    not yet synced.
 
     ``size`` is an upper bound of the file's length (-1 if unknown): when ``data`` is at least
-    that long, writing it sets the length and no truncation is needed. O_SYNC makes the write
-    return only once data and inode are on disk, as write + fsync would, in one system call
-    fewer: each gives up the GIL and must win it back from the reactor. A truncation comes
-    first, so that the synced write carries the new length too.
+    that long, writing it sets the length and no truncation is needed.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_SYNC)
+    fd = os.open(path, os.O_WRONLY)
     try:
         if not 0 <= size <= len(data):
             os.ftruncate(fd, len(data))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
+        _write_all(fd, data)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _error_text(error: BaseException | None) -> str:

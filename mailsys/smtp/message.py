@@ -25,6 +25,8 @@ from mailsys.replies import Reply
 _CRLF = b"\r\n"
 # The end-of-data indication: CRLF "." CRLF, where the first CRLF ends the last text line.
 _END = b"\r\n.\r\n"
+# RFC 5321 §4.5.3.1.6: what a text line may be on the wire, CRLF included.
+_RFC_LINE = 1000
 # Which refusal wins when a message has several problems (higher wins).
 _GRAVITY = {
     replies.MESSAGE_TOO_BIG: 1,
@@ -53,6 +55,7 @@ class MessageBuffer:
         "_pending",
         "_received",
         "error",
+        "long_lines",
         "octets",
         "size",
     )
@@ -70,6 +73,9 @@ class MessageBuffer:
         # that ends in the middle of one).
         self.octets = 0
         self.error: Reply | None = None
+        # A line over RFC 5321's 998 octets was taken (within max_line): a submitted message is
+        # then re-encoded before it is signed (mailsys.smtp.linelimit).
+        self.long_lines = False
 
     def feed_data(self, data: bytes) -> bytes | None:
         """Feed DATA text. None while the end is not reached; else the bytes that follow it."""
@@ -149,7 +155,13 @@ class MessageBuffer:
             return
         # RFC 5321 §4.5.3.1.6: a text line is at most max_line octets including CRLF.
         limit = self._max_line
-        if len(region) > limit and max(map(len, region.split(_CRLF))) > limit - 2:
+        if len(region) > _RFC_LINE and not self.long_lines:
+            longest = max(map(len, region.split(_CRLF)))
+            if longest > limit - 2:
+                self._fail(replies.DATA_LINE_TOO_LONG)
+                return
+            self.long_lines = longest > _RFC_LINE - 2
+        elif len(region) > limit and max(map(len, region.split(_CRLF))) > limit - 2:
             self._fail(replies.DATA_LINE_TOO_LONG)
             return
         if unstuff:

@@ -22,6 +22,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IReactorTime,
     ITLSTransport,
 )
@@ -37,7 +38,8 @@ from mailsys.auth.sasl import SASLError, decode_base64
 from mailsys.auth.throttle import LoginThrottle
 from mailsys.config import Config
 from mailsys.connlimit import ConnectionCounter, Crowding
-from mailsys.diskio import is_no_space
+from mailsys.defence.intake import ClientDefence, IntakeDefence, MessageDetails, MessageVerdict
+from mailsys.diskio import DiskRunner, is_no_space
 from mailsys.envelope import Envelope, Recipient
 from mailsys.interfaces import IMessageSink, MessageRefusedError
 from mailsys.journey.events import NULL_RECORDER, SessionJourney
@@ -45,7 +47,14 @@ from mailsys.journey.interfaces import IJourneyRecorder
 from mailsys.replies import Reply
 from mailsys.routing import Destination
 from mailsys.session import ServerSession, SessionMetrics
-from mailsys.smtp.message import MessageBuffer, has_field, header_section, message_id_of
+from mailsys.smtp.linelimit import fit_lines
+from mailsys.smtp.message import (
+    MessageBuffer,
+    field_value,
+    has_field,
+    header_section,
+    message_id_of,
+)
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
 from mailsys.transports import send_now
@@ -134,6 +143,9 @@ class SMTPSession(ServerSession):
         self._factory = factory
         self._role = factory.role
         self._hostname = factory.hostname
+        # What EHLO advertises, as of this session's start: after a reload (mailsys.reload) a
+        # second EHLO (after STARTTLS) still names the SIZE this session enforces.
+        self._ehlo_replies = factory.ehlo_replies
         self._policy = factory.policy
         self._sink = factory.sink
         self._mode = _Mode.COMMAND
@@ -152,6 +164,9 @@ class SMTPSession(ServerSession):
         self._journey = SessionJourney(factory.journey)
         self._tls_recorded = False
         self._quit = False
+        # The intake defences of this connection (mailsys.defence), made at connect.
+        self._defence: ClientDefence | None = None
+        self._pregreet: IDelayedCall | None = None  # the greeting pause (postscreen's test)
         self._auth_mechanism = ""
         # When set, complete lines go here instead of to the command table: the way for a
         # command with continuation lines (AUTH's SASL exchange, RFC 4954 §4) to read them,
@@ -191,16 +206,68 @@ class SMTPSession(ServerSession):
         return _wire(replies.TOO_MANY_FROM_CLIENT)
 
     @override
+    def _sheddable(self) -> bool:
+        return True  # until a transaction completes (mailsys.connlimit)
+
+    @override
+    def _shed_answer(self) -> bytes:
+        return _wire(replies.SHED_IDLE)
+
+    @override
     def _greet(self) -> None:
         # No line here: the disconnect line says when the session began and what it did, and
         # a log event costs a measurable share of the reactor per message.
         self._connected_at = self._clock.seconds()
-        self._transport.write(self._factory.greeting)
         self._journey.emit("smtp.connect", client=self._client_address,
                            listener=self._role.value)
+        defence = self._factory.defence
+        if defence is not None:
+            self._defence = client = defence.client(self._client_address, self._journey.emit,
+                                                    local_address=self._local_address)
+            refusal = client.connected()
+            if refusal is not None:
+                self._send_now(_wire(refusal))
+                self._close()
+                return
+            pause = defence.section.greeting_pause
+            if pause is not None and defence.inbound and not client.exempt:
+                # postscreen's pregreet test: the first line of a multi-line greeting, then a
+                # pause; a client that talks before the last line is a bot (RFC 5321 §4.2.1:
+                # the client must wait for the whole reply).
+                self._transport.write(self._factory.greeting_first)
+                self._pregreet = self._clock.callLater(pause, self._greeting_paused)
+                return
+        self._transport.write(self._factory.greeting)
+
+    def _local_address(self) -> str:
+        """The address the client reached (what a HELO naming our own address would name)."""
+        return str(getattr(self._transport.getHost(), "host", ""))
+
+    def _greeting_paused(self) -> None:
+        self._pregreet = None
+        if not self._disconnected and not self._closing:
+            self._transport.write(self._factory.greeting)
+            send_now(self._transport)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._pregreet is not None and not self._closing:
+            self._pregreet.cancel()
+            self._pregreet = None
+            log.info("pregreet from {client}: talked before the greeting", client=self._client)
+            if self._defence is not None:
+                self._defence.decided("pregreet", "refuse", "talked before the greeting",
+                                      reply=str(replies.PREGREET))
+            self._send_now(_wire(replies.PREGREET))
+            self._close()
+            return
+        super().dataReceived(data)
 
     @override
     def _session_ended(self) -> None:
+        if self._pregreet is not None:
+            self._pregreet.cancel()
+            self._pregreet = None
         lost = self._lost_message()
         if not self._quit:
             # A session that ends with QUIT is no step worth its cost on the hot path; one that
@@ -249,6 +316,9 @@ class SMTPSession(ServerSession):
 
     @override
     def _idle_seconds(self) -> float:
+        if self._messages == 0 and self._connections.stressed:
+            # Near the cap: no transaction completed yet, so a short leash (mailsys.connlimit).
+            return min(self._limits.stress_idle_timeout, self._limits.idle_timeout)
         return self._limits.idle_timeout
 
     @override
@@ -483,8 +553,10 @@ class SMTPSession(ServerSession):
         self._txn = None
         self._helo = helo
         self._esmtp = True
+        if self._defence is not None:
+            self._defence.greeted(helo)
         self._record_helo("EHLO", helo)
-        self._out.append(self._factory.ehlo_reply(self._can_starttls(), self._can_auth()))
+        self._out.append(self._ehlo_replies[self._can_starttls(), self._can_auth()])
         return None
 
     def _do_helo(self, argument: bytes) -> Reply | None:
@@ -494,6 +566,8 @@ class SMTPSession(ServerSession):
         self._txn = None
         self._helo = helo
         self._esmtp = False
+        if self._defence is not None:
+            self._defence.greeted(helo)
         self._record_helo("HELO", helo)
         self._out.append(self._factory.helo_reply)
         return None
@@ -531,9 +605,26 @@ class SMTPSession(ServerSession):
         storage = self._factory.storage
         refusal = storage.refusal(request.size) if storage is not None else None
         if refusal is not None:
+            self._count_refusal(refusal)  # the free-space floor's refusals are refusals too
             return refusal  # RFC 5321 §4.2.2 452, RFC 3463 4.3.1: no room for the message now
         self._txn = None
-        d = policy.check_sender(self._session_info(), request.sender)
+        defence = self._defence
+        if defence is not None:
+            judged = defence.mail(_path_text(request), self._auth_user)
+            if isinstance(judged, Reply):
+                return judged
+            if judged is not None:
+                return judged.addCallback(self._defence_passed, request)
+        return self._check_sender(request)
+
+    def _defence_passed(self, refusal: Reply | None,
+                        request: MailRequest) -> Reply | Deferred[Reply]:
+        if refusal is not None:
+            return refusal
+        return self._check_sender(request)
+
+    def _check_sender(self, request: MailRequest) -> Deferred[Reply]:
+        d = self._policy.check_sender(self._session_info(), request.sender)
         return d.addCallbacks(self._sender_checked, self._lookup_failed, callbackArgs=(request,))
 
     def _sender_checked(self, refusal: Reply | None, request: MailRequest) -> Reply:
@@ -566,6 +657,13 @@ class SMTPSession(ServerSession):
             return replies.SYNTAX_ERROR
         except AddressError as error:
             return error.reply
+        if self._defence is not None:
+            refusal = self._defence.recipient(str(request.recipient), self._auth_user)
+            if refusal is not None:
+                if refusal.code == 421:
+                    self._closing = True  # a directory harvest: told to go away
+                self._count_refusal(refusal)
+                return refusal
         d = self._policy.check_recipient(self._session_info(), request.recipient)
         return d.addCallbacks(
             self._recipient_accepted,
@@ -586,6 +684,8 @@ class SMTPSession(ServerSession):
             log.info("reject RCPT from {client}: {reply}; to=<{recipient}>", client=self._client,
                      reply=str(reply), recipient=str(request.recipient))
             self._count_refusal(reply)
+            if self._defence is not None and reply.enhanced == "5.1.1":
+                self._defence.recipient_unknown()  # towards the directory harvest limit
             return reply
         return self._lookup_failed(failure)
 
@@ -675,13 +775,34 @@ class SMTPSession(ServerSession):
                                size=buffer.octets, reply=str(buffer.error))
             self._count_refusal(buffer.error)
             return buffer.error
+        content = buffer.message()
+        if buffer.long_lines and self._auth_user is not None:
+            # Submitted mail is signed next: sign what will be sent, so re-encode the lines
+            # over RFC 5321's limit now rather than at the relay (mailsys.smtp.linelimit).
+            threads = self._factory.threads
+            if threads is None:
+                content = fit_lines(content)
+            else:
+                fitted: Deferred[bytes] = threads.run(fit_lines, content)
+                fitted.addErrback(self._not_fitted, content)
+                return fitted.addCallback(self._prepared, txn)
+        return self._prepared(content, txn)
+
+    def _not_fitted(self, failure: Failure, content: bytes) -> bytes:
+        # Never a reason to refuse: the relay makes it fit when it sends it.
+        log.failure("cannot re-encode the long lines of a message from {client}", failure,
+                    client=self._client)
+        return content
+
+    def _prepared(self, content: bytes, txn: _Transaction) -> Reply | Deferred[Reply]:
+        """The message's content is final: add our fields and hand it on."""
         try:
             queue_id = self._sink.new_queue_id()
             mail = txn.mail
             protocol = self._protocol_name(mail.smtputf8)
-            content = buffer.message()
             added = b"" if self._auth_user is None else self._submission_fields(queue_id, content)
-            message = self._received(queue_id, txn, protocol) + added + content
+            received = self._received(queue_id, txn, protocol)
+            message = received + added + content
             envelope = Envelope(
                 queue_id=queue_id,
                 sender=str(mail.sender) if mail.sender is not None else "",
@@ -700,31 +821,76 @@ class SMTPSession(ServerSession):
         except Exception:
             log.failure("cannot prepare a message from {client}", client=self._client)
             return replies.SPOOL_FAILED
-        message_id = None
+        message_id = subject = None
         if self._journey.recording:
             # The client's field, or the one added for it (never a copy of the whole message).
-            message_id = message_id_of(header_section(content)) or message_id_of(added)
+            header = header_section(content)
+            message_id = message_id_of(header) or message_id_of(added)
+            # The Subject as sent (encoded words and all), for the web page's list of messages.
+            raw_subject = field_value(header, b"Subject")
+            subject = None if raw_subject is None else raw_subject.decode("utf-8", "replace")
+        defence = self._defence
+        if defence is None:
+            return self._submit(envelope, message, message_id, txn.chunking, subject)
+
+        def details() -> MessageDetails:
+            return MessageDetails(self._client_address, self._helo or "", envelope.sender,
+                                  tuple(str(r.recipient) for r, _ in txn.recipients), queue_id,
+                                  self._auth_user)
+
+        verdict = defence.message(message, details, self._auth_user)
+        if isinstance(verdict, MessageVerdict):
+            return self._judged(verdict, envelope, message, len(received), message_id,
+                                txn.chunking, subject)
+        return verdict.addCallback(self._judged, envelope, message, len(received), message_id,
+                                   txn.chunking, subject)
+
+    def _judged(self, verdict: MessageVerdict, envelope: Envelope, message: bytes, head: int,
+                message_id: str | None, chunking: bool,
+                subject: str | None) -> Reply | Deferred[Reply]:
+        """The intake defences' verdict on a complete message (mailsys.defence)."""
+        if verdict.reply is not None:
+            log.info("{queue_id}: reject from=<{sender}> client={client}: {reply}",
+                     queue_id=envelope.queue_id, sender=envelope.sender, client=self._client,
+                     reply=str(verdict.reply))
+            self._journey.emit("smtp.data", command="BDAT" if chunking else "DATA",
+                               size=envelope.size, reply=str(verdict.reply))
+            self._count_refusal(verdict.reply)
+            return verdict.reply
+        if verdict.fields:
+            # After our Received field: trace fields come first (RFC 5321 §4.4).
+            message = message[:head] + verdict.fields + message[head:]
+            envelope.size = len(message)
+        if verdict.junk:
+            for recipient in envelope.recipients:
+                recipient.folder = "Junk"
+        return self._submit(envelope, message, message_id, chunking, subject)
+
+    def _submit(self, envelope: Envelope, message: bytes, message_id: str | None,
+                chunking: bool, subject: str | None) -> Deferred[Reply]:
         d = maybeDeferred(self._sink.submit, envelope, message)
         answer = d.addCallbacks(
             self._queued, self._spool_failed, callbackArgs=(envelope,), errbackArgs=(envelope,)
         )
         if self._journey.recording:
-            answer.addCallback(self._record_data, envelope, message_id, txn.chunking)
+            answer.addCallback(self._record_data, envelope, message_id, chunking, subject)
         return answer
 
     def _record_data(self, reply: Reply, envelope: Envelope, message_id: str | None,
-                     chunking: bool) -> Reply:
+                     chunking: bool, subject: str | None) -> Reply:
         queued = reply.code == 250
         self._journey.emit("smtp.data", envelope.queue_id if queued else None,
                            message_id if queued else None,
                            command="BDAT" if chunking else "DATA", size=envelope.size,
-                           reply=str(reply))
+                           reply=str(reply), subject=subject)
         return reply
 
     def _queued(self, _: object, envelope: Envelope) -> Reply:
         # One line per accepted message (the hot path), with what its journey starts from;
         # the authenticated user as Postfix names it (sasl_username=).
         self._messages += 1
+        if self._messages == 1:
+            self._connections.completed(self)  # a real sender: never shed (mailsys.connlimit)
         log.info(
             _QUEUED if envelope.auth_user is None else _QUEUED_AUTHENTICATED,
             queue_id=envelope.queue_id, sender=envelope.sender, size=envelope.size,
@@ -965,14 +1131,15 @@ class SMTPServerFactory(ServerFactory):
         throttle: LoginLimiter | None = None,
         journey: IJourneyRecorder = NULL_RECORDER,
         storage: StorageGate | None = None,
+        defence: IntakeDefence | None = None,
     ) -> None:
-        self.config = config
+        # The intake defences (mailsys.defence): consulted at connect, HELO, MAIL, RCPT and
+        # the end of DATA; None: none (tests of the bare engine).
+        self.defence = defence
+        # Threads for CPU work on a whole message (re-encoding long lines); None: inline.
+        self.threads: DiskRunner | None = None
         self.journey = journey
         self.role = role
-        self.hostname = config.server.hostname
-        # Submission privacy: the client's address stays out of the Received field.
-        self.hide_client_address = (role is not ListenerRole.MTA
-                                    and config.submission.hide_client_address)
         # Free-space floor of the spool (mailsys.smtp.policy.StorageFloor), asked at MAIL FROM.
         self.storage = storage
         self.policy = policy
@@ -987,11 +1154,30 @@ class SMTPServerFactory(ServerFactory):
         if portal is not None and throttle is None:
             self.throttle = LoginThrottle(clock)
         smtp = config.smtp
-        self.connections = ConnectionCounter(smtp.max_connections, smtp.max_connections_per_client)
+        self.connections = ConnectionCounter(smtp.max_connections, smtp.max_connections_per_client,
+                                             shed_idle=True,
+                                             stress_fraction=smtp.stress_percent / 100)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve the next sessions with ``config`` (a reload, mailsys.reload); a session already
+        open keeps the limits it started with."""
+        self.config = config
+        self.hostname = config.server.hostname
+        # Submission privacy: the client's address stays out of the Received field.
+        self.hide_client_address = (self.role is not ListenerRole.MTA
+                                    and config.submission.hide_client_address)
+        smtp = config.smtp
+        # The counts of open connections stay; only the limits change.
+        self.connections.max_total = smtp.max_connections
+        self.connections.max_per_client = smtp.max_connections_per_client
+        self.connections.stress_fraction = smtp.stress_percent / 100
         hostname = self.hostname
         self.greeting = _wire(
             replies.GREETING.with_text(f"{hostname} {replies.GREETING.text}")
         )
+        # The first line of a greeting held back by the pregreet test (RFC 5321 §4.2.1).
+        self.greeting_first = b"220-" + hostname.encode("ascii", "replace") + b"\r\n"
         self.helo_reply = _wire(Reply(250, "", hostname))  # RFC 2034 §3: no enhanced code
         keywords = [
             "PIPELINING",  # RFC 2920
@@ -1003,7 +1189,7 @@ class SMTPServerFactory(ServerFactory):
             "DSN",  # RFC 3461
         ]
         auth = "AUTH " + " ".join(m.decode("ascii") for m in _MECHANISMS)  # RFC 4954 §3
-        self._ehlo = {
+        self.ehlo_replies: dict[tuple[bool, bool], bytes] = {
             (starttls, offer_auth): _wire(Reply(250, "", "\n".join(
                 [hostname, *keywords]
                 + (["STARTTLS"] if starttls else [])
@@ -1016,7 +1202,7 @@ class SMTPServerFactory(ServerFactory):
     def ehlo_reply(self, offer_starttls: bool, offer_auth: bool = False) -> bytes:
         """The EHLO reply on the wire, with STARTTLS (RFC 3207) and AUTH (RFC 4954) when they
         can be used."""
-        return self._ehlo[offer_starttls, offer_auth]
+        return self.ehlo_replies[offer_starttls, offer_auth]
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> SMTPSession:

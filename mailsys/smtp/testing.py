@@ -26,6 +26,7 @@ from zope.interface import classImplements, implementer
 
 from mailsys.auth.login import LoginLimiter
 from mailsys.auth.portal import MailRealm
+from mailsys.defence.intake import IntakeDefence
 from mailsys.envelope import Envelope, TargetKind
 from mailsys.interfaces import IMessageSink, IRouter
 from mailsys.journey.events import NULL_RECORDER
@@ -208,6 +209,7 @@ def make_factory(
     throttle: LoginLimiter | None = None,
     hide_client_address: bool = False,
     journey: IJourneyRecorder = NULL_RECORDER,
+    defence: IntakeDefence | None = None,
     **smtp: int | float | bool,
 ) -> SMTPServerFactory:
     """A factory for ``mx.example.test`` with a StaticRouter (alice, bob and postmaster of
@@ -225,6 +227,7 @@ def make_factory(
         portal=portal,
         throttle=throttle,
         journey=journey,
+        defence=defence,
     )
 
 

@@ -8,6 +8,9 @@
     /autodiscover/autodiscover.xml               Outlook (POST), also /Autodiscover/...
     /.well-known/mta-sts.txt                     RFC 8461 policy (host mta-sts.<domain>)
 
+Those are public. Every other page (the journey pages, behind a login) is
+mailsys.web.console's, when the listener serves them.
+
 A domain this server does not serve gets a 404 that says nothing about the ones it does.
 """
 
@@ -31,6 +34,7 @@ from mailsys.web.autoconfig import (
     autodiscover_xml,
     thunderbird_xml,
 )
+from mailsys.web.console import ConsolePages
 from mailsys.web.health import Readiness
 from mailsys.web.metrics import MetricsText
 from mailsys.web.mtasts import MTASTSPolicy
@@ -58,9 +62,11 @@ class WebRoot(Resource):
 
     isLeaf = True  # noqa: N815 - twisted.web's name
 
-    def __init__(self, settings: WebSettings, readiness: Readiness, metrics: MetricsText) -> None:
+    def __init__(self, settings: WebSettings, readiness: Readiness, metrics: MetricsText,
+                 console: ConsolePages | None = None) -> None:
         Resource.__init__(self)
         self._settings = settings
+        self._console = console
         self._readiness = readiness
         self._metrics = metrics
         self._pages: dict[bytes, Callable[[Request], bytes | int]] = {
@@ -79,7 +85,8 @@ class WebRoot(Resource):
         request.setHeader(b"server", b"mailsys")
         page = self._pages.get(request.path or b"")
         if page is None:
-            return _not_found(request)
+            answer = None if self._console is None else self._console.render(request)
+            return _not_found(request) if answer is None else answer
         return page(request)
 
     # -- health and metrics -----------------------------------------------------------------------
@@ -197,8 +204,8 @@ class WebSite(Site):
 
 
 def build_site(settings: WebSettings, readiness: Readiness, registry: Any,
-               clock: IReactorTime) -> WebSite:
-    """The Site for the HTTP listener."""
-    site = WebSite(WebRoot(settings, readiness, MetricsText(registry, clock)))
+               clock: IReactorTime, console: ConsolePages | None = None) -> WebSite:
+    """The Site for the HTTP listener (with the journey pages when ``console`` is given)."""
+    site = WebSite(WebRoot(settings, readiness, MetricsText(registry, clock), console))
     site.displayTracebacks = False  # details go to the log, never to the peer
     return site

@@ -1,5 +1,6 @@
 """The HTTP listener built from the config: its settings, readiness checks and certificate
-watch. service.py calls ``build_web``; the pages themselves are mailsys.web.site's."""
+watch. service.py calls ``build_web``; the public pages are mailsys.web.site's, the journey pages
+behind the login mailsys.web.console's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred
 from mailsys.config import Config
 from mailsys.diskio import DiskRunner
 from mailsys.web.autoconfig import served_domains, services
+from mailsys.web.console import Console, ConsolePages
 from mailsys.web.health import (
     Check,
     Readiness,
@@ -42,8 +44,9 @@ def web_settings(config: Config) -> WebSettings:
 
 
 def build_web(config: Config, bound: Callable[[], bool], disk: DiskRunner, metrics: Metrics,
-              reactor: Any) -> WebSite:
-    """The Site of the HTTP listener; readiness asks DNS only when relay is on."""
+              reactor: Any, console: Console | None = None) -> WebSite:
+    """The Site of the HTTP listener; readiness asks DNS only when relay is on; the journey
+    pages when ``console`` is given."""
     wanted = [(config.storage.maildirs, os.W_OK | os.X_OK), (config.storage.users, os.R_OK)]
     wanted += [(path, os.R_OK) for path in (config.tls.certificate, config.tls.key)
                if path is not None]
@@ -61,8 +64,9 @@ def build_web(config: Config, bound: Callable[[], bool], disk: DiskRunner, metri
             return resolver.lookupAddress(hostname, (1, 3)).addCallback(lambda _: None)
 
         checks.append(dns_answering(lookup))
+    pages = None if console is None else ConsolePages(console)
     return build_site(web_settings(config), Readiness(checks, reactor), metrics.registry,
-                      reactor)
+                      reactor, pages)
 
 
 def certificate_expiry(path: Path) -> float | None:

@@ -38,10 +38,10 @@ checks = false
 """
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -208,8 +208,11 @@ def make_server(directory: Path, smtp_extra: str = "", extra_config: str = "",
                 **fields: Any) -> MailServer:
     """A configured, not started server; ``fields`` set MailServer fields (interface, ...)."""
     directory.mkdir(parents=True, exist_ok=True)
-    server = MailServer(directory, free_port(), free_port(), free_port(), smtp_extra, extra_config,
-                        **fields)
+    # Free on the address the server binds: a port free on 127.0.0.1 may be taken on 127.0.0.2
+    # (other loopback hosts, a lab).
+    host = fields.get("interface", "127.0.0.1")
+    server = MailServer(directory, free_port(host), free_port(host), free_port(host), smtp_extra,
+                        extra_config, **fields)
     server.write_config()
     return server
 

@@ -6,10 +6,13 @@
 - The same under p=quarantine is delivered to the recipient's Junk folder.
 - A message submitted (587, AUTH) to a first mailsys is DKIM-signed there, relayed over the lab
   DNS's MX to a second mailsys, and arrives with dkim=pass and dmarc=pass.
+- `mailsys trace` shows the signing step at the first and each check with its evidence at the
+  second.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import smtplib
 import ssl
@@ -17,12 +20,13 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mailsys.authn.dkim import generate_key
-from tests.integration.conftest import MailServer, make_server
+from tests.integration.conftest import MAILSYS, MailServer, make_server, wait_for
 from tests.integration.relay_support import (
     LabDNS,
     files_in,
@@ -41,6 +45,15 @@ def _authn(dns: LabDNS) -> str:
 checks = true
 dns_servers = ["{dns.server}"]
 dns_timeout = 3.0
+"""
+
+
+def _journey(directory: Path) -> str:
+    """The journey of each message, for `mailsys trace` (off unless enabled)."""
+    return f"""
+[journey]
+enabled = true
+path = "{directory}/var/journey.sqlite"
 """
 
 
@@ -76,12 +89,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         receiver = make_server(root / "receiver", interface="127.0.0.2",
                                local_domains=("remote.test", "example.test"),
-                               authn_config=_authn(dns),
+                               authn_config=_authn(dns), extra_config=_journey(root / "receiver"),
                                aliases='"someone@remote.test" = ["demo@example.test"]')
         servers.append(receiver)
         receiver.start()
-        sender = make_server(root / "sender", relay_config=relay_section(dns,
-                                                                         receiver.smtp_port))
+        sender = make_server(root / "sender", extra_config=_journey(root / "sender"),
+                             relay_config=relay_section(dns, receiver.smtp_port))
         keys = sender.directory / "dkim"
         keys.mkdir(mode=0o700)
         (keys / "example.test.mail.pem").write_bytes(pem)
@@ -162,6 +175,72 @@ def test_signed_by_one_mailsys_passes_at_the_other(world: World) -> None:
     assert "dmarc=pass header.from=example.test" in header
     assert "spf=pass smtp.mailfrom=demo@example.test" in header
     wait_for_files(inbox, 1)
+
+
+def _trace(server: MailServer, query: str, kinds: set[str]) -> list[dict[str, Any]]:
+    """The steps of the first journey ``query`` names in ``server``'s store, once every kind
+    in ``kinds`` is among them (the writer stores its batches a moment later)."""
+    def ready() -> list[dict[str, Any]] | None:
+        done = subprocess.run([MAILSYS, "--config", str(server.config_path), "trace", query,
+                               "--json"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        if done.returncode != 0:
+            return None
+        steps: list[dict[str, Any]] = json.loads(done.stdout)["journeys"][0]["steps"]
+        return steps if kinds <= {step["kind"] for step in steps} else None
+
+    found = wait_for(ready, deadline=30.0, message=f"the journey of {query}")
+    assert isinstance(found, list)
+    return found
+
+
+def test_trace_shows_signing_and_checks_with_evidence(world: World) -> None:
+    """`mailsys trace` at the sender shows the DKIM signing step (d=, s=); at the receiver it
+    shows iprev, SPF, DKIM and DMARC with their DNS answers, then the verdict, before the
+    message was queued."""
+    message = EmailMessage()
+    message["From"] = "Demo <demo@example.test>"
+    message["To"] = "someone@remote.test"
+    message["Subject"] = "traced across"
+    message["Message-ID"] = "<traced-across@example.test>"
+    message.set_content("Follow me.\n")
+    with smtplib.SMTP(world.sender.interface, world.sender.submission_port, timeout=30) as client:
+        client.starttls(context=_unverified())
+        client.login("demo@example.test", "demo")
+        client.send_message(message)
+    signing = _trace(world.sender, "traced-across@example.test", {"authn.sign"})
+    sign = next(s for s in signing if s["kind"] == "authn.sign")
+    assert sign["text"] == "DKIM-signed for From example.test: d=example.test s=mail (rsa-sha256)"
+    assert "RFC 6376" in sign["rule"]
+    kinds = {"authn.iprev", "authn.spf", "authn.dkim", "authn.dmarc", "authn.verdict",
+             "spool.commit"}
+    steps = _trace(world.receiver, "traced-across@example.test", kinds)
+    by_kind = {s["kind"]: s for s in steps}
+    order = [s["kind"] for s in steps]
+    assert order.index("authn.verdict") < order.index("spool.commit")
+    iprev = by_kind["authn.iprev"]
+    assert iprev["fields"]["result"] == "pass"
+    assert "PTR 1.0.0.127.in-addr.arpa: mail.example.test" in iprev["text"]
+    spf = next(s for s in steps if s["kind"] == "authn.spf"
+               and s["fields"]["identity"] == "mailfrom")
+    assert spf["fields"]["mechanism"] == "ip4:127.0.0.0/8"
+    assert "TXT example.test: 'v=spf1 ip4:127.0.0.0/8 -all'" in spf["fields"]["evidence"]
+    dkim = by_kind["authn.dkim"]
+    assert (dkim["fields"]["result"], dkim["fields"]["domain"],
+            dkim["fields"]["selector"]) == ("pass", "example.test", "mail")
+    assert dkim["fields"]["evidence"][0].startswith("TXT mail._domainkey.example.test: 'v=DKIM1")
+    dmarc = by_kind["authn.dmarc"]
+    assert dmarc["fields"]["record"] == "v=DMARC1; p=reject"
+    assert "DMARC pass for From example.test" in dmarc["text"]
+    assert by_kind["authn.verdict"]["text"] == "authentication verdict: accepted"
+    # The text form too, as an administrator reads it.
+    text = subprocess.run([MAILSYS, "--config", str(world.receiver.config_path), "trace",
+                           "traced-across@example.test"], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+    for line in ("iprev pass: 127.0.0.1 is mail.example.test", "SPF pass for MAIL FROM",
+                 "DKIM pass: signature d=example.test s=mail (rsa-sha256, 2048-bit key)",
+                 "DMARC pass for From example.test"):
+        assert line in text, text
 
 
 def test_bounces_are_signed_too(world: World) -> None:

@@ -1,9 +1,11 @@
 """DKIM against verifiers and signers that are not ours: dkimpy's `dkimverify` command asking
-the lab DNS server over UDP for our keys, and OpenDKIM's `opendkim-testmsg` signing a message
-that our verifier then checks."""
+the lab DNS server over UDP for our keys; OpenDKIM's filter in its test mode (`opendkim -t`,
+keys from its TestDNSData table instead of live DNS) verifying our RSA and Ed25519 signatures
+and making its own, which our verifier checks; and `opendkim-testmsg`'s rsa-sha1 signature."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +78,102 @@ def test_dkimverify_accepts_our_signatures(tmp_path: Path, lab: LabDNS,
     done = subprocess.run([str(command)], input=tampered, capture_output=True, timeout=60,
                           env={"PYTHONPATH": str(shim), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 1
+
+
+# The signing and verifying test modes of OpenDKIM's filter (Debian: opendkim).
+OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
+NEEDS_OPENDKIM = pytest.mark.skipif(
+    not Path(OPENDKIM).exists(),
+    reason="OpenDKIM's filter is not installed (Debian: opendkim; .ci/run installs it)")
+# A message with every kind of header field we sign and a body that relaxed canonicalization
+# changes (trailing white space, runs of it, empty lines at the end).
+RICH = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test\r\n"
+        b"Cc: Carol <carol@remote.test>,\r\n  dave@remote.test\r\n"
+        b"Reply-To: alice+replies@example.test\r\nSubject:   Interop,\t folded\r\n"
+        b" and continued\r\nDate: Mon, 07 Dec 2026 04:00:00 +0000\r\n"
+        b"Message-ID: <rich@example.test>\r\nIn-Reply-To: <earlier@remote.test>\r\n"
+        b"References: <first@remote.test> <earlier@remote.test>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        b"Signed here,  \t checked elsewhere.   \r\n\r\nBye.\r\n\r\n\r\n")
+
+
+def _opendkim(tmp_path: Path, name: str, settings: str, message: bytes
+              ) -> subprocess.CompletedProcess[bytes]:
+    """``opendkim -t`` (test mode: one message from a file, no milter, no syslog) with
+    ``settings`` as its whole configuration file."""
+    config = tmp_path / f"{name}.conf"
+    config.write_text(settings + "Syslog no\n")
+    path = tmp_path / f"{name}.eml"
+    path.write_bytes(message)
+    return subprocess.run([OPENDKIM, "-x", str(config), "-vvv", "-t", str(path)],
+                          capture_output=True, timeout=60, check=False)
+
+
+def _inserted(output: bytes, field: str) -> str:
+    """The value of ``field`` as the test mode shows it would add it (`### INSHEADER`)."""
+    match = re.search(rb"### INSHEADER: idx=\d+ hname='" + field.encode() + rb"' hvalue='(.*?)'",
+                      output, re.DOTALL)
+    assert match is not None, output.decode(errors="replace")
+    return match.group(1).decode()
+
+
+@NEEDS_OPENDKIM
+def test_opendkim_verifies_our_signatures(tmp_path: Path,
+                                          keys: tuple[dict[str, Any], list[Any]]) -> None:
+    """OpenDKIM's verifier, given our public keys as its test DNS data, passes both our RSA
+    and our Ed25519 signature (RFC 8463) of a message with every field we sign, and fails both
+    once the body is changed."""
+    zone, loaded = keys
+    data = tmp_path / "dnsdata"
+    # TestDNSData: a flat-file data set, "name value" per line, the values TXT contents.
+    data.write_text("".join(f"{name} {records['TXT'][0]}\n" for name, records in zone.items()))
+    settings = f"Mode v\nTestDNSData {data}\n"
+    signed = sign_message(RICH, loaded) + RICH
+    done = _opendkim(tmp_path, "verify", settings, signed)
+    assert done.returncode == 0, done.stderr
+    results = _inserted(done.stdout + done.stderr, "Authentication-Results")
+    assert re.search(r"dkim=pass \(2048-bit key\) header\.d=example\.test "
+                     r"header\.i=@example\.test header\.a=rsa-sha256 header\.s=rsa1", results), \
+        results
+    assert re.search(r"dkim=pass header\.d=example\.test header\.i=@example\.test "
+                     r"header\.a=ed25519-sha256 header\.s=ed1", results), results
+    tampered = signed.replace(b"Bye.", b"Bye!")
+    done = _opendkim(tmp_path, "tampered", settings, tampered)
+    results = _inserted(done.stdout + done.stderr, "Authentication-Results")
+    assert results.count('dkim=fail reason="signature verification failed"') == 2, results
+    assert "dkim=pass" not in results
+
+
+@NEEDS_OPENDKIM
+def test_opendkim_rsa_and_ed25519_signatures_verify_with_ours(
+        tmp_path: Path, keys: tuple[dict[str, Any], list[Any]]) -> None:
+    """Signatures OpenDKIM's signer makes (rsa-sha256 and ed25519-sha256, relaxed/relaxed)
+    pass our verifier, and fail once a signed field is changed."""
+    zone, _ = keys
+    fields = b""
+    for selector, algorithm in (("rsa1", "rsa-sha256"), ("ed1", "ed25519-sha256")):
+        settings = (f"Mode s\nDomain example.test\nSelector {selector}\n"
+                    f"KeyFile {tmp_path / (selector + '.pem')}\n"
+                    f"Canonicalization relaxed/relaxed\nSignatureAlgorithm {algorithm}\n"
+                    f"RequireSafeKeys false\n")
+        done = _opendkim(tmp_path, f"sign-{selector}", settings, RICH)
+        assert done.returncode == 0, done.stderr
+        value = _inserted(done.stdout + done.stderr, "DKIM-Signature")
+        assert f"a={algorithm};" in value
+        fields += b"DKIM-Signature: " + value.replace("\n", "\r\n").encode() + b"\r\n"
+    signed = fields + RICH
+    verifier = DKIMVerifier(CachingResolver(Zone(zone), Clock()), run_in_thread=_now)
+    results: list[Any] = []
+    verifier.verify(signed).addCallback(results.append)
+    assert [(r.result, r.selector, r.algorithm) for r in results[0]] == [
+        ("pass", "rsa1", "rsa-sha256"), ("pass", "ed1", "ed25519-sha256")]
+    results.clear()
+    verifier.verify(signed.replace(b"Subject:   Interop", b"Subject: Interop")).addCallback(
+        results.append)
+    assert [r.result for r in results[0]] == ["pass", "pass"]  # relaxed: only white space
+    results.clear()
+    verifier.verify(signed.replace(b"Interop,", b"Intercept,")).addCallback(results.append)
+    assert [r.result for r in results[0]] == ["fail", "fail"]
 
 
 def _now(function: Callable[..., Any], *args: Any) -> Deferred[Any]:

@@ -30,12 +30,15 @@ def test_dns_check_reports_each_record(tmp_path: Path) -> None:
         "_mta-sts.example.test": {"TXT": ["v=STSv1; id=1"]},
         "_smtp._tls.example.test": {"TXT": ["v=TLSRPTv1; rua=mailto:postmaster@example.test"]},
         "_imaps._tcp.example.test": {"SRV": [[0, 1, 993, "mail.example.test"]]},
+        # Our sending address on one test blocklist, not on the other.
+        "25.2.0.192.bl.test": {"A": ["127.0.0.2"]},
     }
     lab = start_lab_dns(tmp_path / "dns", zone)
     try:
         done = subprocess.run(
             [MAILSYS, "dns", "check", "example.test", "--key-dir", str(keys), "--ipv4",
-             "192.0.2.25", "--dns-server", lab.server, "--config", str(tmp_path / "none.toml")],
+             "192.0.2.25", "--dns-server", lab.server, "--config", str(tmp_path / "none.toml"),
+             "--dnsbl", "bl.test", "--dnsbl", "clean.test"],
             capture_output=True, timeout=120)
     finally:
         lab.stop()
@@ -49,4 +52,7 @@ def test_dns_check_reports_each_record(tmp_path: Path) -> None:
     assert "missing TXT _dmarc.example.test" in lines
     assert "ok SRV _imaps._tcp.example.test" in lines
     assert "missing SRV _pop3._tcp.example.test" in lines
+    assert lines["listed DNSBL 25.2.0.192.bl.test"].endswith(
+        "192.0.2.25 is listed by bl.test (127.0.0.2)")
+    assert "ok DNSBL 25.2.0.192.clean.test" in lines
     assert out.splitlines()[-1].endswith("records as expected")

@@ -1,9 +1,12 @@
 """The teaching lab for real: `mailsys lab up` starts the lab DNS and three `twistd -n mailsys`
 on their own loopback addresses; a message submitted at alpha reaches beta by MX lookup over
-the lab DNS with verified TLS, and is read back over IMAP; `mailsys lab down` leaves nothing.
+the lab DNS with verified TLS, and is read back over IMAP; every scenario reaches its expected
+outcome; each fault the lab command carries out shows in the journey; bad input is one line;
+`mailsys lab down` leaves nothing.
 
-Each run takes a /24 of its own inside 127.0.0.0/8, so it never meets another lab on the
-machine. Processes are stopped by `lab down`, and by their recorded pids if that failed.
+One lab serves the whole module. Each run takes a /24 of its own inside 127.0.0.0/8, so it
+never meets another lab on the machine. Processes are stopped by `lab down`, and by their
+recorded pids if that failed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -33,8 +37,10 @@ from typing import Any
 import pytest
 from twisted.names import dns
 
-from mailsys.lab import control
+from mailsys import cli
+from mailsys.lab import control, scenarios
 from mailsys.lab.plan import LabError
+from mailsys.lab.scenarios import SCENARIOS, Run
 from tests.integration.conftest import MAILSYS, wait_for
 
 LAB_TIMEOUT = 90  # seconds for `lab up` or `lab down` as a whole
@@ -67,9 +73,20 @@ class RunningLab:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
-def lab(*args: str) -> subprocess.CompletedProcess[str]:
+def lab_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`mailsys lab ARGS` as its own process, as a teacher types it."""
     return subprocess.run([MAILSYS, "lab", *args], capture_output=True, text=True,
                           timeout=LAB_TIMEOUT)
+
+
+def lab(*args: str) -> subprocess.CompletedProcess[str]:
+    """`mailsys lab ARGS` through the same entry point in this process: an interpreter start
+    costs seconds on a loaded machine, and the lab's own processes are the ones under test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(["lab", *args])
+    return subprocess.CompletedProcess(["mailsys", "lab", *args], status, out.getvalue(),
+                                       err.getvalue())
 
 
 def _alive(pid: int) -> bool:
@@ -93,14 +110,14 @@ def running_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningLab
     prefix = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}."
     net = f"{prefix}0/24"
     started = time.monotonic()
-    result = lab("up", "--domains", "3", "--dir", str(directory), "--net", net)
+    result = lab_process("up", "--domains", "3", "--dir", str(directory), "--net", net)
     running = RunningLab(directory, net, prefix, result.stdout)
     try:
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < 60
         yield running
     finally:
-        lab("down", "--dir", str(directory))
+        lab_process("down", "--dir", str(directory))
         # Last resort: nothing the lab started survives the test, whatever went wrong.
         state_path = directory / "lab.json"
         if state_path.exists():
@@ -118,6 +135,15 @@ def test_lab_up_prints_the_table(running_lab: RunningLab) -> None:
         assert needle in out
     status = lab("status", "--dir", str(running_lab.directory))
     assert status.returncode == 0 and f"lab in {running_lab.directory}: up" in status.stdout
+
+
+def test_each_lab_server_serves_the_journey_page(running_lab: RunningLab) -> None:
+    """Port 5080 of a lab server answers /readyz and offers the journey page's login."""
+    base = f"http://{running_lab.address(2)}:5080"
+    with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
+        assert answer.status == 200
+    with urllib.request.urlopen(f"{base}/login", timeout=10) as answer:
+        assert answer.status == 200 and b'name="password"' in answer.read()
 
 
 def ask(server: str, name: str, kind: int) -> list[Any]:
@@ -183,6 +209,123 @@ def test_mail_from_alpha_reaches_beta_by_mx_with_verified_tls(running_lab: Runni
         _, data = imap.fetch(number, "(BODY[TEXT])")
         body = data[0]
         assert isinstance(body, tuple) and b"this came through the lab" in body[1]
+
+
+@pytest.mark.parametrize("name", [s.name for s in SCENARIOS])
+def test_scenario_reaches_its_expected_outcome(running_lab: RunningLab, name: str) -> None:
+    """Each scenario reaches its expected outcome within 60 s, having printed what to watch for
+    and the journeys with the RFC behind each step."""
+    started = time.monotonic()
+    # In this process (as `scenario run` does it) to spare an interpreter start per scenario;
+    # the command line itself runs in test_scenario_command_line.
+    buffer = io.StringIO()
+    ok = scenarios.run_scenario(control.Lab(running_lab.directory, io.StringIO()), name, buffer)
+    out = buffer.getvalue()
+    assert ok, out[-4000:]
+    assert time.monotonic() - started < 60
+    assert f"OK: {name}" in out and "watch for:" in out and "journey on mail." in out
+    assert "RFC 5321" in out
+
+
+def test_scenario_command_line(running_lab: RunningLab) -> None:
+    """`mailsys lab scenario list` names every scenario; `scenario run NAME` exits 0 when the
+    outcome is the expected one."""
+    listed = lab_process("scenario", "list")
+    assert listed.returncode == 0
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [
+        s.name for s in SCENARIOS]
+    result = lab_process("scenario", "run", "open-relay-attempt", "--dir",
+                         str(running_lab.directory))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    assert "OK: open-relay-attempt" in result.stdout
+
+
+def _probe(running_lab: RunningLab, subject: str) -> tuple[Run, str]:
+    """alice@alpha.test submits to bob@gamma.test; the run and the Message-ID."""
+    lab_ = control.Lab(running_lab.directory, io.StringIO())
+    plan, _ = lab_.running_plan()
+    run = Run(lab_, plan, io.StringIO())
+    msg = run.message("alice@alpha.test", "bob@gamma.test", subject, "probe\n")
+    return run, run.submit(plan.hosts[0], 0, msg)
+
+
+# In this order, one after the other without a clear between (a fault replaces the one
+# before): a server start costs seconds on a loaded machine, and tls-broken -> down -> clear
+# restarts gamma's server twice, not three times. dns-servfail is last: alpha's resolver
+# remembers the failure for a while after the clear (RFC 2308 §7.1).
+FAULT_PROBES = [
+    ("reject", "delivery.attempt", "550 5.7.1 Lab fault"),
+    ("tls-broken", "relay.tls", "does not match the host name mail.gamma.test"),
+    ("down", "relay.connect", "connection refused"),
+    ("dns-servfail", "relay.mx", "SERVFAIL"),
+]
+
+
+def test_faults_show_in_the_journey(running_lab: RunningLab) -> None:
+    """`mailsys lab fault gamma.test FAULT` takes effect at once, `lab status` names it, and a
+    message that meets it shows it in the sender's journey; `clear` undoes the last one."""
+    directory = str(running_lab.directory)
+    try:
+        for fault, kind, needle in FAULT_PROBES:
+            set_ = lab("fault", "gamma.test", fault, "--dir", directory)
+            assert set_.returncode == 0, set_.stderr
+            assert set_.stdout.startswith(f"gamma.test: {fault}:")
+            status = lab("status", "--dir", directory)
+            assert f"fault on gamma.test: {fault}" in status.stdout
+            assert status.returncode == (1 if fault == "down" else 0), status.stdout
+            run, message_id = _probe(running_lab, f"meets {fault}")
+            event = run.wait_event(run.plan.hosts[0], message_id,
+                                   lambda e, k=kind, n=needle: e.kind == k
+                                   and n in json.dumps(e.fields), f"{kind} with {needle!r}")
+            assert event.queue_id
+    finally:
+        clear = lab("fault", "gamma.test", "clear", "--dir", directory)
+        assert clear.returncode == 0, clear.stderr
+    status = lab("status", "--dir", directory)
+    assert status.returncode == 0 and "fault on" not in status.stdout
+
+
+def test_lab_commands_refuse_bad_input_in_one_line(running_lab: RunningLab) -> None:
+    """Another lab in the same directory, an unknown domain or fault, a clock going back: each
+    is one line on stderr and status 1, and the running lab is untouched."""
+    directory = str(running_lab.directory)
+    cases = [
+        (("up", "--domains", "2", "--dir", directory, "--net", running_lab.net),
+         "holds another lab"),
+        (("fault", "omega.test", "down", "--dir", directory), "no lab domain 'omega.test'"),
+        (("clock", "advance", "0s", "--dir", directory), "only goes forward"),
+        (("clock", "rate", "0", "--dir", directory), "rate must be"),
+        (("scenario", "run", "no-such", "--dir", directory), "no scenario 'no-such'"),
+    ]
+    for args, message in cases:
+        result = lab(*args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert lab("status", "--dir", directory).returncode == 0
+
+
+def test_commands_on_a_directory_without_a_lab(tmp_path: Path) -> None:
+    """fault, clock and scenario on a directory with no running lab say so in one line."""
+    for args in (("fault", "alpha.test", "down"), ("clock", "advance", "1h"),
+                 ("scenario", "run", "first-mail")):
+        result = lab(*args, "--dir", str(tmp_path))
+        assert result.returncode == 1 and "no lab is up in" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_a_port_taken_by_another_program_is_one_line(tmp_path: Path) -> None:
+    """`lab up` where another program holds a lab port says which, starts nothing, and
+    `lab status` reports no lab running."""
+    prefix = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}."
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind((f"{prefix}3", 2525))
+        holder.listen()
+        result = lab("up", "--domains", "3", "--dir", str(tmp_path), "--net", f"{prefix}0/24")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert f"{prefix}3:2525/tcp (beta.test smtp) is already in use" in result.stderr
+    assert lab("status", "--dir", str(tmp_path)).returncode == 3
+    assert not _listening(f"{prefix}1", 5053)
 
 
 def test_bad_input_then_down_leaves_nothing(running_lab: RunningLab) -> None:

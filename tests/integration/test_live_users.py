@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import imaplib
 import smtplib
+import subprocess
 from collections.abc import Callable
 from email.message import EmailMessage
 
-from tests.integration.conftest import MailServer, wait_for
-from tests.integration.test_imap import make_imap
+from tests.integration.conftest import MAILSYS, MailServer, wait_for
+from tests.integration.test_imap import IMAPServer, make_imap
 
 # The server's reload timer looks at the user file once a second; several users in a row make
 # it near certain that at least one is asked for before that timer has seen it.
@@ -49,3 +50,37 @@ def test_user_added_while_running_receives_and_logs_in_on_the_first_try(
     delivered = [f"race{n}@example.test" for n in range(NEW_USERS)]
     wait_for(lambda: all(server.inbox_files(user) for user in delivered), deadline=10,
              message="delivery to every new user")
+
+
+def _imap_login(imap: IMAPServer, user: str, password: str) -> bool:
+    with imaplib.IMAP4("127.0.0.1", imap.port, timeout=30) as client:
+        client.starttls(imap.context())
+        try:
+            client.login(user, password)
+        except imaplib.IMAP4.error:
+            return False
+        client.logout()
+        return True
+
+
+def test_cached_login_follows_a_password_change(
+    server_factory: Callable[..., MailServer],
+) -> None:
+    """Repeated logins with one password all succeed (the check is remembered); after
+    `mailsys user passwd` the new password logs in on the first try and the old one is refused,
+    though it was remembered."""
+    imap = make_imap(server_factory)
+    server = imap.mail
+    user = "cached@example.test"
+    server.add_user(user, "first-password")
+    assert all(_imap_login(imap, user, "first-password") for _ in range(5))
+    subprocess.run(
+        [MAILSYS, "--config", str(server.config_path), "user", "passwd", user,
+         "--password-stdin"],
+        input=b"second-password\n", check=True, capture_output=True, timeout=60,
+    )
+    assert _imap_login(imap, user, "second-password")
+    # The server's copy of the users file is at least as new as the file now (the login above
+    # read it again), so the remembered old password no longer answers.
+    assert not _imap_login(imap, user, "first-password")
+    assert _imap_login(imap, user, "second-password")

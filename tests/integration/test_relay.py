@@ -162,6 +162,21 @@ def test_dot_lines_arrive_byte_identical(pair: Pair) -> None:
     assert stored.endswith(bytes(body).replace(b"\r\n", b"\n"))
 
 
+def test_long_lines_accepted_and_relayed_within_the_limit(pair: Pair) -> None:
+    """A body line of 5,000 octets (over RFC 5321's 1000) is accepted, not bounced, and the
+    relay sends it re-encoded as quoted-printable within 998-octet lines, content unchanged."""
+    line = b"0123456789" * 500
+    original = (b"From: demo@example.test\r\nTo: out@example.test\r\nSubject: long line\r\n"
+                b"\r\nbefore\r\n" + line + b"\r\nafter\r\n")
+    send(pair.sender, ["out@example.test"], original)
+    path = find_message(pair.inbox(), b"Subject: long line")
+    stored = path.read_bytes()
+    assert max(len(text) for text in stored.split(b"\n")) <= 999  # stored with LF: 998 + CR
+    assert b"Content-Transfer-Encoding: quoted-printable" in stored
+    payload = parse(path).get_payload(decode=True)
+    assert payload.replace(b"\r\n", b"\n") == b"before\n" + line + b"\nafter\n"
+
+
 def test_5xx_bounces_to_the_local_sender(pair: Pair) -> None:
     """A 550 from the receiver fails the recipient; the bounce lands in the sender's Maildir
     with the remote reply as Diagnostic-Code and the message returned."""

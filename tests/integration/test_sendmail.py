@@ -31,6 +31,15 @@ from tests.integration.relay_support import (
 SENDMAIL = str(Path(sys.executable).parent / "mailsys-sendmail")
 
 
+# Runs argv[1:] and prints the peak resident memory of that child, in kilobytes.
+MEASURE = """
+import resource, subprocess, sys
+status = subprocess.call(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(status)
+"""
+
+
 def pickup(directory: Path) -> str:
     return f'\n[pickup]\ndirectory = "{directory}/var/pickup"\n'
 
@@ -261,3 +270,41 @@ group = "mail"
         assert b"Permission denied" in refused.stderr
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_100_mb_message_streams_to_the_pickup_file_in_bounded_memory(tmp_path: Path) -> None:
+    """A 100 MB message from a cron job, under a size limit that allows it, is streamed into
+    the pickup file: the command's peak memory stays far below the message's size, the drop
+    holds all of it, and the server delivers it whole."""
+    limit = 150 * 1024 * 1024
+    server = make_server(tmp_path / "big", smtp_extra=f"max_message_size = {limit}",
+                         extra_config=pickup(tmp_path / "big"))
+    line = b"y" * 999 + b"\n"
+    source = tmp_path / "big.eml"
+    with source.open("wb") as out:
+        out.write(b"Subject: one hundred megabytes\n\n")
+        for _ in range(100):
+            out.write(line * 1000)  # 1 MB at a time
+    size = source.stat().st_size
+    drops = server.directory / "var" / "pickup"
+    try:
+        server.start()  # once, so the pickup directory exists as the server makes it
+        wait_for(lambda: drops.is_dir(), message="the pickup directory")
+        server.stop()  # the drop is looked at whole before the server takes it
+        env = dict(os.environ, MAILSYS_CONFIG=str(server.config_path))
+        # The peak is measured by a small parent of its own: a child forked from this test
+        # process would count this process's memory before its exec in its peak.
+        with source.open("rb") as stdin:
+            done = subprocess.run([sys.executable, "-c", MEASURE, SENDMAIL, "demo@example.test"],
+                                  stdin=stdin, env=env, capture_output=True, timeout=300,
+                                  check=False)
+        assert done.returncode == 0, done.stderr
+        peak = int(done.stdout) * 1024  # ru_maxrss is in kilobytes on Linux
+        assert peak < size // 2, f"peak memory {peak} bytes for a {size} byte message"
+        (drop,) = drops.glob("*.drop")
+        assert drop.stat().st_size >= size
+        server.start()
+        found = find_message(server.inbox(), b"Subject: one hundred megabytes", deadline=300)
+        assert found.stat().st_size >= size
+    finally:
+        server.kill()

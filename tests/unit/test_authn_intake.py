@@ -197,3 +197,88 @@ class ChecksOffTests(SynchronousTestCase):
         facts = IntakeFacts("192.0.2.66", "evil.test", "alice@example.test", ["bob@here.test"])
         verdict = self.successResultOf(intake.inbound(facts, forged))
         self.assertEqual((verdict.action, verdict.message), ("accept", MESSAGE))
+
+
+class _Silent:
+    """A DNS server that never answers."""
+
+    def query(self, query: Any, timeout: object = None) -> Deferred[Any]:
+        return Deferred()
+
+
+class BadInputAtIntakeTests(SynchronousTestCase):
+    def sink(self, resolver: CachingResolver, clock: Clock) -> tuple[Any, list[bytes]]:
+        from mailsys.authn.sink import CheckingSink
+
+        stored: list[bytes] = []
+
+        class Inner:
+            def new_queue_id(self) -> str:
+                return "Q1"
+
+            def submit(self, envelope: Any, message: bytes) -> Deferred[None]:
+                stored.append(message)
+                return maybeDeferred(lambda: None)
+
+        checks = InboundChecks(resolver, "mx.here.test", run_in_thread=_now, clock=clock,
+                               deadline=10.0)
+        return CheckingSink(Inner(), MessageAuthentication(checks, None)), stored  # type: ignore[arg-type]
+
+    def envelope(self) -> Any:
+        from mailsys.envelope import Envelope, Recipient, TargetKind
+
+        return Envelope("Q1", "alice@example.test",
+                        [Recipient("bob@here.test", "bob@here.test", TargetKind.LOCAL,
+                                   "bob@here.test")], 0.0, client_address="192.0.2.66",
+                        client_helo="client.test")
+
+    def test_dns_that_never_answers(self) -> None:
+        """With a DNS server that never answers, the message waits no longer than the
+        resolver's timeout, is accepted (nothing known asks for a refusal) and marked
+        temperror for every check; nothing is lost."""
+        from mailsys.authn.dkim import sign_message
+
+        pem, _ = generate_key("ed25519")
+        with tempfile.NamedTemporaryFile(suffix=".pem") as file:
+            file.write(pem)
+            file.flush()
+            key = load_key(Path(file.name), "example.test", "s1")
+        clock = Clock()
+        sink, stored = self.sink(CachingResolver(_Silent(), clock, timeout=5.0), clock)
+        done = sink.submit(self.envelope(), sign_message(MESSAGE, [key]) + MESSAGE)
+        self.assertNoResult(done)
+        finished: list[float] = []
+        done.addCallback(lambda _: finished.append(clock.seconds()))
+        while not finished and clock.seconds() < 60:
+            clock.advance(1.0)
+        # The checks' own lookups end at the resolver's timeout; DMARC's, asked after them,
+        # at the next one: bounded, whatever the server does.
+        self.assertEqual(finished, [10.0])
+        (message,) = stored
+        header = message.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+        for method in (b"iprev=temperror", b"spf=temperror", b"dkim=temperror",
+                       b"dmarc=temperror"):
+            self.assertIn(method, header)
+
+    def test_fifty_signatures_stored_with_results(self) -> None:
+        """A message with 50 DKIM signatures is checked (the first 8 looked at) and stored
+        whole, with one dkim result per signature looked at."""
+        from mailsys.authn.dkim import sign_message
+
+        pem, record = generate_key("ed25519")
+        with tempfile.NamedTemporaryFile(suffix=".pem") as file:
+            file.write(pem)
+            file.flush()
+            key = load_key(Path(file.name), "example.test", "s1")
+        zone = {"s1._domainkey.example.test": {"TXT": [record]},
+                "example.test": {"TXT": ["v=spf1 -all"]},
+                "_dmarc.example.test": {"TXT": ["v=DMARC1; p=reject"]}}
+        clock = Clock()
+        sink, stored = self.sink(CachingResolver(Zone(zone), clock), clock)
+        fields = sign_message(MESSAGE, [key]) * 50
+        self.successResultOf(sink.submit(self.envelope(), fields + MESSAGE))
+        (message,) = stored
+        self.assertTrue(message.endswith(fields + MESSAGE))
+        header = message.split(b"DKIM-Signature:")[0]
+        self.assertEqual(header.count(b"dkim=pass"), 8)
+        self.assertIn(b"dmarc=pass", header)

@@ -124,9 +124,13 @@ def test_which_mail_is_signed_and_which_checked(tmp_path: Path) -> None:
     calls: list[str] = []
 
     class Authentication:
-        def sign(self, message: bytes, queue_id: str = "") -> Any:
+        signer = None
+
+        def signing(self, message: bytes, queue_id: str = "") -> Any:
+            from mailsys.authn.intake import Signing
+
             calls.append("sign")
-            return succeed(message)
+            return succeed(Signing(message))
 
         def inbound(self, facts: Any, message: bytes) -> Any:
             calls.append(f"check {facts.client_address}")

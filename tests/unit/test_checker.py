@@ -63,8 +63,8 @@ def test_right_password_gives_the_canonical_mailbox(store: UserStore) -> None:
 @pytest.mark.parametrize(
     ("username", "password", "check"),
     [
-        (b"alice@example.test", b"Wonderland", "verify_fresh"),  # wrong password
-        (b"nobody@example.test", b"wonderland", "verify_fresh"),  # unknown user
+        (b"alice@example.test", b"Wonderland", "matching_hash"),  # wrong password
+        (b"nobody@example.test", b"wonderland", "matching_hash"),  # unknown user
         (b"alice", b"wonderland", "verify"),  # not a mailbox name
         (b"alice@example.test\xff", b"wonderland", "verify"),  # not UTF-8
     ],
@@ -104,7 +104,7 @@ def test_password_check_runs_only_in_the_given_thread_runner(
 ) -> None:
     """Nothing is hashed on the calling (reactor) thread: only run_in_thread calls the store."""
     verified: list[str] = []
-    monkeypatch.setattr(store, "verify_fresh",
+    monkeypatch.setattr(store, "matching_hash",
                         lambda mailbox, password: verified.append(mailbox))
     pending: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 

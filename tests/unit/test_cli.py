@@ -37,6 +37,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "mailsys.toml").write_text(CONFIG)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.CONFIG_ENV, raising=False)
     return tmp_path
 
 
@@ -252,6 +253,55 @@ def test_check_config_as_a_real_command(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"mailsys: {bad}: TOML syntax error")
 
 
+def test_config_from_the_environment(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --config the command reads $MAILSYS_CONFIG, and --config still wins over it."""
+    other = workdir / "other.toml"
+    other.write_text('[routing]\nlocal_domains = ["example.test"]\n')
+    monkeypatch.setenv("MAILSYS_CONFIG", str(other))
+    assert run(capsys, "check-config") == (0, f"{other}: ok (0 listeners, 1 local domain)\n", "")
+    assert run(capsys, "--config", "etc/mailsys.toml", "check-config") == (
+        0, "etc/mailsys.toml: ok (0 listeners, 2 local domains)\n", "")
+    monkeypatch.setenv("MAILSYS_CONFIG", "")
+    assert run(capsys, "check-config")[1].startswith("etc/mailsys.toml: ok")
+
+
+def test_reload_without_a_running_server(workdir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`mailsys reload` with no server on the spool says so in one line and exits 1."""
+    (workdir / "etc" / "mailsys.toml").write_text(CONFIG.replace(
+        'users = "var/users"\n', f'users = "var/users"\nspool = "{workdir / "spool"}"\n'))
+    status, out, err = run(capsys, "reload")
+    assert (status, out) == (1, "")
+    assert one_line(err).startswith("mailsys: no server is running on the spool")
+
+
+def test_config_path_order() -> None:
+    """--config first, then a non-empty $MAILSYS_CONFIG, then etc/mailsys.toml."""
+    assert cli.config_path(Path("/a.toml"), {"MAILSYS_CONFIG": "/b.toml"}) == Path("/a.toml")
+    assert cli.config_path(None, {"MAILSYS_CONFIG": "/b.toml"}) == Path("/b.toml")
+    assert cli.config_path(None, {"MAILSYS_CONFIG": ""}) == cli.DEFAULT_CONFIG
+    assert cli.config_path(None, {}) == cli.DEFAULT_CONFIG
+
+
+def test_reader_that_left_is_no_error(tmp_path: Path) -> None:
+    """Output to a pipe whose reader has gone (`mailsys ... | head`) ends quietly: nothing on
+    stderr, status 141 as for a process that SIGPIPE ended."""
+    good = tmp_path / "good.toml"
+    good.write_text('[routing]\nlocal_domains = ["example.test"]\n')
+    script = Path(sys.executable).with_name("mailsys")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mailsys.cli"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        result = subprocess.run([*command, "check-config", str(good)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == cli.EXIT_BROKEN_PIPE
+
+
 # --- user import: a Dovecot passwd-file ----------------------------------------------------------
 
 SHA512 = ("$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4"
@@ -418,3 +468,26 @@ def test_user_add_warns_when_the_server_cannot_reach_the_file(
     assert (status, out) == (0, "added a@example.test\n")
     assert one_line(err) == (f"mailsys: warning: the server cannot read var/users: nobody "
                              f"cannot enter {open_workdir / 'var'} (root:root 0700)\n")
+
+
+def test_user_add_admin_and_user_admin_on_off(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """user add --admin makes an administrator of the web page; user admin USER on|off changes
+    it for an existing user; an unknown user is one line and status 1."""
+    status, out, _ = run(capsys, "user", "add", "boss@example.test", "--admin",
+                         "--password-stdin", stdin="pw\n")
+    assert (status, out) == (0, "added boss@example.test (administrator)\n")
+    run(capsys, "user", "add", "plain@example.test", "--password-stdin", stdin="pw\n")
+    assert store(workdir).is_admin("boss@example.test")
+    assert not store(workdir).is_admin("plain@example.test")
+    status, out, _ = run(capsys, "user", "admin", "plain@example.test", "on")
+    assert (status, out) == (0, "plain@example.test is now an administrator\n")
+    status, out, _ = run(capsys, "user", "admin", "boss@example.test", "off")
+    assert (status, out) == (0, "boss@example.test is no longer an administrator\n")
+    assert store(workdir).is_admin("plain@example.test")
+    assert not store(workdir).is_admin("boss@example.test")
+    status, _, err = run(capsys, "user", "admin", "nobody@example.test", "on")
+    assert status == 1 and "no such user: nobody@example.test" in one_line(err)
+    status, _, _ = run(capsys, "user", "admin", "boss@example.test", "maybe")
+    assert status == 2

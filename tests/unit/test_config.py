@@ -31,7 +31,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     loaded = _load(tmp_path, "")
     assert loaded.smtp.max_message_size == 25 * 1024 * 1024
     assert loaded.smtp.max_recipients == 100
-    assert loaded.smtp.max_line_length == 1000
+    assert loaded.smtp.max_line_length == 65536
     assert loaded.tls.enabled is False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from mailsys import diskio
-from mailsys.diskio import DirectorySyncError, DiskPool, _DirectorySync
+from mailsys.diskio import DirectorySyncError, DiskPool, Staged, _DirectorySync, finish
 
 DEADLINE = 10.0
 
@@ -345,3 +346,95 @@ def test_directory_sync_reports_its_failure_to_each_caller(
     with pytest.raises(OSError) as info:
         _DirectorySync(str(tmp_path)).sync()
     assert info.value.errno == 5 and info.value.filename == str(tmp_path)
+
+
+def _staged_writer(path: Path, events: list[str]) -> Callable[[], Staged[str]]:
+    """A job writing ``path`` and staging it, recording each step in ``events``."""
+
+    def job() -> Staged[str]:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, b"data")
+        events.append(f"write {path.name}")
+
+        def publish() -> str:
+            events.append(f"publish {path.name}")
+            return path.name
+
+        return Staged([fd], publish, lambda: events.append(f"discard {path.name}"))
+
+    return job
+
+
+def test_staged_jobs_of_a_batch_sync_their_data_together_then_publish(
+    tmp_path: Path, reactor: ThreadCallReactor, syncs: list[str], stopped_pool: DiskPool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every staged job of a batch writes first; then each file is fdatasync'd (writeback
+    started for all before the first); then each is published; then the directory is synced
+    once, and each Deferred fires with what publishing returned."""
+    events: list[str] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(diskio, "_start_writeback", lambda fd: events.append("writeback"))
+
+    def fdatasync(fd: int) -> None:
+        events.append(f"fdatasync, {len(syncs)} dir syncs")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    outcomes = Outcomes()
+    for name in ("a", "b", "c"):
+        outcomes.track(stopped_pool.run_and_sync(tmp_path, _staged_writer(tmp_path / name, events),
+                                                 urgent=True))
+    stopped_pool.start()
+    wait_until(reactor, lambda: len(outcomes.results) == 3)
+    assert outcomes.results == ["a", "b", "c"]
+    assert events == (["write a", "write b", "write c"] + ["writeback"] * 3
+                      + ["fdatasync, 0 dir syncs"] * 3 + ["publish a", "publish b", "publish c"])
+    assert syncs == [str(tmp_path)]
+
+
+def test_a_staged_job_whose_data_cannot_be_synced_fails_alone_and_is_discarded(
+    tmp_path: Path, reactor: ThreadCallReactor, stopped_pool: DiskPool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If one file's fdatasync fails, that job is discarded (never published) and fails with
+    the error; the others of the batch are published."""
+    events: list[str] = []
+    real_fdatasync = os.fdatasync
+    bad: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        if fd in bad:
+            raise OSError(5, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    good_job = _staged_writer(tmp_path / "good", events)
+    bad_job = _staged_writer(tmp_path / "bad", events)
+
+    def failing_job() -> Staged[str]:
+        staged = bad_job()
+        bad.extend(staged.fds)
+        return staged
+
+    outcomes = Outcomes()
+    outcomes.track(stopped_pool.run_and_sync(tmp_path, failing_job))
+    outcomes.track(stopped_pool.run_and_sync(tmp_path, good_job))
+    stopped_pool.start()
+    wait_until(reactor, lambda: len(outcomes.results) == 2)
+    failure, good = outcomes.results
+    assert isinstance(failure, Failure) and failure.check(OSError)
+    assert good == "good"
+    assert "discard bad" in events and "publish bad" not in events
+    assert "publish good" in events
+
+
+def test_finish_syncs_closes_and_publishes_one_staged_job(tmp_path: Path) -> None:
+    """finish() does for one job, on the calling thread, what the pool does for a batch."""
+    events: list[str] = []
+    staged = _staged_writer(tmp_path / "one", events)()
+    fd = staged.fds[0]
+    assert finish(staged) == "one"
+    assert events == ["write one", "publish one"]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed

@@ -22,12 +22,15 @@ from mailsys.authn.dkim import (
     KeyFileError,
     SigningKey,
     generate_key,
+    hash_headers,
     load_key,
     parse_message,
     public_record,
     relaxed_body,
     relaxed_headers,
+    select_headers,
     sign_message,
+    without_b_value,
 )
 from mailsys.dns import CachingResolver
 from mailsys.labdns import Zone
@@ -157,6 +160,43 @@ class DKIMTests(SynchronousTestCase):
         message = self.signed(MESSAGE.replace(b"Subject: Lunch\r\n", b""))
         self.assertEqual([r.result for r in self.verify(message)], ["pass", "pass"])
 
+    def test_verify_signature_over_absent_header(self) -> None:
+        """A signature whose h= names a field the message lacks passes (the absent field is
+        hashed as nothing, RFC 6376 §5.4) and fails once that field is added."""
+        header = dkimpy.DKIM(MESSAGE).sign(
+            b"rsa1", b"example.test", self.keys[0].pem, canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[b"from", b"subject", b"reply-to", b"list-id"])
+        self.assertIn(b"reply-to", header.lower())
+        self.assertEqual(self.verify(header + MESSAGE)[0].result, "pass")
+        added = header + MESSAGE.replace(b"Subject:", b"Reply-To: m@evil.test\r\nSubject:")
+        self.assertEqual(self.verify(added)[0].result, "fail")
+
+    def test_over_long_key_record(self) -> None:
+        """A key record of thousands of octets (many TXT strings) is a permerror, not a
+        crash or a hang."""
+        message = self.signed(keys=[self.keys[0]])
+        huge = {"rsa1._domainkey.example.test": {
+            "TXT": ["v=DKIM1; k=rsa; p=" + "A" * 20000]}}
+        result = self.verify(message, huge)[0]
+        self.assertEqual(result.result, "permerror")
+        self.assertTrue(result.problem)
+
+    def test_malformed_signature_tags(self) -> None:
+        """Signatures with bad tag values (a non-numeric l=, a b= that is not base64, an
+        unknown c=, a future version) are each a result, never an exception."""
+        good = sign_message(MESSAGE, [self.keys[0]])
+        variants = {
+            b"l=abc": good.replace(b"v=1;", b"v=1; l=abc;", 1),
+            b"b=***": re.sub(rb"b=[^;]*$", b"b=***\r\n", good.rstrip(b"\r\n"), flags=re.S),
+            b"c=odd": good.replace(b"c=relaxed/relaxed", b"c=odd/strange"),
+            b"v=2": good.replace(b"v=1;", b"v=2;", 1),
+            b"x<t": good.replace(b"v=1;", b"v=1; x=1;", 1),
+        }
+        for name, field in variants.items():
+            results = self.verify(field + MESSAGE)
+            self.assertEqual(len(results), 1, name)
+            self.assertIn(results[0].result, ("permerror", "fail"), name)
+
     def test_body_length(self) -> None:
         """l= longer than the body is a permerror; shorter leaves content unsigned: policy."""
         signer = dkimpy.DKIM(MESSAGE)
@@ -258,3 +298,65 @@ def test_relaxed_headers_agree_with_dkimpy(headers: list[tuple[bytes, bytes]]) -
     """Our relaxed header canonicalization equals dkimpy's."""
     policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
     assert relaxed_headers(headers) == [tuple(h) for h in policy.canonicalize_headers(headers)]
+
+
+@settings(deadline=None)
+@given(st.text(alphabet="ab \t\r\n.", max_size=40).map(str.encode), st.booleans())
+def test_relaxed_body_agrees_with_dkimpy_on_any_body(body: bytes, line_end: bool) -> None:
+    """Also with lone CR or LF, with or without white space (the path that only cuts the
+    empty lines at the end), and without a last CRLF when the last line does not end in white
+    space (there the RFC 6376 §3.4.4 order of its two rules is read differently)."""
+    if line_end:
+        body += b"\r\n"
+    elif body.endswith((b" ", b"\t")):
+        body += b"."
+    policy = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    assert relaxed_body(body) == policy.canonicalize_body(body)
+
+
+def test_relaxed_body_examples() -> None:
+    """Prose is kept as it is but for its empty last lines; a last line gets its CRLF."""
+    assert relaxed_body(b"Hello.\r\nBye.\r\n\r\n\r\n") == b"Hello.\r\nBye.\r\n"
+    assert relaxed_body(b"Hello.") == b"Hello.\r\n"
+    assert relaxed_body(b"\r\n\r\n") == b""
+    assert relaxed_body(b"") == b""
+
+
+_SIGNATURE_VALUES = st.lists(st.sampled_from(
+    [b"v=1", b"a=rsa-sha256", b" b=", b"b=", b"bh=AB+/=", b"\tb =", b"; b\r\n =", b"abc",
+     b"AbC+/=", b" ", b"\r\n", b"\r\n\t", b"\n", b";", b"x=1", b"b=Zm9v", b"h=from:b"]),
+    max_size=12).map(b"".join)
+
+
+@settings(deadline=None)
+@given(_SIGNATURE_VALUES)
+def test_b_value_removal_agrees_with_dkimpy(value: bytes) -> None:
+    """Taking out the b= value gives exactly what dkimpy's regular expression gives."""
+    assert without_b_value(value) == dkimpy.RE_BTAG.sub(b"\\1", value)
+
+
+def test_header_hash_agrees_with_dkimpy() -> None:
+    """Our header hashing equals dkim.hash_headers for a real signature field, relaxed and
+    simple, with an over-signed and an absent field."""
+    import hashlib
+
+    _, keys = _keys()
+    field_value = sign_message(MESSAGE, keys[:1])[len(b"DKIM-Signature:"):]
+    headers, _ = parse_message(MESSAGE)
+    include = [b"from", b"subject", b"reply-to", b"from"]
+    for c in (b"relaxed/relaxed", b"simple/simple"):
+        policy = CanonicalizationPolicy.from_c_value(c)
+        ours, theirs = hashlib.sha256(), hashlib.sha256()
+        hash_headers(ours, policy, headers, include, (b"DKIM-Signature", field_value))
+        dkimpy.hash_headers(theirs, policy, policy.canonicalize_headers(headers), include,
+                            (b"DKIM-Signature", field_value), {})
+        assert ours.digest() == theirs.digest(), c
+
+
+@settings(deadline=None)
+@given(st.lists(st.sampled_from([b"From", b"from", b"To", b"Subject", b"X-A"]), max_size=8),
+       st.lists(st.sampled_from([b"from", b"to", b"subject", b"cc"]), max_size=8))
+def test_select_headers_agrees_with_dkimpy(names: list[bytes], include: list[bytes]) -> None:
+    """The fields chosen for hashing, repeated names bottom up, are dkimpy's choice."""
+    headers = [(name, b" %d\r\n" % index) for index, name in enumerate(names)]
+    assert select_headers(headers, include) == dkimpy.select_headers(headers, include)

@@ -117,6 +117,22 @@ class CachingResolverTests(SynchronousTestCase):
         self.failureResultOf(first, DNSTemporaryError)
         self.failureResultOf(second, DNSTemporaryError)
 
+    def test_answer_for_coroutines(self) -> None:
+        """answer() gives a fresh cached answer at once, and otherwise asks as query_answer
+        does: upstream once, failures as DNSTemporaryError, expired entries asked again."""
+        def run(name: str, type: int) -> Deferred[Any]:
+            return Deferred.fromCoroutine(self.resolver.answer(name, type))
+
+        first = self.successResultOf(run("example.test", dns.A))
+        self.assertEqual(first.addresses(), ["192.0.2.1"])
+        self.assertIs(self.successResultOf(run("Example.Test.", dns.A)), first)
+        self.assertEqual(self.resolver.upstream_queries, 1)
+        self.failureResultOf(run("broken.test", dns.A), DNSTemporaryError)
+        self.clock.advance(3600 * 24 + 1)
+        self.successResultOf(run("example.test", dns.A))
+        self.assertEqual(self.resolver.upstream_queries, 3)
+        self.assertFalse(self.successResultOf(run("a" * 64 + ".test", dns.A)).exists)
+
     def test_invalid_name_is_nxdomain(self) -> None:
         """A name that cannot be asked (a label over 63 octets) is NXDOMAIN without a query."""
         answer = self.answer("a" * 64 + ".test", dns.TXT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from zope.interface.verify import verifyObject
 
+from mailsys.journey import store as store_module
 from mailsys.journey.events import (
     MAX_FIELDS,
     MAX_TEXT,
@@ -313,3 +315,30 @@ def test_clean_fields_returns_a_clean_dict_as_it_is_and_still_cleans_repeats() -
         assert clean_fields({"user": "a@b.test", "password": "pw"}) == {"user": "a@b.test"}
     long_text = {"user": "x" * (MAX_TEXT + 5), "size": 3}
     assert len(clean_fields(long_text)["user"]) == MAX_TEXT
+
+
+def test_plain_lists_pass_as_they_are_and_unsafe_ones_are_still_cleaned() -> None:
+    """Lists of addresses and of plain route dicts cost no copy; secrets and excess inside do."""
+    route = {"recipient": "a@b.test", "original": "a@b.test", "target": "local", "mailbox": "m"}
+    plain = {"recipients": ["a@b.test"], "routes": [dict(route)], "size": 3}
+    assert clean_fields(plain) is plain
+    nested_secret = {"recipients": ["a@b.test"], "routes": [{"recipient": "a", "password": "p"}]}
+    assert clean_fields(nested_secret)["routes"] == [{"recipient": "a"}]
+    long_item = clean_fields({"recipients": ["x" * (MAX_TEXT + 5)]})
+    assert len(long_item["recipients"][0]) == MAX_TEXT
+    many = clean_fields({"recipients": [f"r{i}@b.test" for i in range(500)]})
+    assert len(many["recipients"]) == 50
+    deep = clean_fields({"routes": [{"recipient": ["a@b.test"]}], "hosts": [Path("/x"), b"h"]})
+    # Below two levels a value becomes text, as before.
+    assert deep == {"routes": [{"recipient": "['a@b.test']"}], "hosts": ["/x", "h"]}
+    long_in_dict = clean_fields({"routes": [{"recipient": "y" * (MAX_TEXT + 5)}]})
+    assert len(long_in_dict["routes"][0]["recipient"]) == MAX_TEXT
+
+
+def test_the_store_encodes_fields_as_standard_compact_json() -> None:
+    """Stored fields are what json.dumps gives, compact and not ASCII-escaped."""
+    fields = {"text": "é\"\n<\u2028", "list": [1, 2.5, None, True, {"k": "v"}], "nan": float("inf")}
+    assert store_module._DUMPS(fields) == json.dumps(fields, separators=(",", ":"),
+                                                     ensure_ascii=False)
+    with pytest.raises(TypeError):
+        store_module._DUMPS({"odd": object()})

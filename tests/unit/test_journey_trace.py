@@ -263,8 +263,8 @@ def test_every_catalogued_kind_renders_without_its_fields() -> None:
     for kind in KINDS:
         step = describe(JourneyEvent(T0, kind))
         assert step.text
-    unknown = describe(JourneyEvent(T0, "authn.spf", fields={"result": "pass", "txn": 1}))
-    assert unknown.text == "authn.spf result=pass" and unknown.rule == ""
+    unknown = describe(JourneyEvent(T0, "arc.verify", fields={"result": "pass", "txn": 1}))
+    assert unknown.text == "arc.verify result=pass" and unknown.rule == ""
 
 
 def test_an_emitter_rule_wins() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from mailsys.journey.interfaces import IJourneyRecorder
@@ -245,3 +246,20 @@ def test_an_unwritable_store_turns_recording_off(tmp_path: Path) -> None:
     reactor.wait_for(Fired(writer.flush()), "the flush")
     assert writer.dropped == 1
     stop(writer, reactor)
+
+
+def test_the_writer_counts_its_thread_cpu_and_says_so_when_it_stops(tmp_path: Path) -> None:
+    """The writer thread's CPU time is kept and logged at stop with the events written."""
+    reactor = ThreadCallReactor()
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        writer = start(tmp_path, reactor)
+        for n in range(200):
+            writer.emit("spool.commit", queue_id=f"Q{n}", sender="a@b.test", size=n)
+        stop(writer, reactor)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert writer.cpu_seconds > 0
+    [stopped] = [e for e in seen if "writer stopped" in e.get("log_format", "")]
+    assert stopped["written"] == 200 and stopped["cpu"] == writer.cpu_seconds

@@ -42,7 +42,7 @@ def test_plan_defaults() -> None:
     (3, "10.0.0.0/24", "must be inside 127.0.0.0/8"),
     (3, "::1/128", "must be inside 127.0.0.0/8"),
     (3, "lab", "is not a network"),
-    (3, "127.0.2.0/30", "the lab needs 4"),
+    (3, "127.0.2.0/30", "the lab needs 5"),
 ])
 def test_plan_refuses_bad_input(domains: int, net: str, message: str) -> None:
     """Bad --domains and --net values are one line naming the option."""
@@ -187,5 +187,7 @@ def test_table_names_hosts_users_ca_and_commands(tmp_path: Path) -> None:
     table = render_table(plan)
     for needle in ("mail.gamma.test", "127.0.2.4", "bob@beta.test (bob-beta)", str(plan.ca_file),
                    "swaks --server 127.0.2.2:5587 --tls --tls-verify", "mutt ",
-                   "mailsys lab down --dir"):
+                   "mailsys lab down --dir", "Thunderbird: import",
+                   "IMAP 127.0.2.2 port 5993 SSL/TLS", "mx1.gamma.test (preference 10",
+                   "mailsys lab scenario list"):
         assert needle in table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from twisted.internet.protocol import Factory
 from twisted.logger import (
+    Logger,
     LogLevel,
     capturedLogs,
     formatEventAsClassicLogText,
@@ -22,6 +24,7 @@ from twisted.names.dns import DNSDatagramProtocol
 from twisted.python import log as legacy
 from twisted.python import threadable
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
 from mailsys import logwriter
@@ -249,3 +252,73 @@ def test_twisted_chatter_is_left_out() -> None:
     assert lines[0] == "Received SIGTERM, shutting down."
     assert "starting on 1" in lines[1] and lines[-1] == "listening on tcp:25"
     assert not any("Starting" in line or "Stopping" in line or "Closed" in line for line in lines)
+
+
+def test_json_format_is_one_object_per_line() -> None:
+    """--log-format json writes each event as one JSON object on one line: time, level,
+    namespace, the formatted text, a failure's traceback, the event's own fields and the
+    format; a value JSON cannot hold is its repr."""
+    out, reactor = io.StringIO(), FakeReactor(running=False)
+    writer = BatchedLogWriter(out, reactor, logwriter.JSON)
+    logger = Logger(namespace="mailsys.test", observer=writer)
+    logger.info("queued {queue_id}\nsecond line", queue_id="Q1")
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        logger.failure("delivery {queue_id} failed", queue_id="Q2")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["text"] == "queued Q1\nsecond line" and first["queue_id"] == "Q1"
+    assert first["level"] == "info" and first["namespace"] == "mailsys.test"
+    assert first["time"].startswith(time.strftime("%Y-"))
+    assert first["log_format"] == "queued {queue_id}\nsecond line"
+    assert "log_logger" not in first and "log_time" not in first
+    assert second["level"] == "critical" and "ValueError: broken" in second["traceback"]
+
+
+def test_json_values_json_cannot_hold_are_their_repr() -> None:
+    """A field holding an object (a Failure's parts, an address) is written as its repr."""
+    out = io.StringIO()
+    BatchedLogWriter(out, FakeReactor(running=False), logwriter.JSON)(
+        {**event("peer {peer}"), "peer": ("127.0.0.1", 25), "thing": object()})
+    record = json.loads(out.getvalue())
+    assert record["peer"] == ["127.0.0.1", 25] and record["thing"].startswith("<object")
+
+
+def test_json_keys_of_ours_win_over_event_fields() -> None:
+    """An event field named like one of ours (``text``) does not make a duplicate key."""
+    out = io.StringIO()
+    BatchedLogWriter(out, FakeReactor(running=False), logwriter.JSON)(
+        {**event("said {text}"), "text": "hello"})
+    line = out.getvalue()
+    assert line.count('"text"') == 1 and json.loads(line)["text"] == "said hello"
+
+
+def test_reopen_after_the_file_was_moved(tmp_path: Path) -> None:
+    """reopen() writes what it holds, then continues in a new file of the same name (after
+    logrotate moved the old one away)."""
+    path = tmp_path / "mailsys.log"
+    log_file = LogFile.fromFullPath(str(path))
+    writer = BatchedLogWriter(log_file, FakeReactor(running=False))
+    writer(event("before"))
+    path.rename(tmp_path / "mailsys.log.1")
+    writer.reopen()
+    writer(event("after"))
+    log_file.close()
+    assert "before" in (tmp_path / "mailsys.log.1").read_text()
+    assert "after" in path.read_text() and "before" not in path.read_text()
+
+
+def test_log_format_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`twistd mailsys --log-format json` aims the writer's format; another word is refused."""
+    monkeypatch.setattr(logwriter, "_destination", None)
+    config = tmp_path / "mailsys.toml"
+    config.write_text(Path("etc/mailsys.toml").read_text())
+    options = ServerOptions()
+    options.parseOptions(["-n", "mailsys", "--config", str(config), "--log-format", "json"])
+    assert logwriter._destination == logwriter.Destination(None, logwriter.JSON)
+    with pytest.raises(SystemExit) as exit_info:
+        ServerOptions().parseOptions(["-n", "mailsys", "--config", str(config),
+                                      "--log-format", "xml"])
+    assert exit_info.value.code == 2

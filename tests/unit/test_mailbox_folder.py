@@ -375,6 +375,24 @@ def test_recent_from_is_taken_once_and_never_recreates_a_deleted_folder(tmp_path
     assert gone.recent_from(1, claim=True) == 1 and not gone.path.exists()
 
 
+def test_recent_claims_in_one_batch_answer_as_one_after_the_other(tmp_path: Path) -> None:
+    """recent_from_many gives each request what recent_from would have given it in that order:
+    a read-only session leaves the message recent, the first read-write one takes it, the rest
+    see nothing recent; the record is written once."""
+    inbox = tmp_path / "inbox"
+    deliver(inbox, message(1))
+    folder = Folder(inbox)
+    result = folder.sync()
+    uidnext = result.uidnext
+    answers = folder.recent_from_many([(uidnext, False), (uidnext, True), (uidnext, True)])
+    assert answers == [1, 1, uidnext]
+    assert folder.recent_from(uidnext, claim=False) == uidnext
+    (inbox / RECENT_NAME).unlink()
+    assert folder.recent_from_many([(5, False), (5, True)]) == [5, 5]
+    gone = Folder(inbox / ".Gone", subfolder=True)
+    assert gone.recent_from_many([(1, True)]) == [1] and not gone.path.exists()
+
+
 def test_new_folders_of_a_mailbox_get_ever_greater_uidvalidity(tmp_path: Path) -> None:
     """Folders numbered within the same second get distinct, growing UIDVALIDITY values, so a
     folder deleted and created again never reuses one (RFC 3501 §2.3.1.1)."""

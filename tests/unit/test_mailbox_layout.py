@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from mailsys.mailbox.layout import (
     stored_form,
     unique_name,
     write_message,
+    write_streamed,
 )
 from mailsys.mailbox.wire import to_crlf, wire_size
 
@@ -235,3 +237,35 @@ def test_locate_message_follows_a_rename(tmp_path: Path) -> None:
     assert locate_message(tmp_path, "k,S=1,W=1:2,", "k") == f"{tmp_path}/cur/k,S=1,W=1:2,S"
     assert locate_message(tmp_path, "m:2,", "m") == f"{tmp_path}/new/m,S=1,W=1"
     assert locate_message(tmp_path, "gone:2,", "gone") is None
+
+
+def test_write_streamed_names_the_file_after_the_last_chunk(tmp_path: Path) -> None:
+    """A streamed message is renamed into place under the name asked for once every chunk is
+    written (its size fields known only then), and nothing is left in tmp/."""
+    create_maildir(tmp_path)
+    seen: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for part in (b"Subject: a\n", b"\n", b"body\n"):
+            seen.append(len(part))
+            yield part
+
+    name = write_streamed(tmp_path, "cur", "key1", chunks(),
+                          lambda: f"key1,S={sum(seen)}:2,", mtime=1_000_000.0)
+    assert name == "key1,S=17:2,"
+    assert (tmp_path / "cur" / name).read_bytes() == b"Subject: a\n\nbody\n"
+    assert (tmp_path / "cur" / name).stat().st_mtime == 1_000_000.0
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_write_streamed_that_fails_leaves_nothing(tmp_path: Path) -> None:
+    """A source that breaks off mid-way leaves neither a tmp/ file nor a message."""
+    create_maildir(tmp_path)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"Subject: a\n"
+        raise OSError("source gone")
+
+    with pytest.raises(OSError, match="source gone"):
+        write_streamed(tmp_path, "cur", "key2", chunks(), lambda: "key2:2,")
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "cur") == []

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from mailsys.delivery.maildir import MaildirWriter
 from mailsys.envelope import Envelope, Recipient, TargetKind
@@ -205,3 +207,58 @@ def test_poll_notices_changes_by_other_processes(store: MailboxStore) -> None:
     assert calls == [1]
     result_of(store.poll())
     assert calls == [1]
+
+
+class HeldPool:
+    """A disk pool whose jobs wait until the test runs them, in order."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[object, Deferred[object]]] = []
+
+    def run(self, func: Callable[..., object], *args: object) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self.jobs.append((lambda: func(*args), d))
+        return d
+
+    def run_next(self) -> None:
+        job, d = self.jobs.pop(0)
+        d.callback(job())  # type: ignore[operator]
+
+
+def test_refreshes_of_one_folder_share_a_sync_started_after_they_asked(tmp_path: Path) -> None:
+    """Many views refreshing one folder at once cost one sync that starts after their request
+    (not the one already running, which may have read the folder before the change)."""
+    store = MailboxStore(tmp_path / "maildirs", ImmediatePool())
+    views = [result_of(store.open_folder(USER)) for _ in range(50)]
+    pool = HeldPool()
+    store.pool = pool  # type: ignore[assignment]
+    first = views[0].refresh()  # a sync starts
+    deliver(store.mailbox_path(USER), message(1))  # then a message arrives
+    rest = [view.refresh() for view in views[1:]]
+    assert len(pool.jobs) == 1
+    pool.run_next()  # the sync that began before the delivery answers the first view only
+    assert len(result_of(first).added) in (0, 1)
+    assert len(pool.jobs) == 1 and not any(d.called for d in rest)
+    pool.run_next()  # one more sync for the other 49
+    assert all(len(result_of(d).added) == 1 for d in rest)
+    assert pool.jobs == []
+
+
+def test_recent_claims_of_many_sessions_share_one_disk_job(tmp_path: Path) -> None:
+    """Claims on one folder that arrive while a claim batch runs are answered by one more disk
+    job, in the order they were asked: only the first read-write session gets \\Recent."""
+    store = MailboxStore(tmp_path / "maildirs", ImmediatePool())
+    deliver(store.mailbox_path(USER), message(1))
+    view = result_of(store.open_folder(USER))
+    pool = HeldPool()
+    store.pool = pool  # type: ignore[assignment]
+    uidnext = view.uidnext
+    first = store.recent_from_shared(view.folder, uidnext, claim=False)
+    rest = [store.recent_from_shared(view.folder, uidnext, claim=True) for _ in range(20)]
+    assert len(pool.jobs) == 1
+    pool.run_next()
+    assert result_of(first) == 1
+    assert len(pool.jobs) == 1
+    pool.run_next()
+    answers = [result_of(d) for d in rest]
+    assert answers == [1] + [uidnext] * 19

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -229,6 +230,33 @@ def test_hold_and_delete_during_a_round(running: Server) -> None:
     assert load_envelope(running.spool.directory, "A1").held
     assert [e.queue_id for e in list_envelopes(running.spool.directory)] == ["A1"]
     assert len(runner) == 1
+
+
+def test_delete_while_the_round_rewrites_the_envelope(running: Server,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete that arrives while the end of a round rewrites the envelope removes the
+    message once the rewrite is done (it is not rescheduled and kept)."""
+    agent, runner, spool = running.agent, running.runner, running.spool
+    agent.default = None
+    real_update = spool.update
+    pending: list[tuple[Deferred[None], Any]] = []
+
+    def slow_update(envelope: Any) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        pending.append((d, envelope))
+        return d
+
+    monkeypatch.setattr(spool, "update", slow_update)
+    runner.flush()
+    running.clock.advance(0)
+    waiting = {c.queue_id: c for c in agent.waiting}
+    agent.answer(waiting["B2"], DEFERRED)
+    assert [envelope.queue_id for _, envelope in pending] == ["B2"]
+    assert runner.delete("B2").result is True  # type: ignore[attr-defined]
+    written, envelope = pending.pop()
+    real_update(envelope).addCallback(written.callback)
+    assert [e.queue_id for e in list_envelopes(spool.directory)] == ["A1"]
+    assert runner.envelope("B2") is None
 
 
 # --- mailsys queue ------------------------------------------------------------------------------

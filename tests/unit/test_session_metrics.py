@@ -4,11 +4,14 @@ recipients and messages by reply code, failed logins (driven over StringTranspor
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from mailsys.smtp.policy import StorageFloor
 from mailsys.smtp.server import ListenerRole
 from mailsys.smtp.testing import SessionDriver, make_factory, memory_portal
 from mailsys.web.metrics import ListenerMetrics, Metrics
@@ -75,3 +78,16 @@ def test_listener_metrics_label_the_listener_and_protocol() -> None:
                                      {"listener": "imaps", "code": "554"}) == 1
     metrics.closed()
     assert registry.get_sample_value("mailsys_sessions", {"listener": "imaps"}) == 0
+
+
+def test_free_space_floor_refusal_is_counted() -> None:
+    """MAIL FROM refused with 452 4.3.1 by the spool's free-space floor counts as a refusal."""
+    factory = make_factory()
+    floor = StorageFloor(Path("/nonexistent"), 1000, lambda *args: succeed(0))
+    floor.update(10)
+    factory.storage = floor
+    recorder = factory.metrics = Recorder()
+    driver = SessionDriver(factory)
+    lines = driver.send(b"EHLO client.test\r\nMAIL FROM:<a@remote.test>\r\n")
+    assert lines[-1].startswith("452 4.3.1")
+    assert recorder.calls == ["opened", "refused 452"]

@@ -230,11 +230,21 @@ def test_crlf_split_between_reads_is_not_bare() -> None:
 # --- line and size limits ----------------------------------------------------------------------
 
 
-def test_long_line_then_commands_inside_data() -> None:
-    """A 20,000-byte line followed by command-like lines: nothing runs as a command; the message
-    is refused once at its real end (550 5.6.0), then the session goes on."""
+def test_line_over_998_octets_accepted_as_received() -> None:
+    """A 20,000-byte line (over RFC 5321's 1000 but within smtp.max_line_length, 64 KiB by
+    default) is accepted and stored as it came."""
     driver = in_data()
-    body = (b"Subject: x\r\n\r\n" + b"A" * 20_000 + b"\r\nMAIL FROM:<evil@attacker.test>\r\n"
+    body = b"Subject: x\r\n\r\n" + b"A" * 20_000 + b"\r\nend\r\n"
+    assert driver.codes(body + b".\r\n") == [250]
+    assert stored(driver) == [body]
+
+
+def test_long_line_then_commands_inside_data() -> None:
+    """A 100,000-byte line (over the 64 KiB bound) followed by command-like lines: nothing runs
+    as a command; the message is refused once at its real end (550 5.6.0), then the session
+    goes on."""
+    driver = in_data()
+    body = (b"Subject: x\r\n\r\n" + b"A" * 100_000 + b"\r\nMAIL FROM:<evil@attacker.test>\r\n"
             b"RCPT TO:<bob@example.test>\r\nDATA\r\nQUIT\r\n")
     assert driver.send(body) == []
     assert driver.send(b".\r\n") == [str(replies.DATA_LINE_TOO_LONG)]
@@ -244,7 +254,7 @@ def test_long_line_then_commands_inside_data() -> None:
 
 def test_long_line_arriving_in_small_pieces() -> None:
     """An over-long line fed 100 bytes at a time is refused the same way."""
-    driver = in_data()
+    driver = in_data(max_line_length=1000)
     data = b"B" * 20_000 + b"\r\nQUIT\r\n.\r\n"
     lines = []
     for start in range(0, len(data), 100):

@@ -533,16 +533,20 @@ def test_too_many_bad_commands() -> None:
 
 
 def test_connection_limits() -> None:
-    """Beyond max_connections_per_client or max_connections the greeting is 421 4.7.0."""
+    """Beyond max_connections_per_client the greeting is 421 4.7.0; at max_connections, with
+    every session a sender that completed a transaction, so is the newcomer's."""
     factory = make_factory(max_connections=3, max_connections_per_client=2)
     first = SessionDriver(factory, "192.0.2.1")
-    SessionDriver(factory, "192.0.2.1")
+    second = SessionDriver(factory, "192.0.2.1")
     third = SessionDriver(factory, "192.0.2.1")
     assert third.lines() == [str(replies.TOO_MANY_FROM_CLIENT)]
     assert third.closed
     third.lose()
     other = SessionDriver(factory, "192.0.2.2")
     assert other.lines()[0].startswith("220 ")
+    for sender in (first, second, other):  # real senders now: never shed
+        assert sender.codes(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                            b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")[-1] == 250
     fourth = SessionDriver(factory, "192.0.2.3")
     assert fourth.lines() == [str(replies.TOO_MANY_CONNECTIONS)]
     first.lose()
@@ -550,6 +554,44 @@ def test_connection_limits() -> None:
     again = SessionDriver(factory, "192.0.2.1")
     assert again.lines()[0].startswith("220 ")
     assert factory.connections.by_client == {"192.0.2.1": 2, "192.0.2.2": 1}
+
+
+def test_idle_connection_shed_at_the_cap() -> None:
+    """At max_connections the session silent longest that has not completed a transaction is
+    closed with 421 4.7.0 so that a newcomer gets in; one that delivered a message is kept."""
+    clock = Clock()
+    factory = make_factory(max_connections=3, max_connections_per_client=3, clock=clock)
+    sender = SessionDriver(factory, "192.0.2.9")
+    sender.lines()
+    sender.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+                b"Subject: x\r\n\r\nx\r\n.\r\n")
+    clock.advance(1)
+    idle_old = SessionDriver(factory, "192.0.2.1")
+    clock.advance(1)
+    idle_new = SessionDriver(factory, "192.0.2.1")
+    clock.advance(1)
+    idle_new.send(b"NOOP\r\n")
+    newcomer = SessionDriver(factory, "192.0.2.2")
+    assert newcomer.lines()[0].startswith("220 ")
+    assert idle_old.lines()[-1] == str(replies.SHED_IDLE)
+    assert idle_old.closed
+    assert not idle_new.closed and not sender.closed
+    assert factory.connections.total == 3
+    idle_old.lose()  # the close completes: nothing is released twice
+    assert factory.connections.total == 3
+
+
+def test_short_idle_time_near_the_cap() -> None:
+    """Above smtp.stress_percent of the cap, a session without a completed transaction may
+    stay silent only smtp.stress_idle_timeout seconds."""
+    clock = Clock()
+    factory = make_factory(max_connections=4, max_connections_per_client=4, clock=clock,
+                           stress_percent=50, stress_idle_timeout=5.0)
+    first = SessionDriver(factory, "192.0.2.1")
+    SessionDriver(factory, "192.0.2.1")
+    first.send(b"NOOP\r\n")  # the idle timer is set again, now with the short time
+    clock.advance(6)
+    assert first.lines()[-1] == str(replies.IDLE_TIMEOUT)
 
 
 def test_refused_connection_ignores_input() -> None:

@@ -68,6 +68,28 @@ class SPFTests(SynchronousTestCase):
                             "192.0.2.1", "x@a.test")
         self.assertEqual(result.result, "permerror")
 
+    def test_include_loop(self) -> None:
+        """Records including each other (and themselves) end in permerror at the lookup
+        limit, never in endless recursion."""
+        result = self.check({"a.test": {"TXT": ["v=spf1 include:b.test -all"]},
+                             "b.test": {"TXT": ["v=spf1 include:a.test include:b.test -all"]}},
+                            "192.0.2.1", "x@a.test")
+        self.assertEqual(result.result, "permerror")
+        self.assertLessEqual(result.lookups, 11)
+
+    def test_include_fan_out(self) -> None:
+        """A record whose includes each include ten more is cut at 10 lookups in all, not
+        10 per level (RFC 7208 §4.6.4)."""
+        zone: dict[str, Any] = {"a.test": {"TXT": ["v=spf1 " + " ".join(
+            f"include:i{n}.test" for n in range(10)) + " -all"]}}
+        for n in range(10):
+            zone[f"i{n}.test"] = {"TXT": ["v=spf1 " + " ".join(
+                f"a:h{n}-{m}.test" for m in range(10)) + " -all"]}
+            zone.update({f"h{n}-{m}.test": {"A": ["192.0.2.99"]} for m in range(10)})
+        result = self.check(zone, "192.0.2.1", "x@a.test")
+        self.assertEqual(result.result, "permerror")
+        self.assertIn("more than 10", result.problem)
+
     def test_server_never_answers(self) -> None:
         """A DNS server that never answers gives temperror at the resolver's deadline."""
         checker = SPFChecker(CachingResolver(_Silent(), self.clock, timeout=3))

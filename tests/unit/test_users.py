@@ -472,3 +472,37 @@ def test_unreadable_file_at_start_is_an_error(path: Path) -> None:
     path.mkdir(parents=True)  # reading a directory fails like an unreadable file
     with pytest.raises(IsADirectoryError):
         UserStore(path, reload_on_lookup=False)
+
+
+def test_admin_flag_is_an_extra_field_dovecot_ignores(path: Path) -> None:
+    """add(admin=True) and set_admin write mailsys_admin=yes in the extra-fields column, keep
+    every other field, and is_admin reads it back; unknown and plain users are not admins."""
+    store = UserStore(path)
+    store.add("boss@example.test", "pw", admin=True)
+    store.add("plain@example.test", "pw")
+    assert store.is_admin("Boss@Example.test") and not store.is_admin("plain@example.test")
+    assert not store.is_admin("nobody@example.test") and not store.is_admin("not a name")
+    line = next(li for li in path.read_text().splitlines() if li.startswith("boss@"))
+    # user:hash:uid:gid:gecos:home:shell:extra_fields (Dovecot's passwd-file columns)
+    assert line.split(":", 2)[2] == ":::::mailsys_admin=yes"
+    store.set_admin("plain@example.test", True)
+    store.set_admin("boss@example.test", False)
+    assert store.is_admin("plain@example.test") and not store.is_admin("boss@example.test")
+    assert next(li for li in path.read_text().splitlines()
+                if li.startswith("boss@")).count(":") == 1  # nothing left after the hash
+    with pytest.raises(UnknownUserError):
+        store.set_admin("nobody@example.test", True)
+
+
+def test_admin_flag_keeps_dovecot_fields(path: Path) -> None:
+    """A line with uid, gid, home and its own extra fields keeps them when the flag changes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("ann@example.test:{PLAIN}x:1000:1000::/home/ann::userdb_quota_rule=*:10M\n")
+    store = UserStore(path)
+    store.set_admin("ann@example.test", True)
+    assert path.read_text() == ("ann@example.test:{PLAIN}x:1000:1000::/home/ann::"
+                                "userdb_quota_rule=*:10M mailsys_admin=yes\n")
+    assert store.is_admin("ann@example.test")
+    store.set_admin("ann@example.test", False)
+    assert path.read_text() == ("ann@example.test:{PLAIN}x:1000:1000::/home/ann::"
+                                "userdb_quota_rule=*:10M\n")
