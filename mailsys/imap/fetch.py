@@ -288,3 +288,46 @@ def metadata_renderer(items: list[FetchItem], *, with_uid: bool) -> Renderer | N
         return template % (seq, *[get(info, flags) for get in getters])
 
     return render
+
+
+BodyRenderer = Callable[[list[bytes], int, MessageInfo, Callable[[MessageInfo], bytes], bytes],
+                        None]
+
+
+def whole_body_renderer(items: list[FetchItem], *, with_uid: bool) -> BodyRenderer | None:
+    """A fast renderer when every item is the whole message (``BODY[]``/``BODY.PEEK[]``
+    without a partial range) or comes from the UID list: the download of a folder
+    (``FETCH 1:* BODY.PEEK[]``). It appends the response's pieces to a list, the message's
+    bytes as they are, so that a batch is joined once instead of each message being copied
+    into its literal, its item and its line. The bytes are those of ``render``. None
+    otherwise."""
+    if not any(item.section is not None for item in items):
+        return None
+    for item in items:
+        if item.section is None:
+            if item.name not in _META:
+                return None
+        elif (item.name != "BODY" or item.partial is not None or item.section.parts
+              or item.section.text):
+            return None
+    # Between the pieces of data: the formats of the metadata runs, None for a body.
+    names: list[str | None] = [None if item.section is not None else item.name
+                               for item in items]
+    if with_uid and "UID" not in names:
+        names.insert(0, "UID")
+
+    def render_whole(out: list[bytes], seq: int, info: MessageInfo,
+                     flags: Callable[[MessageInfo], bytes], data: bytes) -> None:
+        head = b"* %d FETCH (" % seq
+        for index, name in enumerate(names):
+            separator = b" " if index else b""
+            if name is None:
+                out.append(head + separator + b"BODY[] {%d}\r\n" % len(data))
+                out.append(data)
+                head = b""
+            else:
+                pattern, get = _META[name]
+                head += separator + pattern % get(info, flags(info) if name == "FLAGS" else b"")
+        out.append(head + b")\r\n")
+
+    return render_whole

@@ -50,6 +50,7 @@ class FetchRun:
         self._with_flags = [*items, *(fetching.FetchItem(name) for name in reported
                                       if name not in present)]
         self._fast = fetching.metadata_renderer(items, with_uid=with_uid)
+        self._whole = fetching.whole_body_renderer(items, with_uid=with_uid)
         self._batches = self._split(targets)
         self._loaded: dict[int, list[bytes | None]] = {}
         self._next_read = 0
@@ -132,7 +133,10 @@ class FetchRun:
         if len(present) < len(batch):
             self._complete = False
         if not self._set_seen:
-            self._emit(present, set())
+            if self._whole is not None:
+                self._emit_whole(present)
+            else:
+                self._emit(present, set())
             self._pump()
             return
         changes = [(info, _ADD_SEEN) for _, info, _ in present if SEEN not in info.flags]
@@ -170,6 +174,18 @@ class FetchRun:
                                            with_uid=self._with_uid))
             except fetching.UnknownCTEError:
                 self.unknown_cte = True  # the session answers NO [UNKNOWN-CTE]
+        self._ctx.write(b"".join(out))
+
+    def _emit_whole(self, present: list[tuple[int, MessageInfo, bytes | None]]) -> None:
+        """Whole-message responses without \\Seen changes: the pieces of the batch joined
+        once (see fetching.whole_body_renderer)."""
+        whole = self._whole
+        assert whole is not None
+        flags = self._selected.flags
+        out: list[bytes] = []
+        for seq, info, body in present:
+            assert body is not None  # Need.WHOLE: the expunged are not present
+            whole(out, seq, info, flags, body)
         self._ctx.write(b"".join(out))
 
     def _emit_fast(self, batch: list[tuple[int, MessageInfo]]) -> None:

@@ -68,6 +68,21 @@ class HeaderCache:
         self.put(key, both)
         return both
 
+    def lowers(self, folder: Folder, infos: list[MessageInfo]) -> list[bytes | None]:
+        """Disk thread: the lower-cased header of each of ``infos``, None for one expunged;
+        the folder's part of the key computed once (a header search walks every message)."""
+        path = os.fspath(folder.path)
+        entries = self._entries
+        out: list[bytes | None] = []
+        for info in infos:
+            cached = entries.get((path, info.key, info.size))
+            if cached is None:
+                both = self.header_and_lower(folder, info)
+                out.append(None if both is None else both[1])
+            else:
+                out.append(cached[1])
+        return out
+
     def put(self, key: tuple[str, str, int], both: tuple[bytes, bytes]) -> None:
         size = 2 * len(both[0])
         if size > self.max_bytes // 16:

@@ -246,8 +246,6 @@ class MessageCommands:
         recent = selected.recent
         need = key.need
         folder = selected.view.folder if need is not fetching.Need.NOTHING else None
-        candidates = [searching.Candidate(seq, info, info.uid in recent, folder)
-                      for seq, info in enumerate(messages, 1)]
         context = searching.Context(len(messages), messages[-1].uid if messages else 0,
                                     list(selected.keywords), selected.saved)
 
@@ -271,13 +269,17 @@ class MessageCommands:
             return completed(tag, "UID SEARCH" if uid else "SEARCH")
 
         if need is fetching.Need.NOTHING:
-            return answer(searching.run(key, candidates, context))
+            return answer(searching.run(key, [searching.Candidate(seq, info, info.uid in recent)
+                                              for seq, info in enumerate(messages, 1)], context))
         # Header searches mostly hit the header cache: one disk-thread call. Body searches read
-        # every file: several calls, so that the disk threads work in parallel.
+        # every file: several calls, so that the disk threads work in parallel. Candidates are
+        # built in the disk thread, from a copy of the view's list and of the recent set.
         batch = SEARCH_BATCH if need is fetching.Need.WHOLE else 50 * SEARCH_BATCH
-        chunks = [candidates[i:i + batch] for i in range(0, len(candidates), batch)]
+        recent_now = frozenset(recent)
         d: Deferred[list[list[searching.Candidate]]] = gatherResults(
-            [self._ctx.run(searching.run, key, chunk, context) for chunk in chunks])
+            [self._ctx.run(searching.run_over, key, messages[i:i + batch], i + 1, recent_now,
+                           folder, context)
+             for i in range(0, len(messages), batch)])
         return d.addCallback(lambda parts: answer([c for part in parts for c in part]))
 
     def _do_expunge(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:

@@ -10,11 +10,14 @@ against text parts with their transfer encoding and charset decoded.
 from __future__ import annotations
 
 import binascii
+import bisect
 import calendar
 import codecs
 import email.header
 import email.utils
+import itertools
 import quopri
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -268,41 +271,43 @@ class HeaderContains(Key):
 
     def __post_init__(self) -> None:
         self._start = self.name.lower() + b":"
-        self._marker = b"\n" + self._start
         self._ascii = self.text.isascii()
         self._needle = self.text.encode("ascii", "replace")
+        # A plain ASCII header without the string cannot hold it in the field either.
+        self.skips_plain_misses = self._ascii and bool(self.text)
+        # Each occurrence of the field, its value in group 1: it runs to the first CRLF not
+        # followed by SP or HTAB (RFC 5322 §2.2.3 folding); a lone CR is part of it.
+        # The same, over plain-ASCII headers joined (run_over): a value of the field that
+        # contains the string, to its end at most. Only for a string without CR or LF.
+        self.plain_search = (re.compile(rb"\n" + re.escape(self._start)
+                                        + rb"(?:[^\r]|\r(?!\n)|\r\n(?=[ \t]))*?"
+                                        + re.escape(self._needle))
+                             if self.skips_plain_misses and not re.search(rb"[\r\n]",
+                                                                          self._needle)
+                             else None)
+        self.fields = re.compile(rb"(?:\A|\n)" + re.escape(self._start)
+                                 + rb"([^\r]*(?:\r(?:(?!\n)|\n(?=[ \t]))[^\r]*)*)")
 
     def match(self, message: Candidate, context: Context) -> bool:
         both = message.header_and_lower()
         if both is None:
             return False
         header, lower = both
-        if (self._ascii and self.text and self._needle not in lower and lower.isascii()
+        if (self.skips_plain_misses and self._needle not in lower and lower.isascii()
                 and b"=?" not in lower):
             # Nowhere in a plain ASCII header: not in the field either (the common miss, one
             # scan in C instead of walking the fields in Python).
             return False
-        position = 0 if lower.startswith(self._start) else lower.find(self._marker)
-        while position >= 0:
-            begin = lower.index(b":", position) + 1
-            end = begin
-            while True:  # the value runs to the first line end not followed by SP or HTAB
-                end = lower.find(b"\r\n", end)
-                if end < 0:
-                    end = len(lower)
-                    break
-                if lower[end + 2:end + 3] not in (b" ", b"\t"):
-                    break
-                end += 2
+        for found in self.fields.finditer(lower):
             if not self.text:
                 return True
+            begin, end = found.span(1)
             value = lower[begin:end]
             if self._ascii and value.isascii() and b"=?" not in value:
                 if self._needle in value:
                     return True
             elif self.text in decode_header(header[begin:end]).casefold():
                 return True
-            position = lower.find(self._marker, end)
         return False
 
 
@@ -519,3 +524,29 @@ def run(key: Key, candidates: list[Candidate], context: Context) -> list[Candida
     return [c for c in candidates if key.match(c, context)]
 
 
+_SEPARATOR = b"\r\n\n"
+
+
+def run_over(key: Key, messages: list[MessageInfo], first_seq: int, recent: frozenset[int],
+             folder: Folder | None, context: Context) -> list[Candidate]:
+    """Disk thread: the matches of ``key`` among ``messages``, numbered from ``first_seq``.
+
+    A plain-ASCII search of one header field (SEARCH SUBJECT x, the common header search)
+    over headers that are all plain ASCII without encoded words (most folders) is one
+    pattern search of their cached lower-cased forms joined, so that Python work is done
+    per match, not per message; any other search runs over a candidate per message.
+    """
+    if type(key) is HeaderContains and key.skips_plain_misses and folder is not None:
+        lowers = HEADERS.lowers(folder, messages)
+        # An expunged message contributes nothing; every header is preceded by a separator
+        # that ends any value before it ("\r\n" then no SP/HTAB) and starts a line ("\n").
+        blob = _SEPARATOR + _SEPARATOR.join([lower or b"" for lower in lowers])
+        if blob.isascii() and b"=?" not in blob and key.plain_search is not None:
+            starts = list(itertools.accumulate(
+                (len(_SEPARATOR) + len(lower or b"") for lower in lowers), initial=0))
+            hits = sorted({bisect.bisect_right(starts, m.start()) - 1
+                           for m in key.plain_search.finditer(blob)})
+            return [Candidate(first_seq + i, messages[i], messages[i].uid in recent, folder)
+                    for i in hits]
+    return run(key, [Candidate(seq, info, info.uid in recent, folder)
+                     for seq, info in enumerate(messages, first_seq)], context)

@@ -28,9 +28,20 @@ def wire_size(data: bytes) -> int:
 
 
 def to_crlf(data: bytes) -> bytes:
-    """``data`` with every line ending in CRLF and its last line terminated (whole message)."""
-    encoder = WireEncoder(stuff_dots=False)
-    return encoder.feed(data) + encoder.finish()
+    """``data`` with every line ending in CRLF and its last line terminated (whole message).
+
+    The same bytes as a WireEncoder without dot-stuffing fed the whole message, without the
+    encoder object (a FETCH of a folder converts thousands of messages).
+    """
+    if not data:
+        return b""
+    if data.endswith(b"\r"):
+        body, tail = data[:-1], CRLF  # a final lone CR ends the last line
+    else:
+        body, tail = data, (b"" if data.endswith(b"\n") else CRLF)
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return body + tail if tail else body
 
 
 class WireEncoder:

@@ -176,3 +176,45 @@ def test_framing_does_not_depend_on_chunking(data: bytes, cuts: list[int]) -> No
                 reader.astring()
             except ParseError:
                 pass
+
+
+@pytest.mark.parametrize("items_text, with_uid", [
+    (b"BODY.PEEK[]", False),
+    (b"BODY.PEEK[]", True),
+    (b"(UID BODY.PEEK[] FLAGS)", False),
+    (b"(RFC822.SIZE BODY[] INTERNALDATE MODSEQ BODY.PEEK[])", True),
+])
+def test_whole_body_renderer_matches_render(items_text: bytes, with_uid: bool) -> None:
+    """The whole-message FETCH renderer writes the same bytes as the general one."""
+    from mailsys.imap.fetch import parse_fetch_items, render, whole_body_renderer
+    from mailsys.mailbox.folder import MessageInfo
+
+    items = parse_fetch_items(Reader(items_text))
+    info = MessageInfo(uid=7, key="k", name="k:2,S", size=30, wire_size=32,
+                       flags=frozenset("S"), internal_date=1_700_000_000.0, modseq=5)
+    data = b"Subject: x\r\n\r\nbody\r\n"
+    renderer = whole_body_renderer(items, with_uid=with_uid)
+    assert renderer is not None
+    out: list[bytes] = []
+    renderer(out, 3, info, lambda _: b"\\Seen", data)
+    assert b"".join(out) == render(3, info, items, lambda: b"\\Seen", data, with_uid=with_uid)
+
+
+def test_whole_body_renderer_declines_parts_and_ranges() -> None:
+    """Sections, partial ranges and parsed items go to the general renderer."""
+    from mailsys.imap.fetch import parse_fetch_items, whole_body_renderer
+
+    for text in (b"BODY.PEEK[1]", b"BODY.PEEK[]<0.10>", b"(BODY.PEEK[] ENVELOPE)",
+                 b"BODY.PEEK[HEADER]", b"(UID FLAGS)", b"BINARY.PEEK[]"):
+        assert whole_body_renderer(parse_fetch_items(Reader(text)), with_uid=False) is None
+
+
+def test_header_field_values_follow_folding_and_lone_cr() -> None:
+    """A header search sees each occurrence of the field, folded lines and lone CRs included."""
+    from mailsys.imap.search import HeaderContains
+
+    key = HeaderContains(b"subject", "x")
+    lower = (b"subject: a\r\n b\rc\r\nto: subject: no\r\nx-subject: no\r\n"
+             b"subject:\t2\r\n\r\n")
+    assert [lower[a:b] for a, b in (m.span(1) for m in key.fields.finditer(lower))] == [
+        b" a\r\n b\rc", b"\t2"]

@@ -269,6 +269,28 @@ def test_store_of_invalid_system_flag_is_bad(server: Server) -> None:
 # --- SEARCH -------------------------------------------------------------------------------------
 
 
+def test_search_subject_over_plain_headers(server: Server) -> None:
+    """SEARCH SUBJECT over plain-ASCII headers finds the field's values, folded ones too."""
+    deliver(server.inbox, b"From: x@example.test\r\nSubject: apple\r\n\r\nbody x\r\n")
+    deliver(server.inbox, b"Subject: one\r\n two x\r\nTo: y@example.test\r\n\r\nbody\r\n")
+    deliver(server.inbox, b"To: x@example.test\r\n\r\nno subject\r\n")
+    deliver(server.inbox, b"Subject: Pear\r\nSubject: X-ray\r\n\r\nbody\r\n")
+    client = server.connect()
+    client.login()
+    client.select()
+
+    def search(keys: str) -> list[int]:
+        out = client.ok(f"SEARCH {keys}")
+        line = next(x for x in out.split("\r\n") if x.startswith("* SEARCH"))
+        return [int(n) for n in line.split()[2:]]
+
+    assert search("SUBJECT x") == [2, 4]  # folded value; second occurrence of the field
+    assert search("SUBJECT \"one two\"") == []  # the fold's CRLF stays in the value
+    assert search("SUBJECT PEAR") == [4]
+    assert search("SUBJECT example") == []
+    assert search("SUBJECT \"\"") == [1, 2, 4]
+
+
 def test_search_keys(server: Server) -> None:
     """SEARCH combines flags, headers, bodies, sizes, sets, NOT and OR; UID SEARCH gives UIDs."""
     deliver(server.inbox, b"From: alice@example.test\r\nSubject: Hello there\r\n\r\nbody apple\r\n",
@@ -293,6 +315,8 @@ def test_search_keys(server: Server) -> None:
     assert search("SUBJECT hello") == [1]
     assert search("SUBJECT zebra") == []  # in no header at all
     assert search("SUBJECT gr") == [2]  # only in the decoded encoded-word
+    assert search("SUBJECT alice") == []  # in the header, but in another field
+    assert search("SUBJECT BIG") == [3]  # case-insensitive, numbered past the misses
     assert search("CHARSET UTF-8 SUBJECT {5}\r\ngrüß".replace("{5}", "{6}")) == [2]
     assert search("BODY banana") == [2]
     assert search("TEXT carol") == [3]

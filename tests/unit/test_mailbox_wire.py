@@ -118,3 +118,12 @@ def test_top_returns_header_and_lines() -> None:
     assert top_lines(data, 5) is None  # more than there is: the caller sends it all
     assert top_lines(b"A: 1\nB: 2\n\nbody\n", 1) == b"A: 1\nB: 2\n\nbody\n"
     assert top_lines(b"A: 1\r\nno end", 0) is None
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b".", b"\n\r"]), max_size=12))
+def test_to_crlf_is_the_encoder_without_dots(pieces: list[bytes]) -> None:
+    """to_crlf gives the bytes of a WireEncoder without dot-stuffing fed the whole message."""
+    data = b"".join(pieces)
+    encoder = WireEncoder(stuff_dots=False)
+    assert to_crlf(data) == encoder.feed(data) + encoder.finish()
+    assert len(to_crlf(data)) == wire_size(data)
