@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,37 +96,46 @@ def add_lab_commands(commands: Any, parser_class: type[argparse.ArgumentParser])
     run.set_defaults(run=_scenario)
 
 
+def _lab_command(step: Callable[[], int]) -> int:
+    """Run one lab action; a LabError is the one-line failure every mailsys command prints
+    (mailsys.cli's convention) and exit status 1."""
+    try:
+        return step()
+    except LabError as exc:
+        print(f"mailsys: {exc}", file=sys.stderr)
+        return 1
+
+
+def _said(answer: Callable[[], str]) -> Callable[[], int]:
+    """An action whose answer is one line to print, then status 0."""
+
+    def step() -> int:
+        print(answer(), flush=True)
+        return 0
+
+    return step
+
+
 def _run(action: str, args: argparse.Namespace) -> int:
     lab = Lab(args.dir)
-    try:
+
+    def step() -> int:
         if action == "up":
             lab.up(args.domains, args.net, args.time_scale)
             return 0
         if action == "status":
             return lab.status()
         return lab.down()
-    except LabError as exc:
-        # The one-line failure every mailsys command prints (mailsys.cli's convention).
-        print(f"mailsys: {exc}", file=sys.stderr)
-        return 1
+
+    return _lab_command(step)
 
 
 def _fault(args: argparse.Namespace) -> int:
-    try:
-        print(Lab(args.dir).fault(args.domain, args.fault), flush=True)
-    except LabError as exc:
-        print(f"mailsys: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _lab_command(_said(lambda: Lab(args.dir).fault(args.domain, args.fault)))
 
 
 def _clock(args: argparse.Namespace) -> int:
-    try:
-        print(Lab(args.dir).clock(args.clock_command, args.amount), flush=True)
-    except LabError as exc:
-        print(f"mailsys: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _lab_command(_said(lambda: Lab(args.dir).clock(args.clock_command, args.amount)))
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -197,6 +197,12 @@ class Run:
         self.wait(seen, f"{what} in the journey on {host.hostname}")
         return found[0]
 
+    def wait_attempt(self, host: LabHost, query: str, status: str, what: str) -> JourneyEvent:
+        """The first delivery attempt of ``query`` on ``host`` that ended ``status``
+        (deferred, failed, ...)."""
+        return self.wait_event(host, query, lambda e: e.kind == "delivery.attempt"
+                               and e.fields.get("status") == status, what)
+
     def show(self, host: LabHost, query: str) -> None:
         self.shown.append((host, query))
 
@@ -278,10 +284,7 @@ def retry_then_deliver(run: Run) -> str:
     with run.fault(beta, "tempfail"):
         message_id = run.submit(alpha, 1, msg)
         run.show(alpha, message_id)
-        deferred = run.wait_event(
-            alpha, message_id,
-            lambda e: e.kind == "delivery.attempt" and e.fields.get("status") == "deferred",
-            "the deferred attempt")
+        deferred = run.wait_attempt(alpha, message_id, "deferred", "the deferred attempt")
         run.say(f"  alpha deferred it: {deferred.fields.get('reply')}")
     run.show(beta, message_id)
     # The first retry is 30 s of queue time after the attempt (the lab's retry_schedule).
@@ -300,9 +303,7 @@ def bounce(run: Run) -> str:
                       "beta will answer 550 for this recipient.")
     message_id = run.submit(alpha, 0, msg)
     run.show(alpha, message_id)
-    run.wait_event(alpha, message_id,
-                   lambda e: e.kind == "delivery.attempt" and e.fields.get("status") == "failed",
-                   "the failed attempt")
+    run.wait_attempt(alpha, message_id, "failed", "the failed attempt")
     created = run.wait_event(alpha, message_id, lambda e: e.kind == "dsn.created",
                              "the bounce (DSN)")
     bounce_id = created.message_id or ""
@@ -324,18 +325,14 @@ def delay_then_bounce(run: Run) -> str:
                       "beta answers 451 for this recipient, every time.")
     message_id = run.submit(alpha, 1, msg)
     run.show(alpha, message_id)
-    run.wait_event(alpha, message_id,
-                   lambda e: e.kind == "delivery.attempt" and e.fields.get("status") == "deferred",
-                   "the deferred attempt")
+    run.wait_attempt(alpha, message_id, "deferred", "the deferred attempt")
     # The lab's delay_warning is 30 minutes of queue time, its max_lifetime one day.
     run.advance(3600, "1h")
     run.wait_event(alpha, message_id,
                    lambda e: e.kind == "dsn.created" and e.fields.get("relation") == "delay",
                    "the delay notice")
     run.advance(86400, "1d")
-    run.wait_event(alpha, message_id,
-                   lambda e: e.kind == "delivery.attempt" and e.fields.get("status") == "failed",
-                   "the expiry")
+    run.wait_attempt(alpha, message_id, "failed", "the expiry")
     run.wait_event(alpha, message_id,
                    lambda e: e.kind == "dsn.created" and e.fields.get("relation") == "bounce",
                    "the bounce")
