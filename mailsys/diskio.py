@@ -435,6 +435,13 @@ def is_no_space(error: BaseException | None) -> bool:
     return isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Disk thread: write all of ``data`` to ``fd`` (os.write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_directory(directory: str | Path) -> None:
     """fsync a directory so that renames and creations inside it survive a crash."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

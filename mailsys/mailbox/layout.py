@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsys.diskio import Staged, finish, fsync_directory
+from mailsys.diskio import Staged, finish, fsync_directory, write_all
 from mailsys.mailbox.wire import wire_size
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def stage_message(maildir: Path | str, sub: str, name: str, stored: bytes, *,
             os.unlink(tmp)
 
     try:
-        _write_all(fd, stored)
+        write_all(fd, stored)
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
     except BaseException:
@@ -249,7 +249,7 @@ def write_streamed(maildir: Path | str, sub: str, key: str, chunks: Iterable[byt
     try:
         try:
             for chunk in chunks:
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -263,11 +263,6 @@ def write_streamed(maildir: Path | str, sub: str, key: str, chunks: Iterable[byt
         raise
     return final
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 # --- unique names --------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from mailsys.diskio import (
     Staged,
     fsync_directory,
     is_no_space,
+    write_all,
     write_file_synced,
 )
 from mailsys.envelope import FORMAT_VERSION, Envelope
@@ -562,7 +563,7 @@ def _write_new(path: str, data: bytes) -> int:
     """Create ``path`` exclusively and write ``data``; the open descriptor (not yet synced)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
     except BaseException:
         os.close(fd)
         raise
@@ -580,17 +581,12 @@ def _overwrite(path: str, data: bytes, size: int) -> int:
     try:
         if not 0 <= size <= len(data):
             os.ftruncate(fd, len(data))
-        _write_all(fd, data)
+        write_all(fd, data)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _error_text(error: BaseException | None) -> str:
