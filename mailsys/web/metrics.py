@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -26,6 +27,24 @@ from mailsys.interfaces import IMessageSink
 # take milliseconds, relayed ones seconds, retried ones hours.
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
                    14400.0, 86400.0)
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[_Metric]):
+    """A labelled metric's children, each looked up in prometheus_client once: its ``labels()``
+    validates, formats and locks on every call, six times per SMTP message."""
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 @dataclass(frozen=True)
@@ -71,60 +90,60 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, clock: IReactorTime) -> None:
         self.registry = registry
-        self._connections = Counter(
+        self._connections = _Children(Counter(
             "mailsys_connections", "Connections accepted, by listener.", ["listener"],
-            registry=registry)
-        self._sessions = Gauge(
+            registry=registry))
+        self._sessions = _Children(Gauge(
             "mailsys_sessions", "Sessions open now, by listener.", ["listener"],
-            registry=registry)
-        self._accepted = Counter(
+            registry=registry))
+        self._accepted = _Children(Counter(
             "mailsys_messages_accepted", "Messages accepted into the queue, by listener.",
-            ["listener"], registry=registry)
-        self._refused = Counter(
+            ["listener"], registry=registry))
+        self._refused = _Children(Counter(
             "mailsys_messages_refused", "Messages or recipients refused, by listener and reply "
-            "code.", ["listener", "code"], registry=registry)
-        self._auth_failures = Counter(
+            "code.", ["listener", "code"], registry=registry))
+        self._auth_failures = _Children(Counter(
             "mailsys_auth_failures", "Failed logins, by protocol.", ["protocol"],
-            registry=registry)
-        self._attempts = Counter(
+            registry=registry))
+        self._attempts = _Children(Counter(
             "mailsys_delivery_attempts", "Delivery attempts, by target (local, relay) and result "
-            "(delivered, deferred, failed).", ["target", "result"], registry=registry)
-        self._latency = Histogram(
+            "(delivered, deferred, failed).", ["target", "result"], registry=registry))
+        self._latency = _Children(Histogram(
             "mailsys_delivery_latency_seconds", "Time from acceptance to delivery.", ["target"],
-            buckets=LATENCY_BUCKETS, registry=registry)
-        self._bounces = Counter(
+            buckets=LATENCY_BUCKETS, registry=registry))
+        self._bounces = _Children(Counter(
             "mailsys_bounces", "Delivery status notifications queued, by kind (failure, "
-            "delay, success).", ["kind"], registry=registry)
+            "delay, success).", ["kind"], registry=registry))
         self._state = _StateCollector(clock)
         registry.register(self._state)
 
     # -- sessions ---------------------------------------------------------------------------------
 
     def connection_opened(self, listener: str) -> None:
-        self._connections.labels(listener).inc()
-        self._sessions.labels(listener).inc()
+        self._connections(listener).inc()
+        self._sessions(listener).inc()
 
     def connection_closed(self, listener: str) -> None:
-        self._sessions.labels(listener).dec()
+        self._sessions(listener).dec()
 
     def message_accepted(self, listener: str) -> None:
-        self._accepted.labels(listener).inc()
+        self._accepted(listener).inc()
 
     def message_refused(self, listener: str, code: int) -> None:
-        self._refused.labels(listener, str(code)).inc()
+        self._refused(listener, str(code)).inc()
 
     def auth_failed(self, protocol: str) -> None:
-        self._auth_failures.labels(protocol).inc()
+        self._auth_failures(protocol).inc()
 
     # -- queue and delivery -----------------------------------------------------------------------
 
     def delivery_attempted(self, target: str, result: str, latency: float | None = None) -> None:
-        self._attempts.labels(target, result).inc()
+        self._attempts(target, result).inc()
         if latency is not None and result == "delivered":
-            self._latency.labels(target).observe(max(0.0, latency))
+            self._latency(target).observe(max(0.0, latency))
 
     def notice_queued(self, kind: str) -> None:
-        self._bounces.labels(kind.lower()).inc()
+        self._bounces(kind.lower()).inc()
 
     def watch_queue(self, state: Callable[[], QueueState]) -> None:
         self._state.queue = state
