@@ -137,11 +137,20 @@ class MessageAuthentication:
         came to an inbound listener."""
         return Deferred.fromCoroutine(self._inbound(facts, message))
 
+    def unchecked(self, message: bytes) -> bytes | None:
+        """With the checks off, ``message`` as it is to be stored: without the fields that claim
+        our authserv-id. None while the checks are on."""
+        if self.checks is not None:
+            return None
+        if self.authserv_id is not None:
+            message, _ = strip_authentication_results(message, self.authserv_id)
+        return message
+
     async def _inbound(self, facts: IntakeFacts, message: bytes) -> IntakeVerdict:
-        if self.checks is None:
-            if self.authserv_id is not None:
-                message, _ = strip_authentication_results(message, self.authserv_id)
-            return IntakeVerdict(message)
+        unchecked = self.unchecked(message)
+        if unchecked is not None:
+            return IntakeVerdict(unchecked)
+        assert self.checks is not None
         try:
             stored, report = await self.checks.check(facts.client_address, facts.helo,
                                                      facts.sender, message)

@@ -198,6 +198,32 @@ class ChecksOffTests(SynchronousTestCase):
         verdict = self.successResultOf(intake.inbound(facts, forged))
         self.assertEqual((verdict.action, verdict.message), ("accept", MESSAGE))
 
+    def test_sink_hands_over_at_once_with_checks_off(self) -> None:
+        """With the checks off, the checking sink hands the message, without our forged field
+        and with its size corrected, to the next sink in the same call; the next sink's result
+        is the caller's."""
+        from mailsys.authn.sink import CheckingSink
+        from mailsys.envelope import Envelope
+
+        stored: list[tuple[Envelope, bytes]] = []
+        committed: Deferred[None] = Deferred()
+
+        class Inner:
+            def new_queue_id(self) -> str:
+                return "Q"
+
+            def submit(self, envelope: Envelope, message: bytes) -> Deferred[None]:
+                stored.append((envelope, message))
+                return committed
+
+        intake = MessageAuthentication(None, None, authserv_id="mx.here.test")
+        sink = CheckingSink(Inner(), intake)  # type: ignore[arg-type]
+        forged = b"Authentication-Results: mx.here.test; dmarc=pass\r\n" + MESSAGE
+        envelope = Envelope("Q", "alice@example.test", [], 0.0, size=len(forged))
+        self.assertIs(sink.submit(envelope, forged), committed)
+        self.assertEqual(stored, [(envelope, MESSAGE)])
+        self.assertEqual(envelope.size, len(MESSAGE))
+
 
 class _Silent:
     """A DNS server that never answers."""
