@@ -7,6 +7,7 @@ the kernel at once instead of at the reactor's next turn. Reactor thread only.
 from __future__ import annotations
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import ITransport
 
 
 def call_optional(transport: object, method: str) -> None:
@@ -40,3 +41,35 @@ def send_now(transport: object) -> None:
     if connection.disconnecting or connection.disconnected or connection.producer is not None:
         return
     connection.doWrite()
+
+
+def write_now(transport: ITransport, data: bytes) -> bool:
+    """Send ``data`` straight to the socket, if ``transport`` is a plain TCP connection with
+    nothing buffered ahead of it (the caller knows: every earlier write went this way and
+    returned True). True if the kernel took all of it.
+
+    ``write`` then ``send_now`` costs two epoll_ctl calls per answer (the descriptor is watched
+    for writability, then no longer) besides the send; an SMTP command's answer almost always
+    fits the socket buffer, and then one send is all it needs. Otherwise (TLS, a producer, a
+    closing connection, a partial send or a send error) what is left is written as before: it
+    waits in the transport for the reactor, which also finds any error; the caller then writes
+    through the transport from then on, since bytes are buffered there.
+    """
+    connection = transport
+    if (not isinstance(connection, tcp.Connection) or connection.TLS or not connection.connected
+            or connection.disconnecting or connection.disconnected
+            or connection.producer is not None):
+        connection_write(transport, data)
+        return False
+    sent = connection.writeSomeData(data)
+    if isinstance(sent, int) and sent == len(data):
+        return True
+    rest = data[sent:] if isinstance(sent, int) else data
+    connection_write(transport, rest)
+    return False
+
+
+def connection_write(transport: ITransport, data: bytes) -> None:
+    """``transport.write(data)``, sent now as far as the kernel takes it (send_now)."""
+    transport.write(data)
+    send_now(transport)

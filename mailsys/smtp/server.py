@@ -57,7 +57,7 @@ from mailsys.smtp.message import (
 )
 from mailsys.smtp.policy import Policy, RecipientRejected, SessionInfo, StorageGate
 from mailsys.tls import TLSContextSource, describe_tls
-from mailsys.transports import send_now
+from mailsys.transports import connection_write, write_now
 
 log = Logger()
 
@@ -150,6 +150,9 @@ class SMTPSession(ServerSession):
         self._sink = factory.sink
         self._mode = _Mode.COMMAND
         self._out: list[bytes] = []
+        # Every answer so far went straight to the socket: nothing is buffered in the
+        # transport, so the next may too (mailsys.transports.write_now).
+        self._direct = True
         self._connected_at = 0.0
         self._helo: str | None = None
         self._esmtp = False
@@ -234,10 +237,11 @@ class SMTPSession(ServerSession):
                 # postscreen's pregreet test: the first line of a multi-line greeting, then a
                 # pause; a client that talks before the last line is a bot (RFC 5321 §4.2.1:
                 # the client must wait for the whole reply).
-                self._transport.write(self._factory.greeting_first)
+                self._send_now(self._factory.greeting_first)
                 self._pregreet = self._clock.callLater(pause, self._greeting_paused)
                 return
-        self._transport.write(self._factory.greeting)
+        # Sent at once: buffered, it would cost a reactor iteration of its own.
+        self._send_now(self._factory.greeting)
 
     def _local_address(self) -> str:
         """The address the client reached (what a HELO naming our own address would name)."""
@@ -246,8 +250,7 @@ class SMTPSession(ServerSession):
     def _greeting_paused(self) -> None:
         self._pregreet = None
         if not self._disconnected and not self._closing:
-            self._transport.write(self._factory.greeting)
-            send_now(self._transport)
+            self._send_now(self._factory.greeting)
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -345,9 +348,13 @@ class SMTPSession(ServerSession):
             self._out.clear()
             return
         if self._out:
-            self._transport.write(b"".join(self._out))
+            data = b"".join(self._out)
             self._out.clear()
-            send_now(self._transport)
+            if self._direct:
+                # Nothing waits in the transport: one send, no epoll_ctl (transports.write_now).
+                self._direct = write_now(self._transport, data)
+            else:
+                connection_write(self._transport, data)
         if self._closing:
             self._transport.loseConnection()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +12,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from mailsys.transports import call_optional, send_now
+from mailsys.transports import call_optional, send_now, write_now
 
 
 @pytest.fixture
@@ -97,3 +99,40 @@ def test_call_optional_calls_only_what_exists() -> None:
     call_optional(transport, "pauseProducing")
     assert transport.producerState == "paused"
     call_optional(object(), "pauseProducing")
+
+
+def test_write_now_sends_without_watching_the_socket(
+        connection: tuple[tcp.Connection, socket.socket]) -> None:
+    """An answer the kernel takes whole goes out in one send: the reactor is never asked to
+    watch the socket for writing."""
+    conn, peer = connection
+    reactor = conn.reactor
+    assert isinstance(reactor, MemoryReactor)
+    assert write_now(conn, b"250 OK\r\n") is True
+    assert peer.recv(100) == b"250 OK\r\n"
+    assert reactor.getWriters() == []
+
+
+def test_write_now_leaves_what_the_kernel_refused_to_the_reactor(
+        connection: tuple[tcp.Connection, socket.socket]) -> None:
+    """When the socket buffer is full, the rest waits in the transport for the reactor, in
+    order, and the caller is told to write through the transport from then on."""
+    conn, peer = connection
+    big = bytes(range(256)) * 40_000  # far more than a socket pair's buffer
+    assert write_now(conn, big) is False
+    received = b""
+    peer.setblocking(False)
+    deadline = time.monotonic() + 10
+    while len(received) < len(big) and time.monotonic() < deadline:
+        conn.doWrite()  # the reactor's turns
+        with contextlib.suppress(BlockingIOError):
+            received += peer.recv(1 << 20)
+    assert received == big
+
+
+def test_write_now_writes_through_other_transports() -> None:
+    """A transport that is not a plain TCP connection (a test's, implicit TLS) is written
+    to, and the caller told the bytes went through it."""
+    transport = StringTransport()
+    assert write_now(transport, b"250 OK\r\n") is False
+    assert transport.value() == b"250 OK\r\n"
