@@ -174,8 +174,7 @@ class BatchedLogWriter:
         if now:
             self.flush()
         elif schedule:
-            # Only when the writer thread has gone idle: while lines keep coming it looks again
-            # by itself every ``delay``, and the logging thread pays no wake-up.
+            # Once per batch, not per line: the thread is told only that a batch has begun.
             if self._thread is None:
                 self._start_thread()
             self._wake.set()
@@ -188,20 +187,13 @@ class BatchedLogWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        """The writer thread: wait for a line, then write what gathered every ``delay`` until
-        a round finds nothing, then wait again."""
+        """The writer thread: wait for a batch to begin, let it gather, write it."""
         while True:
             self._wake.wait()
-            while True:
-                time.sleep(self._delay)
-                with self._lock:
-                    if not self._lines:
-                        # Idle: the next line wakes the thread (the flag and the event change
-                        # together, under the lock the logging side holds).
-                        self._scheduled = False
-                        self._wake.clear()
-                        break
-                self.flush()
+            time.sleep(self._delay)
+            # Cleared before the batch is taken: a line after the take sets it again.
+            self._wake.clear()
+            self.flush()
 
     def _line(self, event: LogEvent) -> str | None:
         return self._json_line(event) if self._json else self._text_line(event)
@@ -296,6 +288,7 @@ class BatchedLogWriter:
             with self._lock:
                 lines, self._lines = self._lines, []
                 self._chars = 0
+                self._scheduled = False
             if not lines:
                 return
             try:
