@@ -1,14 +1,11 @@
-"""The log file writer: twistd's classic text lines, written in batches off the reactor thread.
+"""The log file writer: twistd's classic text lines, written in batches off the hot path.
 
 twistd's own observer formats every event with a fresh time-zone computation and then writes
 and flushes the file, one system call per line, on the reactor thread; at three lines per
-message that was a third of the reactor's busy time under SMTP load. This observer formats the
-same lines (each second's time stamp once) and hands them to a writer thread of its own, which
-gathers what arrives in ``FLUSH_DELAY`` seconds and writes it with one call. The reactor thread
-never waits for the file (a write can wait on the file system's journal while the spool's
-fsyncs run), and costs no reactor iteration or timer per line: at one SMTP session a flush per
-iteration was three extra iterations per message. A line is therefore on disk at most about
-``FLUSH_DELAY`` after its event; before the reactor runs and after it stopped, at once.
+message that was a third of the reactor's busy time under SMTP load. This observer writes the
+same lines, but collects those of one reactor iteration and writes them with one call at the
+end of it (or at once while no reactor runs, and at exit), and formats each second's time stamp
+once. A line is therefore on disk at most one reactor iteration after its event.
 
 It also leaves out Twisted's own life-cycle chatter (``is_twisted_chatter``): factories and
 protocols starting and stopping, "... starting on N" and "(UDP Port N Closed)" for every port,
@@ -33,7 +30,7 @@ import re
 import signal
 import sys
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, cast
@@ -45,18 +42,15 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     timeFormatRFC3339,
 )
+from twisted.python import threadable
 from twisted.python.compat import ioType
 from twisted.python.logfile import LogFile
 from twisted.python.util import untilConcludes
 from zope.interface import implementer
 
-# A batch is written at once when it grows past this, so a flood of events cannot hold much
-# memory.
+# A batch is written at once when it grows past this, so a flood of events between two
+# reactor iterations cannot hold much memory.
 MAX_BATCH_CHARS = 64 * 1024
-
-# How long the writer thread gathers lines before one write: at most this late on disk, and at
-# most 1 / FLUSH_DELAY writes a second however busy the server is.
-FLUSH_DELAY = 0.05
 
 # One encoder for every JSON line (json.dumps with an argument builds a new one each call); a
 # value JSON cannot hold is written as its repr.
@@ -104,9 +98,13 @@ class _LogOutput(Protocol):
 
 
 class _Scheduler(Protocol):
-    """What the writer needs of the reactor (IReactorCore): whether it runs."""
+    """What the writer needs of the reactor (IReactorCore running, IReactorTime, threads)."""
 
     running: bool
+
+    def callLater(self, delay: float, f: Callable[..., Any], /) -> Any: ...  # noqa: N802
+
+    def callFromThread(self, f: Callable[..., Any], /) -> Any: ...  # noqa: N802
 
 
 class _SecondStamps:
@@ -129,16 +127,13 @@ class _SecondStamps:
 
 @implementer(ILogObserver)
 class BatchedLogWriter:
-    """An ILogObserver writing classic log lines to ``out`` from a thread of its own, in one
-    write per ``delay`` seconds at most.
+    """An ILogObserver writing classic log lines to ``out`` once per reactor iteration.
 
-    Safe to call from any thread: lines are appended under a lock. The thread starts with the
-    first line logged while the reactor runs (after twistd has forked into the background: a
-    thread does not survive the fork).
+    Safe to call from any thread: lines are appended under a lock, and the write is scheduled
+    on the reactor thread.
     """
 
-    def __init__(self, out: _LogOutput, reactor: _Scheduler, log_format: str = TEXT,
-                 delay: float = FLUSH_DELAY) -> None:
+    def __init__(self, out: _LogOutput, reactor: _Scheduler, log_format: str = TEXT) -> None:
         self._out = out
         self._json = log_format == JSON
         self._json_second = -1
@@ -146,17 +141,11 @@ class BatchedLogWriter:
         # twistd's LogFile takes bytes, stdout text: as twistd's own FileLogObserver decides.
         self._encoding = None if ioType(out) is str else "utf-8"
         self._reactor = reactor
-        self._delay = delay
         self._stamps = _SecondStamps()
-        # _lock guards the batch (held for an append, never for a write); _write_lock keeps the
-        # batches in order and the file still while it is rotated or reopened.
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._lines: list[str] = []
         self._chars = 0
         self._scheduled = False
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def __call__(self, event: LogEvent) -> None:
         if is_twisted_chatter(event):
@@ -174,26 +163,10 @@ class BatchedLogWriter:
         if now:
             self.flush()
         elif schedule:
-            # Once per batch, not per line: the thread is told only that a batch has begun.
-            if self._thread is None:
-                self._start_thread()
-            self._wake.set()
-
-    def _start_thread(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="log writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        """The writer thread: wait for a batch to begin, let it gather, write it."""
-        while True:
-            self._wake.wait()
-            time.sleep(self._delay)
-            # Cleared before the batch is taken: a line after the take sets it again.
-            self._wake.clear()
-            self.flush()
+            if threadable.isInIOThread():
+                self._reactor.callLater(0, self.flush)
+            else:
+                self._reactor.callFromThread(self.flush)
 
     def _line(self, event: LogEvent) -> str | None:
         return self._json_line(event) if self._json else self._text_line(event)
@@ -284,11 +257,10 @@ class BatchedLogWriter:
 
     def flush(self) -> None:
         """Write every line collected so far, in one write."""
-        with self._write_lock:
-            with self._lock:
-                lines, self._lines = self._lines, []
-                self._chars = 0
-                self._scheduled = False
+        with self._lock:
+            lines, self._lines = self._lines, []
+            self._chars = 0
+            self._scheduled = False
             if not lines:
                 return
             try:
@@ -310,18 +282,8 @@ class BatchedLogWriter:
         if reopen is None:
             return
         # On failure the old file stays open: lines still go somewhere.
-        with self._write_lock, contextlib.suppress(OSError):
+        with self._lock, contextlib.suppress(OSError):
             reopen()
-
-    def rotate(self) -> None:
-        """Write what is collected, then rotate the log file (SIGUSR1), never in the middle of
-        the writer thread's write."""
-        self.flush()
-        rotate = getattr(self._out, "rotate", None)
-        if rotate is None:
-            return
-        with self._write_lock, contextlib.suppress(OSError):
-            rotate()
 
 
 @dataclass(frozen=True)
@@ -372,10 +334,9 @@ def twistd_observer() -> BatchedLogWriter:
     else:
         log_file = LogFile.fromFullPath(destination.path)
         out = log_file
+        _rotate_on_sigusr1(log_file, reactor)
     global _writer
     writer = _writer = BatchedLogWriter(out, reactor, destination.log_format)
-    if destination.path is not None:
-        _rotate_on_sigusr1(writer, reactor)
     atexit.register(writer.flush)
     return writer
 
@@ -387,12 +348,12 @@ def reopen_log_file() -> None:
         _writer.reopen()
 
 
-def _rotate_on_sigusr1(writer: BatchedLogWriter, reactor: Any) -> None:
+def _rotate_on_sigusr1(log_file: LogFile, reactor: Any) -> None:
     """SIGUSR1 rotates the log file, as twistd does for its own log file."""
     if signal.getsignal(signal.SIGUSR1):
         return
 
     def rotate(signum: int, frame: object) -> None:
-        reactor.callFromThread(writer.rotate)
+        reactor.callFromThread(log_file.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)

@@ -1,4 +1,4 @@
-"""The batched log writer: twistd's line format, written in batches by a thread of its own."""
+"""The batched log writer: twistd's line format, one write per reactor iteration."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from twisted.logger import (
 )
 from twisted.names.dns import DNSDatagramProtocol
 from twisted.python import log as legacy
+from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
@@ -30,19 +31,31 @@ from mailsys import logwriter
 from mailsys.logwriter import MAX_BATCH_CHARS, BatchedLogWriter
 
 
+@pytest.fixture(autouse=True)
+def io_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's thread plays the reactor thread, as a running reactor registers its own."""
+    monkeypatch.setattr(threadable, "ioThread", threadable.getThreadID())
+
+
 class FakeReactor:
-    """Just what the writer uses of a reactor: whether it runs."""
+    """Just what the writer uses of a reactor: running, callLater(0), callFromThread."""
 
     def __init__(self, running: bool = True) -> None:
         self.running = running
+        self.later: list[Callable[[], Any]] = []
+        self.from_thread: list[Callable[[], Any]] = []
 
+    def callLater(self, delay: float, f: Callable[[], Any]) -> None:  # noqa: N802
+        assert delay == 0
+        self.later.append(f)
 
-def wait_for(condition: Callable[[], bool], deadline: float = 5.0) -> None:
-    """Wait until ``condition`` holds, failing after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    while not condition():
-        assert time.monotonic() < end, "condition not met before the deadline"
-        time.sleep(0.005)
+    def callFromThread(self, f: Callable[[], Any]) -> None:  # noqa: N802
+        self.from_thread.append(f)
+
+    def iterate(self) -> None:
+        calls, self.later = self.later, []
+        for f in calls:
+            f()
 
 
 class CountingFile(io.StringIO):
@@ -64,15 +77,15 @@ def event(text: str, when: float | None = None) -> dict[str, Any]:
     }
 
 
-def test_lines_close_together_are_written_together() -> None:
-    """Lines logged within the flush delay reach the file in one write, by the writer thread,
-    never by the logging (reactor) thread."""
+def test_lines_of_one_iteration_are_written_together() -> None:
+    """Lines logged in one reactor iteration reach the file in one write, after it."""
     out, reactor = CountingFile(), FakeReactor()
-    writer = BatchedLogWriter(out, reactor, delay=0.2)
+    writer = BatchedLogWriter(out, reactor)
     for n in range(3):
         writer(event(f"line {n}"))
     assert out.getvalue() == ""
-    wait_for(lambda: out.writes > 0)
+    assert len(reactor.later) == 1  # one flush scheduled, not one per line
+    reactor.iterate()
     assert out.writes == 1
     assert [line.split(" ", 2)[2] for line in out.getvalue().splitlines()] == [
         "line 0", "line 1", "line 2"]
@@ -131,16 +144,15 @@ def test_fast_lines_read_as_twisted_formats_them(fields: dict[str, Any]) -> None
 def test_written_at_once_while_no_reactor_runs() -> None:
     """Before the reactor runs and after it stopped, each line is written at once."""
     out, reactor = io.StringIO(), FakeReactor(running=False)
-    writer = BatchedLogWriter(out, reactor)
-    writer(event("starting"))
+    BatchedLogWriter(out, reactor)(event("starting"))
     assert out.getvalue().endswith("starting\n")
-    assert writer._thread is None  # no thread before the reactor runs (twistd forks then)
+    assert reactor.later == []
 
 
 def test_a_large_batch_is_written_without_waiting() -> None:
     """Past MAX_BATCH_CHARS the batch is written at once, so a flood holds little memory."""
     out, reactor = CountingFile(), FakeReactor()
-    writer = BatchedLogWriter(out, reactor, delay=60)
+    writer = BatchedLogWriter(out, reactor)
     big = "x" * 1000
     for _ in range(MAX_BATCH_CHARS // 1000 + 1):
         writer(event(big))
@@ -148,39 +160,16 @@ def test_a_large_batch_is_written_without_waiting() -> None:
     assert len(out.getvalue()) >= MAX_BATCH_CHARS
 
 
-def test_events_from_other_threads_are_written_in_order() -> None:
-    """Lines logged in other threads (disk threads) join the same batches, each thread's lines
-    in the order it logged them."""
+def test_events_from_other_threads_schedule_through_call_from_thread() -> None:
+    """An event logged in a disk thread asks the reactor thread to write, never callLater."""
     out, reactor = io.StringIO(), FakeReactor()
-    writer = BatchedLogWriter(out, reactor, delay=0.01)
-
-    def log_some(name: str) -> None:
-        for n in range(50):
-            writer(event(f"{name} {n}"))
-
-    threads = [threading.Thread(target=log_some, args=(name,)) for name in ("a", "b")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wait_for(lambda: out.getvalue().count("\n") == 100)
-    texts = [line.split(" ", 2)[2] for line in out.getvalue().splitlines()]
-    for name in ("a", "b"):
-        assert [t for t in texts if t.startswith(name)] == [f"{name} {n}" for n in range(50)]
-
-
-def test_rotate_writes_the_batch_first(tmp_path: Path) -> None:
-    """rotate() (SIGUSR1) writes what is collected into the old file, then starts a new one."""
-    path = tmp_path / "mailsys.log"
-    log_file = LogFile.fromFullPath(str(path))
-    writer = BatchedLogWriter(log_file, FakeReactor(), delay=60)
-    writer(event("before"))
-    writer.rotate()
-    writer(event("after"))
-    writer.flush()
-    log_file.close()
-    assert "before" in (tmp_path / "mailsys.log.1").read_text()
-    assert "after" in path.read_text() and "before" not in path.read_text()
+    writer = BatchedLogWriter(out, reactor)
+    thread = threading.Thread(target=writer, args=(event("from a thread"),))
+    thread.start()
+    thread.join()
+    assert reactor.later == [] and len(reactor.from_thread) == 1
+    reactor.from_thread[0]()
+    assert out.getvalue().endswith("from a thread\n")
 
 
 def test_binary_log_file_gets_utf8() -> None:
