@@ -665,7 +665,10 @@ class IMAPSession(ServerSession):
                 return NONEXISTENT.to(tag)
             return failure
 
-        return self._ctx.store.open_folder(mailbox, name).addCallbacks(opened, failed)
+        # SELECT needs no wire sizes: a cold folder's files are not read for them (RFC822.SIZE,
+        # LARGER/SMALLER and STATUS SIZE ask FolderView.with_sizes when they need them).
+        return self._ctx.store.open_folder(mailbox, name, sizes=False).addCallbacks(opened,
+                                                                                     failed)
 
     def _do_close(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.end()

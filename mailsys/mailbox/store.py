@@ -13,7 +13,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -176,7 +176,7 @@ class MailboxStore:
             # A folder deleted or renamed meanwhile must not be recreated by syncing it.
             if folder.subfolder and not folder.path.is_dir():
                 raise FileNotFoundError(f"folder {name!r} is gone")
-            return folder.sync()
+            return folder.sync(sizes=False)  # sizes are read when asked for (with_sizes)
 
         running: Deferred[SyncResult] = self.pool.run(work)
         self._sync_running[key] = running
@@ -228,11 +228,15 @@ class MailboxStore:
 
     # --- opening --------------------------------------------------------------------------------
 
-    def open_folder(self, mailbox: str, folder: str = INBOX) -> Deferred[FolderView]:
+    def open_folder(self, mailbox: str, folder: str = INBOX, *,
+                    sizes: bool = True) -> Deferred[FolderView]:
         """Open ``folder`` for a session: its messages with UIDs, sizes and flags.
 
         Creates the mailbox and its default folders the first time. Fails with
-        FileNotFoundError for a folder that does not exist (the INBOX always does).
+        FileNotFoundError for a folder that does not exist (the INBOX always does). Without
+        ``sizes`` a message not sized yet has wire_size None (FolderView.with_sizes gives it):
+        an IMAP SELECT needs no sizes, and reading every file of a large new folder for them
+        was most of a cold SELECT's time.
         """
         try:
             target = self.folder(mailbox, folder)
@@ -244,7 +248,7 @@ class MailboxStore:
             self._initialise(mailbox)
             if target.subfolder and not target.path.is_dir():
                 raise FileNotFoundError(f"no folder {name!r}")
-            return target.sync()
+            return target.sync(sizes=sizes)
 
         def opened(result: SyncResult) -> FolderView:
             self._initialised.add(mailbox)
@@ -458,6 +462,24 @@ class FolderView:
             return FolderChanges(added, expunged, changed)
 
         return self.store.sync_shared(self.folder, self.name).addCallback(synced)
+
+    def with_sizes(self, infos: list[MessageInfo]) -> Deferred[list[MessageInfo]]:
+        """``infos`` with every wire size known: at once when they all are, else after one
+        disk job that reads the files of the others (Folder.wire_sizes). The view keeps the
+        sizes learnt, so a later command does not ask again."""
+        if all(info.wire_size is not None for info in infos):
+            return succeed(infos)
+        missing = [info for info in infos if info.wire_size is None]
+
+        def learnt(sizes: dict[int, int]) -> list[MessageInfo]:
+            def sized(info: MessageInfo) -> MessageInfo:
+                wire = sizes.get(info.uid) if info.wire_size is None else None
+                return info if wire is None else replace(info, wire_size=wire)
+
+            self.messages = [sized(info) for info in self.messages]
+            return [sized(info) for info in infos]
+
+        return self.store.pool.run(self.folder.wire_sizes, missing).addCallback(learnt)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
         """The message's bytes as stored (fails with MessageVanishedError if expunged)."""
