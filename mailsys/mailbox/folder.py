@@ -903,7 +903,7 @@ class Folder:
             uids = None
         if (uids is None or uids.damaged_lines or uids.highest_modseq < 1
                 or any(key not in uids.entries for key in keys)):
-            self._sync_locked()
+            self._sync_locked(sizes=False)
             uids = _load_uidlist(self.path)
             assert uids is not None
         # A copy the caller may change: the remembered parse is shared and only ever read.
@@ -946,7 +946,7 @@ class Folder:
                 with contextlib.suppress(OSError):
                     fsync_directory(self.path / "cur")
                 # Drops the lines of the deleted messages, and raises HIGHESTMODSEQ.
-                highest = self._sync_locked().highest_modseq
+                highest = self._sync_locked(sizes=False).highest_modseq
         return Expunged(deleted, previous, highest)
 
     def stamp(self) -> tuple[int, int]:
