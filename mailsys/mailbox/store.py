@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -58,6 +59,7 @@ __all__ = [
     "MailboxLock",
     "MailboxStore",
     "NameTooLongError",
+    "Refreshed",
     "folder_directory",
     "mailbox_path",
 ]
@@ -88,6 +90,46 @@ class FolderChanges:
     @property
     def any(self) -> bool:
         return bool(self.added or self.expunged or self.flags_changed or self.uidvalidity_changed)
+
+    @cached_property
+    def keyword_letters(self) -> frozenset[str]:
+        """The keyword letters (lower case, mailsys.mailbox.keywords) on the added and changed
+        messages: worked out once for every session this change is handed to."""
+        return frozenset(letter for info in (*self.added, *self.flags_changed)
+                         for letter in info.flags if letter.islower())
+
+
+NO_CHANGES = FolderChanges()
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """A view's refresh as handed to its session: what changed, and from which UID the new
+    messages are \\Recent for that session after its claim (RFC 3501 §2.3.2; the view's
+    UIDNEXT when there was nothing to claim)."""
+
+    changes: FolderChanges
+    first_recent: int
+
+
+# What a refresh is handed: the outcome, or the failure of the sync or of the claim.
+RefreshCallback = Callable[["Refreshed | Failure"], None]
+
+
+@dataclass(slots=True)
+class _Refresh:
+    """One view waiting for the next shared sync of its folder."""
+
+    view: FolderView
+    claim: bool | None  # claim \Recent (read-write), only look (read-only), or neither
+    then: RefreshCallback
+    changes: FolderChanges = NO_CHANGES  # what the shared sync found for this view
+
+
+# Sync waiters: a Deferred (sync_shared) or the views of a refresh batch (refresh_then).
+_SyncWaiter = Deferred[SyncResult] | _Refresh
+# Claims waiting for a batch: the requests (seen_up_to, claim) and who takes their answers.
+_ClaimRequest = tuple[list[tuple[int, bool]], Callable[[list[int] | Failure], None]]
 
 
 class MailboxLock:
@@ -126,10 +168,10 @@ class MailboxStore:
         # Folder syncs for views' refreshes, by folder path: the one running, and the one that
         # every refresh asked for meanwhile will share (see sync_shared).
         self._sync_running: dict[str, Deferred[SyncResult]] = {}
-        self._sync_next: dict[str, tuple[Folder, str, list[Deferred[SyncResult]]]] = {}
+        self._sync_next: dict[str, tuple[Folder, str, list[_SyncWaiter]]] = {}
         # \Recent claims by folder path: those waiting for the claim batch running to end.
         self._claims_running: set[str] = set()
-        self._claims_next: dict[str, tuple[Folder, list[tuple[int, bool, Deferred[int]]]]] = {}
+        self._claims_next: dict[str, tuple[Folder, list[_ClaimRequest]]] = {}
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -158,20 +200,37 @@ class MailboxStore:
         meanwhile. A folder removed meanwhile is not recreated (FileNotFoundError naming
         ``name``, the folder's name for the client).
         """
-        key = os.fspath(folder.path)
         waiting: Deferred[SyncResult] = Deferred()
+        self._join_sync(folder, name, waiting)
+        return waiting
+
+    def refresh_then(self, view: FolderView, then: RefreshCallback, *,
+                     claim: bool | None) -> None:
+        """Refresh ``view`` with the next shared sync of its folder (see sync_shared) and call
+        ``then`` with a ``Refreshed`` (or the Failure), on the reactor.
+
+        This is the wake-up of every session watching a folder, so the work is done once per
+        folder change, not once per session: the difference from the previous state is worked
+        out once for all the views that were in that same state (FolderView._adopt), and the
+        \\Recent claims of every view that gained messages go to the disk in one batch, in the
+        order the views asked (``claim`` True for a read-write session, False for a read-only
+        one, None for no claim). No Deferred is made per view.
+        """
+        self._join_sync(view.folder, view.name, _Refresh(view, claim, then))
+
+    def _join_sync(self, folder: Folder, name: str, waiter: _SyncWaiter) -> None:
+        key = os.fspath(folder.path)
         if key in self._sync_running:
             pending = self._sync_next.get(key)
             if pending is None:
-                self._sync_next[key] = (folder, name, [waiting])
+                self._sync_next[key] = (folder, name, [waiter])
             else:
-                pending[2].append(waiting)
-            return waiting
-        self._start_sync(key, folder, name, [waiting])
-        return waiting
+                pending[2].append(waiter)
+            return
+        self._start_sync(key, folder, name, [waiter])
 
     def _start_sync(self, key: str, folder: Folder, name: str,
-                    waiters: list[Deferred[SyncResult]]) -> None:
+                    waiters: list[_SyncWaiter]) -> None:
         def work() -> SyncResult:
             # A folder deleted or renamed meanwhile must not be recreated by syncing it.
             if folder.subfolder and not folder.path.is_dir():
@@ -181,48 +240,92 @@ class MailboxStore:
         running: Deferred[SyncResult] = self.pool.run(work)
         self._sync_running[key] = running
 
-        def done(result: Any) -> None:
+        def done(result: SyncResult | Failure) -> None:
             del self._sync_running[key]
             queued = self._sync_next.pop(key, None)
             if queued is not None:
                 self._start_sync(key, *queued)
-            for d in waiters:
-                if isinstance(result, Failure):
-                    d.errback(result)
+            refreshes: list[_Refresh] = []
+            for waiter in waiters:
+                if isinstance(waiter, _Refresh):
+                    refreshes.append(waiter)
+                elif isinstance(result, Failure):
+                    waiter.errback(result)
                 else:
-                    d.callback(result)
+                    waiter.callback(result)
+            if refreshes:
+                self._refreshed(key, folder, result, refreshes)
 
         running.addBoth(done)
+
+    def _refreshed(self, key: str, folder: Folder, result: SyncResult | Failure,
+                   refreshes: list[_Refresh]) -> None:
+        """A shared sync ended: bring each waiting view up to date, claim \\Recent for those
+        that gained messages in one batch, and hand every session its outcome."""
+        if isinstance(result, Failure):
+            for refresh in refreshes:
+                _hand(refresh.then, result)
+            return
+        shared: dict[int, tuple[FolderChanges, list[MessageInfo]]] = {}
+        claiming: list[_Refresh] = []
+        for refresh in refreshes:
+            view = refresh.view
+            refresh.changes = changes = view._adopt(result, shared)
+            if refresh.claim is not None and changes.added and not changes.uidvalidity_changed:
+                claiming.append(refresh)
+            else:
+                _hand(refresh.then, Refreshed(changes, view.uidnext))
+        if not claiming:
+            return
+
+        def claimed(answers: list[int] | Failure) -> None:
+            for n, refresh in enumerate(claiming):
+                _hand(refresh.then, answers if isinstance(answers, Failure)
+                      else Refreshed(refresh.changes, answers[n]))
+
+        # RFC 3501 §2.3.2: the first read-write session told of a new message sees it \Recent.
+        self._claim(key, folder, ([(r.view.uidnext, bool(r.claim)) for r in claiming], claimed))
 
     def recent_from_shared(self, folder: Folder, seen_up_to: int, *,
                            claim: bool) -> Deferred[int]:
         """``folder.recent_from`` in a disk thread, in one batch with the other sessions'
         claims on that folder (``Folder.recent_from_many``), in the order they were asked."""
-        key = os.fspath(folder.path)
         waiting: Deferred[int] = Deferred()
+
+        def answer(answers: list[int] | Failure) -> None:
+            if isinstance(answers, Failure):
+                waiting.errback(answers)
+            else:
+                waiting.callback(answers[0])
+
+        self._claim(os.fspath(folder.path), folder, ([(seen_up_to, claim)], answer))
+        return waiting
+
+    def _claim(self, key: str, folder: Folder, request: _ClaimRequest) -> None:
         pending = self._claims_next.get(key)
         if pending is None:
             pending = self._claims_next[key] = (folder, [])
-        pending[1].append((seen_up_to, claim, waiting))
+        pending[1].append(request)
         if key not in self._claims_running:
             self._start_claims(key)
-        return waiting
 
     def _start_claims(self, key: str) -> None:
         folder, claims = self._claims_next.pop(key)
         self._claims_running.add(key)
-        requests = [(seen_up_to, claim) for seen_up_to, claim, _ in claims]
+        requests = [one for asked, _ in claims for one in asked]
         running: Deferred[list[int]] = self.pool.run(folder.recent_from_many, requests)
 
-        def done(result: Any) -> None:
+        def done(result: list[int] | Failure) -> None:
             self._claims_running.discard(key)
             if key in self._claims_next:
                 self._start_claims(key)
-            for n, (_, _, d) in enumerate(claims):
+            start = 0
+            for asked, answer in claims:
                 if isinstance(result, Failure):
-                    d.errback(result)
+                    answer(result)
                 else:
-                    d.callback(result[n])
+                    answer(result[start:start + len(asked)])
+                start += len(asked)
 
         running.addBoth(done)
 
@@ -416,6 +519,9 @@ class FolderView:
 
     Sessions only ever see their own view change when they call ``refresh()`` (IMAP reports the
     difference; POP3 never refreshes, RFC 1939 §8). All methods return Deferreds.
+
+    ``messages`` is replaced, never changed in place: views refreshed to the same state share
+    one list.
     """
 
     def __init__(self, store: MailboxStore, mailbox: str, name: str, folder: Folder,
@@ -431,6 +537,9 @@ class FolderView:
         # HIGHESTMODSEQ and ours: it may not claim the higher value until it refreshes.
         self.behind = False
         self.messages: list[MessageInfo] = list(result.messages)
+        # The sync whose messages ``messages`` holds, until a change of our own makes the list
+        # differ: views with the same base share the work of a refresh (``_adopt``).
+        self._base: SyncResult | None = result
 
     @property
     def path(self) -> Path:
@@ -438,26 +547,64 @@ class FolderView:
 
     def refresh(self) -> Deferred[FolderChanges]:
         """Sync with the disk and update this view; fires with what changed."""
+        done: Deferred[Refreshed] = Deferred()
 
-        def synced(result: SyncResult) -> FolderChanges:
-            self.highest_modseq = result.highest_modseq
-            self.behind = False
-            if result.uidvalidity != self.uidvalidity:
-                self.uidvalidity = result.uidvalidity
-                self.uidnext = result.uidnext
-                self.messages = list(result.messages)
-                return FolderChanges(added=result.messages, uidvalidity_changed=True)
-            before = {info.uid: info for info in self.messages}
-            now = {info.uid: info for info in result.messages}
-            added = tuple(info for info in result.messages if info.uid not in before)
-            expunged = tuple(uid for uid in before if uid not in now)
-            changed = tuple(info for uid, info in now.items() if uid in before and (
-                before[uid].flags != info.flags or before[uid].modseq != info.modseq))
+        def hand(outcome: Refreshed | Failure) -> None:
+            if isinstance(outcome, Failure):
+                done.errback(outcome)
+            else:
+                done.callback(outcome)
+
+        self.store.refresh_then(self, hand, claim=None)
+        return done.addCallback(lambda refreshed: refreshed.changes)
+
+    def refresh_then(self, then: RefreshCallback, *, claim: bool | None) -> None:
+        """Refresh with the store's next shared sync; ``then`` gets the outcome, with the
+        \\Recent claim done (MailboxStore.refresh_then)."""
+        self.store.refresh_then(self, then, claim=claim)
+
+    def _adopt(self, result: SyncResult,
+               shared: dict[int, tuple[FolderChanges, list[MessageInfo]]]) -> FolderChanges:
+        """Take ``result`` as this view's state; return what changed since the previous one.
+
+        ``shared`` holds, for one sync, the changes worked out from each base (by identity) and
+        the new list: a view whose list is still its base's takes them as they are, without
+        comparing the lists again; a view changed by its own session is compared in full.
+        """
+        self.highest_modseq = result.highest_modseq
+        self.behind = False
+        base = self._base
+        if base is result:
+            return NO_CHANGES
+        known = shared.get(id(base)) if base is not None else None
+        if known is not None:
+            changes, self.messages = known
+            self.uidvalidity = result.uidvalidity
+            self.uidnext = result.uidnext
+        else:
+            changes = self._difference(result)
+            if base is not None:
+                shared[id(base)] = (changes, self.messages)
+        self._base = result
+        return changes
+
+    def _difference(self, result: SyncResult) -> FolderChanges:
+        """Compare this view's messages with ``result`` and take it (RFC 3501 §7.4.1: the
+        session reports every UID gone, §7.3.1 the new count, §7.4.2 changed flags)."""
+        if result.uidvalidity != self.uidvalidity:
+            self.uidvalidity = result.uidvalidity
             self.uidnext = result.uidnext
             self.messages = list(result.messages)
-            return FolderChanges(added, expunged, changed)
-
-        return self.store.sync_shared(self.folder, self.name).addCallback(synced)
+            return FolderChanges(added=result.messages, uidvalidity_changed=True)
+        before = {info.uid: info for info in self.messages}
+        now = {info.uid: info for info in result.messages}
+        added = tuple(info for info in result.messages if info.uid not in before)
+        expunged = tuple(uid for uid in before if uid not in now)
+        changed = tuple(info for uid, info in now.items() if uid in before and (
+            before[uid].flags != info.flags or before[uid].modseq != info.modseq))
+        self.uidnext = result.uidnext
+        self.messages = list(result.messages)
+        return FolderChanges(added, expunged, changed)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
         """The message's bytes as stored (fails with MessageVanishedError if expunged)."""
@@ -488,6 +635,7 @@ class FolderView:
         def done(result: FlagResult) -> FlagResult:
             by_uid = {info.uid: info for info in (*result.updated, *result.modified)}
             self.messages = [by_uid.get(info.uid, info) for info in self.messages]
+            self._base = None  # no longer any sync's list
             self._advance(result.previous_highest, result.highest_modseq)
             return result
 
@@ -501,6 +649,7 @@ class FolderView:
         def done(result: Expunged) -> list[int]:
             gone = set(result.uids)
             self.messages = [info for info in self.messages if info.uid not in gone]
+            self._base = None  # no longer any sync's list
             if result.uids:
                 # RFC 7162 §3.1.2.1: the expunge raised HIGHESTMODSEQ.
                 self._advance(result.previous_highest, result.highest_modseq)
@@ -518,6 +667,14 @@ class FolderView:
             self.highest_modseq = max(self.highest_modseq, highest)
         elif highest > self.highest_modseq:
             self.behind = True
+
+
+def _hand(then: RefreshCallback, outcome: Refreshed | Failure) -> None:
+    """Give one session its refresh outcome; its error is its own, not the other sessions'."""
+    try:
+        then(outcome)
+    except Exception:
+        log.failure("a refresh callback failed")
 
 
 def _failed(exc: BaseException) -> Deferred[Any]:
