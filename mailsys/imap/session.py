@@ -698,7 +698,17 @@ class IMAPSession(ServerSession):
         if self._idle_tag is not None and not self._waiting:
             # RFC 2177: while idling, news goes out at once.
             self._waiting = True
-            self._report_changes(self._continue)
+            self._report_changes(self._idle_reported)
+
+    def _idle_reported(self) -> None:
+        """The news went out. A change announced meanwhile may have come after the folder was
+        read: while still idling, look again rather than keep it until the next one."""
+        selected = self._ctx.selected
+        if (self._idle_tag is not None and selected is not None and selected.dirty
+                and not self._disconnected and not self._closing):
+            self._report_changes(self._idle_reported)
+            return
+        self._continue()
 
     def _report_changes_deferred(self) -> Deferred[None]:
         """``_report_changes`` for a command's answer, which waits on a Deferred."""

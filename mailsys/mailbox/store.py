@@ -169,6 +169,10 @@ class MailboxStore:
         # every refresh asked for meanwhile will share (see sync_shared).
         self._sync_running: dict[str, Deferred[SyncResult]] = {}
         self._sync_next: dict[str, tuple[Folder, str, list[_SyncWaiter]]] = {}
+        # While notify_changed tells the watchers, the syncs they ask for are gathered here and
+        # started after the last one asked: one sync for them all, not one for the first and
+        # one for the rest.
+        self._gathering: dict[str, tuple[Folder, str, list[_SyncWaiter]]] | None = None
         # \Recent claims by folder path: those waiting for the claim batch running to end.
         self._claims_running: set[str] = set()
         self._claims_next: dict[str, tuple[Folder, list[_ClaimRequest]]] = {}
@@ -220,14 +224,29 @@ class MailboxStore:
 
     def _join_sync(self, folder: Folder, name: str, waiter: _SyncWaiter) -> None:
         key = os.fspath(folder.path)
-        if key in self._sync_running:
-            pending = self._sync_next.get(key)
+        gathering = self._gathering
+        if key in self._sync_running or gathering is not None:
+            queue = self._sync_next if key in self._sync_running else gathering
+            assert queue is not None
+            pending = queue.get(key)
             if pending is None:
-                self._sync_next[key] = (folder, name, [waiter])
+                queue[key] = (folder, name, [waiter])
             else:
                 pending[2].append(waiter)
             return
         self._start_sync(key, folder, name, [waiter])
+
+    def _join_syncs(self, key: str, folder: Folder, name: str,
+                    waiters: list[_SyncWaiter]) -> None:
+        """Waiters gathered while sessions were told of a change: the next sync is theirs."""
+        if key in self._sync_running:
+            pending = self._sync_next.get(key)
+            if pending is None:
+                self._sync_next[key] = (folder, name, waiters)
+            else:
+                pending[2].extend(waiters)
+        else:
+            self._start_sync(key, folder, name, waiters)
 
     def _start_sync(self, key: str, folder: Folder, name: str,
                     waiters: list[_SyncWaiter]) -> None:
@@ -266,11 +285,12 @@ class MailboxStore:
             for refresh in refreshes:
                 _hand(refresh.then, result)
             return
-        shared: dict[int, tuple[FolderChanges, list[MessageInfo]]] = {}
+        shared: dict[int, tuple[SyncResult, FolderChanges]] = {}
+        messages = list(result.messages)
         claiming: list[_Refresh] = []
         for refresh in refreshes:
             view = refresh.view
-            refresh.changes = changes = view._adopt(result, shared)
+            refresh.changes = changes = view._adopt(result, messages, shared)
             if refresh.claim is not None and changes.added and not changes.uidvalidity_changed:
                 claiming.append(refresh)
             else:
@@ -465,12 +485,21 @@ class MailboxStore:
         """Tell the sessions watching ``folder`` that it changed (in-process writers call this)."""
         key = (mailbox, INBOX if folder.upper() == INBOX else folder)
         self._stamps.pop(key, None)
-        for callback in list(self._subscribers.get(key, ())):
-            try:
-                callback()
-            except Exception:
-                log.failure("change callback for {mailbox}/{folder} failed",
-                            mailbox=mailbox, folder=key[1])
+        outer = self._gathering is not None
+        if not outer:
+            self._gathering = {}
+        try:
+            for callback in list(self._subscribers.get(key, ())):
+                try:
+                    callback()
+                except Exception:
+                    log.failure("change callback for {mailbox}/{folder} failed",
+                                mailbox=mailbox, folder=key[1])
+        finally:
+            if not outer:
+                gathered, self._gathering = self._gathering, None
+                for path, (target, name, waiters) in (gathered or {}).items():
+                    self._join_syncs(path, target, name, waiters)
 
     def notify_delivered(self, mailbox: str) -> None:
         """The delivery hook: a message was just delivered to ``mailbox``'s INBOX."""
@@ -563,13 +592,14 @@ class FolderView:
         \\Recent claim done (MailboxStore.refresh_then)."""
         self.store.refresh_then(self, then, claim=claim)
 
-    def _adopt(self, result: SyncResult,
-               shared: dict[int, tuple[FolderChanges, list[MessageInfo]]]) -> FolderChanges:
-        """Take ``result`` as this view's state; return what changed since the previous one.
+    def _adopt(self, result: SyncResult, messages: list[MessageInfo],
+               shared: dict[int, tuple[SyncResult, FolderChanges]]) -> FolderChanges:
+        """Take ``result`` as this view's state (``messages``: its list, one for every view the
+        same sync refreshes); return what changed since the previous state.
 
-        ``shared`` holds, for one sync, the changes worked out from each base (by identity) and
-        the new list: a view whose list is still its base's takes them as they are, without
-        comparing the lists again; a view changed by its own session is compared in full.
+        ``shared`` holds, for one sync, the changes worked out from each base (by identity): a
+        view whose list is still its base's takes them as they are, without comparing the lists
+        again; a view changed by its own session is compared in full.
         """
         self.highest_modseq = result.highest_modseq
         self.behind = False
@@ -577,24 +607,22 @@ class FolderView:
         if base is result:
             return NO_CHANGES
         known = shared.get(id(base)) if base is not None else None
-        if known is not None:
-            changes, self.messages = known
-            self.uidvalidity = result.uidvalidity
-            self.uidnext = result.uidnext
+        if known is not None and known[0] is base:
+            changes = known[1]
         else:
             changes = self._difference(result)
             if base is not None:
-                shared[id(base)] = (changes, self.messages)
+                shared[id(base)] = (base, changes)  # holding the base keeps its id its own
+        self.uidvalidity = result.uidvalidity
+        self.uidnext = result.uidnext
+        self.messages = messages
         self._base = result
         return changes
 
     def _difference(self, result: SyncResult) -> FolderChanges:
-        """Compare this view's messages with ``result`` and take it (RFC 3501 §7.4.1: the
-        session reports every UID gone, §7.3.1 the new count, §7.4.2 changed flags)."""
+        """What changed from this view's messages to ``result`` (RFC 3501 §7.4.1: the session
+        reports every UID gone, §7.3.1 the new count, §7.4.2 changed flags)."""
         if result.uidvalidity != self.uidvalidity:
-            self.uidvalidity = result.uidvalidity
-            self.uidnext = result.uidnext
-            self.messages = list(result.messages)
             return FolderChanges(added=result.messages, uidvalidity_changed=True)
         before = {info.uid: info for info in self.messages}
         now = {info.uid: info for info in result.messages}
@@ -602,8 +630,6 @@ class FolderView:
         expunged = tuple(uid for uid in before if uid not in now)
         changed = tuple(info for uid, info in now.items() if uid in before and (
             before[uid].flags != info.flags or before[uid].modseq != info.modseq))
-        self.uidnext = result.uidnext
-        self.messages = list(result.messages)
         return FolderChanges(added, expunged, changed)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
