@@ -148,6 +148,9 @@ class IMAPSession(ServerSession):
         self._close_after_reply = False
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
+        # A change report under way: the selection, its messages before, what to do after.
+        self._reporting: tuple[Selected, list[MessageInfo], Callable[[], None]] | None = None
+        self._on_refreshed = self._refreshed  # made once: a wake-up allocates nothing per session
         self._ctx = CommandContext(factory.store, SessionJourney(factory.journey), self._write,
                                    lambda: self.consumer)
         self._quota = QuotaCommands(self._ctx, factory.quota)  # RFC 9208
@@ -729,25 +732,32 @@ class IMAPSession(ServerSession):
         if selected is None:
             then()
             return
+        assert self._reporting is None, "one report at a time"
         selected.dirty = False
-        before = selected.view.messages
-
-        def refreshed(outcome: Refreshed | Failure) -> None:
-            try:
-                if isinstance(outcome, Failure):
-                    self._refresh_failed(selected, outcome)
-                else:
-                    reading = self._tell(selected, before, outcome)
-                    if reading is not None:
-                        reading.addErrback(lambda failure: self._refresh_failed(
-                            selected, failure)).addBoth(lambda _: then())
-                        return
-            except Exception:
-                self._refresh_failed(selected, Failure())
-            then()
-
+        # Kept on the session, not in a closure: objects made per session that live through a
+        # wake-up of thousands make the garbage collector walk the whole heap (see
+        # MailboxStore.refresh_then).
+        self._reporting = (selected, selected.view.messages, then)
         # RFC 3501 §2.3.2: a read-only session leaves \Recent for the next one.
-        selected.view.refresh_then(refreshed, claim=not selected.readonly)
+        selected.view.refresh_then(self._on_refreshed, claim=not selected.readonly)
+
+    def _refreshed(self, outcome: Refreshed | Failure) -> None:
+        """The store's answer to ``_report_changes``: tell the client, then carry on."""
+        reporting, self._reporting = self._reporting, None
+        assert reporting is not None
+        selected, before, then = reporting
+        try:
+            if isinstance(outcome, Failure):
+                self._refresh_failed(selected, outcome)
+            else:
+                reading = self._tell(selected, before, outcome)
+                if reading is not None:
+                    reading.addErrback(lambda failure: self._refresh_failed(
+                        selected, failure)).addBoth(lambda _: then())
+                    return
+        except Exception:
+            self._refresh_failed(selected, Failure())
+        then()
 
     def _tell(self, selected: Selected, before: list[MessageInfo], refreshed: Refreshed
               ) -> Deferred[None] | None:

@@ -13,7 +13,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -117,17 +117,24 @@ RefreshCallback = Callable[["Refreshed | Failure"], None]
 
 
 @dataclass(slots=True)
-class _Refresh:
-    """One view waiting for the next shared sync of its folder."""
+class _Waiting:
+    """Who waits for one sync of a folder, in the order they asked: refreshes of views (in
+    parallel lists, so that a wake-up of thousands of sessions makes no object per session) and
+    sync_shared's Deferreds."""
 
-    view: FolderView
-    claim: bool | None  # claim \Recent (read-write), only look (read-only), or neither
-    then: RefreshCallback
-    changes: FolderChanges = NO_CHANGES  # what the shared sync found for this view
+    views: list[FolderView] = field(default_factory=list)
+    claims: list[bool | None] = field(default_factory=list)  # claim \Recent, look, or neither
+    thens: list[RefreshCallback] = field(default_factory=list)
+    deferreds: list[Deferred[SyncResult]] = field(default_factory=list)
+
+    def extend(self, other: _Waiting) -> None:
+        """Add ``other``'s waiters after ours."""
+        self.views.extend(other.views)
+        self.claims.extend(other.claims)
+        self.thens.extend(other.thens)
+        self.deferreds.extend(other.deferreds)
 
 
-# Sync waiters: a Deferred (sync_shared) or the views of a refresh batch (refresh_then).
-_SyncWaiter = Deferred[SyncResult] | _Refresh
 # Claims waiting for a batch: the requests (seen_up_to, claim) and who takes their answers.
 _ClaimRequest = tuple[list[tuple[int, bool]], Callable[[list[int] | Failure], None]]
 
@@ -168,11 +175,11 @@ class MailboxStore:
         # Folder syncs for views' refreshes, by folder path: the one running, and the one that
         # every refresh asked for meanwhile will share (see sync_shared).
         self._sync_running: dict[str, Deferred[SyncResult]] = {}
-        self._sync_next: dict[str, tuple[Folder, str, list[_SyncWaiter]]] = {}
+        self._sync_next: dict[str, tuple[Folder, str, _Waiting]] = {}
         # While notify_changed tells the watchers, the syncs they ask for are gathered here and
         # started after the last one asked: one sync for them all, not one for the first and
         # one for the rest.
-        self._gathering: dict[str, tuple[Folder, str, list[_SyncWaiter]]] | None = None
+        self._gathering: dict[str, tuple[Folder, str, _Waiting]] | None = None
         # \Recent claims by folder path: those waiting for the claim batch running to end.
         self._claims_running: set[str] = set()
         self._claims_next: dict[str, tuple[Folder, list[_ClaimRequest]]] = {}
@@ -205,7 +212,11 @@ class MailboxStore:
         ``name``, the folder's name for the client).
         """
         waiting: Deferred[SyncResult] = Deferred()
-        self._join_sync(folder, name, waiting)
+        key = os.fspath(folder.path)
+        joined, start = self._waiting_for(key, folder, name)
+        joined.deferreds.append(waiting)
+        if start:
+            self._start_sync(key, folder, name, joined)
         return waiting
 
     def refresh_then(self, view: FolderView, then: RefreshCallback, *,
@@ -218,93 +229,99 @@ class MailboxStore:
         out once for all the views that were in that same state (FolderView._adopt), and the
         \\Recent claims of every view that gained messages go to the disk in one batch, in the
         order the views asked (``claim`` True for a read-write session, False for a read-only
-        one, None for no claim). No Deferred is made per view.
+        one, None for no claim). No Deferred, and no object, is made per view: with thousands
+        of sessions, objects that live through a wake-up are what makes the cyclic garbage
+        collector walk the whole heap.
         """
-        self._join_sync(view.folder, view.name, _Refresh(view, claim, then))
-
-    def _join_sync(self, folder: Folder, name: str, waiter: _SyncWaiter) -> None:
+        folder = view.folder
         key = os.fspath(folder.path)
+        waiting, start = self._waiting_for(key, folder, view.name)
+        waiting.views.append(view)
+        waiting.claims.append(claim)
+        waiting.thens.append(then)
+        if start:
+            self._start_sync(key, folder, view.name, waiting)
+
+    def _waiting_for(self, key: str, folder: Folder, name: str) -> tuple[_Waiting, bool]:
+        """The waiters of the next sync of ``folder`` that a caller may join, and whether the
+        caller, once it has joined, starts that sync (none is running and the watchers are not
+        being told of a change: see notify_changed)."""
         gathering = self._gathering
         if key in self._sync_running or gathering is not None:
             queue = self._sync_next if key in self._sync_running else gathering
             assert queue is not None
             pending = queue.get(key)
             if pending is None:
-                queue[key] = (folder, name, [waiter])
-            else:
-                pending[2].append(waiter)
-            return
-        self._start_sync(key, folder, name, [waiter])
+                pending = queue[key] = (folder, name, _Waiting())
+            return pending[2], False
+        return _Waiting(), True
 
-    def _join_syncs(self, key: str, folder: Folder, name: str,
-                    waiters: list[_SyncWaiter]) -> None:
+    def _join_syncs(self, key: str, folder: Folder, name: str, waiting: _Waiting) -> None:
         """Waiters gathered while sessions were told of a change: the next sync is theirs."""
         if key in self._sync_running:
             pending = self._sync_next.get(key)
             if pending is None:
-                self._sync_next[key] = (folder, name, waiters)
+                self._sync_next[key] = (folder, name, waiting)
             else:
-                pending[2].extend(waiters)
+                pending[2].extend(waiting)
         else:
-            self._start_sync(key, folder, name, waiters)
+            self._start_sync(key, folder, name, waiting)
 
-    def _start_sync(self, key: str, folder: Folder, name: str,
-                    waiters: list[_SyncWaiter]) -> None:
+    def _start_sync(self, key: str, folder: Folder, name: str, waiting: _Waiting) -> None:
         def work() -> SyncResult:
             # A folder deleted or renamed meanwhile must not be recreated by syncing it.
             if folder.subfolder and not folder.path.is_dir():
                 raise FileNotFoundError(f"folder {name!r} is gone")
             return folder.sync()
 
-        running: Deferred[SyncResult] = self.pool.run(work)
-        self._sync_running[key] = running
-
         def done(result: SyncResult | Failure) -> None:
             del self._sync_running[key]
             queued = self._sync_next.pop(key, None)
             if queued is not None:
                 self._start_sync(key, *queued)
-            refreshes: list[_Refresh] = []
-            for waiter in waiters:
-                if isinstance(waiter, _Refresh):
-                    refreshes.append(waiter)
-                elif isinstance(result, Failure):
-                    waiter.errback(result)
+            for d in waiting.deferreds:
+                if isinstance(result, Failure):
+                    d.errback(result)
                 else:
-                    waiter.callback(result)
-            if refreshes:
-                self._refreshed(key, folder, result, refreshes)
+                    d.callback(result)
+            if waiting.views:
+                self._refreshed(key, folder, result, waiting)
 
+        running: Deferred[SyncResult] = self.pool.run(work)
+        self._sync_running[key] = running
         running.addBoth(done)
 
     def _refreshed(self, key: str, folder: Folder, result: SyncResult | Failure,
-                   refreshes: list[_Refresh]) -> None:
+                   waiting: _Waiting) -> None:
         """A shared sync ended: bring each waiting view up to date, claim \\Recent for those
         that gained messages in one batch, and hand every session its outcome."""
         if isinstance(result, Failure):
-            for refresh in refreshes:
-                _hand(refresh.then, result)
+            for then in waiting.thens:
+                _hand(then, result)
             return
         shared: dict[int, tuple[SyncResult, FolderChanges]] = {}
         messages = list(result.messages)
-        claiming: list[_Refresh] = []
-        for refresh in refreshes:
-            view = refresh.view
-            refresh.changes = changes = view._adopt(result, messages, shared)
-            if refresh.claim is not None and changes.added and not changes.uidvalidity_changed:
-                claiming.append(refresh)
+        claiming: list[int] = []  # positions in ``waiting`` of the views that claim
+        found: list[FolderChanges] = []
+        for n, view in enumerate(waiting.views):
+            changes = view._adopt(result, messages, shared)
+            found.append(changes)
+            if (waiting.claims[n] is not None and changes.added
+                    and not changes.uidvalidity_changed):
+                claiming.append(n)
             else:
-                _hand(refresh.then, Refreshed(changes, view.uidnext))
+                _hand(waiting.thens[n], Refreshed(changes, view.uidnext))
         if not claiming:
             return
 
         def claimed(answers: list[int] | Failure) -> None:
-            for n, refresh in enumerate(claiming):
-                _hand(refresh.then, answers if isinstance(answers, Failure)
-                      else Refreshed(refresh.changes, answers[n]))
+            for position, n in enumerate(claiming):
+                _hand(waiting.thens[n], answers if isinstance(answers, Failure)
+                      else Refreshed(found[n], answers[position]))
 
         # RFC 3501 §2.3.2: the first read-write session told of a new message sees it \Recent.
-        self._claim(key, folder, ([(r.view.uidnext, bool(r.claim)) for r in claiming], claimed))
+        self._claim(key, folder, ([(waiting.views[n].uidnext, bool(waiting.claims[n]))
+                                   for n in claiming], claimed))
 
     def recent_from_shared(self, folder: Folder, seen_up_to: int, *,
                            claim: bool) -> Deferred[int]:
@@ -498,8 +515,8 @@ class MailboxStore:
         finally:
             if not outer:
                 gathered, self._gathering = self._gathering, None
-                for path, (target, name, waiters) in (gathered or {}).items():
-                    self._join_syncs(path, target, name, waiters)
+                for path, (target, name, waiting) in (gathered or {}).items():
+                    self._join_syncs(path, target, name, waiting)
 
     def notify_delivered(self, mailbox: str) -> None:
         """The delivery hook: a message was just delivered to ``mailbox``'s INBOX."""
