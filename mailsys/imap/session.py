@@ -120,6 +120,9 @@ log = Logger(namespace="mailsys.imap")
 # minimum for authenticated sessions only).
 PREAUTH_TIMEOUT = 180.0
 
+# The messages before a report when none is under way (never changed: views replace lists).
+_NOTHING: list[MessageInfo] = []
+
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
 
@@ -148,9 +151,14 @@ class IMAPSession(ServerSession):
         self._close_after_reply = False
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
-        # A change report under way: the selection, its messages before, what to do after.
-        self._reporting: tuple[Selected, list[MessageInfo], Callable[[], None]] | None = None
-        self._on_refreshed = self._refreshed  # made once: a wake-up allocates nothing per session
+        # A change report under way: the selection, its messages before, what to do after
+        # (attributes and bound methods made once: a wake-up allocates nothing per session
+        # that lives through it, see MailboxStore.refresh_then).
+        self._report_selected: Selected | None = None
+        self._report_before: list[MessageInfo] = _NOTHING
+        self._report_then: Callable[[], None] | None = None
+        self._on_refreshed = self._refreshed
+        self._on_idle_reported = self._idle_reported
         self._ctx = CommandContext(factory.store, SessionJourney(factory.journey), self._write,
                                    lambda: self.consumer)
         self._quota = QuotaCommands(self._ctx, factory.quota)  # RFC 9208
@@ -701,7 +709,7 @@ class IMAPSession(ServerSession):
         if self._idle_tag is not None and not self._waiting:
             # RFC 2177: while idling, news goes out at once.
             self._waiting = True
-            self._report_changes(self._idle_reported)
+            self._report_changes(self._on_idle_reported)
 
     def _idle_reported(self) -> None:
         """The news went out. A change announced meanwhile may have come after the folder was
@@ -709,7 +717,7 @@ class IMAPSession(ServerSession):
         selected = self._ctx.selected
         if (self._idle_tag is not None and selected is not None and selected.dirty
                 and not self._disconnected and not self._closing):
-            self._report_changes(self._idle_reported)
+            self._report_changes(self._on_idle_reported)
             return
         self._continue()
 
@@ -732,20 +740,20 @@ class IMAPSession(ServerSession):
         if selected is None:
             then()
             return
-        assert self._reporting is None, "one report at a time"
+        assert self._report_selected is None, "one report at a time"
         selected.dirty = False
-        # Kept on the session, not in a closure: objects made per session that live through a
-        # wake-up of thousands make the garbage collector walk the whole heap (see
-        # MailboxStore.refresh_then).
-        self._reporting = (selected, selected.view.messages, then)
+        # Kept on the session, not in a closure (see __init__).
+        self._report_selected = selected
+        self._report_before = selected.view.messages
+        self._report_then = then
         # RFC 3501 §2.3.2: a read-only session leaves \Recent for the next one.
         selected.view.refresh_then(self._on_refreshed, claim=not selected.readonly)
 
     def _refreshed(self, outcome: Refreshed | Failure) -> None:
         """The store's answer to ``_report_changes``: tell the client, then carry on."""
-        reporting, self._reporting = self._reporting, None
-        assert reporting is not None
-        selected, before, then = reporting
+        selected, before, then = self._report_selected, self._report_before, self._report_then
+        assert selected is not None and then is not None
+        self._report_selected, self._report_before, self._report_then = None, _NOTHING, None
         try:
             if isinstance(outcome, Failure):
                 self._refresh_failed(selected, outcome)
