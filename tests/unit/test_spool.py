@@ -521,6 +521,33 @@ def test_low_free_space_while_files_move_gives_theirs_back(
     assert files(spool.free_dir) == [] and spool.held_bytes == 0
 
 
+def test_a_shorter_envelope_is_padded_to_the_file_it_overwrites(keeping: Spool) -> None:
+    """An envelope a little shorter than the free file it overwrites is padded with spaces
+    (the file keeps its length, so no inode update), and reads back the same; one much
+    shorter is cut to its own length."""
+    spool = keeping
+
+    def envelope(queue_id: str, address: str) -> Envelope:
+        return make_envelope(queue_id, local_recipient(address))
+
+    for queue_id in ("E1", "E2"):
+        result_of(spool.commit(envelope(queue_id, "a" * 300 + "@example.test"), b"m"))
+    longer = spool.envelope_path("E1").stat().st_size
+    result_of(spool.remove("E1"))
+    result_of(spool.remove("E2"))
+    result_of(spool.commit(envelope("E3", "x@example.test"), b"m"))  # its sync frees both
+    shorter = envelope("E4", "a" * 290 + "@example.test")
+    result_of(spool.commit(shorter, b"m"))
+    assert spool.envelope_path("E4").stat().st_size == longer
+    padding = longer - len(encode_envelope(shorter))
+    assert padding > 0 and spool.envelope_path("E4").read_bytes().endswith(b"}" + b" " * padding)
+    assert spool.load("E4") == shorter
+    tiny = envelope("E5", "b@example.test")
+    result_of(spool.commit(tiny, b"m"))
+    assert spool.envelope_path("E5").stat().st_size == len(encode_envelope(tiny))
+    assert spool.load("E5") == tiny
+
+
 def test_no_floor_never_keeps_blocks(spool: Spool) -> None:
     """A spool without a free-space floor ignores free-space figures and keeps no blocks."""
     assert spool.free_space_seen(1 << 40) is None
