@@ -312,6 +312,17 @@ def _pickup_service(config: Config, sink: IMessageSink, router: Router, pool: Di
     return TimerService(PICKUP_INTERVAL, watcher.poll)
 
 
+def _watch_free_space(storage: StorageFloor, spool: Spool) -> Deferred[None]:
+    """One look at the spool's free space: for MAIL FROM's floor, then for the spool's pool of
+    files kept for reuse, which gives its blocks back when space is scarce."""
+
+    def seen(_: None) -> None:
+        if storage.free is not None:
+            spool.free_space_seen(storage.free)
+
+    return storage.refresh().addCallback(seen)
+
+
 def _watch_certificate(metrics: Metrics, certificate: Path, pool: DiskPool, reactor: Any,
                        service: MultiService) -> None:
     """Keep the certificate's expiry for /metrics, read in a disk thread now and then."""
@@ -410,7 +421,10 @@ def build_service(config: Config, reactor: Any, *,
     # --- the message journey (mailsys.journey): every room below emits through ``journey`` ---
     writer = _journey_writer(config, reactor)
     journey: IJourneyRecorder = writer if writer is not None else NULL_RECORDER
-    spool = Spool(config.storage.spool, pool)
+    # The spool's free-space floor: below it every SMTP listener answers MAIL with 452 4.3.1,
+    # and the spool's pool of files kept for reuse is bounded by it.
+    floor = config.storage.spool_floor(config.smtp.max_message_size)
+    spool = Spool(config.storage.spool, pool, floor=floor)
     # --- mailbox store (POP3, IMAP) ---
     mailboxes = MailboxStore(config.storage.maildirs, pool)
     # Per-mailbox quotas (mailsys.delivery.quota): None when no mailbox has a limit.
@@ -473,11 +487,10 @@ def build_service(config: Config, reactor: Any, *,
     Service.setServiceParent(
         ControlSocketService(config.storage.spool, runner, reactor, group=socket_group,
                              reload=reload), service)
-    # The spool's free-space floor: below it every SMTP listener answers MAIL with 452 4.3.1.
-    floor = config.storage.spool_floor(config.smtp.max_message_size)
     storage = StorageFloor(config.storage.spool, floor, pool.run) if floor > 0 else None
     if storage is not None:
-        TimerService(FREE_SPACE_INTERVAL, storage.refresh).setServiceParent(service)
+        TimerService(FREE_SPACE_INTERVAL, _watch_free_space, storage, spool).setServiceParent(
+            service)
     # `mailsys-sendmail` (mailsys.pickup): drops queued through the same sink as SMTP intake.
     _pickup_service(config, CountingSink(sink, accepted_by(metrics, "pickup")), router, pool,
                     reactor, account).setServiceParent(service)

@@ -211,7 +211,7 @@ def render(seq: int, info: MessageInfo, items: list[FetchItem], flags: Callable[
             elif name == "INTERNALDATE":
                 out.append(b"INTERNALDATE " + internal_date(info.internal_date))
             elif name == "RFC822.SIZE":
-                out.append(b"RFC822.SIZE %d" % info.wire_size)
+                out.append(b"RFC822.SIZE %d" % wire_size_of(info))
             elif name == "MODSEQ":
                 out.append(b"MODSEQ (%d)" % info.modseq)  # RFC 7162 §3.1.4.2
             elif name == "RFC822" and data is not None:
@@ -258,12 +258,19 @@ def render(seq: int, info: MessageInfo, items: list[FetchItem], flags: Callable[
     return b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"
 
 
+def wire_size_of(info: MessageInfo) -> int:
+    """RFC822.SIZE: the message's wire size, which the command made known before rendering
+    (FolderView.with_sizes)."""
+    assert info.wire_size is not None
+    return info.wire_size
+
+
 Renderer = Callable[[int, MessageInfo, bytes], bytes]
 _META: dict[str, tuple[bytes, Callable[[MessageInfo, bytes], int | bytes]]] = {
     "UID": (b"UID %d", lambda info, flags: info.uid),
     "FLAGS": (b"FLAGS (%s)", lambda info, flags: flags),
     "INTERNALDATE": (b"INTERNALDATE %s", lambda info, flags: internal_date(info.internal_date)),
-    "RFC822.SIZE": (b"RFC822.SIZE %d", lambda info, flags: info.wire_size),
+    "RFC822.SIZE": (b"RFC822.SIZE %d", lambda info, flags: wire_size_of(info)),
     "MODSEQ": (b"MODSEQ (%d)", lambda info, flags: info.modseq),
 }
 

@@ -358,7 +358,7 @@ class MailboxCommands:
                 "UIDVALIDITY": view.uidvalidity,
                 "UNSEEN": sum(1 for info in messages if SEEN not in info.flags),
                 "DELETED": sum(1 for info in messages if TRASHED in info.flags),
-                "SIZE": sum(info.wire_size for info in messages),
+                "SIZE": sum(info.wire_size or 0 for info in messages),  # known: see below
                 "HIGHESTMODSEQ": view.highest_modseq,
             }
             body = " ".join(f"{item} {values[item]}" for item in items)
@@ -367,6 +367,11 @@ class MailboxCommands:
 
         selected = self._ctx.selected
         if selected is not None and selected.view.name == name:
+            view = selected.view
+            if "SIZE" in items and any(info.wire_size is None for info in view.messages):
+                # RFC 8438 SIZE: the selected folder was opened without reading sizes.
+                return view.with_sizes(view.messages).addCallback(
+                    lambda _: render(view, len(selected.recent)))
             return succeed(render(selected.view, len(selected.recent)))
 
         def opened(view: FolderView) -> bytes | Deferred[bytes]:
@@ -378,4 +383,5 @@ class MailboxCommands:
                 lambda first: render(view, sum(1 for info in view.messages
                                                if info.uid >= first)))
 
-        return self._ctx.store.open_folder(self._ctx.user, name).addCallback(opened)
+        return self._ctx.store.open_folder(self._ctx.user, name,
+                                           sizes="SIZE" in items).addCallback(opened)

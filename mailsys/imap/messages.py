@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from mailsys.imap import esearch
 from mailsys.imap import fetch as fetching
 from mailsys.imap import search as searching
-from mailsys.imap.context import SELECTED, CommandContext, CommandSpec
+from mailsys.imap.context import SELECTED, CommandContext, CommandSpec, Selected
 from mailsys.imap.fetchrun import FetchRun
 from mailsys.imap.flags import FlagError, has_keyword, letters_of, split_flags
 from mailsys.imap.parser import ParseError, Reader, SequenceSet
@@ -83,6 +83,19 @@ class MessageCommands:
         verb = "UID FETCH" if uid else "FETCH"
         if not targets:
             return completed(tag, verb)
+        if (any(item.name == "RFC822.SIZE" for item in items)
+                and any(info.wire_size is None for _, info in targets)):
+            # The wire sizes a folder opened cold does not know yet: read for these messages
+            # only, once (the folder records them).
+            numbers_of = [n for n, _ in targets]
+            return selected.view.with_sizes([info for _, info in targets]).addCallback(
+                lambda infos: self._fetch(tag, selected, list(zip(numbers_of, infos,
+                                                                  strict=True)),
+                                          items, uid, verb))
+        return self._fetch(tag, selected, targets, items, uid, verb)
+
+    def _fetch(self, tag: bytes, selected: Selected, targets: list[tuple[int, MessageInfo]],
+               items: list[fetching.FetchItem], uid: bool, verb: str) -> Deferred[bytes]:
         run = FetchRun(self._ctx, selected, targets, items, with_uid=uid,
                        report_modseq=self._ctx.condstore)
 
@@ -242,6 +255,16 @@ class MessageCommands:
         with_modseq = searching.uses_modseq(key)
         if with_modseq:
             self._ctx.condstore_used()
+        if searching.uses_size(key) and any(info.wire_size is None
+                                            for info in selected.view.messages):
+            # LARGER/SMALLER compare wire sizes, which a folder opened cold may not know yet.
+            return selected.view.with_sizes(selected.view.messages).addCallback(
+                lambda _: self._search(tag, selected, key, returns, uid, with_modseq))
+        return self._search(tag, selected, key, returns, uid, with_modseq)
+
+    def _search(self, tag: bytes, selected: Selected, key: searching.Key,
+                returns: frozenset[str] | None, uid: bool,
+                with_modseq: bool) -> bytes | Deferred[bytes]:
         messages = selected.view.messages
         recent = selected.recent
         need = key.need

@@ -203,14 +203,24 @@ class ModSeq(Key):
 
 def uses_modseq(key: Key) -> bool:
     """True if the program has a MODSEQ key (RFC 7162 §3.1.5: the answer then reports one)."""
-    if isinstance(key, ModSeq):
+    return _has(key, ModSeq)
+
+
+def uses_size(key: Key) -> bool:
+    """True if the program has a LARGER or SMALLER key: the messages' wire sizes must be known
+    (FolderView.with_sizes) before it runs."""
+    return _has(key, Size)
+
+
+def _has(key: Key, kind: type[Key]) -> bool:
+    if isinstance(key, kind):
         return True
     if isinstance(key, All):
-        return any(uses_modseq(k) for k in key.keys)
+        return any(_has(k, kind) for k in key.keys)
     if isinstance(key, Or):
-        return uses_modseq(key.left) or uses_modseq(key.right)
+        return _has(key.left, kind) or _has(key.right, kind)
     if isinstance(key, Not):
-        return uses_modseq(key.key)
+        return _has(key.key, kind)
     return False
 
 
@@ -227,6 +237,7 @@ class Size(Key):
 
     def match(self, message: Candidate, context: Context) -> bool:
         size = message.info.wire_size
+        assert size is not None  # the command asked FolderView.with_sizes first
         return size > self.size if self.larger else size < self.size
 
 

@@ -25,6 +25,7 @@ session holds its lock. A POP3 session's deletions then reach IMAP sessions as E
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -106,9 +107,10 @@ from mailsys.imap.responses import (
 )
 from mailsys.imap.transfers import TransferCommands
 from mailsys.journey.events import SessionJourney
+from mailsys.mailbox.folder import MessageInfo
 from mailsys.mailbox.keywords import read_keywords
 from mailsys.mailbox.names import SEEN, TRASHED
-from mailsys.mailbox.store import FolderView, InvalidFolderNameError
+from mailsys.mailbox.store import FolderView, InvalidFolderNameError, Refreshed
 from mailsys.retrieval import MailboxServerFactory
 from mailsys.session import ServerSession
 
@@ -117,6 +119,9 @@ log = Logger(namespace="mailsys.imap")
 # Before login a connection gets this long between commands (RFC 3501 §5.4 sets the 30-minute
 # minimum for authenticated sessions only).
 PREAUTH_TIMEOUT = 180.0
+
+# The messages before a report when none is under way (never changed: views replace lists).
+_NOTHING: list[MessageInfo] = []
 
 # What ENABLE can turn on, by upper-case name, and how ENABLED spells it.
 _ENABLEABLE = {"IMAP4REV2": "IMAP4rev2", "UTF8=ACCEPT": "UTF8=ACCEPT", "CONDSTORE": "CONDSTORE"}
@@ -146,6 +151,14 @@ class IMAPSession(ServerSession):
         self._close_after_reply = False
         self._sasl_tag: bytes | None = None  # AUTHENTICATE waiting for the client's response
         self._idle_tag: bytes | None = None  # IDLE in progress
+        # A change report under way: the selection, its messages before, what to do after
+        # (attributes and bound methods made once: a wake-up allocates nothing per session
+        # that lives through it, see MailboxStore.refresh_then).
+        self._report_selected: Selected | None = None
+        self._report_before: list[MessageInfo] = _NOTHING
+        self._report_then: Callable[[], None] | None = None
+        self._on_refreshed = self._refreshed
+        self._on_idle_reported = self._idle_reported
         self._ctx = CommandContext(factory.store, SessionJourney(factory.journey), self._write,
                                    lambda: self.consumer)
         self._quota = QuotaCommands(self._ctx, factory.quota)  # RFC 9208
@@ -399,7 +412,7 @@ class IMAPSession(ServerSession):
 
         def with_updates(line: bytes) -> bytes | Deferred[bytes]:
             if updates and self._news_waiting():
-                return self._report_changes().addCallback(lambda _: line)
+                return self._report_changes_deferred().addCallback(lambda _: line)
             return line
 
         def unexpected(failure: Failure) -> bytes:
@@ -665,7 +678,10 @@ class IMAPSession(ServerSession):
                 return NONEXISTENT.to(tag)
             return failure
 
-        return self._ctx.store.open_folder(mailbox, name).addCallbacks(opened, failed)
+        # SELECT needs no wire sizes: a cold folder's files are not read for them (RFC822.SIZE,
+        # LARGER/SMALLER and STATUS SIZE ask FolderView.with_sizes when they need them).
+        return self._ctx.store.open_folder(mailbox, name, sizes=False).addCallbacks(opened,
+                                                                                     failed)
 
     def _do_close(self, tag: bytes, reader: Reader, uid: bool) -> bytes | Deferred[bytes]:
         reader.end()
@@ -696,94 +712,131 @@ class IMAPSession(ServerSession):
         if self._idle_tag is not None and not self._waiting:
             # RFC 2177: while idling, news goes out at once.
             self._waiting = True
+            self._report_changes(self._on_idle_reported)
 
-            def done(_: object) -> None:
-                self._continue()
+    def _idle_reported(self) -> None:
+        """The news went out. A change announced meanwhile may have come after the folder was
+        read: while still idling, look again rather than keep it until the next one."""
+        selected = self._ctx.selected
+        if (self._idle_tag is not None and selected is not None and selected.dirty
+                and not self._disconnected and not self._closing):
+            self._report_changes(self._on_idle_reported)
+            return
+        self._continue()
 
-            self._report_changes().addBoth(done)
+    def _report_changes_deferred(self) -> Deferred[None]:
+        """``_report_changes`` for a command's answer, which waits on a Deferred."""
+        reported: Deferred[None] = Deferred()
+        self._report_changes(lambda: reported.callback(None))
+        return reported
 
-    def _report_changes(self) -> Deferred[None]:
-        """Refresh the view and tell the client what changed: EXPUNGE, EXISTS, RECENT, FLAGS."""
+    def _report_changes(self, then: Callable[[], None]) -> None:
+        """Refresh the view and tell the client what changed: EXPUNGE, EXISTS, RECENT, FLAGS;
+        then call ``then``.
+
+        A delivery wakes every session on the folder at once: the store syncs the folder once,
+        works out the change once for the views that were in the same state and claims
+        \\Recent for all of them in one batch (MailboxStore.refresh_then), so what is left here
+        is this session's own lines. No Deferred is made unless keywords must be read.
+        """
         selected = self._ctx.selected
         if selected is None:
-            return succeed(None)
+            then()
+            return
+        assert self._report_selected is None, "one report at a time"
         selected.dirty = False
-        before = selected.view.messages
+        # Kept on the session, not in a closure (see __init__).
+        self._report_selected = selected
+        self._report_before = selected.view.messages
+        self._report_then = then
+        # RFC 3501 §2.3.2: a read-only session leaves \Recent for the next one.
+        selected.view.refresh_then(self._on_refreshed, claim=not selected.readonly)
 
-        def claim(changes: Any) -> Any:
-            if not changes.added or changes.uidvalidity_changed:
-                return (changes, selected.view.uidnext)
-            # RFC 3501 §2.3.2: the first session told of a new message sees it \Recent; a
-            # read-only one leaves it recent for the next. Asked in one batch with the other
-            # sessions the same delivery woke.
-            view = selected.view
-            return view.store.recent_from_shared(
-                view.folder, view.uidnext, claim=not selected.readonly).addCallback(
-                lambda first: (changes, first))
-
-        def refreshed(found: tuple[Any, int]) -> Deferred[None] | None:
-            changes, first_recent = found
-            if self._ctx.selected is not selected or self._disconnected:
-                return None
-            view = selected.view
-            if changes.uidvalidity_changed:
-                self.write(BYE_UIDS_RESET)
-                self._close()
-                return None
-            out: list[bytes] = []
-            if changes.expunged:
-                positions = {info.uid: n for n, info in enumerate(before, 1)}
-                for seq in sorted((positions[u] for u in changes.expunged if u in positions),
-                                  reverse=True):
-                    out.append(b"* %d EXPUNGE\r\n" % seq)
-                    selected.exists -= 1  # the client counts each EXPUNGE itself
-                selected.recent.difference_update(changes.expunged)
-            for info in changes.added:
-                if info.uid >= first_recent:
-                    selected.recent.add(info.uid)
-            if len(view.messages) != selected.exists or changes.added:
-                selected.exists = len(view.messages)
-                out.append(b"* %d EXISTS\r\n" % selected.exists)
-                if selected.show_recent:  # RFC 9051 §7.4: no RECENT in IMAP4rev2
-                    out.append(b"* %d RECENT\r\n" % len(selected.recent))
-            unknown = any(letter.islower() and not has_keyword(selected.keywords, letter)
-                          for info in (*changes.added, *changes.flags_changed)
-                          for letter in info.flags)
-            self.write(b"".join(out))
-
-            def report_flags(_: object = None) -> None:
-                lines = []
-                for info in changes.flags_changed:
-                    position = selected.position(info.uid)
-                    if position is not None:
-                        lines.append(self._ctx.flags_response(position + 1, info, uid=True))
-                self.write(b"".join(lines))
-
-            if not unknown:
-                report_flags()
-                return None
-
-            def reload(keywords: list[str]) -> None:
-                selected.keywords = keywords
-                selected.flag_cache.clear()
-                self.write(untagged(b"FLAGS (" + selected.flag_names() + b")"))
-                report_flags()
-
-            return cast(Deferred[None], self._ctx.run(read_keywords, view.path).addCallback(reload))
-
-        def failed(failure: Failure) -> None:
-            if self._ctx.selected is not selected:
-                return
-            if failure.check(FileNotFoundError):
-                self.write(BYE_MAILBOX_GONE)
+    def _refreshed(self, outcome: Refreshed | Failure) -> None:
+        """The store's answer to ``_report_changes``: tell the client, then carry on."""
+        selected, before, then = self._report_selected, self._report_before, self._report_then
+        assert selected is not None and then is not None
+        self._report_selected, self._report_before, self._report_then = None, _NOTHING, None
+        try:
+            if isinstance(outcome, Failure):
+                self._refresh_failed(selected, outcome)
             else:
-                log.failure("imap refresh failed for {user}", failure, user=self._ctx.mailbox)
-                self.write(BYE_INTERNAL_ERROR)
-            self._ctx.deselect()
-            self._close()
+                reading = self._tell(selected, before, outcome)
+                if reading is not None:
+                    reading.addErrback(lambda failure: self._refresh_failed(
+                        selected, failure)).addBoth(lambda _: then())
+                    return
+        except Exception:
+            self._refresh_failed(selected, Failure())
+        then()
 
-        return selected.view.refresh().addCallback(claim).addCallback(refreshed).addErrback(
-            failed)
+    def _tell(self, selected: Selected, before: list[MessageInfo], refreshed: Refreshed
+              ) -> Deferred[None] | None:
+        """Write what ``refreshed`` says changed (a Deferred when keywords must be read first)."""
+        changes, first_recent = refreshed.changes, refreshed.first_recent
+        if self._ctx.selected is not selected or self._disconnected:
+            return None
+        view = selected.view
+        if changes.uidvalidity_changed:
+            self.write(BYE_UIDS_RESET)
+            self._close()
+            return None
+        out: list[bytes] = []
+        if changes.expunged:
+            positions = {info.uid: n for n, info in enumerate(before, 1)}
+            for seq in sorted((positions[u] for u in changes.expunged if u in positions),
+                              reverse=True):
+                out.append(b"* %d EXPUNGE\r\n" % seq)
+                selected.exists -= 1  # the client counts each EXPUNGE itself
+            selected.recent.difference_update(changes.expunged)
+        for info in changes.added:
+            if info.uid >= first_recent:
+                selected.recent.add(info.uid)
+        if len(view.messages) != selected.exists or changes.added:
+            # RFC 3501 §7.3.1: EXISTS never goes down without the EXPUNGEs before it.
+            selected.exists = len(view.messages)
+            out.append(b"* %d EXISTS\r\n" % selected.exists)
+            if selected.show_recent:  # RFC 9051 §7.4: no RECENT in IMAP4rev2
+                out.append(b"* %d RECENT\r\n" % len(selected.recent))
+        unknown = any(not has_keyword(selected.keywords, letter)
+                      for letter in changes.keyword_letters)
+        self.write(b"".join(out))
+
+        def report_flags(_: object = None) -> None:
+            lines = []
+            for info in changes.flags_changed:
+                position = selected.position(info.uid)
+                if position is not None:
+                    lines.append(self._ctx.flags_response(position + 1, info, uid=True))
+            self.write(b"".join(lines))
+
+        if not unknown:
+            if changes.flags_changed:
+                report_flags()
+            return None
+
+        def reload(keywords: list[str]) -> None:
+            if self._ctx.selected is not selected or self._disconnected:
+                return
+            selected.keywords = keywords
+            selected.flag_cache.clear()
+            self.write(untagged(b"FLAGS (" + selected.flag_names() + b")"))
+            report_flags()
+
+        return cast(Deferred[None], self._ctx.run(read_keywords, view.path).addCallback(reload))
+
+    def _refresh_failed(self, selected: Selected, failure: Failure) -> None:
+        """The refresh failed: the folder is gone (BYE, RFC 3501 §7.1.5) or worse; the
+        session ends either way, since its view can no longer be trusted."""
+        if self._ctx.selected is not selected:
+            return
+        if failure.check(FileNotFoundError):
+            self.write(BYE_MAILBOX_GONE)
+        else:
+            log.failure("imap refresh failed for {user}", failure, user=self._ctx.mailbox)
+            self.write(BYE_INTERNAL_ERROR)
+        self._ctx.deselect()
+        self._close()
 
     # --- IDLE (RFC 2177) ------------------------------------------------------------------------
 

@@ -11,6 +11,14 @@ file and moves it to ``cur/<key>,S=<size>,W=<wiresize>,U=<uid>:2,<flags>``, so t
 the wire size and the UID can be read from the name alone, and a lost UID file is rebuilt from
 the names without changing any UID.
 
+Wire sizes are deferred, as Dovecot defers them: a message whose name carries no ``,W=`` (mail
+another program put into the Maildir) is numbered without reading its file, its wire size left
+unknown (None) in the UID file and its name. The file is read for it only when a size is needed:
+sync(sizes=True) for a POP3 session (whose greeting, STAT and LIST give sizes), wire_sizes() for
+an IMAP command that asks (FETCH RFC822.SIZE, SEARCH LARGER/SMALLER, STATUS SIZE); either records
+what it computed in the UID file, so each file is read for its size at most once. A cold SELECT
+of a large folder then costs a directory scan, one rename per new message and one UID file.
+
 Every message also has a mod-sequence (RFC 7162 §3.1), kept in the UID file with the flags it was
 given for: a flag change through set_flags/store_flags, a flag change by another program (noticed
 by the next sync as a name whose flags differ from the recorded ones), a new message and an
@@ -86,7 +94,9 @@ class MessageInfo:
     key: str  # identity in the folder: stable across flag changes, renames and rebuilds
     name: str  # the file's name in cur/ when last seen (flag changes by others rename it)
     size: int  # bytes on disk
-    wire_size: int  # octets with CRLF line ends: what POP3 LIST and IMAP RFC822.SIZE report
+    # Octets with CRLF line ends: what POP3 LIST and IMAP RFC822.SIZE report; None while not
+    # computed yet (see the module docstring: Folder.wire_sizes gives it).
+    wire_size: int | None
     flags: frozenset[str]  # Maildir flag letters (mailsys.mailbox.names)
     internal_date: float  # the file's mtime: when it was delivered (IMAP INTERNALDATE)
     recent: bool = False  # this sync moved it out of new/ (IMAP \\Recent)
@@ -103,6 +113,7 @@ class SyncResult:
     rebuilt: str | None = None  # why the UID file had to be rebuilt, if it was
     new_uidvalidity: bool = False  # UIDs could not be kept: a new UIDVALIDITY was chosen
     highest_modseq: int = 1  # RFC 7162 §3.1.2.1 HIGHESTMODSEQ
+    sizes_known: bool = True  # every message's wire_size is known
 
 
 # A message's new flags: a fixed set, or worked out from the flags its file has at the moment
@@ -298,13 +309,15 @@ class Folder:
 
     # --- sync -----------------------------------------------------------------------------------
 
-    def sync(self) -> SyncResult:
+    def sync(self, *, sizes: bool = True) -> SyncResult:
         """Bring the UID file up to date with the directory and return every message.
 
         New messages (in new/, or in cur/ without a UID yet) get the next UIDs in delivery order
         and messages in new/ move to cur/. A missing or damaged UID file is rebuilt keeping
         every UID that can still be known; only when the UIDVALIDITY itself is lost does the
-        folder get a new one.
+        folder get a new one. With ``sizes`` every message's wire size is known in the result
+        (files whose names and UID lines lack it are read); without, a message not yet sized
+        has wire_size None.
         """
         key = os.fspath(self.path)
         with self.locked():
@@ -312,11 +325,12 @@ class Folder:
             if before is not None:
                 with _sync_cache_guard:
                     cached = _sync_cache.get(key)
-                    if cached is not None and cached[0] == before:
+                    if (cached is not None and cached[0] == before
+                            and (cached[1].sizes_known or not sizes)):
                         _sync_cache.move_to_end(key)
                         return cached[1]
             started_ns = time.time_ns()
-            result = self._sync_locked()
+            result = self._sync_locked(sizes=sizes)
             after = _folder_stamp(key)
             settled = before is not None and max(before[:3]) < started_ns - _settle_ns(before)
             with _sync_cache_guard:
@@ -329,7 +343,7 @@ class Folder:
                     _sync_cache.pop(key, None)
             return result
 
-    def _sync_locked(self) -> SyncResult:
+    def _sync_locked(self, *, sizes: bool = True) -> SyncResult:
         try:
             uids = _load_uidlist(self.path)
             damage = None if uids is None or not uids.damaged_lines else (
@@ -387,7 +401,11 @@ class Folder:
                 continue
             if entry.size != item.size:
                 # The file changed under its name (edited by hand): its wire size is stale.
-                entry = replace(entry, size=item.size, wire_size=self._wire_size(item))
+                entry = replace(entry, size=item.size,
+                                wire_size=self._wire_size(item) if sizes else None)
+                changed = True
+            elif entry.wire_size is None and sizes:
+                entry = replace(entry, wire_size=self._wire_size(item))
                 changed = True
             if entry.flags != item.parsed.flags:
                 # RFC 7162 §3.1: another program renamed the file (a flag change we did not
@@ -405,8 +423,9 @@ class Folder:
             if uidnext > MAX_UID:  # pragma: no cover - 4 billion messages in one folder
                 raise OSError(errno.EOVERFLOW, "UIDs exhausted", os.fspath(self.path))
             highest += 1
-            entries[item.parsed.key] = UidEntry(uidnext, item.size, self._wire_size(item),
-                                                highest, item.parsed.flags)
+            wire = self._wire_size(item) if sizes else self._named_wire_size(item)
+            entries[item.parsed.key] = UidEntry(uidnext, item.size, wire, highest,
+                                                item.parsed.flags)
             uidnext += 1
             changed = True
         if highest > MAX_MODSEQ:  # pragma: no cover - 2**63 changes
@@ -419,7 +438,8 @@ class Folder:
         if changed:
             self._write(state, messages)
         return SyncResult(state.uidvalidity, state.uidnext, messages, rebuilt, renumbered,
-                          state.highest_modseq)
+                          state.highest_modseq,
+                          all(info.wire_size is not None for info in messages))
 
     def _fresh_uidvalidity(self) -> int:
         """A UIDVALIDITY for a folder numbered for the first time: greater than any other
@@ -551,8 +571,9 @@ class Folder:
                 old = damaged.entries.get(keys[0]) if damaged is not None else None
                 # A readable line keeps its mod-sequence and recorded flags; a UID known only
                 # from a name gets a new mod-sequence in sync (flags None).
+                wire = old.wire_size if old is not None and old.size == item.size else None
                 entries[keys[0]] = UidEntry(
-                    uid, item.size, self._wire_size(item),
+                    uid, item.size, self._named_wire_size(item) if wire is None else wire,
                     old.modseq if old is not None else 0, old.flags if old is not None else None)
         renumbered = uidvalidity is None
         if renumbered:
@@ -642,19 +663,33 @@ class Folder:
                 _scan_memo.popitem(last=False)
         return found
 
-    def _wire_size(self, item: _Found) -> int:
+    @staticmethod
+    def _named_wire_size(item: _Found) -> int | None:
+        """The wire size the file's name carries (for the size the scan saw), or None."""
         parsed = item.parsed
         if parsed.wire_size is not None and parsed.size == item.size:
             return parsed.wire_size
+        return None
+
+    def _wire_size(self, item: _Found) -> int:
+        named = self._named_wire_size(item)
+        if named is not None:
+            return named
+        return self._read_wire_size(f"{self.path}/{item.sub}/{item.name}", item.size)
+
+    @staticmethod
+    def _read_wire_size(path: str, size: int) -> int:
+        """The wire size of the file at ``path``, read whole (``size``: as last seen); the
+        size itself if the file is gone."""
         try:
-            fd = os.open(f"{self.path}/{item.sub}/{item.name}", os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return item.size
+            return size
         try:
             # One read of the size the scan saw (a quarter faster than a buffered file object
             # over the 5,000 reads of a cold folder); more only if the file is larger after all.
-            data = os.read(fd, item.size + 1)
-            if len(data) > item.size:
+            data = os.read(fd, size + 1)
+            if len(data) > size:
                 data += b"".join(iter(lambda: os.read(fd, _READ_CHUNK), b""))
         finally:
             os.close(fd)
@@ -700,6 +735,42 @@ class Folder:
             _remember_uidlist(path, state)
 
     # --- reading and changing messages ----------------------------------------------------------
+
+    def wire_sizes(self, infos: Iterable[MessageInfo]) -> dict[int, int]:
+        """The wire size of each message (by UID), reading the files of those not sized yet,
+        and recording what was read in the UID file (one write, under the folder's lock), so
+        that no later session reads them for it again. A message expunged meanwhile counts
+        its size on disk as last seen (no client can fetch it any more)."""
+        sizes: dict[int, int] = {}
+        computed: dict[str, tuple[int, int]] = {}  # key -> (size it is for, wire size)
+        for info in infos:
+            if info.wire_size is not None:
+                sizes[info.uid] = info.wire_size
+                continue
+            path = f"{self.path}/cur/{info.name}"
+            if not os.path.exists(path):
+                path = self._find(info.key) or path  # renamed by a flag change meanwhile
+            wire = self._read_wire_size(path, info.size)
+            sizes[info.uid] = wire
+            computed[info.key] = (info.size, wire)
+        if computed:
+            with self.locked():
+                try:
+                    recorded = _load_uidlist(self.path)
+                except CorruptUidListError:
+                    recorded = None
+                if (recorded is not None and not recorded.damaged_lines
+                        and recorded.highest_modseq >= 1):  # a version 1 file waits for a sync
+                    entries = dict(recorded.entries)
+                    learnt = False
+                    for key, (size, wire) in computed.items():
+                        entry = entries.get(key)
+                        if entry is not None and entry.wire_size is None and entry.size == size:
+                            entries[key] = replace(entry, wire_size=wire)
+                            learnt = True
+                    if learnt:
+                        self._write(replace(recorded, entries=entries), None)
+        return sizes
 
     def _find(self, key: str) -> str | None:
         """The current path of the message with ``key``, by a directory scan (slow path)."""
@@ -832,7 +903,7 @@ class Folder:
             uids = None
         if (uids is None or uids.damaged_lines or uids.highest_modseq < 1
                 or any(key not in uids.entries for key in keys)):
-            self._sync_locked()
+            self._sync_locked(sizes=False)
             uids = _load_uidlist(self.path)
             assert uids is not None
         # A copy the caller may change: the remembered parse is shared and only ever read.
@@ -875,7 +946,7 @@ class Folder:
                 with contextlib.suppress(OSError):
                     fsync_directory(self.path / "cur")
                 # Drops the lines of the deleted messages, and raises HIGHESTMODSEQ.
-                highest = self._sync_locked().highest_modseq
+                highest = self._sync_locked(sizes=False).highest_modseq
         return Expunged(deleted, previous, highest)
 
     def stamp(self) -> tuple[int, int]:

@@ -406,9 +406,11 @@ def parse_name(name: str) -> MaildirName:
     return MaildirName(base, ",".join(key_parts), size, wire, uid, flags)
 
 
-def format_base(key: str, *, size: int, wire_size: int, uid: int | None = None) -> str:
-    """A message's base name: its key, ``,S=`` and ``,W=``, and ``,U=`` once it has a UID."""
-    fields = f"{key},S={size},W={wire_size}"
+def format_base(key: str, *, size: int, wire_size: int | None,
+                uid: int | None = None) -> str:
+    """A message's base name: its key, ``,S=`` and ``,W=`` (left out while the wire size is not
+    known: a reader then computes it from the file), and ``,U=`` once it has a UID."""
+    fields = f"{key},S={size}" if wire_size is None else f"{key},S={size},W={wire_size}"
     return fields if uid is None else f"{fields},U={uid}"
 
 

@@ -13,7 +13,8 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -58,6 +59,7 @@ __all__ = [
     "MailboxLock",
     "MailboxStore",
     "NameTooLongError",
+    "Refreshed",
     "folder_directory",
     "mailbox_path",
 ]
@@ -88,6 +90,53 @@ class FolderChanges:
     @property
     def any(self) -> bool:
         return bool(self.added or self.expunged or self.flags_changed or self.uidvalidity_changed)
+
+    @cached_property
+    def keyword_letters(self) -> frozenset[str]:
+        """The keyword letters (lower case, mailsys.mailbox.keywords) on the added and changed
+        messages: worked out once for every session this change is handed to."""
+        return frozenset(letter for info in (*self.added, *self.flags_changed)
+                         for letter in info.flags if letter.islower())
+
+
+NO_CHANGES = FolderChanges()
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """A view's refresh as handed to its session: what changed, and from which UID the new
+    messages are \\Recent for that session after its claim (RFC 3501 §2.3.2; the view's
+    UIDNEXT when there was nothing to claim)."""
+
+    changes: FolderChanges
+    first_recent: int
+
+
+# What a refresh is handed: the outcome, or the failure of the sync or of the claim.
+RefreshCallback = Callable[["Refreshed | Failure"], None]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """Who waits for one sync of a folder, in the order they asked: refreshes of views (in
+    parallel lists, so that a wake-up of thousands of sessions makes no object per session) and
+    sync_shared's Deferreds."""
+
+    views: list[FolderView] = field(default_factory=list)
+    claims: list[bool | None] = field(default_factory=list)  # claim \Recent, look, or neither
+    thens: list[RefreshCallback] = field(default_factory=list)
+    deferreds: list[Deferred[SyncResult]] = field(default_factory=list)
+
+    def extend(self, other: _Waiting) -> None:
+        """Add ``other``'s waiters after ours."""
+        self.views.extend(other.views)
+        self.claims.extend(other.claims)
+        self.thens.extend(other.thens)
+        self.deferreds.extend(other.deferreds)
+
+
+# Claims waiting for a batch: the requests (seen_up_to, claim) and who takes their answers.
+_ClaimRequest = tuple[list[tuple[int, bool]], Callable[[list[int] | Failure], None]]
 
 
 class MailboxLock:
@@ -126,10 +175,14 @@ class MailboxStore:
         # Folder syncs for views' refreshes, by folder path: the one running, and the one that
         # every refresh asked for meanwhile will share (see sync_shared).
         self._sync_running: dict[str, Deferred[SyncResult]] = {}
-        self._sync_next: dict[str, tuple[Folder, str, list[Deferred[SyncResult]]]] = {}
+        self._sync_next: dict[str, tuple[Folder, str, _Waiting]] = {}
+        # While notify_changed tells the watchers, the syncs they ask for are gathered here and
+        # started after the last one asked: one sync for them all, not one for the first and
+        # one for the rest.
+        self._gathering: dict[str, tuple[Folder, str, _Waiting]] | None = None
         # \Recent claims by folder path: those waiting for the claim batch running to end.
         self._claims_running: set[str] = set()
-        self._claims_next: dict[str, tuple[Folder, list[tuple[int, bool, Deferred[int]]]]] = {}
+        self._claims_next: dict[str, tuple[Folder, list[_ClaimRequest]]] = {}
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -158,81 +211,172 @@ class MailboxStore:
         meanwhile. A folder removed meanwhile is not recreated (FileNotFoundError naming
         ``name``, the folder's name for the client).
         """
-        key = os.fspath(folder.path)
         waiting: Deferred[SyncResult] = Deferred()
+        key = os.fspath(folder.path)
+        joined, start = self._waiting_for(key, folder, name)
+        joined.deferreds.append(waiting)
+        if start:
+            self._start_sync(key, folder, name, joined)
+        return waiting
+
+    def refresh_then(self, view: FolderView, then: RefreshCallback, *,
+                     claim: bool | None) -> None:
+        """Refresh ``view`` with the next shared sync of its folder (see sync_shared) and call
+        ``then`` with a ``Refreshed`` (or the Failure), on the reactor.
+
+        This is the wake-up of every session watching a folder, so the work is done once per
+        folder change, not once per session: the difference from the previous state is worked
+        out once for all the views that were in that same state (FolderView._adopt), and the
+        \\Recent claims of every view that gained messages go to the disk in one batch, in the
+        order the views asked (``claim`` True for a read-write session, False for a read-only
+        one, None for no claim). No Deferred, and no object, is made per view: with thousands
+        of sessions, objects that live through a wake-up are what makes the cyclic garbage
+        collector walk the whole heap.
+        """
+        folder = view.folder
+        key = os.fspath(folder.path)
+        waiting, start = self._waiting_for(key, folder, view.name)
+        waiting.views.append(view)
+        waiting.claims.append(claim)
+        waiting.thens.append(then)
+        if start:
+            self._start_sync(key, folder, view.name, waiting)
+
+    def _waiting_for(self, key: str, folder: Folder, name: str) -> tuple[_Waiting, bool]:
+        """The waiters of the next sync of ``folder`` that a caller may join, and whether the
+        caller, once it has joined, starts that sync (none is running and the watchers are not
+        being told of a change: see notify_changed)."""
+        gathering = self._gathering
+        if key in self._sync_running or gathering is not None:
+            queue = self._sync_next if key in self._sync_running else gathering
+            assert queue is not None
+            pending = queue.get(key)
+            if pending is None:
+                pending = queue[key] = (folder, name, _Waiting())
+            return pending[2], False
+        return _Waiting(), True
+
+    def _join_syncs(self, key: str, folder: Folder, name: str, waiting: _Waiting) -> None:
+        """Waiters gathered while sessions were told of a change: the next sync is theirs."""
         if key in self._sync_running:
             pending = self._sync_next.get(key)
             if pending is None:
-                self._sync_next[key] = (folder, name, [waiting])
+                self._sync_next[key] = (folder, name, waiting)
             else:
-                pending[2].append(waiting)
-            return waiting
-        self._start_sync(key, folder, name, [waiting])
-        return waiting
+                pending[2].extend(waiting)
+        else:
+            self._start_sync(key, folder, name, waiting)
 
-    def _start_sync(self, key: str, folder: Folder, name: str,
-                    waiters: list[Deferred[SyncResult]]) -> None:
+    def _start_sync(self, key: str, folder: Folder, name: str, waiting: _Waiting) -> None:
         def work() -> SyncResult:
             # A folder deleted or renamed meanwhile must not be recreated by syncing it.
             if folder.subfolder and not folder.path.is_dir():
                 raise FileNotFoundError(f"folder {name!r} is gone")
-            return folder.sync()
+            return folder.sync(sizes=False)  # sizes are read when asked for (with_sizes)
 
-        running: Deferred[SyncResult] = self.pool.run(work)
-        self._sync_running[key] = running
-
-        def done(result: Any) -> None:
+        def done(result: SyncResult | Failure) -> None:
             del self._sync_running[key]
             queued = self._sync_next.pop(key, None)
             if queued is not None:
                 self._start_sync(key, *queued)
-            for d in waiters:
+            for d in waiting.deferreds:
                 if isinstance(result, Failure):
                     d.errback(result)
                 else:
                     d.callback(result)
+            if waiting.views:
+                self._refreshed(key, folder, result, waiting)
 
+        running: Deferred[SyncResult] = self.pool.run(work)
+        self._sync_running[key] = running
         running.addBoth(done)
+
+    def _refreshed(self, key: str, folder: Folder, result: SyncResult | Failure,
+                   waiting: _Waiting) -> None:
+        """A shared sync ended: bring each waiting view up to date, claim \\Recent for those
+        that gained messages in one batch, and hand every session its outcome."""
+        if isinstance(result, Failure):
+            for then in waiting.thens:
+                _hand(then, result)
+            return
+        shared: dict[int, tuple[SyncResult, FolderChanges]] = {}
+        messages = list(result.messages)
+        claiming: list[int] = []  # positions in ``waiting`` of the views that claim
+        found: list[FolderChanges] = []
+        for n, view in enumerate(waiting.views):
+            changes = view._adopt(result, messages, shared)
+            found.append(changes)
+            if (waiting.claims[n] is not None and changes.added
+                    and not changes.uidvalidity_changed):
+                claiming.append(n)
+            else:
+                _hand(waiting.thens[n], Refreshed(changes, view.uidnext))
+        if not claiming:
+            return
+
+        def claimed(answers: list[int] | Failure) -> None:
+            for position, n in enumerate(claiming):
+                _hand(waiting.thens[n], answers if isinstance(answers, Failure)
+                      else Refreshed(found[n], answers[position]))
+
+        # RFC 3501 §2.3.2: the first read-write session told of a new message sees it \Recent.
+        self._claim(key, folder, ([(waiting.views[n].uidnext, bool(waiting.claims[n]))
+                                   for n in claiming], claimed))
 
     def recent_from_shared(self, folder: Folder, seen_up_to: int, *,
                            claim: bool) -> Deferred[int]:
         """``folder.recent_from`` in a disk thread, in one batch with the other sessions'
         claims on that folder (``Folder.recent_from_many``), in the order they were asked."""
-        key = os.fspath(folder.path)
         waiting: Deferred[int] = Deferred()
+
+        def answer(answers: list[int] | Failure) -> None:
+            if isinstance(answers, Failure):
+                waiting.errback(answers)
+            else:
+                waiting.callback(answers[0])
+
+        self._claim(os.fspath(folder.path), folder, ([(seen_up_to, claim)], answer))
+        return waiting
+
+    def _claim(self, key: str, folder: Folder, request: _ClaimRequest) -> None:
         pending = self._claims_next.get(key)
         if pending is None:
             pending = self._claims_next[key] = (folder, [])
-        pending[1].append((seen_up_to, claim, waiting))
+        pending[1].append(request)
         if key not in self._claims_running:
             self._start_claims(key)
-        return waiting
 
     def _start_claims(self, key: str) -> None:
         folder, claims = self._claims_next.pop(key)
         self._claims_running.add(key)
-        requests = [(seen_up_to, claim) for seen_up_to, claim, _ in claims]
+        requests = [one for asked, _ in claims for one in asked]
         running: Deferred[list[int]] = self.pool.run(folder.recent_from_many, requests)
 
-        def done(result: Any) -> None:
+        def done(result: list[int] | Failure) -> None:
             self._claims_running.discard(key)
             if key in self._claims_next:
                 self._start_claims(key)
-            for n, (_, _, d) in enumerate(claims):
+            start = 0
+            for asked, answer in claims:
                 if isinstance(result, Failure):
-                    d.errback(result)
+                    answer(result)
                 else:
-                    d.callback(result[n])
+                    answer(result[start:start + len(asked)])
+                start += len(asked)
 
         running.addBoth(done)
 
     # --- opening --------------------------------------------------------------------------------
 
-    def open_folder(self, mailbox: str, folder: str = INBOX) -> Deferred[FolderView]:
+    def open_folder(self, mailbox: str, folder: str = INBOX, *,
+                    sizes: bool = True) -> Deferred[FolderView]:
         """Open ``folder`` for a session: its messages with UIDs, sizes and flags.
 
         Creates the mailbox and its default folders the first time. Fails with
-        FileNotFoundError for a folder that does not exist (the INBOX always does).
+        FileNotFoundError for a folder that does not exist (the INBOX always does). Without
+        ``sizes`` a message not sized yet has wire_size None (FolderView.with_sizes gives it):
+        an IMAP SELECT needs no sizes, and reading every file of a large new folder for them
+        was most of a cold SELECT's time.
         """
         try:
             target = self.folder(mailbox, folder)
@@ -244,7 +388,7 @@ class MailboxStore:
             self._initialise(mailbox)
             if target.subfolder and not target.path.is_dir():
                 raise FileNotFoundError(f"no folder {name!r}")
-            return target.sync()
+            return target.sync(sizes=sizes)
 
         def opened(result: SyncResult) -> FolderView:
             self._initialised.add(mailbox)
@@ -362,12 +506,21 @@ class MailboxStore:
         """Tell the sessions watching ``folder`` that it changed (in-process writers call this)."""
         key = (mailbox, INBOX if folder.upper() == INBOX else folder)
         self._stamps.pop(key, None)
-        for callback in list(self._subscribers.get(key, ())):
-            try:
-                callback()
-            except Exception:
-                log.failure("change callback for {mailbox}/{folder} failed",
-                            mailbox=mailbox, folder=key[1])
+        outer = self._gathering is not None
+        if not outer:
+            self._gathering = {}
+        try:
+            for callback in list(self._subscribers.get(key, ())):
+                try:
+                    callback()
+                except Exception:
+                    log.failure("change callback for {mailbox}/{folder} failed",
+                                mailbox=mailbox, folder=key[1])
+        finally:
+            if not outer:
+                gathered, self._gathering = self._gathering, None
+                for path, (target, name, waiting) in (gathered or {}).items():
+                    self._join_syncs(path, target, name, waiting)
 
     def notify_delivered(self, mailbox: str) -> None:
         """The delivery hook: a message was just delivered to ``mailbox``'s INBOX."""
@@ -416,6 +569,9 @@ class FolderView:
 
     Sessions only ever see their own view change when they call ``refresh()`` (IMAP reports the
     difference; POP3 never refreshes, RFC 1939 §8). All methods return Deferreds.
+
+    ``messages`` is replaced, never changed in place: views refreshed to the same state share
+    one list.
     """
 
     def __init__(self, store: MailboxStore, mailbox: str, name: str, folder: Folder,
@@ -431,6 +587,9 @@ class FolderView:
         # HIGHESTMODSEQ and ours: it may not claim the higher value until it refreshes.
         self.behind = False
         self.messages: list[MessageInfo] = list(result.messages)
+        # The sync whose messages ``messages`` holds, until a change of our own makes the list
+        # differ: views with the same base share the work of a refresh (``_adopt``).
+        self._base: SyncResult | None = result
 
     @property
     def path(self) -> Path:
@@ -438,26 +597,80 @@ class FolderView:
 
     def refresh(self) -> Deferred[FolderChanges]:
         """Sync with the disk and update this view; fires with what changed."""
+        done: Deferred[Refreshed] = Deferred()
 
-        def synced(result: SyncResult) -> FolderChanges:
-            self.highest_modseq = result.highest_modseq
-            self.behind = False
-            if result.uidvalidity != self.uidvalidity:
-                self.uidvalidity = result.uidvalidity
-                self.uidnext = result.uidnext
-                self.messages = list(result.messages)
-                return FolderChanges(added=result.messages, uidvalidity_changed=True)
-            before = {info.uid: info for info in self.messages}
-            now = {info.uid: info for info in result.messages}
-            added = tuple(info for info in result.messages if info.uid not in before)
-            expunged = tuple(uid for uid in before if uid not in now)
-            changed = tuple(info for uid, info in now.items() if uid in before and (
-                before[uid].flags != info.flags or before[uid].modseq != info.modseq))
-            self.uidnext = result.uidnext
-            self.messages = list(result.messages)
-            return FolderChanges(added, expunged, changed)
+        def hand(outcome: Refreshed | Failure) -> None:
+            if isinstance(outcome, Failure):
+                done.errback(outcome)
+            else:
+                done.callback(outcome)
 
-        return self.store.sync_shared(self.folder, self.name).addCallback(synced)
+        self.store.refresh_then(self, hand, claim=None)
+        return done.addCallback(lambda refreshed: refreshed.changes)
+
+    def refresh_then(self, then: RefreshCallback, *, claim: bool | None) -> None:
+        """Refresh with the store's next shared sync; ``then`` gets the outcome, with the
+        \\Recent claim done (MailboxStore.refresh_then)."""
+        self.store.refresh_then(self, then, claim=claim)
+
+    def _adopt(self, result: SyncResult, messages: list[MessageInfo],
+               shared: dict[int, tuple[SyncResult, FolderChanges]]) -> FolderChanges:
+        """Take ``result`` as this view's state (``messages``: its list, one for every view the
+        same sync refreshes); return what changed since the previous state.
+
+        ``shared`` holds, for one sync, the changes worked out from each base (by identity): a
+        view whose list is still its base's takes them as they are, without comparing the lists
+        again; a view changed by its own session is compared in full.
+        """
+        self.highest_modseq = result.highest_modseq
+        self.behind = False
+        base = self._base
+        if base is result:
+            return NO_CHANGES
+        known = shared.get(id(base)) if base is not None else None
+        if known is not None and known[0] is base:
+            changes = known[1]
+        else:
+            changes = self._difference(result)
+            if base is not None:
+                shared[id(base)] = (base, changes)  # holding the base keeps its id its own
+        self.uidvalidity = result.uidvalidity
+        self.uidnext = result.uidnext
+        self.messages = messages
+        self._base = result
+        return changes
+
+    def _difference(self, result: SyncResult) -> FolderChanges:
+        """What changed from this view's messages to ``result`` (RFC 3501 §7.4.1: the session
+        reports every UID gone, §7.3.1 the new count, §7.4.2 changed flags)."""
+        if result.uidvalidity != self.uidvalidity:
+            return FolderChanges(added=result.messages, uidvalidity_changed=True)
+        before = {info.uid: info for info in self.messages}
+        now = {info.uid: info for info in result.messages}
+        added = tuple(info for info in result.messages if info.uid not in before)
+        expunged = tuple(uid for uid in before if uid not in now)
+        changed = tuple(info for uid, info in now.items() if uid in before and (
+            before[uid].flags != info.flags or before[uid].modseq != info.modseq))
+        return FolderChanges(added, expunged, changed)
+
+    def with_sizes(self, infos: list[MessageInfo]) -> Deferred[list[MessageInfo]]:
+        """``infos`` with every wire size known: at once when they all are, else after one
+        disk job that reads the files of the others (Folder.wire_sizes). The view keeps the
+        sizes learnt, so a later command does not ask again."""
+        if all(info.wire_size is not None for info in infos):
+            return succeed(infos)
+        missing = [info for info in infos if info.wire_size is None]
+
+        def learnt(sizes: dict[int, int]) -> list[MessageInfo]:
+            def sized(info: MessageInfo) -> MessageInfo:
+                wire = sizes.get(info.uid) if info.wire_size is None else None
+                return info if wire is None else replace(info, wire_size=wire)
+
+            # Still its base's list for a refresh: sizes are no change a session reports.
+            self.messages = [sized(info) for info in self.messages]
+            return [sized(info) for info in infos]
+
+        return self.store.pool.run(self.folder.wire_sizes, missing).addCallback(learnt)
 
     def read(self, info: MessageInfo) -> Deferred[bytes]:
         """The message's bytes as stored (fails with MessageVanishedError if expunged)."""
@@ -488,6 +701,7 @@ class FolderView:
         def done(result: FlagResult) -> FlagResult:
             by_uid = {info.uid: info for info in (*result.updated, *result.modified)}
             self.messages = [by_uid.get(info.uid, info) for info in self.messages]
+            self._base = None  # no longer any sync's list
             self._advance(result.previous_highest, result.highest_modseq)
             return result
 
@@ -501,6 +715,7 @@ class FolderView:
         def done(result: Expunged) -> list[int]:
             gone = set(result.uids)
             self.messages = [info for info in self.messages if info.uid not in gone]
+            self._base = None  # no longer any sync's list
             if result.uids:
                 # RFC 7162 §3.1.2.1: the expunge raised HIGHESTMODSEQ.
                 self._advance(result.previous_highest, result.highest_modseq)
@@ -518,6 +733,14 @@ class FolderView:
             self.highest_modseq = max(self.highest_modseq, highest)
         elif highest > self.highest_modseq:
             self.behind = True
+
+
+def _hand(then: RefreshCallback, outcome: Refreshed | Failure) -> None:
+    """Give one session its refresh outcome; its error is its own, not the other sessions'."""
+    try:
+        then(outcome)
+    except Exception:
+        log.failure("a refresh callback failed")
 
 
 def _failed(exc: BaseException) -> Deferred[Any]:

@@ -6,7 +6,9 @@ size, mod-sequence and last recorded flags.
     mailsys-uidlist 2 <uidvalidity> <uidnext> <highestmodseq>
     <uid> <size> <wire size> <modseq> <flags> <key>
 
-one line per message, in UID order; ``<flags>`` is the message's Maildir flag letters as last
+one line per message, in UID order; ``<wire size>`` is "-" while it is not known yet (a message
+whose name carried no ``,W=`` when it was numbered: its file is read for it only when a client
+asks for a size, see Folder.wire_sizes); ``<flags>`` is the message's Maildir flag letters as last
 recorded ("-" for none), so that a sync notices a flag change made by another program (a rename)
 and gives the message a new mod-sequence (RFC 7162 §3.1). Version 1 files (``mailsys-uidlist 1
 <uidvalidity> <uidnext>`` and ``<uid> <size> <wire size> <key>`` lines) are still read: their
@@ -55,6 +57,7 @@ MAX_MODSEQ = 2**63 - 1
 # How far the side file's mod-sequence ceiling runs ahead of HIGHESTMODSEQ.
 MODSEQ_RESERVE = 1 << 20
 _NO_FLAGS = "-"
+_UNKNOWN = "-"  # a wire size not computed yet
 
 
 class CorruptUidListError(ValueError):
@@ -69,7 +72,7 @@ class UidEntry:
 
     uid: int
     size: int
-    wire_size: int
+    wire_size: int | None  # None: not computed yet (the file has not been read for it)
     modseq: int = 0
     flags: frozenset[str] | None = None
 
@@ -128,8 +131,10 @@ def parse_uidlist(text: str) -> UidList:
             key = parts[-1]
             if len(parts) != fields or not key or "\r" in key or key in result.entries:
                 raise ValueError
-            uid, size, wire = int(parts[0]), int(parts[1]), int(parts[2])
-            if not 0 < uid < uidnext or uid in seen_uids or size < 0 or wire < 0:
+            uid, size = int(parts[0]), int(parts[1])
+            wire = None if parts[2] == _UNKNOWN and not version_1 else int(parts[2])
+            if (not 0 < uid < uidnext or uid in seen_uids or size < 0
+                    or (wire is not None and wire < 0)):
                 raise ValueError
             if version_1:
                 entry = UidEntry(uid, size, wire)
@@ -155,7 +160,8 @@ def render_uidlist(uids: UidList) -> bytes:
     for key, entry in sorted(uids.entries.items(), key=lambda item: item[1].uid):
         assert entry.flags is not None and 0 < entry.modseq <= uids.highest_modseq
         letters = "".join(sorted(entry.flags)) or _NO_FLAGS
-        out.append(f"{entry.uid} {entry.size} {entry.wire_size} {entry.modseq} {letters} {key}\n")
+        wire = _UNKNOWN if entry.wire_size is None else entry.wire_size
+        out.append(f"{entry.uid} {entry.size} {wire} {entry.modseq} {letters} {key}\n")
     return "".join(out).encode("utf-8", "surrogateescape")
 
 

@@ -109,6 +109,13 @@ class _State(enum.Enum):
     UPDATE = "update"
 
 
+def _octets(info: MessageInfo) -> int:
+    """The message's size as LIST, STAT and RETR give it (RFC 1939 §5: with CRLF line ends).
+    Known for every message: the maildrop is opened with its sizes (MailboxStore.open_folder)."""
+    assert info.wire_size is not None
+    return info.wire_size
+
+
 def uidl_of(key: str) -> str:
     """The POP3 unique-id of a message: its Maildir key, or a hash of it if unfit (RFC 1939 §7).
 
@@ -593,7 +600,7 @@ class POP3Session(ServerSession):
             self._view = view
             self._mailbox = mailbox
             self._state = _State.TRANSACTION
-            total = sum(info.wire_size for info in view.messages)
+            total = sum(_octets(info) for info in view.messages)
             log.info("pop3 login {user} from {client} messages={count}", user=mailbox,
                      client=self._client, count=len(view.messages))
             return _ok(f"Logged in, {len(view.messages)} messages ({total} octets)")
@@ -651,7 +658,7 @@ class POP3Session(ServerSession):
         assert self._view is not None
         live = [info for number, info in enumerate(self._view.messages, 1)
                 if number not in self._deleted]
-        return _ok(f"{len(live)} {sum(info.wire_size for info in live)}")
+        return _ok(f"{len(live)} {sum(_octets(info) for info in live)}")
 
     def _do_list(self, argument: bytes) -> bytes:
         refusal = self._transaction()
@@ -663,8 +670,8 @@ class POP3Session(ServerSession):
             if isinstance(found, bytes):
                 return found
             number, info = found
-            return _ok(f"{number} {info.wire_size}")
-        lines = [f"{number} {info.wire_size}"
+            return _ok(f"{number} {_octets(info)}")
+        lines = [f"{number} {_octets(info)}"
                  for number, info in enumerate(self._view.messages, 1)
                  if number not in self._deleted]
         return _multiline(f"{len(lines)} messages", lines)
@@ -720,7 +727,7 @@ class POP3Session(ServerSession):
         number, info = found
         assert self._view is not None
         folder = self._view.folder
-        header = _ok(f"{info.wire_size} octets")
+        header = _ok(f"{_octets(info)} octets")
         self._record("pop3.retr", number, info)
         if info.size <= SMALL_MESSAGE:
 
@@ -768,7 +775,7 @@ class POP3Session(ServerSession):
         queue_id = delivered_queue_id(info.key)
         if queue_id is not None:
             self._journey.emit(kind, queue_id, user=self._mailbox, number=number,
-                               size=info.wire_size)
+                               size=_octets(info))
 
     def _do_top(self, argument: bytes) -> bytes | Deferred[bytes]:
         refusal = self._transaction()

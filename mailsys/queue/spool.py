@@ -17,11 +17,18 @@ with a journal, freeing and allocating still dirty bitmaps and inode tables), so
 a finished message's files into free/ and commit() overwrites them in place. A removed message
 is therefore gone for good: nothing may read its files after remove() was called.
 
-What free/ keeps is the inode, not the space: remove() truncates each file it moves there, so a
-file waiting for reuse holds no data blocks, and the pool is bounded in bytes as well as in files
-(for a file whose truncation failed). A commit that meets a full file system (ENOSPC, EDQUOT)
-gives the whole pool back and tries once more; a failed commit removes what it wrote at once,
-in the same disk job, so nothing of it stays in tmp/ taking the scarce space.
+What free/ keeps is the inode and its data blocks: a commit that overwrites blocks a file
+already has needs no block allocation, so the fdatasync of its data is a data write and a cache
+flush, with no journal commit (and no blocks freed, so no discard at commit time either). Those
+blocks are counted exactly (st_blocks of each file kept, under a lock shared with the disk
+threads) and bounded (by FREE_BYTES_LIMIT and the floor); a file that would pass the bound is
+truncated and keeps only its inode. The pool gives its space back when space is scarce: when
+the free-space figure that refuses MAIL FROM (storage.spool_min_free) falls below twice the
+floor, every file kept is unlinked and removed files are truncated until the figure is back
+above twice the floor plus the bound (with no floor configured the server never looks at the
+free space, so nothing keeps blocks); and a commit that meets a full file system (ENOSPC,
+EDQUOT) gives the whole pool back and tries once more. A failed commit removes what it wrote at
+once, in the same disk job, so nothing of it stays in tmp/ taking the scarce space.
 """
 
 from __future__ import annotations
@@ -64,9 +71,32 @@ MESSAGE_SUFFIX = ".msg"
 ENVELOPE_SUFFIX = ".env"
 # At most this many files wait in free/; beyond it a removed message's files are unlinked.
 FREE_FILES_LIMIT = 1024
-# At most this many bytes of data wait in free/ (files whose truncation failed); beyond it a
-# removed message's files are unlinked. Truncated files count zero.
-FREE_BYTES_LIMIT = 1024 * 1024
+# At most this many bytes of data blocks are held by files waiting in free/ (st_blocks, counted
+# exactly), and never more than the free-space floor (Spool.__init__); a removed file that
+# would pass the bound is truncated instead. The pool refills from the messages delivered after
+# a burst and is overwritten by the next burst's commits: 64 MiB is 5,000 messages of 4 KiB
+# (three blocks a pair), more than the files limit lets wait, so the bound only matters for
+# large messages. It is also the margin of the give-back below: blocks are kept again only once
+# that much more than the low mark is free.
+FREE_BYTES_LIMIT = 64 * 1024 * 1024
+# The pool gives its blocks back when the spool's free space falls below this many times the
+# free-space floor (storage.spool_min_free): twice the floor still leaves room for every
+# message in flight, so the space comes back before a single MAIL FROM is refused for it.
+SPACE_LOW_FACTOR = 2
+# Indexes into the per-kind free lists: an envelope is reused for an envelope, a message for a
+# message, so a reused file usually already has the blocks the new data needs.
+_ENVELOPE, _MESSAGE = 0, 1
+_SUFFIXES = (ENVELOPE_SUFFIX, MESSAGE_SUFFIX)
+# An envelope written over a longer one is padded with up to this many spaces (JSON allows
+# whitespace after the document) rather than cut: a file whose length does not change needs
+# no inode update, so the fdatasync of overwritten blocks stays free of a journal commit.
+# Envelopes of one sender and recipient list differ by a few bytes (the time's digits).
+ENVELOPE_SLACK = 256
+
+
+# A file kept in free/: its name, an upper bound of its size (-1 if unknown), and the bytes of
+# data blocks it holds (0 once truncated).
+_Kept = tuple[str, int, int]
 
 
 class SpoolError(Exception):
@@ -131,8 +161,15 @@ class Spool:
     ``recover()`` must be called once, before anything else, by the process that owns the spool.
     """
 
-    def __init__(self, directory: Path, pool: DiskPool) -> None:
+    def __init__(self, directory: Path, pool: DiskPool, *, floor: int = 0) -> None:
         self.directory = Path(directory)
+        # The free-space floor of the spool's file system (storage.spool_min_free; 0: none).
+        self._floor = floor
+        # Bytes of data blocks free/ may hold: never more than the floor, the headroom the
+        # administrator asked the file system to keep, so that a pool full at the moment the
+        # disk fills holds no more than that. Without a floor the server never looks at the
+        # free space, cannot tell when it is scarce, and so keeps no blocks at all.
+        self._bound = min(FREE_BYTES_LIMIT, floor)
         self.tmp_dir = self.directory / "tmp"
         self.queue_dir = self.directory / "queue"
         self.corrupt_dir = self.directory / "corrupt"
@@ -143,15 +180,20 @@ class Spool:
         self._queue = os.path.join(self.queue_dir, "")
         self._free_prefix = os.path.join(self.free_dir, "")
         self._pool = pool
-        # Names in free/ ready to be overwritten, each with an upper bound of its size (-1 if
-        # unknown); touched on the reactor thread only, so a file is handed to at most one disk
-        # thread at a time.
-        self._free: list[tuple[str, int]] = []
+        # Files in free/ ready to be overwritten, envelopes and messages apart (_ENVELOPE,
+        # _MESSAGE): each a _Kept. Touched on the reactor thread only, so a file is handed to at
+        # most one disk thread at a time.
+        self._free: tuple[list[_Kept], list[_Kept]] = ([], [])
         # Moved to free/ by remove() but not reusable before an fsync of queue/ begun after the
-        # move: the next commit's makes them so.
-        self._removed: list[tuple[str, int]] = []
-        # Bytes held by files in free/ and in _removed (those whose truncation failed).
-        self._free_bytes = 0
+        # move: the next commit's makes them so. (kind, file) pairs.
+        self._removed: list[tuple[int, _Kept]] = []
+        # Bytes of data blocks held by the files kept in free/ (in _free, in _removed, and those
+        # a disk thread is moving there): the disk threads add, the reactor thread subtracts.
+        self._held_lock = threading.Lock()
+        self._held = 0
+        # True only while the free space is known and not scarce (free_space_seen): otherwise
+        # removed files are truncated, none keeps its blocks.
+        self._keep_blocks = False
         self._free_serial = itertools.count()
         self._id_lock = threading.Lock()
         self._last_micros = 0
@@ -207,13 +249,14 @@ class Spool:
             queue_id,
             env_bytes,
             message,
-            self._take_free(),
-            self._take_free(),
+            self._take_free(_MESSAGE),
+            self._take_free(_ENVELOPE),
             urgent=True,
         )
 
         def committed(_: None) -> None:
-            self._free.extend(removed)
+            for kind, kept in removed:
+                self._free[kind].append(kept)
 
         def failed(failure: Failure) -> Failure | Deferred[None]:
             if not failure.check(DirectorySyncError):
@@ -224,36 +267,53 @@ class Spool:
                     log.warn("{queue_id}: spool full ({error}); dropping {count} file(s) kept "
                              "for reuse and trying again", queue_id=queue_id,
                              error=_error_text(failure.value),
-                             count=len(self._free) + len(self._removed))
+                             count=self.free_files)
                     dropped = self.drop_free()
                     return dropped.addCallback(
                         lambda _: self._commit(queue_id, env_bytes, message, retry=False))
                 _log_commit_failure(queue_id, self._queue, failure)
                 return failure
             _log_commit_failure(queue_id, self._queue, failure)
-            self._free_bytes -= sum(max(size, 0) for _, size in removed)
             # The files are in queue/ but not durable: the message is not acknowledged, so it
             # must not be delivered either (the client will send it again). The removed files
-            # stay unused: their moves may not be durable either (recover() clears free/).
-            return self._unrename(failure, queue_id)
+            # are not reused, their moves may not be durable either: they are unlinked.
+            return self._unrename(failure, queue_id, self._forget(removed))
 
         d.addCallbacks(committed, failed)
         return d
 
-    def _unrename(self, failure: Failure, queue_id: str) -> Deferred[None]:
-        cleanup = self._pool.run(self._unlink_pair, queue_id)
+    def _unrename(self, failure: Failure, queue_id: str, dropped: list[str]) -> Deferred[None]:
+        def unlink_all() -> None:
+            self._unlink_pair(queue_id)
+            for path in dropped:
+                _unlink_quietly(path)
+
+        cleanup = self._pool.run(unlink_all)
         cleanup.addErrback(
             lambda f: log.failure("{queue_id}: cleanup after failed commit", f, queue_id=queue_id)
         )
         cleanup.addCallback(lambda _: failure)
         return cleanup
 
-    def _take_free(self) -> tuple[str, int] | None:
-        if not self._free:
+    def _take_free(self, kind: int) -> tuple[str, int] | None:
+        """A file of ``kind`` kept for reuse, as (path, upper bound of its size); it leaves the
+        pool and its count now (the commit overwrites it, or unlinks it if the commit fails)."""
+        free = self._free[kind]
+        if not free:
             return None
-        name, size = self._free.pop()
-        self._free_bytes -= max(size, 0)
+        name, size, held = free.pop()
+        if held:
+            with self._held_lock:
+                self._held -= held
         return self._free_prefix + name, size
+
+    def _forget(self, entries: list[tuple[int, _Kept]]) -> list[str]:
+        """Take ``entries`` out of the pool's count; their paths, for the caller to unlink."""
+        held = sum(kept[2] for _, kept in entries)
+        if held:
+            with self._held_lock:
+                self._held -= held
+        return [self._free_prefix + kept[0] for _, kept in entries]
 
     def drop_free(self) -> Deferred[None]:
         """Unlink every file kept for reuse (free/ and the moves not yet synced), in a disk thread.
@@ -261,23 +321,52 @@ class Spool:
         Unlinking is always safe, whether or not the move into free/ is durable yet: the message
         was finished, and recover() empties free/ anyway.
         """
-        names = [name for name, _ in self._free] + [name for name, _ in self._removed]
-        self._free.clear()
-        self._removed.clear()
-        self._free_bytes = 0
-        prefix = self._free_prefix
+        entries = [(kind, kept) for kind in (_ENVELOPE, _MESSAGE) for kept in self._free[kind]]
+        entries += self._removed
+        for free in self._free:
+            free.clear()
+        self._removed = []
+        paths = self._forget(entries)
 
         def unlink_all() -> None:
-            for name in names:
-                _unlink_quietly(prefix + name)
+            for path in paths:
+                _unlink_quietly(path)
 
         d: Deferred[None] = self._pool.run(unlink_all)
         return d
 
+    def free_space_seen(self, free: int) -> Deferred[None] | None:
+        """Take the spool file system's free bytes (the cached figure checked at MAIL FROM):
+        below SPACE_LOW_FACTOR times the floor the pool gives its blocks back (unlinks what it
+        keeps, and truncates what it is given until space returns); it keeps blocks (again)
+        once the bound more than that is free, so that filling the pool cannot take the space
+        straight back below the mark. The unlinking job, if any."""
+        if not self._bound:
+            return None
+        low_mark = SPACE_LOW_FACTOR * self._floor
+        if free < low_mark:
+            if self._keep_blocks:
+                log.warn("spool free space low ({free} < {mark} bytes): files kept for reuse "
+                         "give their space back", free=free, mark=low_mark)
+                with self._held_lock:
+                    self._keep_blocks = False
+            if self.held_bytes:
+                return self.drop_free()
+        elif not self._keep_blocks and free >= low_mark + self._bound:
+            with self._held_lock:
+                self._keep_blocks = True
+        return None
+
     @property
     def free_files(self) -> int:
         """How many files wait in free/ for reuse (for tests and metrics)."""
-        return len(self._free) + len(self._removed)
+        return len(self._free[_ENVELOPE]) + len(self._free[_MESSAGE]) + len(self._removed)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of data blocks the files kept in free/ hold (for tests and metrics)."""
+        with self._held_lock:
+            return self._held
 
     def _write_and_rename(
         self,
@@ -305,7 +394,8 @@ class Spool:
 
         try:
             msg = _place(message, free_msg, self._tmp + queue_id + MESSAGE_SUFFIX, owned, fds)
-            env = _place(env_bytes, free_env, self._tmp + queue_id + ENVELOPE_SUFFIX, owned, fds)
+            env = _place(env_bytes, free_env, self._tmp + queue_id + ENVELOPE_SUFFIX, owned, fds,
+                         slack=ENVELOPE_SLACK)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -363,15 +453,16 @@ class Spool:
         rename, otherwise a power loss could bring back the old name over new bytes, and deliver
         one message's bytes as another's: the next commit's fsync of queue/ does it.
         """
-        if (len(self._free) + len(self._removed) + 2 > FREE_FILES_LIMIT
-                or self._free_bytes > FREE_BYTES_LIMIT):
+        if self.free_files + 2 > FREE_FILES_LIMIT:
             return self._pool.run_batched(self._unlink_pair, queue_id)
         env_name, msg_name = f"{next(self._free_serial)}", f"{next(self._free_serial)}"
         d = self._pool.run_batched(self._recycle_pair, queue_id, [env_name, msg_name])
 
-        def moved(kept: list[tuple[str, int]]) -> None:
+        def moved(kept: list[tuple[int, _Kept]]) -> None:
             self._removed.extend(kept)
-            self._free_bytes += sum(max(size, 0) for _, size in kept)
+            if not self._keep_blocks and any(entry[2] for _, entry in kept):
+                # Space became scarce while they moved: give their blocks back too.
+                self.drop_free()
 
         return d.addCallback(moved)
 
@@ -379,32 +470,42 @@ class Spool:
         _unlink_quietly(self._queue + queue_id + ENVELOPE_SUFFIX)
         _unlink_quietly(self._queue + queue_id + MESSAGE_SUFFIX)
 
-    def _recycle_pair(self, queue_id: str, names: list[str]) -> list[tuple[str, int]]:
-        """Disk thread: move the envelope, then the message, into free/ and truncate each; the
-        names moved, each with its size now (0 once truncated, -1 if unknown).
+    def _recycle_pair(self, queue_id: str, names: list[str]) -> list[tuple[int, _Kept]]:
+        """Disk thread: move the envelope, then the message, into free/; each file moved, by
+        kind, with its size and the bytes of data blocks it keeps.
 
-        The truncation gives the data blocks back while the inode waits for reuse. It follows
+        A file keeps its blocks while space is not scarce and they fit the bound, else it is
+        truncated (or, failing that, unlinked) and keeps only its inode. The truncation follows
         the rename in the same thread, so on a journalling file system it cannot become durable
         without the rename (metadata changes commit in order): a crash never brings back a
         queue/ name over an emptied file.
         """
         moved = []
-        for suffix, name in zip((ENVELOPE_SUFFIX, MESSAGE_SUFFIX), names, strict=True):
+        for kind, name in enumerate(names):
             path = self._free_prefix + name
             try:
-                os.rename(self._queue + queue_id + suffix, path)
+                os.rename(self._queue + queue_id + _SUFFIXES[kind], path)
             except FileNotFoundError:
                 continue
             try:
-                os.truncate(path, 0)
-                size = 0
+                stat = os.stat(path)
             except OSError:
-                try:
-                    size = os.stat(path).st_size
-                except OSError:
-                    _unlink_quietly(path)
-                    continue
-            moved.append((name, size))
+                _unlink_quietly(path)
+                continue
+            held = stat.st_blocks * 512
+            with self._held_lock:
+                keep = self._keep_blocks and self._held + held <= self._bound
+                if keep:
+                    self._held += held
+            if keep:
+                moved.append((kind, (name, stat.st_size, held)))
+                continue
+            try:
+                os.truncate(path, 0)
+            except OSError:
+                _unlink_quietly(path)
+                continue
+            moved.append((kind, (name, 0, 0)))
         return moved
 
     # -- reading (CLI and start-up) ------------------------------------------------------------
@@ -457,9 +558,11 @@ class Spool:
             _remove_entry(entry)
         # Deleted, not reused: after a crash a name in free/ may share its file with a name in
         # queue/ (a rename half done), and overwriting it would destroy a committed message.
-        self._free.clear()
-        self._removed.clear()
-        self._free_bytes = 0
+        for free in self._free:
+            free.clear()
+        self._removed = []
+        with self._held_lock:
+            self._held = 0
         for entry in os.scandir(self.free_dir):
             _remove_entry(entry)
 
@@ -532,14 +635,18 @@ class Spool:
 
 
 def _place(data: bytes, free: tuple[str, int] | None, new: str, owned: list[str],
-           fds: list[int]) -> str:
+           fds: list[int], *, slack: int = 0) -> str:
     """Disk thread: ``data`` written over the free file, or else in a new file; not yet durable.
 
     The path written is appended to ``owned`` once it belongs to this commit, its open
-    descriptor to ``fds`` (for the pool to fdatasync and close).
+    descriptor to ``fds`` (for the pool to fdatasync and close). Data that may end in
+    whitespace (``slack``: an envelope's JSON) is padded with spaces to the free file's length
+    when it is at most that much shorter.
     """
     if free is not None:
         path, size = free
+        if 0 < size - len(data) <= slack:
+            data += b" " * (size - len(data))
         owned.append(path)
         try:
             fds.append(_overwrite(path, data, size))

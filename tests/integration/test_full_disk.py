@@ -8,6 +8,7 @@ with that reason. The quota tests need no mount.
 from __future__ import annotations
 
 import imaplib
+import itertools
 import os
 import re
 import shutil
@@ -221,6 +222,49 @@ def test_free_space_floor_refuses_early_on_every_listener(
     log = server.log()
     assert log.count("below its free-space floor") == 1
     assert log.count("has room again") == 1
+
+
+def test_spool_keeps_blocks_for_reuse_and_gives_them_back_when_space_is_low(
+    tmpfs: Callable[[Path, str], None], server_factory: Callable[..., MailServer],
+) -> None:
+    """With room to spare the files of delivered messages keep their data blocks in free/
+    (never more than the floor); when the free space falls below twice the floor they give
+    them back within seconds, without a restart, and mail still flows."""
+    server = server_factory()
+    set_storage(server, 'spool_min_free = "1M"')
+    tmpfs(server.spool, "16m")
+    server.start()
+    free_dir = server.spool / "free"
+
+    def held() -> int:
+        return sum(p.stat().st_blocks * 512 for p in free_dir.iterdir())
+
+    def send_all(first: int, count: int) -> None:
+        for index in range(first, first + count):
+            assert send(server, f"m-{index}", 100 * 1024)[0] == 250
+
+    send_all(0, 6)
+    wait_for(lambda: len(server.inbox_files()) == 6, deadline=30, message="six deliveries")
+    wait_for(lambda: held() > 0, deadline=15, message="blocks kept in free/")
+    assert held() <= 1024 * 1024
+    filler = server.spool / "filler"
+    free = os.statvfs(server.spool).f_bavail * os.statvfs(server.spool).f_frsize
+    filler.write_bytes(b"\0" * (free - int(1.5 * 1024 * 1024)))  # below 2M, above the floor
+    wait_for(lambda: held() == 0, deadline=15, interval=0.2, message="free/ to give back")
+    send_all(6, 2)  # truncated, not kept, while space is low
+    wait_for(lambda: len(server.inbox_files()) == 8, deadline=30, message="two more")
+    assert held() == 0
+    filler.unlink()
+    more = itertools.count(8)
+
+    def kept_again() -> bool:
+        # The next look at the free space (each second) lets removed files keep blocks again.
+        assert send(server, f"m-{next(more)}", 100 * 1024)[0] == 250
+        return held() > 0
+
+    wait_for(kept_again, deadline=30, interval=0.5, message="blocks kept once space returned")
+    assert "spool free space low" in server.log()
+    assert "Traceback" not in server.log()
 
 
 @pytest.fixture

@@ -47,6 +47,45 @@ class ImmediatePool:
             return fail()
 
 
+class BatchPool:
+    """A disk pool that runs work at once, or, while ``held``, keeps it until ``drain``."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any], str]] = []
+        self.ran: list[str] = []
+
+    def run(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if not self.held:
+            try:
+                return succeed(func(*args, **kwargs))
+            except Exception:
+                return fail()
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((lambda: func(*args, **kwargs), d, getattr(func, "__name__", "?")))
+        return d
+
+    def step(self) -> str:
+        """Run the first kept job (the others stay kept); its name."""
+        job, d, name = self.jobs.pop(0)
+        self.ran.append(name)
+        try:
+            value = job()
+        except Exception:
+            d.errback(Failure())
+        else:
+            d.callback(value)
+        return name
+
+    def drain(self) -> list[str]:
+        """Run the kept jobs in order (and those they start); their names, in order."""
+        self.ran = []
+        while self.jobs:
+            self.step()
+        self.held = False
+        return self.ran
+
+
 def result_of(d: Deferred[Any]) -> Any:
     """The result of a Deferred that has fired; re-raises its failure."""
     results: list[Any] = []

@@ -161,11 +161,16 @@ def test_examine_is_read_only_and_select_of_missing_is_nonexistent(server: Serve
 
 
 def test_fetch_metadata_reads_no_message(server: Server) -> None:
-    """FETCH of UID, FLAGS, size and date answers without opening any message file."""
+    """FETCH of UID, FLAGS, size and date opens no message file once the sizes are known (a
+    cold folder's are read by its first size FETCH, in one disk job)."""
     client = filled(server, 3)
+    calls = server.pool.calls
+    first = client.ok("FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE)")
+    assert server.pool.calls == calls + 1  # the wire sizes of names without ,W=
     calls = server.pool.calls
     out = client.ok("FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE)")
     assert server.pool.calls == calls  # no disk work at all
+    assert out.split("\r\n")[:3] == first.split("\r\n")[:3]
     assert out.count("FETCH (UID") == 3
     assert '* 1 FETCH (UID 1 FLAGS (\\Recent) RFC822.SIZE 80 INTERNALDATE "14-Nov-2023' in out
 

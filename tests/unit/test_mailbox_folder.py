@@ -18,7 +18,13 @@ from mailsys.mailbox.folder import (
 )
 from mailsys.mailbox.layout import create_maildir
 from mailsys.mailbox.names import SEEN, parse_name
-from mailsys.mailbox.uidlist import UIDLIST_NAME, UIDVALIDITY_NAME, parse_uidlist, write_state
+from mailsys.mailbox.uidlist import (
+    UIDLIST_NAME,
+    UIDVALIDITY_NAME,
+    parse_uidlist,
+    render_uidlist,
+    write_state,
+)
 from tests.unit.mailbox_support import WallClock, deliver, forget_folder_caches, message
 
 
@@ -406,3 +412,81 @@ def test_new_folders_of_a_mailbox_get_ever_greater_uidvalidity(tmp_path: Path) -
         folder = Folder(path, subfolder=name != "INBOX", clock=lambda: 1_700_000_000.0)
         values.append(folder.sync().uidvalidity)
     assert values == sorted(values) and len(set(values)) == 4
+
+
+def test_sync_without_sizes_reads_no_message_file(folder: Folder,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync(sizes=False) numbers new messages without opening their files: names without
+    ,W= keep no wire size (None, "-" in the UID file), names with ,W= keep theirs."""
+    plain = deliver(folder.path, b"Subject: x\n\nline\n", mtime=1_700_000_001)
+    deliver(folder.path, b"Subject: y\n\nline\n", mtime=1_700_000_002,
+            name="1700000002.Mfixed.host,S=17,W=20")
+    sized = "1700000002.Mfixed.host"
+    opened: list[str] = []
+    real_open = os.open
+
+    def watch(path: str, *args: object, **kwargs: object) -> int:
+        opened.append(os.fspath(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(folder_module.os, "open", watch)
+    result = folder.sync(sizes=False)
+    monkeypatch.undo()
+    assert not [p for p in opened if "/new/" in p or "/cur/" in p]
+    assert [(m.key, m.wire_size) for m in result.messages] == [(plain, None), (sized, 20)]
+    assert not result.sizes_known
+    assert ",W=" not in result.messages[0].name and ",S=17," in result.messages[0].name
+    assert parse_name(result.messages[0].name).uid == 1
+    line = (folder.path / UIDLIST_NAME).read_text().splitlines()[1]
+    assert line.split(" ")[:3] == ["1", "17", "-"]
+
+
+def test_sizes_read_later_are_recorded_once(folder: Folder) -> None:
+    """wire_sizes() reads the files of unsized messages and records the sizes in the UID file:
+    a later sync (even in a new process) knows them without reading, UIDs and mod-sequences
+    unchanged."""
+    deliver(folder.path, b"Subject: x\n\nline\n")
+    deliver(folder.path, message(2))
+    cold = folder.sync(sizes=False)
+    assert folder.wire_sizes(cold.messages) == {1: 20, 2: len(message(2))}
+    forget_folder_caches()
+    again = folder.sync(sizes=False)
+    assert [m.wire_size for m in again.messages] == [20, len(message(2))]
+    assert again.sizes_known and again.highest_modseq == cold.highest_modseq
+    assert [(m.uid, m.modseq) for m in again.messages] == [(m.uid, m.modseq)
+                                                            for m in cold.messages]
+
+
+def test_sync_with_sizes_fills_what_a_cold_sync_left(folder: Folder) -> None:
+    """A sync that needs sizes (POP3) after one that did not (IMAP SELECT) reads the missing
+    ones instead of returning the remembered result, and records them."""
+    deliver(folder.path, b"a\nb\n")
+    assert folder.sync(sizes=False).messages[0].wire_size is None
+    (info,) = folder.sync().messages
+    assert info.wire_size == 6
+    assert parse_uidlist((folder.path / UIDLIST_NAME).read_text()).entries[
+        info.key].wire_size == 6
+
+
+def test_rebuild_keeps_sizes_unknown_until_asked(folder: Folder) -> None:
+    """A lost UID file is rebuilt from the names (UIDs kept) without reading the files; the
+    sizes come back when asked for."""
+    deliver(folder.path, b"a\nb\n")
+    first = folder.sync(sizes=False)
+    (folder.path / UIDLIST_NAME).unlink()
+    forget_folder_caches()
+    rebuilt = folder.sync(sizes=False)
+    assert rebuilt.rebuilt is not None
+    assert [(m.uid, m.wire_size) for m in rebuilt.messages] == [(first.messages[0].uid, None)]
+    assert folder.sync().messages[0].wire_size == 6
+
+
+def test_uid_file_round_trips_an_unknown_wire_size() -> None:
+    """A "-" wire size parses as None and renders back as "-"; other lines are unchanged."""
+    text = ("mailsys-uidlist 2 7 3 5\n"
+            "1 17 - 4 - k.1\n"
+            "2 10 12 5 S k.2\n")
+    uids = parse_uidlist(text)
+    assert uids.damaged_lines == 0
+    assert (uids.entries["k.1"].wire_size, uids.entries["k.2"].wire_size) == (None, 12)
+    assert render_uidlist(uids).decode() == text

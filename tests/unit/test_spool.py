@@ -368,10 +368,56 @@ def test_removed_files_are_overwritten_by_a_later_commit(spool: Spool) -> None:
     )
 
 
-def test_files_kept_for_reuse_hold_no_data(
+FLOOR = 1024 * 1024  # the free-space floor of the spools that keep blocks: bound 1 MiB
+PLENTY = 3 * FLOOR  # free space at which they keep blocks (twice the floor, plus the bound)
+
+
+@pytest.fixture
+def keeping(tmp_path: Path, pool: ImmediateDiskPool) -> Iterator[Spool]:
+    """A spool with a free-space floor that has seen plenty of free space: it keeps blocks."""
+    s = Spool(tmp_path / "spool", pool, floor=FLOOR)  # type: ignore[arg-type]
+    s.recover()
+    s.free_space_seen(PLENTY)
+    yield s
+    s.close()
+
+
+def held_on_disk(spool: Spool) -> int:
+    """Bytes of data blocks the files in free/ hold, as the file system counts them."""
+    return sum(os.stat(spool.free_dir / n).st_blocks * 512 for n in files(spool.free_dir))
+
+
+def test_files_kept_for_reuse_hold_no_data_without_a_floor(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """remove() truncates the files it keeps in free/, so a commit over them needs no ftruncate."""
+    """Without a free-space floor, remove() truncates the files it keeps in free/ (the server
+    cannot tell when space is scarce), so a commit over them needs no ftruncate."""
+    truncated: list[int] = []
+    real = os.ftruncate
+
+    def spy(fd: int, length: int) -> None:
+        truncated.append(length)
+        real(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", spy)
+    spool.free_space_seen(1 << 40)
+    result_of(spool.commit(make_envelope("E4"), b"x" * 100_000))
+    result_of(spool.remove("E4"))
+    assert [os.stat(spool.free_dir / n).st_size for n in files(spool.free_dir)] == [0, 0]
+    assert held_on_disk(spool) == 0 and spool.held_bytes == 0
+    result_of(spool.commit(make_envelope("E1"), b"s" * 100))  # its sync frees E4's files
+    result_of(spool.commit(make_envelope("E6"), b"z" * 50))
+    assert truncated == []
+    assert spool.message_path("E6").read_bytes() == b"z" * 50
+
+
+def test_files_kept_for_reuse_keep_their_blocks(
+    keeping: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With space to spare, remove() keeps each file's data blocks, counted exactly; a commit of
+    the same sizes overwrites them in place (same inodes, no ftruncate, no new blocks), the
+    envelope over the envelope and the message over the message."""
+    spool = keeping
     truncated: list[int] = []
     real = os.ftruncate
 
@@ -381,31 +427,133 @@ def test_files_kept_for_reuse_hold_no_data(
 
     monkeypatch.setattr(os, "ftruncate", spy)
     result_of(spool.commit(make_envelope("E4"), b"x" * 100_000))
+    inodes = {spool.message_path("E4").stat().st_ino: "msg",
+              spool.envelope_path("E4").stat().st_ino: "env"}
     result_of(spool.remove("E4"))
-    assert [os.stat(spool.free_dir / n).st_size for n in files(spool.free_dir)] == [0, 0]
-    assert sum(os.stat(spool.free_dir / n).st_blocks for n in files(spool.free_dir)) == 0
+    assert sorted(os.stat(spool.free_dir / n).st_size for n in files(spool.free_dir))[1] == (
+        100_000)
+    assert spool.held_bytes == held_on_disk(spool) >= 100_000
     result_of(spool.commit(make_envelope("E1"), b"s" * 100))  # its sync frees E4's files
-    result_of(spool.commit(make_envelope("E6"), b"z" * 50))
-    assert truncated == []
-    assert spool.message_path("E6").read_bytes() == b"z" * 50
+    result_of(spool.commit(make_envelope("E6"), b"z" * 100_000))
+    assert truncated == [] and spool.held_bytes == 0
+    assert spool.message_path("E6").read_bytes() == b"z" * 100_000
+    assert spool.load("E6") == make_envelope("E6")
+    assert inodes == {spool.message_path("E6").stat().st_ino: "msg",
+                      spool.envelope_path("E6").stat().st_ino: "env"}
 
 
-def test_free_files_are_bounded_in_bytes(
+def test_kept_blocks_are_bounded_in_bytes(keeping: Spool) -> None:
+    """The blocks kept never pass the bound (the floor here): a removed file that would pass it
+    is truncated and keeps only its inode."""
+    spool = keeping
+    for queue_id in ("E4", "E5", "E6"):
+        result_of(spool.commit(make_envelope(queue_id), b"x" * 400_000))
+    for queue_id in ("E4", "E5", "E6"):
+        result_of(spool.remove(queue_id))
+    assert spool.free_files == 6
+    assert spool.held_bytes == held_on_disk(spool) <= FLOOR
+    sizes = sorted(os.stat(spool.free_dir / n).st_size for n in files(spool.free_dir))
+    assert sizes.count(400_000) == 2  # the third message's file did not fit
+    assert spool.held_bytes > 800_000
+
+
+def test_a_file_that_cannot_be_truncated_is_unlinked(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Files that could not be truncated count their bytes; past the bound remove() unlinks."""
-    monkeypatch.setattr(spool_module, "FREE_BYTES_LIMIT", 1000)
+    """A removed file that may not keep its blocks and cannot be truncated is unlinked, so free/
+    never holds data it does not count."""
 
     def cannot(path: Any, length: int) -> None:
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "truncate", cannot)
-    for queue_id in ("E4", "E5"):
-        result_of(spool.commit(make_envelope(queue_id), b"x" * 2000))
+    result_of(spool.commit(make_envelope("E4"), b"x" * 2000))
     result_of(spool.remove("E4"))
-    assert len(files(spool.free_dir)) == 2
-    result_of(spool.remove("E5"))  # the pool already holds more than its bound
-    assert len(files(spool.free_dir)) == 2 and files(spool.queue_dir) == []
+    assert files(spool.free_dir) == [] and files(spool.queue_dir) == []
+    assert spool.free_files == 0 and spool.held_bytes == 0
+
+
+def test_low_free_space_gives_the_blocks_back(keeping: Spool) -> None:
+    """Below twice the floor the pool unlinks every file that holds blocks and truncates what
+    it is given next; it keeps blocks again only once the bound more than that is free."""
+    spool = keeping
+    for queue_id in ("E1", "E2", "E3"):
+        result_of(spool.commit(make_envelope(queue_id), b"x" * 10_000))
+    result_of(spool.remove("E1"))
+    result_of(spool.commit(make_envelope("E4"), b"y"))  # its sync makes E1's files reusable
+    result_of(spool.remove("E2"))  # moved, not yet reusable
+    assert spool.held_bytes == held_on_disk(spool) > 0
+    spool.free_space_seen(2 * FLOOR - 1)
+    assert files(spool.free_dir) == [] and spool.held_bytes == 0 and spool.free_files == 0
+    result_of(spool.remove("E3"))
+    assert spool.free_files == 2 and held_on_disk(spool) == 0
+    spool.free_space_seen(PLENTY - 1)  # above the mark, not above it plus the bound
+    result_of(spool.remove("E4"))
+    assert held_on_disk(spool) == 0 and spool.held_bytes == 0
+    result_of(spool.commit(make_envelope("E5"), b"z" * 10_000))
+    spool.free_space_seen(PLENTY)
+    result_of(spool.remove("E5"))
+    assert spool.held_bytes == held_on_disk(spool) >= 10_000
+
+
+def test_low_free_space_while_files_move_gives_theirs_back(
+    keeping: Spool, pool: ImmediateDiskPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files whose move into free/ was under way when space became scarce give their blocks
+    back as soon as the move is reported."""
+    spool = keeping
+    result_of(spool.commit(make_envelope("E1"), b"x" * 10_000))
+    later: list[Callable[[], Any]] = []
+    real = pool.run_batched
+
+    def reported_later(func: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        done = real(func, *args)  # the disk thread moves the files, keeping their blocks...
+        later.append(lambda: done.chainDeferred(d))  # ...and reports after the look below
+        return d
+
+    monkeypatch.setattr(pool, "run_batched", reported_later)
+    removed = spool.remove("E1")
+    spool.free_space_seen(FLOOR)
+    assert len(files(spool.free_dir)) == 2 and spool.held_bytes > 0
+    later.pop()()
+    result_of(removed)
+    assert files(spool.free_dir) == [] and spool.held_bytes == 0
+
+
+def test_a_shorter_envelope_is_padded_to_the_file_it_overwrites(keeping: Spool) -> None:
+    """An envelope a little shorter than the free file it overwrites is padded with spaces
+    (the file keeps its length, so no inode update), and reads back the same; one much
+    shorter is cut to its own length."""
+    spool = keeping
+
+    def envelope(queue_id: str, address: str) -> Envelope:
+        return make_envelope(queue_id, local_recipient(address))
+
+    for queue_id in ("E1", "E2"):
+        result_of(spool.commit(envelope(queue_id, "a" * 300 + "@example.test"), b"m"))
+    longer = spool.envelope_path("E1").stat().st_size
+    result_of(spool.remove("E1"))
+    result_of(spool.remove("E2"))
+    result_of(spool.commit(envelope("E3", "x@example.test"), b"m"))  # its sync frees both
+    shorter = envelope("E4", "a" * 290 + "@example.test")
+    result_of(spool.commit(shorter, b"m"))
+    assert spool.envelope_path("E4").stat().st_size == longer
+    padding = longer - len(encode_envelope(shorter))
+    assert padding > 0 and spool.envelope_path("E4").read_bytes().endswith(b"}" + b" " * padding)
+    assert spool.load("E4") == shorter
+    tiny = envelope("E5", "b@example.test")
+    result_of(spool.commit(tiny, b"m"))
+    assert spool.envelope_path("E5").stat().st_size == len(encode_envelope(tiny))
+    assert spool.load("E5") == tiny
+
+
+def test_no_floor_never_keeps_blocks(spool: Spool) -> None:
+    """A spool without a free-space floor ignores free-space figures and keeps no blocks."""
+    assert spool.free_space_seen(1 << 40) is None
+    result_of(spool.commit(make_envelope("E1"), b"x" * 10_000))
+    result_of(spool.remove("E1"))
+    assert held_on_disk(spool) == 0 and spool.held_bytes == 0
 
 
 def test_full_file_system_drops_the_pool_and_retries_once(
@@ -497,14 +645,14 @@ def test_removed_files_are_not_reused_when_the_sync_fails(
     """If queue/ cannot be fsync'd after a removal, the message is gone but its files are not
     reused: a crash could bring their old names back over new bytes."""
     result_of(spool.commit(make_envelope("E14"), b"old bytes"))
-    old = spool.message_path("E14").stat().st_ino
     assert result_of(spool.remove("E14")) is None
     pool.fail_syncs = OSError(5, "Input/output error")
     failure_of(spool.commit(make_envelope("E15"), b"new bytes"))
+    assert files(spool.free_dir) == [] and spool.free_files == 0  # unlinked, not kept
     pool.fail_syncs = None
     for queue_id in ("E16", "E17"):
         result_of(spool.commit(make_envelope(queue_id), b"new bytes"))
-        assert spool.message_path(queue_id).stat().st_ino != old
+        assert spool.message_path(queue_id).read_bytes() == b"new bytes"
     assert files(spool.queue_dir) == ["E16.env", "E16.msg", "E17.env", "E17.msg"]
 
 
