@@ -142,7 +142,11 @@ class BatchedLogWriter:
         self._encoding = None if ioType(out) is str else "utf-8"
         self._reactor = reactor
         self._stamps = _SecondStamps()
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler runs on the main thread between any two bytecodes, also
+        # inside flush() while it holds the lock, and Twisted's SIGTERM/SIGINT handlers log
+        # ("Received SIGTERM"); with a plain Lock that line would wait for itself forever and
+        # the server would never stop.
+        self._lock = threading.RLock()
         self._lines: list[str] = []
         self._chars = 0
         self._scheduled = False

@@ -322,3 +322,37 @@ def test_log_format_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ServerOptions().parseOptions(["-n", "mailsys", "--config", str(config),
                                       "--log-format", "xml"])
     assert exit_info.value.code == 2
+
+
+class ReenteringFile(io.StringIO):
+    """A log file whose first write is interrupted by a line logged on the same thread, as a
+    signal handler's would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer: BatchedLogWriter | None = None
+
+    def write(self, s: str) -> int:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer(event("Received SIGTERM, shutting down."))
+        return super().write(s)
+
+
+def test_a_line_logged_while_a_batch_is_written_does_not_hang() -> None:
+    """A line logged in the middle of a flush, on the same thread (a signal handler), is written
+    and does not wait for the flush's own lock."""
+    out, reactor = ReenteringFile(), FakeReactor(running=False)
+    writer = BatchedLogWriter(out, reactor)
+    out.writer = writer
+    done = threading.Event()
+
+    def log_one() -> None:
+        writer(event("first line"))
+        done.set()
+
+    worker = threading.Thread(target=log_one, daemon=True)
+    worker.start()
+    assert done.wait(timeout=10), "the writer waited for its own lock"
+    lines = out.getvalue()
+    assert "first line" in lines and "Received SIGTERM" in lines
