@@ -382,6 +382,19 @@ def keeping(tmp_path: Path, pool: ImmediateDiskPool) -> Iterator[Spool]:
     s.close()
 
 
+def spy_on_ftruncate(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths every os.ftruncate from now on is asked for (the call still happens)."""
+    truncated: list[int] = []
+    real = os.ftruncate
+
+    def spy(fd: int, length: int) -> None:
+        truncated.append(length)
+        real(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", spy)
+    return truncated
+
+
 def held_on_disk(spool: Spool) -> int:
     """Bytes of data blocks the files in free/ hold, as the file system counts them."""
     return sum(os.stat(spool.free_dir / n).st_blocks * 512 for n in files(spool.free_dir))
@@ -392,14 +405,7 @@ def test_files_kept_for_reuse_hold_no_data_without_a_floor(
 ) -> None:
     """Without a free-space floor, remove() truncates the files it keeps in free/ (the server
     cannot tell when space is scarce), so a commit over them needs no ftruncate."""
-    truncated: list[int] = []
-    real = os.ftruncate
-
-    def spy(fd: int, length: int) -> None:
-        truncated.append(length)
-        real(fd, length)
-
-    monkeypatch.setattr(os, "ftruncate", spy)
+    truncated = spy_on_ftruncate(monkeypatch)
     spool.free_space_seen(1 << 40)
     result_of(spool.commit(make_envelope("E4"), b"x" * 100_000))
     result_of(spool.remove("E4"))
@@ -418,14 +424,7 @@ def test_files_kept_for_reuse_keep_their_blocks(
     the same sizes overwrites them in place (same inodes, no ftruncate, no new blocks), the
     envelope over the envelope and the message over the message."""
     spool = keeping
-    truncated: list[int] = []
-    real = os.ftruncate
-
-    def spy(fd: int, length: int) -> None:
-        truncated.append(length)
-        real(fd, length)
-
-    monkeypatch.setattr(os, "ftruncate", spy)
+    truncated = spy_on_ftruncate(monkeypatch)
     result_of(spool.commit(make_envelope("E4"), b"x" * 100_000))
     inodes = {spool.message_path("E4").stat().st_ino: "msg",
               spool.envelope_path("E4").stat().st_ino: "env"}
