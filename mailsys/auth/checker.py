@@ -93,12 +93,12 @@ class UserStoreChecker:
         check: Deferred[str | None] = self._run_in_thread(self._store.matching_hash, mailbox,
                                                           password)
 
-        def answer(result: object) -> None:
+        def answer(result: str | Failure | None) -> None:
             for d in self._in_flight.pop(key, []):
                 if isinstance(result, Failure):
                     d.errback(result)
                 else:
-                    d.callback(result)  # type: ignore[arg-type]
+                    d.callback(result)
 
         check.addBoth(answer)
         return waiting

@@ -37,7 +37,8 @@ class LabServing:
     def queue_clock(self) -> IReactorTime:
         """The queue's clock: hurried in a lab, else the reactor."""
         if self._clock is None:
-            return self._reactor  # type: ignore[no-any-return]
+            clock: IReactorTime = self._reactor
+            return clock
         return self._clock.clock
 
     def sink(self, sink: IMessageSink) -> IMessageSink:
