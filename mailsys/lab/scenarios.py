@@ -197,11 +197,17 @@ class Run:
         self.wait(seen, f"{what} in the journey on {host.hostname}")
         return found[0]
 
+    def wait_kind(self, host: LabHost, query: str, kind: str, what: str,
+                  **fields: str) -> JourneyEvent:
+        """The first event of ``kind`` in ``query``'s journeys on ``host`` whose fields have
+        the values ``fields`` names."""
+        return self.wait_event(host, query, lambda e: e.kind == kind and all(
+            e.fields.get(name) == value for name, value in fields.items()), what)
+
     def wait_attempt(self, host: LabHost, query: str, status: str, what: str) -> JourneyEvent:
         """The first delivery attempt of ``query`` on ``host`` that ended ``status``
         (deferred, failed, ...)."""
-        return self.wait_event(host, query, lambda e: e.kind == "delivery.attempt"
-                               and e.fields.get("status") == status, what)
+        return self.wait_kind(host, query, "delivery.attempt", what, status=status)
 
     def show(self, host: LabHost, query: str) -> None:
         self.shown.append((host, query))
@@ -246,8 +252,7 @@ def first_mail(run: Run) -> str:
     run.show(beta, message_id)
     data = run.wait_delivered(beta, recipient, message_id)
     results = _auth_results(data)
-    run.wait_event(beta, message_id, lambda e: e.kind == "delivery.maildir",
-                   "the Maildir delivery")
+    run.wait_kind(beta, message_id, "delivery.maildir", "the Maildir delivery")
     if not _has(results, "spf=pass", "dkim=pass", "dmarc=pass"):
         raise ScenarioFailedError(f"delivered, but authentication did not all pass: {results}")
     return (f"delivered to {recipient} on {beta.hostname}; beta's verdict: "
@@ -290,8 +295,7 @@ def retry_then_deliver(run: Run) -> str:
     # The first retry is 30 s of queue time after the attempt (the lab's retry_schedule).
     run.advance(60, "1m")
     run.wait_delivered(beta, recipient, message_id)
-    run.wait_event(beta, message_id, lambda e: e.kind == "delivery.maildir",
-                   "the Maildir delivery")
+    run.wait_kind(beta, message_id, "delivery.maildir", "the Maildir delivery")
     return f"deferred with {deferred.fields.get('reply')}, delivered at the retry"
 
 
@@ -304,16 +308,14 @@ def bounce(run: Run) -> str:
     message_id = run.submit(alpha, 0, msg)
     run.show(alpha, message_id)
     run.wait_attempt(alpha, message_id, "failed", "the failed attempt")
-    created = run.wait_event(alpha, message_id, lambda e: e.kind == "dsn.created",
-                             "the bounce (DSN)")
+    created = run.wait_kind(alpha, message_id, "dsn.created", "the bounce (DSN)")
     bounce_id = created.message_id or ""
 
     def returned() -> bool:
         return run.delivered(alpha, sender, bounce_id) is not None if bounce_id else False
 
     run.wait(returned, f"the bounce in {sender}'s mailbox")
-    run.wait_event(alpha, message_id, lambda e: e.kind == "delivery.maildir",
-                   "the bounce's Maildir delivery")
+    run.wait_kind(alpha, message_id, "delivery.maildir", "the bounce's Maildir delivery")
     return f"{recipient} refused with 550; the bounce reached {sender}"
 
 
@@ -328,14 +330,10 @@ def delay_then_bounce(run: Run) -> str:
     run.wait_attempt(alpha, message_id, "deferred", "the deferred attempt")
     # The lab's delay_warning is 30 minutes of queue time, its max_lifetime one day.
     run.advance(3600, "1h")
-    run.wait_event(alpha, message_id,
-                   lambda e: e.kind == "dsn.created" and e.fields.get("relation") == "delay",
-                   "the delay notice")
+    run.wait_kind(alpha, message_id, "dsn.created", "the delay notice", relation="delay")
     run.advance(86400, "1d")
     run.wait_attempt(alpha, message_id, "failed", "the expiry")
-    run.wait_event(alpha, message_id,
-                   lambda e: e.kind == "dsn.created" and e.fields.get("relation") == "bounce",
-                   "the bounce")
+    run.wait_kind(alpha, message_id, "dsn.created", "the bounce", relation="bounce")
     return (f"{recipient} deferred; {sender} got a delay notice after 1h and a bounce when "
             "the message expired after 1d of queue time")
 
@@ -363,7 +361,7 @@ def spoofed_from(run: Run) -> str:
         raise ScenarioFailedError(f"refused, but not with 550 (DMARC p=reject): {reply}")
     if run.delivered(beta, recipient, message_id) is not None:
         raise ScenarioFailedError("the forged message was delivered")
-    run.wait_event(beta, forged, lambda e: e.kind == "smtp.data", "the refused DATA")
+    run.wait_kind(beta, forged, "smtp.data", "the refused DATA")
     return f"{beta.hostname} refused it at the end of DATA: {reply}"
 
 
@@ -383,8 +381,7 @@ def dkim_tampered(run: Run) -> str:
     run.show(beta, message_id)
     data = run.wait_delivered(beta, recipient, message_id)
     results = _auth_results(data)
-    run.wait_event(beta, message_id, lambda e: e.kind == "delivery.maildir",
-                   "the Maildir delivery")
+    run.wait_kind(beta, message_id, "delivery.maildir", "the Maildir delivery")
     if not _has(results, "dkim=fail", "spf=pass", "dmarc=pass"):
         raise ScenarioFailedError(f"expected dkim=fail with spf=pass, dmarc=pass: {results}")
     return ("delivered with dkim=fail (the body hash does not match) and dmarc=pass through "
@@ -405,7 +402,7 @@ def open_relay_attempt(run: Run) -> str:
     reply = f"{code} {text.decode(errors='replace')}"
     if code < 500:
         raise ScenarioFailedError(f"{beta.hostname} did not refuse to relay: {reply}")
-    run.wait_event(beta, target, lambda e: e.kind == "smtp.rcpt", "the refused RCPT")
+    run.wait_kind(beta, target, "smtp.rcpt", "the refused RCPT")
     return f"{beta.hostname} refused to relay: {reply}"
 
 
@@ -432,7 +429,7 @@ def read_by_imap(run: Run) -> str:
         imap.logout()
     if b"Fetched with IMAP" not in body:
         raise ScenarioFailedError("IMAP FETCH did not return the message")
-    run.wait_event(alpha, message_id, lambda e: e.kind == "imap.fetch", "the IMAP FETCH")
+    run.wait_kind(alpha, message_id, "imap.fetch", "the IMAP FETCH")
     return f"{reader.address} read it over IMAP"
 
 
